@@ -1,0 +1,186 @@
+//! Typed errors. Each one names what was wrong: the library path, the symbol, the function, the
+//! argument.
+
+use std::path::PathBuf;
+
+use udf_abi::PluginType;
+
+/// Why a plugin library could not be loaded. Nothing is registered when loading fails.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The file does not exist or cannot be resolved to an absolute path.
+    #[error("plugin library {path}: {source}")]
+    NotFound {
+        /// The path as given.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// `dlopen` refused the file: not a shared library, a corrupt ELF, a missing dependency.
+    #[error("plugin library {path} could not be opened: {message}")]
+    Open {
+        /// The library's path.
+        path: PathBuf,
+        /// The dynamic loader's message.
+        message: String,
+    },
+    /// A required symbol is missing.
+    #[error("plugin library {path} does not export the symbol `{symbol}`: {message}")]
+    MissingSymbol {
+        /// The library's path.
+        path: PathBuf,
+        /// The symbol that was looked up.
+        symbol: &'static str,
+        /// The dynamic loader's message.
+        message: String,
+    },
+    /// The library's metadata is malformed.
+    #[error("plugin library {path}: invalid metadata from `{symbol}`: {reason}")]
+    InvalidMetadata {
+        /// The library's path.
+        path: PathBuf,
+        /// The symbol whose answer was invalid.
+        symbol: &'static str,
+        /// What is wrong with it.
+        reason: MetadataError,
+    },
+}
+
+impl LoadError {
+    /// The path of the library the error is about.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            LoadError::NotFound { path, .. }
+            | LoadError::Open { path, .. }
+            | LoadError::MissingSymbol { path, .. }
+            | LoadError::InvalidMetadata { path, .. } => path,
+        }
+    }
+}
+
+/// What is wrong with a library's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetadataError {
+    /// `name` is a null pointer.
+    #[error("the function name is a null pointer")]
+    NullName,
+    /// `name` has no NUL byte within the first [`MAX_NAME_LEN`](crate::MAX_NAME_LEN) bytes.
+    #[error("the function name is not NUL-terminated within {max} bytes")]
+    NameTooLong {
+        /// The limit.
+        max: usize,
+    },
+    /// `name` is the empty string.
+    #[error("the function name is empty")]
+    EmptyName,
+    /// `name` is not UTF-8.
+    #[error("the function name is not valid UTF-8 (bytes {bytes:?})")]
+    NonUtf8Name {
+        /// The raw bytes of the name.
+        bytes: Vec<u8>,
+    },
+    /// `arg_types` is null but `arg_types_len` is not 0.
+    #[error("function `{function}`: arg_types is a null pointer but arg_types_len is {len}")]
+    NullArgTypes {
+        /// The function's name.
+        function: String,
+        /// The declared length.
+        len: usize,
+    },
+    /// More arguments than [`udf_abi::MAX_ARGS`].
+    #[error("function `{function}`: {len} arguments declared, at most {max} are allowed")]
+    TooManyArgs {
+        /// The function's name.
+        function: String,
+        /// The declared length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A type tag that the ABI does not define.
+    #[error("function `{function}`: {position} has unknown type tag {tag} (valid tags are 0..=4)")]
+    UnknownTypeTag {
+        /// The function's name.
+        function: String,
+        /// Which argument, or the return type.
+        position: TypePosition,
+        /// The tag that was read.
+        tag: u32,
+    },
+}
+
+/// Where in a signature a type sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypePosition {
+    /// Argument `i` (0-based).
+    Argument(usize),
+    /// The return type.
+    Return,
+}
+
+impl std::fmt::Display for TypePosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TypePosition::Argument(i) => write!(f, "argument {}", i + 1),
+            TypePosition::Return => f.write_str("the return type"),
+        }
+    }
+}
+
+/// Why one call of a plugin function failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallError {
+    /// The plugin returned `PluginResult::Err` with this message.
+    #[error("{0}")]
+    Plugin(String),
+    /// The plugin returned an error without a message (a null pointer).
+    #[error("the plugin reported an error without a message (null error pointer)")]
+    NullErrorMessage,
+    /// A string argument contains a NUL byte, which the v1 ABI cannot carry.
+    #[error("argument {} contains a NUL byte, which ABI v1 strings cannot carry", .index + 1)]
+    InteriorNul {
+        /// The argument (0-based).
+        index: usize,
+    },
+    /// The host was asked to pass arguments that do not match the declared signature.
+    #[error("argument {} is {found}, the function declares {expected}", .index + 1)]
+    ArgumentType {
+        /// The argument (0-based).
+        index: usize,
+        /// The declared type.
+        expected: PluginType,
+        /// What the host had.
+        found: PluginType,
+    },
+    /// The number of arguments differs from the declared one.
+    #[error("{found} arguments given, the function declares {expected}")]
+    ArgumentCount {
+        /// The declared count.
+        expected: usize,
+        /// The given count.
+        found: usize,
+    },
+    /// The result's tag is neither `Ok` nor `Err`.
+    #[error("the plugin returned an invalid PluginResult tag {0}")]
+    InvalidResultTag(u32),
+    /// The returned value's type differs from the declared return type.
+    #[error("the plugin returned a value of type {found}, the function declares {expected}")]
+    ReturnType {
+        /// The declared type.
+        expected: PluginType,
+        /// The tag found, by name when the ABI defines it.
+        found: String,
+    },
+    /// A returned `Bool` is neither 0 nor 1.
+    #[error("the plugin returned an invalid Bool byte {0:#04x}")]
+    InvalidBool(u8),
+    /// A returned string is a null pointer.
+    #[error("the plugin returned a null string pointer")]
+    NullString,
+    /// A returned string is not UTF-8.
+    #[error("the plugin returned a string that is not valid UTF-8: {0}")]
+    InvalidUtf8(std::str::Utf8Error),
+}

@@ -1,0 +1,35 @@
+//! udfsql's engine: load user-defined scalar functions from shared libraries at run time and
+//! make them callable from SQL in Apache DataFusion.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use datafusion::prelude::SessionContext;
+//! use udf_engine::SessionContextExt;
+//!
+//! let ctx = SessionContext::new();
+//! ctx.register_plugin("target/debug/libudf_plugin_repeat.so")?;
+//! ctx.sql("SELECT repeat('cool', 3)").await?.show().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! * [`PluginLibrary`] loads a library and validates its metadata (all `unsafe` lives in the
+//!   private `ffi` module);
+//! * [`PluginUdf`] is a plugin function as a DataFusion `ScalarUDFImpl`;
+//! * [`register_plugin`] / [`SessionContextExt`] register a library's functions in a session.
+
+mod error;
+mod ffi;
+mod register;
+pub mod types;
+mod udf;
+
+pub use error::{CallError, LoadError, MetadataError, TypePosition};
+pub use ffi::{
+    Abi, ArgRef, FunctionSignature, MAX_NAME_LEN, PluginFunction, PluginLibrary, PluginString,
+    Returned, RowScratch,
+};
+pub use register::{
+    Registration, SessionContextExt, libraries_in, register_function, register_library,
+    register_plugin,
+};
+pub use udf::PluginUdf;

@@ -1,0 +1,129 @@
+//! Registering a library's functions in a [`SessionContext`] the caller owns.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::logical_expr::{ScalarUDF, Volatility};
+use datafusion::prelude::SessionContext;
+
+use crate::error::LoadError;
+use crate::ffi::{Abi, FunctionSignature, PluginLibrary};
+use crate::udf::PluginUdf;
+
+/// What registering one plugin function did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// The SQL name the function is callable under.
+    pub sql_name: String,
+    /// The signature the library declares.
+    pub signature: FunctionSignature,
+    /// The library's canonical path.
+    pub library: PathBuf,
+    /// The library's ABI.
+    pub abi: Abi,
+    /// Whether a function of the same name (a DataFusion builtin such as `repeat`, or an earlier
+    /// plugin) was replaced in this session.
+    pub replaced: bool,
+}
+
+/// Loads the library at `path` and registers every function it provides under its own name.
+///
+/// A function whose name equals an existing one (DataFusion's builtin `repeat`, say) replaces it
+/// in this session; the [`Registration`] says so and a `tracing` warning is logged.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use datafusion::prelude::SessionContext;
+///
+/// let ctx = SessionContext::new();
+/// for f in udf_engine::register_plugin(&ctx, "target/debug/libudf_plugin_repeat.so")? {
+///     println!("registered {}", f.signature);
+/// }
+/// let batches = ctx.sql("SELECT repeat('ab', 3)").await?.collect().await?;
+/// # Ok(()) }
+/// ```
+pub fn register_plugin(
+    ctx: &SessionContext,
+    path: impl AsRef<Path>,
+) -> Result<Vec<Registration>, LoadError> {
+    let library = PluginLibrary::load(path)?;
+    Ok(register_library(ctx, &library))
+}
+
+/// Registers every function of an already loaded library under its own name.
+pub fn register_library(ctx: &SessionContext, library: &Arc<PluginLibrary>) -> Vec<Registration> {
+    (0..library.functions().len())
+        .filter_map(|i| library.function(i))
+        .map(|function| {
+            let name = function.signature().name.clone();
+            register_function(ctx, &name, function, Volatility::Immutable)
+        })
+        .collect()
+}
+
+/// Registers one plugin function under `sql_name`, replacing any function of that name.
+pub fn register_function(
+    ctx: &SessionContext,
+    sql_name: &str,
+    function: crate::ffi::PluginFunction,
+    volatility: Volatility,
+) -> Registration {
+    let replaced = ctx
+        .state_ref()
+        .read()
+        .scalar_functions()
+        .contains_key(sql_name);
+    let registration = Registration {
+        sql_name: sql_name.to_string(),
+        signature: function.signature().clone(),
+        library: function.library().path().to_path_buf(),
+        abi: function.library().abi(),
+        replaced,
+    };
+    if replaced {
+        tracing::warn!(
+            function = sql_name,
+            library = %registration.library.display(),
+            "plugin function replaces an existing function of the same name in this session"
+        );
+    }
+    tracing::info!(
+        function = sql_name,
+        signature = %registration.signature,
+        library = %registration.library.display(),
+        abi = %registration.abi,
+        "registered plugin function"
+    );
+    ctx.register_udf(ScalarUDF::new_from_impl(PluginUdf::new(
+        sql_name, function, volatility,
+    )));
+    registration
+}
+
+/// Registration as methods on [`SessionContext`].
+pub trait SessionContextExt {
+    /// See [`register_plugin`].
+    fn register_plugin(&self, path: impl AsRef<Path>) -> Result<Vec<Registration>, LoadError>;
+}
+
+impl SessionContextExt for SessionContext {
+    fn register_plugin(&self, path: impl AsRef<Path>) -> Result<Vec<Registration>, LoadError> {
+        register_plugin(self, path)
+    }
+}
+
+/// The shared libraries in `dir` (files ending in the platform's library suffix), sorted.
+pub fn libraries_in(dir: impl AsRef<Path>) -> std::io::Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir.as_ref())? {
+        let path = entry?.path();
+        let is_library = path
+            .extension()
+            .is_some_and(|e| e == std::env::consts::DLL_EXTENSION);
+        if is_library && path.is_file() {
+            found.push(path);
+        }
+    }
+    found.sort();
+    Ok(found)
+}

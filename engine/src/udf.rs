@@ -1,0 +1,381 @@
+//! [`PluginUdf`]: a plugin function as a DataFusion [`ScalarUDFImpl`].
+//!
+//! Types are resolved once at planning time from the library's metadata; the invoke loop walks
+//! the rows of a batch, skips rows with a `NULL` argument (the STRICT rule), calls the plugin
+//! through [`PluginFunction::call_row`] and appends to an Arrow builder.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Float64Array, Float64Builder,
+    Int64Array, Int64Builder, LargeStringArray, StringArray, StringBuilder, StringViewArray,
+    UInt64Array, UInt64Builder,
+};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Float64Type, Int64Type, UInt64Type};
+use datafusion::common::{DataFusionError, Result, ScalarValue, exec_err, internal_err, plan_err};
+use datafusion::logical_expr::{
+    ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
+};
+use udf_abi::PluginType;
+
+use crate::ffi::{ArgRef, PluginFunction, Returned, RowScratch};
+use crate::types::{accepted_types, arrow_type, coerce_argument};
+
+/// A plugin function registered with DataFusion under a SQL name.
+///
+/// Holds a [`PluginFunction`], and through it an `Arc` of the library: the library stays loaded
+/// as long as this UDF is registered or used by a running query.
+#[derive(Debug)]
+pub struct PluginUdf {
+    sql_name: String,
+    function: PluginFunction,
+    signature: Signature,
+    return_type: DataType,
+}
+
+impl PluginUdf {
+    /// Wraps `function` under `sql_name`. v1 functions are [`Volatility::Immutable`] unless said
+    /// otherwise (v1 metadata cannot declare it).
+    pub fn new(
+        sql_name: impl Into<String>,
+        function: PluginFunction,
+        volatility: Volatility,
+    ) -> Self {
+        let sig = function.signature();
+        let signature = if sig.arg_types.is_empty() {
+            Signature::nullary(volatility)
+        } else {
+            Signature::user_defined(volatility)
+        };
+        let return_type = arrow_type(sig.return_type);
+        PluginUdf {
+            sql_name: sql_name.into(),
+            function,
+            signature,
+            return_type,
+        }
+    }
+
+    /// The plugin function behind this UDF.
+    pub fn function(&self) -> &PluginFunction {
+        &self.function
+    }
+
+    fn sql_signature(&self) -> String {
+        let sig = self.function.signature();
+        let args: Vec<_> = sig.arg_types.iter().map(|t| t.name()).collect();
+        format!(
+            "{}({}) -> {}",
+            self.sql_name,
+            args.join(", "),
+            sig.return_type
+        )
+    }
+
+    fn call_error(&self, e: crate::error::CallError) -> DataFusionError {
+        DataFusionError::Execution(format!(
+            "plugin function {} ({}): {e}",
+            self.sql_name,
+            self.function.library().path().display()
+        ))
+    }
+}
+
+impl PartialEq for PluginUdf {
+    fn eq(&self, other: &Self) -> bool {
+        self.sql_name == other.sql_name
+            && Arc::ptr_eq(self.function.library(), other.function.library())
+            && self.function.signature() == other.function.signature()
+            && self.signature == other.signature
+    }
+}
+
+impl Eq for PluginUdf {}
+
+impl Hash for PluginUdf {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.sql_name.hash(state);
+        self.function.library().path().hash(state);
+        self.function.signature().hash(state);
+    }
+}
+
+impl ScalarUDFImpl for PluginUdf {
+    fn name(&self) -> &str {
+        &self.sql_name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(self.return_type.clone())
+    }
+
+    fn return_field_from_args(&self, _args: ReturnFieldArgs) -> Result<FieldRef> {
+        Ok(Arc::new(Field::new(
+            self.name(),
+            self.return_type.clone(),
+            true,
+        )))
+    }
+
+    fn is_strict(&self) -> bool {
+        true
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        let params = &self.function.signature().arg_types;
+        if arg_types.len() != params.len() {
+            return plan_err!(
+                "function {} takes {} argument{}, got {}",
+                self.sql_signature(),
+                params.len(),
+                if params.len() == 1 { "" } else { "s" },
+                arg_types.len()
+            );
+        }
+        params
+            .iter()
+            .zip(arg_types)
+            .enumerate()
+            .map(
+                |(i, (&param, actual))| match coerce_argument(param, actual) {
+                    Some(t) => Ok(t),
+                    None => plan_err!(
+                        "function {}: argument {} has type {actual}, expected {}",
+                        self.sql_signature(),
+                        i + 1,
+                        accepted_types(param)
+                    ),
+                },
+            )
+            .collect()
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let params = &self.function.signature().arg_types;
+        if args.args.len() != params.len() {
+            return exec_err!(
+                "function {} called with {} arguments",
+                self.sql_signature(),
+                args.args.len()
+            );
+        }
+        let all_scalar = args
+            .args
+            .iter()
+            .all(|a| matches!(a, ColumnarValue::Scalar(_)));
+        let rows = if all_scalar { 1 } else { args.number_rows };
+
+        let columns = args
+            .args
+            .iter()
+            .zip(params)
+            .map(|(value, &param)| Column::new(value, param))
+            .collect::<Result<Vec<_>>>()?;
+        let readers: Vec<Reader<'_>> = columns.iter().map(Column::reader).collect();
+
+        let mut out = Output::new(self.function.signature().return_type, rows);
+        let mut scratch = RowScratch::default();
+        let mut row_args: Vec<ArgRef<'_>> = Vec::with_capacity(readers.len());
+        for row in 0..rows {
+            row_args.clear();
+            for reader in &readers {
+                match reader.get(row) {
+                    Some(v) => row_args.push(v),
+                    None => break,
+                }
+            }
+            if row_args.len() < readers.len() {
+                out.append_null();
+                continue;
+            }
+            let value = self
+                .function
+                .call_row(&mut scratch, &row_args)
+                .map_err(|e| self.call_error(e))?;
+            out.append(value)?;
+        }
+        let array = out.finish();
+        if all_scalar {
+            Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(
+                &array, 0,
+            )?))
+        } else {
+            Ok(ColumnarValue::Array(array))
+        }
+    }
+}
+
+/// One argument of a batch: an array in the type the reader expects, or a scalar converted once.
+enum Column {
+    Array(ArrayRef),
+    Scalar(ScalarValue),
+}
+
+impl Column {
+    fn new(value: &ColumnarValue, param: PluginType) -> Result<Column> {
+        Ok(match value {
+            ColumnarValue::Array(array) => Column::Array(expected_array(array, param)?),
+            ColumnarValue::Scalar(scalar) => {
+                let wanted = arrow_type(param);
+                let scalar = if is_readable(&scalar.data_type(), param) {
+                    scalar.clone()
+                } else {
+                    scalar.cast_to(&wanted)?
+                };
+                Column::Scalar(scalar)
+            }
+        })
+    }
+
+    fn reader(&self) -> Reader<'_> {
+        match self {
+            Column::Scalar(s) => Reader::Scalar(scalar_arg(s)),
+            Column::Array(a) => match a.data_type() {
+                DataType::Boolean => Reader::Bool(a.as_boolean()),
+                DataType::Int64 => Reader::Int(a.as_primitive::<Int64Type>()),
+                DataType::UInt64 => Reader::UInt(a.as_primitive::<UInt64Type>()),
+                DataType::Float64 => Reader::Double(a.as_primitive::<Float64Type>()),
+                DataType::Utf8 => Reader::Utf8(a.as_string::<i32>()),
+                DataType::LargeUtf8 => Reader::LargeUtf8(a.as_string::<i64>()),
+                // `expected_array` leaves no other type.
+                _ => Reader::Utf8View(a.as_string_view()),
+            },
+        }
+    }
+}
+
+/// Whether a value of type `t` can be read as `param` without a cast.
+fn is_readable(t: &DataType, param: PluginType) -> bool {
+    match param {
+        PluginType::String => {
+            matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+        }
+        _ => *t == arrow_type(param),
+    }
+}
+
+/// The array as a type [`Reader`] handles; planning coerces arguments already, so the cast is a
+/// fallback for callers that invoke the UDF directly.
+fn expected_array(array: &ArrayRef, param: PluginType) -> Result<ArrayRef> {
+    if is_readable(array.data_type(), param) {
+        return Ok(Arc::clone(array));
+    }
+    let target = coerce_argument(param, array.data_type()).unwrap_or_else(|| arrow_type(param));
+    let target = if is_readable(&target, param) {
+        target
+    } else {
+        arrow_type(param)
+    };
+    Ok(datafusion::arrow::compute::cast(array, &target)?)
+}
+
+fn scalar_arg(s: &ScalarValue) -> Option<ArgRef<'_>> {
+    match s {
+        ScalarValue::Boolean(v) => v.map(ArgRef::Bool),
+        ScalarValue::Int64(v) => v.map(ArgRef::Int),
+        ScalarValue::UInt64(v) => v.map(ArgRef::UInt),
+        ScalarValue::Float64(v) => v.map(ArgRef::Double),
+        ScalarValue::Utf8(v) | ScalarValue::LargeUtf8(v) | ScalarValue::Utf8View(v) => {
+            v.as_deref().map(ArgRef::Str)
+        }
+        _ => None,
+    }
+}
+
+/// Reads one argument of one row; `None` is SQL `NULL`.
+enum Reader<'a> {
+    Scalar(Option<ArgRef<'a>>),
+    Bool(&'a BooleanArray),
+    Int(&'a Int64Array),
+    UInt(&'a UInt64Array),
+    Double(&'a Float64Array),
+    Utf8(&'a StringArray),
+    LargeUtf8(&'a LargeStringArray),
+    Utf8View(&'a StringViewArray),
+}
+
+impl<'a> Reader<'a> {
+    #[inline]
+    fn get(&self, row: usize) -> Option<ArgRef<'a>> {
+        macro_rules! read {
+            ($array:expr, $variant:ident) => {
+                if $array.is_null(row) {
+                    None
+                } else {
+                    Some(ArgRef::$variant($array.value(row)))
+                }
+            };
+        }
+        match self {
+            Reader::Scalar(v) => *v,
+            Reader::Bool(a) => read!(a, Bool),
+            Reader::Int(a) => read!(a, Int),
+            Reader::UInt(a) => read!(a, UInt),
+            Reader::Double(a) => read!(a, Double),
+            Reader::Utf8(a) => read!(a, Str),
+            Reader::LargeUtf8(a) => read!(a, Str),
+            Reader::Utf8View(a) => read!(a, Str),
+        }
+    }
+}
+
+/// The result column under construction.
+enum Output {
+    Bool(BooleanBuilder),
+    Int(Int64Builder),
+    UInt(UInt64Builder),
+    Double(Float64Builder),
+    Str(StringBuilder),
+}
+
+impl Output {
+    fn new(t: PluginType, rows: usize) -> Output {
+        match t {
+            PluginType::Bool => Output::Bool(BooleanBuilder::with_capacity(rows)),
+            PluginType::Int => Output::Int(Int64Builder::with_capacity(rows)),
+            PluginType::UInt => Output::UInt(UInt64Builder::with_capacity(rows)),
+            PluginType::Double => Output::Double(Float64Builder::with_capacity(rows)),
+            PluginType::String => Output::Str(StringBuilder::with_capacity(rows, rows * 8)),
+        }
+    }
+
+    fn append_null(&mut self) {
+        match self {
+            Output::Bool(b) => b.append_null(),
+            Output::Int(b) => b.append_null(),
+            Output::UInt(b) => b.append_null(),
+            Output::Double(b) => b.append_null(),
+            Output::Str(b) => b.append_null(),
+        }
+    }
+
+    /// Appends a value. `call_row` checks it against the declared return type, so a mismatch
+    /// here is a host bug, reported as an internal error rather than hidden.
+    fn append(&mut self, value: Returned) -> Result<()> {
+        match (self, value) {
+            (Output::Bool(b), Returned::Bool(v)) => b.append_value(v),
+            (Output::Int(b), Returned::Int(v)) => b.append_value(v),
+            (Output::UInt(b), Returned::UInt(v)) => b.append_value(v),
+            (Output::Double(b), Returned::Double(v)) => b.append_value(v),
+            // The plugin's string is copied, then freed when `s` drops.
+            (Output::Str(b), Returned::Str(s)) => b.append_value(s.as_str()),
+            _ => return internal_err!("plugin result does not match the output column"),
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> ArrayRef {
+        match self {
+            Output::Bool(mut b) => Arc::new(b.finish()),
+            Output::Int(mut b) => Arc::new(b.finish()),
+            Output::UInt(mut b) => Arc::new(b.finish()),
+            Output::Double(mut b) => Arc::new(b.finish()),
+            Output::Str(mut b) => Arc::new(b.finish()),
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The C ABI between udfsql (the host) and plugin libraries.
+//!
+//! This crate is the contract and nothing else: `#[repr(C)]` types, symbol names and the rules
+//! about who owns which memory. It has no dependencies and no `unsafe` code. The same layout is
+//! written for C in `include/udf_abi.h`.
+//!
+//! # ABI v1: the seed contract
+//!
+//! A v1 plugin library exports exactly two functions with C linkage:
+//!
+//! ```c
+//! PluginMetadata plugin_metadata(void);
+//! PluginResult   plugin_entrypoint(const PluginValue *args, size_t args_len);
+//! ```
+//!
+//! * [`plugin_metadata`](SYMBOL_METADATA) describes the one function the library provides: its
+//!   name, argument types and return type. Every pointer in it must stay valid for as long as the
+//!   library is loaded (point at static data).
+//! * [`plugin_entrypoint`](SYMBOL_ENTRYPOINT) evaluates the function for one row.
+//!
+//! ## Ownership
+//!
+//! * **Arguments belong to the host.** The `args` array and every string it points to are valid
+//!   only for the duration of the call. The plugin must not modify, free or keep them.
+//! * **Returned strings and error messages are handed to the host**, which frees them with the C
+//!   library's `free()`. A plugin must therefore allocate them with `malloc` (C) or with Rust's
+//!   default global allocator, e.g. [`std::ffi::CString::into_raw`], which is `malloc` on every
+//!   platform udfsql supports. A plugin that installs its own `#[global_allocator]` must not use
+//!   it for returned strings.
+//! * Strings are NUL-terminated UTF-8.
+//!
+//! ## Calling rules
+//!
+//! * The host validates the metadata before using it, and never calls the entrypoint with
+//!   arguments that differ from the declared types or count.
+//! * SQL `NULL`: a row where any argument is `NULL` yields `NULL` without calling the plugin (the
+//!   `STRICT` rule of PostgreSQL and DuckDB's default).
+//! * The entrypoint may be called from several threads at once: plugins must be thread-safe.
+//! * The entrypoint must not unwind: a Rust plugin catches panics with
+//!   [`std::panic::catch_unwind`] and reports them as [`PluginResult::Err`].
+#![forbid(unsafe_code)]
+
+use std::ffi::c_char;
+
+/// Name of the v1 metadata symbol: `PluginMetadata plugin_metadata(void)`.
+pub const SYMBOL_METADATA: &str = "plugin_metadata";
+/// Name of the v1 row entrypoint symbol:
+/// `PluginResult plugin_entrypoint(const PluginValue *args, size_t args_len)`.
+pub const SYMBOL_ENTRYPOINT: &str = "plugin_entrypoint";
+/// The largest number of arguments a host accepts in [`PluginMetadata::arg_types_len`].
+pub const MAX_ARGS: usize = 64;
+
+/// The type of an argument or of a return value.
+///
+/// `#[repr(C)]`: a C `enum`, i.e. an `int`-sized tag with the values 0 to 4 in this order. A host
+/// must treat any other value read from a plugin as invalid metadata.
+#[repr(C)]
+#[derive(Debug, Copy, Clone, PartialEq, Eq, Hash)]
+pub enum PluginType {
+    /// `bool`; SQL `BOOLEAN`.
+    Bool,
+    /// `int64_t`; SQL `BIGINT`.
+    Int,
+    /// `uint64_t`; SQL `BIGINT UNSIGNED`.
+    UInt,
+    /// `double`; SQL `DOUBLE`.
+    Double,
+    /// NUL-terminated UTF-8 `const char *`; SQL `VARCHAR`.
+    String,
+}
+
+impl PluginType {
+    /// Every type, in tag order.
+    pub const ALL: [PluginType; 5] = [
+        PluginType::Bool,
+        PluginType::Int,
+        PluginType::UInt,
+        PluginType::Double,
+        PluginType::String,
+    ];
+
+    /// The C tag of this type.
+    pub const fn tag(self) -> u32 {
+        self as u32
+    }
+
+    /// The type with C tag `tag`, or `None` for a tag this ABI does not define.
+    pub const fn from_tag(tag: u32) -> Option<PluginType> {
+        match tag {
+            0 => Some(PluginType::Bool),
+            1 => Some(PluginType::Int),
+            2 => Some(PluginType::UInt),
+            3 => Some(PluginType::Double),
+            4 => Some(PluginType::String),
+            _ => None,
+        }
+    }
+
+    /// The name used in signatures and error messages.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PluginType::Bool => "Bool",
+            PluginType::Int => "Int",
+            PluginType::UInt => "UInt",
+            PluginType::Double => "Double",
+            PluginType::String => "String",
+        }
+    }
+}
+
+impl std::fmt::Display for PluginType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One value crossing the boundary: an argument (host to plugin) or a result (plugin to host).
+///
+/// `#[repr(C)]` enum with fields: in C a `struct { PluginType tag; union { ... } }` (16 bytes on
+/// 64-bit targets). The variant must match the declared [`PluginType`].
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub enum PluginValue {
+    /// A boolean. Only the bytes 0 and 1 are valid.
+    Bool(bool),
+    /// A signed 64-bit integer.
+    Int(i64),
+    /// An unsigned 64-bit integer.
+    UInt(u64),
+    /// A 64-bit float, any bit pattern (NaN and infinities included).
+    Double(f64),
+    /// A NUL-terminated UTF-8 string, never null.
+    ///
+    /// As an **argument** the string is owned by the host and valid only during the call. As a
+    /// **result** it is handed to the host, which frees it with `free()`: allocate it with
+    /// `malloc` or [`std::ffi::CString::into_raw`].
+    String(*const c_char),
+}
+
+/// What a plugin says about its one function (v1). Returned by value from `plugin_metadata`.
+///
+/// All pointers must point at data that lives as long as the library is loaded (statics).
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct PluginMetadata {
+    /// The function's SQL name: NUL-terminated UTF-8, not empty. Owned by the plugin (static).
+    pub name: *const c_char,
+    /// `arg_types_len` argument types. May be null only when `arg_types_len` is 0. Owned by the
+    /// plugin (static).
+    pub arg_types: *const PluginType,
+    /// The number of arguments, at most [`MAX_ARGS`].
+    pub arg_types_len: usize,
+    /// The type of the result.
+    pub return_type: PluginType,
+}
+
+/// The outcome of one call of `plugin_entrypoint`.
+///
+/// `#[repr(C)]` enum with fields: in C `struct { int tag; union { PluginValue ok; char *err; } }`.
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub enum PluginResult {
+    /// The result. A string inside is handed to the host, which frees it with `free()`.
+    Ok(PluginValue),
+    /// A NUL-terminated UTF-8 error message, handed to the host, which frees it with `free()`
+    /// after copying it into the SQL error. Allocate it with `malloc` or
+    /// [`std::ffi::CString::into_raw`].
+    Err(*mut c_char),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{align_of, size_of};
+
+    #[test]
+    fn tags_round_trip() {
+        for t in PluginType::ALL {
+            assert_eq!(PluginType::from_tag(t.tag()), Some(t));
+        }
+        assert_eq!(PluginType::from_tag(5), None);
+        assert_eq!(PluginType::from_tag(u32::MAX), None);
+    }
+
+    #[test]
+    fn layout_matches_the_c_header() {
+        // The sizes `include/udf_abi.h` produces with a 64-bit C compiler; the C plugin test
+        // checks the same numbers from the C side.
+        if size_of::<usize>() == 8 {
+            assert_eq!(size_of::<PluginType>(), 4);
+            assert_eq!(size_of::<PluginValue>(), 16);
+            assert_eq!(align_of::<PluginValue>(), 8);
+            assert_eq!(size_of::<PluginMetadata>(), 32);
+            assert_eq!(size_of::<PluginResult>(), 24);
+        }
+    }
+}
