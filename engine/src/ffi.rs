@@ -516,18 +516,26 @@ impl PluginFunction {
                             .map_or_else(|| format!("tag {}", value.tag), |t| t.to_string()),
                     });
                 }
-                // SAFETY (each arm): the tag equals the declared type, so that member is active.
-                // A string is handed to the host per ABI v1 and taken over exactly once.
+                // The tag equals the declared type, so that member of the union is the active
+                // one; a string is handed to the host per ABI v1 and taken over exactly once.
                 Ok(match expected {
-                    PluginType::Bool => match unsafe { value.payload.boolean } {
-                        0 => Returned::Bool(false),
-                        1 => Returned::Bool(true),
-                        byte => return Err(CallError::InvalidBool(byte)),
-                    },
+                    PluginType::Bool => {
+                        // SAFETY: the tag is Bool, so `boolean` is active (read as a byte).
+                        match unsafe { value.payload.boolean } {
+                            0 => Returned::Bool(false),
+                            1 => Returned::Bool(true),
+                            byte => return Err(CallError::InvalidBool(byte)),
+                        }
+                    }
+                    // SAFETY: the tag is Int, so `int` is active.
                     PluginType::Int => Returned::Int(unsafe { value.payload.int }),
+                    // SAFETY: the tag is UInt, so `uint` is active.
                     PluginType::UInt => Returned::UInt(unsafe { value.payload.uint }),
+                    // SAFETY: the tag is Double, so `double` is active.
                     PluginType::Double => Returned::Double(unsafe { value.payload.double }),
                     PluginType::String => {
+                        // SAFETY: the tag is String, so `string` is active; ABI v1 hands it to
+                        // the host (malloc'ed, NUL-terminated) and we take it over once.
                         Returned::Str(unsafe { PluginString::take(value.payload.string) }?)
                     }
                 })
