@@ -17,12 +17,19 @@
 //! * [`PluginUdf`] is a plugin function as a DataFusion `ScalarUDFImpl`;
 //! * [`register_plugin`] / [`SessionContextExt`] register a library's functions in a session.
 
+mod catalog;
+mod ddl;
 mod error;
 mod ffi;
 mod register;
 pub mod types;
 mod udf;
 
+pub use catalog::{
+    PluginFunctionInfo, PluginFunctionsTable, plugin_functions, plugin_functions_of,
+    register_plugin_functions_table,
+};
+pub use ddl::{DdlError, PluginFunctionFactory, PluginLoader, install};
 pub use error::{CallError, LoadError, MetadataError, TypePosition};
 pub use ffi::{
     Abi, ArgRef, FunctionSignature, MAX_NAME_LEN, PluginFunction, PluginLibrary, PluginString,

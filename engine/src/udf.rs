@@ -57,6 +57,11 @@ impl PluginUdf {
         }
     }
 
+    /// The volatility the function was registered with.
+    pub fn volatility(&self) -> Volatility {
+        self.signature.volatility
+    }
+
     /// The plugin function behind this UDF.
     pub fn function(&self) -> &PluginFunction {
         &self.function

@@ -2,7 +2,7 @@
 //! function, so that the example plugins stay short. The `repeat` plugin shows the same exports
 //! written out by hand.
 //!
-//! ```ignore
+//! ```
 //! udf_plugin_seed_kit::seed_plugin! {
 //!     fn square(x: i64) -> Result<i64, String> { Ok(x.wrapping_mul(x)) }
 //! }

@@ -1,32 +1,59 @@
-//! `udfsql`: run SQL with plugin functions loaded from shared libraries.
+//! `udfsql`: run SQL over Apache DataFusion with user-defined functions loaded from shared
+//! libraries, interactively or from `-c`, `-f` and standard input.
 
 mod output;
+mod repl;
+mod shell;
+mod split;
 
-use std::path::PathBuf;
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use datafusion::prelude::SessionContext;
+use udf_engine::PluginLoader;
 
 use output::Format;
+use shell::{Interrupt, Shell};
 
 /// Run SQL over Apache DataFusion with user-defined functions loaded from shared libraries.
+///
+/// Without -c or -f, reads SQL from standard input when it is piped, and starts the interactive
+/// shell when it is a terminal.
 #[derive(Debug, Parser)]
 #[command(name = "udfsql", version)]
 struct Args {
-    /// Load the plugin library FILE (repeatable).
+    /// Load the plugin library FILE and register its functions (repeatable; trusted: any path).
     #[arg(long = "plugin", value_name = "FILE")]
     plugins: Vec<PathBuf>,
-    /// Load every shared library in DIR (repeatable).
+    /// Load every shared library in DIR, and let CREATE FUNCTION load libraries from DIR
+    /// (repeatable). SQL can load libraries only from these directories.
     #[arg(long = "plugin-dir", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
-    /// Run one SQL statement and print its result (repeatable; run in order).
+    /// Demo mode: load the example plugins built next to this binary (target/debug), allow
+    /// CREATE FUNCTION from that directory, and create the demo table `t`.
+    #[arg(long)]
+    demo: bool,
+    /// Run SQL (one or more statements) and exit (repeatable; run in order, before -f).
     #[arg(short = 'c', long = "command", value_name = "SQL")]
     commands: Vec<String>,
+    /// Run the SQL statements in FILE and exit (repeatable).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    files: Vec<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
+    /// Rows shown per result in table format (0 = all). Default: 40 interactively, all otherwise.
+    #[arg(long, value_name = "N")]
+    max_rows: Option<usize>,
+    /// Print row count and elapsed time after each statement (default: on interactively).
+    #[arg(long)]
+    timing: Option<bool>,
+    /// History file of the interactive shell (default: $UDFSQL_HISTORY, else
+    /// $XDG_DATA_HOME/udfsql/history, else ~/.local/share/udfsql/history).
+    #[arg(long, value_name = "FILE")]
+    history: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -40,71 +67,137 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    match run(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", shell::report(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(args: Args) -> Result<ExitCode> {
-    let ctx = SessionContext::new();
-    load_plugins(&ctx, &args)?;
-    let mut failed = false;
-    let stdout = std::io::stdout();
-    for sql in &args.commands {
-        match execute(&ctx, sql).await {
-            Ok(batches) => output::write_batches(&mut stdout.lock(), args.format, &batches)?,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                failed = true;
-            }
+/// The directory of the running binary, where cargo puts the example plugins.
+fn demo_plugin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the udfsql binary's path")?;
+    Ok(exe
+        .parent()
+        .context("the udfsql binary has no parent directory")?
+        .to_path_buf())
+}
+
+fn example_plugins_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let found: Vec<PathBuf> = udf_engine::libraries_in(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.contains("udf_plugin_"))
+        })
+        .collect();
+    if found.is_empty() {
+        anyhow::bail!(
+            "no example plugins in {}; build them first with `cargo build --workspace`",
+            dir.display()
+        );
+    }
+    Ok(found)
+}
+
+fn run(args: Args) -> Result<bool> {
+    let interactive =
+        args.commands.is_empty() && args.files.is_empty() && std::io::stdin().is_terminal();
+
+    let mut loader = PluginLoader::new();
+    let mut libraries = args.plugins.clone();
+    let mut dirs = args.plugin_dirs.clone();
+    if args.demo {
+        dirs.push(demo_plugin_dir()?);
+    }
+    for dir in &dirs {
+        loader = loader.with_plugin_dir(dir)?;
+        if args.demo && !args.plugin_dirs.contains(dir) {
+            libraries.extend(example_plugins_in(dir)?);
+        } else {
+            libraries.extend(
+                udf_engine::libraries_in(dir)
+                    .with_context(|| format!("cannot read plugin directory {}", dir.display()))?,
+            );
         }
     }
-    Ok(if failed {
-        ExitCode::FAILURE
+
+    let interrupt = if interactive {
+        Interrupt::Cancel
     } else {
-        ExitCode::SUCCESS
-    })
+        Interrupt::Default
+    };
+    let mut shell = Shell::new(loader, args.format, interrupt)?;
+    shell.timing = args.timing.unwrap_or(interactive);
+    shell.max_rows = match args.max_rows {
+        Some(0) => None,
+        Some(n) => Some(n),
+        None if interactive => Some(40),
+        None => None,
+    };
+    for library in &libraries {
+        shell.load_library(library)?;
+    }
+    if args.demo {
+        shell.create_demo_table()?;
+    }
+
+    let stdout = std::io::stdout();
+    if interactive {
+        let history = args.history.or_else(repl::default_history_file);
+        return repl::run(&mut shell, history);
+    }
+    let mut ok = true;
+    for sql in &args.commands {
+        ok &= shell.run_sql(sql, &mut stdout.lock())?;
+    }
+    for file in &args.files {
+        let sql = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read SQL file {}", file.display()))?;
+        ok &= run_script(&mut shell, &sql)?;
+    }
+    if args.commands.is_empty() && args.files.is_empty() {
+        let mut sql = String::new();
+        std::io::stdin()
+            .read_to_string(&mut sql)
+            .context("cannot read SQL from standard input")?;
+        ok &= run_script(&mut shell, &sql)?;
+    }
+    Ok(ok)
 }
 
-fn load_plugins(ctx: &SessionContext, args: &Args) -> Result<()> {
-    let mut files = args.plugins.clone();
-    for dir in &args.plugin_dirs {
-        let found = udf_engine::libraries_in(dir)
-            .with_context(|| format!("cannot read plugin directory {}", dir.display()))?;
-        files.extend(found);
-    }
-    for file in files {
-        for r in udf_engine::register_plugin(ctx, &file)? {
-            if r.replaced {
-                eprintln!(
-                    "note: plugin function {} from {} replaces the existing function of that name",
-                    r.sql_name,
-                    r.library.display()
-                );
+/// Runs a script: SQL statements, and meta commands on lines of their own (a meta command runs
+/// after the SQL before it).
+fn run_script(shell: &mut Shell, text: &str) -> Result<bool> {
+    let mut ok = true;
+    let mut sql = String::new();
+    let stdout = std::io::stdout();
+    for line in text.lines() {
+        if line.trim_start().starts_with('\\') {
+            if !sql.trim().is_empty() {
+                ok &= shell.run_sql(&sql, &mut stdout.lock())?;
             }
+            sql.clear();
+            match shell.meta(line, &mut stdout.lock()) {
+                Ok(shell::Next::Quit) => return Ok(ok),
+                Ok(shell::Next::Continue) => {}
+                Err(e) => {
+                    eprintln!("error: {}", shell::report(&e));
+                    ok = false;
+                }
+            }
+            continue;
         }
+        sql.push_str(line);
+        sql.push('\n');
     }
-    Ok(())
-}
-
-async fn execute(
-    ctx: &SessionContext,
-    sql: &str,
-) -> Result<Vec<datafusion::arrow::record_batch::RecordBatch>> {
-    let df = ctx.sql(sql).await?;
-    Ok(df.collect().await?)
+    if !sql.trim().is_empty() {
+        ok &= shell.run_sql(&sql, &mut stdout.lock())?;
+    }
+    Ok(ok)
 }

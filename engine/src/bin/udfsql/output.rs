@@ -88,3 +88,18 @@ fn csv_field(value: &str) -> String {
         value.to_string()
     }
 }
+
+/// The first `max` rows of `batches`.
+pub fn first_rows(batches: &[RecordBatch], max: usize) -> Vec<RecordBatch> {
+    let mut left = max;
+    let mut out = Vec::new();
+    for batch in batches {
+        if left == 0 {
+            break;
+        }
+        let take = left.min(batch.num_rows());
+        out.push(batch.slice(0, take));
+        left -= take;
+    }
+    out
+}

@@ -1,0 +1,290 @@
+//! A udfsql session: the DataFusion context with plugins, the output settings, and the execution
+//! of SQL text and meta commands. Shared by `-c`, `-f`, piped stdin and the interactive REPL.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::error::DataFusionError;
+use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::DFParser;
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use udf_engine::PluginLoader;
+
+use crate::output::{self, Format};
+use crate::split::{is_blank, split_statements};
+
+/// What happens to a long-running statement when Ctrl-C arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupt {
+    /// Ctrl-C cancels the running statement (interactive mode).
+    Cancel,
+    /// The default signal disposition (non-interactive mode).
+    Default,
+}
+
+/// What a meta command asks the caller to do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    Quit,
+}
+
+pub struct Shell {
+    pub ctx: SessionContext,
+    loader: Arc<PluginLoader>,
+    pub format: Format,
+    pub timing: bool,
+    /// Rows shown per result in table format; `None` shows all.
+    pub max_rows: Option<usize>,
+    interrupt: Interrupt,
+    runtime: tokio::runtime::Runtime,
+}
+
+pub const HELP: &str = "\
+Statements end with ';' and may span lines. Meta commands:
+  \\?              this help
+  \\q              quit (or Ctrl-D)
+  \\df             plugin functions: SQL name, signature, library, ABI
+  \\d              tables;  \\d NAME  columns of table NAME
+  \\load FILE      load a plugin library and register its functions
+  \\format F       output format: table, csv or json
+  \\timing [on|off] show row count and elapsed time after each statement
+  \\maxrows N      rows shown per result in table format (0 = all)
+Ctrl-C cancels a running statement. Plugins from SQL:
+  CREATE [OR REPLACE] FUNCTION name(VARCHAR, BIGINT UNSIGNED) RETURNS VARCHAR
+      LANGUAGE plugin AS 'libfile.so';      -- relative to a --plugin-dir
+  DROP FUNCTION [IF EXISTS] name;
+  SELECT * FROM plugin_functions;  SHOW FUNCTIONS;";
+
+impl Shell {
+    pub fn new(loader: PluginLoader, format: Format, interrupt: Interrupt) -> Result<Shell> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the tokio runtime")?;
+        let config = SessionConfig::new().with_information_schema(true);
+        let ctx = SessionContext::new_with_config(config);
+        let loader = Arc::new(loader);
+        udf_engine::install(&ctx, Arc::clone(&loader))?;
+        Ok(Shell {
+            ctx,
+            loader,
+            format,
+            timing: false,
+            max_rows: None,
+            interrupt,
+            runtime,
+        })
+    }
+
+    /// Loads a library (trusted: any path) and registers its functions under their own names.
+    pub fn load_library(&self, path: &Path) -> Result<()> {
+        let library = self.loader.load(path)?;
+        for r in udf_engine::register_library(&self.ctx, &library) {
+            if r.replaced {
+                eprintln!(
+                    "note: plugin function {} from {} replaces the existing function of that name",
+                    r.sql_name,
+                    r.library.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the demo table `t`.
+    pub fn create_demo_table(&self) -> Result<()> {
+        let sql = "CREATE TABLE t (name VARCHAR, x BIGINT, d DOUBLE, flag BOOLEAN) AS VALUES \
+                   ('cool', 1, 1.5, true), ('udf', 2, -2.25, false), ('sql', 3, 0.0, true), \
+                   ('héllo', -4, 3.0, false), (NULL, NULL, NULL, NULL)";
+        self.run_sql(sql, &mut std::io::sink())
+            .context("cannot create the demo table")?;
+        Ok(())
+    }
+
+    /// Runs every statement of `sql` in turn, printing results to `out` and errors to stderr; an
+    /// error does not stop the statements after it. Returns whether all succeeded.
+    pub fn run_sql(&self, sql: &str, out: &mut dyn Write) -> Result<bool> {
+        let (mut pieces, rest) = split_statements(sql);
+        pieces.push(rest);
+        let mut ok = true;
+        for piece in pieces.into_iter().filter(|p| !is_blank(p)) {
+            let statements = match DFParser::parse_sql_with_dialect(piece, &GenericDialect {}) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ok = false;
+                    continue;
+                }
+            };
+            for statement in statements {
+                let started = Instant::now();
+                match self.runtime.block_on(self.execute(statement)) {
+                    Ok(batches) => self.print(out, &batches, started.elapsed())?,
+                    Err(e) => {
+                        eprintln!("error: {}", report(&e));
+                        ok = false;
+                    }
+                }
+            }
+        }
+        Ok(ok)
+    }
+
+    async fn execute(
+        &self,
+        statement: datafusion::sql::parser::Statement,
+    ) -> Result<Vec<RecordBatch>> {
+        let work = async {
+            let plan = self.ctx.state().statement_to_plan(statement).await?;
+            if let LogicalPlan::Ddl(DdlStatement::DropFunction(drop)) = &plan
+                && !drop.if_exists
+                && !self.function_exists(&drop.name)
+            {
+                return Err(DataFusionError::Execution(format!(
+                    "DROP FUNCTION {}: no such function (DROP FUNCTION IF EXISTS ignores this)",
+                    drop.name
+                )));
+            }
+            let df = self.ctx.execute_logical_plan(plan).await?;
+            Ok::<_, DataFusionError>(df.collect().await?)
+        };
+        match self.interrupt {
+            Interrupt::Default => Ok(work.await?),
+            Interrupt::Cancel => tokio::select! {
+                result = work => Ok(result?),
+                _ = tokio::signal::ctrl_c() => bail!("statement cancelled (Ctrl-C)"),
+            },
+        }
+    }
+
+    fn function_exists(&self, name: &str) -> bool {
+        let state = self.ctx.state();
+        state.scalar_functions().contains_key(name)
+            || state.aggregate_functions().contains_key(name)
+            || state.window_functions().contains_key(name)
+    }
+
+    fn print(&self, out: &mut dyn Write, batches: &[RecordBatch], elapsed: Duration) -> Result<()> {
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        let limit = match (self.format, self.max_rows) {
+            (Format::Table, Some(max)) if rows > max => Some(max),
+            _ => None,
+        };
+        match limit {
+            Some(max) => {
+                output::write_batches(out, self.format, &output::first_rows(batches, max))?;
+                writeln!(
+                    out,
+                    "({rows} rows, first {max} shown; \\maxrows 0 shows all)"
+                )?;
+            }
+            None => output::write_batches(out, self.format, batches)?,
+        }
+        if self.timing {
+            let columns = batches.first().map_or(0, |b| b.num_columns());
+            if columns == 0 {
+                writeln!(out, "OK. Took {:.3} seconds.", elapsed.as_secs_f64())?;
+            } else {
+                let noun = if rows == 1 { "row" } else { "rows" };
+                writeln!(
+                    out,
+                    "{rows} {noun}. Took {:.3} seconds.",
+                    elapsed.as_secs_f64()
+                )?;
+            }
+        }
+        out.flush()?;
+        Ok(())
+    }
+
+    /// Runs a meta command (a line starting with `\`).
+    pub fn meta(&mut self, line: &str, out: &mut dyn Write) -> Result<Next> {
+        let mut words = line.trim().trim_end_matches(';').split_whitespace();
+        let command = words.next().unwrap_or_default();
+        let arg = words.collect::<Vec<_>>().join(" ");
+        match command {
+            "\\q" | "\\quit" => return Ok(Next::Quit),
+            "\\?" | "\\h" | "\\help" => writeln!(out, "{HELP}")?,
+            "\\timing" => {
+                self.timing = match arg.as_str() {
+                    "" => !self.timing,
+                    "on" => true,
+                    "off" => false,
+                    other => bail!("\\timing takes on or off, not '{other}'"),
+                };
+                writeln!(out, "Timing is {}.", if self.timing { "on" } else { "off" })?;
+            }
+            "\\format" => {
+                use clap::ValueEnum;
+                self.format = Format::from_str(&arg, true).map_err(|_| {
+                    anyhow::anyhow!("\\format takes table, csv or json, not '{arg}'")
+                })?;
+            }
+            "\\maxrows" => {
+                let n: usize = arg
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("\\maxrows takes a number, not '{arg}'"))?;
+                self.max_rows = (n > 0).then_some(n);
+            }
+            "\\load" => {
+                if arg.is_empty() {
+                    bail!("\\load takes the path of a plugin library");
+                }
+                self.load_library(&PathBuf::from(&arg))?;
+            }
+            "\\df" => {
+                let sql = "SELECT name, signature, library, abi, volatility FROM plugin_functions";
+                self.run_sql(sql, out)?;
+            }
+            "\\d" if arg.is_empty() => {
+                let sql = "SELECT table_name, table_type FROM information_schema.tables \
+                           WHERE table_schema NOT IN ('information_schema') ORDER BY table_name";
+                self.run_sql(sql, out)?;
+            }
+            "\\d" => {
+                self.run_sql(&format!("DESCRIBE {arg}"), out)?;
+            }
+            other => bail!("unknown command {other}; \\? lists the commands"),
+        }
+        Ok(Next::Continue)
+    }
+
+    /// The names completion offers: tables and functions of the session.
+    pub fn completion_words(&self) -> Vec<String> {
+        let state = self.ctx.state();
+        let mut words: Vec<String> = state.scalar_functions().keys().cloned().collect();
+        words.extend(state.aggregate_functions().keys().cloned());
+        if let Some(catalog) = self.ctx.catalog("datafusion")
+            && let Some(schema) = catalog.schema("public")
+        {
+            words.extend(schema.table_names());
+        }
+        words.sort();
+        words.dedup();
+        words
+    }
+}
+
+/// One line for an error and its causes, without the repetitions DataFusion's wrapping produces
+/// (`External error: X` whose source is `X` again).
+pub fn report(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let text = text.strip_prefix("External error: ").unwrap_or(&text);
+        if line.contains(text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text);
+    }
+    line
+}

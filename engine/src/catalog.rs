@@ -1,0 +1,146 @@
+//! Listing the plugin functions of a session: [`plugin_functions`] for Rust callers and the
+//! `plugin_functions` table for SQL (`SELECT * FROM plugin_functions`). Both read the session's
+//! registered functions at the time of the call, so they are always current.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::Result;
+use datafusion::datasource::TableType;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::logical_expr::{Expr, ScalarUDF, Volatility};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::SessionContext;
+
+use crate::udf::PluginUdf;
+
+/// One plugin function registered in a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginFunctionInfo {
+    /// The SQL name.
+    pub sql_name: String,
+    /// The signature, in plugin types, under the SQL name: `my_repeat(String, UInt) -> String`.
+    pub signature: String,
+    /// The function's name inside the library.
+    pub library_name: String,
+    /// The library's canonical path.
+    pub library: String,
+    /// The library's ABI (`v1`, ...).
+    pub abi: String,
+    /// `immutable`, `stable` or `volatile`.
+    pub volatility: String,
+}
+
+fn volatility_name(v: Volatility) -> &'static str {
+    match v {
+        Volatility::Immutable => "immutable",
+        Volatility::Stable => "stable",
+        Volatility::Volatile => "volatile",
+    }
+}
+
+/// The plugin functions among `functions` (a session's scalar functions), sorted by SQL name.
+pub fn plugin_functions_of(functions: &HashMap<String, Arc<ScalarUDF>>) -> Vec<PluginFunctionInfo> {
+    let mut out: Vec<PluginFunctionInfo> = functions
+        .iter()
+        .filter_map(|(name, udf)| {
+            let plugin = udf.inner().downcast_ref::<PluginUdf>()?;
+            let sig = plugin.function().signature();
+            let args: Vec<&str> = sig.arg_types.iter().map(|t| t.name()).collect();
+            Some(PluginFunctionInfo {
+                sql_name: name.clone(),
+                signature: format!("{name}({}) -> {}", args.join(", "), sig.return_type),
+                library_name: sig.name.clone(),
+                library: plugin.function().library().path().display().to_string(),
+                abi: plugin.function().library().abi().to_string(),
+                volatility: volatility_name(plugin.volatility()).to_string(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.sql_name.cmp(&b.sql_name));
+    out
+}
+
+/// The plugin functions registered in `ctx`, sorted by SQL name.
+pub fn plugin_functions(ctx: &SessionContext) -> Vec<PluginFunctionInfo> {
+    plugin_functions_of(ctx.state_ref().read().scalar_functions())
+}
+
+/// The `plugin_functions` table: one row per plugin function of the querying session.
+#[derive(Debug)]
+pub struct PluginFunctionsTable {
+    schema: SchemaRef,
+}
+
+impl PluginFunctionsTable {
+    /// The table's columns: `name, signature, library_function, library, abi, volatility`.
+    pub fn new() -> Self {
+        let field = |name| Field::new(name, DataType::Utf8, false);
+        PluginFunctionsTable {
+            schema: Arc::new(Schema::new(vec![
+                field("name"),
+                field("signature"),
+                field("library_function"),
+                field("library"),
+                field("abi"),
+                field("volatility"),
+            ])),
+        }
+    }
+}
+
+impl Default for PluginFunctionsTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait]
+impl TableProvider for PluginFunctionsTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let infos = plugin_functions_of(state.scalar_functions());
+        let column = |f: fn(&PluginFunctionInfo) -> &str| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values(infos.iter().map(f)))
+        };
+        let batch = RecordBatch::try_new(
+            Arc::clone(&self.schema),
+            vec![
+                column(|i| &i.sql_name),
+                column(|i| &i.signature),
+                column(|i| &i.library_name),
+                column(|i| &i.library),
+                column(|i| &i.abi),
+                column(|i| &i.volatility),
+            ],
+        )?;
+        Ok(MemorySourceConfig::try_new_exec(
+            &[vec![batch]],
+            Arc::clone(&self.schema),
+            projection.cloned(),
+        )?)
+    }
+}
+
+/// Registers [`PluginFunctionsTable`] as `plugin_functions` in `ctx`'s default schema.
+pub fn register_plugin_functions_table(ctx: &SessionContext) -> Result<()> {
+    ctx.register_table("plugin_functions", Arc::new(PluginFunctionsTable::new()))?;
+    Ok(())
+}
