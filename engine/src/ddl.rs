@@ -96,7 +96,7 @@ pub enum DdlError {
         /// What the statement declared.
         declared: String,
         /// What the library says.
-        actual: FunctionSignature,
+        actual: Box<FunctionSignature>,
         /// The library.
         library: PathBuf,
     },
@@ -364,7 +364,7 @@ fn check_declared_types(
     Err(DdlError::SignatureMismatch {
         function: name.to_string(),
         declared: format!("{name}{args} RETURNS {ret}"),
-        actual: sig.clone(),
+        actual: Box::new(sig.clone()),
         library: function.library().path().to_path_buf(),
     })
 }

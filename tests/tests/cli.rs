@@ -119,3 +119,163 @@ fn a_load_failure_is_an_error_not_a_skip() {
         stderr(&o)
     );
 }
+
+fn run_with_stdin(args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(udfsql())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn udfsql");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn demo_mode_has_the_example_plugins_and_table_t() {
+    let o = run(&[
+        "--demo",
+        "--format",
+        "csv",
+        "-c",
+        "SELECT repeat(name, 3) AS r FROM t ORDER BY r LIMIT 2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "r\ncoolcoolcool\nhéllohéllohéllo\n");
+}
+
+#[test]
+fn sql_piped_on_stdin_runs_statement_by_statement() {
+    let script = "CREATE FUNCTION my_sq(BIGINT) RETURNS BIGINT LANGUAGE plugin AS 'libudf_plugin_square.so';\n\
+                  SELECT my_sq(x) AS s\n  FROM (VALUES (3)) t(x);\n\
+                  SELECT nope(;\n\
+                  \\format json\n\
+                  SELECT my_sq(4) AS s; -- a comment; with a semicolon\n";
+    let dir = example_plugin_dir().to_str().unwrap().to_string();
+    let o = run_with_stdin(&["--plugin-dir", &dir, "--format", "csv"], script);
+    assert!(!o.status.success(), "the bad statement fails the run");
+    assert_eq!(stdout(&o), "s\n9\n{\"s\":16}\n");
+    let err = stderr(&o);
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
+}
+
+#[test]
+fn a_sql_file_with_meta_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("script.sql");
+    std::fs::write(
+        &file,
+        "\\timing off\nCREATE TABLE nums AS VALUES (1), (2), (3);\n\\d\nSELECT sum(square(column1)) AS total FROM nums;\n",
+    )
+    .unwrap();
+    let square = plugin("square");
+    let o = run(&[
+        "--plugin",
+        square.to_str().unwrap(),
+        "--format",
+        "csv",
+        "-f",
+        file.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("nums,BASE TABLE"), "{out}");
+    assert!(out.contains("plugin_functions,VIEW"), "{out}");
+    assert!(out.ends_with("total\n14\n"), "{out}");
+
+    let o = run(&["-f", "/nonexistent/script.sql"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("/nonexistent/script.sql"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn external_tables_over_csv_ndjson_and_parquet() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("people.csv"), "name,n\nann,2\nbo,3\n").unwrap();
+    std::fs::write(
+        dir.path().join("people.json"),
+        "{\"name\":\"cy\",\"n\":1}\n",
+    )
+    .unwrap();
+    let parquet = dir.path().join("people.parquet");
+    let d = dir.path().display();
+    let pq = parquet.display();
+    let sql = format!(
+        "CREATE EXTERNAL TABLE c STORED AS CSV LOCATION '{d}/people.csv' OPTIONS ('format.has_header' 'true');\n\
+         CREATE EXTERNAL TABLE j STORED AS JSON LOCATION '{d}/people.json';\n\
+         COPY (SELECT * FROM c) TO '{pq}' STORED AS PARQUET;\n\
+         CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION '{pq}';\n\
+         SELECT repeat(name, n) AS r FROM (SELECT name, n FROM c UNION ALL SELECT name, n FROM j UNION ALL SELECT name, n FROM p) ORDER BY r;\n"
+    );
+    let repeat = plugin("repeat");
+    let o = run_with_stdin(
+        &["--plugin", repeat.to_str().unwrap(), "--format", "csv"],
+        &sql,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).ends_with("r\nannann\nannann\nbobobo\nbobobo\ncy\n"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn drop_of_a_missing_function_names_it() {
+    let o = run(&["-c", "DROP FUNCTION no_such_fn"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("DROP FUNCTION no_such_fn: no such function"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// The interactive shell through a pseudo-terminal: a multi-line query, a table, Ctrl-C during a
+/// long query leaves the shell alive, history is written, Ctrl-D exits.
+#[test]
+fn interactive_session_in_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("history");
+    let mut cmd = Command::new(udfsql());
+    cmd.arg("--demo")
+        .env("UDFSQL_HISTORY", &history)
+        .env("TERM", "dumb");
+    let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).expect("spawn in a pty");
+    p.exp_string("udfsql> ").unwrap();
+    p.send_line("SELECT repeat(name, 3) AS r").unwrap();
+    p.exp_string("-> ").unwrap();
+    p.send_line("FROM t WHERE x = 1;").unwrap();
+    p.exp_string("| coolcoolcool |").unwrap();
+    p.exp_string("1 row.").unwrap();
+    p.send_line("SELECT count(*) FROM generate_series(1, 100000000000) g WHERE square(value) > 0;")
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    p.send_control('c').unwrap();
+    p.exp_string("statement cancelled (Ctrl-C)").unwrap();
+    p.send_line("SELECT safe_div(7, 0);").unwrap();
+    p.exp_string("division by zero").unwrap();
+    p.send_line("SELECT 40 + 2 AS answer;").unwrap();
+    p.exp_string("| 42     |").unwrap();
+    p.send_line("\\df").unwrap();
+    p.exp_string("safe_div(Int, Int) -> Int").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+    let saved = std::fs::read_to_string(&history).unwrap();
+    assert!(saved.contains("SELECT 40 + 2 AS answer;"), "{saved}");
+}

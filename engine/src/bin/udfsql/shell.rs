@@ -152,7 +152,7 @@ impl Shell {
                 )));
             }
             let df = self.ctx.execute_logical_plan(plan).await?;
-            Ok::<_, DataFusionError>(df.collect().await?)
+            df.collect().await
         };
         match self.interrupt {
             Interrupt::Default => Ok(work.await?),
