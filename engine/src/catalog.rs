@@ -50,10 +50,9 @@ pub fn plugin_functions_of(functions: &HashMap<String, Arc<ScalarUDF>>) -> Vec<P
         .filter_map(|(name, udf)| {
             let plugin = udf.inner().downcast_ref::<PluginUdf>()?;
             let sig = plugin.function().signature();
-            let args: Vec<&str> = sig.arg_types.iter().map(|t| t.name()).collect();
             Some(PluginFunctionInfo {
                 sql_name: name.clone(),
-                signature: format!("{name}({}) -> {}", args.join(", "), sig.return_type),
+                signature: sig.display_as(name),
                 library_name: sig.name.clone(),
                 library: plugin.function().library().path().display().to_string(),
                 abi: plugin.function().library().abi().to_string(),

@@ -10,13 +10,13 @@ use async_trait::async_trait;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{DataFusionError, Result, ScalarValue};
 use datafusion::execution::context::{FunctionFactory, RegisterFunction, SessionState};
-use datafusion::logical_expr::{CreateFunction, Expr, ScalarUDF, Volatility};
+use datafusion::logical_expr::{CreateFunction, Expr, ScalarUDF};
 use datafusion::prelude::SessionContext;
-use udf_abi::PluginType;
+use udf_abi::v2::UdfType;
 
 use crate::error::LoadError;
 use crate::ffi::{FunctionSignature, PluginFunction, PluginLibrary};
-use crate::types::plugin_type;
+use crate::types::family;
 use crate::udf::PluginUdf;
 
 /// Why a `CREATE FUNCTION ... LANGUAGE plugin` statement was refused.
@@ -77,7 +77,10 @@ pub enum DdlError {
         function: String,
     },
     /// The library has no function that fits.
-    #[error("library {library} has no function named {function}; it provides: {available}")]
+    #[error(
+        "library {library} has no function named {function} (pick one with AS 'library#function'); \
+         it provides: {available}"
+    )]
     NoSuchFunction {
         /// The SQL name.
         function: String,
@@ -268,22 +271,25 @@ impl PluginFunctionFactory {
                 });
             }
         }
-        let path = match &stmt.params.function_body {
+        let target = match &stmt.params.function_body {
             Some(Expr::Literal(
                 ScalarValue::Utf8(Some(p))
                 | ScalarValue::LargeUtf8(Some(p))
                 | ScalarValue::Utf8View(Some(p)),
                 _,
-            )) => p.clone(),
+            )) => LibraryTarget::parse(p),
             _ => return Err(DdlError::MissingLibrary { function: name }),
         };
         if !stmt.or_replace && state.scalar_functions().contains_key(&name) {
             return Err(DdlError::AlreadyExists { function: name });
         }
-        let library = self.loader.load_from_sql(&path)?;
-        let function = pick_function(&library, &name)?;
+        let library = self.loader.load_from_sql(&target.path)?;
+        let function = pick_function(&library, &name, target.function.as_deref())?;
         check_declared_types(&name, stmt, &function)?;
-        let volatility = stmt.params.behavior.unwrap_or(Volatility::Immutable);
+        let volatility = stmt
+            .params
+            .behavior
+            .unwrap_or_else(|| PluginUdf::declared_volatility(&function));
         tracing::info!(
             function = %name,
             signature = %function.signature(),
@@ -294,18 +300,49 @@ impl PluginFunctionFactory {
     }
 }
 
-/// The library's only function, or the one whose name equals the SQL name.
-fn pick_function(library: &Arc<PluginLibrary>, sql_name: &str) -> Result<PluginFunction, DdlError> {
+/// What `AS '...'` names: a library, and optionally one of its functions after `#`
+/// (`'libtoolbox.so#add_days'`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibraryTarget {
+    /// The library path as written.
+    pub path: String,
+    /// The function's name inside the library, if given.
+    pub function: Option<String>,
+}
+
+impl LibraryTarget {
+    /// Splits `lib.so#function`; a string without `#` names only the library.
+    pub fn parse(text: &str) -> LibraryTarget {
+        match text.rsplit_once('#') {
+            Some((path, function)) if !function.is_empty() && !path.is_empty() => LibraryTarget {
+                path: path.to_string(),
+                function: Some(function.to_string()),
+            },
+            _ => LibraryTarget {
+                path: text.to_string(),
+                function: None,
+            },
+        }
+    }
+}
+
+/// The function named after `#`; else the library's only function; else the one whose name
+/// equals the SQL name.
+fn pick_function(
+    library: &Arc<PluginLibrary>,
+    sql_name: &str,
+    wanted: Option<&str>,
+) -> Result<PluginFunction, DdlError> {
     let functions = library.functions();
-    let index = if functions.len() == 1 {
-        Some(0)
-    } else {
-        functions.iter().position(|f| f.name == sql_name)
+    let index = match wanted {
+        Some(name) => functions.iter().position(|f| f.name == name),
+        None if functions.len() == 1 => Some(0),
+        None => functions.iter().position(|f| f.name == sql_name),
     };
     index
         .and_then(|i| library.function(i))
         .ok_or_else(|| DdlError::NoSuchFunction {
-            function: sql_name.to_string(),
+            function: wanted.unwrap_or(sql_name).to_string(),
             library: library.path().to_path_buf(),
             available: functions
                 .iter()
@@ -315,16 +352,10 @@ fn pick_function(library: &Arc<PluginLibrary>, sql_name: &str) -> Result<PluginF
         })
 }
 
-/// Whether a declared SQL type stands for `param`: the canonical Arrow type, or any string type
-/// for `String` (VARCHAR maps to Utf8View in some configurations).
-fn declared_matches(declared: &DataType, param: PluginType) -> bool {
-    match param {
-        PluginType::String => matches!(
-            declared,
-            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-        ),
-        _ => plugin_type(declared) == Some(param),
-    }
+/// Whether a declared SQL type stands for `param`: VARCHAR/TEXT for String, BYTEA for Binary,
+/// any TIMESTAMP for Timestamp, else the canonical Arrow type.
+fn declared_matches(declared: &DataType, param: UdfType) -> bool {
+    family(declared) == Some(param)
 }
 
 fn check_declared_types(

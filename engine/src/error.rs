@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use udf_abi::PluginType;
+use udf_abi::v2::UdfType;
 
 /// Why a plugin library could not be loaded. Nothing is registered when loading fails.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,21 @@ pub enum LoadError {
         /// The dynamic loader's message.
         message: String,
     },
+    /// A v2 library was built for another major version of the ABI.
+    #[error(
+        "plugin library {path} was built for udfsql ABI v{found_major}.{found_minor}; this host \
+         supports ABI v{expected_major}.x (and v1 libraries)"
+    )]
+    AbiMismatch {
+        /// The library's path.
+        path: PathBuf,
+        /// The library's major version.
+        found_major: u32,
+        /// The library's minor version.
+        found_minor: u32,
+        /// The host's major version.
+        expected_major: u32,
+    },
     /// The library's metadata is malformed.
     #[error("plugin library {path}: invalid metadata from `{symbol}`: {reason}")]
     InvalidMetadata {
@@ -54,6 +69,7 @@ impl LoadError {
             LoadError::NotFound { path, .. }
             | LoadError::Open { path, .. }
             | LoadError::MissingSymbol { path, .. }
+            | LoadError::AbiMismatch { path, .. }
             | LoadError::InvalidMetadata { path, .. } => path,
         }
     }
@@ -99,8 +115,57 @@ pub enum MetadataError {
         /// The limit.
         max: usize,
     },
+    /// The manifest lists no function (and the library has no v1 symbols either).
+    #[error("the manifest lists no functions")]
+    NoFunctions,
+    /// `udfsql_manifest` returned a null pointer.
+    #[error("the manifest pointer is null")]
+    NullManifest,
+    /// The manifest is smaller than the ABI's.
+    #[error("the manifest is {found} bytes, smaller than the {expected} bytes of ABI v2.0")]
+    ManifestTooSmall {
+        /// The size the library reports.
+        found: usize,
+        /// The size this host reads.
+        expected: usize,
+    },
+    /// The manifest's `release_bytes` is null.
+    #[error("the manifest's release_bytes function is null")]
+    NullRelease,
+    /// `functions` is null but `functions_len` is not 0, or there are absurdly many.
+    #[error("the manifest lists {len} functions at {pointer}")]
+    BadFunctionList {
+        /// The declared length.
+        len: usize,
+        /// "a null pointer" or "more than the limit".
+        pointer: &'static str,
+    },
+    /// Two functions share a name.
+    #[error("function `{function}` is listed twice")]
+    DuplicateName {
+        /// The name.
+        function: String,
+    },
+    /// A function's row entrypoint is null.
+    #[error("function `{function}` has a null row entrypoint")]
+    NullEntrypoint {
+        /// The function's name.
+        function: String,
+    },
+    /// A flag byte that is neither 0 nor 1, or an unknown volatility.
+    #[error("function `{function}`: {field} has invalid value {value}")]
+    InvalidField {
+        /// The function's name.
+        function: String,
+        /// Which field.
+        field: &'static str,
+        /// The value read.
+        value: u32,
+    },
     /// A type tag that the ABI does not define.
-    #[error("function `{function}`: {position} has unknown type tag {tag} (valid tags are 0..=4)")]
+    #[error(
+        "function `{function}`: {position} has unknown type tag {tag} (valid tags are 0..={max})"
+    )]
     UnknownTypeTag {
         /// The function's name.
         function: String,
@@ -108,6 +173,8 @@ pub enum MetadataError {
         position: TypePosition,
         /// The tag that was read.
         tag: u32,
+        /// The largest valid tag of the library's ABI.
+        max: u32,
     },
 }
 
@@ -139,6 +206,15 @@ pub enum CallError {
     /// The plugin returned an error without a message (a null pointer).
     #[error("the plugin reported an error without a message (null error pointer)")]
     NullErrorMessage,
+    /// The plugin returned NULL from a function declared not to.
+    #[error("the plugin returned NULL, but the function is declared never to return NULL")]
+    UnexpectedNull,
+    /// The plugin's status code is neither OK nor ERROR.
+    #[error("the plugin returned an invalid status code {0}")]
+    InvalidStatus(i32),
+    /// Returned bytes with a null pointer and a non-zero length.
+    #[error("the plugin returned {0} bytes at a null pointer")]
+    NullBytes(usize),
     /// A string argument contains a NUL byte, which the v1 ABI cannot carry.
     #[error("argument {} contains a NUL byte, which ABI v1 strings cannot carry", .index + 1)]
     InteriorNul {
@@ -151,9 +227,9 @@ pub enum CallError {
         /// The argument (0-based).
         index: usize,
         /// The declared type.
-        expected: PluginType,
+        expected: UdfType,
         /// What the host had.
-        found: PluginType,
+        found: &'static str,
     },
     /// The number of arguments differs from the declared one.
     #[error("{found} arguments given, the function declares {expected}")]
@@ -170,7 +246,7 @@ pub enum CallError {
     #[error("the plugin returned a value of type {found}, the function declares {expected}")]
     ReturnType {
         /// The declared type.
-        expected: PluginType,
+        expected: UdfType,
         /// The tag found, by name when the ABI defines it.
         found: String,
     },

@@ -1,10 +1,11 @@
 //! The one module of the host that touches raw pointers and foreign code.
 //!
-//! [`PluginLibrary`] owns a `dlopen`ed library and its validated metadata; [`PluginFunction`]
-//! calls one of its functions with safe, typed arguments ([`ArgRef`]) and returns safe, typed
-//! values ([`Returned`]). Everything a plugin hands back is read through layout-identical "raw"
-//! mirrors of the `udf-abi` types, so that a tag or a `bool` byte the ABI does not define is an
-//! error instead of undefined behaviour.
+//! [`PluginLibrary`] owns a `dlopen`ed library (ABI v1 or v2) and its validated metadata;
+//! [`PluginFunction`] calls one of its functions with safe, typed arguments ([`ArgRef`]) and
+//! returns safe, typed values ([`Returned`]). Everything a v1 plugin hands back is read through
+//! layout-identical "raw" mirrors of the `udf-abi` enums, so that a tag or a `bool` byte the ABI
+//! does not define is an error instead of undefined behaviour; the v2 types have no Rust enums in
+//! them and are read as they are.
 //!
 //! What the host cannot defend against: a plugin that crashes, corrupts memory, returns dangling
 //! pointers, or never terminates a returned string. See the README's Safety section.
@@ -14,6 +15,10 @@ use std::mem::{align_of, offset_of, size_of};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use udf_abi::v2::{
+    self, ReleaseBytes, RowEntrypoint, UdfAbiVersion, UdfBytes, UdfFunction, UdfManifest,
+    UdfOwnedBytes, UdfScalar, UdfType, UdfValue,
+};
 use udf_abi::{MAX_ARGS, PluginMetadata, PluginResult, PluginType, PluginValue};
 
 use crate::error::{CallError, LoadError, MetadataError, TypePosition};
@@ -89,14 +94,31 @@ type EntrypointFn = unsafe extern "C" fn(*const PluginValue, usize) -> RawResult
 pub enum Abi {
     /// The seed contract: one function, row at a time, `plugin_metadata` / `plugin_entrypoint`.
     V1,
+    /// The versioned ABI: `udfsql_abi_version` / `udfsql_manifest`.
+    V2 {
+        /// The library's minor version.
+        minor: u32,
+    },
 }
 
 impl std::fmt::Display for Abi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Abi::V1 => f.write_str("v1"),
+            Abi::V2 { minor } => write!(f, "v2.{minor}"),
         }
     }
+}
+
+/// The volatility a v2 function declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeclaredVolatility {
+    /// Same result for the same arguments.
+    Immutable,
+    /// Same result within a query.
+    Stable,
+    /// May change on every call.
+    Volatile,
 }
 
 /// The validated signature of one function of a library.
@@ -105,22 +127,49 @@ pub struct FunctionSignature {
     /// The name the library gives the function.
     pub name: String,
     /// Argument types, in order.
-    pub arg_types: Vec<PluginType>,
+    pub arg_types: Vec<UdfType>,
+    /// Per argument: whether it receives NULLs (v2 `Option<T>`); all false for v1.
+    pub arg_nullable: Vec<bool>,
     /// The return type.
-    pub return_type: PluginType,
+    pub return_type: UdfType,
+    /// Whether the function may return NULL.
+    pub return_nullable: bool,
+    /// The declared volatility (v2); `None` for v1, which cannot declare it.
+    pub volatility: Option<DeclaredVolatility>,
+}
+
+impl FunctionSignature {
+    /// The signature under another name, e.g. the SQL name: `my_repeat(String, UInt) -> String`.
+    /// A `?` marks an argument that takes NULL or a result that may be NULL.
+    pub fn display_as(&self, name: &str) -> String {
+        let args: Vec<String> = self
+            .arg_types
+            .iter()
+            .zip(&self.arg_nullable)
+            .map(|(t, &n)| format!("{t}{}", if n { "?" } else { "" }))
+            .collect();
+        let ret = if self.return_nullable { "?" } else { "" };
+        format!("{name}({}) -> {}{ret}", args.join(", "), self.return_type)
+    }
+
+    /// Whether a NULL argument always gives NULL without a call (no argument takes NULLs).
+    pub fn is_strict(&self) -> bool {
+        !self.arg_nullable.iter().any(|&n| n)
+    }
 }
 
 impl std::fmt::Display for FunctionSignature {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}(", self.name)?;
-        for (i, t) in self.arg_types.iter().enumerate() {
-            if i > 0 {
-                f.write_str(", ")?;
-            }
-            write!(f, "{t}")?;
-        }
-        write!(f, ") -> {}", self.return_type)
+        f.write_str(&self.display_as(&self.name))
     }
+}
+
+enum Entrypoints {
+    V1(EntrypointFn),
+    V2 {
+        release: ReleaseBytes,
+        rows: Vec<RowEntrypoint>,
+    },
 }
 
 /// A loaded plugin library with validated metadata.
@@ -132,7 +181,7 @@ pub struct PluginLibrary {
     path: PathBuf,
     abi: Abi,
     functions: Vec<FunctionSignature>,
-    entrypoint: EntrypointFn,
+    entrypoints: Entrypoints,
     // Declared last: dropped (dlclose) after everything that points into it.
     _library: dlopen2::raw::Library,
 }
@@ -147,8 +196,18 @@ impl std::fmt::Debug for PluginLibrary {
     }
 }
 
+/// The most functions a v2 manifest may list.
+pub const MAX_FUNCTIONS: usize = 4096;
+
+type VersionFn = unsafe extern "C" fn() -> UdfAbiVersion;
+type ManifestFn = unsafe extern "C" fn() -> *const UdfManifest;
+
 impl PluginLibrary {
     /// Loads the shared library at `path`, resolves its symbols and validates its metadata.
+    ///
+    /// A library exporting `udfsql_abi_version` is ABI v2: the handshake is checked before any
+    /// other symbol is resolved, and a library built for another major version is refused. A
+    /// library without it is a v1 (seed contract) library.
     ///
     /// The path is made absolute first, so a bare file name never searches the system's library
     /// directories. Symbols are bound immediately (`RTLD_NOW`): a library with an unresolved
@@ -167,32 +226,143 @@ impl PluginLibrary {
                     path: path.clone(),
                     message: dl_message(e),
                 })?;
+        // SAFETY: `udfsql_abi_version` is declared by ABI v2 as `UdfAbiVersion (void)`, a struct
+        // of plain integers that is valid for any bits.
+        let version: Result<VersionFn, _> = unsafe { library.symbol(v2::SYMBOL_ABI_VERSION) };
+        let (abi, functions, entrypoints) = match version {
+            Ok(version) => match Self::load_v2(&path, &library, version)? {
+                Some(v2) => v2,
+                None => Self::load_v1(&path, &library)?,
+            },
+            Err(_) => Self::load_v1(&path, &library)?,
+        };
+        Ok(Arc::new(PluginLibrary {
+            path,
+            abi,
+            functions,
+            entrypoints,
+            _library: library,
+        }))
+    }
 
+    fn load_v1(
+        path: &Path,
+        library: &dlopen2::raw::Library,
+    ) -> Result<(Abi, Vec<FunctionSignature>, Entrypoints), LoadError> {
         // SAFETY: `plugin_metadata` is declared by the v1 ABI as `PluginMetadata (void)`; we read
         // the answer through `RawMetadata`, which has the same layout and accepts any tag.
         let metadata: MetadataFn = unsafe { library.symbol(udf_abi::SYMBOL_METADATA) }
-            .map_err(|e| missing_symbol(&path, udf_abi::SYMBOL_METADATA, e))?;
+            .map_err(|e| missing_symbol(path, udf_abi::SYMBOL_METADATA, e))?;
         // SAFETY: `plugin_entrypoint` is declared by the v1 ABI with exactly this signature; the
         // result is read through `RawResult`, which accepts any tag.
         let entrypoint: EntrypointFn = unsafe { library.symbol(udf_abi::SYMBOL_ENTRYPOINT) }
-            .map_err(|e| missing_symbol(&path, udf_abi::SYMBOL_ENTRYPOINT, e))?;
-
+            .map_err(|e| missing_symbol(path, udf_abi::SYMBOL_ENTRYPOINT, e))?;
         // SAFETY: the function pointer comes from the library, which is alive; the v1 ABI says it
         // takes no arguments.
         let raw = unsafe { metadata() };
         let signature = validate_metadata(&raw).map_err(|reason| LoadError::InvalidMetadata {
-            path: path.clone(),
+            path: path.to_path_buf(),
             symbol: udf_abi::SYMBOL_METADATA,
             reason,
         })?;
+        Ok((Abi::V1, vec![signature], Entrypoints::V1(entrypoint)))
+    }
 
-        Ok(Arc::new(PluginLibrary {
-            path,
-            abi: Abi::V1,
-            functions: vec![signature],
-            entrypoint,
-            _library: library,
-        }))
+    /// Loads a v2 library; `None` for a library whose manifest is empty but which exports the v1
+    /// symbols: a v1 plugin written against the `udf-abi` crate carries that crate's (empty) v2
+    /// exports, and is loaded as v1.
+    #[allow(clippy::type_complexity)]
+    fn load_v2(
+        path: &Path,
+        library: &dlopen2::raw::Library,
+        version: VersionFn,
+    ) -> Result<Option<(Abi, Vec<FunctionSignature>, Entrypoints)>, LoadError> {
+        // SAFETY: resolved from the live library; ABI v2 declares it as taking no arguments.
+        let found = unsafe { version() };
+        if found.major != v2::ABI_MAJOR {
+            return Err(LoadError::AbiMismatch {
+                path: path.to_path_buf(),
+                found_major: found.major,
+                found_minor: found.minor,
+                expected_major: v2::ABI_MAJOR,
+            });
+        }
+        let invalid = |reason| LoadError::InvalidMetadata {
+            path: path.to_path_buf(),
+            symbol: v2::SYMBOL_MANIFEST,
+            reason,
+        };
+        let known = size_of::<UdfManifest>();
+        if found.manifest_size < known {
+            return Err(invalid(MetadataError::ManifestTooSmall {
+                found: found.manifest_size,
+                expected: known,
+            }));
+        }
+        // SAFETY: ABI v2 declares `udfsql_manifest` as `const UdfManifest *(void)`.
+        let manifest: ManifestFn = unsafe { library.symbol(v2::SYMBOL_MANIFEST) }
+            .map_err(|e| missing_symbol(path, v2::SYMBOL_MANIFEST, e))?;
+        // SAFETY: resolved from the live library; takes no arguments.
+        let manifest = unsafe { manifest() };
+        if manifest.is_null() {
+            return Err(invalid(MetadataError::NullManifest));
+        }
+        // SAFETY: non-null, and the handshake says the manifest is at least `known` bytes; we read
+        // only the ABI 2.0 prefix. `UdfManifest` has no field with invalid bit patterns.
+        let manifest = unsafe { manifest.read() };
+        if manifest.size < known {
+            return Err(invalid(MetadataError::ManifestTooSmall {
+                found: manifest.size,
+                expected: known,
+            }));
+        }
+        let release = manifest
+            .release_bytes
+            .ok_or_else(|| invalid(MetadataError::NullRelease))?;
+        let len = manifest.functions_len;
+        if len == 0 {
+            // SAFETY: only looked up, never called here; the type is irrelevant for a lookup.
+            let v1: Result<MetadataFn, _> = unsafe { library.symbol(udf_abi::SYMBOL_METADATA) };
+            if v1.is_ok() {
+                return Ok(None);
+            }
+            return Err(invalid(MetadataError::NoFunctions));
+        }
+        let entries: &[UdfFunction] = if manifest.functions.is_null() {
+            return Err(invalid(MetadataError::BadFunctionList {
+                len,
+                pointer: "a null pointer",
+            }));
+        } else if len > MAX_FUNCTIONS {
+            return Err(invalid(MetadataError::BadFunctionList {
+                len,
+                pointer: "more than the limit of 4096",
+            }));
+        } else {
+            // SAFETY: non-null, bounded, and ABI v2 says it points at `functions_len` static
+            // `UdfFunction`s; the struct has no field with invalid bit patterns.
+            unsafe { std::slice::from_raw_parts(manifest.functions, len) }
+        };
+        let mut functions = Vec::with_capacity(len);
+        let mut rows = Vec::with_capacity(len);
+        for entry in entries {
+            let (signature, row) = validate_function(entry).map_err(invalid)?;
+            if functions
+                .iter()
+                .any(|f: &FunctionSignature| f.name == signature.name)
+            {
+                return Err(invalid(MetadataError::DuplicateName {
+                    function: signature.name,
+                }));
+            }
+            functions.push(signature);
+            rows.push(row);
+        }
+        Ok(Some((
+            Abi::V2 { minor: found.minor },
+            functions,
+            Entrypoints::V2 { release, rows },
+        )))
     }
 
     /// The canonical path the library was loaded from.
@@ -217,6 +387,12 @@ impl PluginLibrary {
             index,
         })
     }
+
+    /// A callable handle to the function the library calls `name`.
+    pub fn function_named(self: &Arc<Self>, name: &str) -> Option<PluginFunction> {
+        let index = self.functions.iter().position(|f| f.name == name)?;
+        self.function(index)
+    }
 }
 
 fn dl_message(e: dlopen2::Error) -> String {
@@ -236,6 +412,15 @@ fn missing_symbol(path: &Path, symbol: &'static str, e: dlopen2::Error) -> LoadE
     }
 }
 
+fn name_from_bytes(bytes: &[u8]) -> Result<String, MetadataError> {
+    if bytes.is_empty() {
+        return Err(MetadataError::EmptyName);
+    }
+    String::from_utf8(bytes.to_vec()).map_err(|e| MetadataError::NonUtf8Name {
+        bytes: e.into_bytes(),
+    })
+}
+
 /// Reads a NUL-terminated name of at most [`MAX_NAME_LEN`] bytes.
 fn read_name(ptr: *const c_char) -> Result<String, MetadataError> {
     if ptr.is_null() {
@@ -249,145 +434,321 @@ fn read_name(ptr: *const c_char) -> Result<String, MetadataError> {
         return Err(MetadataError::NameTooLong { max: MAX_NAME_LEN });
     }
     // SAFETY: `len` bytes before the NUL were just measured.
-    let bytes = unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) };
-    if bytes.is_empty() {
-        return Err(MetadataError::EmptyName);
-    }
-    String::from_utf8(bytes.to_vec()).map_err(|e| MetadataError::NonUtf8Name {
-        bytes: e.into_bytes(),
-    })
+    name_from_bytes(unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) })
 }
 
-fn validate_metadata(raw: &RawMetadata) -> Result<FunctionSignature, MetadataError> {
-    let name = read_name(raw.name)?;
-    let len = raw.arg_types_len;
+fn type_from_tag(
+    function: &str,
+    position: TypePosition,
+    tag: u32,
+    max: UdfType,
+) -> Result<UdfType, MetadataError> {
+    UdfType::from_tag(tag)
+        .filter(|t| t.tag() <= max.tag())
+        .ok_or_else(|| MetadataError::UnknownTypeTag {
+            function: function.to_string(),
+            position,
+            tag,
+            max: max.tag(),
+        })
+}
+
+/// Reads `len` u32 type tags (or nothing for `len == 0`), checking the pointer and the bound.
+fn read_tags<'a>(function: &str, ptr: *const u32, len: usize) -> Result<&'a [u32], MetadataError> {
     if len > MAX_ARGS {
         return Err(MetadataError::TooManyArgs {
-            function: name,
+            function: function.to_string(),
             len,
             max: MAX_ARGS,
         });
     }
-    let tags: &[u32] = if len == 0 {
-        &[]
-    } else if raw.arg_types.is_null() {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if ptr.is_null() {
         return Err(MetadataError::NullArgTypes {
-            function: name,
+            function: function.to_string(),
             len,
         });
-    } else {
-        // SAFETY: non-null, at most MAX_ARGS entries, and the ABI says it points at
-        // `arg_types_len` C enum values (u32-sized) in the library's static data.
-        unsafe { std::slice::from_raw_parts(raw.arg_types, len) }
-    };
+    }
+    // SAFETY: non-null, at most MAX_ARGS entries, and both ABIs say it points at `len` u32-sized
+    // tags in the library's static data, which outlives the returned borrow's use here.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+fn validate_metadata(raw: &RawMetadata) -> Result<FunctionSignature, MetadataError> {
+    let name = read_name(raw.name)?;
+    let tags = read_tags(&name, raw.arg_types, raw.arg_types_len)?;
     let arg_types = tags
         .iter()
         .enumerate()
-        .map(|(i, &tag)| {
-            PluginType::from_tag(tag).ok_or_else(|| MetadataError::UnknownTypeTag {
-                function: name.clone(),
-                position: TypePosition::Argument(i),
-                tag,
-            })
-        })
+        .map(|(i, &tag)| type_from_tag(&name, TypePosition::Argument(i), tag, UdfType::Utf8))
         .collect::<Result<Vec<_>, _>>()?;
-    let return_type =
-        PluginType::from_tag(raw.return_type).ok_or_else(|| MetadataError::UnknownTypeTag {
-            function: name.clone(),
-            position: TypePosition::Return,
-            tag: raw.return_type,
-        })?;
+    let return_type = type_from_tag(&name, TypePosition::Return, raw.return_type, UdfType::Utf8)?;
     Ok(FunctionSignature {
+        arg_nullable: vec![false; arg_types.len()],
         name,
         arg_types,
         return_type,
+        return_nullable: false,
+        volatility: None,
     })
+}
+
+fn flag(function: &str, field: &'static str, value: u8) -> Result<bool, MetadataError> {
+    match value {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(MetadataError::InvalidField {
+            function: function.to_string(),
+            field,
+            value: value.into(),
+        }),
+    }
+}
+
+fn validate_function(
+    entry: &UdfFunction,
+) -> Result<(FunctionSignature, RowEntrypoint), MetadataError> {
+    let UdfBytes { ptr, len } = entry.name;
+    if ptr.is_null() {
+        return Err(MetadataError::NullName);
+    }
+    if len > MAX_NAME_LEN {
+        return Err(MetadataError::NameTooLong { max: MAX_NAME_LEN });
+    }
+    // SAFETY: non-null, bounded, and ABI v2 says the name is `len` bytes of static data.
+    let name = name_from_bytes(unsafe { std::slice::from_raw_parts(ptr, len) })?;
+    let tags = read_tags(&name, entry.arg_types, entry.args_len)?;
+    let last = UdfType::TimestampMicros;
+    let arg_types = tags
+        .iter()
+        .enumerate()
+        .map(|(i, &tag)| type_from_tag(&name, TypePosition::Argument(i), tag, last))
+        .collect::<Result<Vec<_>, _>>()?;
+    let arg_nullable = if entry.arg_nullable.is_null() {
+        vec![false; arg_types.len()]
+    } else {
+        // SAFETY: non-null, and ABI v2 says it points at `args_len` (checked ≤ MAX_ARGS) flags.
+        let flags = unsafe { std::slice::from_raw_parts(entry.arg_nullable, arg_types.len()) };
+        flags
+            .iter()
+            .map(|&f| flag(&name, "arg_nullable", f))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let return_type = type_from_tag(&name, TypePosition::Return, entry.return_type, last)?;
+    let return_nullable = flag(&name, "return_nullable", entry.return_nullable)?;
+    let volatility = match entry.volatility {
+        v2::volatility::IMMUTABLE => DeclaredVolatility::Immutable,
+        v2::volatility::STABLE => DeclaredVolatility::Stable,
+        v2::volatility::VOLATILE => DeclaredVolatility::Volatile,
+        other => {
+            return Err(MetadataError::InvalidField {
+                function: name,
+                field: "volatility",
+                value: other,
+            });
+        }
+    };
+    let Some(row) = entry.call_row else {
+        return Err(MetadataError::NullEntrypoint { function: name });
+    };
+    Ok((
+        FunctionSignature {
+            name,
+            arg_types,
+            arg_nullable,
+            return_type,
+            return_nullable,
+            volatility: Some(volatility),
+        },
+        row,
+    ))
 }
 
 /// One argument value for a row call, borrowed from the caller's arrays.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ArgRef<'a> {
+    /// SQL NULL, for an argument that takes NULLs.
+    Null,
     /// A `Bool` argument.
     Bool(bool),
-    /// An `Int` argument.
+    /// An `Int` (Int64) argument.
     Int(i64),
-    /// A `UInt` argument.
+    /// A `UInt` (UInt64) argument.
     UInt(u64),
-    /// A `Double` argument.
+    /// A `Double` (Float64) argument.
     Double(f64),
-    /// A `String` argument; copied NUL-terminated into the call's scratch buffer.
+    /// A `String` argument. v1 copies it NUL-terminated into the call's scratch buffer; v2 passes
+    /// pointer and length without a copy.
     Str(&'a str),
+    /// An `Int32` argument.
+    Int32(i32),
+    /// A `Float32` argument.
+    Float32(f32),
+    /// A `Binary` argument, passed without a copy.
+    Bytes(&'a [u8]),
+    /// A `Date` argument: days since 1970-01-01.
+    Date32(i32),
+    /// A `Timestamp` argument: microseconds since the epoch, UTC.
+    Timestamp(i64),
 }
 
 impl ArgRef<'_> {
-    fn plugin_type(&self) -> PluginType {
+    fn type_name(&self) -> &'static str {
         match self {
-            ArgRef::Bool(_) => PluginType::Bool,
-            ArgRef::Int(_) => PluginType::Int,
-            ArgRef::UInt(_) => PluginType::UInt,
-            ArgRef::Double(_) => PluginType::Double,
-            ArgRef::Str(_) => PluginType::String,
-        }
-    }
-}
-
-/// A string returned by a plugin. Owned by the host; freed with `free()` on drop, as ABI v1
-/// prescribes.
-pub struct PluginString {
-    ptr: *mut c_char,
-    len: usize,
-}
-
-impl PluginString {
-    /// The string, checked to be UTF-8 when it was received.
-    pub fn as_str(&self) -> &str {
-        // SAFETY: `ptr` points at `len` bytes owned by this value, validated as UTF-8 in `take`.
-        unsafe {
-            std::str::from_utf8_unchecked(std::slice::from_raw_parts(self.ptr.cast(), self.len))
+            ArgRef::Null => "NULL",
+            ArgRef::Bool(_) => UdfType::Bool.name(),
+            ArgRef::Int(_) => UdfType::Int64.name(),
+            ArgRef::UInt(_) => UdfType::UInt64.name(),
+            ArgRef::Double(_) => UdfType::Float64.name(),
+            ArgRef::Str(_) => UdfType::Utf8.name(),
+            ArgRef::Int32(_) => UdfType::Int32.name(),
+            ArgRef::Float32(_) => UdfType::Float32.name(),
+            ArgRef::Bytes(_) => UdfType::Binary.name(),
+            ArgRef::Date32(_) => UdfType::Date32.name(),
+            ArgRef::Timestamp(_) => UdfType::TimestampMicros.name(),
         }
     }
 
-    /// Takes ownership of a plugin-returned string, validating it.
-    ///
-    /// # Safety
-    ///
-    /// `ptr` must be null or a NUL-terminated string allocated with `malloc` that nobody else
-    /// frees.
-    unsafe fn take(ptr: *const c_char) -> Result<PluginString, CallError> {
-        if ptr.is_null() {
-            return Err(CallError::NullString);
-        }
-        // SAFETY: non-null and NUL-terminated per the caller's promise.
-        let len = unsafe { CStr::from_ptr(ptr) }.to_bytes().len();
-        // From here on `owned` frees the string, on the error path too.
-        let owned = PluginString {
-            ptr: ptr.cast_mut(),
-            len,
+    /// The v2 value of this argument, if it has type `t` (NULL fits any type; the caller checks
+    /// nullability).
+    fn to_v2(self, t: UdfType) -> Option<UdfValue> {
+        let scalar = match (self, t) {
+            (ArgRef::Null, _) => return Some(UdfValue::NULL),
+            (ArgRef::Bool(b), UdfType::Bool) => UdfScalar { boolean: b as u8 },
+            (ArgRef::Int(v), UdfType::Int64) => UdfScalar { int64: v },
+            (ArgRef::UInt(v), UdfType::UInt64) => UdfScalar { uint64: v },
+            (ArgRef::Double(v), UdfType::Float64) => UdfScalar { float64: v },
+            (ArgRef::Int32(v), UdfType::Int32) => UdfScalar { int32: v },
+            (ArgRef::Float32(v), UdfType::Float32) => UdfScalar { float32: v },
+            (ArgRef::Date32(v), UdfType::Date32) => UdfScalar { int32: v },
+            (ArgRef::Timestamp(v), UdfType::TimestampMicros) => UdfScalar { int64: v },
+            (ArgRef::Str(s), UdfType::Utf8) => UdfScalar {
+                bytes: UdfBytes {
+                    ptr: s.as_ptr(),
+                    len: s.len(),
+                },
+            },
+            (ArgRef::Bytes(b), UdfType::Binary) => UdfScalar {
+                bytes: UdfBytes {
+                    ptr: b.as_ptr(),
+                    len: b.len(),
+                },
+            },
+            _ => return None,
         };
-        // SAFETY: `len` bytes were just measured.
-        let bytes = unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) };
-        std::str::from_utf8(bytes).map_err(CallError::InvalidUtf8)?;
-        Ok(owned)
+        Some(UdfValue {
+            is_null: 0,
+            value: scalar,
+        })
     }
 }
 
-impl std::fmt::Debug for PluginString {
+/// How returned bytes go back to the plugin.
+#[derive(Clone, Copy)]
+enum Release {
+    /// ABI v1: the C library's `free()`.
+    Free,
+    /// ABI v2: the library's `release_bytes`, with the capacity it gave.
+    Plugin(ReleaseBytes, usize),
+}
+
+/// Bytes returned by a plugin (a string or binary result). Owned by the host until dropped, then
+/// handed back to the plugin as its ABI prescribes. Validated as UTF-8 when it is a string.
+pub struct PluginBytes {
+    ptr: *mut u8,
+    len: usize,
+    release: Release,
+}
+
+impl PluginBytes {
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` points at `len` bytes owned by this value until it drops (checked
+        // non-null when `len > 0` on construction).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The bytes as a string; `Returned::Str` values were validated as UTF-8 on receipt.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for PluginBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self.as_str(), f)
+        f.debug_struct("PluginBytes")
+            .field("len", &self.len)
+            .finish()
     }
 }
 
-impl Drop for PluginString {
+impl Drop for PluginBytes {
     fn drop(&mut self) {
-        // SAFETY: ABI v1 hands returned strings to the host, allocated with malloc; we own it
-        // and free it exactly once.
-        unsafe { libc::free(self.ptr.cast()) }
+        match self.release {
+            // SAFETY: ABI v1 hands returned strings to the host, allocated with malloc; we own it
+            // and free it exactly once (free(NULL) is a no-op).
+            Release::Free => unsafe { libc::free(self.ptr.cast()) },
+            Release::Plugin(release, capacity) => {
+                // SAFETY: ABI v2: bytes the plugin handed over are returned through its own
+                // `release_bytes`, exactly once, with the parts it gave us.
+                unsafe {
+                    release(UdfOwnedBytes {
+                        ptr: self.ptr,
+                        len: self.len,
+                        capacity,
+                    })
+                }
+            }
+        }
     }
+}
+
+/// Takes ownership of a v1 string result (malloc'ed, NUL-terminated), validating it.
+///
+/// # Safety
+///
+/// `ptr` must be null or a NUL-terminated string allocated with `malloc` that nobody else frees.
+unsafe fn take_v1_string(ptr: *const c_char) -> Result<PluginBytes, CallError> {
+    if ptr.is_null() {
+        return Err(CallError::NullString);
+    }
+    // SAFETY: non-null and NUL-terminated per the caller's promise.
+    let len = unsafe { CStr::from_ptr(ptr) }.to_bytes().len();
+    // From here on `owned` frees the string, on the error path too.
+    let owned = PluginBytes {
+        ptr: ptr.cast_mut().cast(),
+        len,
+        release: Release::Free,
+    };
+    std::str::from_utf8(owned.as_bytes()).map_err(CallError::InvalidUtf8)?;
+    Ok(owned)
+}
+
+/// Takes ownership of v2 bytes, to be released through `release`.
+fn take_v2_bytes(bytes: UdfOwnedBytes, release: ReleaseBytes) -> Result<PluginBytes, CallError> {
+    let owned = PluginBytes {
+        ptr: bytes.ptr,
+        len: bytes.len,
+        release: Release::Plugin(release, bytes.capacity),
+    };
+    if bytes.ptr.is_null() && bytes.len > 0 {
+        // Nothing valid to release: forget it rather than hand a null pointer back.
+        std::mem::forget(owned);
+        return Err(CallError::NullBytes(bytes.len));
+    }
+    Ok(owned)
 }
 
 /// A value returned by one call.
 #[derive(Debug)]
 pub enum Returned {
+    /// SQL NULL (only from functions declared to return NULL).
+    Null,
     /// A `Bool` result.
     Bool(bool),
     /// An `Int` result.
@@ -396,17 +757,28 @@ pub enum Returned {
     UInt(u64),
     /// A `Double` result.
     Double(f64),
-    /// A `String` result, freed when dropped.
-    Str(PluginString),
+    /// A `String` result (valid UTF-8), handed back to the plugin when dropped.
+    Str(PluginBytes),
+    /// An `Int32` result.
+    Int32(i32),
+    /// A `Float32` result.
+    Float32(f32),
+    /// A `Binary` result, handed back to the plugin when dropped.
+    Bytes(PluginBytes),
+    /// A `Date` result: days since 1970-01-01.
+    Date32(i32),
+    /// A `Timestamp` result: microseconds since the epoch, UTC.
+    Timestamp(i64),
 }
 
-/// Reusable per-batch memory for row calls: the NUL-terminated copies of string arguments and
-/// the argument array. Reusing it means no heap allocation per row once it has grown.
+/// Reusable per-batch memory for row calls: v1's NUL-terminated copies of string arguments and
+/// the argument arrays. Reusing it means no heap allocation per row once it has grown.
 #[derive(Debug, Default)]
 pub struct RowScratch {
     bytes: Vec<u8>,
     offsets: Vec<usize>,
     values: Vec<PluginValue>,
+    values_v2: Vec<UdfValue>,
 }
 
 /// One function of a loaded library, callable row by row. Cheap to clone; keeps the library
@@ -437,7 +809,8 @@ impl PluginFunction {
         &self.library
     }
 
-    /// Calls the function for one row. `args` must match the declared types (checked).
+    /// Calls the function for one row. `args` must match the declared types, and be
+    /// [`ArgRef::Null`] only where the argument takes NULLs (checked).
     pub fn call_row(
         &self,
         scratch: &mut RowScratch,
@@ -450,65 +823,81 @@ impl PluginFunction {
                 found: args.len(),
             });
         }
+        match &self.library.entrypoints {
+            Entrypoints::V1(entrypoint) => self.call_v1(*entrypoint, scratch, args),
+            Entrypoints::V2 { release, rows } => {
+                self.call_v2(rows[self.index], *release, scratch, args)
+            }
+        }
+    }
+
+    fn call_v1(
+        &self,
+        entrypoint: EntrypointFn,
+        scratch: &mut RowScratch,
+        args: &[ArgRef<'_>],
+    ) -> Result<Returned, CallError> {
+        let signature = self.signature();
         // First copy every string (the buffer may move while it grows), then take pointers.
         scratch.bytes.clear();
         scratch.offsets.clear();
-        for (index, (arg, &expected)) in args.iter().zip(&signature.arg_types).enumerate() {
-            if arg.plugin_type() != expected {
-                return Err(CallError::ArgumentType {
-                    index,
-                    expected,
-                    found: arg.plugin_type(),
-                });
-            }
-            if let ArgRef::Str(s) = arg {
-                if s.as_bytes().contains(&0) {
-                    return Err(CallError::InteriorNul { index });
-                }
-                scratch.offsets.push(scratch.bytes.len());
-                scratch.bytes.extend_from_slice(s.as_bytes());
-                scratch.bytes.push(0);
-            }
-        }
         scratch.values.clear();
+        for (index, (arg, &expected)) in args.iter().zip(&signature.arg_types).enumerate() {
+            let mismatch = || CallError::ArgumentType {
+                index,
+                expected,
+                found: arg.type_name(),
+            };
+            let value = match (*arg, expected) {
+                (ArgRef::Bool(b), UdfType::Bool) => PluginValue::Bool(b),
+                (ArgRef::Int(i), UdfType::Int64) => PluginValue::Int(i),
+                (ArgRef::UInt(u), UdfType::UInt64) => PluginValue::UInt(u),
+                (ArgRef::Double(d), UdfType::Float64) => PluginValue::Double(d),
+                (ArgRef::Str(s), UdfType::Utf8) => {
+                    if s.as_bytes().contains(&0) {
+                        return Err(CallError::InteriorNul { index });
+                    }
+                    scratch.offsets.push(scratch.bytes.len());
+                    scratch.bytes.extend_from_slice(s.as_bytes());
+                    scratch.bytes.push(0);
+                    // A placeholder; the pointer is set below, once `bytes` stops growing.
+                    PluginValue::String(std::ptr::null())
+                }
+                _ => return Err(mismatch()),
+            };
+            scratch.values.push(value);
+        }
         let base = scratch.bytes.as_ptr();
         let mut offsets = scratch.offsets.iter();
-        for arg in args {
-            scratch.values.push(match *arg {
-                ArgRef::Bool(b) => PluginValue::Bool(b),
-                ArgRef::Int(i) => PluginValue::Int(i),
-                ArgRef::UInt(u) => PluginValue::UInt(u),
-                ArgRef::Double(d) => PluginValue::Double(d),
-                ArgRef::Str(_) => {
-                    let offset = offsets.next().copied().unwrap_or_default();
-                    // `wrapping_add` keeps this safe code; the offset is within `bytes`.
-                    PluginValue::String(base.wrapping_add(offset).cast())
-                }
-            });
+        for value in &mut scratch.values {
+            if let PluginValue::String(ptr) = value {
+                let offset = offsets.next().copied().unwrap_or_default();
+                // `wrapping_add` keeps this safe code; the offset is within `bytes`.
+                *ptr = base.wrapping_add(offset).cast();
+            }
         }
 
         // SAFETY: the entrypoint belongs to `self.library`, which is alive (we hold an Arc).
         // `values` holds exactly the declared number of arguments, each of the declared type;
         // string pointers point into `scratch.bytes`, NUL-terminated without interior NULs, and
         // neither buffer is touched until the call returns.
-        let raw =
-            unsafe { (self.library.entrypoint)(scratch.values.as_ptr(), scratch.values.len()) };
+        let raw = unsafe { entrypoint(scratch.values.as_ptr(), scratch.values.len()) };
         // SAFETY: `raw` came from the entrypoint of this function, per the v1 contract.
-        unsafe { self.convert_result(raw) }
+        unsafe { self.convert_v1_result(raw) }
     }
 
-    /// Reads a result, taking ownership of any string or message in it.
+    /// Reads a v1 result, taking ownership of any string or message in it.
     ///
     /// # Safety
     ///
-    /// `raw` must have been returned by this function's entrypoint.
-    unsafe fn convert_result(&self, raw: RawResult) -> Result<Returned, CallError> {
+    /// `raw` must have been returned by this function's v1 entrypoint.
+    unsafe fn convert_v1_result(&self, raw: RawResult) -> Result<Returned, CallError> {
         let expected = self.signature().return_type;
         match raw.tag {
             RESULT_OK => {
                 // SAFETY: the tag says `Ok`, so the `ok` member is the active one.
                 let value = unsafe { raw.payload.ok };
-                let found = PluginType::from_tag(value.tag);
+                let found = UdfType::from_tag(value.tag).filter(|t| t.tag() <= UdfType::Utf8.tag());
                 if found != Some(expected) {
                     return Err(CallError::ReturnType {
                         expected,
@@ -519,7 +908,7 @@ impl PluginFunction {
                 // The tag equals the declared type, so that member of the union is the active
                 // one; a string is handed to the host per ABI v1 and taken over exactly once.
                 Ok(match expected {
-                    PluginType::Bool => {
+                    UdfType::Bool => {
                         // SAFETY: the tag is Bool, so `boolean` is active (read as a byte).
                         match unsafe { value.payload.boolean } {
                             0 => Returned::Bool(false),
@@ -528,16 +917,14 @@ impl PluginFunction {
                         }
                     }
                     // SAFETY: the tag is Int, so `int` is active.
-                    PluginType::Int => Returned::Int(unsafe { value.payload.int }),
+                    UdfType::Int64 => Returned::Int(unsafe { value.payload.int }),
                     // SAFETY: the tag is UInt, so `uint` is active.
-                    PluginType::UInt => Returned::UInt(unsafe { value.payload.uint }),
+                    UdfType::UInt64 => Returned::UInt(unsafe { value.payload.uint }),
                     // SAFETY: the tag is Double, so `double` is active.
-                    PluginType::Double => Returned::Double(unsafe { value.payload.double }),
-                    PluginType::String => {
-                        // SAFETY: the tag is String, so `string` is active; ABI v1 hands it to
-                        // the host (malloc'ed, NUL-terminated) and we take it over once.
-                        Returned::Str(unsafe { PluginString::take(value.payload.string) }?)
-                    }
+                    UdfType::Float64 => Returned::Double(unsafe { value.payload.double }),
+                    // SAFETY: the tag is String, so `string` is active; ABI v1 hands it to the
+                    // host (malloc'ed, NUL-terminated) and we take it over once.
+                    _ => Returned::Str(unsafe { take_v1_string(value.payload.string) }?),
                 })
             }
             RESULT_ERR => {
@@ -556,5 +943,94 @@ impl PluginFunction {
             }
             tag => Err(CallError::InvalidResultTag(tag)),
         }
+    }
+
+    fn call_v2(
+        &self,
+        entrypoint: RowEntrypoint,
+        release: ReleaseBytes,
+        scratch: &mut RowScratch,
+        args: &[ArgRef<'_>],
+    ) -> Result<Returned, CallError> {
+        let signature = self.signature();
+        scratch.values_v2.clear();
+        for (index, arg) in args.iter().enumerate() {
+            let expected = signature.arg_types[index];
+            let fits = !matches!(arg, ArgRef::Null) || signature.arg_nullable[index];
+            let value = arg
+                .to_v2(expected)
+                .filter(|_| fits)
+                .ok_or(CallError::ArgumentType {
+                    index,
+                    expected,
+                    found: arg.type_name(),
+                })?;
+            scratch.values_v2.push(value);
+        }
+        let mut out = UdfValue::NULL;
+        let mut error = UdfOwnedBytes::EMPTY;
+        // SAFETY: the entrypoint belongs to `self.library`, alive while we hold the Arc. The
+        // arguments match the declared types and nullability; string and binary arguments
+        // borrow from `args`, which outlive the call; `out` and `error` are valid for writes.
+        let status = unsafe {
+            entrypoint(
+                scratch.values_v2.as_ptr(),
+                scratch.values_v2.len(),
+                &mut out,
+                &mut error,
+            )
+        };
+        match status {
+            v2::status::OK => {}
+            v2::status::ERROR => {
+                if error.ptr.is_null() {
+                    return Err(CallError::NullErrorMessage);
+                }
+                let message = take_v2_bytes(error, release)?;
+                return Err(CallError::Plugin(
+                    String::from_utf8_lossy(message.as_bytes()).into_owned(),
+                ));
+            }
+            other => return Err(CallError::InvalidStatus(other)),
+        }
+        if out.is_null != 0 {
+            return if signature.return_nullable {
+                Ok(Returned::Null)
+            } else {
+                Err(CallError::UnexpectedNull)
+            };
+        }
+        let v = out.value;
+        // SAFETY (every arm): the plugin wrote the member of the declared return type.
+        Ok(match signature.return_type {
+            // SAFETY: Bool results live in `boolean`.
+            UdfType::Bool => match unsafe { v.boolean } {
+                0 => Returned::Bool(false),
+                1 => Returned::Bool(true),
+                byte => return Err(CallError::InvalidBool(byte)),
+            },
+            // SAFETY: Int64 results live in `int64`.
+            UdfType::Int64 => Returned::Int(unsafe { v.int64 }),
+            // SAFETY: UInt64 results live in `uint64`.
+            UdfType::UInt64 => Returned::UInt(unsafe { v.uint64 }),
+            // SAFETY: Float64 results live in `float64`.
+            UdfType::Float64 => Returned::Double(unsafe { v.float64 }),
+            // SAFETY: Int32 results live in `int32`.
+            UdfType::Int32 => Returned::Int32(unsafe { v.int32 }),
+            // SAFETY: Float32 results live in `float32`.
+            UdfType::Float32 => Returned::Float32(unsafe { v.float32 }),
+            // SAFETY: Date32 results live in `int32`.
+            UdfType::Date32 => Returned::Date32(unsafe { v.int32 }),
+            // SAFETY: TimestampMicros results live in `int64`.
+            UdfType::TimestampMicros => Returned::Timestamp(unsafe { v.int64 }),
+            UdfType::Utf8 => {
+                // SAFETY: Utf8 results are owned bytes handed to the host.
+                let bytes = take_v2_bytes(unsafe { v.owned }, release)?;
+                std::str::from_utf8(bytes.as_bytes()).map_err(CallError::InvalidUtf8)?;
+                Returned::Str(bytes)
+            }
+            // SAFETY: Binary results are owned bytes handed to the host.
+            UdfType::Binary => Returned::Bytes(take_v2_bytes(unsafe { v.owned }, release)?),
+        })
     }
 }

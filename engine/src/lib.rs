@@ -29,11 +29,11 @@ pub use catalog::{
     PluginFunctionInfo, PluginFunctionsTable, plugin_functions, plugin_functions_of,
     register_plugin_functions_table,
 };
-pub use ddl::{DdlError, PluginFunctionFactory, PluginLoader, install};
+pub use ddl::{DdlError, LibraryTarget, PluginFunctionFactory, PluginLoader, install};
 pub use error::{CallError, LoadError, MetadataError, TypePosition};
 pub use ffi::{
-    Abi, ArgRef, FunctionSignature, MAX_NAME_LEN, PluginFunction, PluginLibrary, PluginString,
-    Returned, RowScratch,
+    Abi, ArgRef, DeclaredVolatility, FunctionSignature, MAX_FUNCTIONS, MAX_NAME_LEN, PluginBytes,
+    PluginFunction, PluginLibrary, Returned, RowScratch,
 };
 pub use register::{
     Registration, SessionContextExt, libraries_in, register_function, register_library,

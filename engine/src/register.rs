@@ -56,7 +56,8 @@ pub fn register_library(ctx: &SessionContext, library: &Arc<PluginLibrary>) -> V
         .filter_map(|i| library.function(i))
         .map(|function| {
             let name = function.signature().name.clone();
-            register_function(ctx, &name, function, Volatility::Immutable)
+            let volatility = PluginUdf::declared_volatility(&function);
+            register_function(ctx, &name, function, volatility)
         })
         .collect()
 }

@@ -1,62 +1,112 @@
-//! Mapping between the ABI's [`PluginType`]s and Arrow [`DataType`]s, and the coercion rules that
-//! decide which SQL argument types a plugin parameter accepts.
+//! Mapping between the ABI's value types ([`UdfType`]) and Arrow [`DataType`]s, and the coercion
+//! rules that decide which SQL argument types a plugin parameter accepts.
 
-use datafusion::arrow::datatypes::DataType;
-use udf_abi::PluginType;
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{DataType, TimeUnit};
+use udf_abi::v2::UdfType;
+
+/// The time zone of `Timestamp` values.
+pub const TIMESTAMP_TZ: &str = "UTC";
 
 /// The Arrow type a plugin type is exchanged as: Bool→Boolean, Int→Int64, UInt→UInt64,
-/// Double→Float64, String→Utf8.
-pub fn arrow_type(t: PluginType) -> DataType {
+/// Double→Float64, String→Utf8, Int32→Int32, Float32→Float32, Binary→Binary, Date→Date32,
+/// Timestamp→Timestamp(µs, UTC).
+pub fn arrow_type(t: UdfType) -> DataType {
     match t {
-        PluginType::Bool => DataType::Boolean,
-        PluginType::Int => DataType::Int64,
-        PluginType::UInt => DataType::UInt64,
-        PluginType::Double => DataType::Float64,
-        PluginType::String => DataType::Utf8,
+        UdfType::Bool => DataType::Boolean,
+        UdfType::Int64 => DataType::Int64,
+        UdfType::UInt64 => DataType::UInt64,
+        UdfType::Float64 => DataType::Float64,
+        UdfType::Utf8 => DataType::Utf8,
+        UdfType::Int32 => DataType::Int32,
+        UdfType::Float32 => DataType::Float32,
+        UdfType::Binary => DataType::Binary,
+        UdfType::Date32 => DataType::Date32,
+        UdfType::TimestampMicros => {
+            DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from(TIMESTAMP_TZ)))
+        }
     }
 }
 
-/// The plugin type whose canonical Arrow type is `t`, if any (the inverse of [`arrow_type`]).
-pub fn plugin_type(t: &DataType) -> Option<PluginType> {
-    PluginType::ALL.into_iter().find(|p| &arrow_type(*p) == t)
+/// The plugin type an Arrow type belongs to, for checking declared DDL types: the string types
+/// are `String`, the binary types `Binary`, every timestamp `Timestamp`, else the exact match.
+pub fn family(t: &DataType) -> Option<UdfType> {
+    use DataType::*;
+    Some(match t {
+        Boolean => UdfType::Bool,
+        Int64 => UdfType::Int64,
+        UInt64 => UdfType::UInt64,
+        Float64 => UdfType::Float64,
+        Utf8 | LargeUtf8 | Utf8View => UdfType::Utf8,
+        Int32 => UdfType::Int32,
+        Float32 => UdfType::Float32,
+        Binary | LargeBinary | BinaryView => UdfType::Binary,
+        Date32 => UdfType::Date32,
+        Timestamp(_, _) => UdfType::TimestampMicros,
+        _ => return None,
+    })
+}
+
+/// Whether an array of type `t` is read for `param` without a cast.
+pub fn is_readable(t: &DataType, param: UdfType) -> bool {
+    match param {
+        UdfType::Utf8 => matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View),
+        UdfType::Binary => matches!(
+            t,
+            DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+        ),
+        _ => *t == arrow_type(param),
+    }
 }
 
 /// What a SQL argument of type `actual` is cast to before it is passed as `param`, or `None`
 /// when the argument is refused.
 ///
 /// * `String` takes `Utf8`, `LargeUtf8` and `Utf8View` as they are (no copy); never numbers.
-/// * `Int` takes every integer type (an unsigned value above `i64::MAX` is a cast error).
-/// * `UInt` takes every integer type, so a literal `3` works; a negative value is a cast error.
-/// * `Double` takes every integer, float and decimal type.
+/// * `Binary` takes the binary types as they are.
+/// * `Int`, `Int32`, `UInt` take every integer type (a value out of range is a cast error; a
+///   negative value for `UInt` too), so a literal `3` works everywhere.
+/// * `Double`, `Float32` take every integer, float and decimal type.
 /// * `Bool` takes `Boolean` only.
+/// * `Date` takes dates, timestamps and strings (`'2024-05-01'`); `Timestamp` takes timestamps of
+///   any unit and zone, dates and strings.
 /// * `NULL` literals and dictionary-encoded columns are accepted as their value type.
-pub fn coerce_argument(param: PluginType, actual: &DataType) -> Option<DataType> {
+pub fn coerce_argument(param: UdfType, actual: &DataType) -> Option<DataType> {
     use DataType::*;
     match actual {
         Null => return Some(arrow_type(param)),
         Dictionary(_, value) => return coerce_argument(param, value),
         _ => {}
     }
-    let integer = actual.is_integer();
-    match param {
-        PluginType::Bool => matches!(actual, Boolean).then_some(Boolean),
-        PluginType::Int => integer.then_some(Int64),
-        PluginType::UInt => integer.then_some(UInt64),
-        PluginType::Double => {
-            (integer || actual.is_floating() || actual.is_decimal()).then_some(Float64)
-        }
-        PluginType::String => matches!(actual, Utf8 | LargeUtf8 | Utf8View).then(|| actual.clone()),
+    if is_readable(actual, param) {
+        return Some(actual.clone());
     }
+    let integer = actual.is_integer();
+    let number = integer || actual.is_floating() || actual.is_decimal();
+    let string = matches!(actual, Utf8 | LargeUtf8 | Utf8View);
+    let temporal = matches!(actual, Date32 | Date64 | Timestamp(_, _));
+    let accepted = match param {
+        UdfType::Bool | UdfType::Utf8 => false,
+        UdfType::Binary => matches!(actual, FixedSizeBinary(_)),
+        UdfType::Int64 | UdfType::Int32 | UdfType::UInt64 => integer,
+        UdfType::Float64 | UdfType::Float32 => number,
+        UdfType::Date32 | UdfType::TimestampMicros => temporal || string,
+    };
+    accepted.then(|| arrow_type(param))
 }
 
 /// A short description of what a parameter accepts, for error messages.
-pub fn accepted_types(param: PluginType) -> &'static str {
+pub fn accepted_types(param: UdfType) -> &'static str {
     match param {
-        PluginType::Bool => "BOOLEAN",
-        PluginType::Int => "an integer (TINYINT..BIGINT, unsigned included)",
-        PluginType::UInt => "an integer (TINYINT..BIGINT, unsigned included; negatives fail)",
-        PluginType::Double => "a number (integer, float or decimal)",
-        PluginType::String => "a string (VARCHAR, LargeUtf8 or Utf8View)",
+        UdfType::Bool => "BOOLEAN",
+        UdfType::Int64 | UdfType::Int32 => "an integer (TINYINT..BIGINT, unsigned included)",
+        UdfType::UInt64 => "an integer (TINYINT..BIGINT, unsigned included; negatives fail)",
+        UdfType::Float64 | UdfType::Float32 => "a number (integer, float or decimal)",
+        UdfType::Utf8 => "a string (VARCHAR, LargeUtf8 or Utf8View)",
+        UdfType::Binary => "binary (BYTEA, LargeBinary or BinaryView)",
+        UdfType::Date32 => "a DATE (or a timestamp or a string to cast)",
+        UdfType::TimestampMicros => "a TIMESTAMP (or a date or a string to cast)",
     }
 }
 
@@ -65,24 +115,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn canonical_types_round_trip() {
-        for t in PluginType::ALL {
-            assert_eq!(plugin_type(&arrow_type(t)), Some(t));
+    fn canonical_types_belong_to_their_family() {
+        for t in UdfType::ALL {
+            assert_eq!(family(&arrow_type(t)), Some(t));
+            assert!(is_readable(&arrow_type(t), t));
         }
-        assert_eq!(plugin_type(&DataType::Int32), None);
+        assert_eq!(family(&DataType::Int16), None);
     }
 
     #[test]
     fn strings_are_not_copied_and_numbers_are_refused() {
         for t in [DataType::Utf8, DataType::LargeUtf8, DataType::Utf8View] {
-            assert_eq!(coerce_argument(PluginType::String, &t), Some(t));
+            assert_eq!(coerce_argument(UdfType::Utf8, &t), Some(t));
         }
-        assert_eq!(coerce_argument(PluginType::String, &DataType::Int64), None);
+        assert_eq!(coerce_argument(UdfType::Utf8, &DataType::Int64), None);
         let dict = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
-        assert_eq!(
-            coerce_argument(PluginType::String, &dict),
-            Some(DataType::Utf8)
-        );
+        assert_eq!(coerce_argument(UdfType::Utf8, &dict), Some(DataType::Utf8));
     }
 
     #[test]
@@ -93,14 +141,15 @@ mod tests {
             DataType::UInt16,
             DataType::UInt64,
         ] {
-            assert_eq!(coerce_argument(PluginType::Int, &t), Some(DataType::Int64));
-            assert_eq!(
-                coerce_argument(PluginType::UInt, &t),
-                Some(DataType::UInt64)
-            );
+            assert_eq!(coerce_argument(UdfType::Int64, &t), Some(DataType::Int64));
+            assert_eq!(coerce_argument(UdfType::UInt64, &t), Some(DataType::UInt64));
         }
-        assert_eq!(coerce_argument(PluginType::Int, &DataType::Float64), None);
-        assert_eq!(coerce_argument(PluginType::UInt, &DataType::Utf8), None);
+        assert_eq!(
+            coerce_argument(UdfType::Int32, &DataType::Int64),
+            Some(DataType::Int32)
+        );
+        assert_eq!(coerce_argument(UdfType::Int64, &DataType::Float64), None);
+        assert_eq!(coerce_argument(UdfType::UInt64, &DataType::Utf8), None);
     }
 
     #[test]
@@ -111,18 +160,38 @@ mod tests {
             DataType::Decimal128(10, 2),
         ] {
             assert_eq!(
-                coerce_argument(PluginType::Double, &t),
+                coerce_argument(UdfType::Float64, &t),
                 Some(DataType::Float64)
             );
         }
         assert_eq!(
-            coerce_argument(PluginType::Bool, &DataType::Boolean),
+            coerce_argument(UdfType::Bool, &DataType::Boolean),
             Some(DataType::Boolean)
         );
-        assert_eq!(coerce_argument(PluginType::Bool, &DataType::Int64), None);
+        assert_eq!(coerce_argument(UdfType::Bool, &DataType::Int64), None);
         assert_eq!(
-            coerce_argument(PluginType::Bool, &DataType::Null),
+            coerce_argument(UdfType::Bool, &DataType::Null),
             Some(DataType::Boolean)
         );
+    }
+
+    #[test]
+    fn dates_and_timestamps_take_temporal_values_and_strings() {
+        let ts = arrow_type(UdfType::TimestampMicros);
+        let nanos = DataType::Timestamp(TimeUnit::Nanosecond, None);
+        assert_eq!(
+            coerce_argument(UdfType::TimestampMicros, &nanos),
+            Some(ts.clone())
+        );
+        assert_eq!(
+            coerce_argument(UdfType::TimestampMicros, &DataType::Utf8),
+            Some(ts)
+        );
+        assert_eq!(
+            coerce_argument(UdfType::Date32, &nanos),
+            Some(DataType::Date32)
+        );
+        assert_eq!(coerce_argument(UdfType::Date32, &DataType::Int64), None);
+        assert_eq!(coerce_argument(UdfType::Binary, &DataType::Utf8), None);
     }
 }

@@ -8,19 +8,24 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Float64Array, Float64Builder,
-    Int64Array, Int64Builder, LargeStringArray, StringArray, StringBuilder, StringViewArray,
-    UInt64Array, UInt64Builder,
+    Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, BinaryViewArray, BooleanArray,
+    BooleanBuilder, Date32Array, Date32Builder, Float32Array, Float32Builder, Float64Array,
+    Float64Builder, Int32Array, Int32Builder, Int64Array, Int64Builder, LargeBinaryArray,
+    LargeStringArray, StringArray, StringBuilder, StringViewArray, TimestampMicrosecondArray,
+    TimestampMicrosecondBuilder, UInt64Array, UInt64Builder,
 };
-use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Float64Type, Int64Type, UInt64Type};
+use datafusion::arrow::datatypes::{
+    DataType, Date32Type, Field, FieldRef, Float32Type, Float64Type, Int32Type, Int64Type,
+    TimestampMicrosecondType, UInt64Type,
+};
 use datafusion::common::{DataFusionError, Result, ScalarValue, exec_err, internal_err, plan_err};
 use datafusion::logical_expr::{
     ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
 };
-use udf_abi::PluginType;
+use udf_abi::v2::UdfType;
 
-use crate::ffi::{ArgRef, PluginFunction, Returned, RowScratch};
-use crate::types::{accepted_types, arrow_type, coerce_argument};
+use crate::ffi::{ArgRef, DeclaredVolatility, PluginFunction, Returned, RowScratch};
+use crate::types::{TIMESTAMP_TZ, accepted_types, arrow_type, coerce_argument, is_readable};
 
 /// A plugin function registered with DataFusion under a SQL name.
 ///
@@ -35,8 +40,18 @@ pub struct PluginUdf {
 }
 
 impl PluginUdf {
-    /// Wraps `function` under `sql_name`. v1 functions are [`Volatility::Immutable`] unless said
-    /// otherwise (v1 metadata cannot declare it).
+    /// The volatility a function declares (v2), or [`Volatility::Immutable`] for v1 functions,
+    /// whose metadata cannot say.
+    pub fn declared_volatility(function: &PluginFunction) -> Volatility {
+        match function.signature().volatility {
+            None | Some(DeclaredVolatility::Immutable) => Volatility::Immutable,
+            Some(DeclaredVolatility::Stable) => Volatility::Stable,
+            Some(DeclaredVolatility::Volatile) => Volatility::Volatile,
+        }
+    }
+
+    /// Wraps `function` under `sql_name` with the given volatility (see
+    /// [`declared_volatility`](Self::declared_volatility)).
     pub fn new(
         sql_name: impl Into<String>,
         function: PluginFunction,
@@ -68,14 +83,7 @@ impl PluginUdf {
     }
 
     fn sql_signature(&self) -> String {
-        let sig = self.function.signature();
-        let args: Vec<_> = sig.arg_types.iter().map(|t| t.name()).collect();
-        format!(
-            "{}({}) -> {}",
-            self.sql_name,
-            args.join(", "),
-            sig.return_type
-        )
+        self.function.signature().display_as(&self.sql_name)
     }
 
     fn call_error(&self, e: crate::error::CallError) -> DataFusionError {
@@ -128,7 +136,7 @@ impl ScalarUDFImpl for PluginUdf {
     }
 
     fn is_strict(&self) -> bool {
-        true
+        self.function.signature().is_strict()
     }
 
     fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
@@ -161,7 +169,8 @@ impl ScalarUDFImpl for PluginUdf {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let params = &self.function.signature().arg_types;
+        let signature = self.function.signature();
+        let params = &signature.arg_types;
         if args.args.len() != params.len() {
             return exec_err!(
                 "function {} called with {} arguments",
@@ -182,15 +191,18 @@ impl ScalarUDFImpl for PluginUdf {
             .map(|(value, &param)| Column::new(value, param))
             .collect::<Result<Vec<_>>>()?;
         let readers: Vec<Reader<'_>> = columns.iter().map(Column::reader).collect();
+        let takes_null = &signature.arg_nullable;
 
-        let mut out = Output::new(self.function.signature().return_type, rows);
+        let mut out = Output::new(signature.return_type, rows);
         let mut scratch = RowScratch::default();
         let mut row_args: Vec<ArgRef<'_>> = Vec::with_capacity(readers.len());
         for row in 0..rows {
             row_args.clear();
-            for reader in &readers {
+            for (reader, &nullable) in readers.iter().zip(takes_null) {
                 match reader.get(row) {
                     Some(v) => row_args.push(v),
+                    None if nullable => row_args.push(ArgRef::Null),
+                    // The STRICT rule: a NULL argument means a NULL result, without a call.
                     None => break,
                 }
             }
@@ -215,22 +227,21 @@ impl ScalarUDFImpl for PluginUdf {
     }
 }
 
-/// One argument of a batch: an array in the type the reader expects, or a scalar converted once.
+/// One argument of a batch: an array in a type [`Reader`] handles, or a scalar converted once.
 enum Column {
     Array(ArrayRef),
     Scalar(ScalarValue),
 }
 
 impl Column {
-    fn new(value: &ColumnarValue, param: PluginType) -> Result<Column> {
+    fn new(value: &ColumnarValue, param: UdfType) -> Result<Column> {
         Ok(match value {
             ColumnarValue::Array(array) => Column::Array(expected_array(array, param)?),
             ColumnarValue::Scalar(scalar) => {
-                let wanted = arrow_type(param);
                 let scalar = if is_readable(&scalar.data_type(), param) {
                     scalar.clone()
                 } else {
-                    scalar.cast_to(&wanted)?
+                    scalar.cast_to(&arrow_type(param))?
                 };
                 Column::Scalar(scalar)
             }
@@ -245,38 +256,31 @@ impl Column {
                 DataType::Int64 => Reader::Int(a.as_primitive::<Int64Type>()),
                 DataType::UInt64 => Reader::UInt(a.as_primitive::<UInt64Type>()),
                 DataType::Float64 => Reader::Double(a.as_primitive::<Float64Type>()),
+                DataType::Int32 => Reader::Int32(a.as_primitive::<Int32Type>()),
+                DataType::Float32 => Reader::Float32(a.as_primitive::<Float32Type>()),
+                DataType::Date32 => Reader::Date32(a.as_primitive::<Date32Type>()),
+                DataType::Timestamp(_, _) => {
+                    Reader::Timestamp(a.as_primitive::<TimestampMicrosecondType>())
+                }
                 DataType::Utf8 => Reader::Utf8(a.as_string::<i32>()),
                 DataType::LargeUtf8 => Reader::LargeUtf8(a.as_string::<i64>()),
+                DataType::Utf8View => Reader::Utf8View(a.as_string_view()),
+                DataType::Binary => Reader::Binary(a.as_binary::<i32>()),
+                DataType::LargeBinary => Reader::LargeBinary(a.as_binary::<i64>()),
                 // `expected_array` leaves no other type.
-                _ => Reader::Utf8View(a.as_string_view()),
+                _ => Reader::BinaryView(a.as_binary_view()),
             },
         }
     }
 }
 
-/// Whether a value of type `t` can be read as `param` without a cast.
-fn is_readable(t: &DataType, param: PluginType) -> bool {
-    match param {
-        PluginType::String => {
-            matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
-        }
-        _ => *t == arrow_type(param),
-    }
-}
-
 /// The array as a type [`Reader`] handles; planning coerces arguments already, so the cast is a
 /// fallback for callers that invoke the UDF directly.
-fn expected_array(array: &ArrayRef, param: PluginType) -> Result<ArrayRef> {
+fn expected_array(array: &ArrayRef, param: UdfType) -> Result<ArrayRef> {
     if is_readable(array.data_type(), param) {
         return Ok(Arc::clone(array));
     }
-    let target = coerce_argument(param, array.data_type()).unwrap_or_else(|| arrow_type(param));
-    let target = if is_readable(&target, param) {
-        target
-    } else {
-        arrow_type(param)
-    };
-    Ok(datafusion::arrow::compute::cast(array, &target)?)
+    Ok(datafusion::arrow::compute::cast(array, &arrow_type(param))?)
 }
 
 fn scalar_arg(s: &ScalarValue) -> Option<ArgRef<'_>> {
@@ -285,8 +289,15 @@ fn scalar_arg(s: &ScalarValue) -> Option<ArgRef<'_>> {
         ScalarValue::Int64(v) => v.map(ArgRef::Int),
         ScalarValue::UInt64(v) => v.map(ArgRef::UInt),
         ScalarValue::Float64(v) => v.map(ArgRef::Double),
+        ScalarValue::Int32(v) => v.map(ArgRef::Int32),
+        ScalarValue::Float32(v) => v.map(ArgRef::Float32),
+        ScalarValue::Date32(v) => v.map(ArgRef::Date32),
+        ScalarValue::TimestampMicrosecond(v, _) => v.map(ArgRef::Timestamp),
         ScalarValue::Utf8(v) | ScalarValue::LargeUtf8(v) | ScalarValue::Utf8View(v) => {
             v.as_deref().map(ArgRef::Str)
+        }
+        ScalarValue::Binary(v) | ScalarValue::LargeBinary(v) | ScalarValue::BinaryView(v) => {
+            v.as_deref().map(ArgRef::Bytes)
         }
         _ => None,
     }
@@ -299,9 +310,16 @@ enum Reader<'a> {
     Int(&'a Int64Array),
     UInt(&'a UInt64Array),
     Double(&'a Float64Array),
+    Int32(&'a Int32Array),
+    Float32(&'a Float32Array),
+    Date32(&'a Date32Array),
+    Timestamp(&'a TimestampMicrosecondArray),
     Utf8(&'a StringArray),
     LargeUtf8(&'a LargeStringArray),
     Utf8View(&'a StringViewArray),
+    Binary(&'a BinaryArray),
+    LargeBinary(&'a LargeBinaryArray),
+    BinaryView(&'a BinaryViewArray),
 }
 
 impl<'a> Reader<'a> {
@@ -322,9 +340,16 @@ impl<'a> Reader<'a> {
             Reader::Int(a) => read!(a, Int),
             Reader::UInt(a) => read!(a, UInt),
             Reader::Double(a) => read!(a, Double),
+            Reader::Int32(a) => read!(a, Int32),
+            Reader::Float32(a) => read!(a, Float32),
+            Reader::Date32(a) => read!(a, Date32),
+            Reader::Timestamp(a) => read!(a, Timestamp),
             Reader::Utf8(a) => read!(a, Str),
             Reader::LargeUtf8(a) => read!(a, Str),
             Reader::Utf8View(a) => read!(a, Str),
+            Reader::Binary(a) => read!(a, Bytes),
+            Reader::LargeBinary(a) => read!(a, Bytes),
+            Reader::BinaryView(a) => read!(a, Bytes),
         }
     }
 }
@@ -336,16 +361,28 @@ enum Output {
     UInt(UInt64Builder),
     Double(Float64Builder),
     Str(StringBuilder),
+    Int32(Int32Builder),
+    Float32(Float32Builder),
+    Bytes(BinaryBuilder),
+    Date32(Date32Builder),
+    Timestamp(TimestampMicrosecondBuilder),
 }
 
 impl Output {
-    fn new(t: PluginType, rows: usize) -> Output {
+    fn new(t: UdfType, rows: usize) -> Output {
         match t {
-            PluginType::Bool => Output::Bool(BooleanBuilder::with_capacity(rows)),
-            PluginType::Int => Output::Int(Int64Builder::with_capacity(rows)),
-            PluginType::UInt => Output::UInt(UInt64Builder::with_capacity(rows)),
-            PluginType::Double => Output::Double(Float64Builder::with_capacity(rows)),
-            PluginType::String => Output::Str(StringBuilder::with_capacity(rows, rows * 8)),
+            UdfType::Bool => Output::Bool(BooleanBuilder::with_capacity(rows)),
+            UdfType::Int64 => Output::Int(Int64Builder::with_capacity(rows)),
+            UdfType::UInt64 => Output::UInt(UInt64Builder::with_capacity(rows)),
+            UdfType::Float64 => Output::Double(Float64Builder::with_capacity(rows)),
+            UdfType::Utf8 => Output::Str(StringBuilder::with_capacity(rows, rows * 8)),
+            UdfType::Int32 => Output::Int32(Int32Builder::with_capacity(rows)),
+            UdfType::Float32 => Output::Float32(Float32Builder::with_capacity(rows)),
+            UdfType::Binary => Output::Bytes(BinaryBuilder::with_capacity(rows, rows * 8)),
+            UdfType::Date32 => Output::Date32(Date32Builder::with_capacity(rows)),
+            UdfType::TimestampMicros => Output::Timestamp(
+                TimestampMicrosecondBuilder::with_capacity(rows).with_timezone(TIMESTAMP_TZ),
+            ),
         }
     }
 
@@ -356,6 +393,11 @@ impl Output {
             Output::UInt(b) => b.append_null(),
             Output::Double(b) => b.append_null(),
             Output::Str(b) => b.append_null(),
+            Output::Int32(b) => b.append_null(),
+            Output::Float32(b) => b.append_null(),
+            Output::Bytes(b) => b.append_null(),
+            Output::Date32(b) => b.append_null(),
+            Output::Timestamp(b) => b.append_null(),
         }
     }
 
@@ -363,12 +405,18 @@ impl Output {
     /// here is a host bug, reported as an internal error rather than hidden.
     fn append(&mut self, value: Returned) -> Result<()> {
         match (self, value) {
+            (out, Returned::Null) => out.append_null(),
             (Output::Bool(b), Returned::Bool(v)) => b.append_value(v),
             (Output::Int(b), Returned::Int(v)) => b.append_value(v),
             (Output::UInt(b), Returned::UInt(v)) => b.append_value(v),
             (Output::Double(b), Returned::Double(v)) => b.append_value(v),
-            // The plugin's string is copied, then freed when `s` drops.
+            (Output::Int32(b), Returned::Int32(v)) => b.append_value(v),
+            (Output::Float32(b), Returned::Float32(v)) => b.append_value(v),
+            (Output::Date32(b), Returned::Date32(v)) => b.append_value(v),
+            (Output::Timestamp(b), Returned::Timestamp(v)) => b.append_value(v),
+            // The plugin's bytes are copied, then handed back to it when `s` drops.
             (Output::Str(b), Returned::Str(s)) => b.append_value(s.as_str()),
+            (Output::Bytes(b), Returned::Bytes(s)) => b.append_value(s.as_bytes()),
             _ => return internal_err!("plugin result does not match the output column"),
         }
         Ok(())
@@ -381,6 +429,11 @@ impl Output {
             Output::UInt(mut b) => Arc::new(b.finish()),
             Output::Double(mut b) => Arc::new(b.finish()),
             Output::Str(mut b) => Arc::new(b.finish()),
+            Output::Int32(mut b) => Arc::new(b.finish()),
+            Output::Float32(mut b) => Arc::new(b.finish()),
+            Output::Bytes(mut b) => Arc::new(b.finish()),
+            Output::Date32(mut b) => Arc::new(b.finish()),
+            Output::Timestamp(mut b) => Arc::new(b.finish()),
         }
     }
 }

@@ -265,15 +265,25 @@ async fn plugin_errors_become_sql_errors_naming_the_function() {
 }
 
 #[tokio::test]
-async fn a_string_with_a_nul_byte_is_a_clear_error() {
+async fn a_string_with_a_nul_byte_is_an_error_for_v1_and_data_for_v2() {
     let ctx = ctx_with_all();
+    // ABI v1 strings are NUL-terminated: an interior NUL cannot cross.
     let e = query_error(
         &ctx,
-        "SELECT str_len(s) FROM (VALUES (concat('a', chr(0), 'b'))) t(s)",
+        "SELECT repeat(s, 2) FROM (VALUES (concat('a', chr(0), 'b'))) t(s)",
     )
     .await;
-    assert!(e.contains("plugin function str_len"), "{e}");
+    assert!(e.contains("plugin function repeat"), "{e}");
     assert!(e.contains("argument 1 contains a NUL byte"), "{e}");
+    // ABI v2 strings are pointer + length: the NUL is an ordinary character.
+    assert_eq!(
+        rows(
+            &ctx,
+            "SELECT str_len(s) FROM (VALUES (concat('a', chr(0), 'b'))) t(s)"
+        )
+        .await,
+        expect(&[&["3"]])
+    );
 }
 
 #[tokio::test]
@@ -486,7 +496,8 @@ fn malformed_metadata_is_refused_with_the_reason() {
         MetadataError::UnknownTypeTag {
             function: "broken".into(),
             position: TypePosition::Argument(1),
-            tag: 77
+            tag: 77,
+            max: 4
         }
     );
     assert_eq!(
@@ -494,7 +505,8 @@ fn malformed_metadata_is_refused_with_the_reason() {
         MetadataError::UnknownTypeTag {
             function: "broken".into(),
             position: TypePosition::Return,
-            tag: 9
+            tag: 9,
+            max: 4
         }
     );
 }

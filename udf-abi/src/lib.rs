@@ -38,7 +38,41 @@
 //! * The entrypoint may be called from several threads at once: plugins must be thread-safe.
 //! * The entrypoint must not unwind: a Rust plugin catches panics with
 //!   [`std::panic::catch_unwind`] and reports them as [`PluginResult::Err`].
-#![forbid(unsafe_code)]
+//!
+//! # ABI v2 and the `#[udf]` macro
+//!
+//! [`v2`] is the versioned ABI: a handshake, a manifest of many functions, NULL-aware arguments,
+//! more types, pointer + length strings, and memory released by the plugin that allocated it. A
+//! plugin author writes plain Rust functions and lets [`udf`] write every export:
+//!
+//! ```
+//! use udf_abi::udf;
+//!
+//! #[udf]
+//! fn repeat(s: &str, n: u64) -> String {
+//!     s.repeat(n as usize)
+//! }
+//!
+//! #[udf(name = "safe_div")]
+//! fn divide(a: i64, b: i64) -> Result<i64, String> {
+//!     a.checked_div(b).ok_or_else(|| format!("cannot divide {a} by {b}"))
+//! }
+//! # fn main() {}
+//! ```
+//!
+//! Supported argument and result types: `bool`, `i32`, `i64`, `u64`, `f32`, `f64`, `&str` /
+//! `String`, `&[u8]` / `Vec<u8>` (SQL binary), [`Date`] (days since 1970-01-01, SQL `DATE`) and
+//! [`Timestamp`] (microseconds since the epoch in UTC, SQL `TIMESTAMP`); `Option<T>` arguments
+//! receive NULLs, `Option<T>` results may be NULL, `Result<T, E: Display>` errors and panics become
+//! SQL errors. Options: `#[udf(name = "sql_name", volatility = "immutable" | "stable" |
+//! "volatile")]`.
+#![deny(unsafe_code)]
+
+pub mod export;
+pub mod v2;
+
+pub use udf_abi_macros::udf;
+pub use v2::{Date, Timestamp};
 
 use std::ffi::c_char;
 

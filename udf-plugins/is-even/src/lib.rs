@@ -1,7 +1,8 @@
-//! ABI v1 example plugin: is_even(Int) -> Bool
+//! ABI v2 example plugin: is_even(Int) -> Bool
 
-udf_plugin_seed_kit::seed_plugin! {
-    fn is_even(x: i64) -> Result<bool, String> {
-        Ok(x % 2 == 0)
-    }
+use udf_abi::udf;
+
+#[udf]
+fn is_even(x: i64) -> bool {
+    x % 2 == 0
 }

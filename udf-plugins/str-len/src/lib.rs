@@ -1,7 +1,8 @@
-//! ABI v1 example plugin: str_len(String) -> UInt, the number of Unicode characters
+//! ABI v2 example plugin: str_len(String) -> UInt, the number of Unicode characters
 
-udf_plugin_seed_kit::seed_plugin! {
-    fn str_len(s: &str) -> Result<u64, String> {
-        Ok(s.chars().count() as u64)
-    }
+use udf_abi::udf;
+
+#[udf]
+fn str_len(s: &str) -> u64 {
+    s.chars().count() as u64
 }

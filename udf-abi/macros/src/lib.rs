@@ -1,0 +1,352 @@
+//! `#[udf]`: turns a plain Rust function into an exported ABI v2 plugin function.
+//!
+//! The generated code names the runtime as `::udf_abi::export`, so a plugin depends on `udf-abi`
+//! only. Every problem with the annotated function is a `syn::Error` pointing at it; the macro
+//! never panics.
+#![forbid(unsafe_code)]
+
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{format_ident, quote, quote_spanned};
+use syn::parse::Parser;
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::visit_mut::VisitMut;
+use syn::{
+    Error, Expr, ExprLit, FnArg, GenericArgument, ItemFn, Lit, Meta, PathArguments, ReturnType,
+    Token, Type,
+};
+
+/// Exports a function as an ABI v2 plugin function. See the `udf-abi` crate documentation.
+///
+/// ```ignore
+/// #[udf]
+/// fn repeat(s: &str, n: u64) -> String { s.repeat(n as usize) }
+///
+/// #[udf(name = "random_int", volatility = "volatile")]
+/// fn random() -> i64 { 4 }
+/// ```
+#[proc_macro_attribute]
+pub fn udf(attr: TokenStream, item: TokenStream) -> TokenStream {
+    match expand(attr.into(), item.into()) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+struct Options {
+    name: Option<String>,
+    volatility: u32,
+}
+
+fn parse_options(attr: TokenStream2) -> Result<Options, Error> {
+    let mut options = Options {
+        name: None,
+        volatility: 0,
+    };
+    let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(attr)?;
+    for meta in metas {
+        let Meta::NameValue(nv) = &meta else {
+            return Err(Error::new(
+                meta.span(),
+                "expected `name = \"...\"` or `volatility = \"immutable\" | \"stable\" | \"volatile\"`",
+            ));
+        };
+        let Expr::Lit(ExprLit {
+            lit: Lit::Str(value),
+            ..
+        }) = &nv.value
+        else {
+            return Err(Error::new(nv.value.span(), "expected a string literal"));
+        };
+        if nv.path.is_ident("name") {
+            let name = value.value();
+            if name.is_empty() || name.contains('\0') {
+                return Err(Error::new(
+                    value.span(),
+                    "the SQL name must be non-empty and contain no NUL byte",
+                ));
+            }
+            options.name = Some(name);
+        } else if nv.path.is_ident("volatility") {
+            options.volatility = match value.value().as_str() {
+                "immutable" => 0,
+                "stable" => 1,
+                "volatile" => 2,
+                other => {
+                    return Err(Error::new(
+                        value.span(),
+                        format!(
+                            "unknown volatility `{other}`: use \"immutable\", \"stable\" or \"volatile\""
+                        ),
+                    ));
+                }
+            };
+        } else {
+            return Err(Error::new(
+                nv.path.span(),
+                "unknown option: `#[udf]` takes `name` and `volatility`",
+            ));
+        }
+    }
+    Ok(options)
+}
+
+const SCALARS: &[&str] = &[
+    "bool",
+    "i32",
+    "i64",
+    "u64",
+    "f32",
+    "f64",
+    "String",
+    "Date",
+    "Timestamp",
+];
+const HINT: &str = "supported types are bool, i32, i64, u64, f32, f64, &str, String, &[u8], Vec<u8>, \
+                    udf_abi::Date, udf_abi::Timestamp, and Option<T> of these";
+
+fn last_segment(ty: &Type) -> Option<&syn::PathSegment> {
+    match ty {
+        Type::Path(p) if p.qself.is_none() => p.path.segments.last(),
+        _ => None,
+    }
+}
+
+fn single_generic(seg: &syn::PathSegment) -> Option<&Type> {
+    let PathArguments::AngleBracketed(args) = &seg.arguments else {
+        return None;
+    };
+    match args.args.first() {
+        Some(GenericArgument::Type(t)) if args.args.len() == 1 => Some(t),
+        _ => None,
+    }
+}
+
+/// A supported value type (not `Option`): `&str`, `&[u8]`, or one of [`SCALARS`] / `Vec<u8>`.
+/// `borrowed` allows the reference forms (arguments only).
+fn check_value(ty: &Type, borrowed: bool) -> Result<(), Error> {
+    match ty {
+        Type::Reference(r) => {
+            if r.mutability.is_some() {
+                return Err(Error::new(
+                    ty.span(),
+                    "mutable references are not supported",
+                ));
+            }
+            if !borrowed {
+                return Err(Error::new(
+                    ty.span(),
+                    "a function cannot return a reference: return String or Vec<u8>",
+                ));
+            }
+            let ok = match &*r.elem {
+                Type::Path(p) => p.path.is_ident("str"),
+                Type::Slice(s) => matches!(&*s.elem, Type::Path(p) if p.path.is_ident("u8")),
+                _ => false,
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::new(
+                    ty.span(),
+                    format!("unsupported reference type; {HINT}"),
+                ))
+            }
+        }
+        Type::Group(g) => check_value(&g.elem, borrowed),
+        Type::Paren(p) => check_value(&p.elem, borrowed),
+        _ => {
+            let Some(seg) = last_segment(ty) else {
+                return Err(Error::new(ty.span(), format!("unsupported type; {HINT}")));
+            };
+            let name = seg.ident.to_string();
+            if name == "Vec" {
+                return match single_generic(seg) {
+                    Some(Type::Path(p)) if p.path.is_ident("u8") => Ok(()),
+                    _ => Err(Error::new(
+                        ty.span(),
+                        format!("only Vec<u8> is supported; {HINT}"),
+                    )),
+                };
+            }
+            if SCALARS.contains(&name.as_str()) && seg.arguments.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::new(
+                    ty.span(),
+                    format!("unsupported type `{name}`; {HINT}"),
+                ))
+            }
+        }
+    }
+}
+
+/// `T` or `Option<T>` with `T` a supported value type.
+fn check_nullable(ty: &Type, borrowed: bool) -> Result<(), Error> {
+    if let Some(seg) = last_segment(ty)
+        && seg.ident == "Option"
+    {
+        return match single_generic(seg) {
+            Some(inner) => check_value(inner, borrowed),
+            None => Err(Error::new(ty.span(), "Option needs one type argument")),
+        };
+    }
+    check_value(ty, borrowed)
+}
+
+fn check_return(ty: &Type) -> Result<(), Error> {
+    if let Some(seg) = last_segment(ty)
+        && seg.ident == "Result"
+    {
+        let PathArguments::AngleBracketed(args) = &seg.arguments else {
+            return Err(Error::new(
+                ty.span(),
+                "Result needs its value and error types: Result<T, E>",
+            ));
+        };
+        return match args.args.first() {
+            Some(GenericArgument::Type(ok)) if args.args.len() == 2 => check_nullable(ok, false),
+            _ => Err(Error::new(ty.span(), "write Result<T, E> with E: Display")),
+        };
+    }
+    check_nullable(ty, false)
+}
+
+/// Replaces elided and anonymous lifetimes by `'static`, for use in `static` items.
+struct StaticLifetimes;
+
+impl VisitMut for StaticLifetimes {
+    fn visit_type_reference_mut(&mut self, r: &mut syn::TypeReference) {
+        let is_anonymous = r.lifetime.as_ref().is_none_or(|l| l.ident == "_");
+        if is_anonymous {
+            r.lifetime = Some(syn::Lifetime::new("'static", Span::call_site()));
+        }
+        syn::visit_mut::visit_type_reference_mut(self, r);
+    }
+}
+
+fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error> {
+    let options = parse_options(attr)?;
+    let function: ItemFn = syn::parse2(item)?;
+    let sig = &function.sig;
+    if let Some(t) = &sig.asyncness {
+        return Err(Error::new(t.span(), "#[udf] functions cannot be async"));
+    }
+    if let Some(t) = &sig.unsafety {
+        return Err(Error::new(t.span(), "#[udf] functions cannot be unsafe"));
+    }
+    if let Some(abi) = &sig.abi {
+        return Err(Error::new(
+            abi.span(),
+            "#[udf] writes the extern \"C\" export itself: remove the ABI",
+        ));
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        return Err(Error::new(
+            sig.generics.span(),
+            "#[udf] functions cannot be generic",
+        ));
+    }
+    if let Some(v) = &sig.variadic {
+        return Err(Error::new(v.span(), "#[udf] functions cannot be variadic"));
+    }
+    if sig.inputs.len() > 64 {
+        return Err(Error::new(
+            sig.inputs.span(),
+            "at most 64 arguments are supported",
+        ));
+    }
+
+    let mut arg_types = Vec::new();
+    for input in &sig.inputs {
+        match input {
+            FnArg::Receiver(r) => {
+                return Err(Error::new(r.span(), "#[udf] functions cannot take self"));
+            }
+            FnArg::Typed(pat) => {
+                check_nullable(&pat.ty, true)?;
+                arg_types.push((*pat.ty).clone());
+            }
+        }
+    }
+    let return_type: Type = match &sig.output {
+        ReturnType::Default => {
+            return Err(Error::new(
+                sig.ident.span(),
+                "#[udf] functions must return a value (a SQL function has a result)",
+            ));
+        }
+        ReturnType::Type(_, t) => {
+            check_return(t)?;
+            (**t).clone()
+        }
+    };
+
+    let ident = &sig.ident;
+    let sql_name = options.name.unwrap_or_else(|| ident.to_string());
+    let volatility = options.volatility;
+    let count = arg_types.len();
+    let static_types: Vec<Type> = arg_types
+        .iter()
+        .map(|t| {
+            let mut t = t.clone();
+            StaticLifetimes.visit_type_mut(&mut t);
+            t
+        })
+        .collect();
+    let mut static_return = return_type.clone();
+    StaticLifetimes.visit_type_mut(&mut static_return);
+    let names: Vec<_> = (0..count).map(|i| format_ident!("__udf_arg{i}")).collect();
+    let indices: Vec<usize> = (0..count).collect();
+    let conversions = arg_types.iter().zip(&names).zip(&indices).map(|((ty, name), i)| {
+        quote_spanned! {ty.span()=>
+            let #name: #ty = <#ty as ::udf_abi::export::FromUdfValue>::from_udf_value(&__udf_args[#i])
+                .map_err(|e| ::udf_abi::export::argument_error(#i, e))?;
+        }
+    });
+    let entry = format_ident!("__udf_row_{}", ident);
+
+    Ok(quote! {
+        #function
+
+        const _: () = {
+            static __UDF_ARG_TYPES: [u32; #count] =
+                [#(<#static_types as ::udf_abi::export::UdfArgType>::TYPE.tag()),*];
+            static __UDF_ARG_NULLABLE: [u8; #count] =
+                [#(<#static_types as ::udf_abi::export::UdfArgType>::NULLABLE as u8),*];
+
+            unsafe extern "C" fn #entry(
+                args: *const ::udf_abi::v2::UdfValue,
+                args_len: usize,
+                out: *mut ::udf_abi::v2::UdfValue,
+                error: *mut ::udf_abi::v2::UdfOwnedBytes,
+            ) -> i32 {
+                // SAFETY: the host calls this entrypoint with the guarantees of
+                // `udf_abi::export::call_row`: `args_len` valid arguments, writable `out` and
+                // `error`.
+                unsafe {
+                    ::udf_abi::export::call_row(args, args_len, #count, out, error, |__udf_args| {
+                        #(#conversions)*
+                        ::udf_abi::export::finish(#ident(#(#names),*))
+                    })
+                }
+            }
+
+            #[::udf_abi::export::linkme::distributed_slice(::udf_abi::export::FUNCTIONS)]
+            #[linkme(crate = ::udf_abi::export::linkme)]
+            static __UDF_FUNCTION: ::udf_abi::export::ExportedFunction =
+                ::udf_abi::export::ExportedFunction::new(
+                    #sql_name,
+                    &__UDF_ARG_TYPES,
+                    &__UDF_ARG_NULLABLE,
+                    <<#static_return as ::udf_abi::export::IntoUdfResult>::Value
+                        as ::udf_abi::export::UdfReturnType>::TYPE,
+                    <<#static_return as ::udf_abi::export::IntoUdfResult>::Value
+                        as ::udf_abi::export::UdfReturnType>::NULLABLE,
+                    #volatility,
+                    #entry,
+                );
+        };
+    })
+}

@@ -1,0 +1,453 @@
+//! ABI v2: versioned, many functions per library, NULL-aware, strings and binary as pointer +
+//! length, and memory released by whoever allocated it.
+//!
+//! A v2 library exports two functions with C linkage (the `#[udf]` macro writes both):
+//!
+//! ```c
+//! UdfAbiVersion    udfsql_abi_version(void);   // checked first, before anything else
+//! const UdfManifest *udfsql_manifest(void);    // every function of the library
+//! ```
+//!
+//! A library without `udfsql_abi_version` is a v1 (seed contract) library; so is a library whose
+//! manifest lists no function but which exports the v1 symbols (a v1 plugin built against this
+//! crate carries its empty v2 exports). A host refuses a library
+//! whose major version differs from [`ABI_MAJOR`]; a newer minor version may append fields to
+//! [`UdfManifest`] (the host reads only the first [`UdfAbiVersion::manifest_size`] bytes it knows).
+//!
+//! # Ownership
+//!
+//! * The manifest and everything it points to belong to the plugin and must stay valid while the
+//!   library is loaded (statics).
+//! * Arguments belong to the host and are valid only during the call; the plugin must not modify,
+//!   free or keep them.
+//! * A returned `Utf8`/`Binary` value and an error message are [`UdfOwnedBytes`] allocated by the
+//!   plugin. The host copies them and then hands them back through
+//!   [`UdfManifest::release_bytes`]; the host never frees plugin memory with its own allocator.
+//!
+//! # Calling rules
+//!
+//! * Values carry no type tag: their type is the one declared in the manifest.
+//! * An argument declared not nullable is never NULL: the host skips the row and yields NULL (the
+//!   STRICT rule). A nullable argument may arrive with `is_null = 1`.
+//! * A result with `is_null = 1` is SQL NULL; allowed only when the return is declared nullable.
+//! * Entrypoints may be called from several threads at once and must not unwind.
+
+use std::ffi::c_void;
+
+/// The ABI major version this crate describes. A host refuses libraries of another major.
+pub const ABI_MAJOR: u32 = 2;
+/// The ABI minor version this crate describes. Minors add fields at the end of the manifest.
+pub const ABI_MINOR: u32 = 0;
+/// `UdfAbiVersion udfsql_abi_version(void)`: the handshake.
+pub const SYMBOL_ABI_VERSION: &str = "udfsql_abi_version";
+/// `const UdfManifest *udfsql_manifest(void)`: the list of functions.
+pub const SYMBOL_MANIFEST: &str = "udfsql_manifest";
+
+/// The handshake answer. Returned by value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdfAbiVersion {
+    /// [`ABI_MAJOR`] of the `udf-abi` the library was built with.
+    pub major: u32,
+    /// [`ABI_MINOR`] of the `udf-abi` the library was built with.
+    pub minor: u32,
+    /// `sizeof(UdfManifest)` as the library was built.
+    pub manifest_size: usize,
+}
+
+impl UdfAbiVersion {
+    /// The version of this crate.
+    pub const CURRENT: UdfAbiVersion = UdfAbiVersion {
+        major: ABI_MAJOR,
+        minor: ABI_MINOR,
+        manifest_size: std::mem::size_of::<UdfManifest>(),
+    };
+}
+
+/// A value type. The tags 0 to 4 equal v1's [`PluginType`](crate::PluginType) tags.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UdfType {
+    /// `bool` (`UdfScalar::boolean`, 0 or 1); SQL `BOOLEAN`.
+    Bool = 0,
+    /// `i64` (`int64`); SQL `BIGINT`.
+    Int64 = 1,
+    /// `u64` (`uint64`); SQL `BIGINT UNSIGNED`.
+    UInt64 = 2,
+    /// `f64` (`float64`); SQL `DOUBLE`.
+    Float64 = 3,
+    /// UTF-8 bytes (`bytes`, not NUL-terminated; NUL bytes allowed); SQL `VARCHAR`.
+    Utf8 = 4,
+    /// `i32` (`int32`); SQL `INT`.
+    Int32 = 5,
+    /// `f32` (`float32`); SQL `REAL`.
+    Float32 = 6,
+    /// Bytes (`bytes`); SQL `BYTEA`.
+    Binary = 7,
+    /// Days since 1970-01-01 as `i32` (`int32`); SQL `DATE`. Rust: [`Date`].
+    Date32 = 8,
+    /// Microseconds since 1970-01-01T00:00:00 UTC as `i64` (`int64`); SQL `TIMESTAMP` in UTC.
+    /// Rust: [`Timestamp`].
+    TimestampMicros = 9,
+}
+
+impl UdfType {
+    /// Every type, in tag order.
+    pub const ALL: [UdfType; 10] = [
+        UdfType::Bool,
+        UdfType::Int64,
+        UdfType::UInt64,
+        UdfType::Float64,
+        UdfType::Utf8,
+        UdfType::Int32,
+        UdfType::Float32,
+        UdfType::Binary,
+        UdfType::Date32,
+        UdfType::TimestampMicros,
+    ];
+
+    /// The C tag.
+    pub const fn tag(self) -> u32 {
+        self as u32
+    }
+
+    /// The type with C tag `tag`, or `None` for a tag this ABI does not define.
+    pub const fn from_tag(tag: u32) -> Option<UdfType> {
+        if (tag as usize) < Self::ALL.len() {
+            Some(Self::ALL[tag as usize])
+        } else {
+            None
+        }
+    }
+
+    /// The name used in signatures and error messages.
+    pub const fn name(self) -> &'static str {
+        match self {
+            UdfType::Bool => "Bool",
+            UdfType::Int64 => "Int",
+            UdfType::UInt64 => "UInt",
+            UdfType::Float64 => "Double",
+            UdfType::Utf8 => "String",
+            UdfType::Int32 => "Int32",
+            UdfType::Float32 => "Float32",
+            UdfType::Binary => "Binary",
+            UdfType::Date32 => "Date",
+            UdfType::TimestampMicros => "Timestamp",
+        }
+    }
+}
+
+impl From<crate::PluginType> for UdfType {
+    fn from(t: crate::PluginType) -> Self {
+        match t {
+            crate::PluginType::Bool => UdfType::Bool,
+            crate::PluginType::Int => UdfType::Int64,
+            crate::PluginType::UInt => UdfType::UInt64,
+            crate::PluginType::Double => UdfType::Float64,
+            crate::PluginType::String => UdfType::Utf8,
+        }
+    }
+}
+
+impl std::fmt::Display for UdfType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Volatility tags for [`UdfFunction::volatility`].
+pub mod volatility {
+    /// Same result for the same arguments: may be evaluated once at planning time.
+    pub const IMMUTABLE: u32 = 0;
+    /// Same result within one query.
+    pub const STABLE: u32 = 1;
+    /// May differ on every call (random, clocks): never folded.
+    pub const VOLATILE: u32 = 2;
+}
+
+/// Borrowed bytes: `len` bytes at `ptr` (`ptr` may be dangling when `len` is 0).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct UdfBytes {
+    /// The first byte.
+    pub ptr: *const u8,
+    /// The number of bytes.
+    pub len: usize,
+}
+
+/// Bytes allocated by the plugin and handed to the host, which returns them through
+/// [`UdfManifest::release_bytes`] (never frees them itself). `capacity` is for the plugin's own
+/// bookkeeping (a Rust `Vec`'s capacity); the host passes it back unchanged.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct UdfOwnedBytes {
+    /// The first byte; null means "nothing to release".
+    pub ptr: *mut u8,
+    /// The number of bytes.
+    pub len: usize,
+    /// The allocation's capacity, as the plugin needs it to free.
+    pub capacity: usize,
+}
+
+impl UdfOwnedBytes {
+    /// Nothing.
+    pub const EMPTY: UdfOwnedBytes = UdfOwnedBytes {
+        ptr: std::ptr::null_mut(),
+        len: 0,
+        capacity: 0,
+    };
+}
+
+/// The payload of a [`UdfValue`]; which member is valid follows from the declared type.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub union UdfScalar {
+    /// `Bool`: 0 or 1.
+    pub boolean: u8,
+    /// `Int32`, `Date32`.
+    pub int32: i32,
+    /// `Int64`, `TimestampMicros`.
+    pub int64: i64,
+    /// `UInt64`.
+    pub uint64: u64,
+    /// `Float32`.
+    pub float32: f32,
+    /// `Float64`.
+    pub float64: f64,
+    /// `Utf8`, `Binary` arguments (borrowed from the host).
+    pub bytes: UdfBytes,
+    /// `Utf8`, `Binary` results (handed to the host, released through `release_bytes`).
+    pub owned: UdfOwnedBytes,
+}
+
+impl std::fmt::Debug for UdfScalar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UdfScalar { .. }")
+    }
+}
+
+/// One argument or result value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct UdfValue {
+    /// 1 for SQL NULL (then `value` is meaningless), else 0.
+    pub is_null: u8,
+    /// The value, of the declared type.
+    pub value: UdfScalar,
+}
+
+impl UdfValue {
+    /// A NULL value.
+    pub const NULL: UdfValue = UdfValue {
+        is_null: 1,
+        value: UdfScalar { int64: 0 },
+    };
+}
+
+/// Status codes of [`RowEntrypoint`].
+pub mod status {
+    /// `*out` holds the result.
+    pub const OK: i32 = 0;
+    /// `*error` holds a UTF-8 message (released through `release_bytes`).
+    pub const ERROR: i32 = 1;
+}
+
+/// Evaluates a function for one row.
+///
+/// * `args`: `args_len` values owned by the host, of the declared types, valid during the call.
+/// * `out`: where the plugin writes the result (a `Utf8`/`Binary` result in `value.owned`).
+/// * `error`: where the plugin writes an error message when it returns [`status::ERROR`].
+///
+/// Returns [`status::OK`] or [`status::ERROR`]; must not unwind.
+pub type RowEntrypoint = unsafe extern "C" fn(
+    args: *const UdfValue,
+    args_len: usize,
+    out: *mut UdfValue,
+    error: *mut UdfOwnedBytes,
+) -> i32;
+
+/// Releases bytes the plugin handed to the host (results and error messages).
+pub type ReleaseBytes = unsafe extern "C" fn(bytes: UdfOwnedBytes);
+
+/// One function of a v2 library. Everything it points to is static data of the plugin.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct UdfFunction {
+    /// The function's SQL name: UTF-8, not empty, unique within the library.
+    pub name: UdfBytes,
+    /// `args_len` [`UdfType`] tags; null only when `args_len` is 0.
+    pub arg_types: *const u32,
+    /// `args_len` flags: 1 when the argument receives NULLs, 0 for the STRICT rule. May be null
+    /// (no argument receives NULLs).
+    pub arg_nullable: *const u8,
+    /// The number of arguments, at most [`MAX_ARGS`](crate::MAX_ARGS).
+    pub args_len: usize,
+    /// The [`UdfType`] tag of the result.
+    pub return_type: u32,
+    /// 1 when the function may return NULL.
+    pub return_nullable: u8,
+    /// One of the [`volatility`] tags.
+    pub volatility: u32,
+    /// The row entrypoint; must not be null.
+    pub call_row: Option<RowEntrypoint>,
+    /// Reserved for the vectorized (Arrow C Data Interface) entrypoint; null in ABI 2.0.
+    pub call_batch: *const c_void,
+}
+
+/// What `udfsql_manifest` returns: every function of the library.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct UdfManifest {
+    /// `sizeof(UdfManifest)` as the library was built (equals the handshake's `manifest_size`).
+    pub size: usize,
+    /// `functions_len` functions; null only when `functions_len` is 0.
+    pub functions: *const UdfFunction,
+    /// The number of functions.
+    pub functions_len: usize,
+    /// Releases result bytes and error messages; must not be null.
+    pub release_bytes: Option<ReleaseBytes>,
+}
+
+/// A `DATE` for Rust plugins: days since 1970-01-01 (Arrow `Date32`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Date {
+    /// Days since 1970-01-01; negative before it.
+    pub days_since_epoch: i32,
+}
+
+impl Date {
+    /// The date `year-month-day` of the proleptic Gregorian calendar, if valid.
+    pub fn from_ymd(year: i32, month: u32, day: u32) -> Option<Date> {
+        if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
+            return None;
+        }
+        // Howard Hinnant's days_from_civil.
+        let y = i64::from(year) - i64::from(month <= 2);
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let m = i64::from(month);
+        let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146_097 + doe - 719_468;
+        i32::try_from(days).ok().map(|d| Date {
+            days_since_epoch: d,
+        })
+    }
+
+    /// `(year, month, day)` of this date.
+    pub fn to_ymd(self) -> (i32, u32, u32) {
+        // Howard Hinnant's civil_from_days.
+        let z = i64::from(self.days_since_epoch) + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
+        (year, month, day)
+    }
+}
+
+fn days_in_month(year: i32, month: u32) -> u32 {
+    match month {
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// A `TIMESTAMP` in UTC for Rust plugins: microseconds since 1970-01-01T00:00:00Z (Arrow
+/// `Timestamp(Microsecond, "UTC")`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp {
+    /// Microseconds since the Unix epoch; negative before it.
+    pub micros_since_epoch: i64,
+}
+
+impl Timestamp {
+    /// The timestamp of a [`std::time::SystemTime`], if it fits.
+    pub fn from_system_time(t: std::time::SystemTime) -> Option<Timestamp> {
+        let micros = match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_micros()).ok()?,
+            Err(e) => -i64::try_from(e.duration().as_micros()).ok()?,
+        };
+        Some(Timestamp {
+            micros_since_epoch: micros,
+        })
+    }
+
+    /// This timestamp as a [`std::time::SystemTime`].
+    pub fn to_system_time(self) -> std::time::SystemTime {
+        let magnitude = std::time::Duration::from_micros(self.micros_since_epoch.unsigned_abs());
+        if self.micros_since_epoch >= 0 {
+            std::time::UNIX_EPOCH + magnitude
+        } else {
+            std::time::UNIX_EPOCH - magnitude
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_round_trip_and_extend_v1() {
+        for t in UdfType::ALL {
+            assert_eq!(UdfType::from_tag(t.tag()), Some(t));
+        }
+        assert_eq!(UdfType::from_tag(10), None);
+        for t in crate::PluginType::ALL {
+            assert_eq!(UdfType::from(t).tag(), t.tag());
+        }
+    }
+
+    #[test]
+    fn dates_round_trip() {
+        assert_eq!(
+            Date::from_ymd(1970, 1, 1),
+            Some(Date {
+                days_since_epoch: 0
+            })
+        );
+        assert_eq!(
+            Date::from_ymd(2000, 3, 1).map(|d| d.days_since_epoch),
+            Some(11_017)
+        );
+        assert_eq!(
+            Date::from_ymd(1969, 12, 31).map(|d| d.days_since_epoch),
+            Some(-1)
+        );
+        assert_eq!(Date::from_ymd(2023, 2, 29), None);
+        for days in [-800_000, -1, 0, 59, 60, 11_017, 19_000, 2_932_896] {
+            let d = Date {
+                days_since_epoch: days,
+            };
+            let (y, m, dd) = d.to_ymd();
+            assert_eq!(Date::from_ymd(y, m, dd), Some(d), "{days}");
+        }
+    }
+
+    #[test]
+    fn timestamps_round_trip_through_system_time() {
+        for micros in [-1_000_000_123, -1, 0, 1, 1_700_000_000_000_000] {
+            let t = Timestamp {
+                micros_since_epoch: micros,
+            };
+            assert_eq!(Timestamp::from_system_time(t.to_system_time()), Some(t));
+        }
+    }
+
+    #[test]
+    fn layout() {
+        if std::mem::size_of::<usize>() == 8 {
+            assert_eq!(std::mem::size_of::<UdfValue>(), 32);
+            assert_eq!(std::mem::size_of::<UdfFunction>(), 72);
+            assert_eq!(std::mem::size_of::<UdfManifest>(), 32);
+            assert_eq!(std::mem::size_of::<UdfAbiVersion>(), 16);
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! ABI v2 example: one library exporting many functions that together use every supported type,
+//! NULL-taking and NULL-returning functions, errors, a panic and a volatile function.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use udf_abi::{Date, Timestamp, udf};
+
+/// `INT + INT`, an error on overflow.
+#[udf]
+fn add_i32(a: i32, b: i32) -> Result<i32, String> {
+    a.checked_add(b)
+        .ok_or_else(|| format!("integer overflow: {a} + {b}"))
+}
+
+/// Half of a `REAL`.
+#[udf]
+fn half_f32(x: f32) -> f32 {
+    x / 2.0
+}
+
+/// Logical negation.
+#[udf]
+fn negate(b: bool) -> bool {
+    !b
+}
+
+/// The number of bytes of a binary value.
+#[udf]
+fn byte_len(bytes: &[u8]) -> i64 {
+    bytes.len() as i64
+}
+
+/// The bytes in reverse order.
+#[udf]
+fn reverse_bytes(bytes: Vec<u8>) -> Vec<u8> {
+    bytes.into_iter().rev().collect()
+}
+
+/// Lower-case hexadecimal of a binary value.
+#[udf]
+fn hex_bytes(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Upper-cases a string (takes an owned `String`).
+#[udf]
+fn shout(s: String) -> String {
+    s.to_uppercase() + "!"
+}
+
+/// `date + n days`, an error outside the `DATE` range.
+#[udf]
+fn add_days(d: Date, days: i32) -> Result<Date, String> {
+    d.days_since_epoch
+        .checked_add(days)
+        .map(|days_since_epoch| Date { days_since_epoch })
+        .ok_or_else(|| "date out of range".to_string())
+}
+
+/// ISO weekday of a date: 1 = Monday .. 7 = Sunday.
+#[udf]
+fn iso_weekday(d: Date) -> i32 {
+    // 1970-01-01 was a Thursday (4).
+    (d.days_since_epoch + 3).rem_euclid(7) + 1
+}
+
+/// The year of a date.
+#[udf]
+fn year_of(d: Date) -> i32 {
+    d.to_ymd().0
+}
+
+/// `timestamp + seconds`, an error on overflow.
+#[udf]
+fn add_seconds(t: Timestamp, seconds: i64) -> Result<Timestamp, String> {
+    seconds
+        .checked_mul(1_000_000)
+        .and_then(|us| t.micros_since_epoch.checked_add(us))
+        .map(|micros_since_epoch| Timestamp { micros_since_epoch })
+        .ok_or_else(|| "timestamp out of range".to_string())
+}
+
+/// Microseconds since the epoch of a timestamp.
+#[udf]
+fn epoch_micros(t: Timestamp) -> i64 {
+    t.micros_since_epoch
+}
+
+/// Sees NULLs: the length of a string, or -1 for NULL; NULL for the empty string.
+#[udf]
+fn coalesce_len(s: Option<&str>) -> Option<i64> {
+    match s {
+        None => Some(-1),
+        Some("") => None,
+        Some(s) => Some(s.chars().count() as i64),
+    }
+}
+
+/// NULL for the empty string, the string otherwise.
+#[udf]
+fn null_if_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// Panics with the given message (to show that a panic becomes a SQL error).
+#[udf]
+fn boom(message: &str) -> i64 {
+    panic!("boom: {message}")
+}
+
+/// A volatile function: a different number on every call (never constant-folded).
+#[udf(name = "next_id", volatility = "volatile")]
+fn counter() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Byte length of a string in UTF-8 (strings cross as pointer + length, NUL bytes included).
+#[udf]
+fn utf8_len(s: &str) -> u64 {
+    s.len() as u64
+}
