@@ -178,10 +178,13 @@ impl ScalarUDFImpl for PluginUdf {
                 args.args.len()
             );
         }
+        // All-scalar arguments give one scalar result, unless the function is volatile: then
+        // every row gets its own call (`random()`-like functions, nullary ones included).
         let all_scalar = args
             .args
             .iter()
-            .all(|a| matches!(a, ColumnarValue::Scalar(_)));
+            .all(|a| matches!(a, ColumnarValue::Scalar(_)))
+            && self.signature.volatility != Volatility::Volatile;
         let rows = if all_scalar { 1 } else { args.number_rows };
 
         let columns = args

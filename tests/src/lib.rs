@@ -3,9 +3,9 @@
 //! and small query helpers.
 //!
 //! `cargo test --workspace` does not produce `cdylib` files, so the first test that needs one runs
-//! `cargo build --workspace` into the same target directory. Every dependency of this crate is a
-//! normal one, so that build resolves the same features as the test build and reuses its
-//! artifacts.
+//! `cargo build --workspace --lib --bins --tests` into the same target directory: building the
+//! test targets too makes cargo resolve the same features as `cargo test` (dev-dependencies
+//! included), so the build reuses the test build's artifacts instead of compiling a second set.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
@@ -32,7 +32,8 @@ pub fn profile_dir() -> PathBuf {
     deps.parent().expect("deps has a parent").to_path_buf()
 }
 
-/// Runs `cargo build --workspace` once per test binary and returns `target/<profile>`.
+/// Runs `cargo build --workspace --lib --bins --tests` once per test binary and returns
+/// `target/<profile>`.
 pub fn build_workspace() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -41,7 +42,14 @@ pub fn build_workspace() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_string());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace_root())
-            .args(["build", "--workspace", "--target-dir"])
+            .args([
+                "build",
+                "--workspace",
+                "--lib",
+                "--bins",
+                "--tests",
+                "--target-dir",
+            ])
             .arg(&target);
         if profile.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
@@ -85,9 +93,10 @@ pub fn example_plugin_dir() -> &'static Path {
     })
 }
 
-/// The example plugin packages (without the `udf-plugin-` prefix).
-pub const EXAMPLE_PLUGINS: [&str; 7] = [
-    "repeat", "square", "safe-div", "hypot", "str-len", "is-even", "choose",
+/// The example plugin packages (without the `udf-plugin-` prefix): `repeat` is the hand-written
+/// v1 seed example, the others use `#[udf]` (ABI v2); `toolbox` has many functions.
+pub const EXAMPLE_PLUGINS: [&str; 8] = [
+    "repeat", "square", "safe-div", "hypot", "str-len", "is-even", "choose", "toolbox",
 ];
 
 /// `target/udf-fixtures`: where tests put the libraries they make.
@@ -156,6 +165,15 @@ pub fn misbehaving(case: &str) -> PathBuf {
     c_library(
         &format!("misbehaving_{}", case.to_lowercase()),
         "misbehaving.c",
+        &[case],
+    )
+}
+
+/// A v2 library from `misbehaving_v2.c` compiled with `-D<case>`.
+pub fn misbehaving_v2(case: &str) -> PathBuf {
+    c_library(
+        &format!("misbehaving_v2_{}", case.to_lowercase()),
+        "misbehaving_v2.c",
         &[case],
     )
 }

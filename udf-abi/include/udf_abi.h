@@ -4,6 +4,8 @@
  * The same layout as the Rust crate `udf-abi`; the test suite compiles a C plugin against this
  * header and runs it through the engine, and checks the sizes below from both sides.
  *
+ * Two ABIs: v1 (the seed contract, below) and v2 (further down).
+ *
  * ABI v1 (the seed contract). A v1 plugin library exports exactly:
  *
  *     PluginMetadata plugin_metadata(void);
@@ -87,6 +89,123 @@ typedef struct PluginResult {
 /* The two symbols of a v1 library. */
 PluginMetadata plugin_metadata(void);
 PluginResult plugin_entrypoint(const PluginValue *args, size_t args_len);
+
+/* ============================================================================================
+ * ABI v2: versioned, many functions per library, NULL-aware, pointer + length strings, and
+ * memory released by whoever allocated it. A v2 library exports exactly:
+ *
+ *     UdfAbiVersion      udfsql_abi_version(void);   -- checked first
+ *     const UdfManifest *udfsql_manifest(void);      -- every function of the library
+ *
+ * A library without udfsql_abi_version is a v1 library. A host refuses a library whose major
+ * version differs from its own; a newer minor version may only append fields to UdfManifest.
+ *
+ * Ownership, pointer by pointer:
+ *   - The manifest, every UdfFunction, their names, arg_types and arg_nullable arrays: owned by
+ *     the plugin, static, valid while the library is loaded. The host never frees them.
+ *   - args (and the bytes every Utf8/Binary argument points to): owned by the host, valid only
+ *     during the call. The plugin must not modify, free or keep them.
+ *   - A Utf8/Binary result (out->value.owned) and an error message (*error): allocated by the
+ *     plugin and handed to the host, which copies them and then passes them back, unchanged,
+ *     to the manifest's release_bytes. The host never frees plugin memory itself.
+ *
+ * Calling rules:
+ *   - A value has no type tag: its type is the declared one.
+ *   - An argument whose arg_nullable flag is 0 is never NULL (the host skips the row: STRICT).
+ *   - A result with is_null = 1 is SQL NULL; only allowed when return_nullable is 1.
+ *   - Entrypoints may run on several threads at once; they must be thread-safe.
+ * ============================================================================================ */
+
+#define UDF_ABI_MAJOR 2
+#define UDF_ABI_MINOR 0
+
+/* Value types. Tags 0..4 equal v1's PluginType. */
+typedef enum UdfType {
+    UDF_TYPE_BOOL = 0,             /* value.boolean: 0 or 1 */
+    UDF_TYPE_INT64 = 1,            /* value.int64 */
+    UDF_TYPE_UINT64 = 2,           /* value.uint64 */
+    UDF_TYPE_FLOAT64 = 3,          /* value.float64 */
+    UDF_TYPE_UTF8 = 4,             /* value.bytes (argument) / value.owned (result); UTF-8, no NUL
+                                      terminator, NUL bytes allowed */
+    UDF_TYPE_INT32 = 5,            /* value.int32 */
+    UDF_TYPE_FLOAT32 = 6,          /* value.float32 */
+    UDF_TYPE_BINARY = 7,           /* value.bytes / value.owned */
+    UDF_TYPE_DATE32 = 8,           /* value.int32: days since 1970-01-01 */
+    UDF_TYPE_TIMESTAMP_MICROS = 9  /* value.int64: microseconds since the epoch, UTC */
+} UdfType;
+
+#define UDF_VOLATILITY_IMMUTABLE 0 /* same result for the same arguments: may be folded */
+#define UDF_VOLATILITY_STABLE 1    /* same result within one query */
+#define UDF_VOLATILITY_VOLATILE 2  /* may change on every call: never folded */
+
+#define UDF_STATUS_OK 0            /* *out holds the result */
+#define UDF_STATUS_ERROR 1         /* *error holds a UTF-8 message */
+
+typedef struct UdfAbiVersion {
+    uint32_t major;                /* UDF_ABI_MAJOR the library was built with */
+    uint32_t minor;                /* UDF_ABI_MINOR the library was built with */
+    size_t manifest_size;          /* sizeof(UdfManifest) as the library was built */
+} UdfAbiVersion;
+
+/* Borrowed bytes: len bytes at ptr (ptr may be anything when len is 0). */
+typedef struct UdfBytes {
+    const uint8_t *ptr;
+    size_t len;
+} UdfBytes;
+
+/* Bytes the plugin allocated and hands to the host; the host gives them back, unchanged, to
+ * release_bytes. capacity is for the plugin's own bookkeeping. ptr NULL means nothing. */
+typedef struct UdfOwnedBytes {
+    uint8_t *ptr;
+    size_t len;
+    size_t capacity;
+} UdfOwnedBytes;
+
+typedef union UdfScalar {
+    uint8_t boolean;
+    int32_t int32;
+    int64_t int64;
+    uint64_t uint64;
+    float float32;
+    double float64;
+    UdfBytes bytes;                /* Utf8/Binary arguments: owned by the host */
+    UdfOwnedBytes owned;           /* Utf8/Binary results: owned by the plugin until released */
+} UdfScalar;
+
+typedef struct UdfValue {
+    uint8_t is_null;               /* 1 for SQL NULL (value is then meaningless) */
+    UdfScalar value;
+} UdfValue;
+
+/* Evaluates one row. args: args_len host-owned values of the declared types. out, error: where
+ * the plugin writes the result, or an error message when it returns UDF_STATUS_ERROR. */
+typedef int32_t (*UdfRowEntrypoint)(const UdfValue *args, size_t args_len, UdfValue *out,
+                                    UdfOwnedBytes *error);
+
+/* Gives back bytes the plugin handed to the host (results and error messages). */
+typedef void (*UdfReleaseBytes)(UdfOwnedBytes bytes);
+
+typedef struct UdfFunction {
+    UdfBytes name;                 /* UTF-8, not empty, unique in the library; static */
+    const uint32_t *arg_types;     /* args_len UdfType tags; NULL only if args_len == 0; static */
+    const uint8_t *arg_nullable;   /* args_len flags (1 = receives NULLs); NULL = none; static */
+    size_t args_len;               /* at most UDF_ABI_MAX_ARGS */
+    uint32_t return_type;          /* a UdfType tag */
+    uint8_t return_nullable;       /* 1 if the function may return NULL */
+    uint32_t volatility;           /* UDF_VOLATILITY_* */
+    UdfRowEntrypoint call_row;     /* must not be NULL */
+    const void *call_batch;        /* reserved for the vectorized entrypoint; NULL in v2.0 */
+} UdfFunction;
+
+typedef struct UdfManifest {
+    size_t size;                   /* sizeof(UdfManifest) as built */
+    const UdfFunction *functions;  /* functions_len entries; static */
+    size_t functions_len;
+    UdfReleaseBytes release_bytes; /* must not be NULL */
+} UdfManifest;
+
+UdfAbiVersion udfsql_abi_version(void);
+const UdfManifest *udfsql_manifest(void);
 
 #ifdef __cplusplus
 }

@@ -19,7 +19,7 @@ use syn::{
 
 /// Exports a function as an ABI v2 plugin function. See the `udf-abi` crate documentation.
 ///
-/// ```ignore
+/// ```text
 /// #[udf]
 /// fn repeat(s: &str, n: u64) -> String { s.repeat(n as usize) }
 ///
@@ -47,8 +47,8 @@ fn parse_options(attr: TokenStream2) -> Result<Options, Error> {
     let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(attr)?;
     for meta in metas {
         let Meta::NameValue(nv) = &meta else {
-            return Err(Error::new(
-                meta.span(),
+            return Err(Error::new_spanned(
+                meta,
                 "expected `name = \"...\"` or `volatility = \"immutable\" | \"stable\" | \"volatile\"`",
             ));
         };
@@ -57,13 +57,13 @@ fn parse_options(attr: TokenStream2) -> Result<Options, Error> {
             ..
         }) = &nv.value
         else {
-            return Err(Error::new(nv.value.span(), "expected a string literal"));
+            return Err(Error::new_spanned(&nv.value, "expected a string literal"));
         };
         if nv.path.is_ident("name") {
             let name = value.value();
             if name.is_empty() || name.contains('\0') {
-                return Err(Error::new(
-                    value.span(),
+                return Err(Error::new_spanned(
+                    value,
                     "the SQL name must be non-empty and contain no NUL byte",
                 ));
             }
@@ -74,8 +74,8 @@ fn parse_options(attr: TokenStream2) -> Result<Options, Error> {
                 "stable" => 1,
                 "volatile" => 2,
                 other => {
-                    return Err(Error::new(
-                        value.span(),
+                    return Err(Error::new_spanned(
+                        value,
                         format!(
                             "unknown volatility `{other}`: use \"immutable\", \"stable\" or \"volatile\""
                         ),
@@ -83,8 +83,8 @@ fn parse_options(attr: TokenStream2) -> Result<Options, Error> {
                 }
             };
         } else {
-            return Err(Error::new(
-                nv.path.span(),
+            return Err(Error::new_spanned(
+                &nv.path,
                 "unknown option: `#[udf]` takes `name` and `volatility`",
             ));
         }
@@ -129,14 +129,14 @@ fn check_value(ty: &Type, borrowed: bool) -> Result<(), Error> {
     match ty {
         Type::Reference(r) => {
             if r.mutability.is_some() {
-                return Err(Error::new(
-                    ty.span(),
+                return Err(Error::new_spanned(
+                    ty,
                     "mutable references are not supported",
                 ));
             }
             if !borrowed {
-                return Err(Error::new(
-                    ty.span(),
+                return Err(Error::new_spanned(
+                    ty,
                     "a function cannot return a reference: return String or Vec<u8>",
                 ));
             }
@@ -148,8 +148,8 @@ fn check_value(ty: &Type, borrowed: bool) -> Result<(), Error> {
             if ok {
                 Ok(())
             } else {
-                Err(Error::new(
-                    ty.span(),
+                Err(Error::new_spanned(
+                    ty,
                     format!("unsupported reference type; {HINT}"),
                 ))
             }
@@ -158,14 +158,14 @@ fn check_value(ty: &Type, borrowed: bool) -> Result<(), Error> {
         Type::Paren(p) => check_value(&p.elem, borrowed),
         _ => {
             let Some(seg) = last_segment(ty) else {
-                return Err(Error::new(ty.span(), format!("unsupported type; {HINT}")));
+                return Err(Error::new_spanned(ty, format!("unsupported type; {HINT}")));
             };
             let name = seg.ident.to_string();
             if name == "Vec" {
                 return match single_generic(seg) {
                     Some(Type::Path(p)) if p.path.is_ident("u8") => Ok(()),
-                    _ => Err(Error::new(
-                        ty.span(),
+                    _ => Err(Error::new_spanned(
+                        ty,
                         format!("only Vec<u8> is supported; {HINT}"),
                     )),
                 };
@@ -173,8 +173,8 @@ fn check_value(ty: &Type, borrowed: bool) -> Result<(), Error> {
             if SCALARS.contains(&name.as_str()) && seg.arguments.is_empty() {
                 Ok(())
             } else {
-                Err(Error::new(
-                    ty.span(),
+                Err(Error::new_spanned(
+                    ty,
                     format!("unsupported type `{name}`; {HINT}"),
                 ))
             }
@@ -189,7 +189,7 @@ fn check_nullable(ty: &Type, borrowed: bool) -> Result<(), Error> {
     {
         return match single_generic(seg) {
             Some(inner) => check_value(inner, borrowed),
-            None => Err(Error::new(ty.span(), "Option needs one type argument")),
+            None => Err(Error::new_spanned(ty, "Option needs one type argument")),
         };
     }
     check_value(ty, borrowed)
@@ -200,14 +200,14 @@ fn check_return(ty: &Type) -> Result<(), Error> {
         && seg.ident == "Result"
     {
         let PathArguments::AngleBracketed(args) = &seg.arguments else {
-            return Err(Error::new(
-                ty.span(),
+            return Err(Error::new_spanned(
+                ty,
                 "Result needs its value and error types: Result<T, E>",
             ));
         };
         return match args.args.first() {
             Some(GenericArgument::Type(ok)) if args.args.len() == 2 => check_nullable(ok, false),
-            _ => Err(Error::new(ty.span(), "write Result<T, E> with E: Display")),
+            _ => Err(Error::new_spanned(ty, "write Result<T, E> with E: Display")),
         };
     }
     check_nullable(ty, false)
@@ -231,29 +231,29 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
     let function: ItemFn = syn::parse2(item)?;
     let sig = &function.sig;
     if let Some(t) = &sig.asyncness {
-        return Err(Error::new(t.span(), "#[udf] functions cannot be async"));
+        return Err(Error::new_spanned(t, "#[udf] functions cannot be async"));
     }
     if let Some(t) = &sig.unsafety {
-        return Err(Error::new(t.span(), "#[udf] functions cannot be unsafe"));
+        return Err(Error::new_spanned(t, "#[udf] functions cannot be unsafe"));
     }
     if let Some(abi) = &sig.abi {
-        return Err(Error::new(
-            abi.span(),
+        return Err(Error::new_spanned(
+            abi,
             "#[udf] writes the extern \"C\" export itself: remove the ABI",
         ));
     }
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        return Err(Error::new(
-            sig.generics.span(),
+        return Err(Error::new_spanned(
+            &sig.generics,
             "#[udf] functions cannot be generic",
         ));
     }
     if let Some(v) = &sig.variadic {
-        return Err(Error::new(v.span(), "#[udf] functions cannot be variadic"));
+        return Err(Error::new_spanned(v, "#[udf] functions cannot be variadic"));
     }
     if sig.inputs.len() > 64 {
-        return Err(Error::new(
-            sig.inputs.span(),
+        return Err(Error::new_spanned(
+            &sig.inputs,
             "at most 64 arguments are supported",
         ));
     }
@@ -262,7 +262,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
     for input in &sig.inputs {
         match input {
             FnArg::Receiver(r) => {
-                return Err(Error::new(r.span(), "#[udf] functions cannot take self"));
+                return Err(Error::new_spanned(r, "#[udf] functions cannot take self"));
             }
             FnArg::Typed(pat) => {
                 check_nullable(&pat.ty, true)?;
@@ -272,8 +272,8 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
     }
     let return_type: Type = match &sig.output {
         ReturnType::Default => {
-            return Err(Error::new(
-                sig.ident.span(),
+            return Err(Error::new_spanned(
+                &sig.ident,
                 "#[udf] functions must return a value (a SQL function has a result)",
             ));
         }
