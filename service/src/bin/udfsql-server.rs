@@ -1,0 +1,76 @@
+//! `udfsql-server`: SQL with plugin functions over HTTP. See the `udf_service` crate docs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use udf_service::{AppState, Config, OutputFormat};
+
+/// Serve SQL with plugin functions over HTTP: POST /query, GET /functions, GET /health.
+#[derive(Debug, Parser)]
+#[command(name = "udfsql-server", version)]
+struct Args {
+    /// Load every shared library in DIR at start-up (repeatable). Requests cannot load libraries.
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Register a CSV, Parquet or NDJSON file as a table (repeatable): NAME=FILE.
+    #[arg(long = "table", value_name = "NAME=FILE", value_parser = parse_table)]
+    tables: Vec<(String, PathBuf)>,
+    /// Answer format when a request does not choose (`?format=` or an Accept header).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
+    format: OutputFormat,
+    /// Longest a query may run, in seconds.
+    #[arg(long, default_value_t = 30)]
+    time_limit_secs: u64,
+    /// Memory one query may use, in MiB.
+    #[arg(long, default_value_t = 512)]
+    memory_limit_mib: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    max_body: usize,
+}
+
+fn parse_table(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, file) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=FILE, got `{s}`"))?;
+    if name.is_empty() || file.is_empty() {
+        return Err(format!("expected NAME=FILE, got `{s}`"));
+    }
+    Ok((name.to_string(), PathBuf::from(file)))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("UDFSQL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let config = Config {
+        plugin_dirs: args.plugin_dirs,
+        tables: args.tables,
+        format: args.format,
+        time_limit: Duration::from_secs(args.time_limit_secs),
+        memory_limit: args.memory_limit_mib * 1024 * 1024,
+        max_body: args.max_body,
+    };
+    let state = AppState::new(config).await?;
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "udfsql-server listening");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down: finishing requests in flight");
+    };
+    udf_service::serve(listener, udf_service::router(state), shutdown).await?;
+    Ok(())
+}
