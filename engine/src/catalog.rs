@@ -33,6 +33,8 @@ pub struct PluginFunctionInfo {
     pub abi: String,
     /// `immutable`, `stable` or `volatile`.
     pub volatility: String,
+    /// `batch` (Arrow C Data Interface, once per batch) or `row` (once per row).
+    pub call_path: String,
 }
 
 fn volatility_name(v: Volatility) -> &'static str {
@@ -57,6 +59,7 @@ pub fn plugin_functions_of(functions: &HashMap<String, Arc<ScalarUDF>>) -> Vec<P
                 library: plugin.function().library().path().display().to_string(),
                 abi: plugin.function().library().abi().to_string(),
                 volatility: volatility_name(plugin.volatility()).to_string(),
+                call_path: plugin.call_path().to_string(),
             })
         })
         .collect();
@@ -76,7 +79,8 @@ pub struct PluginFunctionsTable {
 }
 
 impl PluginFunctionsTable {
-    /// The table's columns: `name, signature, library_function, library, abi, volatility`.
+    /// The table's columns: `name, signature, library_function, library, abi, volatility,
+    /// call_path`.
     pub fn new() -> Self {
         let field = |name| Field::new(name, DataType::Utf8, false);
         PluginFunctionsTable {
@@ -87,6 +91,7 @@ impl PluginFunctionsTable {
                 field("library"),
                 field("abi"),
                 field("volatility"),
+                field("call_path"),
             ])),
         }
     }
@@ -128,6 +133,7 @@ impl TableProvider for PluginFunctionsTable {
                 column(|i| &i.library),
                 column(|i| &i.abi),
                 column(|i| &i.volatility),
+                column(|i| &i.call_path),
             ],
         )?;
         Ok(MemorySourceConfig::try_new_exec(

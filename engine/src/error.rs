@@ -209,6 +209,10 @@ pub enum CallError {
     /// The plugin returned NULL from a function declared not to.
     #[error("the plugin returned NULL, but the function is declared never to return NULL")]
     UnexpectedNull,
+    /// The batch entrypoint's result is unusable (wrong length or type, invalid buffers,
+    /// undeclared NULLs, no release callback).
+    #[error("batch call: {0}")]
+    Batch(String),
     /// The plugin's status code is neither OK nor ERROR.
     #[error("the plugin returned an invalid status code {0}")]
     InvalidStatus(i32),

@@ -11,13 +11,17 @@
 //! pointers, or never terminates a returned string. See the README's Safety section.
 
 use std::ffi::{CStr, c_char};
+use std::mem::ManuallyDrop;
 use std::mem::{align_of, offset_of, size_of};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use datafusion::arrow::array::{Array, ArrayRef, make_array};
+use datafusion::arrow::ffi::{FFI_ArrowArray, FFI_ArrowSchema, from_ffi_and_data_type};
 use udf_abi::v2::{
-    self, ReleaseBytes, RowEntrypoint, UdfAbiVersion, UdfBytes, UdfFunction, UdfManifest,
-    UdfOwnedBytes, UdfScalar, UdfType, UdfValue,
+    self, BatchEntrypoint, ReleaseBytes, RowEntrypoint, UdfAbiVersion, UdfBytes, UdfFunction,
+    UdfManifest, UdfOwnedBytes, UdfScalar, UdfType, UdfValue,
 };
 use udf_abi::{MAX_ARGS, PluginMetadata, PluginResult, PluginType, PluginValue};
 
@@ -169,6 +173,7 @@ enum Entrypoints {
     V2 {
         release: ReleaseBytes,
         rows: Vec<RowEntrypoint>,
+        batches: Vec<Option<BatchEntrypoint>>,
     },
 }
 
@@ -182,8 +187,22 @@ pub struct PluginLibrary {
     abi: Abi,
     functions: Vec<FunctionSignature>,
     entrypoints: Entrypoints,
-    // Declared last: dropped (dlclose) after everything that points into it.
-    _library: dlopen2::raw::Library,
+    /// Set once a batch entrypoint returned an array: arrays the plugin made may outlive every
+    /// function of the library (in a query's result), and their `release` callbacks are plugin
+    /// code, so such a library is never unmapped.
+    produced_arrays: AtomicBool,
+    library: ManuallyDrop<dlopen2::raw::Library>,
+}
+
+impl Drop for PluginLibrary {
+    fn drop(&mut self) {
+        if !self.produced_arrays.load(Ordering::Acquire) {
+            // SAFETY: dropped exactly once, here; no function pointer of this library is used
+            // after its `PluginLibrary` is gone (every user holds an `Arc` of it), and it made no
+            // array whose `release` callback could still run.
+            unsafe { ManuallyDrop::drop(&mut self.library) };
+        }
+    }
 }
 
 impl std::fmt::Debug for PluginLibrary {
@@ -241,7 +260,8 @@ impl PluginLibrary {
             abi,
             functions,
             entrypoints,
-            _library: library,
+            produced_arrays: AtomicBool::new(false),
+            library: ManuallyDrop::new(library),
         }))
     }
 
@@ -345,8 +365,11 @@ impl PluginLibrary {
         };
         let mut functions = Vec::with_capacity(len);
         let mut rows = Vec::with_capacity(len);
+        let mut batches = Vec::with_capacity(len);
         for entry in entries {
             let (signature, row) = validate_function(entry).map_err(invalid)?;
+            // `call_batch` is reserved (null) in ABI 2.0 and defined from 2.1 on.
+            batches.push(entry.call_batch.filter(|_| found.minor >= 1));
             if functions
                 .iter()
                 .any(|f: &FunctionSignature| f.name == signature.name)
@@ -361,7 +384,11 @@ impl PluginLibrary {
         Ok(Some((
             Abi::V2 { minor: found.minor },
             functions,
-            Entrypoints::V2 { release, rows },
+            Entrypoints::V2 {
+                release,
+                rows,
+                batches,
+            },
         )))
     }
 
@@ -809,6 +836,119 @@ impl PluginFunction {
         &self.library
     }
 
+    /// Whether the function has a batch (Arrow C Data Interface) entrypoint.
+    pub fn has_batch(&self) -> bool {
+        self.batch_entrypoint().is_some()
+    }
+
+    fn batch_entrypoint(&self) -> Option<BatchEntrypoint> {
+        match &self.library.entrypoints {
+            Entrypoints::V2 { batches, .. } => batches[self.index],
+            Entrypoints::V1(_) => None,
+        }
+    }
+
+    /// Calls the batch entrypoint over whole columns: `args` are the argument arrays (of types
+    /// the plugin reads: the declared type's canonical Arrow type, or another string/binary
+    /// layout) with a flag for length-1 arrays that stand for every row. The result is checked:
+    /// length, type, buffers (offsets, UTF-8), and NULLs only where declared or where an argument
+    /// is NULL.
+    pub fn call_batch(
+        &self,
+        args: &[(ArrayRef, bool)],
+        num_rows: usize,
+    ) -> Result<ArrayRef, CallError> {
+        let Some(entrypoint) = self.batch_entrypoint() else {
+            return Err(CallError::Batch(
+                "the function has no batch entrypoint".into(),
+            ));
+        };
+        let Entrypoints::V2 { release, .. } = &self.library.entrypoints else {
+            return Err(CallError::Batch(
+                "the function has no batch entrypoint".into(),
+            ));
+        };
+        let signature = self.signature();
+        if args.len() != signature.arg_types.len() {
+            return Err(CallError::ArgumentCount {
+                expected: signature.arg_types.len(),
+                found: args.len(),
+            });
+        }
+        let mut arrays = Vec::with_capacity(args.len());
+        let mut schemas = Vec::with_capacity(args.len());
+        let mut scalar_flags = Vec::with_capacity(args.len());
+        for (array, scalar) in args {
+            let data = array.to_data();
+            schemas.push(
+                FFI_ArrowSchema::try_from(data.data_type())
+                    .map_err(|e| CallError::Batch(format!("cannot export an argument: {e}")))?,
+            );
+            arrays.push(FFI_ArrowArray::new(&data));
+            scalar_flags.push(u8::from(*scalar));
+        }
+        let mut out = FFI_ArrowArray::empty();
+        let mut error = UdfOwnedBytes::EMPTY;
+        // SAFETY: the entrypoint belongs to `self.library`, alive while we hold the Arc. The
+        // arrays, schemas and flags are `args.len()` valid C Data Interface structs the plugin
+        // may move out (it leaves released ones, which drop as no-ops; arrays it left in place
+        // are released when `arrays` drops); `out` and `error` are valid for writes.
+        let status = unsafe {
+            entrypoint(
+                arrays.as_mut_ptr(),
+                schemas.as_ptr(),
+                scalar_flags.as_ptr(),
+                args.len(),
+                num_rows,
+                &mut out,
+                &mut error,
+            )
+        };
+        drop(arrays);
+        match status {
+            v2::status::OK => {}
+            v2::status::ERROR => {
+                if error.ptr.is_null() {
+                    return Err(CallError::NullErrorMessage);
+                }
+                let message = take_v2_bytes(error, *release)?;
+                return Err(CallError::Plugin(
+                    String::from_utf8_lossy(message.as_bytes()).into_owned(),
+                ));
+            }
+            other => return Err(CallError::InvalidStatus(other)),
+        }
+        if out.is_released() {
+            return Err(CallError::Batch(
+                "the result array has a null release callback".into(),
+            ));
+        }
+        // From here on the array's buffers belong to plugin code: keep the library mapped.
+        self.library.produced_arrays.store(true, Ordering::Release);
+        if out.len() != num_rows {
+            // Dropping `out` releases it through the plugin's callback.
+            return Err(CallError::Batch(format!(
+                "the result has {} rows, {num_rows} expected",
+                out.len()
+            )));
+        }
+        let expected_type = crate::types::arrow_type(signature.return_type);
+        // SAFETY: a non-released array the plugin produced per the C Data Interface; it is
+        // imported with the declared type and fully validated before anything reads it.
+        let data = unsafe { from_ffi_and_data_type(out, expected_type.clone()) }
+            .map_err(|e| CallError::Batch(format!("the result cannot be imported: {e}")))?;
+        data.validate_full().map_err(|e| {
+            CallError::Batch(format!(
+                "the result is not a valid {expected_type} array: {e}"
+            ))
+        })?;
+        let result = make_array(data);
+        if !signature.return_nullable {
+            check_nulls_follow_arguments(&result, args)?;
+        }
+        Ok(result)
+    }
+
     /// Calls the function for one row. `args` must match the declared types, and be
     /// [`ArgRef::Null`] only where the argument takes NULLs (checked).
     pub fn call_row(
@@ -825,7 +965,7 @@ impl PluginFunction {
         }
         match &self.library.entrypoints {
             Entrypoints::V1(entrypoint) => self.call_v1(*entrypoint, scratch, args),
-            Entrypoints::V2 { release, rows } => {
+            Entrypoints::V2 { release, rows, .. } => {
                 self.call_v2(rows[self.index], *release, scratch, args)
             }
         }
@@ -1033,4 +1173,43 @@ impl PluginFunction {
             UdfType::Binary => Returned::Bytes(take_v2_bytes(unsafe { v.owned }, release)?),
         })
     }
+}
+
+/// A function declared never to return NULL may return NULL only in rows where an argument is
+/// NULL (the STRICT rule).
+fn check_nulls_follow_arguments(
+    result: &ArrayRef,
+    args: &[(ArrayRef, bool)],
+) -> Result<(), CallError> {
+    use datafusion::arrow::buffer::{BooleanBuffer, NullBuffer};
+    let Some(result_nulls) = result.logical_nulls() else {
+        return Ok(());
+    };
+    let len = result.len();
+    let mut arg_nulls = Vec::new();
+    for (array, scalar) in args {
+        let nulls = array.logical_nulls();
+        if *scalar {
+            if array.is_null(0) {
+                return Ok(());
+            }
+        } else if let Some(nulls) = nulls {
+            if nulls.len() != len {
+                return Ok(());
+            }
+            arg_nulls.push(nulls);
+        }
+    }
+    // Rows where every argument is valid.
+    let args_valid: BooleanBuffer = NullBuffer::union_many(arg_nulls.iter().map(Some))
+        .map_or_else(|| BooleanBuffer::new_set(len), |n| n.inner().clone());
+    let both_valid = &args_valid & result_nulls.inner();
+    let unexplained = args_valid.count_set_bits() - both_valid.count_set_bits();
+    if unexplained > 0 {
+        return Err(CallError::Batch(format!(
+            "the result has {unexplained} NULL(s) in rows without a NULL argument, but the \
+             function is declared never to return NULL"
+        )));
+    }
+    Ok(())
 }

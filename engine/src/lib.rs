@@ -39,4 +39,4 @@ pub use register::{
     Registration, SessionContextExt, libraries_in, register_function, register_library,
     register_plugin,
 };
-pub use udf::PluginUdf;
+pub use udf::{CallPath, PluginUdf};

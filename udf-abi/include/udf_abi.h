@@ -117,7 +117,37 @@ PluginResult plugin_entrypoint(const PluginValue *args, size_t args_len);
  * ============================================================================================ */
 
 #define UDF_ABI_MAJOR 2
-#define UDF_ABI_MINOR 0
+#define UDF_ABI_MINOR 1   /* 2.1 defines UdfFunction.call_batch */
+
+/* The Arrow C Data Interface (https://arrow.apache.org/docs/format/CDataInterface.html), for the
+ * batch entrypoint. */
+#ifndef ARROW_C_DATA_INTERFACE
+#define ARROW_C_DATA_INTERFACE
+struct ArrowSchema {
+    const char *format;
+    const char *name;
+    const char *metadata;
+    int64_t flags;
+    int64_t n_children;
+    struct ArrowSchema **children;
+    struct ArrowSchema *dictionary;
+    void (*release)(struct ArrowSchema *);
+    void *private_data;
+};
+
+struct ArrowArray {
+    int64_t length;
+    int64_t null_count;
+    int64_t offset;
+    int64_t n_buffers;
+    int64_t n_children;
+    const void **buffers;
+    struct ArrowArray **children;
+    struct ArrowArray *dictionary;
+    void (*release)(struct ArrowArray *);
+    void *private_data;
+};
+#endif /* ARROW_C_DATA_INTERFACE */
 
 /* Value types. Tags 0..4 equal v1's PluginType. */
 typedef enum UdfType {
@@ -185,6 +215,24 @@ typedef int32_t (*UdfRowEntrypoint)(const UdfValue *args, size_t args_len, UdfVa
 /* Gives back bytes the plugin handed to the host (results and error messages). */
 typedef void (*UdfReleaseBytes)(UdfOwnedBytes bytes);
 
+/* ABI 2.1: evaluates a function over whole columns.
+ *   args:          args_len arrays MOVED to the plugin (C Data Interface move semantics: the
+ *                  plugin copies the struct and sets the original's release to NULL, then calls
+ *                  release when done). The host releases any array left in place after the call.
+ *                  Types: the declared type's canonical Arrow type (String may also be large_utf8
+ *                  or utf8_view, Binary large_binary or binary_view: see arg_schemas).
+ *   arg_schemas:   args_len schemas, borrowed (owned by the host) for the call.
+ *   arg_is_scalar: args_len flags; 1 = a one-row array standing for every row.
+ *   num_rows:      rows to compute.
+ *   out:           the plugin writes an array of num_rows rows of the declared return type; the
+ *                  host owns it from then on and calls its release (plugin code) when done. The
+ *                  host validates length, buffers, UTF-8 and NULLs against the declaration.
+ *   error:         message for UDF_STATUS_ERROR, released through release_bytes. */
+typedef int32_t (*UdfBatchEntrypoint)(struct ArrowArray *args, const struct ArrowSchema *arg_schemas,
+                                      const uint8_t *arg_is_scalar, size_t args_len,
+                                      size_t num_rows, struct ArrowArray *out,
+                                      UdfOwnedBytes *error);
+
 typedef struct UdfFunction {
     UdfBytes name;                 /* UTF-8, not empty, unique in the library; static */
     const uint32_t *arg_types;     /* args_len UdfType tags; NULL only if args_len == 0; static */
@@ -194,7 +242,7 @@ typedef struct UdfFunction {
     uint8_t return_nullable;       /* 1 if the function may return NULL */
     uint32_t volatility;           /* UDF_VOLATILITY_* */
     UdfRowEntrypoint call_row;     /* must not be NULL */
-    const void *call_batch;        /* reserved for the vectorized entrypoint; NULL in v2.0 */
+    UdfBatchEntrypoint call_batch; /* optional (NULL: rows only); ignored in 2.0 libraries */
 } UdfFunction;
 
 typedef struct UdfManifest {

@@ -13,8 +13,9 @@ use std::sync::OnceLock;
 pub use linkme;
 
 use crate::v2::{
-    Date, RowEntrypoint, Timestamp, UdfAbiVersion, UdfBytes, UdfFunction, UdfManifest,
-    UdfOwnedBytes, UdfScalar, UdfType, UdfValue, status,
+    BatchEntrypoint, Date, FFI_ArrowArray, FFI_ArrowSchema, RowEntrypoint, Timestamp,
+    UdfAbiVersion, UdfBytes, UdfFunction, UdfManifest, UdfOwnedBytes, UdfScalar, UdfType, UdfValue,
+    status,
 };
 
 /// A function descriptor in the library's distributed slice.
@@ -37,6 +38,7 @@ impl ExportedFunction {
         return_nullable: bool,
         volatility: u32,
         call_row: RowEntrypoint,
+        call_batch: BatchEntrypoint,
     ) -> ExportedFunction {
         ExportedFunction(UdfFunction {
             name: UdfBytes {
@@ -50,7 +52,7 @@ impl ExportedFunction {
             return_nullable: return_nullable as u8,
             volatility,
             call_row: Some(call_row),
-            call_batch: std::ptr::null(),
+            call_batch: Some(call_batch),
         })
     }
 }
@@ -132,6 +134,8 @@ pub trait UdfReturnType {
     const NULLABLE: bool = false;
     /// Converts into a value handed to the host.
     fn into_udf_value(self) -> Result<UdfValue, String>;
+    /// Appends to a batch result column of type [`Self::TYPE`].
+    fn append_to(self, out: &mut batch::Output) -> Result<(), String>;
 }
 
 /// A function's return: a value, or `Result<value, E: Display>`.
@@ -187,6 +191,15 @@ macro_rules! scalar {
             fn into_udf_value(self) -> Result<UdfValue, String> {
                 Ok(value(UdfScalar { $field: self }))
             }
+            fn append_to(self, out: &mut batch::Output) -> Result<(), String> {
+                match out {
+                    batch::Output::$udf(b) => {
+                        b.append_value(self);
+                        Ok(())
+                    }
+                    _ => Err(batch::MISMATCH.to_string()),
+                }
+            }
         }
     };
 }
@@ -216,6 +229,15 @@ impl UdfReturnType for bool {
             boolean: self as u8,
         }))
     }
+    fn append_to(self, out: &mut batch::Output) -> Result<(), String> {
+        match out {
+            batch::Output::Bool(b) => {
+                b.append_value(self);
+                Ok(())
+            }
+            _ => Err(batch::MISMATCH.to_string()),
+        }
+    }
 }
 
 impl UdfArgType for Date {
@@ -237,6 +259,15 @@ impl UdfReturnType for Date {
             int32: self.days_since_epoch,
         }))
     }
+    fn append_to(self, out: &mut batch::Output) -> Result<(), String> {
+        match out {
+            batch::Output::Date32(b) => {
+                b.append_value(self.days_since_epoch);
+                Ok(())
+            }
+            _ => Err(batch::MISMATCH.to_string()),
+        }
+    }
 }
 
 impl UdfArgType for Timestamp {
@@ -257,6 +288,15 @@ impl UdfReturnType for Timestamp {
         Ok(value(UdfScalar {
             int64: self.micros_since_epoch,
         }))
+    }
+    fn append_to(self, out: &mut batch::Output) -> Result<(), String> {
+        match out {
+            batch::Output::TimestampMicros(b) => {
+                b.append_value(self.micros_since_epoch);
+                Ok(())
+            }
+            _ => Err(batch::MISMATCH.to_string()),
+        }
     }
 }
 
@@ -297,6 +337,15 @@ impl UdfReturnType for String {
             owned: owned_bytes(self.into_bytes()),
         }))
     }
+    fn append_to(self, out: &mut batch::Output) -> Result<(), String> {
+        match out {
+            batch::Output::Utf8(b) => {
+                b.append_value(self);
+                Ok(())
+            }
+            _ => Err(batch::MISMATCH.to_string()),
+        }
+    }
 }
 impl UdfArgType for &[u8] {
     const TYPE: UdfType = UdfType::Binary;
@@ -321,6 +370,15 @@ impl UdfReturnType for Vec<u8> {
             owned: owned_bytes(self),
         }))
     }
+    fn append_to(self, out: &mut batch::Output) -> Result<(), String> {
+        match out {
+            batch::Output::Binary(b) => {
+                b.append_value(self);
+                Ok(())
+            }
+            _ => Err(batch::MISMATCH.to_string()),
+        }
+    }
 }
 
 impl<T: UdfArgType> UdfArgType for Option<T> {
@@ -343,6 +401,15 @@ impl<T: UdfReturnType> UdfReturnType for Option<T> {
         match self {
             None => Ok(UdfValue::NULL),
             Some(v) => v.into_udf_value(),
+        }
+    }
+    fn append_to(self, out: &mut batch::Output) -> Result<(), String> {
+        match self {
+            None => {
+                out.append_null();
+                Ok(())
+            }
+            Some(v) => v.append_to(out),
         }
     }
 }
@@ -435,4 +502,440 @@ pub unsafe fn call_row(
     // SAFETY: `error` is non-null and valid for writes (the caller's promise).
     unsafe { error.write(owned_bytes(message.into_bytes())) };
     status::ERROR
+}
+
+pub mod batch {
+    //! The batch entrypoint's runtime: import the argument arrays, run the row loop inside the
+    //! plugin (or a vectorised kernel for primitive functions), export the result.
+
+    use std::sync::Arc;
+
+    pub use arrow_array::ArrayRef;
+    use arrow_array::builder::{
+        BinaryBuilder, BooleanBuilder, Date32Builder, Float32Builder, Float64Builder, Int32Builder,
+        Int64Builder, StringBuilder, TimestampMicrosecondBuilder, UInt64Builder,
+    };
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{
+        ArrowPrimitiveType, Date32Type, Float32Type, Float64Type, Int32Type, Int64Type,
+        TimestampMicrosecondType, UInt64Type,
+    };
+    use arrow_array::{Array, PrimitiveArray, make_array};
+    use arrow_buffer::NullBuffer;
+    use arrow_schema::DataType;
+
+    use super::*;
+
+    pub(super) const MISMATCH: &str = "result type does not match the output column";
+
+    /// One imported argument column; `scalar` columns have one row standing for all.
+    #[derive(Debug)]
+    pub struct Column {
+        array: ArrayRef,
+        scalar: bool,
+    }
+
+    impl Column {
+        #[inline]
+        fn index(&self, row: usize) -> usize {
+            if self.scalar { 0 } else { row }
+        }
+    }
+
+    /// A Rust argument type read from a column.
+    pub trait BatchArg<'a>: Sized {
+        /// Row `row`: `Ok(None)` means SQL NULL for an argument that does not take NULLs (the
+        /// row's result is NULL without a call).
+        fn read(column: &'a Column, row: usize) -> Result<Option<Self>, String>;
+    }
+
+    fn type_error(column: &Column, wanted: &str) -> String {
+        format!(
+            "expected {wanted}, got an array of type {}",
+            column.array.data_type()
+        )
+    }
+
+    macro_rules! primitive_arg {
+        ($rust:ty, $arrow:ty, $dt:pat, $wrap:expr) => {
+            impl BatchArg<'_> for $rust {
+                #[inline]
+                fn read(column: &Column, row: usize) -> Result<Option<Self>, String> {
+                    if !matches!(column.array.data_type(), $dt) {
+                        return Err(type_error(column, stringify!($rust)));
+                    }
+                    let array = column.array.as_primitive::<$arrow>();
+                    let i = column.index(row);
+                    Ok(if array.is_null(i) {
+                        None
+                    } else {
+                        Some($wrap(array.value(i)))
+                    })
+                }
+            }
+        };
+    }
+    primitive_arg!(i32, Int32Type, DataType::Int32, |v| v);
+    primitive_arg!(i64, Int64Type, DataType::Int64, |v| v);
+    primitive_arg!(u64, UInt64Type, DataType::UInt64, |v| v);
+    primitive_arg!(f32, Float32Type, DataType::Float32, |v| v);
+    primitive_arg!(f64, Float64Type, DataType::Float64, |v| v);
+    primitive_arg!(Date, Date32Type, DataType::Date32, |days_since_epoch| {
+        Date { days_since_epoch }
+    });
+    primitive_arg!(
+        Timestamp,
+        TimestampMicrosecondType,
+        DataType::Timestamp(arrow_schema::TimeUnit::Microsecond, _),
+        |micros_since_epoch| Timestamp { micros_since_epoch }
+    );
+
+    impl BatchArg<'_> for bool {
+        #[inline]
+        fn read(column: &Column, row: usize) -> Result<Option<Self>, String> {
+            let Some(array) = column.array.as_boolean_opt() else {
+                return Err(type_error(column, "Boolean"));
+            };
+            let i = column.index(row);
+            Ok(if array.is_null(i) {
+                None
+            } else {
+                Some(array.value(i))
+            })
+        }
+    }
+
+    impl<'a> BatchArg<'a> for &'a str {
+        #[inline]
+        fn read(column: &'a Column, row: usize) -> Result<Option<Self>, String> {
+            let i = column.index(row);
+            let a = &column.array;
+            if a.is_null(i) {
+                return Ok(None);
+            }
+            Ok(Some(match a.data_type() {
+                DataType::Utf8 => a.as_string::<i32>().value(i),
+                DataType::LargeUtf8 => a.as_string::<i64>().value(i),
+                DataType::Utf8View => a.as_string_view().value(i),
+                _ => return Err(type_error(column, "a string")),
+            }))
+        }
+    }
+
+    impl BatchArg<'_> for String {
+        #[inline]
+        fn read(column: &Column, row: usize) -> Result<Option<Self>, String> {
+            Ok(<&str>::read(column, row)?.map(str::to_string))
+        }
+    }
+
+    impl<'a> BatchArg<'a> for &'a [u8] {
+        #[inline]
+        fn read(column: &'a Column, row: usize) -> Result<Option<Self>, String> {
+            let i = column.index(row);
+            let a = &column.array;
+            if a.is_null(i) {
+                return Ok(None);
+            }
+            Ok(Some(match a.data_type() {
+                DataType::Binary => a.as_binary::<i32>().value(i),
+                DataType::LargeBinary => a.as_binary::<i64>().value(i),
+                DataType::BinaryView => a.as_binary_view().value(i),
+                _ => return Err(type_error(column, "binary")),
+            }))
+        }
+    }
+
+    impl BatchArg<'_> for Vec<u8> {
+        #[inline]
+        fn read(column: &Column, row: usize) -> Result<Option<Self>, String> {
+            Ok(<&[u8]>::read(column, row)?.map(<[u8]>::to_vec))
+        }
+    }
+
+    impl<'a, T: BatchArg<'a>> BatchArg<'a> for Option<T> {
+        #[inline]
+        fn read(column: &'a Column, row: usize) -> Result<Option<Self>, String> {
+            Ok(Some(T::read(column, row)?))
+        }
+    }
+
+    /// The result column under construction.
+    #[derive(Debug)]
+    pub enum Output {
+        /// Boolean.
+        Bool(BooleanBuilder),
+        /// Int64.
+        Int64(Int64Builder),
+        /// UInt64.
+        UInt64(UInt64Builder),
+        /// Float64.
+        Float64(Float64Builder),
+        /// Utf8.
+        Utf8(StringBuilder),
+        /// Int32.
+        Int32(Int32Builder),
+        /// Float32.
+        Float32(Float32Builder),
+        /// Binary.
+        Binary(BinaryBuilder),
+        /// Date32.
+        Date32(Date32Builder),
+        /// Timestamp(µs, UTC).
+        TimestampMicros(TimestampMicrosecondBuilder),
+    }
+
+    impl Output {
+        fn new(t: UdfType, rows: usize) -> Output {
+            match t {
+                UdfType::Bool => Output::Bool(BooleanBuilder::with_capacity(rows)),
+                UdfType::Int64 => Output::Int64(Int64Builder::with_capacity(rows)),
+                UdfType::UInt64 => Output::UInt64(UInt64Builder::with_capacity(rows)),
+                UdfType::Float64 => Output::Float64(Float64Builder::with_capacity(rows)),
+                UdfType::Utf8 => Output::Utf8(StringBuilder::with_capacity(rows, rows * 16)),
+                UdfType::Int32 => Output::Int32(Int32Builder::with_capacity(rows)),
+                UdfType::Float32 => Output::Float32(Float32Builder::with_capacity(rows)),
+                UdfType::Binary => Output::Binary(BinaryBuilder::with_capacity(rows, rows * 16)),
+                UdfType::Date32 => Output::Date32(Date32Builder::with_capacity(rows)),
+                UdfType::TimestampMicros => Output::TimestampMicros(
+                    TimestampMicrosecondBuilder::with_capacity(rows).with_timezone("UTC"),
+                ),
+            }
+        }
+
+        /// Appends NULL.
+        pub fn append_null(&mut self) {
+            match self {
+                Output::Bool(b) => b.append_null(),
+                Output::Int64(b) => b.append_null(),
+                Output::UInt64(b) => b.append_null(),
+                Output::Float64(b) => b.append_null(),
+                Output::Utf8(b) => b.append_null(),
+                Output::Int32(b) => b.append_null(),
+                Output::Float32(b) => b.append_null(),
+                Output::Binary(b) => b.append_null(),
+                Output::Date32(b) => b.append_null(),
+                Output::TimestampMicros(b) => b.append_null(),
+            }
+        }
+
+        fn finish(self) -> ArrayRef {
+            match self {
+                Output::Bool(mut b) => Arc::new(b.finish()),
+                Output::Int64(mut b) => Arc::new(b.finish()),
+                Output::UInt64(mut b) => Arc::new(b.finish()),
+                Output::Float64(mut b) => Arc::new(b.finish()),
+                Output::Utf8(mut b) => Arc::new(b.finish()),
+                Output::Int32(mut b) => Arc::new(b.finish()),
+                Output::Float32(mut b) => Arc::new(b.finish()),
+                Output::Binary(mut b) => Arc::new(b.finish()),
+                Output::Date32(mut b) => Arc::new(b.finish()),
+                Output::TimestampMicros(mut b) => Arc::new(b.finish()),
+            }
+        }
+    }
+
+    /// Appends a function's return (value, `Option`, or `Result`) to the output.
+    #[inline]
+    pub fn append<R: IntoUdfResult>(out: &mut Output, result: R) -> Result<(), String> {
+        result.into_udf_result()?.append_to(out)
+    }
+
+    /// A primitive Rust type with an Arrow primitive type, for the vectorised kernels.
+    pub trait Native: arrow_buffer::ArrowNativeType + Send + Sync + 'static {
+        /// The Arrow type.
+        type Arrow: ArrowPrimitiveType<Native = Self>;
+    }
+    impl Native for i32 {
+        type Arrow = Int32Type;
+    }
+    impl Native for i64 {
+        type Arrow = Int64Type;
+    }
+    impl Native for u64 {
+        type Arrow = UInt64Type;
+    }
+    impl Native for f32 {
+        type Arrow = Float32Type;
+    }
+    impl Native for f64 {
+        type Arrow = Float64Type;
+    }
+
+    fn primitive<A: Native>(column: &Column) -> Result<&PrimitiveArray<A::Arrow>, String> {
+        column
+            .array
+            .as_primitive_opt::<A::Arrow>()
+            .ok_or_else(|| type_error(column, std::any::type_name::<A>()))
+    }
+
+    /// `f` over one primitive column with no row loop: the compiler can vectorise it. NULL slots
+    /// are computed too and masked by the validity bitmap, so `f` must be total (a panic falls
+    /// back to the row loop, which calls `f` on valid rows only).
+    pub fn unary<A: Native, R: Native>(
+        columns: &[Column],
+        rows: usize,
+        f: impl Fn(A) -> R,
+    ) -> Result<ArrayRef, String> {
+        let a = primitive::<A>(&columns[0])?;
+        if columns[0].scalar {
+            let v = if a.is_null(0) {
+                None
+            } else {
+                Some(f(a.value(0)))
+            };
+            return Ok(Arc::new(PrimitiveArray::<R::Arrow>::from_iter(
+                std::iter::repeat_n(v, rows),
+            )));
+        }
+        Ok(Arc::new(a.unary::<_, R::Arrow>(f)))
+    }
+
+    /// `f` over two primitive columns (either may be a scalar) with no row loop; see [`unary`].
+    pub fn binary<A: Native, B: Native, R: Native>(
+        columns: &[Column],
+        rows: usize,
+        f: impl Fn(A, B) -> R,
+    ) -> Result<ArrayRef, String> {
+        let a = primitive::<A>(&columns[0])?;
+        let b = primitive::<B>(&columns[1])?;
+        match (columns[0].scalar, columns[1].scalar) {
+            (false, false) => {
+                let nulls = NullBuffer::union(a.nulls(), b.nulls());
+                let values: Vec<R> = a
+                    .values()
+                    .iter()
+                    .zip(b.values().iter())
+                    .map(|(&x, &y)| f(x, y))
+                    .collect();
+                Ok(Arc::new(PrimitiveArray::<R::Arrow>::new(
+                    values.into(),
+                    nulls,
+                )))
+            }
+            (false, true) => {
+                if b.is_null(0) {
+                    return Ok(Arc::new(PrimitiveArray::<R::Arrow>::new_null(rows)));
+                }
+                let y = b.value(0);
+                Ok(Arc::new(a.unary::<_, R::Arrow>(|x| f(x, y))))
+            }
+            (true, false) => {
+                if a.is_null(0) {
+                    return Ok(Arc::new(PrimitiveArray::<R::Arrow>::new_null(rows)));
+                }
+                let x = a.value(0);
+                Ok(Arc::new(b.unary::<_, R::Arrow>(|y| f(x, y))))
+            }
+            (true, true) => {
+                let v = (!a.is_null(0) && !b.is_null(0)).then(|| f(a.value(0), b.value(0)));
+                Ok(Arc::new(PrimitiveArray::<R::Arrow>::from_iter(
+                    std::iter::repeat_n(v, rows),
+                )))
+            }
+        }
+    }
+
+    /// A whole-batch evaluation: columns and row count in, result array out.
+    pub type Kernel<'a> = dyn Fn(&[Column], usize) -> Result<ArrayRef, String> + 'a;
+
+    /// The row loop inside the plugin: `row(columns, i, out)` appends row `i`'s result.
+    pub fn rows(
+        columns: &[Column],
+        rows: usize,
+        return_type: UdfType,
+        mut row: impl FnMut(&[Column], usize, &mut Output) -> Result<(), String>,
+    ) -> Result<ArrayRef, String> {
+        let mut out = Output::new(return_type, rows);
+        for i in 0..rows {
+            row(columns, i, &mut out)?;
+        }
+        Ok(out.finish())
+    }
+
+    /// The body of every generated batch entrypoint: imports the arguments, runs `fast` (a
+    /// vectorised kernel, if the function has one) or else `slow` (the row loop) inside
+    /// `catch_unwind`, and exports the result or writes the error.
+    ///
+    /// # Safety
+    ///
+    /// The pointers must satisfy [`BatchEntrypoint`](crate::v2::BatchEntrypoint)'s contract:
+    /// `args_len` arrays, schemas and flags, and `out` and `error` valid for writes.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn call_batch(
+        args: *mut FFI_ArrowArray,
+        schemas: *const FFI_ArrowSchema,
+        is_scalar: *const u8,
+        args_len: usize,
+        expected: usize,
+        num_rows: usize,
+        out: *mut FFI_ArrowArray,
+        error: *mut UdfOwnedBytes,
+        fast: Option<&Kernel<'_>>,
+        slow: &Kernel<'_>,
+    ) -> i32 {
+        if out.is_null() || error.is_null() {
+            return status::ERROR;
+        }
+        install_quiet_panic_hook();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            if args_len != expected {
+                return Err(format!("expected {expected} arguments, got {args_len}"));
+            }
+            if args_len > 0 && (args.is_null() || schemas.is_null() || is_scalar.is_null()) {
+                return Err("null argument arrays".to_string());
+            }
+            let mut columns = Vec::with_capacity(args_len);
+            for i in 0..args_len {
+                // SAFETY: `i < args_len`, and the host passes that many arrays, schemas and
+                // flags. `from_raw` moves the array out, leaving a released one behind, which is
+                // the C Data Interface's move semantics the ABI prescribes.
+                let (array, schema, scalar) = unsafe {
+                    (
+                        FFI_ArrowArray::from_raw(args.add(i)),
+                        &*schemas.add(i),
+                        *is_scalar.add(i) != 0,
+                    )
+                };
+                // SAFETY: the host exports valid arrays described by these schemas.
+                let data = unsafe { arrow_array::ffi::from_ffi(array, schema) }
+                    .map_err(|e| format!("argument {}: {e}", i + 1))?;
+                let array = make_array(data);
+                let enough = if scalar {
+                    !array.is_empty()
+                } else {
+                    array.len() >= num_rows
+                };
+                if !enough {
+                    return Err(format!(
+                        "argument {} has {} rows, {num_rows} expected",
+                        i + 1,
+                        array.len()
+                    ));
+                }
+                columns.push(Column { array, scalar });
+            }
+            let fast_result = fast.map(|fast| {
+                catch_unwind(AssertUnwindSafe(|| fast(&columns, num_rows)))
+                    .unwrap_or_else(|_| Err(String::new()))
+            });
+            match fast_result {
+                Some(Ok(array)) => Ok(array),
+                // No kernel, or it panicked on a NULL slot's placeholder value: the row loop.
+                _ => slow(&columns, num_rows),
+            }
+        }));
+        let message = match result {
+            Ok(Ok(array)) => {
+                // SAFETY: `out` is non-null and valid for writes (the caller's promise).
+                unsafe { out.write(FFI_ArrowArray::new(&array.to_data())) };
+                return status::OK;
+            }
+            Ok(Err(message)) => message,
+            Err(panic) => format!("panicked: {}", panic_message(panic.as_ref())),
+        };
+        // SAFETY: `error` is non-null and valid for writes (the caller's promise).
+        unsafe { error.write(owned_bytes(message.into_bytes())) };
+        status::ERROR
+    }
 }

@@ -32,12 +32,14 @@
 //! * A result with `is_null = 1` is SQL NULL; allowed only when the return is declared nullable.
 //! * Entrypoints may be called from several threads at once and must not unwind.
 
-use std::ffi::c_void;
+pub use arrow_data::ffi::FFI_ArrowArray;
+pub use arrow_schema::ffi::FFI_ArrowSchema;
 
 /// The ABI major version this crate describes. A host refuses libraries of another major.
 pub const ABI_MAJOR: u32 = 2;
-/// The ABI minor version this crate describes. Minors add fields at the end of the manifest.
-pub const ABI_MINOR: u32 = 0;
+/// The ABI minor version this crate describes. Minors add fields at the end of the manifest or
+/// give meaning to reserved ones: 2.1 defines [`UdfFunction::call_batch`].
+pub const ABI_MINOR: u32 = 1;
 /// `UdfAbiVersion udfsql_abi_version(void)`: the handshake.
 pub const SYMBOL_ABI_VERSION: &str = "udfsql_abi_version";
 /// `const UdfManifest *udfsql_manifest(void)`: the list of functions.
@@ -269,6 +271,35 @@ pub type RowEntrypoint = unsafe extern "C" fn(
 /// Releases bytes the plugin handed to the host (results and error messages).
 pub type ReleaseBytes = unsafe extern "C" fn(bytes: UdfOwnedBytes);
 
+/// Evaluates a function over whole columns, with the Arrow C Data Interface (ABI 2.1).
+///
+/// * `args`: `args_len` arrays, one per argument, each of its declared type's canonical Arrow type
+///   except that `String` arguments may be `Utf8`, `LargeUtf8` or `Utf8View` and `Binary` ones
+///   `Binary`, `LargeBinary` or `BinaryView` (their schemas say which). The arrays are **moved**
+///   to the plugin (C Data Interface move semantics): the plugin takes them (setting the
+///   original's `release` to null, as `FFI_ArrowArray::from_raw` does) and releases them when done;
+///   the host releases any array the plugin left in place after the call.
+/// * `arg_schemas`: `args_len` schemas, borrowed for the call.
+/// * `arg_is_scalar`: `args_len` flags; 1 means the array has one row that stands for every row
+///   (a constant argument, not expanded).
+/// * `num_rows`: the number of rows to compute.
+/// * `out`: where the plugin writes the result: an array of `num_rows` rows of the declared
+///   return type's canonical Arrow type, released by the host through its `release` callback.
+///   The host validates it (length, type, buffers, UTF-8, NULLs only where declared).
+/// * `error`: where the plugin writes a message when it returns [`status::ERROR`].
+///
+/// The same NULL rule as for rows: a row with a NULL in an argument that does not take NULLs
+/// gives NULL. Must not unwind.
+pub type BatchEntrypoint = unsafe extern "C" fn(
+    args: *mut FFI_ArrowArray,
+    arg_schemas: *const FFI_ArrowSchema,
+    arg_is_scalar: *const u8,
+    args_len: usize,
+    num_rows: usize,
+    out: *mut FFI_ArrowArray,
+    error: *mut UdfOwnedBytes,
+) -> i32;
+
 /// One function of a v2 library. Everything it points to is static data of the plugin.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -290,8 +321,9 @@ pub struct UdfFunction {
     pub volatility: u32,
     /// The row entrypoint; must not be null.
     pub call_row: Option<RowEntrypoint>,
-    /// Reserved for the vectorized (Arrow C Data Interface) entrypoint; null in ABI 2.0.
-    pub call_batch: *const c_void,
+    /// The optional batch entrypoint (ABI 2.1; null in 2.0 libraries). A host uses it when
+    /// present and the row entrypoint otherwise.
+    pub call_batch: Option<BatchEntrypoint>,
 }
 
 /// What `udfsql_manifest` returns: every function of the library.

@@ -226,6 +226,58 @@ impl VisitMut for StaticLifetimes {
     }
 }
 
+/// The primitive types the vectorised kernels handle.
+const NATIVE: &[&str] = &["i32", "i64", "u64", "f32", "f64"];
+
+fn native(ty: &Type) -> Option<&syn::Ident> {
+    match ty {
+        Type::Path(p) if p.qself.is_none() => {
+            let ident = p.path.get_ident()?;
+            NATIVE
+                .contains(&ident.to_string().as_str())
+                .then_some(ident)
+        }
+        _ => None,
+    }
+}
+
+/// `let __udf_fast = Some(kernel)` for functions of one or two primitive arguments returning a
+/// primitive (no `Option`, no `Result`): the batch entrypoint runs a loop without branches that
+/// the compiler can vectorise. Otherwise `None`: the row loop.
+fn fast_kernel(ident: &syn::Ident, args: &[Type], ret: &Type) -> TokenStream2 {
+    let none = quote! {
+        let __udf_fast: ::std::option::Option<&::udf_abi::export::batch::Kernel<'_>> =
+            ::std::option::Option::None;
+    };
+    let Some(r) = native(ret) else {
+        return none;
+    };
+    let kernel = match args {
+        [a] => match native(a) {
+            Some(a) => quote! {
+                |c: &[::udf_abi::export::batch::Column], n: usize| {
+                    ::udf_abi::export::batch::unary::<#a, #r>(c, n, #ident)
+                }
+            },
+            None => return none,
+        },
+        [a, b] => match (native(a), native(b)) {
+            (Some(a), Some(b)) => quote! {
+                |c: &[::udf_abi::export::batch::Column], n: usize| {
+                    ::udf_abi::export::batch::binary::<#a, #b, #r>(c, n, #ident)
+                }
+            },
+            _ => return none,
+        },
+        _ => return none,
+    };
+    quote! {
+        let __udf_kernel = #kernel;
+        let __udf_fast: ::std::option::Option<&::udf_abi::export::batch::Kernel<'_>> =
+            ::std::option::Option::Some(&__udf_kernel);
+    }
+}
+
 fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error> {
     let options = parse_options(attr)?;
     let function: ItemFn = syn::parse2(item)?;
@@ -306,6 +358,23 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
         }
     });
     let entry = format_ident!("__udf_row_{}", ident);
+    let batch_entry = format_ident!("__udf_batch_{}", ident);
+    let batch_reads = arg_types
+        .iter()
+        .zip(&names)
+        .zip(&indices)
+        .map(|((ty, name), i)| {
+            quote_spanned! {ty.span()=>
+                let ::std::option::Option::Some(#name) =
+                    <#ty as ::udf_abi::export::batch::BatchArg>::read(&__udf_cols[#i], __udf_row)
+                        .map_err(|e| ::udf_abi::export::argument_error(#i, e))?
+                else {
+                    __udf_out.append_null();
+                    return ::std::result::Result::Ok(());
+                };
+            }
+        });
+    let fast = fast_kernel(ident, &arg_types, &return_type);
 
     Ok(quote! {
         #function
@@ -333,6 +402,38 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                 }
             }
 
+            unsafe extern "C" fn #batch_entry(
+                args: *mut ::udf_abi::v2::FFI_ArrowArray,
+                schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
+                is_scalar: *const u8,
+                args_len: usize,
+                num_rows: usize,
+                out: *mut ::udf_abi::v2::FFI_ArrowArray,
+                error: *mut ::udf_abi::v2::UdfOwnedBytes,
+            ) -> i32 {
+                let __udf_slow = |__udf_cols: &[::udf_abi::export::batch::Column], __udf_rows: usize| {
+                    ::udf_abi::export::batch::rows(
+                        __udf_cols,
+                        __udf_rows,
+                        <<#static_return as ::udf_abi::export::IntoUdfResult>::Value
+                            as ::udf_abi::export::UdfReturnType>::TYPE,
+                        |__udf_cols, __udf_row, __udf_out| {
+                            #(#batch_reads)*
+                            ::udf_abi::export::batch::append(__udf_out, #ident(#(#names),*))
+                        },
+                    )
+                };
+                #fast
+                // SAFETY: the host calls this entrypoint with the guarantees of
+                // `udf_abi::export::batch::call_batch`.
+                unsafe {
+                    ::udf_abi::export::batch::call_batch(
+                        args, schemas, is_scalar, args_len, #count, num_rows, out, error,
+                        __udf_fast, &__udf_slow,
+                    )
+                }
+            }
+
             #[::udf_abi::export::linkme::distributed_slice(::udf_abi::export::FUNCTIONS)]
             #[linkme(crate = ::udf_abi::export::linkme)]
             static __UDF_FUNCTION: ::udf_abi::export::ExportedFunction =
@@ -346,6 +447,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                         as ::udf_abi::export::UdfReturnType>::NULLABLE,
                     #volatility,
                     #entry,
+                    #batch_entry,
                 );
         };
     })

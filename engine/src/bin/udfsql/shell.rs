@@ -239,7 +239,7 @@ impl Shell {
                 self.load_library(&PathBuf::from(&arg))?;
             }
             "\\df" => {
-                let sql = "SELECT name, signature, library, abi, volatility FROM plugin_functions";
+                let sql = "SELECT name, signature, library, abi, volatility, call_path FROM plugin_functions";
                 self.run_sql(sql, out)?;
             }
             "\\d" if arg.is_empty() => {
