@@ -42,6 +42,7 @@ fn one_library_exports_every_udf_function() {
             "negate",
             "next_id",
             "null_if_empty",
+            "repeat_text",
             "reverse_bytes",
             "shout",
             "utf8_len",

@@ -120,3 +120,17 @@ fn counter() -> u64 {
 fn utf8_len(s: &str) -> u64 {
     s.len() as u64
 }
+
+/// `repeat` as an ABI v2 function (the seed's v1 `repeat` is in its own library): the string
+/// `n` times, an error when the result would be too large to allocate.
+#[udf]
+fn repeat_text(s: &str, n: u64) -> Result<String, String> {
+    let n = usize::try_from(n).map_err(|_| format!("count {n} is too large"))?;
+    match s.len().checked_mul(n) {
+        Some(len) if len <= isize::MAX as usize / 2 => Ok(s.repeat(n)),
+        _ => Err(format!(
+            "result of repeating {} bytes {n} times is too large",
+            s.len()
+        )),
+    }
+}
