@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use datafusion::arrow::array::{Array, ArrayRef, make_array};
-use datafusion::arrow::ffi::{FFI_ArrowArray, FFI_ArrowSchema, from_ffi_and_data_type};
+use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::ffi::{FFI_ArrowArray, FFI_ArrowSchema, from_ffi};
 use udf_abi::v2::{
     self, BatchEntrypoint, ReleaseBytes, RowEntrypoint, UdfAbiVersion, UdfBytes, UdfFunction,
     UdfManifest, UdfOwnedBytes, UdfScalar, UdfType, UdfValue,
@@ -888,6 +889,7 @@ impl PluginFunction {
             scalar_flags.push(u8::from(*scalar));
         }
         let mut out = FFI_ArrowArray::empty();
+        let mut out_schema = FFI_ArrowSchema::empty();
         let mut error = UdfOwnedBytes::EMPTY;
         // SAFETY: the entrypoint belongs to `self.library`, alive while we hold the Arc. The
         // arrays, schemas and flags are `args.len()` valid C Data Interface structs the plugin
@@ -901,6 +903,7 @@ impl PluginFunction {
                 args.len(),
                 num_rows,
                 &mut out,
+                &mut out_schema,
                 &mut error,
             )
         };
@@ -933,9 +936,16 @@ impl PluginFunction {
             )));
         }
         let expected_type = crate::types::arrow_type(signature.return_type);
-        // SAFETY: a non-released array the plugin produced per the C Data Interface; it is
-        // imported with the declared type and fully validated before anything reads it.
-        let data = unsafe { from_ffi_and_data_type(out, expected_type.clone()) }
+        let found_type = DataType::try_from(&out_schema)
+            .map_err(|e| CallError::Batch(format!("the result's schema is invalid: {e}")))?;
+        if found_type != expected_type {
+            return Err(CallError::Batch(format!(
+                "the result has type {found_type}, the function declares {expected_type}"
+            )));
+        }
+        // SAFETY: a non-released array the plugin produced per the C Data Interface, described
+        // by the schema just checked; it is fully validated before anything reads it.
+        let data = unsafe { from_ffi(out, &out_schema) }
             .map_err(|e| CallError::Batch(format!("the result cannot be imported: {e}")))?;
         data.validate_full().map_err(|e| {
             CallError::Batch(format!(

@@ -442,3 +442,77 @@ async fn misbehaving_v2_results_are_errors_and_every_result_is_released() {
     query_error(&ctx, "SELECT broken(value) FROM generate_series(7, 7)").await;
     assert_eq!(released(ctx.clone()).await - before, 2);
 }
+
+fn batch_library(case: &str) -> std::path::PathBuf {
+    c_library(
+        &format!("batch_v2_{}", case.to_lowercase()),
+        "batch_v2.c",
+        &[case],
+    )
+}
+
+/// A C library with a batch entrypoint: a correct one, one that leaves its arguments for the host
+/// to release, and ones whose results are wrong in every way the host can check.
+#[tokio::test]
+async fn batch_results_are_validated() {
+    for case in ["BATCH_OK", "BATCH_NOT_TAKEN"] {
+        let ctx = SessionContext::new();
+        ctx.register_plugin(batch_library(case)).unwrap();
+        assert_eq!(
+            rows(&ctx, "SELECT twice(x) FROM (VALUES (1), (NULL), (-3)) t(x)").await,
+            expect(&[&["2"], &["NULL"], &["-6"]]),
+            "{case}"
+        );
+        assert_eq!(
+            rows(
+                &ctx,
+                "SELECT sum(twice(value)) FROM generate_series(1, 20000)"
+            )
+            .await,
+            expect(&[&["400020000"]]),
+            "{case}"
+        );
+    }
+    for (case, message) in [
+        ("BATCH_WRONG_LENGTH", "the result has 4 rows, 3 expected"),
+        (
+            "BATCH_WRONG_TYPE",
+            "the result has type Int32, the function declares Int64",
+        ),
+        (
+            "BATCH_NULL_RELEASE",
+            "the result array has a null release callback",
+        ),
+        (
+            "BATCH_UNDECLARED_NULLS",
+            "NULL(s) in rows without a NULL argument",
+        ),
+        ("BATCH_ERROR", "twice: batch refused"),
+    ] {
+        let ctx = SessionContext::new();
+        ctx.register_plugin(batch_library(case)).unwrap();
+        let e = query_error(&ctx, "SELECT twice(x) FROM (VALUES (1), (2), (3)) t(x)").await;
+        assert!(e.contains("plugin function twice ("), "{case}: {e}");
+        assert!(e.contains(message), "{case}: {e}");
+        // The session goes on.
+        assert_eq!(rows(&ctx, "SELECT 1").await, expect(&[&["1"]]));
+    }
+    // Every result array is released by the host (through the plugin's callback).
+    let ctx = SessionContext::new();
+    ctx.register_plugin(batch_library("BATCH_OK")).unwrap();
+    let before: i64 = rows(&ctx, "SELECT released_arrays()").await[0][0]
+        .parse()
+        .unwrap();
+    let batches = query(&ctx, "SELECT twice(value) FROM generate_series(1, 20000)")
+        .await
+        .unwrap();
+    let made = batches.len() as i64;
+    drop(batches);
+    let after: i64 = rows(&ctx, "SELECT released_arrays()").await[0][0]
+        .parse()
+        .unwrap();
+    assert!(
+        after - before >= made,
+        "{before} -> {after}, {made} batches"
+    );
+}

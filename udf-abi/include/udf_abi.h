@@ -224,14 +224,15 @@ typedef void (*UdfReleaseBytes)(UdfOwnedBytes bytes);
  *   arg_schemas:   args_len schemas, borrowed (owned by the host) for the call.
  *   arg_is_scalar: args_len flags; 1 = a one-row array standing for every row.
  *   num_rows:      rows to compute.
- *   out:           the plugin writes an array of num_rows rows of the declared return type; the
- *                  host owns it from then on and calls its release (plugin code) when done. The
- *                  host validates length, buffers, UTF-8 and NULLs against the declaration.
+ *   out, out_schema: the plugin writes an array of num_rows rows of the declared return type
+ *                  and its schema; the host owns both from then on and calls their release
+ *                  (plugin code) when done. The host checks the type, length, buffers, UTF-8 and
+ *                  NULLs against the declaration (buffer sizes are not part of the interface).
  *   error:         message for UDF_STATUS_ERROR, released through release_bytes. */
 typedef int32_t (*UdfBatchEntrypoint)(struct ArrowArray *args, const struct ArrowSchema *arg_schemas,
                                       const uint8_t *arg_is_scalar, size_t args_len,
                                       size_t num_rows, struct ArrowArray *out,
-                                      UdfOwnedBytes *error);
+                                      struct ArrowSchema *out_schema, UdfOwnedBytes *error);
 
 typedef struct UdfFunction {
     UdfBytes name;                 /* UTF-8, not empty, unique in the library; static */

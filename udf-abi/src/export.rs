@@ -870,11 +870,12 @@ pub mod batch {
         expected: usize,
         num_rows: usize,
         out: *mut FFI_ArrowArray,
+        out_schema: *mut FFI_ArrowSchema,
         error: *mut UdfOwnedBytes,
         fast: Option<&Kernel<'_>>,
         slow: &Kernel<'_>,
     ) -> i32 {
-        if out.is_null() || error.is_null() {
+        if out.is_null() || out_schema.is_null() || error.is_null() {
             return status::ERROR;
         }
         install_quiet_panic_hook();
@@ -919,16 +920,23 @@ pub mod batch {
                 catch_unwind(AssertUnwindSafe(|| fast(&columns, num_rows)))
                     .unwrap_or_else(|_| Err(String::new()))
             });
-            match fast_result {
-                Some(Ok(array)) => Ok(array),
+            let array = match fast_result {
+                Some(Ok(array)) => array,
                 // No kernel, or it panicked on a NULL slot's placeholder value: the row loop.
-                _ => slow(&columns, num_rows),
-            }
+                _ => slow(&columns, num_rows)?,
+            };
+            let schema = FFI_ArrowSchema::try_from(array.data_type())
+                .map_err(|e| format!("cannot export the result's type: {e}"))?;
+            Ok((array, schema))
         }));
         let message = match result {
-            Ok(Ok(array)) => {
-                // SAFETY: `out` is non-null and valid for writes (the caller's promise).
-                unsafe { out.write(FFI_ArrowArray::new(&array.to_data())) };
+            Ok(Ok((array, schema))) => {
+                // SAFETY: `out` and `out_schema` are non-null and valid for writes (the caller's
+                // promise); the host takes both over and releases them.
+                unsafe {
+                    out.write(FFI_ArrowArray::new(&array.to_data()));
+                    out_schema.write(schema);
+                }
                 return status::OK;
             }
             Ok(Err(message)) => message,

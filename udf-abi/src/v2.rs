@@ -283,9 +283,10 @@ pub type ReleaseBytes = unsafe extern "C" fn(bytes: UdfOwnedBytes);
 /// * `arg_is_scalar`: `args_len` flags; 1 means the array has one row that stands for every row
 ///   (a constant argument, not expanded).
 /// * `num_rows`: the number of rows to compute.
-/// * `out`: where the plugin writes the result: an array of `num_rows` rows of the declared
-///   return type's canonical Arrow type, released by the host through its `release` callback.
-///   The host validates it (length, type, buffers, UTF-8, NULLs only where declared).
+/// * `out`, `out_schema`: where the plugin writes the result: an array of `num_rows` rows of the
+///   declared return type's canonical Arrow type and its schema, both released by the host through
+///   their `release` callbacks. The host validates them (type, length, buffers, UTF-8, NULLs only
+///   where declared); it cannot check buffer sizes, which the C Data Interface does not carry.
 /// * `error`: where the plugin writes a message when it returns [`status::ERROR`].
 ///
 /// The same NULL rule as for rows: a row with a NULL in an argument that does not take NULLs
@@ -297,6 +298,7 @@ pub type BatchEntrypoint = unsafe extern "C" fn(
     args_len: usize,
     num_rows: usize,
     out: *mut FFI_ArrowArray,
+    out_schema: *mut FFI_ArrowSchema,
     error: *mut UdfOwnedBytes,
 ) -> i32;
 

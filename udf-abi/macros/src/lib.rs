@@ -409,6 +409,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                 args_len: usize,
                 num_rows: usize,
                 out: *mut ::udf_abi::v2::FFI_ArrowArray,
+                out_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
                 error: *mut ::udf_abi::v2::UdfOwnedBytes,
             ) -> i32 {
                 let __udf_slow = |__udf_cols: &[::udf_abi::export::batch::Column], __udf_rows: usize| {
@@ -428,7 +429,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                 // `udf_abi::export::batch::call_batch`.
                 unsafe {
                     ::udf_abi::export::batch::call_batch(
-                        args, schemas, is_scalar, args_len, #count, num_rows, out, error,
+                        args, schemas, is_scalar, args_len, #count, num_rows, out, out_schema, error,
                         __udf_fast, &__udf_slow,
                     )
                 }
