@@ -116,7 +116,8 @@ pub fn plugin(name: &str) -> PathBuf {
     ))
 }
 
-/// A session over the benchmark table `t` (in 2 partitions) with `target_partitions`, and each
+/// A session over the benchmark table `t` (in `target_partitions` partitions, so that the scan
+/// itself runs on that many threads) with `target_partitions`, and each
 /// plugin function registered twice: `<f>_row` (row ABI) and `<f>_batch` (batch ABI), plus the
 /// static versions `square_static`, `hypot_static`, `is_even_static` and `repeat_static`.
 pub fn session(target_partitions: usize) -> SessionContext {
@@ -125,8 +126,8 @@ pub fn session(target_partitions: usize) -> SessionContext {
         .with_batch_size(BATCH);
     let ctx = SessionContext::new_with_config(config);
     let data = batches();
-    let half = data.len() / 2;
-    let partitions = vec![data[..half].to_vec(), data[half..].to_vec()];
+    let per = data.len().div_ceil(target_partitions);
+    let partitions: Vec<Vec<RecordBatch>> = data.chunks(per).map(<[RecordBatch]>::to_vec).collect();
     let table = MemTable::try_new(schema(), partitions).expect("table");
     ctx.register_table("t", Arc::new(table))
         .expect("register t");

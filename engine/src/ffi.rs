@@ -947,7 +947,7 @@ impl PluginFunction {
         // by the schema just checked; it is fully validated before anything reads it.
         let data = unsafe { from_ffi(out, &out_schema) }
             .map_err(|e| CallError::Batch(format!("the result cannot be imported: {e}")))?;
-        data.validate_full().map_err(|e| {
+        validate_result(&data).map_err(|e| {
             CallError::Batch(format!(
                 "the result is not a valid {expected_type} array: {e}"
             ))
@@ -1222,4 +1222,67 @@ fn check_nulls_follow_arguments(
         )));
     }
     Ok(())
+}
+
+/// Full validation of a batch result. For `Utf8` it checks the offsets (monotonic, in bounds) and
+/// then the UTF-8 of the whole values buffer at once plus a char boundary at every offset, which
+/// is equivalent to arrow's per-value check and several times faster on long columns.
+fn validate_result(data: &datafusion::arrow::array::ArrayData) -> Result<(), String> {
+    if *data.data_type() != DataType::Utf8 {
+        return data.validate_full().map_err(|e| e.to_string());
+    }
+    data.validate().map_err(|e| e.to_string())?;
+    let buffers = data.buffers();
+    let offsets: &[i32] = buffers[0].typed_data::<i32>();
+    let offsets = &offsets[data.offset()..data.offset() + data.len() + 1];
+    let values = buffers[1].as_slice();
+    if offsets[0] < 0 || offsets.windows(2).any(|w| w[0] > w[1]) {
+        return Err("offsets are not monotonically increasing".to_string());
+    }
+    let (first, last) = (offsets[0] as usize, offsets[data.len()] as usize);
+    if last > values.len() {
+        return Err(format!(
+            "offset {last} is beyond the {} bytes of values",
+            values.len()
+        ));
+    }
+    let text =
+        std::str::from_utf8(&values[first..last]).map_err(|e| format!("invalid UTF-8: {e}"))?;
+    if offsets
+        .iter()
+        .any(|&o| !text.is_char_boundary(o as usize - first))
+    {
+        return Err("an offset splits a UTF-8 character".to_string());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::ArrayData;
+    use datafusion::arrow::buffer::Buffer;
+
+    use super::*;
+
+    fn utf8(offsets: &[i32], values: &[u8]) -> ArrayData {
+        let builder = ArrayData::builder(DataType::Utf8)
+            .len(offsets.len() - 1)
+            .add_buffer(Buffer::from_slice_ref(offsets))
+            .add_buffer(Buffer::from_slice_ref(values));
+        // SAFETY: the point is to build arrays that may be invalid; `validate_result` must only
+        // read within the buffers, which hold `len + 1` offsets and the given values.
+        unsafe { builder.build_unchecked() }
+    }
+
+    #[test]
+    fn string_results_are_validated_like_arrow_does() {
+        assert!(validate_result(&utf8(&[0, 1, 3], "aé".as_bytes())).is_ok());
+        assert!(validate_result(&utf8(&[0, 0], b"")).is_ok());
+        let bad_utf8 = validate_result(&utf8(&[0, 2], b"a\xff")).unwrap_err();
+        assert!(bad_utf8.contains("invalid UTF-8"), "{bad_utf8}");
+        let split = validate_result(&utf8(&[0, 2, 3], "aé".as_bytes())).unwrap_err();
+        assert!(split.contains("splits a UTF-8 character"), "{split}");
+        assert!(validate_result(&utf8(&[0, 3, 1], b"abc")).is_err());
+        assert!(validate_result(&utf8(&[0, 9], b"abc")).is_err());
+    }
 }

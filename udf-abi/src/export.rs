@@ -791,6 +791,24 @@ pub mod batch {
         Ok(Arc::new(a.unary::<_, R::Arrow>(f)))
     }
 
+    /// A boolean-valued `f` over one primitive column with no row loop; see [`unary`].
+    pub fn unary_bool<A: Native>(
+        columns: &[Column],
+        rows: usize,
+        f: impl Fn(A) -> bool,
+    ) -> Result<ArrayRef, String> {
+        let a = primitive::<A>(&columns[0])?;
+        if columns[0].scalar {
+            let v = if a.is_null(0) {
+                None
+            } else {
+                Some(f(a.value(0)))
+            };
+            return Ok(Arc::new(arrow_array::BooleanArray::from(vec![v; rows])));
+        }
+        Ok(Arc::new(arrow_array::BooleanArray::from_unary(a, f)))
+    }
+
     /// `f` over two primitive columns (either may be a scalar) with no row loop; see [`unary`].
     pub fn binary<A: Native, B: Native, R: Native>(
         columns: &[Column],

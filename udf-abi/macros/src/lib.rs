@@ -249,6 +249,25 @@ fn fast_kernel(ident: &syn::Ident, args: &[Type], ret: &Type) -> TokenStream2 {
         let __udf_fast: ::std::option::Option<&::udf_abi::export::batch::Kernel<'_>> =
             ::std::option::Option::None;
     };
+    let returns_bool = matches!(ret, Type::Path(p) if p.qself.is_none() && p.path.is_ident("bool"));
+    if returns_bool {
+        let kernel = match args {
+            [a] => match native(a) {
+                Some(a) => quote! {
+                    |c: &[::udf_abi::export::batch::Column], n: usize| {
+                        ::udf_abi::export::batch::unary_bool::<#a>(c, n, #ident)
+                    }
+                },
+                None => return none,
+            },
+            _ => return none,
+        };
+        return quote! {
+            let __udf_kernel = #kernel;
+            let __udf_fast: ::std::option::Option<&::udf_abi::export::batch::Kernel<'_>> =
+                ::std::option::Option::Some(&__udf_kernel);
+        };
+    }
     let Some(r) = native(ret) else {
         return none;
     };
