@@ -528,14 +528,64 @@ pub mod batch {
 
     pub(super) const MISMATCH: &str = "result type does not match the output column";
 
-    /// One imported argument column; `scalar` columns have one row standing for all.
+    /// One imported argument column, downcast once per batch (not per row); `scalar` columns
+    /// have one row standing for all.
     #[derive(Debug)]
     pub struct Column {
         array: ArrayRef,
+        typed: Typed,
         scalar: bool,
     }
 
+    /// The column's array as its concrete type.
+    #[derive(Debug)]
+    enum Typed {
+        Bool(arrow_array::BooleanArray),
+        Int32(arrow_array::Int32Array),
+        Int64(arrow_array::Int64Array),
+        UInt64(arrow_array::UInt64Array),
+        Float32(arrow_array::Float32Array),
+        Float64(arrow_array::Float64Array),
+        Date32(arrow_array::Date32Array),
+        Timestamp(arrow_array::TimestampMicrosecondArray),
+        Utf8(arrow_array::StringArray),
+        LargeUtf8(arrow_array::LargeStringArray),
+        Utf8View(arrow_array::StringViewArray),
+        Binary(arrow_array::BinaryArray),
+        LargeBinary(arrow_array::LargeBinaryArray),
+        BinaryView(arrow_array::BinaryViewArray),
+        Other,
+    }
+
     impl Column {
+        fn new(array: ArrayRef, scalar: bool) -> Column {
+            let a = &array;
+            let typed = match a.data_type() {
+                DataType::Boolean => Typed::Bool(a.as_boolean().clone()),
+                DataType::Int32 => Typed::Int32(a.as_primitive::<Int32Type>().clone()),
+                DataType::Int64 => Typed::Int64(a.as_primitive::<Int64Type>().clone()),
+                DataType::UInt64 => Typed::UInt64(a.as_primitive::<UInt64Type>().clone()),
+                DataType::Float32 => Typed::Float32(a.as_primitive::<Float32Type>().clone()),
+                DataType::Float64 => Typed::Float64(a.as_primitive::<Float64Type>().clone()),
+                DataType::Date32 => Typed::Date32(a.as_primitive::<Date32Type>().clone()),
+                DataType::Timestamp(arrow_schema::TimeUnit::Microsecond, _) => {
+                    Typed::Timestamp(a.as_primitive::<TimestampMicrosecondType>().clone())
+                }
+                DataType::Utf8 => Typed::Utf8(a.as_string::<i32>().clone()),
+                DataType::LargeUtf8 => Typed::LargeUtf8(a.as_string::<i64>().clone()),
+                DataType::Utf8View => Typed::Utf8View(a.as_string_view().clone()),
+                DataType::Binary => Typed::Binary(a.as_binary::<i32>().clone()),
+                DataType::LargeBinary => Typed::LargeBinary(a.as_binary::<i64>().clone()),
+                DataType::BinaryView => Typed::BinaryView(a.as_binary_view().clone()),
+                _ => Typed::Other,
+            };
+            Column {
+                array,
+                typed,
+                scalar,
+            }
+        }
+
         #[inline]
         fn index(&self, row: usize) -> usize {
             if self.scalar { 0 } else { row }
@@ -556,15 +606,14 @@ pub mod batch {
         )
     }
 
-    macro_rules! primitive_arg {
-        ($rust:ty, $arrow:ty, $dt:pat, $wrap:expr) => {
+    macro_rules! typed_arg {
+        ($rust:ty, $variant:ident, $wrap:expr) => {
             impl BatchArg<'_> for $rust {
                 #[inline]
                 fn read(column: &Column, row: usize) -> Result<Option<Self>, String> {
-                    if !matches!(column.array.data_type(), $dt) {
+                    let Typed::$variant(array) = &column.typed else {
                         return Err(type_error(column, stringify!($rust)));
-                    }
-                    let array = column.array.as_primitive::<$arrow>();
+                    };
                     let i = column.index(row);
                     Ok(if array.is_null(i) {
                         None
@@ -575,50 +624,36 @@ pub mod batch {
             }
         };
     }
-    primitive_arg!(i32, Int32Type, DataType::Int32, |v| v);
-    primitive_arg!(i64, Int64Type, DataType::Int64, |v| v);
-    primitive_arg!(u64, UInt64Type, DataType::UInt64, |v| v);
-    primitive_arg!(f32, Float32Type, DataType::Float32, |v| v);
-    primitive_arg!(f64, Float64Type, DataType::Float64, |v| v);
-    primitive_arg!(Date, Date32Type, DataType::Date32, |days_since_epoch| {
-        Date { days_since_epoch }
+    typed_arg!(bool, Bool, |v| v);
+    typed_arg!(i32, Int32, |v| v);
+    typed_arg!(i64, Int64, |v| v);
+    typed_arg!(u64, UInt64, |v| v);
+    typed_arg!(f32, Float32, |v| v);
+    typed_arg!(f64, Float64, |v| v);
+    typed_arg!(Date, Date32, |days_since_epoch| Date { days_since_epoch });
+    typed_arg!(Timestamp, Timestamp, |micros_since_epoch| Timestamp {
+        micros_since_epoch
     });
-    primitive_arg!(
-        Timestamp,
-        TimestampMicrosecondType,
-        DataType::Timestamp(arrow_schema::TimeUnit::Microsecond, _),
-        |micros_since_epoch| Timestamp { micros_since_epoch }
-    );
-
-    impl BatchArg<'_> for bool {
-        #[inline]
-        fn read(column: &Column, row: usize) -> Result<Option<Self>, String> {
-            let Some(array) = column.array.as_boolean_opt() else {
-                return Err(type_error(column, "Boolean"));
-            };
-            let i = column.index(row);
-            Ok(if array.is_null(i) {
-                None
-            } else {
-                Some(array.value(i))
-            })
-        }
-    }
 
     impl<'a> BatchArg<'a> for &'a str {
         #[inline]
         fn read(column: &'a Column, row: usize) -> Result<Option<Self>, String> {
             let i = column.index(row);
-            let a = &column.array;
-            if a.is_null(i) {
-                return Ok(None);
+            macro_rules! get {
+                ($a:expr) => {
+                    if $a.is_null(i) {
+                        None
+                    } else {
+                        Some($a.value(i))
+                    }
+                };
             }
-            Ok(Some(match a.data_type() {
-                DataType::Utf8 => a.as_string::<i32>().value(i),
-                DataType::LargeUtf8 => a.as_string::<i64>().value(i),
-                DataType::Utf8View => a.as_string_view().value(i),
+            Ok(match &column.typed {
+                Typed::Utf8(a) => get!(a),
+                Typed::LargeUtf8(a) => get!(a),
+                Typed::Utf8View(a) => get!(a),
                 _ => return Err(type_error(column, "a string")),
-            }))
+            })
         }
     }
 
@@ -633,16 +668,21 @@ pub mod batch {
         #[inline]
         fn read(column: &'a Column, row: usize) -> Result<Option<Self>, String> {
             let i = column.index(row);
-            let a = &column.array;
-            if a.is_null(i) {
-                return Ok(None);
+            macro_rules! get {
+                ($a:expr) => {
+                    if $a.is_null(i) {
+                        None
+                    } else {
+                        Some($a.value(i))
+                    }
+                };
             }
-            Ok(Some(match a.data_type() {
-                DataType::Binary => a.as_binary::<i32>().value(i),
-                DataType::LargeBinary => a.as_binary::<i64>().value(i),
-                DataType::BinaryView => a.as_binary_view().value(i),
+            Ok(match &column.typed {
+                Typed::Binary(a) => get!(a),
+                Typed::LargeBinary(a) => get!(a),
+                Typed::BinaryView(a) => get!(a),
                 _ => return Err(type_error(column, "binary")),
-            }))
+            })
         }
     }
 
@@ -932,7 +972,7 @@ pub mod batch {
                         array.len()
                     ));
                 }
-                columns.push(Column { array, scalar });
+                columns.push(Column::new(array, scalar));
             }
             let fast_result = fast.map(|fast| {
                 catch_unwind(AssertUnwindSafe(|| fast(&columns, num_rows)))
