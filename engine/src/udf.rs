@@ -265,13 +265,7 @@ impl ScalarUDFImpl for PluginUdf {
             out.append(value)?;
         }
         let array = out.finish();
-        if all_scalar {
-            Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(
-                &array, 0,
-            )?))
-        } else {
-            Ok(ColumnarValue::Array(array))
-        }
+        result_value(array, all_scalar)
     }
 }
 
@@ -292,12 +286,7 @@ impl PluginUdf {
                 Ok(match value {
                     ColumnarValue::Array(array) => (expected_array(array, param)?, false),
                     ColumnarValue::Scalar(scalar) => {
-                        let scalar = if is_readable(&scalar.data_type(), param) {
-                            scalar.clone()
-                        } else {
-                            scalar.cast_to(&arrow_type(param))?
-                        };
-                        (scalar.to_array_of_size(1)?, true)
+                        (readable_scalar(scalar, param)?.to_array_of_size(1)?, true)
                     }
                 })
             })
@@ -306,13 +295,27 @@ impl PluginUdf {
             .function
             .call_batch(&arrays, rows)
             .map_err(|e| self.call_error(e))?;
-        if all_scalar {
-            Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(
-                &array, 0,
-            )?))
-        } else {
-            Ok(ColumnarValue::Array(array))
-        }
+        result_value(array, all_scalar)
+    }
+}
+
+/// The result of a call: one scalar when every argument was a scalar, else the array.
+fn result_value(array: ArrayRef, all_scalar: bool) -> Result<ColumnarValue> {
+    if all_scalar {
+        Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(
+            &array, 0,
+        )?))
+    } else {
+        Ok(ColumnarValue::Array(array))
+    }
+}
+
+/// A scalar argument in a type the plugin reads, cast when it is not one already.
+fn readable_scalar(scalar: &ScalarValue, param: UdfType) -> Result<ScalarValue> {
+    if is_readable(&scalar.data_type(), param) {
+        Ok(scalar.clone())
+    } else {
+        Ok(scalar.cast_to(&arrow_type(param))?)
     }
 }
 
@@ -326,14 +329,7 @@ impl Column {
     fn new(value: &ColumnarValue, param: UdfType) -> Result<Column> {
         Ok(match value {
             ColumnarValue::Array(array) => Column::Array(expected_array(array, param)?),
-            ColumnarValue::Scalar(scalar) => {
-                let scalar = if is_readable(&scalar.data_type(), param) {
-                    scalar.clone()
-                } else {
-                    scalar.cast_to(&arrow_type(param))?
-                };
-                Column::Scalar(scalar)
-            }
+            ColumnarValue::Scalar(scalar) => Column::Scalar(readable_scalar(scalar, param)?),
         })
     }
 
