@@ -175,26 +175,35 @@ fn not_null(v: &UdfValue) -> Result<&UdfScalar, String> {
     }
 }
 
+/// The trait impls of a fixed-width type: `$rust` travels as the union member `$field` and is
+/// built in an `Output::$out` builder; `$from`/`$into` convert between `$rust` and the member's
+/// type (the identity for the primitives, the field of `Date` and `Timestamp`).
 macro_rules! scalar {
-    ($rust:ty, $udf:ident, $field:ident) => {
+    ($rust:ty, $udf:ident, $out:ident, $field:ident) => {
+        scalar!($rust, $udf, $out, $field, |v| v, |v| v);
+    };
+    ($rust:ty, $udf:ident, $out:ident, $field:ident, $from:expr, $into:expr) => {
         impl UdfArgType for $rust {
             const TYPE: UdfType = UdfType::$udf;
         }
         impl FromUdfValue<'_> for $rust {
             fn from_udf_value(v: &UdfValue) -> Result<Self, String> {
                 // SAFETY: the host writes the member of the declared type, which is this one.
-                Ok(unsafe { not_null(v)?.$field })
+                let raw = unsafe { not_null(v)?.$field };
+                Ok($from(raw))
             }
         }
         impl UdfReturnType for $rust {
             const TYPE: UdfType = UdfType::$udf;
             fn into_udf_value(self) -> Result<UdfValue, String> {
-                Ok(value(UdfScalar { $field: self }))
+                Ok(value(UdfScalar {
+                    $field: $into(self),
+                }))
             }
             fn append_to(self, out: &mut batch::Output) -> Result<(), String> {
                 match out {
-                    batch::Output::$udf(b) => {
-                        b.append_value(self);
+                    batch::Output::$out(b) => {
+                        b.append_value($into(self));
                         Ok(())
                     }
                     _ => Err(batch::MISMATCH.to_string()),
@@ -203,11 +212,27 @@ macro_rules! scalar {
         }
     };
 }
-scalar!(i32, Int32, int32);
-scalar!(i64, Int64, int64);
-scalar!(u64, UInt64, uint64);
-scalar!(f32, Float32, float32);
-scalar!(f64, Float64, float64);
+scalar!(i32, Int32, Int32, int32);
+scalar!(i64, Int64, Int64, int64);
+scalar!(u64, UInt64, UInt64, uint64);
+scalar!(f32, Float32, Float32, float32);
+scalar!(f64, Float64, Float64, float64);
+scalar!(
+    Date,
+    Date32,
+    Date32,
+    int32,
+    |days_since_epoch| Date { days_since_epoch },
+    |d: Date| d.days_since_epoch
+);
+scalar!(
+    Timestamp,
+    TimestampMicros,
+    TimestampMicros,
+    int64,
+    |micros_since_epoch| Timestamp { micros_since_epoch },
+    |t: Timestamp| t.micros_since_epoch
+);
 
 impl UdfArgType for bool {
     const TYPE: UdfType = UdfType::Bool;
@@ -233,66 +258,6 @@ impl UdfReturnType for bool {
         match out {
             batch::Output::Bool(b) => {
                 b.append_value(self);
-                Ok(())
-            }
-            _ => Err(batch::MISMATCH.to_string()),
-        }
-    }
-}
-
-impl UdfArgType for Date {
-    const TYPE: UdfType = UdfType::Date32;
-}
-impl FromUdfValue<'_> for Date {
-    fn from_udf_value(v: &UdfValue) -> Result<Self, String> {
-        // SAFETY: the declared type is Date32, whose member is `int32`.
-        let days = unsafe { not_null(v)?.int32 };
-        Ok(Date {
-            days_since_epoch: days,
-        })
-    }
-}
-impl UdfReturnType for Date {
-    const TYPE: UdfType = UdfType::Date32;
-    fn into_udf_value(self) -> Result<UdfValue, String> {
-        Ok(value(UdfScalar {
-            int32: self.days_since_epoch,
-        }))
-    }
-    fn append_to(self, out: &mut batch::Output) -> Result<(), String> {
-        match out {
-            batch::Output::Date32(b) => {
-                b.append_value(self.days_since_epoch);
-                Ok(())
-            }
-            _ => Err(batch::MISMATCH.to_string()),
-        }
-    }
-}
-
-impl UdfArgType for Timestamp {
-    const TYPE: UdfType = UdfType::TimestampMicros;
-}
-impl FromUdfValue<'_> for Timestamp {
-    fn from_udf_value(v: &UdfValue) -> Result<Self, String> {
-        // SAFETY: the declared type is TimestampMicros, whose member is `int64`.
-        let micros = unsafe { not_null(v)?.int64 };
-        Ok(Timestamp {
-            micros_since_epoch: micros,
-        })
-    }
-}
-impl UdfReturnType for Timestamp {
-    const TYPE: UdfType = UdfType::TimestampMicros;
-    fn into_udf_value(self) -> Result<UdfValue, String> {
-        Ok(value(UdfScalar {
-            int64: self.micros_since_epoch,
-        }))
-    }
-    fn append_to(self, out: &mut batch::Output) -> Result<(), String> {
-        match out {
-            batch::Output::TimestampMicros(b) => {
-                b.append_value(self.micros_since_epoch);
                 Ok(())
             }
             _ => Err(batch::MISMATCH.to_string()),
