@@ -16,6 +16,7 @@ use udf_abi::v2::UdfType;
 
 use crate::error::LoadError;
 use crate::ffi::{FunctionSignature, PluginFunction, PluginLibrary};
+use crate::trust::{DigestParseError, InsecurePath, Sha256Digest, check_not_writable_by_others};
 use crate::types::family;
 use crate::udf::PluginUdf;
 
@@ -50,6 +51,24 @@ pub enum DdlError {
         given: String,
         /// The configured directories.
         dirs: Vec<PathBuf>,
+    },
+    /// The library, its directory or a directory above it could be written by other users.
+    #[error("refusing to load plugin library {library} from SQL: {problem}")]
+    Insecure {
+        /// The library.
+        library: PathBuf,
+        /// Which file or directory is at fault, and why.
+        problem: InsecurePath,
+    },
+    /// `AS '...'` is malformed.
+    #[error("CREATE FUNCTION {function}: AS '{target}': {reason}")]
+    BadTarget {
+        /// The SQL name.
+        function: String,
+        /// What was written.
+        target: String,
+        /// What is wrong with it.
+        reason: String,
     },
     /// The library itself could not be loaded.
     #[error(transparent)]
@@ -119,8 +138,13 @@ fn display_dirs(dirs: &[PathBuf]) -> String {
 ///   path.
 /// * [`load_from_sql`](Self::load_from_sql) is what `CREATE FUNCTION` uses: a relative path is
 ///   looked up in the plugin directories, and the canonical result (after `..` and symlinks) must
-///   lie inside one of them. Without plugin directories, or after
-///   [`disable_sql_loading`](Self::disable_sql_loading), SQL cannot load anything.
+///   lie inside one of them. The library file, and every directory from it up to `/`, must not be
+///   writable by anyone but root and this process's user (see [`judge`](crate::judge)). Without
+///   plugin directories, or after [`disable_sql_loading`](Self::disable_sql_loading), SQL cannot
+///   load anything.
+///
+/// Both log every load (path, SHA-256, ABI, functions) through `tracing`, and both can check a
+/// pinned SHA-256 digest ([`load_pinned`](Self::load_pinned), `AS 'lib.so#sha256=...'`).
 #[derive(Debug, Default)]
 pub struct PluginLoader {
     dirs: Vec<PathBuf>,
@@ -134,7 +158,8 @@ impl PluginLoader {
         Self::default()
     }
 
-    /// Adds a directory SQL may load libraries from. It must exist; it is canonicalised.
+    /// Adds a directory SQL may load libraries from. It must exist; it is canonicalised, and it
+    /// must pass the permission rules (refused with the reason otherwise).
     pub fn with_plugin_dir(mut self, dir: impl AsRef<Path>) -> std::io::Result<Self> {
         let dir = std::fs::canonicalize(dir.as_ref()).map_err(|e| {
             std::io::Error::new(
@@ -146,6 +171,15 @@ impl PluginLoader {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotADirectory,
                 format!("plugin directory {} is not a directory", dir.display()),
+            ));
+        }
+        if let Err(problem) = check_not_writable_by_others(&dir) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "plugin directory {}: {problem}; SQL could load code that other users wrote",
+                    dir.display()
+                ),
             ));
         }
         if !self.dirs.contains(&dir) {
@@ -167,17 +201,46 @@ impl PluginLoader {
 
     /// Loads `path` (trusted: no directory check), reusing the library if it is loaded already.
     pub fn load(&self, path: impl AsRef<Path>) -> Result<Arc<PluginLibrary>, LoadError> {
+        self.load_pinned(path, None)
+    }
+
+    /// Like [`load`](Self::load), and refuses the library unless the SHA-256 digest of the file
+    /// that was loaded equals `pin` (when given).
+    pub fn load_pinned(
+        &self,
+        path: impl AsRef<Path>,
+        pin: Option<&Sha256Digest>,
+    ) -> Result<Arc<PluginLibrary>, LoadError> {
         let given = path.as_ref();
+        let result = self.load_cached(given, pin);
+        if let Err(e) = &result {
+            tracing::warn!(path = %given.display(), error = %e, "plugin library refused");
+        }
+        result
+    }
+
+    fn load_cached(
+        &self,
+        given: &Path,
+        pin: Option<&Sha256Digest>,
+    ) -> Result<Arc<PluginLibrary>, LoadError> {
         let canonical = std::fs::canonicalize(given).map_err(|source| LoadError::NotFound {
             path: given.to_path_buf(),
             source,
         })?;
         let mut libraries = self.libraries.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(library) = libraries.get(&canonical).and_then(Weak::upgrade) {
-            return Ok(library);
+            return match pin {
+                Some(expected) if expected != library.sha256() => Err(LoadError::DigestMismatch {
+                    path: canonical,
+                    expected: *expected,
+                    actual: *library.sha256(),
+                }),
+                _ => Ok(library),
+            };
         }
         libraries.retain(|_, weak| weak.strong_count() > 0);
-        let library = PluginLibrary::load(&canonical)?;
+        let library = PluginLibrary::load_pinned(&canonical, pin)?;
         libraries.insert(canonical, Arc::downgrade(&library));
         Ok(library)
     }
@@ -211,13 +274,25 @@ impl PluginLoader {
                 dirs: self.dirs.clone(),
             });
         }
+        if let Err(problem) = check_not_writable_by_others(&resolved) {
+            tracing::warn!(library = %resolved.display(), %problem, "plugin library refused");
+            return Err(DdlError::Insecure {
+                library: resolved,
+                problem,
+            });
+        }
         Ok(resolved)
     }
 
-    /// Loads a library named in SQL, under the policy described on [`PluginLoader`].
-    pub fn load_from_sql(&self, given: &str) -> Result<Arc<PluginLibrary>, DdlError> {
+    /// Loads a library named in SQL, under the policy described on [`PluginLoader`], checking
+    /// `pin` when given.
+    pub fn load_from_sql(
+        &self,
+        given: &str,
+        pin: Option<&Sha256Digest>,
+    ) -> Result<Arc<PluginLibrary>, DdlError> {
         let path = self.resolve_sql_path(given)?;
-        Ok(self.load(path)?)
+        Ok(self.load_pinned(path, pin)?)
     }
 
     /// The number of distinct libraries currently loaded through this loader.
@@ -277,13 +352,19 @@ impl PluginFunctionFactory {
                 | ScalarValue::LargeUtf8(Some(p))
                 | ScalarValue::Utf8View(Some(p)),
                 _,
-            )) => LibraryTarget::parse(p),
+            )) => LibraryTarget::parse(p).map_err(|reason| DdlError::BadTarget {
+                function: name.clone(),
+                target: p.clone(),
+                reason,
+            })?,
             _ => return Err(DdlError::MissingLibrary { function: name }),
         };
         if !stmt.or_replace && state.scalar_functions().contains_key(&name) {
             return Err(DdlError::AlreadyExists { function: name });
         }
-        let library = self.loader.load_from_sql(&target.path)?;
+        let library = self
+            .loader
+            .load_from_sql(&target.path, target.sha256.as_ref())?;
         let function = pick_function(&library, &name, target.function.as_deref())?;
         check_declared_types(&name, stmt, &function)?;
         let volatility = stmt
@@ -294,35 +375,60 @@ impl PluginFunctionFactory {
             function = %name,
             signature = %function.signature(),
             library = %library.path().display(),
+            sha256 = %library.sha256(),
+            pinned = target.sha256.is_some(),
             "CREATE FUNCTION from plugin library"
         );
         Ok(PluginUdf::new(name, function, volatility))
     }
 }
 
-/// What `AS '...'` names: a library, and optionally one of its functions after `#`
-/// (`'libtoolbox.so#add_days'`).
+/// What `AS '...'` names: a library, then optionally, each after a `#`, one of its functions and a
+/// SHA-256 pin, in either order: `'libtoolbox.so#add_days'`,
+/// `'libtoolbox.so#add_days#sha256=9f86d0…'`, `'librepeat.so#sha256=9f86d0…'`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LibraryTarget {
     /// The library path as written.
     pub path: String,
     /// The function's name inside the library, if given.
     pub function: Option<String>,
+    /// The pinned SHA-256 digest of the library file, if given.
+    pub sha256: Option<Sha256Digest>,
 }
 
 impl LibraryTarget {
-    /// Splits `lib.so#function`; a string without `#` names only the library.
-    pub fn parse(text: &str) -> LibraryTarget {
-        match text.rsplit_once('#') {
-            Some((path, function)) if !function.is_empty() && !path.is_empty() => LibraryTarget {
-                path: path.to_string(),
-                function: Some(function.to_string()),
-            },
-            _ => LibraryTarget {
-                path: text.to_string(),
-                function: None,
-            },
+    /// Parses `path[#function][#sha256=HEX]`; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<LibraryTarget, String> {
+        let mut parts = text.split('#');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err("no library path before '#'".to_string());
         }
+        let mut target = LibraryTarget {
+            path: path.to_string(),
+            function: None,
+            sha256: None,
+        };
+        for part in parts {
+            if let Some((key, value)) = part.split_once('=') {
+                if !key.eq_ignore_ascii_case("sha256") {
+                    return Err(format!(
+                        "unknown option '{key}' (after '#' come a function name and sha256=<digest>)"
+                    ));
+                }
+                if target.sha256.is_some() {
+                    return Err("sha256 is given twice".to_string());
+                }
+                target.sha256 = Some(value.parse().map_err(|e: DigestParseError| e.to_string())?);
+            } else if part.is_empty() {
+                return Err("empty name after '#'".to_string());
+            } else if let Some(first) = &target.function {
+                return Err(format!("two function names: '{first}' and '{part}'"));
+            } else {
+                target.function = Some(part.to_string());
+            }
+        }
+        Ok(target)
     }
 }
 
@@ -423,4 +529,52 @@ pub fn install(ctx: &SessionContext, loader: Arc<PluginLoader>) -> Result<()> {
         .write()
         .set_function_factory(Arc::new(PluginFunctionFactory::new(loader)));
     crate::catalog::register_plugin_functions_table(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    #[test]
+    fn targets_parse_in_any_order() {
+        let t = LibraryTarget::parse("lib.so").unwrap();
+        assert_eq!(
+            (t.path.as_str(), t.function, t.sha256),
+            ("lib.so", None, None)
+        );
+        let t = LibraryTarget::parse("dir/lib.so#add_days").unwrap();
+        assert_eq!(t.path, "dir/lib.so");
+        assert_eq!(t.function.as_deref(), Some("add_days"));
+        let pin: Sha256Digest = HEX.parse().unwrap();
+        for text in [
+            format!("lib.so#f#sha256={HEX}"),
+            format!("lib.so#SHA256={HEX}#f"),
+        ] {
+            let t = LibraryTarget::parse(&text).unwrap();
+            assert_eq!(t.function.as_deref(), Some("f"), "{text}");
+            assert_eq!(t.sha256, Some(pin), "{text}");
+        }
+        let t = LibraryTarget::parse(&format!("lib.so#sha256={HEX}")).unwrap();
+        assert_eq!((t.function, t.sha256), (None, Some(pin)));
+    }
+
+    #[test]
+    fn malformed_targets_say_what_is_wrong() {
+        for (text, expected) in [
+            ("#f".to_string(), "no library path"),
+            ("lib.so#".to_string(), "empty name"),
+            ("lib.so#f#g".to_string(), "two function names: 'f' and 'g'"),
+            ("lib.so#md5=00".to_string(), "unknown option 'md5'"),
+            ("lib.so#sha256=abc".to_string(), "got 3 characters"),
+            (
+                format!("lib.so#sha256={HEX}#sha256={HEX}"),
+                "sha256 is given twice",
+            ),
+        ] {
+            let e = LibraryTarget::parse(&text).unwrap_err();
+            assert!(e.contains(expected), "{text}: {e}");
+        }
+    }
 }

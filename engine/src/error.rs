@@ -17,6 +17,32 @@ pub enum LoadError {
         /// What the file system said.
         source: std::io::Error,
     },
+    /// The file could not be read (to compute its digest).
+    #[error("plugin library {path} could not be read: {source}")]
+    Read {
+        /// The library's path.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// The file was replaced between reading its digest and mapping it.
+    #[error("plugin library {path} was replaced while it was being loaded; try again")]
+    ChangedWhileLoading {
+        /// The library's path.
+        path: PathBuf,
+    },
+    /// The file's SHA-256 digest is not the pinned one.
+    #[error(
+        "plugin library {path} has SHA-256 {actual}, but {expected} was pinned; refusing to use it"
+    )]
+    DigestMismatch {
+        /// The library's path.
+        path: PathBuf,
+        /// The pinned digest.
+        expected: crate::trust::Sha256Digest,
+        /// The digest of the file that was loaded.
+        actual: crate::trust::Sha256Digest,
+    },
     /// `dlopen` refused the file: not a shared library, a corrupt ELF, a missing dependency.
     #[error("plugin library {path} could not be opened: {message}")]
     Open {
@@ -67,6 +93,9 @@ impl LoadError {
     pub fn path(&self) -> &std::path::Path {
         match self {
             LoadError::NotFound { path, .. }
+            | LoadError::Read { path, .. }
+            | LoadError::ChangedWhileLoading { path }
+            | LoadError::DigestMismatch { path, .. }
             | LoadError::Open { path, .. }
             | LoadError::MissingSymbol { path, .. }
             | LoadError::AbiMismatch { path, .. }

@@ -13,6 +13,7 @@
 use std::ffi::{CStr, c_char};
 use std::mem::ManuallyDrop;
 use std::mem::{align_of, offset_of, size_of};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +28,7 @@ use udf_abi::v2::{
 use udf_abi::{MAX_ARGS, PluginMetadata, PluginResult, PluginType, PluginValue};
 
 use crate::error::{CallError, LoadError, MetadataError, TypePosition};
+use crate::trust::Sha256Digest;
 
 /// The longest function name read from metadata, in bytes (without the NUL).
 pub const MAX_NAME_LEN: usize = 4096;
@@ -185,6 +187,7 @@ enum Entrypoints {
 /// and no running query holds it.
 pub struct PluginLibrary {
     path: PathBuf,
+    sha256: Sha256Digest,
     abi: Abi,
     functions: Vec<FunctionSignature>,
     entrypoints: Entrypoints,
@@ -210,10 +213,17 @@ impl std::fmt::Debug for PluginLibrary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PluginLibrary")
             .field("path", &self.path)
+            .field("sha256", &self.sha256)
             .field("abi", &self.abi)
             .field("functions", &self.functions)
             .finish_non_exhaustive()
     }
+}
+
+/// The effective user id of this process (the trust policy compares file owners with it).
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail (POSIX).
+    unsafe { libc::geteuid() }
 }
 
 /// The most functions a v2 manifest may list.
@@ -235,17 +245,52 @@ impl PluginLibrary {
     ///
     /// Loading runs the library's initialisers: load only code you trust.
     pub fn load(path: impl AsRef<Path>) -> Result<Arc<PluginLibrary>, LoadError> {
+        Self::load_pinned(path, None)
+    }
+
+    /// Like [`load`](Self::load), but when `pin` is given the file's SHA-256 digest must equal it;
+    /// it is checked before the library is mapped, so a library that differs never runs.
+    ///
+    /// The digest is computed from an open handle, and the path must still name that file after
+    /// mapping. One case it cannot see: when this process has already mapped the same path
+    /// (through another loader) and the file has been replaced since, the dynamic loader hands
+    /// back the earlier mapping. [`PluginLoader`](crate::PluginLoader) shares one mapping per
+    /// path and checks pins against the digest taken when it was mapped.
+    pub fn load_pinned(
+        path: impl AsRef<Path>,
+        pin: Option<&Sha256Digest>,
+    ) -> Result<Arc<PluginLibrary>, LoadError> {
         let given = path.as_ref();
         let path = std::fs::canonicalize(given).map_err(|source| LoadError::NotFound {
             path: given.to_path_buf(),
             source,
         })?;
+        // The digest is of the file that is mapped: hash an open handle, and check after
+        // `dlopen` that the path still names that same file.
+        let read_error = |source: std::io::Error| LoadError::Read {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(read_error)?;
+        let before = file.metadata().map_err(read_error)?;
+        let sha256 = Sha256Digest::of_reader(&file).map_err(read_error)?;
+        if let Some(expected) = pin.filter(|&expected| *expected != sha256) {
+            return Err(LoadError::DigestMismatch {
+                path,
+                expected: *expected,
+                actual: sha256,
+            });
+        }
         let library =
             dlopen2::raw::Library::open_with_flags(&path, Some(libc::RTLD_NOW | libc::RTLD_LOCAL))
                 .map_err(|e| LoadError::Open {
                     path: path.clone(),
                     message: dl_message(e),
                 })?;
+        let after = std::fs::metadata(&path).map_err(read_error)?;
+        if (before.dev(), before.ino()) != (after.dev(), after.ino()) {
+            return Err(LoadError::ChangedWhileLoading { path });
+        }
         // SAFETY: `udfsql_abi_version` is declared by ABI v2 as `UdfAbiVersion (void)`, a struct
         // of plain integers that is valid for any bits.
         let version: Result<VersionFn, _> = unsafe { library.symbol(v2::SYMBOL_ABI_VERSION) };
@@ -256,8 +301,20 @@ impl PluginLibrary {
             },
             Err(_) => Self::load_v1(&path, &library)?,
         };
+        tracing::info!(
+            path = %path.display(),
+            sha256 = %sha256,
+            abi = %abi,
+            functions = %functions
+                .iter()
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+            "loaded plugin library"
+        );
         Ok(Arc::new(PluginLibrary {
             path,
+            sha256,
             abi,
             functions,
             entrypoints,
@@ -396,6 +453,11 @@ impl PluginLibrary {
     /// The canonical path the library was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The SHA-256 digest of the file that was loaded.
+    pub fn sha256(&self) -> &Sha256Digest {
+        &self.sha256
     }
 
     /// The ABI the library speaks.

@@ -22,6 +22,7 @@ mod ddl;
 mod error;
 mod ffi;
 mod register;
+mod trust;
 pub mod types;
 mod udf;
 
@@ -38,5 +39,8 @@ pub use ffi::{
 pub use register::{
     Registration, SessionContextExt, libraries_in, register_function, register_library,
     register_plugin,
+};
+pub use trust::{
+    DigestParseError, InsecurePath, Sha256Digest, check_not_writable_by_others, judge,
 };
 pub use udf::{CallPath, PluginUdf};

@@ -84,6 +84,7 @@ pub fn example_plugin_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = fixture_dir().join("example-plugins");
         std::fs::create_dir_all(&dir).expect("create plugin dir");
+        set_mode(&dir, 0o755);
         for name in EXAMPLE_PLUGINS {
             let src = plugin(name);
             let dst = dir.join(src.file_name().expect("file name"));
@@ -106,13 +107,40 @@ pub fn fixture_dir() -> PathBuf {
         .expect("target dir")
         .join("udf-fixtures");
     std::fs::create_dir_all(&dir).expect("create fixture dir");
+    // Plugin directories must not be writable by others, whatever the umask.
+    set_mode(&dir, 0o755);
     dir
+}
+
+/// Sets the permission bits of `path`.
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// This process's effective user id (from `/proc/self`, which it owns).
+pub fn euid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").expect("/proc/self").uid()
+}
+
+/// The SHA-256 digest of `path` as printed by coreutils' `sha256sum` (an independent check of the
+/// engine's digest).
+pub fn sha256sum(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum");
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8(out.stdout).expect("utf-8")[..64].to_string()
 }
 
 fn copy_atomically(src: &Path, dst: &Path) {
     // Copy then rename, so that a library another test has loaded is never rewritten in place.
     let tmp = dst.with_extension(format!("tmp{}", std::process::id()));
     std::fs::copy(src, &tmp).expect("copy library");
+    set_mode(&tmp, 0o755);
     std::fs::rename(&tmp, dst).expect("rename library");
 }
 

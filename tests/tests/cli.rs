@@ -279,3 +279,53 @@ fn interactive_session_in_a_terminal() {
     let saved = std::fs::read_to_string(&history).unwrap();
     assert!(saved.contains("SELECT 40 + 2 AS answer;"), "{saved}");
 }
+
+#[test]
+fn hash_prints_what_sha256sum_prints_and_names_unreadable_files() {
+    let square = plugin("square");
+    let repeat = plugin("repeat");
+    let o = run(&["hash", square.to_str().unwrap(), repeat.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        format!(
+            "{}  {}\n{}  {}\n",
+            udf_tests::sha256sum(&square),
+            square.display(),
+            udf_tests::sha256sum(&repeat),
+            repeat.display()
+        )
+    );
+    let o = run(&["hash", "/no/such/lib.so", square.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("cannot read /no/such/lib.so"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stdout(&o).contains(&udf_tests::sha256sum(&square)));
+}
+
+#[test]
+fn every_load_is_logged_with_path_digest_abi_and_functions() {
+    let square = plugin("square").canonicalize().unwrap();
+    let o = Command::new(udfsql())
+        .args(["--plugin", square.to_str().unwrap(), "-c", "SELECT 1"])
+        .env("UDFSQL_LOG", "info")
+        .output()
+        .expect("run udfsql");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = stderr(&o);
+    let line = log
+        .lines()
+        .find(|l| l.contains("loaded plugin library"))
+        .unwrap_or_else(|| panic!("no load line in:\n{log}"));
+    for part in [
+        format!("path={}", square.display()),
+        format!("sha256={}", udf_tests::sha256sum(&square)),
+        "abi=v2.1".to_string(),
+        "functions=square(Int) -> Int".to_string(),
+    ] {
+        assert!(line.contains(&part), "{part} missing from: {line}");
+    }
+}

@@ -363,3 +363,173 @@ async fn volatility_can_be_declared() {
     let plan = rows(&ctx, "EXPLAIN SELECT v(3)").await;
     assert!(format!("{plan:?}").contains("v(Int64(3))"), "{plan:?}");
 }
+
+// ---- Trust policy: SHA-256 pins and permissions ----
+
+fn create_sq(name: &str, target: &str) -> String {
+    format!("CREATE FUNCTION {name}(BIGINT) RETURNS BIGINT LANGUAGE plugin AS '{target}'")
+}
+
+/// A digest that differs from `hex` in its first digit.
+fn other_digest(hex: &str) -> String {
+    let first = if hex.starts_with('0') { '1' } else { '0' };
+    format!("{first}{}", &hex[1..])
+}
+
+#[tokio::test]
+async fn a_pinned_library_loads_only_with_its_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("sq.so");
+    copy(&plugin("square"), &lib);
+    let lib = lib.canonicalize().unwrap();
+    let digest = udf_tests::sha256sum(&lib);
+    let wrong = other_digest(&digest);
+    let (ctx, loader) = session(PluginLoader::new().with_plugin_dir(dir.path()).unwrap());
+
+    let e = query_error(&ctx, &create_sq("sq", &format!("sq.so#sha256={wrong}"))).await;
+    assert!(
+        e.contains(&format!(
+            "plugin library {} has SHA-256 {digest}, but {wrong} was pinned",
+            lib.display()
+        )),
+        "{e}"
+    );
+    assert_eq!(
+        loader.loaded_libraries(),
+        0,
+        "a refused library is not kept"
+    );
+
+    // The right digest (any case), with a function name before or after it.
+    let upper = digest.to_uppercase();
+    query(
+        &ctx,
+        &create_sq("sq", &format!("sq.so#square#sha256={upper}")),
+    )
+    .await
+    .unwrap();
+    query(
+        &ctx,
+        &create_sq("sq2", &format!("sq.so#sha256={digest}#square")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        rows(&ctx, "SELECT sq(7), sq2(8)").await,
+        expect(&[&["49", "64"]])
+    );
+    // Once loaded, a pin is checked against the digest taken when the library was mapped.
+    let e = query_error(&ctx, &create_sq("sq3", &format!("sq.so#sha256={wrong}"))).await;
+    assert!(e.contains("was pinned; refusing to use it"), "{e}");
+
+    // Malformed targets name the statement, the text and the problem.
+    let e = query_error(&ctx, &create_sq("sq3", "sq.so#sha256=xyz")).await;
+    assert!(
+        e.contains("CREATE FUNCTION sq3: AS 'sq.so#sha256=xyz': 'xyz' is not a SHA-256 digest"),
+        "{e}"
+    );
+    let e = query_error(&ctx, &create_sq("sq3", "sq.so#md5=00")).await;
+    assert!(e.contains("unknown option 'md5'"), "{e}");
+}
+
+#[tokio::test]
+async fn a_library_with_the_wrong_digest_never_runs() {
+    let marker = udf_tests::fixture_dir().join(format!("constructor-ran-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let define = format!("MARKER=\"{}\"", marker.display());
+    let built = udf_tests::c_library("c_concat_marked", "c_plugin.c", &[&define]);
+    let dir = tempfile::tempdir().unwrap();
+    copy(&built, &dir.path().join("marked.so"));
+    let digest = udf_tests::sha256sum(&built);
+    let (ctx, _) = session(PluginLoader::new().with_plugin_dir(dir.path()).unwrap());
+    let create = |pin: &str| {
+        format!(
+            "CREATE OR REPLACE FUNCTION c_concat(VARCHAR, BOOLEAN, VARCHAR) LANGUAGE plugin AS 'marked.so#sha256={pin}'"
+        )
+    };
+
+    let e = query_error(&ctx, &create(&other_digest(&digest))).await;
+    assert!(e.contains("was pinned"), "{e}");
+    assert!(!marker.exists(), "the refused library's constructor ran");
+    // The marker does work: loading it with the right digest runs the constructor.
+    query(&ctx, &create(&digest)).await.unwrap();
+    assert!(
+        marker.exists(),
+        "the loaded library's constructor did not run"
+    );
+    std::fs::remove_file(&marker).unwrap();
+}
+
+#[tokio::test]
+async fn libraries_other_users_could_write_are_refused() {
+    use udf_tests::set_mode;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let lib = root.join("sq.so");
+    copy(&plugin("square"), &lib);
+    set_mode(&lib, 0o755);
+
+    // A plugin directory its group can write to is refused when it is configured.
+    set_mode(&root, 0o775);
+    let e = PluginLoader::new()
+        .with_plugin_dir(&root)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "{} is writable by its group (mode 0775)",
+            root.display()
+        )),
+        "{e}"
+    );
+    set_mode(&root, 0o755);
+    let (ctx, loader) = session(PluginLoader::new().with_plugin_dir(&root).unwrap());
+
+    // A library file others can write to.
+    set_mode(&lib, 0o646);
+    let e = query_error(&ctx, &create_sq("sq", "sq.so")).await;
+    assert!(
+        e.contains(&format!(
+            "refusing to load plugin library {0} from SQL: {0} is writable by other users (mode 0646)",
+            lib.display()
+        )),
+        "{e}"
+    );
+    assert_eq!(loader.loaded_libraries(), 0);
+
+    // A subdirectory between the plugin directory and the library.
+    set_mode(&lib, 0o755);
+    let sub = root.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    copy(&lib, &sub.join("sq.so"));
+    set_mode(&sub, 0o777);
+    let e = query_error(&ctx, &create_sq("sq", "sub/sq.so")).await;
+    assert!(
+        e.contains(&format!(
+            "{} is writable by its group and other users (mode 0777)",
+            sub.display()
+        )),
+        "{e}"
+    );
+
+    // The plugin directory loosened after start-up is caught when SQL loads from it.
+    set_mode(&root, 0o757);
+    let e = query_error(&ctx, &create_sq("sq", "sq.so")).await;
+    assert!(
+        e.contains(&format!("{} is writable by other users", root.display())),
+        "{e}"
+    );
+
+    // Owned by another user (needs root to arrange; CI runs as root; `judge`'s unit test covers
+    // the rule without it).
+    set_mode(&root, 0o755);
+    if std::os::unix::fs::chown(&lib, Some(4242), None).is_ok() {
+        let e = query_error(&ctx, &create_sq("sq", "sq.so")).await;
+        assert!(e.contains("is owned by uid 4242"), "{e}");
+        std::os::unix::fs::chown(&lib, Some(udf_tests::euid()), None).unwrap();
+    }
+
+    // Fixed: it loads.
+    query(&ctx, &create_sq("sq", "sq.so")).await.unwrap();
+    assert_eq!(rows(&ctx, "SELECT sq(5)").await, expect(&[&["25"]]));
+}

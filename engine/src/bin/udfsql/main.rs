@@ -22,8 +22,10 @@ use shell::{Interrupt, Shell};
 /// Without -c or -f, reads SQL from standard input when it is piped, and starts the interactive
 /// shell when it is a terminal.
 #[derive(Debug, Parser)]
-#[command(name = "udfsql", version)]
+#[command(name = "udfsql", version, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Load the plugin library FILE and register its functions (repeatable; trusted: any path).
     #[arg(long = "plugin", value_name = "FILE")]
     plugins: Vec<PathBuf>,
@@ -56,6 +58,33 @@ struct Args {
     history: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print the SHA-256 digest of each FILE (as sha256sum does), to pin a library in
+    /// CREATE FUNCTION ... AS 'lib.so#sha256=<digest>'.
+    Hash {
+        /// Library files.
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// `udfsql hash FILE...`: one `<digest>  <path>` line per file; a file that cannot be read is
+/// reported and makes the exit status non-zero, the others are still printed.
+fn hash(files: &[PathBuf]) -> bool {
+    let mut ok = true;
+    for file in files {
+        match udf_engine::Sha256Digest::of_file(file) {
+            Ok(digest) => println!("{digest}  {}", file.display()),
+            Err(e) => {
+                eprintln!("error: cannot read {}: {e}", file.display());
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -63,10 +92,18 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .without_time()
         .with_target(false)
         .init();
     let args = Args::parse();
+    if let Some(Command::Hash { files }) = &args.command {
+        return if hash(files) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     match run(args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -117,14 +154,19 @@ fn run(args: Args) -> Result<bool> {
     }
     for dir in &dirs {
         loader = loader.with_plugin_dir(dir)?;
-        if args.demo && !args.plugin_dirs.contains(dir) {
-            libraries.extend(example_plugins_in(dir)?);
+        let found = if args.demo && !args.plugin_dirs.contains(dir) {
+            example_plugins_in(dir)?
         } else {
-            libraries.extend(
-                udf_engine::libraries_in(dir)
-                    .with_context(|| format!("cannot read plugin directory {}", dir.display()))?,
-            );
+            udf_engine::libraries_in(dir)
+                .with_context(|| format!("cannot read plugin directory {}", dir.display()))?
+        };
+        // A plugin directory's libraries follow the rules CREATE FUNCTION applies to them.
+        for library in &found {
+            udf_engine::check_not_writable_by_others(library).with_context(|| {
+                format!("refusing to load plugin library {}", library.display())
+            })?;
         }
+        libraries.extend(found);
     }
 
     let interrupt = if interactive {
