@@ -522,9 +522,11 @@ impl FunctionFactory for PluginFunctionFactory {
     }
 }
 
-/// Installs plugin DDL in `ctx`: `CREATE FUNCTION ... LANGUAGE plugin` through `loader`, and the
-/// `plugin_functions` table that lists the session's plugin functions.
+/// Installs plugin DDL in `ctx`: `CREATE FUNCTION ... LANGUAGE plugin` through `loader`, the
+/// `plugin_functions` table that lists the session's plugin functions, and the plugin line of
+/// `EXPLAIN` ([`install_explain`](crate::install_explain)).
 pub fn install(ctx: &SessionContext, loader: Arc<PluginLoader>) -> Result<()> {
+    crate::explain::install_explain(ctx);
     ctx.state_ref()
         .write()
         .set_function_factory(Arc::new(PluginFunctionFactory::new(loader)));

@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use datafusion::catalog::Session;
 use datafusion::common::Result;
 use datafusion::common::display::{PlanType, StringifiedPlan};
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::execution::context::{QueryPlanner, SessionState};
+use datafusion::execution::context::QueryPlanner;
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::physical_plan::ExecutionPlan;
@@ -21,11 +22,13 @@ use datafusion::prelude::SessionContext;
 use crate::udf::PluginUdf;
 
 /// A [`QueryPlanner`] that plans through `inner` and, for `EXPLAIN`, appends to the final
-/// physical plan one line naming every plugin function of the query with its call path, library
-/// and ABI:
+/// physical plan a line for every plugin function of the query, with its call path, library and
+/// ABI:
 ///
 /// ```text
-/// plugin functions: my_repeat: row path, libudf_plugin_repeat.so (ABI v1); square: batch path, libudf_plugin_square.so (ABI v2.1)
+/// plugin functions:
+///   my_repeat: row path, libudf_plugin_repeat.so (ABI v1)
+///   square: batch path, libudf_plugin_square.so (ABI v2.1)
 /// ```
 #[derive(Debug)]
 pub struct PluginQueryPlanner {
@@ -44,7 +47,7 @@ impl QueryPlanner for PluginQueryPlanner {
     async fn create_physical_plan(
         &self,
         logical_plan: &LogicalPlan,
-        session_state: &SessionState,
+        session_state: &dyn Session,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let plan = self
             .inner
@@ -53,7 +56,7 @@ impl QueryPlanner for PluginQueryPlanner {
         let LogicalPlan::Explain(explain) = logical_plan else {
             return Ok(plan);
         };
-        let Some(exec) = plan.as_any().downcast_ref::<ExplainExec>() else {
+        let Some(exec) = plan.downcast_ref::<ExplainExec>() else {
             return Ok(plan);
         };
         let Some(line) = plugin_calls_line(&explain.plan)? else {
@@ -63,8 +66,7 @@ impl QueryPlanner for PluginQueryPlanner {
             .stringified_plans()
             .iter()
             .map(|p| match p.plan_type {
-                // (Installed twice, the outer planner finds the line there already.)
-                PlanType::FinalPhysicalPlan if !p.plan.contains(&line) => {
+                PlanType::FinalPhysicalPlan => {
                     let sep = if p.plan.ends_with('\n') { "" } else { "\n" };
                     StringifiedPlan::new(p.plan_type.clone(), format!("{}{sep}{line}", p.plan))
                 }
@@ -79,7 +81,7 @@ impl QueryPlanner for PluginQueryPlanner {
     }
 }
 
-/// `plugin functions: ...` for the plugin functions `plan` calls (subqueries included), or
+/// `plugin functions:` and a line for each plugin function `plan` calls (subqueries included), or
 /// `None` when it calls none.
 pub fn plugin_calls_line(plan: &LogicalPlan) -> Result<Option<String>> {
     let mut found: BTreeMap<String, String> = BTreeMap::new();
@@ -87,15 +89,13 @@ pub fn plugin_calls_line(plan: &LogicalPlan) -> Result<Option<String>> {
         node.apply_expressions(|expr| {
             expr.apply(|e| {
                 if let Expr::ScalarFunction(f) = e
-                    && let Some(udf) = f.func.inner().as_any().downcast_ref::<PluginUdf>()
+                    && let Some(udf) = f.func.inner().downcast_ref::<PluginUdf>()
                 {
                     let library = udf.function().library();
-                    let file = library
-                        .path()
-                        .file_name()
-                        .map_or_else(|| library.path().display().to_string(), |n| {
-                            n.to_string_lossy().into_owned()
-                        });
+                    let file = library.path().file_name().map_or_else(
+                        || library.path().display().to_string(),
+                        |n| n.to_string_lossy().into_owned(),
+                    );
                     found.insert(
                         f.func.name().to_string(),
                         format!("{} path, {file} (ABI {})", udf.call_path(), library.abi()),
@@ -110,15 +110,20 @@ pub fn plugin_calls_line(plan: &LogicalPlan) -> Result<Option<String>> {
     }
     let calls: Vec<String> = found
         .into_iter()
-        .map(|(name, how)| format!("{name}: {how}"))
+        .map(|(name, how)| format!("  {name}: {how}"))
         .collect();
-    Ok(Some(format!("plugin functions: {}", calls.join("; "))))
+    Ok(Some(format!("plugin functions:\n{}\n", calls.join("\n"))))
 }
 
 /// Makes `ctx`'s EXPLAIN show plugin calls (see [`PluginQueryPlanner`]), keeping the planner
 /// and everything else the session had (the session's state is rebuilt around the new planner).
 pub fn install_explain(ctx: &SessionContext) {
-    let mut state = ctx.state_ref().write();
+    let state_ref = ctx.state_ref();
+    let mut state = state_ref.write();
+    let current: &dyn std::any::Any = state.query_planner().as_ref();
+    if current.is::<PluginQueryPlanner>() {
+        return;
+    }
     let planner = Arc::new(PluginQueryPlanner::new(Arc::clone(state.query_planner())));
     let session_id = state.session_id().to_string();
     *state = SessionStateBuilder::new_from_existing(state.clone())

@@ -20,6 +20,7 @@
 mod catalog;
 mod ddl;
 mod error;
+mod explain;
 mod ffi;
 mod register;
 mod trust;
@@ -32,6 +33,7 @@ pub use catalog::{
 };
 pub use ddl::{DdlError, LibraryTarget, PluginFunctionFactory, PluginLoader, install};
 pub use error::{CallError, LoadError, MetadataError, TypePosition};
+pub use explain::{PluginQueryPlanner, install_explain, plugin_calls_line};
 pub use ffi::{
     Abi, ArgRef, DeclaredVolatility, FunctionSignature, MAX_FUNCTIONS, MAX_NAME_LEN, PluginBytes,
     PluginFunction, PluginLibrary, Returned, RowScratch,

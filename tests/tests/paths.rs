@@ -401,3 +401,71 @@ proptest! {
         check("add_seconds", vec![Arc::new(ts), Arc::new(sixty)], ret, Ok(Arc::new(later)));
     }
 }
+
+/// EXPLAIN names each plugin function's call path, library and ABI under the physical plan.
+#[tokio::test]
+async fn explain_shows_the_call_path_of_each_plugin_function() {
+    let ctx = SessionContext::new();
+    ctx.sql("CREATE TABLE n (x BIGINT) AS VALUES (1), (2)")
+        .await
+        .unwrap();
+    let id = ctx.session_id();
+    udf_engine::install_explain(&ctx);
+    udf_engine::install_explain(&ctx); // a second install changes nothing
+    assert_eq!(ctx.session_id(), id);
+    assert_eq!(
+        ctx.state().session_id(),
+        id,
+        "the state keeps its session id"
+    );
+    let library = PluginLibrary::load(plugin("square")).unwrap();
+    let square = library.function(0).unwrap();
+    for (name, path) in [("sq_row", CallPath::Row), ("sq_batch", CallPath::Batch)] {
+        let udf = PluginUdf::new(name, square.clone(), Volatility::Immutable).with_call_path(path);
+        ctx.register_udf(ScalarUDF::new_from_impl(udf));
+    }
+
+    let plan = |sql: String| {
+        let ctx = ctx.clone();
+        async move {
+            let batches = query(&ctx, &sql).await.unwrap();
+            datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+                .unwrap()
+                .to_string()
+        }
+    };
+    let text =
+        plan("EXPLAIN SELECT sq_row(x), sq_batch(x) + 1 FROM n WHERE sq_row(x) > 1".into()).await;
+    let file = plugin("square")
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let expected = format!(
+        "plugin functions:\n  sq_batch: batch path, {file} (ABI v2.1)\n  sq_row: row path, {file} (ABI v2.1)"
+    );
+    // Each line sits in the plan column of the physical_plan row, in this order.
+    let lines: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split('|').nth(2))
+        .map(str::trim_end)
+        .map(|l| l.strip_prefix(' ').unwrap_or(l))
+        .collect();
+    let at = lines
+        .iter()
+        .position(|l| *l == "plugin functions:")
+        .unwrap_or_else(|| panic!("no plugin line in:\n{text}"));
+    assert_eq!(lines[at..at + 3].join("\n"), expected, "{text}");
+    assert_eq!(text.matches("plugin functions:").count(), 1, "{text}");
+    assert!(
+        text.find("physical_plan").unwrap() < text.find("plugin functions:").unwrap(),
+        "{text}"
+    );
+
+    // Subqueries count; queries without plugin functions get no line.
+    let text = plan("EXPLAIN SELECT x FROM n WHERE x IN (SELECT sq_row(x) FROM n)".into()).await;
+    assert!(text.contains("sq_row: row path"), "{text}");
+    let text = plan("EXPLAIN SELECT x + 1 FROM n".into()).await;
+    assert!(!text.contains("plugin functions"), "{text}");
+}

@@ -162,8 +162,16 @@ async fn ten_thousand_queries_through_one_session_with_flat_peak_rss() {
     // The answers were right, not merely stable: spot-check against the data.
     assert!(first[QUERIES[1]].contains(&(0..ROWS as i64).map(|x| x * x).sum::<i64>().to_string()));
     assert!(first[QUERIES[5]].contains(&(ROWS / 2).to_string()));
-    assert!(first[QUERIES[10]].contains("division by zero"), "{}", first[QUERIES[10]]);
-    assert!(first[QUERIES[11]].contains("panicked"), "{}", first[QUERIES[11]]);
+    assert!(
+        first[QUERIES[10]].contains("division by zero"),
+        "{}",
+        first[QUERIES[10]]
+    );
+    assert!(
+        first[QUERIES[11]].contains("panicked"),
+        "{}",
+        first[QUERIES[11]]
+    );
 
     assert!(checkpoints.len() >= 2, "run at least 2,000 queries");
     // Flat: over the second half of the run, peak RSS grows by less than 2% (and 8 MiB).
