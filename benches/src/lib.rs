@@ -242,12 +242,22 @@ impl ScalarUDFImpl for Static {
             Kind::Repeat => {
                 let s: &StringArray = arrays[0].as_string::<i32>();
                 let n = arrays[1].as_primitive::<datafusion::arrow::datatypes::UInt64Type>();
-                let mut b = StringBuilder::with_capacity(s.len(), s.len() * 32);
+                // The plugin's loop and body (toolbox `repeat_text`, with `#[udf]`'s reused
+                // output buffer), linked statically.
+                let mut b = StringBuilder::with_capacity(s.len(), s.len() * 16);
+                let mut buf = String::new();
                 for i in 0..s.len() {
                     if s.is_null(i) || n.is_null(i) {
                         b.append_null();
                     } else {
-                        b.append_value(s.value(i).repeat(n.value(i) as usize));
+                        buf.clear();
+                        let (s, count) = (s.value(i), n.value(i) as usize);
+                        let len = s.len().checked_mul(count).expect("size");
+                        buf.try_reserve(len).expect("size");
+                        for _ in 0..count {
+                            buf.push_str(s);
+                        }
+                        b.append_value(&buf);
                     }
                 }
                 Arc::new(b.finish())

@@ -384,6 +384,29 @@ pub fn finish<R: IntoUdfResult>(result: R) -> Result<UdfValue, String> {
     result.into_udf_result()?.into_udf_value()
 }
 
+/// What an output-parameter function returns: nothing, or `Result<(), E>`.
+pub trait IntoUnitResult {
+    /// `Ok(())`, or the error message.
+    fn into_unit_result(self) -> Result<(), String>;
+}
+
+impl IntoUnitResult for () {
+    fn into_unit_result(self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<E: Display> IntoUnitResult for Result<(), E> {
+    fn into_unit_result(self) -> Result<(), String> {
+        self.map_err(|e| e.to_string())
+    }
+}
+
+/// The result of an output-parameter function on the row path: `buffer`, unless it failed.
+pub fn written<R: IntoUnitResult>(done: R, buffer: String) -> Result<String, String> {
+    done.into_unit_result().map(|()| buffer)
+}
+
 /// Wraps an argument conversion error with the argument's position.
 pub fn argument_error(index: usize, error: String) -> String {
     format!("argument {}: {error}", index + 1)
@@ -744,6 +767,23 @@ pub mod batch {
     #[inline]
     pub fn append<R: IntoUdfResult>(out: &mut Output, result: R) -> Result<(), String> {
         result.into_udf_result()?.append_to(out)
+    }
+
+    /// Appends what an output-parameter function wrote into `buffer` (unless it failed).
+    #[inline]
+    pub fn append_written<R: IntoUnitResult>(
+        out: &mut Output,
+        done: R,
+        buffer: &str,
+    ) -> Result<(), String> {
+        done.into_unit_result()?;
+        match out {
+            Output::Utf8(b) => {
+                b.append_value(buffer);
+                Ok(())
+            }
+            _ => Err(MISMATCH.to_string()),
+        }
     }
 
     /// A primitive Rust type with an Arrow primitive type, for the vectorised kernels.

@@ -66,6 +66,21 @@
 //! receive NULLs, `Option<T>` results may be NULL, `Result<T, E: Display>` errors and panics become
 //! SQL errors. Options: `#[udf(name = "sql_name", volatility = "immutable" | "stable" |
 //! "volatile")]`.
+//!
+//! A string result may be written rather than returned: a last parameter `&mut String` is an
+//! output buffer, cleared and reused from row to row (no allocation per row on the batch path);
+//! the function then returns nothing or `Result<(), E>`:
+//!
+//! ```
+//! use udf_abi::udf;
+//!
+//! #[udf]
+//! fn shout(s: &str, out: &mut String) {
+//!     out.push_str(&s.to_uppercase());
+//!     out.push('!');
+//! }
+//! # fn main() {}
+//! ```
 #![deny(unsafe_code)]
 
 pub mod export;

@@ -25,6 +25,11 @@ use syn::{
 ///
 /// #[udf(name = "random_int", volatility = "volatile")]
 /// fn random() -> i64 { 4 }
+///
+/// // A last parameter `&mut String` is the result: the function writes into a buffer the
+/// // generated code reuses from row to row (no allocation per row on the batch path).
+/// #[udf]
+/// fn shout(s: &str, out: &mut String) { out.push_str(&s.to_uppercase()) }
 /// ```
 #[proc_macro_attribute]
 pub fn udf(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -213,6 +218,43 @@ fn check_return(ty: &Type) -> Result<(), Error> {
     check_nullable(ty, false)
 }
 
+/// Whether `ty` is `&mut String`: the output parameter form.
+fn is_string_out(ty: &Type) -> bool {
+    match ty {
+        Type::Reference(r) if r.mutability.is_some() => {
+            matches!(&*r.elem, Type::Path(p) if p.qself.is_none() && p.path.is_ident("String"))
+        }
+        Type::Group(g) => is_string_out(&g.elem),
+        Type::Paren(p) => is_string_out(&p.elem),
+        _ => false,
+    }
+}
+
+/// The return of an output-parameter function: nothing, `()`, or `Result<(), E>`.
+fn check_out_return(output: &ReturnType) -> Result<(), Error> {
+    let ty = match output {
+        ReturnType::Default => return Ok(()),
+        ReturnType::Type(_, t) => &**t,
+    };
+    let unit = |t: &Type| matches!(t, Type::Tuple(tuple) if tuple.elems.is_empty());
+    if unit(ty) {
+        return Ok(());
+    }
+    if let Some(seg) = last_segment(ty)
+        && seg.ident == "Result"
+        && let PathArguments::AngleBracketed(args) = &seg.arguments
+        && args.args.len() == 2
+        && matches!(args.args.first(), Some(GenericArgument::Type(ok)) if unit(ok))
+    {
+        return Ok(());
+    }
+    Err(Error::new_spanned(
+        ty,
+        "a #[udf] function that writes its result into `&mut String` returns nothing or \
+         Result<(), E>",
+    ))
+}
+
 /// Replaces elided and anonymous lifetimes by `'static`, for use in `static` items.
 struct StaticLifetimes;
 
@@ -330,27 +372,43 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
     }
 
     let mut arg_types = Vec::new();
-    for input in &sig.inputs {
+    let inputs: Vec<&FnArg> = sig.inputs.iter().collect();
+    // A last parameter `&mut String` is where the function writes its (non-NULL) result.
+    let out_param = matches!(inputs.last(), Some(FnArg::Typed(pat)) if is_string_out(&pat.ty));
+    let value_inputs = &inputs[..inputs.len() - usize::from(out_param)];
+    for input in value_inputs {
         match input {
             FnArg::Receiver(r) => {
                 return Err(Error::new_spanned(r, "#[udf] functions cannot take self"));
             }
             FnArg::Typed(pat) => {
+                if is_string_out(&pat.ty) {
+                    return Err(Error::new_spanned(
+                        &pat.ty,
+                        "the output parameter `&mut String` must be the last parameter",
+                    ));
+                }
                 check_nullable(&pat.ty, true)?;
                 arg_types.push((*pat.ty).clone());
             }
         }
     }
-    let return_type: Type = match &sig.output {
-        ReturnType::Default => {
-            return Err(Error::new_spanned(
-                &sig.ident,
-                "#[udf] functions must return a value (a SQL function has a result)",
-            ));
-        }
-        ReturnType::Type(_, t) => {
-            check_return(t)?;
-            (**t).clone()
+    let return_type: Type = if out_param {
+        check_out_return(&sig.output)?;
+        syn::parse_quote!(::std::string::String)
+    } else {
+        match &sig.output {
+            ReturnType::Default => {
+                return Err(Error::new_spanned(
+                    &sig.ident,
+                    "#[udf] functions must return a value (a SQL function has a result), or \
+                     write it into a last parameter `out: &mut String`",
+                ));
+            }
+            ReturnType::Type(_, t) => {
+                check_return(t)?;
+                (**t).clone()
+            }
         }
     };
 
@@ -393,7 +451,35 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                 };
             }
         });
-    let fast = fast_kernel(ident, &arg_types, &return_type);
+    let fast = if out_param {
+        fast_kernel(ident, &[], &return_type)
+    } else {
+        fast_kernel(ident, &arg_types, &return_type)
+    };
+    let row_call = if out_param {
+        quote! {
+            let mut __udf_buf = ::std::string::String::new();
+            let __udf_done = #ident(#(#names,)* &mut __udf_buf);
+            ::udf_abi::export::finish(::udf_abi::export::written(__udf_done, __udf_buf))
+        }
+    } else {
+        quote! { ::udf_abi::export::finish(#ident(#(#names),*)) }
+    };
+    let (slow_setup, batch_call) = if out_param {
+        (
+            quote! { let mut __udf_buf = ::std::string::String::new(); },
+            quote! {
+                __udf_buf.clear();
+                let __udf_done = #ident(#(#names,)* &mut __udf_buf);
+                ::udf_abi::export::batch::append_written(__udf_out, __udf_done, &__udf_buf)
+            },
+        )
+    } else {
+        (
+            quote! {},
+            quote! { ::udf_abi::export::batch::append(__udf_out, #ident(#(#names),*)) },
+        )
+    };
 
     Ok(quote! {
         #function
@@ -416,7 +502,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                 unsafe {
                     ::udf_abi::export::call_row(args, args_len, #count, out, error, |__udf_args| {
                         #(#conversions)*
-                        ::udf_abi::export::finish(#ident(#(#names),*))
+                        #row_call
                     })
                 }
             }
@@ -432,6 +518,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                 error: *mut ::udf_abi::v2::UdfOwnedBytes,
             ) -> i32 {
                 let __udf_slow = |__udf_cols: &[::udf_abi::export::batch::Column], __udf_rows: usize| {
+                    #slow_setup
                     ::udf_abi::export::batch::rows(
                         __udf_cols,
                         __udf_rows,
@@ -439,7 +526,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                             as ::udf_abi::export::UdfReturnType>::TYPE,
                         |__udf_cols, __udf_row, __udf_out| {
                             #(#batch_reads)*
-                            ::udf_abi::export::batch::append(__udf_out, #ident(#(#names),*))
+                            #batch_call
                         },
                     )
                 };

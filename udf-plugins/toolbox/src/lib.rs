@@ -122,15 +122,22 @@ fn utf8_len(s: &str) -> u64 {
 }
 
 /// `repeat` as an ABI v2 function (the seed's v1 `repeat` is in its own library): the string
-/// `n` times, an error when the result would be too large to allocate.
+/// `n` times, an error when the result cannot be allocated. It writes into the output
+/// buffer `#[udf]` hands it, which is reused from row to row: no allocation per row.
 #[udf]
-fn repeat_text(s: &str, n: u64) -> Result<String, String> {
-    let n = usize::try_from(n).map_err(|_| format!("count {n} is too large"))?;
-    match s.len().checked_mul(n) {
-        Some(len) if len <= isize::MAX as usize / 2 => Ok(s.repeat(n)),
-        _ => Err(format!(
+fn repeat_text(s: &str, n: u64, out: &mut String) -> Result<(), String> {
+    let too_large = || {
+        format!(
             "result of repeating {} bytes {n} times is too large",
             s.len()
-        )),
+        )
+    };
+    let count = usize::try_from(n).map_err(|_| format!("count {n} is too large"))?;
+    let len = s.len().checked_mul(count).ok_or_else(too_large)?;
+    // try_reserve: an allocation that fails is an error for this call, not an abort of the host.
+    out.try_reserve(len).map_err(|_| too_large())?;
+    for _ in 0..count {
+        out.push_str(s);
     }
+    Ok(())
 }
