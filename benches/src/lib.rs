@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
 use datafusion::arrow::array::{
@@ -176,6 +177,9 @@ enum Kind {
 /// The plugins' functions compiled into the host as ordinary ScalarUDFs, written the way the
 /// `#[udf]` batch code runs them (vectorised for primitives, a row loop for strings): the
 /// difference to the `_batch` variants is the cost of loading dynamically.
+/// `repeat_static`'s bytes per row of its last batch (what `#[udf]` keeps per function).
+static REPEAT_BYTES_PER_ROW: AtomicUsize = AtomicUsize::new(0);
+
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct Static {
     name: String,
@@ -243,8 +247,13 @@ impl ScalarUDFImpl for Static {
                 let s: &StringArray = arrays[0].as_string::<i32>();
                 let n = arrays[1].as_primitive::<datafusion::arrow::datatypes::UInt64Type>();
                 // The plugin's loop and body (toolbox `repeat_text`, with `#[udf]`'s reused
-                // output buffer), linked statically.
-                let mut b = StringBuilder::with_capacity(s.len(), s.len() * 16);
+                // output buffer and its bytes-per-row sizing), linked statically.
+                let per_row = match REPEAT_BYTES_PER_ROW.load(Relaxed) {
+                    0 => 16,
+                    n => n + n / 8 + 1,
+                };
+                let mut b =
+                    StringBuilder::with_capacity(s.len(), (s.len() * per_row).min(16 << 20));
                 let mut buf = String::new();
                 for i in 0..s.len() {
                     if s.is_null(i) || n.is_null(i) {
@@ -259,6 +268,9 @@ impl ScalarUDFImpl for Static {
                         }
                         b.append_value(&buf);
                     }
+                }
+                if !s.is_empty() {
+                    REPEAT_BYTES_PER_ROW.store(b.values_slice().len().div_ceil(s.len()), Relaxed);
                 }
                 Arc::new(b.finish())
             }

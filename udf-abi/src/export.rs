@@ -714,20 +714,29 @@ pub mod batch {
     }
 
     impl Output {
-        fn new(t: UdfType, rows: usize) -> Output {
+        fn new(t: UdfType, rows: usize, bytes: usize) -> Output {
             match t {
                 UdfType::Bool => Output::Bool(BooleanBuilder::with_capacity(rows)),
                 UdfType::Int64 => Output::Int64(Int64Builder::with_capacity(rows)),
                 UdfType::UInt64 => Output::UInt64(UInt64Builder::with_capacity(rows)),
                 UdfType::Float64 => Output::Float64(Float64Builder::with_capacity(rows)),
-                UdfType::Utf8 => Output::Utf8(StringBuilder::with_capacity(rows, rows * 16)),
+                UdfType::Utf8 => Output::Utf8(StringBuilder::with_capacity(rows, bytes)),
                 UdfType::Int32 => Output::Int32(Int32Builder::with_capacity(rows)),
                 UdfType::Float32 => Output::Float32(Float32Builder::with_capacity(rows)),
-                UdfType::Binary => Output::Binary(BinaryBuilder::with_capacity(rows, rows * 16)),
+                UdfType::Binary => Output::Binary(BinaryBuilder::with_capacity(rows, bytes)),
                 UdfType::Date32 => Output::Date32(Date32Builder::with_capacity(rows)),
                 UdfType::TimestampMicros => Output::TimestampMicros(
                     TimestampMicrosecondBuilder::with_capacity(rows).with_timezone("UTC"),
                 ),
+            }
+        }
+
+        /// The bytes written so far to a string or binary output.
+        fn value_bytes(&self) -> Option<usize> {
+            match self {
+                Output::Utf8(b) => Some(b.values_slice().len()),
+                Output::Binary(b) => Some(b.values_slice().len()),
+                _ => None,
             }
         }
 
@@ -902,16 +911,37 @@ pub mod batch {
     /// A whole-batch evaluation: columns and row count in, result array out.
     pub type Kernel<'a> = dyn Fn(&[Column], usize) -> Result<ArrayRef, String> + 'a;
 
+    /// Bytes per row that a function's last batch wrote to its string or binary output (one per
+    /// function, in the generated code): the next batch allocates that much up front, instead of
+    /// growing (allocating, copying and freeing) the buffer while its row loop runs.
+    pub type BytesPerRow = std::sync::atomic::AtomicUsize;
+
     /// The row loop inside the plugin: `row(columns, i, out)` appends row `i`'s result.
     pub fn rows(
         columns: &[Column],
         rows: usize,
         return_type: UdfType,
+        bytes_per_row: &BytesPerRow,
         mut row: impl FnMut(&[Column], usize, &mut Output) -> Result<(), String>,
     ) -> Result<ArrayRef, String> {
-        let mut out = Output::new(return_type, rows);
+        use std::sync::atomic::Ordering::Relaxed;
+        // 16 bytes per row to start with; then what the last batch needed, plus an eighth.
+        let per_row = match bytes_per_row.load(Relaxed) {
+            0 => 16,
+            n => n + n / 8 + 1,
+        };
+        // At most 16 MiB up front: a batch of huge values must not make the next one reserve
+        // (and, failing, abort on) an absurd amount.
+        const MAX_UP_FRONT: usize = 16 << 20;
+        let bytes = rows.saturating_mul(per_row).min(MAX_UP_FRONT);
+        let mut out = Output::new(return_type, rows, bytes);
         for i in 0..rows {
             row(columns, i, &mut out)?;
+        }
+        if let Some(bytes) = out.value_bytes()
+            && rows > 0
+        {
+            bytes_per_row.store(bytes.div_ceil(rows), Relaxed);
         }
         Ok(out.finish())
     }

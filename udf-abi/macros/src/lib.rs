@@ -489,6 +489,8 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                 [#(<#static_types as ::udf_abi::export::UdfArgType>::TYPE.tag()),*];
             static __UDF_ARG_NULLABLE: [u8; #count] =
                 [#(<#static_types as ::udf_abi::export::UdfArgType>::NULLABLE as u8),*];
+            static __UDF_BYTES_PER_ROW: ::udf_abi::export::batch::BytesPerRow =
+                ::udf_abi::export::batch::BytesPerRow::new(0);
 
             unsafe extern "C" fn #entry(
                 args: *const ::udf_abi::v2::UdfValue,
@@ -524,6 +526,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                         __udf_rows,
                         <<#static_return as ::udf_abi::export::IntoUdfResult>::Value
                             as ::udf_abi::export::UdfReturnType>::TYPE,
+                        &__UDF_BYTES_PER_ROW,
                         |__udf_cols, __udf_row, __udf_out| {
                             #(#batch_reads)*
                             #batch_call
