@@ -928,7 +928,7 @@ pub mod batch {
         // 16 bytes per row to start with; then what the last batch needed, plus an eighth.
         let per_row = match bytes_per_row.load(Relaxed) {
             0 => 16,
-            n => n + n / 8 + 1,
+            n => n.saturating_add(n / 8).saturating_add(1),
         };
         // At most 16 MiB up front: a batch of huge values must not make the next one reserve
         // (and, failing, abort on) an absurd amount.
@@ -1038,5 +1038,66 @@ pub mod batch {
         // SAFETY: `error` is non-null and valid for writes (the caller's promise).
         unsafe { error.write(owned_bytes(message.into_bytes())) };
         status::ERROR
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::sync::atomic::Ordering::Relaxed;
+
+        use super::*;
+
+        fn repeat_rows(input: &Column, n: usize, hint: &BytesPerRow, times: usize) -> ArrayRef {
+            rows(
+                std::slice::from_ref(input),
+                n,
+                UdfType::Utf8,
+                hint,
+                |cols, i, out| {
+                    let s = <&str as BatchArg>::read(&cols[0], i)?.unwrap_or_default();
+                    append(out, s.repeat(times))
+                },
+            )
+            .unwrap()
+        }
+
+        #[test]
+        fn string_outputs_are_sized_from_the_last_batch() {
+            let hint = BytesPerRow::new(0);
+            let input = Column::new(
+                Arc::new(arrow_array::StringArray::from(vec!["abc"; 10])),
+                false,
+            );
+            let out = repeat_rows(&input, 10, &hint, 7);
+            assert_eq!(out.as_string::<i32>().value(9), "abc".repeat(7));
+            assert_eq!(hint.load(Relaxed), 21, "bytes per row of that batch");
+            // Smaller values next time: the hint follows, results are unaffected.
+            let out = repeat_rows(&input, 10, &hint, 1);
+            assert_eq!(out.as_string::<i32>().value(0), "abc");
+            assert_eq!(hint.load(Relaxed), 3);
+            // A huge hint is capped (16 MiB up front), not reserved: this must not abort.
+            hint.store(usize::MAX / 2, Relaxed);
+            let out = repeat_rows(&input, 10, &hint, 2);
+            assert_eq!(out.len(), 10);
+            assert_eq!(hint.load(Relaxed), 6);
+        }
+
+        #[test]
+        fn primitive_outputs_leave_the_hint_alone() {
+            let hint = BytesPerRow::new(5);
+            let input = Column::new(Arc::new(arrow_array::Int64Array::from(vec![1, 2])), false);
+            let out = rows(
+                std::slice::from_ref(&input),
+                2,
+                UdfType::Int64,
+                &hint,
+                |cols, i, out| {
+                    let v = <i64 as BatchArg>::read(&cols[0], i)?.unwrap_or_default();
+                    append(out, v * 2)
+                },
+            )
+            .unwrap();
+            assert_eq!(out.as_primitive::<Int64Type>().values(), &[2, 4]);
+            assert_eq!(hint.load(Relaxed), 5);
+        }
     }
 }
