@@ -16,7 +16,9 @@ use udf_abi::v2::UdfType;
 
 use crate::error::LoadError;
 use crate::ffi::{FunctionSignature, PluginFunction, PluginLibrary};
-use crate::trust::{DigestParseError, InsecurePath, Sha256Digest, check_not_writable_by_others};
+use crate::trust::{
+    DigestParseError, InsecurePath, Sha256Digest, check_not_writable_by_others, check_pin,
+};
 use crate::types::family;
 use crate::udf::PluginUdf;
 
@@ -230,14 +232,8 @@ impl PluginLoader {
         })?;
         let mut libraries = self.libraries.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(library) = libraries.get(&canonical).and_then(Weak::upgrade) {
-            return match pin {
-                Some(expected) if expected != library.sha256() => Err(LoadError::DigestMismatch {
-                    path: canonical,
-                    expected: *expected,
-                    actual: *library.sha256(),
-                }),
-                _ => Ok(library),
-            };
+            check_pin(&canonical, pin, library.sha256())?;
+            return Ok(library);
         }
         libraries.retain(|_, weak| weak.strong_count() > 0);
         let library = PluginLibrary::load_pinned(&canonical, pin)?;

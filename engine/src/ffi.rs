@@ -274,13 +274,7 @@ impl PluginLibrary {
         let file = std::fs::File::open(&path).map_err(read_error)?;
         let before = file.metadata().map_err(read_error)?;
         let sha256 = Sha256Digest::of_reader(&file).map_err(read_error)?;
-        if let Some(expected) = pin.filter(|&expected| *expected != sha256) {
-            return Err(LoadError::DigestMismatch {
-                path,
-                expected: *expected,
-                actual: sha256,
-            });
-        }
+        crate::trust::check_pin(&path, pin, &sha256)?;
         let library =
             dlopen2::raw::Library::open_with_flags(&path, Some(libc::RTLD_NOW | libc::RTLD_LOCAL))
                 .map_err(|e| LoadError::Open {

@@ -89,6 +89,22 @@ impl FromStr for Sha256Digest {
     }
 }
 
+/// Refuses the library at `path` whose digest is `actual` when a different `pin` is given.
+pub(crate) fn check_pin(
+    path: &Path,
+    pin: Option<&Sha256Digest>,
+    actual: &Sha256Digest,
+) -> Result<(), crate::LoadError> {
+    match pin {
+        Some(expected) if expected != actual => Err(crate::LoadError::DigestMismatch {
+            path: path.to_path_buf(),
+            expected: *expected,
+            actual: *actual,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// A file or directory that other users could have written to, so that loading a library through
 /// it would run their code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

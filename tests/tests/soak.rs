@@ -106,11 +106,9 @@ async fn ten_thousand_queries_through_one_session_with_flat_peak_rss() {
     );
     udf_engine::install(&ctx, Arc::clone(&loader)).unwrap();
     ctx.register_table("t", Arc::new(table())).unwrap();
-    let mut setup = udf_tests::workspace_root()
-        .join("sql/include/example_functions.slt.inc")
-        .to_str()
-        .map(|p| std::fs::read_to_string(p).expect("example functions"))
-        .unwrap()
+    let examples = udf_tests::workspace_root().join("sql/include/example_functions.slt.inc");
+    let mut setup = std::fs::read_to_string(examples)
+        .expect("example functions")
         .lines()
         .filter(|l| l.starts_with("CREATE FUNCTION"))
         .map(str::to_string)

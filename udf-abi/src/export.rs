@@ -623,54 +623,28 @@ pub mod batch {
         micros_since_epoch
     });
 
-    impl<'a> BatchArg<'a> for &'a str {
-        #[inline]
-        fn read(column: &'a Column, row: usize) -> Result<Option<Self>, String> {
-            let i = column.index(row);
-            macro_rules! get {
-                ($a:expr) => {
-                    if $a.is_null(i) {
-                        None
-                    } else {
-                        Some($a.value(i))
-                    }
-                };
+    /// A borrowed argument from any of three Arrow layouts (offsets, large offsets, views).
+    macro_rules! borrowed_arg {
+        ($rust:ty, [$($variant:ident),+], $wanted:literal) => {
+            impl<'a> BatchArg<'a> for $rust {
+                #[inline]
+                fn read(column: &'a Column, row: usize) -> Result<Option<Self>, String> {
+                    let i = column.index(row);
+                    Ok(match &column.typed {
+                        $(Typed::$variant(a) => (!a.is_null(i)).then(|| a.value(i)),)+
+                        _ => return Err(type_error(column, $wanted)),
+                    })
+                }
             }
-            Ok(match &column.typed {
-                Typed::Utf8(a) => get!(a),
-                Typed::LargeUtf8(a) => get!(a),
-                Typed::Utf8View(a) => get!(a),
-                _ => return Err(type_error(column, "a string")),
-            })
-        }
+        };
     }
+    borrowed_arg!(&'a str, [Utf8, LargeUtf8, Utf8View], "a string");
+    borrowed_arg!(&'a [u8], [Binary, LargeBinary, BinaryView], "binary");
 
     impl BatchArg<'_> for String {
         #[inline]
         fn read(column: &Column, row: usize) -> Result<Option<Self>, String> {
             Ok(<&str>::read(column, row)?.map(str::to_string))
-        }
-    }
-
-    impl<'a> BatchArg<'a> for &'a [u8] {
-        #[inline]
-        fn read(column: &'a Column, row: usize) -> Result<Option<Self>, String> {
-            let i = column.index(row);
-            macro_rules! get {
-                ($a:expr) => {
-                    if $a.is_null(i) {
-                        None
-                    } else {
-                        Some($a.value(i))
-                    }
-                };
-            }
-            Ok(match &column.typed {
-                Typed::Binary(a) => get!(a),
-                Typed::LargeBinary(a) => get!(a),
-                Typed::BinaryView(a) => get!(a),
-                _ => return Err(type_error(column, "binary")),
-            })
         }
     }
 

@@ -451,11 +451,8 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                 };
             }
         });
-    let fast = if out_param {
-        fast_kernel(ident, &[], &return_type)
-    } else {
-        fast_kernel(ident, &arg_types, &return_type)
-    };
+    // (An output-parameter function returns a String: never a vectorised kernel.)
+    let fast = fast_kernel(ident, &arg_types, &return_type);
     let row_call = if out_param {
         quote! {
             let mut __udf_buf = ::std::string::String::new();
