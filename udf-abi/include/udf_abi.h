@@ -228,7 +228,12 @@ typedef void (*UdfReleaseBytes)(UdfOwnedBytes bytes);
  *                  and its schema; the host owns both from then on and calls their release
  *                  (plugin code) when done. The host checks the type, length, buffers, UTF-8 and
  *                  NULLs against the declaration (buffer sizes are not part of the interface).
- *   error:         message for UDF_STATUS_ERROR, released through release_bytes. */
+ *   error:         message for UDF_STATUS_ERROR, released through release_bytes.
+ * A row where an argument that does not take NULLs is NULL is NULL: its value slot holds any
+ * bytes (e.g. after a filter), so do not compute the function there (the host masks such rows
+ * whatever the plugin writes). With scalar arguments, an immutable function may compute its
+ * value once for every row; a stable or volatile one computes every row (the code #[udf]
+ * generates does both, and reports a panic as UDF_STATUS_ERROR with its message and location). */
 typedef int32_t (*UdfBatchEntrypoint)(struct ArrowArray *args, const struct ArrowSchema *arg_schemas,
                                       const uint8_t *arg_is_scalar, size_t args_len,
                                       size_t num_rows, struct ArrowArray *out,

@@ -412,35 +412,114 @@ pub fn argument_error(index: usize, error: String) -> String {
     format!("argument {}: {error}", index + 1)
 }
 
+/// How many bytes of a panic's file name the error keeps (its end, which names the file).
+const LOCATION_FILE_BYTES: usize = 192;
+
+/// Where a panic happened, copied out of the panic hook's `Location` (whose file name is only
+/// borrowed for the hook's call) into fixed storage: `Copy`, no heap, nothing to drop.
+#[derive(Clone, Copy)]
+struct PanicLocation {
+    file: [u8; LOCATION_FILE_BYTES],
+    file_len: usize,
+    truncated: bool,
+    line: u32,
+    column: u32,
+}
+
+impl PanicLocation {
+    fn new(file: &str, line: u32, column: u32) -> PanicLocation {
+        // Keep the end of a long path, cut at a character boundary.
+        let mut start = file.len().saturating_sub(LOCATION_FILE_BYTES);
+        while !file.is_char_boundary(start) {
+            start += 1;
+        }
+        let tail = &file.as_bytes()[start..];
+        let mut bytes = [0; LOCATION_FILE_BYTES];
+        bytes[..tail.len()].copy_from_slice(tail);
+        PanicLocation {
+            file: bytes,
+            file_len: tail.len(),
+            truncated: start > 0,
+            line,
+            column,
+        }
+    }
+}
+
+impl Display for PanicLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Whole characters of a `&str` were copied, so this is valid UTF-8.
+        let file = std::str::from_utf8(&self.file[..self.file_len]).unwrap_or("?");
+        let dots = if self.truncated { "..." } else { "" };
+        // A file name is written as one line whatever it contains.
+        write!(
+            f,
+            "{dots}{}:{}:{}",
+            file.escape_debug(),
+            self.line,
+            self.column
+        )
+    }
+}
+
 thread_local! {
-    static PANIC_LOCATION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    /// Where this thread's last panic happened: set by the panic hook, taken by the
+    /// `catch_unwind` that caught the panic. A `Copy` type with a `const` initialiser, so the
+    /// thread-local needs no destructor and none is registered with the C library: a TLS
+    /// destructor in the plugin's code would make glibc keep the library mapped after `dlclose`
+    /// until every thread that ever panicked in it has exited.
+    static PANIC_LOCATION: std::cell::Cell<Option<PanicLocation>> =
+        const { std::cell::Cell::new(None) };
 }
 
 /// Replaces this library's panic hook (the plugin has its own copy of `std`, so the host's hook
 /// is untouched) with one that only remembers where the panic happened: the panic becomes a SQL
 /// error carrying message and location, instead of a backtrace on the host's stderr per row.
+/// (Unlike std's default hook, it does not look up the thread's name, which would create a
+/// `std::thread::current()` handle in a thread-local with a destructor.)
 fn install_quiet_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         std::panic::set_hook(Box::new(|info| {
             let location = info
                 .location()
-                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
-            PANIC_LOCATION.with(|p| *p.borrow_mut() = location);
+                .map(|l| PanicLocation::new(l.file(), l.line(), l.column()));
+            PANIC_LOCATION.with(|p| p.set(location));
         }));
     });
 }
 
+/// The error message of a caught panic: its message on one line, then ` (at file:line:col)`.
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     let message = panic
         .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_string());
-    match PANIC_LOCATION.with(|p| p.borrow_mut().take()) {
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message");
+    let mut message = one_line(message);
+    if message.is_empty() {
+        message = "a panic without a message".to_string();
+    }
+    match PANIC_LOCATION.with(std::cell::Cell::take) {
         Some(location) => format!("{message} (at {location})"),
         None => message,
     }
+}
+
+/// `text` as one line: its lines trimmed and joined with `; ` (`assert_eq!` writes
+/// `left: ...` and `right: ...` on lines of their own), any other control character a space.
+fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let lines = text
+        .lines()
+        .map(|l| l.trim_matches(|c: char| c.is_whitespace() || c.is_control()));
+    for line in lines.filter(|l| !l.is_empty()) {
+        if !out.is_empty() {
+            out.push_str("; ");
+        }
+        out.extend(line.chars().map(|c| if c.is_control() { ' ' } else { c }));
+    }
+    out
 }
 
 /// The body of every generated row entrypoint: checks the argument count, runs `body` inside
@@ -508,8 +587,8 @@ pub mod batch {
         ArrowPrimitiveType, Date32Type, Float32Type, Float64Type, Int32Type, Int64Type,
         TimestampMicrosecondType, UInt64Type,
     };
-    use arrow_array::{Array, PrimitiveArray, make_array};
-    use arrow_buffer::NullBuffer;
+    use arrow_array::{Array, BooleanArray, PrimitiveArray, make_array};
+    use arrow_buffer::{BooleanBuffer, BooleanBufferBuilder, NullBuffer};
     use arrow_schema::DataType;
 
     use super::*;
@@ -790,96 +869,180 @@ pub mod batch {
         type Arrow = Float64Type;
     }
 
-    fn primitive<A: Native>(column: &Column) -> Result<&PrimitiveArray<A::Arrow>, String> {
-        column
+    /// The column as a primitive array of `rows` rows (a scalar keeps its one row).
+    fn primitive<A: Native>(
+        column: &Column,
+        rows: usize,
+    ) -> Result<PrimitiveArray<A::Arrow>, String> {
+        let array = column
             .array
             .as_primitive_opt::<A::Arrow>()
-            .ok_or_else(|| type_error(column, std::any::type_name::<A>()))
+            .ok_or_else(|| type_error(column, std::any::type_name::<A>()))?;
+        Ok(if !column.scalar && array.len() > rows {
+            array.slice(0, rows)
+        } else {
+            array.clone()
+        })
     }
 
-    /// `f` over one primitive column with no row loop: the compiler can vectorise it. NULL slots
-    /// are computed too and masked by the validity bitmap, so `f` must be total (a panic falls
-    /// back to the row loop, which calls `f` on valid rows only).
+    /// The NULLs of a column, if it has any.
+    fn some_nulls<T: ArrowPrimitiveType>(a: &PrimitiveArray<T>) -> Option<&NullBuffer> {
+        a.nulls().filter(|n| n.null_count() > 0)
+    }
+
+    /// `f` over every valid row of `a`. Without NULLs, a loop over every slot without branches,
+    /// which the compiler vectorises; with NULLs, `f` runs at the valid indices only (a NULL
+    /// slot holds whatever value was there, e.g. after a filter) and NULL slots hold zero.
+    fn map_valid<A: Native, R: Native>(
+        a: &PrimitiveArray<A::Arrow>,
+        f: impl Fn(A) -> R,
+    ) -> PrimitiveArray<R::Arrow> {
+        let Some(nulls) = some_nulls(a) else {
+            return a.unary(f);
+        };
+        let values = a.values();
+        let mut out = vec![R::default(); a.len()];
+        for i in nulls.valid_indices() {
+            out[i] = f(values[i]);
+        }
+        PrimitiveArray::new(out.into(), Some(nulls.clone()))
+    }
+
+    /// [`map_valid`] for a boolean-valued `f`.
+    fn map_valid_bool<A: Native>(
+        a: &PrimitiveArray<A::Arrow>,
+        f: impl Fn(A) -> bool,
+    ) -> BooleanArray {
+        let Some(nulls) = some_nulls(a) else {
+            return BooleanArray::from_unary(a, f);
+        };
+        let values = a.values();
+        let mut bits = BooleanBufferBuilder::new(a.len());
+        bits.append_n(a.len(), false);
+        for i in nulls.valid_indices() {
+            if f(values[i]) {
+                bits.set_bit(i, true);
+            }
+        }
+        BooleanArray::new(bits.finish(), Some(nulls.clone()))
+    }
+
+    /// `f` over the rows of two columns of one length where both are valid; see [`map_valid`].
+    fn map_valid2<A: Native, B: Native, R: Native>(
+        a: &PrimitiveArray<A::Arrow>,
+        b: &PrimitiveArray<B::Arrow>,
+        f: impl Fn(A, B) -> R,
+    ) -> PrimitiveArray<R::Arrow> {
+        let (x, y) = (a.values(), b.values());
+        let nulls = NullBuffer::union(a.nulls(), b.nulls());
+        match nulls.as_ref().filter(|n| n.null_count() > 0) {
+            None => {
+                let values: Vec<R> = x.iter().zip(y.iter()).map(|(&x, &y)| f(x, y)).collect();
+                PrimitiveArray::new(values.into(), nulls)
+            }
+            Some(valid) => {
+                let mut out = vec![R::default(); a.len()];
+                for i in valid.valid_indices() {
+                    out[i] = f(x[i], y[i]);
+                }
+                PrimitiveArray::new(out.into(), Some(valid.clone()))
+            }
+        }
+    }
+
+    /// The result of constant arguments for `rows` rows: `f` called once for an immutable
+    /// function, else once per row (a volatile function may answer differently every call; a
+    /// stable one is not promised to be pure either).
+    fn constant<R: Native>(
+        rows: usize,
+        immutable: bool,
+        f: impl Fn() -> R,
+    ) -> PrimitiveArray<R::Arrow> {
+        if immutable {
+            match rows {
+                0 => PrimitiveArray::new_null(0),
+                _ => PrimitiveArray::from_value(f(), rows),
+            }
+        } else {
+            let values: Vec<R> = (0..rows).map(|_| f()).collect();
+            PrimitiveArray::new(values.into(), None)
+        }
+    }
+
+    /// `f` over one primitive column; see [`map_valid`]. A constant argument (`scalar`) is
+    /// computed once when `immutable`, else once per row; a NULL constant gives NULLs without
+    /// a call.
     pub fn unary<A: Native, R: Native>(
         columns: &[Column],
         rows: usize,
+        immutable: bool,
         f: impl Fn(A) -> R,
     ) -> Result<ArrayRef, String> {
-        let a = primitive::<A>(&columns[0])?;
+        let a = primitive::<A>(&columns[0], rows)?;
         if columns[0].scalar {
-            let v = if a.is_null(0) {
-                None
-            } else {
-                Some(f(a.value(0)))
-            };
-            return Ok(Arc::new(PrimitiveArray::<R::Arrow>::from_iter(
-                std::iter::repeat_n(v, rows),
-            )));
+            if a.is_null(0) {
+                return Ok(Arc::new(PrimitiveArray::<R::Arrow>::new_null(rows)));
+            }
+            let x = a.value(0);
+            return Ok(Arc::new(constant::<R>(rows, immutable, || f(x))));
         }
-        Ok(Arc::new(a.unary::<_, R::Arrow>(f)))
+        Ok(Arc::new(map_valid::<A, R>(&a, f)))
     }
 
-    /// A boolean-valued `f` over one primitive column with no row loop; see [`unary`].
+    /// A boolean-valued `f` over one primitive column; see [`unary`].
     pub fn unary_bool<A: Native>(
         columns: &[Column],
         rows: usize,
+        immutable: bool,
         f: impl Fn(A) -> bool,
     ) -> Result<ArrayRef, String> {
-        let a = primitive::<A>(&columns[0])?;
+        let a = primitive::<A>(&columns[0], rows)?;
         if columns[0].scalar {
-            let v = if a.is_null(0) {
-                None
+            if a.is_null(0) {
+                return Ok(Arc::new(BooleanArray::new_null(rows)));
+            }
+            let x = a.value(0);
+            let bits = if immutable {
+                let v = rows > 0 && f(x);
+                BooleanBuffer::collect_bool(rows, |_| v)
             } else {
-                Some(f(a.value(0)))
+                BooleanBuffer::collect_bool(rows, |_| f(x))
             };
-            return Ok(Arc::new(arrow_array::BooleanArray::from(vec![v; rows])));
+            return Ok(Arc::new(BooleanArray::new(bits, None)));
         }
-        Ok(Arc::new(arrow_array::BooleanArray::from_unary(a, f)))
+        Ok(Arc::new(map_valid_bool::<A>(&a, f)))
     }
 
-    /// `f` over two primitive columns (either may be a scalar) with no row loop; see [`unary`].
+    /// `f` over two primitive columns, either of which may be a constant; see [`unary`].
     pub fn binary<A: Native, B: Native, R: Native>(
         columns: &[Column],
         rows: usize,
+        immutable: bool,
         f: impl Fn(A, B) -> R,
     ) -> Result<ArrayRef, String> {
-        let a = primitive::<A>(&columns[0])?;
-        let b = primitive::<B>(&columns[1])?;
-        match (columns[0].scalar, columns[1].scalar) {
-            (false, false) => {
-                let nulls = NullBuffer::union(a.nulls(), b.nulls());
-                let values: Vec<R> = a
-                    .values()
-                    .iter()
-                    .zip(b.values().iter())
-                    .map(|(&x, &y)| f(x, y))
-                    .collect();
-                Ok(Arc::new(PrimitiveArray::<R::Arrow>::new(
-                    values.into(),
-                    nulls,
-                )))
-            }
+        let a = primitive::<A>(&columns[0], rows)?;
+        let b = primitive::<B>(&columns[1], rows)?;
+        let null_constant =
+            (columns[0].scalar && a.is_null(0)) || (columns[1].scalar && b.is_null(0));
+        if null_constant {
+            return Ok(Arc::new(PrimitiveArray::<R::Arrow>::new_null(rows)));
+        }
+        let array = match (columns[0].scalar, columns[1].scalar) {
+            (false, false) => map_valid2::<A, B, R>(&a, &b, f),
             (false, true) => {
-                if b.is_null(0) {
-                    return Ok(Arc::new(PrimitiveArray::<R::Arrow>::new_null(rows)));
-                }
                 let y = b.value(0);
-                Ok(Arc::new(a.unary::<_, R::Arrow>(|x| f(x, y))))
+                map_valid::<A, R>(&a, |x| f(x, y))
             }
             (true, false) => {
-                if a.is_null(0) {
-                    return Ok(Arc::new(PrimitiveArray::<R::Arrow>::new_null(rows)));
-                }
                 let x = a.value(0);
-                Ok(Arc::new(b.unary::<_, R::Arrow>(|y| f(x, y))))
+                map_valid::<B, R>(&b, |y| f(x, y))
             }
             (true, true) => {
-                let v = (!a.is_null(0) && !b.is_null(0)).then(|| f(a.value(0), b.value(0)));
-                Ok(Arc::new(PrimitiveArray::<R::Arrow>::from_iter(
-                    std::iter::repeat_n(v, rows),
-                )))
+                let (x, y) = (a.value(0), b.value(0));
+                constant::<R>(rows, immutable, || f(x, y))
             }
-        }
+        };
+        Ok(Arc::new(array))
     }
 
     /// A whole-batch evaluation: columns and row count in, result array out.
@@ -983,14 +1146,12 @@ pub mod batch {
                 }
                 columns.push(Column::new(array, scalar));
             }
-            let fast_result = fast.map(|fast| {
-                catch_unwind(AssertUnwindSafe(|| fast(&columns, num_rows)))
-                    .unwrap_or_else(|_| Err(String::new()))
-            });
-            let array = match fast_result {
-                Some(Ok(array)) => array,
-                // No kernel, or it panicked on a NULL slot's placeholder value: the row loop.
-                _ => slow(&columns, num_rows)?,
+            // The kernel calls the function on valid rows only, as the row loop does, so a
+            // panic in it is the function's panic, reported like one in the row loop (never
+            // retried there, which would call the function again on the rows before it).
+            let array = match fast {
+                Some(fast) => fast(&columns, num_rows)?,
+                None => slow(&columns, num_rows)?,
             };
             let schema = FFI_ArrowSchema::try_from(array.data_type())
                 .map_err(|e| format!("cannot export the result's type: {e}"))?;
@@ -1017,6 +1178,8 @@ pub mod batch {
     #[cfg(test)]
     mod tests {
         use std::sync::atomic::Ordering::Relaxed;
+
+        use arrow_array::Int64Array;
 
         use super::*;
 
@@ -1073,5 +1236,321 @@ pub mod batch {
             assert_eq!(out.as_primitive::<Int64Type>().values(), &[2, 4]);
             assert_eq!(hint.load(Relaxed), 5);
         }
+
+        /// A value the kernels must never pass to the function: it only sits in NULL slots.
+        const SENTINEL: i64 = -7_777_777;
+
+        /// An Int64 column whose NULL slots hold [`SENTINEL`] (as after a filter or take).
+        fn with_nulls(values: &[Option<i64>]) -> Int64Array {
+            let raw: Vec<i64> = values.iter().map(|v| v.unwrap_or(SENTINEL)).collect();
+            let valid: Vec<bool> = values.iter().map(Option::is_some).collect();
+            Int64Array::new(raw.into(), Some(NullBuffer::from(valid)))
+        }
+
+        fn column(array: Int64Array) -> Column {
+            Column::new(Arc::new(array), false)
+        }
+
+        fn scalar(value: Option<i64>) -> Column {
+            Column::new(Arc::new(Int64Array::from(vec![value])), true)
+        }
+
+        /// A function that records every argument it is called with.
+        struct Recorder(std::cell::RefCell<Vec<i64>>);
+
+        impl Recorder {
+            fn new() -> Recorder {
+                Recorder(std::cell::RefCell::new(Vec::new()))
+            }
+            fn saw(&self, x: i64) -> i64 {
+                self.0.borrow_mut().push(x);
+                x
+            }
+            fn calls(&self) -> Vec<i64> {
+                self.0.borrow().clone()
+            }
+        }
+
+        fn ints(out: &ArrayRef) -> Vec<Option<i64>> {
+            out.as_primitive::<Int64Type>().iter().collect()
+        }
+
+        #[test]
+        fn unary_calls_the_function_on_valid_rows_only() {
+            let calls = Recorder::new();
+            let input = column(with_nulls(&[Some(1), None, Some(3), None]));
+            let out = unary::<i64, i64>(&[input], 4, true, |x| calls.saw(x) * 10).unwrap();
+            assert_eq!(ints(&out), [Some(10), None, Some(30), None]);
+            assert_eq!(calls.calls(), [1, 3]);
+            // NULL slots of the result hold zero, not the function of a placeholder.
+            assert_eq!(out.as_primitive::<Int64Type>().values()[1], 0);
+
+            // A sliced column (an offset into its buffers) and a longer one than the batch.
+            let calls = Recorder::new();
+            let sliced = with_nulls(&[Some(9), Some(1), None, Some(3), Some(4)]).slice(1, 4);
+            let out = unary::<i64, i64>(&[column(sliced)], 3, true, |x| calls.saw(x) + 1).unwrap();
+            assert_eq!(ints(&out), [Some(2), None, Some(4)]);
+            assert_eq!(calls.calls(), [1, 3]);
+
+            // Without NULLs (a bitmap without unset bits included): every row, vectorised.
+            for array in [
+                Int64Array::from(vec![5, 6]),
+                Int64Array::new(vec![5, 6].into(), Some(NullBuffer::new_valid(2))),
+            ] {
+                let calls = Recorder::new();
+                let out = unary::<i64, i64>(&[column(array)], 2, true, |x| calls.saw(x)).unwrap();
+                assert_eq!(ints(&out), [Some(5), Some(6)]);
+                assert_eq!(calls.calls(), [5, 6]);
+            }
+
+            // All NULL: no call.
+            let calls = Recorder::new();
+            let input = column(with_nulls(&[None, None]));
+            let out = unary::<i64, i64>(&[input], 2, true, |x| calls.saw(x)).unwrap();
+            assert_eq!(ints(&out), [None, None]);
+            assert!(calls.calls().is_empty());
+        }
+
+        #[test]
+        fn unary_bool_calls_the_function_on_valid_rows_only() {
+            let calls = Recorder::new();
+            let input = column(with_nulls(&[Some(2), None, Some(3)]));
+            let out = unary_bool::<i64>(&[input], 3, true, |x| calls.saw(x) % 2 == 0).unwrap();
+            let out: Vec<Option<bool>> = out.as_boolean().iter().collect();
+            assert_eq!(out, [Some(true), None, Some(false)]);
+            assert_eq!(calls.calls(), [2, 3]);
+        }
+
+        #[test]
+        fn binary_calls_the_function_where_both_arguments_are_valid() {
+            let add = |calls: &Recorder, x: i64, y: i64| calls.saw(x) + calls.saw(y);
+            // Two columns, NULLs in different rows of each.
+            let calls = Recorder::new();
+            let a = column(with_nulls(&[Some(1), None, Some(3), Some(4)]));
+            let b = column(with_nulls(&[Some(10), Some(20), None, Some(40)]));
+            let out = binary::<i64, i64, i64>(&[a, b], 4, true, |x, y| add(&calls, x, y)).unwrap();
+            assert_eq!(ints(&out), [Some(11), None, None, Some(44)]);
+            assert_eq!(calls.calls(), [1, 10, 4, 40]);
+
+            // A column and a constant, either way round.
+            let calls = Recorder::new();
+            let a = column(with_nulls(&[Some(1), None, Some(3)]));
+            let out =
+                binary::<i64, i64, i64>(&[a, scalar(Some(100))], 3, true, |x, y| add(&calls, x, y))
+                    .unwrap();
+            assert_eq!(ints(&out), [Some(101), None, Some(103)]);
+            assert_eq!(calls.calls(), [1, 100, 3, 100]);
+            let calls = Recorder::new();
+            let b = column(with_nulls(&[None, Some(2)]));
+            let out =
+                binary::<i64, i64, i64>(&[scalar(Some(100)), b], 2, true, |x, y| add(&calls, x, y))
+                    .unwrap();
+            assert_eq!(ints(&out), [None, Some(102)]);
+            assert_eq!(calls.calls(), [100, 2]);
+
+            // A NULL constant: every row NULL, no call.
+            for (a, b) in [
+                (scalar(None), column(with_nulls(&[Some(1), Some(2)]))),
+                (column(with_nulls(&[Some(1), Some(2)])), scalar(None)),
+                (scalar(None), scalar(Some(1))),
+            ] {
+                let calls = Recorder::new();
+                let out =
+                    binary::<i64, i64, i64>(&[a, b], 2, false, |x, y| add(&calls, x, y)).unwrap();
+                assert_eq!(ints(&out), [None, None]);
+                assert!(calls.calls().is_empty());
+            }
+
+            // Columns longer than the batch, without NULLs: the vectorised loop, `rows` rows.
+            let calls = Recorder::new();
+            let a = column(Int64Array::from(vec![1, 2, 3]));
+            let b = column(with_nulls(&[Some(1), Some(1)]));
+            let out = binary::<i64, i64, i64>(&[a, b], 2, true, |x, y| add(&calls, x, y)).unwrap();
+            assert_eq!(ints(&out), [Some(2), Some(3)]);
+        }
+
+        #[test]
+        fn constants_are_computed_once_only_for_immutable_functions() {
+            let counter = std::cell::Cell::new(0);
+            let next = |x: i64| {
+                counter.set(counter.get() + 1);
+                x + counter.get()
+            };
+            // Immutable: once, the value repeated.
+            let out = unary::<i64, i64>(&[scalar(Some(0))], 4, true, next).unwrap();
+            assert_eq!(ints(&out), [Some(1); 4]);
+            assert_eq!(counter.get(), 1);
+            // Stable or volatile: once per row.
+            counter.set(0);
+            let out = unary::<i64, i64>(&[scalar(Some(0))], 4, false, next).unwrap();
+            assert_eq!(ints(&out), [Some(1), Some(2), Some(3), Some(4)]);
+            counter.set(0);
+            let out =
+                binary::<i64, i64, i64>(&[scalar(Some(0)), scalar(Some(10))], 3, false, |x, y| {
+                    next(x) + y
+                })
+                .unwrap();
+            assert_eq!(ints(&out), [Some(11), Some(12), Some(13)]);
+            counter.set(0);
+            let out =
+                binary::<i64, i64, i64>(&[scalar(Some(0)), scalar(Some(10))], 3, true, |x, y| {
+                    next(x) + y
+                })
+                .unwrap();
+            assert_eq!(ints(&out), [Some(11); 3]);
+            assert_eq!(counter.get(), 1);
+            counter.set(0);
+            let odd = |x: i64| next(x) % 2 == 1;
+            let out = unary_bool::<i64>(&[scalar(Some(0))], 3, false, odd).unwrap();
+            let out: Vec<Option<bool>> = out.as_boolean().iter().collect();
+            assert_eq!(out, [Some(true), Some(false), Some(true)]);
+            counter.set(0);
+            let out = unary_bool::<i64>(&[scalar(Some(0))], 3, true, odd).unwrap();
+            let out: Vec<Option<bool>> = out.as_boolean().iter().collect();
+            assert_eq!(out, [Some(true); 3]);
+            assert_eq!(counter.get(), 1);
+            // No rows, no call.
+            counter.set(0);
+            for immutable in [true, false] {
+                let out = unary::<i64, i64>(&[scalar(Some(0))], 0, immutable, next).unwrap();
+                assert_eq!(out.len(), 0);
+            }
+            assert_eq!(counter.get(), 0);
+        }
+
+        /// Calls [`call_batch`] with one Int64 argument; the error message on failure.
+        fn batch_of(
+            input: &Int64Array,
+            fast: Option<&Kernel<'_>>,
+            slow: &Kernel<'_>,
+        ) -> Result<ArrayRef, String> {
+            let data = input.to_data();
+            let mut args = [FFI_ArrowArray::new(&data)];
+            let schemas = [FFI_ArrowSchema::try_from(data.data_type()).unwrap()];
+            let flags = [0u8];
+            let mut out = FFI_ArrowArray::empty();
+            let mut out_schema = FFI_ArrowSchema::empty();
+            let mut error = UdfOwnedBytes::EMPTY;
+            // SAFETY: one valid array, schema and flag; `out`, `out_schema` and `error` are
+            // valid for writes.
+            let status = unsafe {
+                call_batch(
+                    args.as_mut_ptr(),
+                    schemas.as_ptr(),
+                    flags.as_ptr(),
+                    1,
+                    1,
+                    input.len(),
+                    &mut out,
+                    &mut out_schema,
+                    &mut error,
+                    fast,
+                    slow,
+                )
+            };
+            if status == status::OK {
+                // SAFETY: `call_batch` exported a valid array and its schema into them.
+                let data = unsafe { arrow_array::ffi::from_ffi(out, &out_schema) }.unwrap();
+                return Ok(make_array(data));
+            }
+            assert!(!error.ptr.is_null());
+            // SAFETY: `call_batch` wrote bytes made by `owned_bytes` (a `Vec<u8>`'s parts),
+            // which this takes back once.
+            let bytes = unsafe { Vec::from_raw_parts(error.ptr, error.len, error.capacity) };
+            Err(String::from_utf8(bytes).unwrap())
+        }
+
+        #[test]
+        fn a_panic_in_a_kernel_is_the_error_without_a_second_run_of_the_row_loop() {
+            let slow_calls = std::cell::Cell::new(0);
+            let slow = |_: &[Column], _: usize| -> Result<ArrayRef, String> {
+                slow_calls.set(slow_calls.get() + 1);
+                Err("the row loop ran".to_string())
+            };
+            let fast = |c: &[Column], n: usize| {
+                unary::<i64, i64>(c, n, true, |x| {
+                    assert_ne!(x, 2, "two is not allowed");
+                    x
+                })
+            };
+            let error = batch_of(&Int64Array::from(vec![1, 2, 3]), Some(&fast), &slow).unwrap_err();
+            assert_eq!(slow_calls.get(), 0, "no fallback to the row loop");
+            assert!(
+                error.starts_with("panicked: assertion `left != right` failed: two is not allowed; left: 2; right: 2 (at "),
+                "{error}"
+            );
+            assert!(error.ends_with(')') && !error.contains('\n'), "{error}");
+            assert!(error.contains("udf-abi/src/export.rs:"), "{error}");
+
+            // The sentinel under a NULL bit is never seen: no panic, NULL there.
+            let out = batch_of(&with_nulls(&[Some(1), None, Some(3)]), Some(&fast), &slow);
+            let out = out.unwrap();
+            assert_eq!(ints(&out), [Some(1), None, Some(3)]);
+            assert_eq!(slow_calls.get(), 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_locations_are_copied_into_fixed_storage() {
+        let at = PanicLocation::new("src/lib.rs", 12, 5);
+        assert_eq!(at.to_string(), "src/lib.rs:12:5");
+        // A long path keeps its end, cut at a character boundary.
+        let long = format!("{}é/src/lib.rs", "d/".repeat(200));
+        let at = PanicLocation::new(&long, 1, 2).to_string();
+        assert!(
+            at.starts_with("...") && at.ends_with("é/src/lib.rs:1:2"),
+            "{at}"
+        );
+        assert!(at.len() <= LOCATION_FILE_BYTES + 3 + 4, "{at}");
+        let at = PanicLocation::new(&"é".repeat(200), 1, 2).to_string();
+        assert!(at.starts_with("...é") && at.ends_with("é:1:2"), "{at}");
+        // Control characters in a file name cannot break the line.
+        assert_eq!(
+            PanicLocation::new("a\nb.rs", 1, 1).to_string(),
+            "a\\nb.rs:1:1"
+        );
+        // No destructor: the thread-local registers none with the C library.
+        assert!(!std::mem::needs_drop::<
+            std::cell::Cell<Option<PanicLocation>>,
+        >());
+    }
+
+    #[test]
+    fn panic_messages_are_one_line() {
+        assert_eq!(one_line("boom: x"), "boom: x");
+        assert_eq!(
+            one_line("assertion `left == right` failed\n  left: 1\n right: 2\n"),
+            "assertion `left == right` failed; left: 1; right: 2"
+        );
+        assert_eq!(one_line("a\r\nb\tc\u{7}"), "a; b c");
+        assert_eq!(one_line("\n \n"), "");
+    }
+
+    #[test]
+    fn a_panic_in_the_row_path_is_an_error_with_message_and_location() {
+        let mut out = UdfValue::NULL;
+        let mut error = UdfOwnedBytes::EMPTY;
+        let line = line!() + 4;
+        // SAFETY: no arguments; `out` and `error` are valid for writes.
+        let status = unsafe {
+            call_row(std::ptr::null(), 0, 0, &mut out, &mut error, |_| {
+                panic!("first line\nsecond line")
+            })
+        };
+        assert_eq!(status, status::ERROR);
+        // SAFETY: `call_row` wrote bytes made by `owned_bytes`, taken back once.
+        let bytes = unsafe { Vec::from_raw_parts(error.ptr, error.len, error.capacity) };
+        let message = String::from_utf8(bytes).unwrap();
+        assert!(
+            message.starts_with("panicked: first line; second line (at ")
+                && message.ends_with(&format!("udf-abi/src/export.rs:{line}:17)")),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "{message}");
     }
 }

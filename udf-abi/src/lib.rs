@@ -23,10 +23,11 @@
 //! * **Arguments belong to the host.** The `args` array and every string it points to are valid
 //!   only for the duration of the call. The plugin must not modify, free or keep them.
 //! * **Returned strings and error messages are handed to the host**, which frees them with the C
-//!   library's `free()`. A plugin must therefore allocate them with `malloc` (C) or with Rust's
-//!   default global allocator, e.g. [`std::ffi::CString::into_raw`], which is `malloc` on every
-//!   platform udfsql supports. A plugin that installs its own `#[global_allocator]` must not use
-//!   it for returned strings.
+//!   library's `free()`. A plugin must therefore allocate them with the C library's `malloc`
+//!   (from Rust: `libc::malloc`, then copy the bytes and the NUL in, as the example plugin
+//!   `udf-plugins/repeat` does). Not with [`std::ffi::CString::into_raw`]: that memory comes
+//!   from Rust's global allocator, which is `malloc` only by default (a `#[global_allocator]`
+//!   in the plugin or a dependency changes it) and must be given back with `CString::from_raw`.
 //! * Strings are NUL-terminated UTF-8.
 //!
 //! ## Calling rules
@@ -66,6 +67,15 @@
 //! receive NULLs, `Option<T>` results may be NULL, `Result<T, E: Display>` errors and panics become
 //! SQL errors. Options: `#[udf(name = "sql_name", volatility = "immutable" | "stable" |
 //! "volatile")]`.
+//!
+//! What the generated code promises the author, on the row and the batch path alike:
+//!
+//! * The function is never called for a row where an argument that is not an `Option` is NULL,
+//!   not even by the vectorised kernels of the batch path (a NULL slot's value is not a row).
+//! * A stable or volatile function is called once per row, also for constant arguments; only an
+//!   immutable function of constants may be computed once for a whole batch.
+//! * A panic becomes the SQL error `panicked: <message> (at <file>:<line>:<column>)`, on one line,
+//!   and the call is not retried.
 //!
 //! A string result may be written rather than returned: a last parameter `&mut String` is an
 //! output buffer, cleared and reused from row to row (no allocation per row on the batch path);
@@ -181,8 +191,8 @@ pub enum PluginValue {
     /// A NUL-terminated UTF-8 string, never null.
     ///
     /// As an **argument** the string is owned by the host and valid only during the call. As a
-    /// **result** it is handed to the host, which frees it with `free()`: allocate it with
-    /// `malloc` or [`std::ffi::CString::into_raw`].
+    /// **result** it is handed to the host, which frees it with `free()`: allocate it with the C
+    /// library's `malloc` (`libc::malloc` from Rust), not with `CString::into_raw`.
     String(*const c_char),
 }
 
@@ -212,8 +222,8 @@ pub enum PluginResult {
     /// The result. A string inside is handed to the host, which frees it with `free()`.
     Ok(PluginValue),
     /// A NUL-terminated UTF-8 error message, handed to the host, which frees it with `free()`
-    /// after copying it into the SQL error. Allocate it with `malloc` or
-    /// [`std::ffi::CString::into_raw`].
+    /// after copying it into the SQL error. Allocate it with the C library's `malloc`
+    /// (`libc::malloc` from Rust), not with `CString::into_raw`.
     Err(*mut c_char),
 }
 

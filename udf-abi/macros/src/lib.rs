@@ -285,8 +285,11 @@ fn native(ty: &Type) -> Option<&syn::Ident> {
 
 /// `let __udf_fast = Some(kernel)` for functions of one or two primitive arguments returning a
 /// primitive (no `Option`, no `Result`): the batch entrypoint runs a loop without branches that
-/// the compiler can vectorise. Otherwise `None`: the row loop.
-fn fast_kernel(ident: &syn::Ident, args: &[Type], ret: &Type) -> TokenStream2 {
+/// the compiler can vectorise (over columns without NULLs; with NULLs the kernel calls the
+/// function on valid rows only). Otherwise `None`: the row loop. `immutable` (the declared
+/// volatility) lets a kernel compute constant arguments once for all rows; a stable or volatile
+/// function is called once per row.
+fn fast_kernel(ident: &syn::Ident, args: &[Type], ret: &Type, immutable: bool) -> TokenStream2 {
     let none = quote! {
         let __udf_fast: ::std::option::Option<&::udf_abi::export::batch::Kernel<'_>> =
             ::std::option::Option::None;
@@ -297,7 +300,7 @@ fn fast_kernel(ident: &syn::Ident, args: &[Type], ret: &Type) -> TokenStream2 {
             [a] => match native(a) {
                 Some(a) => quote! {
                     |c: &[::udf_abi::export::batch::Column], n: usize| {
-                        ::udf_abi::export::batch::unary_bool::<#a>(c, n, #ident)
+                        ::udf_abi::export::batch::unary_bool::<#a>(c, n, #immutable, #ident)
                     }
                 },
                 None => return none,
@@ -317,7 +320,7 @@ fn fast_kernel(ident: &syn::Ident, args: &[Type], ret: &Type) -> TokenStream2 {
         [a] => match native(a) {
             Some(a) => quote! {
                 |c: &[::udf_abi::export::batch::Column], n: usize| {
-                    ::udf_abi::export::batch::unary::<#a, #r>(c, n, #ident)
+                    ::udf_abi::export::batch::unary::<#a, #r>(c, n, #immutable, #ident)
                 }
             },
             None => return none,
@@ -325,7 +328,7 @@ fn fast_kernel(ident: &syn::Ident, args: &[Type], ret: &Type) -> TokenStream2 {
         [a, b] => match (native(a), native(b)) {
             (Some(a), Some(b)) => quote! {
                 |c: &[::udf_abi::export::batch::Column], n: usize| {
-                    ::udf_abi::export::batch::binary::<#a, #b, #r>(c, n, #ident)
+                    ::udf_abi::export::batch::binary::<#a, #b, #r>(c, n, #immutable, #ident)
                 }
             },
             _ => return none,
@@ -452,7 +455,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
             }
         });
     // (An output-parameter function returns a String: never a vectorised kernel.)
-    let fast = fast_kernel(ident, &arg_types, &return_type);
+    let fast = fast_kernel(ident, &arg_types, &return_type, volatility == 0);
     let row_call = if out_param {
         quote! {
             let mut __udf_buf = ::std::string::String::new();

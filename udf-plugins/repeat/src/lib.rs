@@ -2,11 +2,13 @@
 //! `repeat(String, UInt) -> String`, e.g. `repeat('cool', 3)` = `'coolcoolcool'`.
 //!
 //! This file is what a plugin author writes without any help from udfsql: two `extern "C"`
-//! functions over the `#[repr(C)]` types of `udf-abi`. It differs from the blog post's version only
+//! functions over the `#[repr(C)]` types of `udf-abi`. It differs from the blog post's version
 //! where that one could panic across the boundary (`CString::new(..).unwrap()` outside
-//! `catch_unwind`).
+//! `catch_unwind`), and in how it allocates what it returns: the contract says the host frees
+//! returned strings and error messages with `free()`, so they are allocated with `malloc`
+//! (`CString::into_raw` would use Rust's global allocator, which is `malloc` only by default).
 
-use std::ffi::{CStr, CString, c_char};
+use std::ffi::{CStr, c_char};
 use std::panic::catch_unwind;
 
 use udf_abi::{PluginMetadata, PluginResult, PluginType, PluginValue};
@@ -36,13 +38,31 @@ fn repeat_impl(input: &str, count: u64) -> Result<String, String> {
     }
 }
 
-fn plugin_error(message: &str) -> PluginResult {
-    // A message with an interior NUL byte is cut there rather than lost.
-    let message = message.split('\0').next().unwrap_or_default();
-    match CString::new(message) {
-        Ok(message) => PluginResult::Err(message.into_raw()),
-        Err(_) => PluginResult::Err(std::ptr::null_mut()),
+/// A NUL-terminated copy of `bytes` (which contain no NUL) in memory from `malloc`, for the host
+/// to `free()`; null if `malloc` fails.
+fn malloc_c_string(bytes: &[u8]) -> *mut c_char {
+    let Some(size) = bytes.len().checked_add(1) else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: `malloc` may be called with any size; the result is checked for null below.
+    let ptr = unsafe { libc::malloc(size) }.cast::<u8>();
+    if ptr.is_null() {
+        return std::ptr::null_mut();
     }
+    // SAFETY: `ptr` is a fresh allocation of `bytes.len() + 1` bytes, so it cannot overlap
+    // `bytes`, and both the copy and the terminating NUL stay inside it.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr, bytes.len());
+        ptr.add(bytes.len()).write(0);
+    }
+    ptr.cast::<c_char>()
+}
+
+fn plugin_error(message: &str) -> PluginResult {
+    // A message with an interior NUL byte is cut there rather than lost. If `malloc` fails the
+    // message is null, which the host reports as an error without a message.
+    let message = message.split('\0').next().unwrap_or_default();
+    PluginResult::Err(malloc_c_string(message.as_bytes()))
 }
 
 /// Evaluates `repeat` for one row.
@@ -75,9 +95,10 @@ pub unsafe extern "C" fn plugin_entrypoint(
         return plugin_error("arg0 is invalid; expected valid UTF-8 string");
     };
     match catch_unwind(|| repeat_impl(string, count)) {
-        Ok(Ok(value)) => match CString::new(value) {
-            Ok(value) => PluginResult::Ok(PluginValue::String(value.into_raw() as *const c_char)),
-            Err(_) => plugin_error("result contains a NUL byte"),
+        Ok(Ok(value)) if value.contains('\0') => plugin_error("result contains a NUL byte"),
+        Ok(Ok(value)) => match malloc_c_string(value.as_bytes()) {
+            ptr if ptr.is_null() => plugin_error("out of memory for the result"),
+            ptr => PluginResult::Ok(PluginValue::String(ptr.cast_const())),
         },
         Ok(Err(message)) => plugin_error(&message),
         Err(_) => plugin_error("function panicked"),

@@ -1,5 +1,6 @@
 //! ABI v2 example: one library exporting many functions that together use every supported type,
-//! NULL-taking and NULL-returning functions, errors, a panic and a volatile function.
+//! NULL-taking and NULL-returning functions, errors, a panic, volatile functions, and fixtures for
+//! the tests of the rules the generated code keeps (`strict_probe*`, `jitter*`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -140,4 +141,65 @@ fn repeat_text(s: &str, n: u64, out: &mut String) -> Result<(), String> {
         out.push_str(s);
     }
     Ok(())
+}
+
+/// The value the `strict_probe` functions refuse (they count the call, then panic): tests put it
+/// only into the value slots of NULL rows, where a function that does not take NULLs must never
+/// be called.
+const STRICT_PROBE_SENTINEL: i64 = -7_777_777;
+
+/// How many times a `strict_probe` function was called with the sentinel.
+static STRICT_PROBE_SENTINEL_CALLS: AtomicU64 = AtomicU64::new(0);
+
+fn probe(x: i64) -> i64 {
+    if x == STRICT_PROBE_SENTINEL {
+        STRICT_PROBE_SENTINEL_CALLS.fetch_add(1, Ordering::SeqCst);
+        panic!("called with {STRICT_PROBE_SENTINEL}, a value tests put only in NULL slots");
+    }
+    x
+}
+
+/// Test fixture: how many times the `strict_probe` functions have been called with the
+/// sentinel -7777777 since the library was loaded.
+#[udf(volatility = "volatile")]
+fn strict_probe_sentinel_calls() -> u64 {
+    STRICT_PROBE_SENTINEL_CALLS.load(Ordering::SeqCst)
+}
+
+/// Test fixture (a vectorised kernel of one argument): `x`, panicking on the sentinel
+/// -7777777.
+#[udf]
+fn strict_probe(x: i64) -> i64 {
+    probe(x)
+}
+
+/// Test fixture (a vectorised kernel of two arguments): `a + b` (wrapping), panicking when
+/// either argument is the sentinel -7777777.
+#[udf]
+fn strict_probe_sum(a: i64, b: i64) -> i64 {
+    probe(a).wrapping_add(probe(b))
+}
+
+/// Test fixture (a vectorised boolean kernel): whether `x` is odd, panicking on the sentinel
+/// -7777777.
+#[udf]
+fn strict_probe_odd(x: i64) -> bool {
+    probe(x) % 2 != 0
+}
+
+/// A volatile function of an argument: `x` plus a counter that grows by one on every call, so
+/// `jitter(1)` differs from row to row (the generated code calls it once per row, even for a
+/// constant argument).
+#[udf(volatility = "volatile")]
+fn jitter(x: i64) -> i64 {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    x.wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed) as i64)
+}
+
+/// `jitter` of two arguments: `a + b` plus a counter that grows by one on every call.
+#[udf(volatility = "volatile")]
+fn jitter_sum(a: i64, b: i64) -> i64 {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    a.wrapping_add(b)
+        .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed) as i64)
 }
