@@ -36,4 +36,45 @@ if [ "$(wc -l < "$work/out.csv")" -ne 4 ]; then
     echo "the session's query did not answer" >&2
     exit 1
 fi
+
+# The misbehaving batch corpus (tests/fixtures/c/batch_misbehaving.c, built by the tests): every
+# function on the batch path, most of them refused, none may read or write out of bounds or leak.
+corpus=target/udf-fixtures/libbatch_misbehaving.so
+for f in "$corpus" target/udf-fixtures/libmisbehaving_wrong_return_type_string.so; do
+    if [ ! -f "$f" ]; then
+        echo "$f is missing: run cargo test --workspace first" >&2
+        exit 1
+    fi
+done
+statements=()
+for f in $(grep -oE 'INT_FN\("[a-z_0-9]+"' tests/fixtures/c/batch_misbehaving.c | cut -d'"' -f2); do
+    statements+=(-c "SELECT $f(x) FROM (VALUES (1), (NULL), (3)) t(x)")
+done
+for f in $(grep -oE 'STR_FN\("[a-z_0-9]+"' tests/fixtures/c/batch_misbehaving.c | cut -d'"' -f2); do
+    statements+=(-c "SELECT $f(arrow_cast(s, 'Utf8')) FROM (VALUES ('one'), (NULL), ('três')) t(s)")
+done
+statements+=(-c "SELECT undeclared_null_nullable_arg(x) FROM (VALUES (1), (NULL)) t(x)")
+# A v1 plugin returning a malloc'ed string from a function declared Int: refused and freed.
+wrong_type=target/udf-fixtures/libmisbehaving_wrong_return_type_string.so
+statements+=(-c "SELECT broken(x) FROM (VALUES (1), (2)) t(x)")
+set +e
+UDFSQL_HISTORY=/dev/null valgrind --leak-check=full --errors-for-leak-kinds=definite \
+    --show-leak-kinds=definite --error-exitcode=3 \
+    target/debug/udfsql --plugin "$corpus" --plugin "$wrong_type" --format csv "${statements[@]}" \
+    > "$work/corpus.csv" 2> "$work/corpus.log"
+code=$?
+set -e
+grep -E "definitely lost|ERROR SUMMARY" "$work/corpus.log"
+if [ "$code" -eq 3 ] || ! grep -q "ERROR SUMMARY: 0 errors" "$work/corpus.log"; then
+    cat "$work/corpus.log"
+    echo "valgrind found errors or definite leaks in the misbehaving batch corpus" >&2
+    exit 1
+fi
+refused=$(grep -c "^error: .*plugin function" "$work/corpus.log" || true)
+echo "misbehaving batch corpus: ${#statements[@]} statements, $refused refused with a plugin function error"
+if [ "$refused" -lt 25 ]; then
+    cat "$work/corpus.log"
+    echo "expected at least 25 refused statements" >&2
+    exit 1
+fi
 echo "valgrind: clean"

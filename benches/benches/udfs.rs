@@ -3,6 +3,7 @@
 //! `cargo bench -p udf-benches` (full) or `UDF_BENCH_QUICK=1 cargo bench -p udf-benches` (a few
 //! minutes). Each SQL case is a full `ctx.sql(..).collect()`; each `kernel/` case calls the UDF's
 //! `invoke_with_args` on one 8192-row batch.
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,12 +6,17 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
+use parking_lot::RwLock;
+
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{DataFusionError, Result, ScalarValue};
+use datafusion::dataframe::DataFrame;
+use datafusion::execution::FunctionRegistry;
 use datafusion::execution::context::{FunctionFactory, RegisterFunction, SessionState};
 use datafusion::logical_expr::{CreateFunction, Expr, ScalarUDF};
 use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::Statement as DfStatement;
 use udf_abi::v2::UdfType;
 
 use crate::error::LoadError;
@@ -75,6 +80,9 @@ pub enum DdlError {
     /// The library itself could not be loaded.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The statement could not finish: the blocking load task or the registration failed.
+    #[error("CREATE FUNCTION could not finish: {0}")]
+    Interrupted(String),
     /// `LANGUAGE` is missing or not `plugin`.
     #[error(
         "CREATE FUNCTION {function}: unsupported language {language}; write LANGUAGE plugin AS 'library'"
@@ -230,15 +238,29 @@ impl PluginLoader {
             path: given.to_path_buf(),
             source,
         })?;
-        let mut libraries = self.libraries.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(library) = libraries.get(&canonical).and_then(Weak::upgrade) {
+        // The lock is held only to look up and to insert: hashing, `dlopen` and the library's
+        // initialisers run without it, so a slow (or stuck) load never holds up another.
+        if let Some(library) = self.cached(&canonical) {
             check_pin(&canonical, pin, library.sha256())?;
             return Ok(library);
         }
-        libraries.retain(|_, weak| weak.strong_count() > 0);
         let library = PluginLibrary::load_pinned(&canonical, pin)?;
+        let mut libraries = self.libraries.lock().unwrap_or_else(|e| e.into_inner());
+        libraries.retain(|_, weak| weak.strong_count() > 0);
+        // Two loads of one path may race: both got the same image from `dlopen` (it counts
+        // references); keep the first one's `PluginLibrary` so the cache holds one per file.
+        if let Some(first) = libraries.get(&canonical).and_then(Weak::upgrade)
+            && first.sha256() == library.sha256()
+        {
+            return Ok(first);
+        }
         libraries.insert(canonical, Arc::downgrade(&library));
         Ok(library)
+    }
+
+    fn cached(&self, canonical: &Path) -> Option<Arc<PluginLibrary>> {
+        let libraries = self.libraries.lock().unwrap_or_else(|e| e.into_inner());
+        libraries.get(canonical).and_then(Weak::upgrade)
     }
 
     /// Resolves a path written in SQL under the policy described on [`PluginLoader`].
@@ -308,26 +330,90 @@ impl PluginLoader {
 /// The SQL name may differ from the library's. Argument and return types, when declared, must
 /// match the library's signature. `IMMUTABLE` (the default), `STABLE` or `VOLATILE` set the
 /// function's volatility.
+///
+/// Installed with [`install`], it registers the function itself, in the live session state and
+/// under the same write lock as the check that the name is free, so two concurrent `CREATE
+/// FUNCTION f` without `OR REPLACE` cannot both succeed. The library is hashed and mapped on a
+/// blocking thread, not on the async executor.
 #[derive(Debug)]
 pub struct PluginFunctionFactory {
     loader: Arc<PluginLoader>,
+    session: Option<Weak<RwLock<SessionState>>>,
+}
+
+/// How the name of a `CREATE FUNCTION` statement becomes the registered name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NameRule {
+    /// DataFusion's plan no longer says whether the name was quoted: lower-case it (as for an
+    /// unquoted name) when the session normalises identifiers.
+    Normalize,
+    /// [`execute_statement`] normalised it already from the parsed statement (quoted names keep
+    /// their case).
+    Exact,
 }
 
 impl PluginFunctionFactory {
     /// A factory that loads through `loader`.
     pub fn new(loader: Arc<PluginLoader>) -> Self {
-        PluginFunctionFactory { loader }
+        PluginFunctionFactory {
+            loader,
+            session: None,
+        }
     }
 
-    fn create_udf(
+    /// Creates the function of `stmt` and registers it in the session, atomically with the check
+    /// that its name is free (unless `OR REPLACE`).
+    async fn create_and_register(
         &self,
         state: &SessionState,
         stmt: &CreateFunction,
-    ) -> Result<PluginUdf, DdlError> {
-        // Calls are resolved with normalised (lower-case) identifiers; without this a function
-        // created as `Sq` could only be called as `"Sq"`.
-        let name = if state.config_options().sql_parser.enable_ident_normalization {
-            stmt.name.to_lowercase()
+        rule: NameRule,
+        live: Option<Arc<RwLock<SessionState>>>,
+    ) -> Result<Arc<ScalarUDF>, DdlError> {
+        let prepared = self.prepare(state, stmt, rule)?;
+        if !stmt.or_replace && state.scalar_functions().contains_key(&prepared.name) {
+            return Err(DdlError::AlreadyExists {
+                function: prepared.name,
+            });
+        }
+        let loader = Arc::clone(&self.loader);
+        let target = prepared.target.clone();
+        let load = move || loader.load_from_sql(&target.path, target.sha256.as_ref());
+        // Hashing and `dlopen` block: keep them off the async executor's threads.
+        let library = match tokio::runtime::Handle::try_current() {
+            Ok(handle) => handle
+                .spawn_blocking(load)
+                .await
+                .map_err(|e| DdlError::Interrupted(e.to_string()))??,
+            Err(_) => load()?,
+        };
+        let udf = Arc::new(ScalarUDF::new_from_impl(prepared.finish(stmt, &library)?));
+        if let Some(live) = live.or_else(|| self.session.as_ref().and_then(Weak::upgrade)) {
+            let mut state = live.write();
+            if !stmt.or_replace && state.scalar_functions().contains_key(udf.name()) {
+                return Err(DdlError::AlreadyExists {
+                    function: udf.name().to_string(),
+                });
+            }
+            state
+                .register_udf(Arc::clone(&udf))
+                .map_err(|e| DdlError::Interrupted(e.to_string()))?;
+        }
+        Ok(udf)
+    }
+
+    /// Everything that needs no file access: the name, the language, the target.
+    fn prepare(
+        &self,
+        state: &SessionState,
+        stmt: &CreateFunction,
+        rule: NameRule,
+    ) -> Result<Prepared, DdlError> {
+        let name = if rule == NameRule::Normalize
+            && state.config_options().sql_parser.enable_ident_normalization
+        {
+            // As DataFusion normalises unquoted identifiers in calls.
+            stmt.name.to_ascii_lowercase()
         } else {
             stmt.name.clone()
         };
@@ -355,13 +441,24 @@ impl PluginFunctionFactory {
             })?,
             _ => return Err(DdlError::MissingLibrary { function: name }),
         };
-        if !stmt.or_replace && state.scalar_functions().contains_key(&name) {
-            return Err(DdlError::AlreadyExists { function: name });
-        }
-        let library = self
-            .loader
-            .load_from_sql(&target.path, target.sha256.as_ref())?;
-        let function = pick_function(&library, &name, target.function.as_deref())?;
+        Ok(Prepared { name, target })
+    }
+}
+
+/// A `CREATE FUNCTION` statement checked up to loading its library.
+struct Prepared {
+    name: String,
+    target: LibraryTarget,
+}
+
+impl Prepared {
+    fn finish(
+        self,
+        stmt: &CreateFunction,
+        library: &Arc<PluginLibrary>,
+    ) -> Result<PluginUdf, DdlError> {
+        let Prepared { name, target } = self;
+        let function = pick_function(library, &name, target.function.as_deref())?;
         check_declared_types(&name, stmt, &function)?;
         let volatility = stmt
             .params
@@ -510,11 +607,11 @@ impl FunctionFactory for PluginFunctionFactory {
         statement: CreateFunction,
     ) -> Result<RegisterFunction> {
         let udf = self
-            .create_udf(state, &statement)
+            .create_and_register(state, &statement, NameRule::Normalize, None)
+            .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        Ok(RegisterFunction::Scalar(Arc::new(
-            ScalarUDF::new_from_impl(udf),
-        )))
+        // DataFusion registers it (again: the same function) when this returns.
+        Ok(RegisterFunction::Scalar(udf))
     }
 }
 
@@ -523,10 +620,115 @@ impl FunctionFactory for PluginFunctionFactory {
 /// `EXPLAIN` ([`install_explain`](crate::install_explain)).
 pub fn install(ctx: &SessionContext, loader: Arc<PluginLoader>) -> Result<()> {
     crate::explain::install_explain(ctx);
-    ctx.state_ref()
-        .write()
-        .set_function_factory(Arc::new(PluginFunctionFactory::new(loader)));
+    let factory = Arc::new(PluginFunctionFactory {
+        loader,
+        session: Some(Arc::downgrade(&ctx.state_ref())),
+    });
+    {
+        let state = ctx.state_ref();
+        let mut state = state.write();
+        state.set_function_factory(Arc::clone(&factory) as Arc<dyn FunctionFactory>);
+        state.config_mut().set_extension(factory);
+    }
     crate::catalog::register_plugin_functions_table(ctx)
+}
+
+/// Runs SQL text (one statement) in `ctx` like [`SessionContext::sql`], with
+/// [`execute_statement`]'s rules for plugin DDL.
+pub async fn sql(ctx: &SessionContext, sql: &str) -> Result<DataFrame> {
+    let state = ctx.state();
+    let dialect = state.config_options().sql_parser.dialect;
+    let statement = state.sql_to_statement(sql, &dialect)?;
+    execute_statement(ctx, statement).await
+}
+
+/// Runs one parsed statement in `ctx` like [`SessionContext::sql`] does, except that the names in
+/// `CREATE FUNCTION` and `DROP FUNCTION` follow DataFusion's rules for identifiers in calls: a
+/// quoted name keeps its case, an unquoted one is lower-cased (when the session normalises
+/// identifiers). DataFusion's own plan of these statements keeps only the text of the name, so
+/// through `SessionContext::sql` a quoted `CREATE FUNCTION "MyF"` is lower-cased and `DROP
+/// FUNCTION MyF` looks for `MyF`; udfsql runs every statement through this function.
+///
+/// `DROP FUNCTION f` of a function that does not exist is an error naming it (`IF EXISTS` ignores
+/// it).
+pub async fn execute_statement(ctx: &SessionContext, statement: DfStatement) -> Result<DataFrame> {
+    use datafusion::logical_expr::{DdlStatement, LogicalPlan, LogicalPlanBuilder};
+    use datafusion::sql::sqlparser::ast::Statement;
+
+    let state = ctx.state();
+    let normalize = state.config_options().sql_parser.enable_ident_normalization;
+    let mut statement = statement;
+    let mut names_normalized = false;
+    if let DfStatement::Statement(inner) = &mut statement {
+        match inner.as_mut() {
+            Statement::CreateFunction(create) => {
+                normalize_name(&mut create.name, normalize);
+                names_normalized = true;
+            }
+            Statement::DropFunction(drop) => {
+                for desc in &mut drop.func_desc {
+                    normalize_name(&mut desc.name, normalize);
+                }
+            }
+            _ => {}
+        }
+    }
+    let plan = state.statement_to_plan(statement).await?;
+    match &plan {
+        LogicalPlan::Ddl(DdlStatement::CreateFunction(create)) if names_normalized => {
+            let factory = state
+                .config()
+                .get_extension::<PluginFunctionFactory>()
+                .filter(|_| {
+                    create
+                        .params
+                        .language
+                        .as_ref()
+                        .is_some_and(|l| l.value.eq_ignore_ascii_case("plugin"))
+                });
+            if let Some(factory) = factory {
+                factory
+                    .create_and_register(&state, create, NameRule::Exact, Some(ctx.state_ref()))
+                    .await
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                return Ok(DataFrame::new(
+                    state,
+                    LogicalPlanBuilder::empty(false).build()?,
+                ));
+            }
+        }
+        LogicalPlan::Ddl(DdlStatement::DropFunction(drop)) if !drop.if_exists => {
+            let exists = state.scalar_functions().contains_key(&drop.name)
+                || state.aggregate_functions().contains_key(&drop.name)
+                || state.window_functions().contains_key(&drop.name);
+            if !exists {
+                return Err(DataFusionError::Execution(format!(
+                    "DROP FUNCTION {}: no such function (DROP FUNCTION IF EXISTS ignores this)",
+                    drop.name
+                )));
+            }
+        }
+        _ => {}
+    }
+    ctx.execute_logical_plan(plan).await
+}
+
+/// Lower-cases the unquoted parts of a name, as DataFusion does for identifiers in calls.
+fn normalize_name(name: &mut datafusion::sql::sqlparser::ast::ObjectName, normalize: bool) {
+    use datafusion::sql::sqlparser::ast::ObjectNamePart;
+    if !normalize {
+        return;
+    }
+    for part in &mut name.0 {
+        let ObjectNamePart::Identifier(ident) = part else {
+            continue;
+        };
+        if ident.quote_style.is_none() {
+            ident.value = ident.value.to_ascii_lowercase();
+        }
+        // The planner reads only the value; mark it quoted so nothing lower-cases it again.
+        ident.quote_style = Some('"');
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,30 @@ pub enum LoadError {
         /// What the file system said.
         source: std::io::Error,
     },
+    /// The path names something other than a regular file (a directory, a FIFO, a device).
+    #[error("plugin library {path} is not a regular file ({kind})")]
+    NotARegularFile {
+        /// The library's path.
+        path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// An earlier version of the file is still mapped in this process, and the dynamic loader
+    /// would hand back that old image instead of mapping the file (it matches by path).
+    #[error(
+        "plugin library {path} (SHA-256 {file}) cannot be loaded: an earlier version of that \
+         file ({mapped}) is still mapped in this process, and the dynamic loader would \
+         return the old code; drop every function that uses the old version first (or load the \
+         new file under another path)"
+    )]
+    StaleImage {
+        /// The library's path.
+        path: PathBuf,
+        /// What is known of the image still mapped (its digest, or its inode and path).
+        mapped: String,
+        /// The digest of the file on disk now.
+        file: crate::trust::Sha256Digest,
+    },
     /// The file was replaced between reading its digest and mapping it.
     #[error("plugin library {path} was replaced while it was being loaded; try again")]
     ChangedWhileLoading {
@@ -95,6 +119,8 @@ impl LoadError {
             LoadError::NotFound { path, .. }
             | LoadError::Read { path, .. }
             | LoadError::ChangedWhileLoading { path }
+            | LoadError::NotARegularFile { path, .. }
+            | LoadError::StaleImage { path, .. }
             | LoadError::DigestMismatch { path, .. }
             | LoadError::Open { path, .. }
             | LoadError::MissingSymbol { path, .. }
@@ -238,10 +264,51 @@ pub enum CallError {
     /// The plugin returned NULL from a function declared not to.
     #[error("the plugin returned NULL, but the function is declared never to return NULL")]
     UnexpectedNull,
-    /// The batch entrypoint's result is unusable (wrong length or type, invalid buffers,
-    /// undeclared NULLs, no release callback).
-    #[error("batch call: {0}")]
-    Batch(String),
+    /// The function has no batch entrypoint (a v1 function, or a v2.0 library).
+    #[error("the function has no batch entrypoint")]
+    NoBatchEntrypoint,
+    /// The batch entrypoint's result is unusable: a field of the `ArrowArray` or `ArrowSchema`
+    /// the C Data Interface does not allow for the declared type, or an array arrow's validation
+    /// refuses (lengths, offsets, UTF-8, NULL counts).
+    #[error("the plugin returned an invalid batch result: {0}")]
+    InvalidResult(String),
+    /// The batch result's Arrow format differs from the declared return type's.
+    #[error(
+        "the plugin returned a batch of Arrow format \"{found_format}\", the function declares \
+         {declared} (Arrow format \"{expected_format}\")"
+    )]
+    ResultType {
+        /// The declared return type.
+        declared: UdfType,
+        /// Its Arrow C Data Interface format.
+        expected_format: &'static str,
+        /// The format the plugin wrote.
+        found_format: String,
+    },
+    /// A batch result is NULL in rows where the row path would have called the function and
+    /// refused a NULL (the function is declared never to return NULL).
+    #[error(
+        "the plugin returned NULL in {rows} row(s), but the function is declared never to return \
+         NULL"
+    )]
+    UndeclaredNulls {
+        /// How many rows.
+        rows: usize,
+    },
+    /// An argument array does not have the rows the call needs.
+    #[error("argument {} has {found} rows, {expected} expected", .index + 1)]
+    ArgumentRows {
+        /// The argument (0-based).
+        index: usize,
+        /// Rows needed.
+        expected: usize,
+        /// Rows given.
+        found: usize,
+    },
+    /// A panic inside the host while it read a plugin's result: a bug in udfsql, reported
+    /// rather than unwound.
+    #[error("internal error in the udfsql host (please report it): {0}")]
+    HostBug(String),
     /// The plugin's status code is neither OK nor ERROR.
     #[error("the plugin returned an invalid status code {0}")]
     InvalidStatus(i32),
@@ -292,4 +359,49 @@ pub enum CallError {
     /// A returned string is not UTF-8.
     #[error("the plugin returned a string that is not valid UTF-8: {0}")]
     InvalidUtf8(std::str::Utf8Error),
+}
+
+/// The class of a [`CallError`]: the row and batch paths must give the same class for the same
+/// misbehaviour (tests compare them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CallErrorKind {
+    /// The plugin reported an error (its own message, or none).
+    Plugin,
+    /// A NULL result from a function declared never to return NULL.
+    UndeclaredNull,
+    /// A result of another type than declared.
+    WrongType,
+    /// A result that breaks the ABI in another way (status, pointers, bytes, buffers).
+    InvalidResult,
+    /// The host could not pass the arguments as the function declares them.
+    Arguments,
+    /// A bug in the host.
+    HostBug,
+}
+
+impl CallError {
+    /// The class of this error.
+    pub fn kind(&self) -> CallErrorKind {
+        match self {
+            CallError::Plugin(_) | CallError::NullErrorMessage => CallErrorKind::Plugin,
+            CallError::UnexpectedNull | CallError::UndeclaredNulls { .. } => {
+                CallErrorKind::UndeclaredNull
+            }
+            CallError::ReturnType { .. } | CallError::ResultType { .. } => CallErrorKind::WrongType,
+            CallError::InvalidResult(_)
+            | CallError::InvalidStatus(_)
+            | CallError::NullBytes(_)
+            | CallError::InvalidResultTag(_)
+            | CallError::InvalidBool(_)
+            | CallError::NullString
+            | CallError::InvalidUtf8(_) => CallErrorKind::InvalidResult,
+            CallError::NoBatchEntrypoint
+            | CallError::InteriorNul { .. }
+            | CallError::ArgumentType { .. }
+            | CallError::ArgumentCount { .. }
+            | CallError::ArgumentRows { .. } => CallErrorKind::Arguments,
+            CallError::HostBug(_) => CallErrorKind::HostBug,
+        }
+    }
 }

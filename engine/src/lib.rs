@@ -17,11 +17,16 @@
 //! * [`PluginUdf`] is a plugin function as a DataFusion `ScalarUDFImpl`;
 //! * [`register_plugin`] / [`SessionContextExt`] register a library's functions in a session.
 
+#![deny(unsafe_code)]
+
 mod catalog;
 mod ddl;
 mod error;
 mod explain;
+#[allow(unsafe_code)] // the one module of the host that touches raw pointers and foreign code
 mod ffi;
+pub mod json;
+mod plugin_dir;
 mod register;
 mod trust;
 pub mod types;
@@ -31,13 +36,16 @@ pub use catalog::{
     PluginFunctionInfo, PluginFunctionsTable, plugin_functions, plugin_functions_of,
     register_plugin_functions_table,
 };
-pub use ddl::{DdlError, LibraryTarget, PluginFunctionFactory, PluginLoader, install};
-pub use error::{CallError, LoadError, MetadataError, TypePosition};
+pub use ddl::{
+    DdlError, LibraryTarget, PluginFunctionFactory, PluginLoader, execute_statement, install, sql,
+};
+pub use error::{CallError, CallErrorKind, LoadError, MetadataError, TypePosition};
 pub use explain::{PluginQueryPlanner, install_explain, plugin_calls_line};
 pub use ffi::{
     Abi, ArgRef, DeclaredVolatility, FunctionSignature, MAX_FUNCTIONS, MAX_NAME_LEN, PluginBytes,
     PluginFunction, PluginLibrary, Returned, RowScratch,
 };
+pub use plugin_dir::{PluginDirError, trusted_libraries_in};
 pub use register::{
     Registration, SessionContextExt, libraries_in, register_function, register_library,
     register_plugin,

@@ -29,6 +29,23 @@ pub fn arrow_type(t: UdfType) -> DataType {
     }
 }
 
+/// The Arrow C Data Interface format string of [`arrow_type`]`(t)`: what a batch result's schema
+/// must say.
+pub fn c_format(t: UdfType) -> &'static str {
+    match t {
+        UdfType::Bool => "b",
+        UdfType::Int64 => "l",
+        UdfType::UInt64 => "L",
+        UdfType::Float64 => "g",
+        UdfType::Utf8 => "u",
+        UdfType::Int32 => "i",
+        UdfType::Float32 => "f",
+        UdfType::Binary => "z",
+        UdfType::Date32 => "tdD",
+        UdfType::TimestampMicros => "tsu:UTC",
+    }
+}
+
 /// The plugin type an Arrow type belongs to, for checking declared DDL types: the string types
 /// are `String`, the binary types `Binary`, every timestamp `Timestamp`, else the exact match.
 pub fn family(t: &DataType) -> Option<UdfType> {
@@ -121,6 +138,15 @@ mod tests {
             assert!(is_readable(&arrow_type(t), t));
         }
         assert_eq!(family(&DataType::Int16), None);
+    }
+
+    #[test]
+    fn c_formats_are_what_arrow_exports() {
+        use datafusion::arrow::ffi::FFI_ArrowSchema;
+        for t in UdfType::ALL {
+            let schema = FFI_ArrowSchema::try_from(&arrow_type(t)).unwrap();
+            assert_eq!(schema.format(), c_format(t), "{t}");
+        }
     }
 
     #[test]

@@ -279,12 +279,20 @@ impl PluginUdf {
         all_scalar: bool,
     ) -> Result<ColumnarValue> {
         let params = &self.function.signature().arg_types;
+        // A function registered VOLATILE must be computed for every row, also where its
+        // arguments are constants and the plugin (which may declare it immutable) would compute
+        // them once: its constant arguments cross as whole columns.
+        let expand = self.signature.volatility == Volatility::Volatile;
         let arrays = args
             .iter()
             .zip(params)
             .map(|(value, &param)| {
                 Ok(match value {
                     ColumnarValue::Array(array) => (expected_array(array, param)?, false),
+                    ColumnarValue::Scalar(scalar) if expand => (
+                        readable_scalar(scalar, param)?.to_array_of_size(rows)?,
+                        false,
+                    ),
                     ColumnarValue::Scalar(scalar) => {
                         (readable_scalar(scalar, param)?.to_array_of_size(1)?, true)
                     }

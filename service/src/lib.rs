@@ -96,20 +96,25 @@ impl std::fmt::Debug for AppState {
 
 impl AppState {
     /// Loads the plugins and tables of `config` into a new session.
+    ///
+    /// Every plugin directory is checked as `udfsql --plugin-dir` checks it
+    /// ([`udf_engine::trusted_libraries_in`]): the canonical directory, the directories above it
+    /// and each library must not be writable by other users, and a symlinked library must stay
+    /// inside its directory. One refused library refuses the start-up, naming the file.
     pub async fn new(config: Config) -> anyhow::Result<AppState> {
         let ctx = SessionContext::new();
         let mut loader = PluginLoader::new().disable_sql_loading();
+        let mut libraries = Vec::new();
         for dir in &config.plugin_dirs {
+            libraries.extend(udf_engine::trusted_libraries_in(dir)?);
             loader = loader.with_plugin_dir(dir)?;
         }
         let loader = Arc::new(loader);
         udf_engine::install(&ctx, Arc::clone(&loader))?;
-        for dir in &config.plugin_dirs {
-            for file in udf_engine::libraries_in(dir)? {
-                let library = loader.load(&file)?;
-                for r in udf_engine::register_library(&ctx, &library) {
-                    tracing::info!(function = %r.sql_name, library = %r.library.display(), "serving plugin function");
-                }
+        for file in &libraries {
+            let library = loader.load(file)?;
+            for r in udf_engine::register_library(&ctx, &library) {
+                tracing::info!(function = %r.sql_name, library = %r.library.display(), "serving plugin function");
             }
         }
         for (name, path) in &config.tables {
@@ -303,17 +308,16 @@ async fn query(
     }
 }
 
+/// The rows as one JSON array ([`udf_engine::json`]): a value arrow cannot display (a timestamp
+/// outside the range of calendar dates) makes the query fail (400) instead of answering error
+/// text as data.
 fn json_rows(batches: &[RecordBatch]) -> Result<Response, ApiError> {
-    let mut writer = datafusion::arrow::json::ArrayWriter::new(Vec::new());
-    let refs: Vec<&RecordBatch> = batches.iter().collect();
-    writer
-        .write_batches(&refs)
-        .and_then(|()| writer.finish())
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let mut body = writer.into_inner();
-    if body.is_empty() {
-        body = b"[]".to_vec();
-    }
+    let body = udf_engine::json::json_array(batches).map_err(|e| match e {
+        udf_engine::json::JsonError::Undisplayable { .. } => {
+            ApiError::Query(format!("cannot answer as JSON: {e}"))
+        }
+        other => ApiError::Internal(other.to_string()),
+    })?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 

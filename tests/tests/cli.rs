@@ -73,7 +73,8 @@ fn table_and_json_formats() {
         "+----+\n| sq |\n+----+\n| 16 |\n|    |\n+----+\n"
     );
     let o = run(&["--plugin", square, "--format", "json", "-c", sql]);
-    assert_eq!(stdout(&o), "{\"sq\":16}\n{}\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "[{\"sq\":16},{}]\n");
 }
 
 #[test]
@@ -161,7 +162,7 @@ fn sql_piped_on_stdin_runs_statement_by_statement() {
     let dir = example_plugin_dir().to_str().unwrap().to_string();
     let o = run_with_stdin(&["--plugin-dir", &dir, "--format", "csv"], script);
     assert!(!o.status.success(), "the bad statement fails the run");
-    assert_eq!(stdout(&o), "s\n9\n{\"s\":16}\n");
+    assert_eq!(stdout(&o), "s\n9\n[{\"s\":16}]\n");
     let err = stderr(&o);
     assert_eq!(
         err.lines().filter(|l| l.starts_with("error:")).count(),
@@ -328,4 +329,198 @@ fn every_load_is_logged_with_path_digest_abi_and_functions() {
     ] {
         assert!(line.contains(&part), "{part} missing from: {line}");
     }
+}
+
+#[test]
+fn no_rows_print_the_csv_header_the_table_header_and_an_empty_json_array() {
+    let sql = "SELECT 1 AS a, 'x' AS b WHERE false";
+    let o = run(&["--format", "csv", "-c", sql]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "a,b\n");
+    let o = run(&["--format", "json", "-c", sql]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "[]\n");
+    let o = run(&["--format", "table", "-c", sql]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "+---+---+\n| a | b |\n+---+---+\n+---+---+\n");
+    // A table with no rows from a plugin function too.
+    let square = plugin("square");
+    let o = run(&[
+        "--plugin",
+        square.to_str().unwrap(),
+        "--format",
+        "csv",
+        "-c",
+        "SELECT square(x) AS sq FROM (VALUES (1)) t(x) WHERE x > 5",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "sq\n");
+}
+
+#[test]
+fn json_output_is_one_json_array_with_escaped_strings() {
+    let repeat = plugin("repeat");
+    let o = run(&[
+        "--plugin",
+        repeat.to_str().unwrap(),
+        "--format",
+        "json",
+        "-c",
+        "SELECT repeat(s, 2) AS r, n, DATE '2024-02-29' AS d \
+         FROM (VALUES ('a\"b\\c', 1), ('line\nbreak', NULL)) t(s, n) ORDER BY r",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let value: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not one JSON document ({e}): {out}"));
+    assert_eq!(
+        value,
+        serde_json::json!([
+            {"r": "a\"b\\ca\"b\\c", "n": 1, "d": "2024-02-29"},
+            {"r": "line\nbreakline\nbreak", "d": "2024-02-29"},
+        ])
+    );
+}
+
+/// A value arrow cannot display (a timestamp outside chrono's range) fails its statement in every
+/// format: `error:` on stderr naming the column, nothing of it on stdout, a non-zero exit, and the
+/// next statement still runs.
+#[test]
+fn an_undisplayable_value_is_an_error_not_data_in_every_format() {
+    let cases = [
+        (
+            "SELECT arrow_cast(9223372036854775807, 'Timestamp(Second, None)') AS ts",
+            "row 1 of column ts",
+        ),
+        (
+            "SELECT to_timestamp_seconds(x) AS late FROM (VALUES (0), (9223372036854775807)) t(x) \
+             ORDER BY x",
+            "row 2 of column late",
+        ),
+        (
+            "SELECT named_struct('t', arrow_cast(9223372036854775807, 'Timestamp(Second, None)')) AS nested",
+            "row 1 of column nested",
+        ),
+    ];
+    for (format, next) in [
+        ("table", "| next |"),
+        ("csv", "n\nnext\n"),
+        ("json", "[{\"n\":\"next\"}]\n"),
+    ] {
+        for (sql, place) in cases {
+            let o = run(&["--format", format, "-c", sql, "-c", "SELECT 'next' AS n"]);
+            let (out, err) = (stdout(&o), stderr(&o));
+            assert!(!o.status.success(), "{format}: {sql}: exit 0\n{out}");
+            assert!(
+                err.lines()
+                    .any(|l| l.starts_with("error: cannot display the value in ")
+                        && l.contains(place)),
+                "{format}: {sql}: {err}"
+            );
+            assert!(
+                !out.contains("ERROR"),
+                "{format}: {sql}: error text as data: {out}"
+            );
+            assert!(
+                out.contains(next),
+                "{format}: {sql}: the next statement's output: {out}"
+            );
+            if format != "table" {
+                assert_eq!(out, next, "{format}: {sql}: nothing of the failed result");
+            }
+        }
+    }
+}
+
+/// A directory tree for the plugin directory tests: `root/` (0700, under /tmp), a group-writable
+/// `root/shared/` (0775) holding `plugins/` (0755) with a copy of the square plugin.
+fn group_writable_tree() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    let shared = root.path().join("shared");
+    let plugins = shared.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    udf_tests::set_mode(&shared, 0o775);
+    udf_tests::set_mode(&plugins, 0o755);
+    let library = plugins.join("libudf_plugin_square.so");
+    std::fs::copy(plugin("square"), &library).unwrap();
+    udf_tests::set_mode(&library, 0o755);
+    (root, shared, library)
+}
+
+#[test]
+fn a_plugin_dir_symlink_is_checked_where_it_leads() {
+    let (root, shared, _) = group_writable_tree();
+    // The path given has no group-writable directory; the directory it leads to is under one.
+    let link = root.path().join("link");
+    std::os::unix::fs::symlink(shared.join("plugins"), &link).unwrap();
+    let o = run(&["--plugin-dir", link.to_str().unwrap(), "-c", "SELECT 1"]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "{} is writable by its group (mode 0775)",
+            shared.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_symlinked_library_must_stay_inside_its_plugin_dir() {
+    let (root, _, library) = group_writable_tree();
+    // A safe directory whose entry leads to a library in the group-writable tree.
+    let dir = root.path().join("safe");
+    std::fs::create_dir(&dir).unwrap();
+    udf_tests::set_mode(&dir, 0o755);
+    let entry = dir.join("libsquare.so");
+    std::os::unix::fs::symlink(&library, &entry).unwrap();
+    let o = run(&[
+        "--plugin-dir",
+        dir.to_str().unwrap(),
+        "-c",
+        "SELECT square(3)",
+    ]);
+    assert!(!o.status.success());
+    assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "plugin library {} resolves to {}, which is outside the plugin directory",
+            entry.display(),
+            library.display()
+        )),
+        "{err}"
+    );
+
+    // A symlink to a library inside the directory is followed, and loaded once.
+    std::fs::remove_file(&entry).unwrap();
+    let real = dir.join("libudf_plugin_square.so.1");
+    std::fs::copy(&library, &real).unwrap();
+    udf_tests::set_mode(&real, 0o755);
+    std::os::unix::fs::symlink("libudf_plugin_square.so.1", &entry).unwrap();
+    std::os::unix::fs::symlink("libudf_plugin_square.so.1", dir.join("libalias.so")).unwrap();
+    let o = run(&[
+        "--plugin-dir",
+        dir.to_str().unwrap(),
+        "--format",
+        "csv",
+        "-c",
+        "SELECT square(3) AS s",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "s\n9\n");
+
+    // A group-writable library in the directory is refused, naming the file.
+    udf_tests::set_mode(&real, 0o775);
+    let o = run(&["--plugin-dir", dir.to_str().unwrap(), "-c", "SELECT 1"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "{} is writable by its group (mode 0775)",
+            real.display()
+        )),
+        "{err}"
+    );
 }

@@ -339,6 +339,12 @@ async fn a_running_query_keeps_its_library_after_drop() {
     }
     assert_eq!(total, 1000);
     drop(stream);
+    assert_eq!(
+        loader.loaded_libraries(),
+        1,
+        "a result batch the plugin made holds its library (its release callback is plugin code)"
+    );
+    drop(first);
     assert_eq!(loader.loaded_libraries(), 0);
 }
 

@@ -547,6 +547,10 @@ async fn misbehaving_results_are_errors_not_crashes() {
             "WRONG_RETURN_TYPE",
             "returned a value of type Double, the function declares Int",
         ),
+        (
+            "WRONG_RETURN_TYPE_STRING",
+            "returned a value of type String, the function declares Int",
+        ),
         ("UNKNOWN_VALUE_TAG", "returned a value of type tag 12"),
         ("NULL_STRING", "returned a null string pointer"),
         ("INVALID_UTF8", "not valid UTF-8"),

@@ -39,12 +39,18 @@ fn one_library_exports_every_udf_function() {
             "half_f32",
             "hex_bytes",
             "iso_weekday",
+            "jitter",
+            "jitter_sum",
             "negate",
             "next_id",
             "null_if_empty",
             "repeat_text",
             "reverse_bytes",
             "shout",
+            "strict_probe",
+            "strict_probe_odd",
+            "strict_probe_sentinel_calls",
+            "strict_probe_sum",
             "utf8_len",
             "year_of"
         ]
@@ -477,15 +483,15 @@ async fn batch_results_are_validated() {
         ("BATCH_WRONG_LENGTH", "the result has 4 rows, 3 expected"),
         (
             "BATCH_WRONG_TYPE",
-            "the result has type Int32, the function declares Int64",
+            "a batch of Arrow format \"i\", the function declares Int (Arrow format \"l\")",
         ),
         (
             "BATCH_NULL_RELEASE",
-            "the result array has a null release callback",
+            "the result array has no release callback",
         ),
         (
             "BATCH_UNDECLARED_NULLS",
-            "NULL(s) in rows without a NULL argument",
+            "returned NULL in 1 row(s), but the function is declared never to return NULL",
         ),
         ("BATCH_ERROR", "twice: batch refused"),
     ] {

@@ -301,3 +301,64 @@ async fn two_hundred_requests_from_eight_clients() {
     assert_eq!(answered, 200);
     server.stop().await;
 }
+
+/// The service applies udfsql's trust rules to every library of `--plugin-dir`: a library its
+/// group could have written refuses the start-up, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_writable_library_in_the_plugin_dir_refuses_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    udf_tests::set_mode(&plugins, 0o755);
+    let library = plugins.join("libudf_plugin_square.so");
+    std::fs::copy(udf_tests::plugin("square"), &library).unwrap();
+    udf_tests::set_mode(&library, 0o664);
+    let config = || Config {
+        plugin_dirs: vec![plugins.clone()],
+        ..Config::default()
+    };
+    let error = AppState::new(config()).await.unwrap_err();
+    let message = format!("{error:#}");
+    assert!(
+        message.contains(&format!(
+            "{} is writable by its group (mode 0664)",
+            library.display()
+        )),
+        "{message}"
+    );
+
+    // The same directory with the library fixed serves it.
+    udf_tests::set_mode(&library, 0o644);
+    let state = AppState::new(config()).await.unwrap();
+    let names: Vec<String> = udf_engine::plugin_functions(state.context())
+        .into_iter()
+        .map(|f| f.sql_name)
+        .collect();
+    assert_eq!(names, ["square"]);
+}
+
+/// A value arrow cannot display as text (a timestamp outside chrono's range) is a query error in
+/// JSON answers, never error text inside the JSON; the Arrow stream carries it as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undisplayable_value_is_an_error_not_json_data() {
+    let server = Server::start(|_| {}).await;
+    let client = reqwest::Client::new();
+    let sql = "SELECT arrow_cast(9223372036854775807, 'Timestamp(Second, None)') AS ts";
+    let (status, body) = post_sql(&client, &server, sql).await;
+    assert_eq!(status, 400, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains(
+            "cannot answer as JSON: cannot display the value in row 1 of column ts (Timestamp(s))"
+        ),
+        "{error}"
+    );
+    let response = client
+        .post(server.url("/query?format=arrow"))
+        .body(sql)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    server.stop().await;
+}

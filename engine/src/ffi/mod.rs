@@ -11,16 +11,11 @@
 //! pointers, or never terminates a returned string. See the README's Safety section.
 
 use std::ffi::{CStr, c_char};
-use std::mem::ManuallyDrop;
 use std::mem::{align_of, offset_of, size_of};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use datafusion::arrow::array::{Array, ArrayRef, make_array};
-use datafusion::arrow::datatypes::DataType;
-use datafusion::arrow::ffi::{FFI_ArrowArray, FFI_ArrowSchema, from_ffi};
 use udf_abi::v2::{
     self, BatchEntrypoint, ReleaseBytes, RowEntrypoint, UdfAbiVersion, UdfBytes, UdfFunction,
     UdfManifest, UdfOwnedBytes, UdfScalar, UdfType, UdfValue,
@@ -29,6 +24,9 @@ use udf_abi::{MAX_ARGS, PluginMetadata, PluginResult, PluginType, PluginValue};
 
 use crate::error::{CallError, LoadError, MetadataError, TypePosition};
 use crate::trust::Sha256Digest;
+
+mod batch;
+mod images;
 
 /// The longest function name read from metadata, in bytes (without the NUL).
 pub const MAX_NAME_LEN: usize = 4096;
@@ -182,31 +180,19 @@ enum Entrypoints {
 
 /// A loaded plugin library with validated metadata.
 ///
-/// The library stays loaded as long as this value lives; every registered UDF holds an
-/// `Arc<PluginLibrary>`, so a library is unloaded only after the last function using it is gone
-/// and no running query holds it.
+/// The library stays loaded as long as this value lives, and is unloaded (`dlclose`) when it
+/// drops. Everything that can call into the library holds an `Arc<PluginLibrary>`: every
+/// registered UDF and running query (through [`PluginFunction`]), returned bytes
+/// ([`PluginBytes`]), and every array a batch entrypoint produced (its `release` callback is
+/// plugin code).
 pub struct PluginLibrary {
     path: PathBuf,
     sha256: Sha256Digest,
     abi: Abi,
     functions: Vec<FunctionSignature>,
     entrypoints: Entrypoints,
-    /// Set once a batch entrypoint returned an array: arrays the plugin made may outlive every
-    /// function of the library (in a query's result), and their `release` callbacks are plugin
-    /// code, so such a library is never unmapped.
-    produced_arrays: AtomicBool,
-    library: ManuallyDrop<dlopen2::raw::Library>,
-}
-
-impl Drop for PluginLibrary {
-    fn drop(&mut self) {
-        if !self.produced_arrays.load(Ordering::Acquire) {
-            // SAFETY: dropped exactly once, here; no function pointer of this library is used
-            // after its `PluginLibrary` is gone (every user holds an `Arc` of it), and it made no
-            // array whose `release` callback could still run.
-            unsafe { ManuallyDrop::drop(&mut self.library) };
-        }
-    }
+    /// The `dlopen` handle: dropping it unloads the library, after the fields above.
+    _handle: dlopen2::raw::Library,
 }
 
 impl std::fmt::Debug for PluginLibrary {
@@ -224,6 +210,50 @@ impl std::fmt::Debug for PluginLibrary {
 pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail (POSIX).
     unsafe { libc::geteuid() }
+}
+
+/// Opens `path` for reading only if it is a regular file: a FIFO would block `open` (and every
+/// later load waiting on it), a device or directory is never a library. The type is checked
+/// before opening and again on the open handle, which is opened non-blocking.
+fn open_regular_file(path: &Path) -> Result<std::fs::File, LoadError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let describe = |t: std::fs::FileType| -> Option<&'static str> {
+        Some(if t.is_file() {
+            return None;
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_block_device() || t.is_char_device() {
+            "a device"
+        } else {
+            "not a file"
+        })
+    };
+    let read_error = |source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let not_regular = |kind| LoadError::NotARegularFile {
+        path: path.to_path_buf(),
+        kind,
+    };
+    let metadata = std::fs::metadata(path).map_err(read_error)?;
+    if let Some(kind) = describe(metadata.file_type()) {
+        return Err(not_regular(kind));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(read_error)?;
+    let metadata = file.metadata().map_err(read_error)?;
+    if let Some(kind) = describe(metadata.file_type()) {
+        return Err(not_regular(kind));
+    }
+    Ok(file)
 }
 
 /// The most functions a v2 manifest may list.
@@ -271,10 +301,11 @@ impl PluginLibrary {
             path: path.clone(),
             source,
         };
-        let file = std::fs::File::open(&path).map_err(read_error)?;
+        let file = open_regular_file(&path)?;
         let before = file.metadata().map_err(read_error)?;
         let sha256 = Sha256Digest::of_reader(&file).map_err(read_error)?;
         crate::trust::check_pin(&path, pin, &sha256)?;
+        images::check_before_open(&path, &before, &sha256)?;
         let library =
             dlopen2::raw::Library::open_with_flags(&path, Some(libc::RTLD_NOW | libc::RTLD_LOCAL))
                 .map_err(|e| LoadError::Open {
@@ -288,6 +319,18 @@ impl PluginLibrary {
         // SAFETY: `udfsql_abi_version` is declared by ABI v2 as `UdfAbiVersion (void)`, a struct
         // of plain integers that is valid for any bits.
         let version: Result<VersionFn, _> = unsafe { library.symbol(v2::SYMBOL_ABI_VERSION) };
+        // Before any code of the library is called: the image `dlopen` returned must be the file
+        // that was hashed (it returns an earlier image of the same path while one is mapped).
+        // SAFETY: only the address is used, to find the mapping it lies in; never called here.
+        let metadata: Result<MetadataFn, _> = unsafe { library.symbol(udf_abi::SYMBOL_METADATA) };
+        let probe = match (&version, &metadata) {
+            (Ok(f), _) => Some(*f as usize),
+            (_, Ok(f)) => Some(*f as usize),
+            _ => None,
+        };
+        if let Some(address) = probe {
+            images::check_after_open(&path, address, &before, &sha256)?;
+        }
         let (abi, functions, entrypoints) = match version {
             Ok(version) => match Self::load_v2(&path, &library, version)? {
                 Some(v2) => v2,
@@ -312,8 +355,7 @@ impl PluginLibrary {
             abi,
             functions,
             entrypoints,
-            produced_arrays: AtomicBool::new(false),
-            library: ManuallyDrop::new(library),
+            _handle: library,
         }))
     }
 
@@ -730,16 +772,23 @@ impl ArgRef<'_> {
 }
 
 /// How returned bytes go back to the plugin.
-#[derive(Clone, Copy)]
 enum Release {
     /// ABI v1: the C library's `free()`.
     Free,
-    /// ABI v2: the library's `release_bytes`, with the capacity it gave.
-    Plugin(ReleaseBytes, usize),
+    /// ABI v2: the library's `release_bytes`, with the capacity it gave. The `Arc` keeps the
+    /// library (and so `release`) mapped until the bytes are given back.
+    Plugin {
+        release: ReleaseBytes,
+        capacity: usize,
+        _library: Arc<PluginLibrary>,
+    },
 }
 
 /// Bytes returned by a plugin (a string or binary result). Owned by the host until dropped, then
 /// handed back to the plugin as its ABI prescribes. Validated as UTF-8 when it is a string.
+///
+/// Sound from safe code: a value of this type holds the library whose `release_bytes` frees it,
+/// so it may outlive every function and registration of that library.
 pub struct PluginBytes {
     ptr: *mut u8,
     len: usize,
@@ -773,18 +822,21 @@ impl std::fmt::Debug for PluginBytes {
 
 impl Drop for PluginBytes {
     fn drop(&mut self) {
-        match self.release {
+        match &self.release {
             // SAFETY: ABI v1 hands returned strings to the host, allocated with malloc; we own it
             // and free it exactly once (free(NULL) is a no-op).
             Release::Free => unsafe { libc::free(self.ptr.cast()) },
-            Release::Plugin(release, capacity) => {
+            Release::Plugin {
+                release, capacity, ..
+            } => {
                 // SAFETY: ABI v2: bytes the plugin handed over are returned through its own
-                // `release_bytes`, exactly once, with the parts it gave us.
+                // `release_bytes`, exactly once, with the parts it gave us; `_library` (dropped
+                // after this) keeps that function mapped.
                 unsafe {
                     release(UdfOwnedBytes {
                         ptr: self.ptr,
                         len: self.len,
-                        capacity,
+                        capacity: *capacity,
                     })
                 }
             }
@@ -813,12 +865,43 @@ unsafe fn take_v1_string(ptr: *const c_char) -> Result<PluginBytes, CallError> {
     Ok(owned)
 }
 
-/// Takes ownership of v2 bytes, to be released through `release`.
-fn take_v2_bytes(bytes: UdfOwnedBytes, release: ReleaseBytes) -> Result<PluginBytes, CallError> {
+/// Reads a v2 entrypoint's status and error message: `Ok` for OK (a message beside it is released
+/// and ignored), the plugin's message for ERROR, and an error for any other status.
+fn check_status(
+    status: i32,
+    error: UdfOwnedBytes,
+    release: ReleaseBytes,
+    library: &Arc<PluginLibrary>,
+) -> Result<(), CallError> {
+    let message = (!error.ptr.is_null())
+        .then(|| take_v2_bytes(error, release, library))
+        .transpose();
+    match status {
+        v2::status::OK => Ok(()),
+        v2::status::ERROR => Err(match message? {
+            Some(message) => {
+                CallError::Plugin(String::from_utf8_lossy(message.as_bytes()).into_owned())
+            }
+            None => CallError::NullErrorMessage,
+        }),
+        other => Err(CallError::InvalidStatus(other)),
+    }
+}
+
+/// Takes ownership of v2 bytes, to be released through `release` of `library`.
+fn take_v2_bytes(
+    bytes: UdfOwnedBytes,
+    release: ReleaseBytes,
+    library: &Arc<PluginLibrary>,
+) -> Result<PluginBytes, CallError> {
     let owned = PluginBytes {
         ptr: bytes.ptr,
         len: bytes.len,
-        release: Release::Plugin(release, bytes.capacity),
+        release: Release::Plugin {
+            release,
+            capacity: bytes.capacity,
+            _library: Arc::clone(library),
+        },
     };
     if bytes.ptr.is_null() && bytes.len > 0 {
         // Nothing valid to release: forget it rather than hand a null pointer back.
@@ -903,116 +986,6 @@ impl PluginFunction {
             Entrypoints::V2 { batches, .. } => batches[self.index],
             Entrypoints::V1(_) => None,
         }
-    }
-
-    /// Calls the batch entrypoint over whole columns: `args` are the argument arrays (of types
-    /// the plugin reads: the declared type's canonical Arrow type, or another string/binary
-    /// layout) with a flag for length-1 arrays that stand for every row. The result is checked:
-    /// length, type, buffers (offsets, UTF-8), and NULLs only where declared or where an argument
-    /// is NULL.
-    pub fn call_batch(
-        &self,
-        args: &[(ArrayRef, bool)],
-        num_rows: usize,
-    ) -> Result<ArrayRef, CallError> {
-        let Some(entrypoint) = self.batch_entrypoint() else {
-            return Err(CallError::Batch(
-                "the function has no batch entrypoint".into(),
-            ));
-        };
-        let Entrypoints::V2 { release, .. } = &self.library.entrypoints else {
-            return Err(CallError::Batch(
-                "the function has no batch entrypoint".into(),
-            ));
-        };
-        let signature = self.signature();
-        if args.len() != signature.arg_types.len() {
-            return Err(CallError::ArgumentCount {
-                expected: signature.arg_types.len(),
-                found: args.len(),
-            });
-        }
-        let mut arrays = Vec::with_capacity(args.len());
-        let mut schemas = Vec::with_capacity(args.len());
-        let mut scalar_flags = Vec::with_capacity(args.len());
-        for (array, scalar) in args {
-            let data = array.to_data();
-            schemas.push(
-                FFI_ArrowSchema::try_from(data.data_type())
-                    .map_err(|e| CallError::Batch(format!("cannot export an argument: {e}")))?,
-            );
-            arrays.push(FFI_ArrowArray::new(&data));
-            scalar_flags.push(u8::from(*scalar));
-        }
-        let mut out = FFI_ArrowArray::empty();
-        let mut out_schema = FFI_ArrowSchema::empty();
-        let mut error = UdfOwnedBytes::EMPTY;
-        // SAFETY: the entrypoint belongs to `self.library`, alive while we hold the Arc. The
-        // arrays, schemas and flags are `args.len()` valid C Data Interface structs the plugin
-        // may move out (it leaves released ones, which drop as no-ops; arrays it left in place
-        // are released when `arrays` drops); `out` and `error` are valid for writes.
-        let status = unsafe {
-            entrypoint(
-                arrays.as_mut_ptr(),
-                schemas.as_ptr(),
-                scalar_flags.as_ptr(),
-                args.len(),
-                num_rows,
-                &mut out,
-                &mut out_schema,
-                &mut error,
-            )
-        };
-        drop(arrays);
-        match status {
-            v2::status::OK => {}
-            v2::status::ERROR => {
-                if error.ptr.is_null() {
-                    return Err(CallError::NullErrorMessage);
-                }
-                let message = take_v2_bytes(error, *release)?;
-                return Err(CallError::Plugin(
-                    String::from_utf8_lossy(message.as_bytes()).into_owned(),
-                ));
-            }
-            other => return Err(CallError::InvalidStatus(other)),
-        }
-        if out.is_released() {
-            return Err(CallError::Batch(
-                "the result array has a null release callback".into(),
-            ));
-        }
-        // From here on the array's buffers belong to plugin code: keep the library mapped.
-        self.library.produced_arrays.store(true, Ordering::Release);
-        if out.len() != num_rows {
-            // Dropping `out` releases it through the plugin's callback.
-            return Err(CallError::Batch(format!(
-                "the result has {} rows, {num_rows} expected",
-                out.len()
-            )));
-        }
-        let expected_type = crate::types::arrow_type(signature.return_type);
-        let found_type = DataType::try_from(&out_schema)
-            .map_err(|e| CallError::Batch(format!("the result's schema is invalid: {e}")))?;
-        if found_type != expected_type {
-            return Err(CallError::Batch(format!(
-                "the result has type {found_type}, the function declares {expected_type}"
-            )));
-        }
-        // SAFETY: a non-released array the plugin produced per the C Data Interface, described
-        // by the schema just checked; it is fully validated before anything reads it.
-        let data = unsafe { from_ffi(out, &out_schema) }
-            .map_err(|e| CallError::Batch(format!("the result cannot be imported: {e}")))?;
-        validate_result(&data).map_err(|e| {
-            CallError::Batch(format!(
-                "the result is not a valid {expected_type} array: {e}"
-            ))
-        })?;
-        let result = make_array(data);
-        if !signature.return_nullable {
-            check_nulls_follow_arguments(&result, args)?;
-        }
-        Ok(result)
     }
 
     /// Calls the function for one row. `args` must match the declared types, and be
@@ -1105,6 +1078,12 @@ impl PluginFunction {
                 let value = unsafe { raw.payload.ok };
                 let found = UdfType::from_tag(value.tag).filter(|t| t.tag() <= UdfType::Utf8.tag());
                 if found != Some(expected) {
+                    if found == Some(UdfType::Utf8) {
+                        // SAFETY: the tag says String, so `string` is active: a malloc'ed string
+                        // handed to the host, freed here (taking it checks for null) so that a
+                        // result of the wrong type does not leak.
+                        drop(unsafe { take_v1_string(value.payload.string) });
+                    }
                     return Err(CallError::ReturnType {
                         expected,
                         found: found
@@ -1173,7 +1152,15 @@ impl PluginFunction {
                 })?;
             scratch.values_v2.push(value);
         }
-        let mut out = UdfValue::NULL;
+        // Every byte of the value is initialised (the largest member, `owned`, spans the whole
+        // union), so a plugin that sets `is_null = 0` without writing a value makes the host
+        // read zeros, never uninitialised memory.
+        let mut out = UdfValue {
+            is_null: 1,
+            value: UdfScalar {
+                owned: UdfOwnedBytes::EMPTY,
+            },
+        };
         let mut error = UdfOwnedBytes::EMPTY;
         // SAFETY: the entrypoint belongs to `self.library`, alive while we hold the Arc. The
         // arguments match the declared types and nullability; string and binary arguments
@@ -1186,19 +1173,7 @@ impl PluginFunction {
                 &mut error,
             )
         };
-        match status {
-            v2::status::OK => {}
-            v2::status::ERROR => {
-                if error.ptr.is_null() {
-                    return Err(CallError::NullErrorMessage);
-                }
-                let message = take_v2_bytes(error, release)?;
-                return Err(CallError::Plugin(
-                    String::from_utf8_lossy(message.as_bytes()).into_owned(),
-                ));
-            }
-            other => return Err(CallError::InvalidStatus(other)),
-        }
+        check_status(status, error, release, &self.library)?;
         if out.is_null != 0 {
             return if signature.return_nullable {
                 Ok(Returned::Null)
@@ -1231,128 +1206,15 @@ impl PluginFunction {
             UdfType::TimestampMicros => Returned::Timestamp(unsafe { v.int64 }),
             UdfType::Utf8 => {
                 // SAFETY: Utf8 results are owned bytes handed to the host.
-                let bytes = take_v2_bytes(unsafe { v.owned }, release)?;
+                let bytes = take_v2_bytes(unsafe { v.owned }, release, &self.library)?;
                 std::str::from_utf8(bytes.as_bytes()).map_err(CallError::InvalidUtf8)?;
                 Returned::Str(bytes)
             }
-            // SAFETY: Binary results are owned bytes handed to the host.
-            UdfType::Binary => Returned::Bytes(take_v2_bytes(unsafe { v.owned }, release)?),
+            UdfType::Binary => {
+                // SAFETY: Binary results are owned bytes handed to the host.
+                let bytes = take_v2_bytes(unsafe { v.owned }, release, &self.library)?;
+                Returned::Bytes(bytes)
+            }
         })
-    }
-}
-
-/// A function declared never to return NULL may return NULL only in rows where an argument is
-/// NULL (the STRICT rule).
-fn check_nulls_follow_arguments(
-    result: &ArrayRef,
-    args: &[(ArrayRef, bool)],
-) -> Result<(), CallError> {
-    use datafusion::arrow::buffer::{BooleanBuffer, NullBuffer};
-    let Some(result_nulls) = result.logical_nulls() else {
-        return Ok(());
-    };
-    let len = result.len();
-    let mut arg_nulls = Vec::new();
-    for (array, scalar) in args {
-        let nulls = array.logical_nulls();
-        if *scalar {
-            if array.is_null(0) {
-                return Ok(());
-            }
-        } else if let Some(nulls) = nulls {
-            if nulls.len() != len {
-                return Ok(());
-            }
-            arg_nulls.push(nulls);
-        }
-    }
-    // Rows where every argument is valid.
-    let args_valid: BooleanBuffer = NullBuffer::union_many(arg_nulls.iter().map(Some))
-        .map_or_else(|| BooleanBuffer::new_set(len), |n| n.inner().clone());
-    let both_valid = &args_valid & result_nulls.inner();
-    let unexplained = args_valid.count_set_bits() - both_valid.count_set_bits();
-    if unexplained > 0 {
-        return Err(CallError::Batch(format!(
-            "the result has {unexplained} NULL(s) in rows without a NULL argument, but the \
-             function is declared never to return NULL"
-        )));
-    }
-    Ok(())
-}
-
-/// Full validation of a batch result. For `Utf8` it checks the offsets (monotonic, in bounds) and
-/// then the UTF-8 of the whole values buffer at once plus a char boundary at every offset, which
-/// is equivalent to arrow's per-value check and several times faster on long columns.
-fn validate_result(data: &datafusion::arrow::array::ArrayData) -> Result<(), String> {
-    if *data.data_type() != DataType::Utf8 {
-        return data.validate_full().map_err(|e| e.to_string());
-    }
-    data.validate().map_err(|e| e.to_string())?;
-    let buffers = data.buffers();
-    let offsets: &[i32] = buffers[0].typed_data::<i32>();
-    let offsets = &offsets[data.offset()..data.offset() + data.len() + 1];
-    let values = buffers[1].as_slice();
-    // Branch-free folds: these run over every offset of every batch, and LLVM vectorises them.
-    let decreasing = offsets[..data.len()]
-        .iter()
-        .zip(&offsets[1..])
-        .fold(false, |bad, (a, b)| bad | (a > b));
-    if offsets[0] < 0 || decreasing {
-        return Err("offsets are not monotonically increasing".to_string());
-    }
-    let (first, last) = (offsets[0] as usize, offsets[data.len()] as usize);
-    if last > values.len() {
-        return Err(format!(
-            "offset {last} is beyond the {} bytes of values",
-            values.len()
-        ));
-    }
-    let values = &values[first..last];
-    // ASCII (the common case, and checked about twice as fast as UTF-8) is valid UTF-8 in which
-    // every offset is a character boundary.
-    if values.is_ascii() {
-        return Ok(());
-    }
-    let text = std::str::from_utf8(values).map_err(|e| format!("invalid UTF-8: {e}"))?;
-    let split = offsets.iter().fold(false, |bad, &o| {
-        bad | !text.is_char_boundary(o as usize - first)
-    });
-    if split {
-        return Err("an offset splits a UTF-8 character".to_string());
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use datafusion::arrow::array::ArrayData;
-    use datafusion::arrow::buffer::Buffer;
-
-    use super::*;
-
-    fn utf8(offsets: &[i32], values: &[u8]) -> ArrayData {
-        let builder = ArrayData::builder(DataType::Utf8)
-            .len(offsets.len() - 1)
-            .add_buffer(Buffer::from_slice_ref(offsets))
-            .add_buffer(Buffer::from_slice_ref(values));
-        // SAFETY: the point is to build arrays that may be invalid; `validate_result` must only
-        // read within the buffers, which hold `len + 1` offsets and the given values.
-        unsafe { builder.build_unchecked() }
-    }
-
-    #[test]
-    fn string_results_are_validated_like_arrow_does() {
-        assert!(validate_result(&utf8(&[0, 1, 3], "aé".as_bytes())).is_ok());
-        assert!(validate_result(&utf8(&[0, 0], b"")).is_ok());
-        let bad_utf8 = validate_result(&utf8(&[0, 2], b"a\xff")).unwrap_err();
-        assert!(bad_utf8.contains("invalid UTF-8"), "{bad_utf8}");
-        let split = validate_result(&utf8(&[0, 2, 3], "aé".as_bytes())).unwrap_err();
-        assert!(split.contains("splits a UTF-8 character"), "{split}");
-        assert!(validate_result(&utf8(&[0, 3, 1], b"abc")).is_err());
-        assert!(validate_result(&utf8(&[0, 2, 1, 3], b"abc")).is_err());
-        assert!(validate_result(&utf8(&[-1, 3], b"abc")).is_err());
-        // ASCII values take the short path; a NUL byte is valid UTF-8.
-        assert!(validate_result(&utf8(&[0, 1, 3], b"a\0c")).is_ok());
-        assert!(validate_result(&utf8(&[0, 9], b"abc")).is_err());
     }
 }

@@ -1,4 +1,5 @@
 //! `udfsql-server`: SQL with plugin functions over HTTP. See the `udf_service` crate docs.
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,7 +13,9 @@ use udf_service::{AppState, Config, OutputFormat};
 #[derive(Debug, Parser)]
 #[command(name = "udfsql-server", version)]
 struct Args {
-    /// Load every shared library in DIR at start-up (repeatable). Requests cannot load libraries.
+    /// Load every shared library in DIR at start-up (repeatable). DIR, the directories above it
+    /// and its libraries must not be writable by other users (as for udfsql). Requests cannot load
+    /// libraries.
     #[arg(long = "plugin-dir", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
     /// Address to listen on.

@@ -1,5 +1,6 @@
 //! `udfsql`: run SQL over Apache DataFusion with user-defined functions loaded from shared
 //! libraries, interactively or from `-c`, `-f` and standard input.
+#![forbid(unsafe_code)]
 
 mod output;
 mod repl;
@@ -30,7 +31,8 @@ struct Args {
     #[arg(long = "plugin", value_name = "FILE")]
     plugins: Vec<PathBuf>,
     /// Load every shared library in DIR, and let CREATE FUNCTION load libraries from DIR
-    /// (repeatable). SQL can load libraries only from these directories.
+    /// (repeatable). SQL can load libraries only from these directories. DIR, the directories
+    /// above it and its libraries must not be writable by other users.
     #[arg(long = "plugin-dir", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
     /// Demo mode: load the example plugins built next to this binary (target/debug), allow
@@ -123,9 +125,9 @@ fn demo_plugin_dir() -> Result<PathBuf> {
         .to_path_buf())
 }
 
-fn example_plugins_in(dir: &Path) -> Result<Vec<PathBuf>> {
-    let found: Vec<PathBuf> = udf_engine::libraries_in(dir)
-        .with_context(|| format!("cannot read {}", dir.display()))?
+/// The example plugins among the libraries `found` in the demo directory `dir`.
+fn example_plugins(dir: &Path, found: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
+    let found: Vec<PathBuf> = found
         .into_iter()
         .filter(|p| {
             p.file_name()
@@ -153,20 +155,17 @@ fn run(args: Args) -> Result<bool> {
         dirs.push(demo_plugin_dir()?);
     }
     for dir in &dirs {
-        loader = loader.with_plugin_dir(dir)?;
+        // A plugin directory's libraries follow the rules CREATE FUNCTION applies to them: the
+        // canonical directory and every directory above it, each canonical library file (a
+        // symlink must stay inside the directory), regular files only.
+        let found = udf_engine::trusted_libraries_in(dir)?;
         let found = if args.demo && !args.plugin_dirs.contains(dir) {
-            example_plugins_in(dir)?
+            example_plugins(dir, found)?
         } else {
-            udf_engine::libraries_in(dir)
-                .with_context(|| format!("cannot read plugin directory {}", dir.display()))?
+            found
         };
-        // A plugin directory's libraries follow the rules CREATE FUNCTION applies to them.
-        for library in &found {
-            udf_engine::check_not_writable_by_others(library).with_context(|| {
-                format!("refusing to load plugin library {}", library.display())
-            })?;
-        }
         libraries.extend(found);
+        loader = loader.with_plugin_dir(dir)?;
     }
 
     let interrupt = if interactive {

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::error::DataFusionError;
-use datafusion::logical_expr::{DdlStatement, LogicalPlan};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::DFParser;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
@@ -125,7 +125,9 @@ impl Shell {
             for statement in statements {
                 let started = Instant::now();
                 match self.runtime.block_on(self.execute(statement)) {
-                    Ok(batches) => self.print(out, &batches, started.elapsed())?,
+                    Ok((schema, batches)) => {
+                        ok &= self.print(out, &schema, &batches, started.elapsed())?;
+                    }
                     Err(e) => {
                         eprintln!("error: {}", report(&e));
                         ok = false;
@@ -136,23 +138,17 @@ impl Shell {
         Ok(ok)
     }
 
+    /// Runs one statement: the columns of its result (known also when there are no rows, when
+    /// DataFusion may return no batch at all) and its batches.
     async fn execute(
         &self,
         statement: datafusion::sql::parser::Statement,
-    ) -> Result<Vec<RecordBatch>> {
+    ) -> Result<(SchemaRef, Vec<RecordBatch>)> {
         let work = async {
-            let plan = self.ctx.state().statement_to_plan(statement).await?;
-            if let LogicalPlan::Ddl(DdlStatement::DropFunction(drop)) = &plan
-                && !drop.if_exists
-                && !self.function_exists(&drop.name)
-            {
-                return Err(DataFusionError::Execution(format!(
-                    "DROP FUNCTION {}: no such function (DROP FUNCTION IF EXISTS ignores this)",
-                    drop.name
-                )));
-            }
-            let df = self.ctx.execute_logical_plan(plan).await?;
-            df.collect().await
+            // Plugin DDL names follow DataFusion's identifier rules (quoted keep their case).
+            let df = udf_engine::execute_statement(&self.ctx, statement).await?;
+            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+            Ok::<_, DataFusionError>((schema, df.collect().await?))
         };
         match self.interrupt {
             Interrupt::Default => Ok(work.await?),
@@ -163,32 +159,41 @@ impl Shell {
         }
     }
 
-    fn function_exists(&self, name: &str) -> bool {
-        let state = self.ctx.state();
-        state.scalar_functions().contains_key(name)
-            || state.aggregate_functions().contains_key(name)
-            || state.window_functions().contains_key(name)
-    }
-
-    fn print(&self, out: &mut dyn Write, batches: &[RecordBatch], elapsed: Duration) -> Result<()> {
+    /// Prints a statement's result. A result that cannot be rendered (a value arrow cannot
+    /// display) prints `error: ...` on stderr and nothing on `out`, and gives `false`; only a
+    /// failure to write `out` is an `Err`.
+    fn print(
+        &self,
+        out: &mut dyn Write,
+        schema: &SchemaRef,
+        batches: &[RecordBatch],
+        elapsed: Duration,
+    ) -> Result<bool> {
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         let limit = match (self.format, self.max_rows) {
             (Format::Table, Some(max)) if rows > max => Some(max),
             _ => None,
         };
-        match limit {
-            Some(max) => {
-                output::write_batches(out, self.format, &output::first_rows(batches, max))?;
-                writeln!(
-                    out,
-                    "({rows} rows, first {max} shown; \\maxrows 0 shows all)"
-                )?;
+        let rendered = match limit {
+            Some(max) => output::render(self.format, schema, &output::first_rows(batches, max)),
+            None => output::render(self.format, schema, batches),
+        };
+        let text = match rendered {
+            Ok(text) => text,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(false);
             }
-            None => output::write_batches(out, self.format, batches)?,
+        };
+        out.write_all(&text)?;
+        if let Some(max) = limit {
+            writeln!(
+                out,
+                "({rows} rows, first {max} shown; \\maxrows 0 shows all)"
+            )?;
         }
         if self.timing {
-            let columns = batches.first().map_or(0, |b| b.num_columns());
-            if columns == 0 {
+            if schema.fields().is_empty() {
                 writeln!(out, "OK. Took {:.3} seconds.", elapsed.as_secs_f64())?;
             } else {
                 let noun = if rows == 1 { "row" } else { "rows" };
@@ -200,7 +205,7 @@ impl Shell {
             }
         }
         out.flush()?;
-        Ok(())
+        Ok(true)
     }
 
     /// Runs a meta command (a line starting with `\`).
