@@ -148,6 +148,9 @@ async fn ten_thousand_queries_through_one_session_with_flat_peak_rss() {
     let create = "CREATE FUNCTION rowsq(BIGINT) RETURNS BIGINT LANGUAGE plugin \
                   AS 'libsoak_churn_square.so'";
     let mut churns = 0;
+    let mut per_query: HashMap<&str, std::time::Duration> = HashMap::new();
+    let mut churn_time = std::time::Duration::ZERO;
+    let started = std::time::Instant::now();
     let mut first: HashMap<&str, String> = HashMap::new();
     let mut checkpoints = Vec::new();
     let mut executed = 0;
@@ -155,6 +158,7 @@ async fn ten_thousand_queries_through_one_session_with_flat_peak_rss() {
         // Every 50 queries the function `rowsq` is dropped and created again: its library is
         // unmapped (nothing else uses it) and mapped anew. Every statement must succeed.
         if executed % 50 == 0 {
+            let churn_started = std::time::Instant::now();
             query(&ctx, "DROP FUNCTION IF EXISTS rowsq").await.unwrap();
             assert!(
                 !mapped(),
@@ -166,9 +170,12 @@ async fn ten_thousand_queries_through_one_session_with_flat_peak_rss() {
                 "query {executed}: CREATE FUNCTION did not map the library"
             );
             churns += 1;
+            churn_time += churn_started.elapsed();
         }
         let sql = QUERIES[executed % QUERIES.len()];
+        let query_started = std::time::Instant::now();
         let got = answer(&ctx, sql).await;
+        *per_query.entry(sql).or_default() += query_started.elapsed();
         let expected = first.entry(sql).or_insert_with(|| got.clone());
         assert_eq!(&got, expected, "query {executed}: {sql}");
         executed += 1;
@@ -194,7 +201,18 @@ async fn ten_thousand_queries_through_one_session_with_flat_peak_rss() {
     );
 
     assert!(checkpoints.len() >= 2, "run at least 2,000 queries");
-    println!("{churns} times unmapped and mapped again");
+    for sql in QUERIES {
+        let runs = total / QUERIES.len();
+        println!(
+            "{:>8.2} ms/query  {sql}",
+            per_query[sql].as_secs_f64() * 1000.0 / runs.max(1) as f64
+        );
+    }
+    println!(
+        "{churns} times unmapped and mapped again, in {:.1} s of {:.1} s",
+        churn_time.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
     assert_eq!(churns, total.div_ceil(50));
     // Flat: over the second half of the run, peak RSS grows by less than 2% (and 8 MiB).
     let half = checkpoints[checkpoints.len() / 2 - 1];
