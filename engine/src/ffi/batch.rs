@@ -61,8 +61,8 @@ impl PluginFunction {
             });
         }
         let mut arrays = Vec::with_capacity(args.len());
-        let mut schemas = Vec::with_capacity(args.len());
         let mut scalar_flags = Vec::with_capacity(args.len());
+        let mut canonical = true;
         for (index, ((array, scalar), &param)) in args.iter().zip(&signature.arg_types).enumerate()
         {
             // The ABI promises the plugin arrays of the declared type, of `num_rows` rows (one
@@ -82,14 +82,24 @@ impl PluginFunction {
                     found: array.len(),
                 });
             }
-            let data = array.to_data();
-            schemas.push(
-                FFI_ArrowSchema::try_from(data.data_type())
-                    .map_err(|e| CallError::HostBug(format!("cannot export an argument: {e}")))?,
-            );
-            arrays.push(FFI_ArrowArray::new(&data));
+            canonical &= *array.data_type() == arrow_type(param);
+            arrays.push(FFI_ArrowArray::new(&array.to_data()));
             scalar_flags.push(u8::from(*scalar));
         }
+        // The schemas of the declared types were exported when the library was loaded; other
+        // string and binary layouts (LargeUtf8, Utf8View, ...) are exported for this call.
+        let exported;
+        let schemas: &[FFI_ArrowSchema] = match &self.library.arg_schemas[self.index] {
+            Some(cached) if canonical => &cached.0,
+            _ => {
+                exported = args
+                    .iter()
+                    .map(|(array, _)| FFI_ArrowSchema::try_from(array.data_type()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| CallError::HostBug(format!("cannot export an argument: {e}")))?;
+                &exported
+            }
+        };
         let mut out = FFI_ArrowArray::empty();
         let mut out_schema = FFI_ArrowSchema::empty();
         let mut error = UdfOwnedBytes::EMPTY;
@@ -326,6 +336,28 @@ fn check_result_array(
         }
     }
     Ok(())
+}
+
+/// The schemas of a function's declared argument types, exported once when its library is
+/// loaded and lent to every batch call (the ABI lends them for the call: the plugin reads them
+/// and never releases or changes them).
+pub(super) struct ArgSchemas(Box<[FFI_ArrowSchema]>);
+
+// SAFETY: the schemas are never written after `ArgSchemas::new` and only ever passed to plugins
+// as `const` pointers (the ABI borrows them read-only for a call), so sharing them between
+// threads shares immutable data; they are released once, when the library drops.
+unsafe impl Sync for ArgSchemas {}
+
+impl ArgSchemas {
+    /// The canonical schemas of `signature`'s arguments; `None` if one cannot be exported.
+    pub(super) fn new(signature: &FunctionSignature) -> Option<ArgSchemas> {
+        signature
+            .arg_types
+            .iter()
+            .map(|&t| FFI_ArrowSchema::try_from(&arrow_type(t)).ok())
+            .collect::<Option<Vec<_>>>()
+            .map(|schemas| ArgSchemas(schemas.into_boxed_slice()))
+    }
 }
 
 /// What a result array's `release` callback needs: the plugin's callback and private data, and

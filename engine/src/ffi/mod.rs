@@ -191,6 +191,8 @@ pub struct PluginLibrary {
     abi: Abi,
     functions: Vec<FunctionSignature>,
     entrypoints: Entrypoints,
+    /// Per function: its arguments' canonical schemas, exported once for every batch call.
+    arg_schemas: Vec<Option<batch::ArgSchemas>>,
     /// The `dlopen` handle: dropping it unloads the library, after the fields above.
     _handle: dlopen2::raw::Library,
 }
@@ -349,12 +351,14 @@ impl PluginLibrary {
                 .join("; "),
             "loaded plugin library"
         );
+        let arg_schemas = functions.iter().map(batch::ArgSchemas::new).collect();
         Ok(Arc::new(PluginLibrary {
             path,
             sha256,
             abi,
             functions,
             entrypoints,
+            arg_schemas,
             _handle: library,
         }))
     }
