@@ -86,6 +86,8 @@ const CASES: &[(&str, Expect)] = &[
     ("str_wrong_format", BatchOnly(WrongType)),
     ("str_split_char", BatchOnly(InvalidResult)),
     ("str_value_untouched", Answer(&["", "NULL", "", ""])),
+    // Not a misbehaviour: a correct result starting one slot into its buffers.
+    ("offset_one", Answer(INT_ANSWER)),
 ];
 
 fn is_str(f: &PluginFunction) -> bool {
@@ -402,21 +404,8 @@ fn a_replaced_library_is_refused_while_its_old_image_is_mapped() {
 /// CREATE FUNCTION.
 #[tokio::test]
 async fn drop_function_unmaps_and_create_maps_the_new_file() {
-    let dir = fixture_dir().join(format!("boundary-ddl-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    set_mode(&dir, 0o755);
+    let (ctx, dir) = session_with_plugin_dir("ddl");
     let path = dir.join("libversion.so");
-    std::fs::copy(
-        c_library("version_probe_1", "version_probe.c", &["VERSION=1"]),
-        &path,
-    )
-    .unwrap();
-    let ctx = SessionContext::new();
-    udf_engine::install(
-        &ctx,
-        Arc::new(PluginLoader::new().with_plugin_dir(&dir).unwrap()),
-    )
-    .unwrap();
     let create = "CREATE FUNCTION v() RETURNS BIGINT LANGUAGE plugin AS 'libversion.so'";
     query(&ctx, create).await.unwrap();
     assert_eq!(rows(&ctx, "SELECT v()").await, vec![vec!["1".to_string()]]);
@@ -439,27 +428,16 @@ async fn drop_function_unmaps_and_create_maps_the_new_file() {
 /// next CREATE FUNCTION works.
 #[tokio::test]
 async fn a_fifo_is_refused_without_blocking_later_loads() {
-    let dir = fixture_dir().join(format!("boundary-fifo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    set_mode(&dir, 0o755);
+    let (ctx, dir) = session_with_plugin_dir("fifo");
     let fifo = dir.join("libfifo.so");
-    let _ = std::fs::remove_file(&fifo);
+    if fifo.symlink_metadata().is_ok() {
+        std::fs::remove_file(&fifo).unwrap();
+    }
     let status = std::process::Command::new("mkfifo")
         .arg(&fifo)
         .status()
         .unwrap();
     assert!(status.success());
-    std::fs::copy(
-        c_library("version_probe_1", "version_probe.c", &["VERSION=1"]),
-        dir.join("libversion.so"),
-    )
-    .unwrap();
-    let ctx = SessionContext::new();
-    udf_engine::install(
-        &ctx,
-        Arc::new(PluginLoader::new().with_plugin_dir(&dir).unwrap()),
-    )
-    .unwrap();
     let within = |sql: &'static str| {
         let ctx = ctx.clone();
         async move {
@@ -484,17 +462,21 @@ async fn a_fifo_is_refused_without_blocking_later_loads() {
     assert!(matches!(e, LoadError::NotARegularFile { .. }), "{e}");
 }
 
-async fn session_with_plugin_dir() -> SessionContext {
-    let dir = fixture_dir().join(format!("boundary-names-{}", std::process::id()));
+/// A session whose plugin directory `target/udf-fixtures/boundary-<name>-<pid>` holds version 1
+/// of the probe library as `libversion.so`, with plugin DDL installed.
+fn session_with_plugin_dir(name: &str) -> (SessionContext, PathBuf) {
+    let dir = fixture_dir().join(format!("boundary-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     set_mode(&dir, 0o755);
     let path = dir.join("libversion.so");
     if !path.exists() {
+        let tmp = dir.join("libversion.tmp");
         std::fs::copy(
             c_library("version_probe_1", "version_probe.c", &["VERSION=1"]),
-            &path,
+            &tmp,
         )
         .unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
     }
     let ctx = SessionContext::new();
     udf_engine::install(
@@ -502,7 +484,7 @@ async fn session_with_plugin_dir() -> SessionContext {
         Arc::new(PluginLoader::new().with_plugin_dir(&dir).unwrap()),
     )
     .unwrap();
-    ctx
+    (ctx, dir)
 }
 
 async fn run(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<Vec<RecordBatch>> {
@@ -512,7 +494,7 @@ async fn run(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<Vec<R
 /// Quoted names keep their case and unquoted ones are lower-cased, in CREATE, DROP and calls.
 #[tokio::test]
 async fn create_and_drop_follow_the_identifier_rules_of_calls() {
-    let ctx = session_with_plugin_dir().await;
+    let (ctx, _) = session_with_plugin_dir("names");
     let lib = "LANGUAGE plugin AS 'libversion.so'";
     run(
         &ctx,
@@ -552,7 +534,7 @@ async fn create_and_drop_follow_the_identifier_rules_of_calls() {
 /// through DataFusion's own `ctx.sql` (the factory) and through `udf_engine::sql`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_creates_of_one_name_are_atomic() {
-    let ctx = session_with_plugin_dir().await;
+    let (ctx, _) = session_with_plugin_dir("race");
     for through_engine in [false, true] {
         for round in 0..10 {
             let create = "CREATE FUNCTION race() RETURNS BIGINT LANGUAGE plugin AS 'libversion.so'";
