@@ -3,13 +3,17 @@
 //! "static" versions: the same Rust functions as ordinary, statically linked ScalarUDFs.
 #![forbid(unsafe_code)]
 
+pub mod opbench;
+pub mod plain;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, StringArray, StringBuilder,
+    Array, ArrayRef, AsArray, BinaryArray, Float64Array, Int64Array, RecordBatch, StringArray,
+    StringBuilder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema};
 use datafusion::common::{Result, ScalarValue, exec_err};
@@ -26,7 +30,7 @@ pub const ROWS: usize = 1_048_576;
 pub const BATCH: usize = 8192;
 
 /// The table's batches: `name` (5–20 random ASCII letters), `x` (Int64), `d` (Float64), built
-/// once with a fixed seed.
+/// once with a fixed seed, and `b` (Binary): the bytes of `name` (the same buffers, no copy).
 pub fn batches() -> &'static [RecordBatch] {
     static DATA: OnceLock<Vec<RecordBatch>> = OnceLock::new();
     DATA.get_or_init(|| {
@@ -53,10 +57,13 @@ pub fn batches() -> &'static [RecordBatch] {
                     xs.push((next() % 2_000_001) as i64 - 1_000_000);
                     ds.push((next() % 1_000_000) as f64 / 1000.0);
                 }
+                let names = names.finish();
+                let bytes = BinaryArray::from(names.clone());
                 let columns: Vec<ArrayRef> = vec![
-                    Arc::new(names.finish()),
+                    Arc::new(names),
                     Arc::new(Int64Array::from(xs)),
                     Arc::new(Float64Array::from(ds)),
+                    Arc::new(bytes),
                 ];
                 RecordBatch::try_new(schema.clone(), columns).expect("batch")
             })
@@ -69,6 +76,7 @@ fn schema() -> Arc<Schema> {
         Field::new("name", DataType::Utf8, false),
         Field::new("x", DataType::Int64, false),
         Field::new("d", DataType::Float64, false),
+        Field::new("b", DataType::Binary, false),
     ]))
 }
 
@@ -87,6 +95,10 @@ pub fn plugin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let profile = profile_dir();
+        // Set by a parent that built them already (opbench's `--rss` children).
+        if std::env::var_os("UDF_BENCH_PLUGINS_BUILT").is_some() {
+            return profile;
+        }
         let target = profile.parent().expect("target").to_path_buf();
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
@@ -100,7 +112,15 @@ pub fn plugin(name: &str) -> PathBuf {
         if profile.file_name().is_some_and(|n| n != "debug") {
             cmd.arg("--release");
         }
-        for p in ["square", "hypot", "is-even", "toolbox"] {
+        for p in [
+            "square",
+            "hypot",
+            "is-even",
+            "toolbox",
+            "plain",
+            "seed-square",
+            "repeat",
+        ] {
             cmd.args(["-p", &format!("udf-plugin-{p}")]);
         }
         assert!(
@@ -121,6 +141,12 @@ pub fn plugin(name: &str) -> PathBuf {
 /// itself runs on that many threads) with `target_partitions`, and each
 /// plugin function registered twice: `<f>_row` (row ABI) and `<f>_batch` (batch ABI), plus the
 /// static versions `square_static`, `hypot_static`, `is_even_static` and `repeat_static`.
+///
+/// Also the plugins written the ordinary way (`udf-plugins/plain`): `<f>_row`, `<f>_batch` and
+/// `<f>_static` for `sq`, `bang`, `rev`, `shout_plain`, `maybe_rev`, `rev_bytes` and
+/// `checked_rev`; and the seed-contract (ABI v1, row entrypoint only) plugins
+/// `seed_square_row` (`udf-plugins/seed-square`) and `v1_repeat_row` (`udf-plugins/repeat`), with
+/// `v1_repeat_static` (the static for `seed_square_row` is `square_static`).
 pub fn session(target_partitions: usize) -> SessionContext {
     let config = SessionConfig::new()
         .with_target_partitions(target_partitions)
@@ -163,7 +189,53 @@ pub fn session(target_partitions: usize) -> SessionContext {
         "repeat_static",
         Kind::Repeat,
     )));
+    register_plain(&ctx);
     ctx
+}
+
+/// The plain, seed-contract and static registrations described at [`session`].
+fn register_plain(ctx: &SessionContext) {
+    let lib = PluginLibrary::load(plugin("plain")).expect("load plain plugin");
+    for function in [
+        "sq",
+        "bang",
+        "rev",
+        "shout_plain",
+        "maybe_rev",
+        "rev_bytes",
+        "checked_rev",
+    ] {
+        let f = lib.function_named(function).expect("plain function");
+        for (path, suffix) in [(CallPath::Row, "row"), (CallPath::Batch, "batch")] {
+            let udf = PluginUdf::new(
+                format!("{function}_{suffix}"),
+                f.clone(),
+                Volatility::Immutable,
+            )
+            .with_call_path(path);
+            assert_eq!(udf.call_path(), path, "{function} has both entrypoints");
+            ctx.register_udf(ScalarUDF::new_from_impl(udf));
+        }
+    }
+    for (library, function, sql) in [
+        ("seed-square", "square", "seed_square_row"),
+        ("repeat", "repeat", "v1_repeat_row"),
+    ] {
+        let lib = PluginLibrary::load(plugin(library)).expect("load v1 plugin");
+        let f = lib.function_named(function).expect("v1 function");
+        let udf = PluginUdf::new(sql, f, Volatility::Immutable);
+        assert_eq!(
+            udf.call_path(),
+            CallPath::Row,
+            "{library} is a v1 (row) plugin"
+        );
+        ctx.register_udf(ScalarUDF::new_from_impl(udf));
+    }
+    for (kind, name) in plain::PlainKind::ALL {
+        ctx.register_udf(ScalarUDF::new_from_impl(plain::PlainStatic::new(
+            name, kind,
+        )));
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
