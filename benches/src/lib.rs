@@ -218,7 +218,7 @@ fn register_plain(ctx: &SessionContext) {
         }
     }
     for (library, function, sql) in [
-        ("seed-square", "square", "seed_square_row"),
+        ("seed-square", "seed_square", "seed_square_row"),
         ("repeat", "repeat", "v1_repeat_row"),
     ] {
         let lib = PluginLibrary::load(plugin(library)).expect("load v1 plugin");

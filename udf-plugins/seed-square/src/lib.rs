@@ -1,6 +1,6 @@
 //! A plugin written exactly to the seed contract (ABI v1), apart from the project: the types are
 //! the blog post's, declared here rather than taken from `udf-abi`, and the two exported
-//! functions are `plugin_metadata` and `plugin_entrypoint`. `square(Int) -> Int`, wrapping on
+//! functions are `plugin_metadata` and `plugin_entrypoint`. `seed_square(Int) -> Int` (x * x), wrapping on
 //! overflow.
 //!
 //! No strings are involved, so nothing is allocated: a call reads one `PluginValue` and returns
@@ -72,7 +72,7 @@ static ARG_TYPES: [PluginType; 1] = [PluginType::Int];
 #[unsafe(no_mangle)]
 pub extern "C" fn plugin_metadata() -> PluginMetadata {
     PluginMetadata {
-        name: c"square".as_ptr(),
+        name: c"seed_square".as_ptr(),
         arg_types: ARG_TYPES.as_ptr(),
         arg_types_len: ARG_TYPES.len(),
         return_type: PluginType::Int,
