@@ -359,6 +359,9 @@ pub enum CallError {
     /// A returned string is not UTF-8.
     #[error("the plugin returned a string that is not valid UTF-8: {0}")]
     InvalidUtf8(std::str::Utf8Error),
+    /// The string or binary results of one batch exceed what a column's 32-bit offsets hold.
+    #[error("the results of one batch exceed 2 GiB, more than a string or binary column holds")]
+    ResultTooLarge,
 }
 
 /// The class of a [`CallError`]: the row and batch paths must give the same class for the same
@@ -395,7 +398,8 @@ impl CallError {
             | CallError::InvalidResultTag(_)
             | CallError::InvalidBool(_)
             | CallError::NullString
-            | CallError::InvalidUtf8(_) => CallErrorKind::InvalidResult,
+            | CallError::InvalidUtf8(_)
+            | CallError::ResultTooLarge => CallErrorKind::InvalidResult,
             CallError::NoBatchEntrypoint
             | CallError::InteriorNul { .. }
             | CallError::ArgumentType { .. }

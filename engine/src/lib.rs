@@ -42,8 +42,8 @@ pub use ddl::{
 pub use error::{CallError, CallErrorKind, LoadError, MetadataError, TypePosition};
 pub use explain::{PluginQueryPlanner, install_explain, plugin_calls_line};
 pub use ffi::{
-    Abi, ArgRef, DeclaredVolatility, FunctionSignature, MAX_FUNCTIONS, MAX_NAME_LEN, PluginBytes,
-    PluginFunction, PluginLibrary, Returned, RowScratch,
+    Abi, DeclaredVolatility, FunctionSignature, MAX_FUNCTIONS, MAX_NAME_LEN, PluginFunction,
+    PluginLibrary,
 };
 pub use plugin_dir::{PluginDirError, trusted_libraries_in};
 pub use register::{

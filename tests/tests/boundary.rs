@@ -14,8 +14,7 @@ use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{ScalarUDF, Volatility};
 use datafusion::prelude::SessionContext;
 use udf_engine::{
-    ArgRef, CallErrorKind, CallPath, LoadError, PluginFunction, PluginLibrary, PluginLoader,
-    PluginUdf, Returned, RowScratch,
+    CallErrorKind, CallPath, LoadError, PluginFunction, PluginLibrary, PluginLoader, PluginUdf,
 };
 use udf_tests::{c_library, fixture_dir, query, query_error, rows, set_mode};
 
@@ -102,43 +101,9 @@ fn input(f: &PluginFunction) -> ArrayRef {
     }
 }
 
-/// The row path as the host runs it: rows with a NULL in an argument that does not take NULLs
-/// are NULL without a call.
-fn row_path(f: &PluginFunction) -> Result<Vec<String>, CallErrorKind> {
-    let mut scratch = RowScratch::default();
-    let takes_null = f.signature().arg_nullable[0];
-    let mut out = Vec::new();
-    for i in 0..INTS.len() {
-        let arg = if is_str(f) {
-            STRS[i].map(ArgRef::Str)
-        } else {
-            INTS[i].map(ArgRef::Int)
-        };
-        let arg = match arg {
-            Some(a) => a,
-            None if takes_null => ArgRef::Null,
-            None => {
-                out.push("NULL".to_string());
-                continue;
-            }
-        };
-        out.push(
-            match f.call_row(&mut scratch, &[arg]).map_err(|e| e.kind())? {
-                Returned::Null => "NULL".to_string(),
-                Returned::Int(v) => v.to_string(),
-                Returned::Str(s) => s.as_str().to_string(),
-                other => panic!("unexpected {other:?}"),
-            },
-        );
-    }
-    Ok(out)
-}
-
-fn batch_path(f: &PluginFunction) -> Result<Vec<String>, CallErrorKind> {
-    let result = f
-        .call_batch(&[(input(f), false)], INTS.len())
-        .map_err(|e| e.kind())?;
-    Ok((0..result.len())
+/// One path's answer, rendered row by row.
+fn rendered(f: &PluginFunction, result: ArrayRef) -> Vec<String> {
+    (0..result.len())
         .map(|i| {
             if result.is_null(i) {
                 "NULL".to_string()
@@ -148,7 +113,29 @@ fn batch_path(f: &PluginFunction) -> Result<Vec<String>, CallErrorKind> {
                 result.as_primitive::<Int64Type>().value(i).to_string()
             }
         })
-        .collect())
+        .collect()
+}
+
+/// The row path as the host runs it: rows with a NULL in an argument that does not take NULLs
+/// are NULL without a call.
+fn row_path(f: &PluginFunction) -> Result<Vec<String>, CallErrorKind> {
+    let result = f
+        .call_rows(&[(input(f), false)], INTS.len())
+        .map_err(|e| e.kind())?;
+    Ok(rendered(f, result))
+}
+
+fn batch_path(f: &PluginFunction) -> Result<Vec<String>, CallErrorKind> {
+    let result = f
+        .call_batch(&[(input(f), false)], INTS.len())
+        .map_err(|e| e.kind())?;
+    Ok(rendered(f, result))
+}
+
+/// The one value of a nullary function that returns an Int64, through the row path.
+fn nullary_int(f: &PluginFunction) -> i64 {
+    let result = f.call_rows(&[], 1).unwrap();
+    result.as_primitive::<Int64Type>().value(0)
 }
 
 /// Every function of the corpus through both paths of the engine's API: the same answer or the
@@ -157,10 +144,7 @@ fn batch_path(f: &PluginFunction) -> Result<Vec<String>, CallErrorKind> {
 fn every_misbehaving_batch_result_is_an_error_of_the_same_class_as_on_the_row_path() {
     let library = PluginLibrary::load(corpus()).unwrap();
     let live = library.function_named("live_arrays").unwrap();
-    let live_arrays = || match live.call_row(&mut RowScratch::default(), &[]).unwrap() {
-        Returned::Int(n) => n,
-        other => panic!("{other:?}"),
-    };
+    let live_arrays = || nullary_int(&live);
     let before = live_arrays();
     assert!(CASES.len() >= 40, "the corpus has {} cases", CASES.len());
     for &(name, expect) in CASES {
@@ -290,22 +274,19 @@ fn private_copy(src: &Path, name: &str) -> PathBuf {
 }
 
 #[test]
-fn returned_bytes_keep_their_library_mapped_and_no_longer() {
+fn row_results_are_copied_and_handed_back_at_once() {
     let path = private_copy(&corpus(), "libbytes_lifetime.so");
     let library = PluginLibrary::load(&path).unwrap();
     let function = library.function_named("ok_str").unwrap();
-    let result = function
-        .call_row(&mut RowScratch::default(), &[ArgRef::Str("kept")])
-        .unwrap();
+    let input: ArrayRef = Arc::new(StringArray::from(vec!["kept", "also kept"]));
+    let result = function.call_rows(&[(input, false)], 2).unwrap();
     drop(function);
     drop(library);
-    assert!(mapped(&path), "the returned bytes hold the library");
-    let Returned::Str(bytes) = result else {
-        panic!("{result:?}")
-    };
-    assert_eq!(bytes.as_str(), "kept");
-    drop(bytes); // released through the plugin's release_bytes, which is still mapped
-    assert!(!mapped(&path), "unmapped once the last result is gone");
+    // The row path copies each string into the host's column and gives the plugin's bytes back
+    // through its `release_bytes` during the call, so nothing of the result needs the library.
+    assert!(!mapped(&path), "no row result holds the library");
+    let strings = result.as_string::<i32>();
+    assert_eq!((strings.value(0), strings.value(1)), ("kept", "also kept"));
 }
 
 #[test]
@@ -327,11 +308,7 @@ fn batch_results_keep_their_library_mapped_and_no_longer() {
 }
 
 fn version_of(library: &Arc<PluginLibrary>) -> i64 {
-    let f = library.function_named("version").unwrap();
-    match f.call_row(&mut RowScratch::default(), &[]).unwrap() {
-        Returned::Int(v) => v,
-        other => panic!("{other:?}"),
-    }
+    nullary_int(&library.function_named("version").unwrap())
 }
 
 /// Writes `src`'s bytes over `path` in place (same inode, no truncation: truncating a mapped file

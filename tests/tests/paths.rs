@@ -296,8 +296,10 @@ fn check(name: &str, args: Vec<ArrayRef>, ret: DataType, expected: Result<ArrayR
     }
 }
 
+/// Up to 700 rows: the row path lays out arguments 256 rows at a time, so batches cross those
+/// chunks' boundaries with NULLs on either side.
 fn opt<T: Arbitrary + Clone + 'static>() -> impl Strategy<Value = Vec<Option<T>>> {
-    prop::collection::vec(prop::option::weighted(0.85, any::<T>()), 0..64)
+    prop::collection::vec(prop::option::weighted(0.85, any::<T>()), 0..700)
 }
 
 proptest! {
@@ -310,7 +312,7 @@ proptest! {
     }
 
     #[test]
-    fn safe_div_int64_with_errors(pairs in prop::collection::vec((prop::option::weighted(0.9, any::<i64>()), prop::option::weighted(0.9, -3i64..3)), 0..100)) {
+    fn safe_div_int64_with_errors(pairs in prop::collection::vec((prop::option::weighted(0.9, any::<i64>()), prop::option::weighted(0.9, -3i64..3)), 0..700)) {
         let (a, b): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
         let fails = a.iter().zip(&b).any(|(x, y)| matches!((x, y), (Some(x), Some(y)) if *y == 0 || (*x == i64::MIN && *y == -1)));
         let expected: Int64Array = a.iter().zip(&b).map(|(x, y)| match (x, y) {
@@ -468,4 +470,66 @@ async fn explain_shows_the_call_path_of_each_plugin_function() {
     assert!(text.contains("sq_row: row path"), "{text}");
     let text = plan("EXPLAIN SELECT x + 1 FROM n".into()).await;
     assert!(!text.contains("plugin functions"), "{text}");
+}
+
+/// The seed contract's row path over more rows than one argument chunk (256): NUL-terminated
+/// copies of the strings, a constant argument, NULLs (the STRICT rule), a NUL byte under a NULL
+/// slot (never read), and a NUL byte in a called row (the error that ABI v1 strings impose).
+#[test]
+fn v1_row_calls_cross_chunks_with_constants_nulls_and_nul_bytes() {
+    use datafusion::arrow::buffer::{Buffer, NullBuffer, OffsetBuffer};
+    use udf_engine::CallErrorKind;
+
+    let library = PluginLibrary::load(plugin("repeat")).unwrap();
+    let repeat = library.function_named("repeat").unwrap();
+    assert_eq!(library.abi(), udf_engine::Abi::V1);
+    let rows = 1000;
+    // Row i holds "s{i}"; every 7th row is NULL, and its slot holds "\0" behind the NULL bit.
+    let mut values = Vec::new();
+    let mut offsets = vec![0i32];
+    for i in 0..rows {
+        if i % 7 == 3 {
+            values.extend_from_slice(b"x\0y");
+        } else {
+            values.extend_from_slice(format!("s{i}").as_bytes());
+        }
+        offsets.push(values.len() as i32);
+    }
+    let valid: Vec<bool> = (0..rows).map(|i| i % 7 != 3).collect();
+    let strings = StringArray::new(
+        OffsetBuffer::new(offsets.into()),
+        Buffer::from_vec(values),
+        Some(NullBuffer::from(valid)),
+    );
+    let three: ArrayRef = Arc::new(UInt64Array::from(vec![3u64]));
+    let result = repeat
+        .call_rows(&[(Arc::new(strings.clone()), false), (three, true)], rows)
+        .unwrap();
+    let expected: StringArray = (0..rows)
+        .map(|i| (i % 7 != 3).then(|| format!("s{i}").repeat(3)))
+        .collect();
+    assert_eq!(result.as_ref(), &expected as &dyn Array);
+
+    // A NULL constant: every row is NULL, without a call.
+    let null_count: ArrayRef = Arc::new(UInt64Array::from(vec![None::<u64>]));
+    let result = repeat
+        .call_rows(&[(Arc::new(strings), false), (null_count, true)], rows)
+        .unwrap();
+    assert_eq!(result.null_count(), rows);
+
+    // A NUL byte in a row that is called, in the third chunk.
+    let mut with_nul: Vec<Option<String>> = (0..rows).map(|i| Some(format!("s{i}"))).collect();
+    with_nul[600] = Some("bad\0byte".to_string());
+    let one: ArrayRef = Arc::new(UInt64Array::from(vec![1u64; rows]));
+    let e = repeat
+        .call_rows(
+            &[(Arc::new(StringArray::from(with_nul)), false), (one, false)],
+            rows,
+        )
+        .unwrap_err();
+    assert_eq!(e.kind(), CallErrorKind::Arguments, "{e}");
+    assert!(
+        e.to_string().contains("argument 1 contains a NUL byte"),
+        "{e}"
+    );
 }

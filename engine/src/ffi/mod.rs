@@ -1,8 +1,8 @@
 //! The one module of the host that touches raw pointers and foreign code.
 //!
 //! [`PluginLibrary`] owns a `dlopen`ed library (ABI v1 or v2) and its validated metadata;
-//! [`PluginFunction`] calls one of its functions with safe, typed arguments ([`ArgRef`]) and
-//! returns safe, typed values ([`Returned`]). Everything a v1 plugin hands back is read through
+//! [`PluginFunction`] calls one of its functions over Arrow arrays, row by row (`rows`) or a
+//! batch at a time (`batch`), and returns an Arrow array. Everything a v1 plugin hands back is read through
 //! layout-identical "raw" mirrors of the `udf-abi` enums, so that a tag or a `bool` byte the ABI
 //! does not define is an error instead of undefined behaviour; the v2 types have no Rust enums in
 //! them and are read as they are.
@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use udf_abi::v2::{
     self, BatchEntrypoint, ReleaseBytes, RowEntrypoint, UdfAbiVersion, UdfBytes, UdfFunction,
-    UdfManifest, UdfOwnedBytes, UdfScalar, UdfType, UdfValue,
+    UdfManifest, UdfOwnedBytes, UdfType,
 };
 use udf_abi::{MAX_ARGS, PluginMetadata, PluginResult, PluginType, PluginValue};
 
@@ -27,6 +27,7 @@ use crate::trust::Sha256Digest;
 
 mod batch;
 mod images;
+mod rows;
 
 /// The longest function name read from metadata, in bytes (without the NUL).
 pub const MAX_NAME_LEN: usize = 4096;
@@ -182,8 +183,8 @@ enum Entrypoints {
 ///
 /// The library stays loaded as long as this value lives, and is unloaded (`dlclose`) when it
 /// drops. Everything that can call into the library holds an `Arc<PluginLibrary>`: every
-/// registered UDF and running query (through [`PluginFunction`]), returned bytes
-/// ([`PluginBytes`]), and every array a batch entrypoint produced (its `release` callback is
+/// registered UDF and running query (through [`PluginFunction`]), returned error messages
+/// (`PluginBytes`), and every array a batch entrypoint produced (its `release` callback is
 /// plugin code).
 pub struct PluginLibrary {
     path: PathBuf,
@@ -193,6 +194,9 @@ pub struct PluginLibrary {
     entrypoints: Entrypoints,
     /// Per function: its arguments' canonical schemas, exported once for every batch call.
     arg_schemas: Vec<Option<batch::ArgSchemas>>,
+    /// Per function: the bytes per row its last row-path batch wrote to a string or binary
+    /// result, so that the next batch sizes its values buffer once.
+    row_bytes_per_row: Box<[std::sync::atomic::AtomicUsize]>,
     /// The `dlopen` handle: dropping it unloads the library, after the fields above.
     _handle: dlopen2::raw::Library,
 }
@@ -352,6 +356,10 @@ impl PluginLibrary {
             "loaded plugin library"
         );
         let arg_schemas = functions.iter().map(batch::ArgSchemas::new).collect();
+        let row_bytes_per_row = functions
+            .iter()
+            .map(|_| std::sync::atomic::AtomicUsize::new(0))
+            .collect();
         Ok(Arc::new(PluginLibrary {
             path,
             sha256,
@@ -359,6 +367,7 @@ impl PluginLibrary {
             functions,
             entrypoints,
             arg_schemas,
+            row_bytes_per_row,
             _handle: library,
         }))
     }
@@ -696,85 +705,6 @@ fn validate_function(
     ))
 }
 
-/// One argument value for a row call, borrowed from the caller's arrays.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ArgRef<'a> {
-    /// SQL NULL, for an argument that takes NULLs.
-    Null,
-    /// A `Bool` argument.
-    Bool(bool),
-    /// An `Int` (Int64) argument.
-    Int(i64),
-    /// A `UInt` (UInt64) argument.
-    UInt(u64),
-    /// A `Double` (Float64) argument.
-    Double(f64),
-    /// A `String` argument. v1 copies it NUL-terminated into the call's scratch buffer; v2 passes
-    /// pointer and length without a copy.
-    Str(&'a str),
-    /// An `Int32` argument.
-    Int32(i32),
-    /// A `Float32` argument.
-    Float32(f32),
-    /// A `Binary` argument, passed without a copy.
-    Bytes(&'a [u8]),
-    /// A `Date` argument: days since 1970-01-01.
-    Date32(i32),
-    /// A `Timestamp` argument: microseconds since the epoch, UTC.
-    Timestamp(i64),
-}
-
-impl ArgRef<'_> {
-    fn type_name(&self) -> &'static str {
-        match self {
-            ArgRef::Null => "NULL",
-            ArgRef::Bool(_) => UdfType::Bool.name(),
-            ArgRef::Int(_) => UdfType::Int64.name(),
-            ArgRef::UInt(_) => UdfType::UInt64.name(),
-            ArgRef::Double(_) => UdfType::Float64.name(),
-            ArgRef::Str(_) => UdfType::Utf8.name(),
-            ArgRef::Int32(_) => UdfType::Int32.name(),
-            ArgRef::Float32(_) => UdfType::Float32.name(),
-            ArgRef::Bytes(_) => UdfType::Binary.name(),
-            ArgRef::Date32(_) => UdfType::Date32.name(),
-            ArgRef::Timestamp(_) => UdfType::TimestampMicros.name(),
-        }
-    }
-
-    /// The v2 value of this argument, if it has type `t` (NULL fits any type; the caller checks
-    /// nullability).
-    fn to_v2(self, t: UdfType) -> Option<UdfValue> {
-        let scalar = match (self, t) {
-            (ArgRef::Null, _) => return Some(UdfValue::NULL),
-            (ArgRef::Bool(b), UdfType::Bool) => UdfScalar { boolean: b as u8 },
-            (ArgRef::Int(v), UdfType::Int64) => UdfScalar { int64: v },
-            (ArgRef::UInt(v), UdfType::UInt64) => UdfScalar { uint64: v },
-            (ArgRef::Double(v), UdfType::Float64) => UdfScalar { float64: v },
-            (ArgRef::Int32(v), UdfType::Int32) => UdfScalar { int32: v },
-            (ArgRef::Float32(v), UdfType::Float32) => UdfScalar { float32: v },
-            (ArgRef::Date32(v), UdfType::Date32) => UdfScalar { int32: v },
-            (ArgRef::Timestamp(v), UdfType::TimestampMicros) => UdfScalar { int64: v },
-            (ArgRef::Str(s), UdfType::Utf8) => UdfScalar {
-                bytes: UdfBytes {
-                    ptr: s.as_ptr(),
-                    len: s.len(),
-                },
-            },
-            (ArgRef::Bytes(b), UdfType::Binary) => UdfScalar {
-                bytes: UdfBytes {
-                    ptr: b.as_ptr(),
-                    len: b.len(),
-                },
-            },
-            _ => return None,
-        };
-        Some(UdfValue {
-            is_null: 0,
-            value: scalar,
-        })
-    }
-}
-
 /// How returned bytes go back to the plugin.
 enum Release {
     /// ABI v1: the C library's `free()`.
@@ -808,11 +738,6 @@ impl PluginBytes {
         // SAFETY: `ptr` points at `len` bytes owned by this value until it drops (checked
         // non-null when `len > 0` on construction).
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    /// The bytes as a string; `Returned::Str` values were validated as UTF-8 on receipt.
-    pub fn as_str(&self) -> &str {
-        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 }
 
@@ -915,43 +840,6 @@ fn take_v2_bytes(
     Ok(owned)
 }
 
-/// A value returned by one call.
-#[derive(Debug)]
-pub enum Returned {
-    /// SQL NULL (only from functions declared to return NULL).
-    Null,
-    /// A `Bool` result.
-    Bool(bool),
-    /// An `Int` result.
-    Int(i64),
-    /// A `UInt` result.
-    UInt(u64),
-    /// A `Double` result.
-    Double(f64),
-    /// A `String` result (valid UTF-8), handed back to the plugin when dropped.
-    Str(PluginBytes),
-    /// An `Int32` result.
-    Int32(i32),
-    /// A `Float32` result.
-    Float32(f32),
-    /// A `Binary` result, handed back to the plugin when dropped.
-    Bytes(PluginBytes),
-    /// A `Date` result: days since 1970-01-01.
-    Date32(i32),
-    /// A `Timestamp` result: microseconds since the epoch, UTC.
-    Timestamp(i64),
-}
-
-/// Reusable per-batch memory for row calls: v1's NUL-terminated copies of string arguments and
-/// the argument arrays. Reusing it means no heap allocation per row once it has grown.
-#[derive(Debug, Default)]
-pub struct RowScratch {
-    bytes: Vec<u8>,
-    offsets: Vec<usize>,
-    values: Vec<PluginValue>,
-    values_v2: Vec<UdfValue>,
-}
-
 /// One function of a loaded library, callable row by row. Cheap to clone; keeps the library
 /// loaded.
 #[derive(Clone)]
@@ -992,135 +880,40 @@ impl PluginFunction {
         }
     }
 
-    /// Calls the function for one row. `args` must match the declared types, and be
-    /// [`ArgRef::Null`] only where the argument takes NULLs (checked).
-    pub fn call_row(
-        &self,
-        scratch: &mut RowScratch,
-        args: &[ArgRef<'_>],
-    ) -> Result<Returned, CallError> {
-        let signature = self.signature();
-        if args.len() != signature.arg_types.len() {
-            return Err(CallError::ArgumentCount {
-                expected: signature.arg_types.len(),
-                found: args.len(),
-            });
-        }
-        match &self.library.entrypoints {
-            Entrypoints::V1(entrypoint) => self.call_v1(*entrypoint, scratch, args),
-            Entrypoints::V2 { release, rows, .. } => {
-                self.call_v2(rows[self.index], *release, scratch, args)
-            }
-        }
-    }
-
-    fn call_v1(
-        &self,
-        entrypoint: EntrypointFn,
-        scratch: &mut RowScratch,
-        args: &[ArgRef<'_>],
-    ) -> Result<Returned, CallError> {
-        let signature = self.signature();
-        // First copy every string (the buffer may move while it grows), then take pointers.
-        scratch.bytes.clear();
-        scratch.offsets.clear();
-        scratch.values.clear();
-        for (index, (arg, &expected)) in args.iter().zip(&signature.arg_types).enumerate() {
-            let mismatch = || CallError::ArgumentType {
-                index,
-                expected,
-                found: arg.type_name(),
-            };
-            let value = match (*arg, expected) {
-                (ArgRef::Bool(b), UdfType::Bool) => PluginValue::Bool(b),
-                (ArgRef::Int(i), UdfType::Int64) => PluginValue::Int(i),
-                (ArgRef::UInt(u), UdfType::UInt64) => PluginValue::UInt(u),
-                (ArgRef::Double(d), UdfType::Float64) => PluginValue::Double(d),
-                (ArgRef::Str(s), UdfType::Utf8) => {
-                    if s.as_bytes().contains(&0) {
-                        return Err(CallError::InteriorNul { index });
-                    }
-                    scratch.offsets.push(scratch.bytes.len());
-                    scratch.bytes.extend_from_slice(s.as_bytes());
-                    scratch.bytes.push(0);
-                    // A placeholder; the pointer is set below, once `bytes` stops growing.
-                    PluginValue::String(std::ptr::null())
-                }
-                _ => return Err(mismatch()),
-            };
-            scratch.values.push(value);
-        }
-        let base = scratch.bytes.as_ptr();
-        let mut offsets = scratch.offsets.iter();
-        for value in &mut scratch.values {
-            if let PluginValue::String(ptr) = value {
-                let offset = offsets.next().copied().unwrap_or_default();
-                // `wrapping_add` keeps this safe code; the offset is within `bytes`.
-                *ptr = base.wrapping_add(offset).cast();
-            }
-        }
-
-        // SAFETY: the entrypoint belongs to `self.library`, which is alive (we hold an Arc).
-        // `values` holds exactly the declared number of arguments, each of the declared type;
-        // string pointers point into `scratch.bytes`, NUL-terminated without interior NULs, and
-        // neither buffer is touched until the call returns.
-        let raw = unsafe { entrypoint(scratch.values.as_ptr(), scratch.values.len()) };
-        // SAFETY: `raw` came from the entrypoint of this function, per the v1 contract.
-        unsafe { self.convert_v1_result(raw) }
-    }
-
-    /// Reads a v1 result, taking ownership of any string or message in it.
+    /// The error for a v1 result that is not an `Ok` value of the declared type, taking
+    /// ownership of any string or message in it (freed here, so that nothing leaks).
     ///
     /// # Safety
     ///
     /// `raw` must have been returned by this function's v1 entrypoint.
-    unsafe fn convert_v1_result(&self, raw: RawResult) -> Result<Returned, CallError> {
+    unsafe fn v1_result_error(&self, raw: RawResult) -> CallError {
         let expected = self.signature().return_type;
         match raw.tag {
             RESULT_OK => {
                 // SAFETY: the tag says `Ok`, so the `ok` member is the active one.
                 let value = unsafe { raw.payload.ok };
                 let found = UdfType::from_tag(value.tag).filter(|t| t.tag() <= UdfType::Utf8.tag());
-                if found != Some(expected) {
-                    if found == Some(UdfType::Utf8) {
-                        // SAFETY: the tag says String, so `string` is active: a malloc'ed string
-                        // handed to the host, freed here (taking it checks for null) so that a
-                        // result of the wrong type does not leak.
-                        drop(unsafe { take_v1_string(value.payload.string) });
-                    }
-                    return Err(CallError::ReturnType {
-                        expected,
-                        found: found
-                            .map_or_else(|| format!("tag {}", value.tag), |t| t.to_string()),
-                    });
+                if found == Some(expected) {
+                    return CallError::HostBug(
+                        "a v1 result of the declared type was refused".into(),
+                    );
                 }
-                // The tag equals the declared type, so that member of the union is the active
-                // one; a string is handed to the host per ABI v1 and taken over exactly once.
-                Ok(match expected {
-                    UdfType::Bool => {
-                        // SAFETY: the tag is Bool, so `boolean` is active (read as a byte).
-                        match unsafe { value.payload.boolean } {
-                            0 => Returned::Bool(false),
-                            1 => Returned::Bool(true),
-                            byte => return Err(CallError::InvalidBool(byte)),
-                        }
-                    }
-                    // SAFETY: the tag is Int, so `int` is active.
-                    UdfType::Int64 => Returned::Int(unsafe { value.payload.int }),
-                    // SAFETY: the tag is UInt, so `uint` is active.
-                    UdfType::UInt64 => Returned::UInt(unsafe { value.payload.uint }),
-                    // SAFETY: the tag is Double, so `double` is active.
-                    UdfType::Float64 => Returned::Double(unsafe { value.payload.double }),
-                    // SAFETY: the tag is String, so `string` is active; ABI v1 hands it to the
-                    // host (malloc'ed, NUL-terminated) and we take it over once.
-                    _ => Returned::Str(unsafe { take_v1_string(value.payload.string) }?),
-                })
+                if found == Some(UdfType::Utf8) {
+                    // SAFETY: the tag says String, so `string` is active: a malloc'ed string
+                    // handed to the host, freed here (taking it checks for null) so that a
+                    // result of the wrong type does not leak.
+                    drop(unsafe { take_v1_string(value.payload.string) });
+                }
+                CallError::ReturnType {
+                    expected,
+                    found: found.map_or_else(|| format!("tag {}", value.tag), |t| t.to_string()),
+                }
             }
             RESULT_ERR => {
                 // SAFETY: the tag says `Err`, so `err` is the active member.
                 let message = unsafe { raw.payload.err };
                 if message.is_null() {
-                    return Err(CallError::NullErrorMessage);
+                    return CallError::NullErrorMessage;
                 }
                 // SAFETY: a non-null message is a malloc'ed NUL-terminated string handed to us.
                 let text = unsafe { CStr::from_ptr(message) }
@@ -1128,97 +921,43 @@ impl PluginFunction {
                     .into_owned();
                 // SAFETY: we own the message and free it exactly once, after copying it.
                 unsafe { libc::free(message.cast()) };
-                Err(CallError::Plugin(text))
+                CallError::Plugin(text)
             }
-            tag => Err(CallError::InvalidResultTag(tag)),
+            tag => CallError::InvalidResultTag(tag),
         }
     }
+}
 
-    fn call_v2(
-        &self,
-        entrypoint: RowEntrypoint,
-        release: ReleaseBytes,
-        scratch: &mut RowScratch,
-        args: &[ArgRef<'_>],
-    ) -> Result<Returned, CallError> {
-        let signature = self.signature();
-        scratch.values_v2.clear();
-        for (index, arg) in args.iter().enumerate() {
-            let expected = signature.arg_types[index];
-            let fits = !matches!(arg, ArgRef::Null) || signature.arg_nullable[index];
-            let value = arg
-                .to_v2(expected)
-                .filter(|_| fits)
-                .ok_or(CallError::ArgumentType {
-                    index,
-                    expected,
-                    found: arg.type_name(),
-                })?;
-            scratch.values_v2.push(value);
-        }
-        // Every byte of the value is initialised (the largest member, `owned`, spans the whole
-        // union), so a plugin that sets `is_null = 0` without writing a value makes the host
-        // read zeros, never uninitialised memory.
-        let mut out = UdfValue {
-            is_null: 1,
-            value: UdfScalar {
-                owned: UdfOwnedBytes::EMPTY,
-            },
-        };
-        let mut error = UdfOwnedBytes::EMPTY;
-        // SAFETY: the entrypoint belongs to `self.library`, alive while we hold the Arc. The
-        // arguments match the declared types and nullability; string and binary arguments
-        // borrow from `args`, which outlive the call; `out` and `error` are valid for writes.
-        let status = unsafe {
-            entrypoint(
-                scratch.values_v2.as_ptr(),
-                scratch.values_v2.len(),
-                &mut out,
-                &mut error,
-            )
-        };
-        check_status(status, error, release, &self.library)?;
-        if out.is_null != 0 {
-            return if signature.return_nullable {
-                Ok(Returned::Null)
-            } else {
-                Err(CallError::UnexpectedNull)
-            };
-        }
-        let v = out.value;
-        // SAFETY (every arm): the plugin wrote the member of the declared return type.
-        Ok(match signature.return_type {
-            // SAFETY: Bool results live in `boolean`.
-            UdfType::Bool => match unsafe { v.boolean } {
-                0 => Returned::Bool(false),
-                1 => Returned::Bool(true),
-                byte => return Err(CallError::InvalidBool(byte)),
-            },
-            // SAFETY: Int64 results live in `int64`.
-            UdfType::Int64 => Returned::Int(unsafe { v.int64 }),
-            // SAFETY: UInt64 results live in `uint64`.
-            UdfType::UInt64 => Returned::UInt(unsafe { v.uint64 }),
-            // SAFETY: Float64 results live in `float64`.
-            UdfType::Float64 => Returned::Double(unsafe { v.float64 }),
-            // SAFETY: Int32 results live in `int32`.
-            UdfType::Int32 => Returned::Int32(unsafe { v.int32 }),
-            // SAFETY: Float32 results live in `float32`.
-            UdfType::Float32 => Returned::Float32(unsafe { v.float32 }),
-            // SAFETY: Date32 results live in `int32`.
-            UdfType::Date32 => Returned::Date32(unsafe { v.int32 }),
-            // SAFETY: TimestampMicros results live in `int64`.
-            UdfType::TimestampMicros => Returned::Timestamp(unsafe { v.int64 }),
-            UdfType::Utf8 => {
-                // SAFETY: Utf8 results are owned bytes handed to the host.
-                let bytes = take_v2_bytes(unsafe { v.owned }, release, &self.library)?;
-                std::str::from_utf8(bytes.as_bytes()).map_err(CallError::InvalidUtf8)?;
-                Returned::Str(bytes)
-            }
-            UdfType::Binary => {
-                // SAFETY: Binary results are owned bytes handed to the host.
-                let bytes = take_v2_bytes(unsafe { v.owned }, release, &self.library)?;
-                Returned::Bytes(bytes)
-            }
-        })
+/// Checks call arguments against `signature`: their number, types the plugin reads (the
+/// declared type's canonical Arrow type, or another string/binary layout), and `num_rows` rows
+/// each (one for a scalar).
+fn check_arguments(
+    signature: &FunctionSignature,
+    args: &[(datafusion::arrow::array::ArrayRef, bool)],
+    num_rows: usize,
+) -> Result<(), CallError> {
+    if args.len() != signature.arg_types.len() {
+        return Err(CallError::ArgumentCount {
+            expected: signature.arg_types.len(),
+            found: args.len(),
+        });
     }
+    for (index, ((array, scalar), &param)) in args.iter().zip(&signature.arg_types).enumerate() {
+        if !crate::types::is_readable(array.data_type(), param) {
+            return Err(CallError::ArgumentType {
+                index,
+                expected: param,
+                found: "an array of another type",
+            });
+        }
+        let rows = if *scalar { 1 } else { num_rows };
+        if array.len() != rows {
+            return Err(CallError::ArgumentRows {
+                index,
+                expected: rows,
+                found: array.len(),
+            });
+        }
+    }
+    Ok(())
 }
