@@ -11,11 +11,13 @@ use std::time::Duration;
 use criterion::{
     BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main, measurement::WallTime,
 };
+use datafusion::arrow::array::{ArrayRef, Int64Array, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field};
 use datafusion::execution::FunctionRegistry;
 use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs};
 use datafusion::prelude::SessionContext;
-use udf_benches::{BATCH, ROWS, batches, literal_u64, session};
+use udf_benches::{BATCH, ROWS, batches, literal_u64, plugin, session};
+use udf_engine::PluginLibrary;
 
 fn quick() -> bool {
     std::env::var_os("UDF_BENCH_QUICK").is_some()
@@ -197,5 +199,34 @@ fn kernel_cases(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sql_cases, kernel_cases);
+/// The fixed cost of one batch call: `PluginFunction::call_batch` straight, no DataFusion, on
+/// 1-row arrays (where nearly all of the time is the per-call cost: exporting and importing over
+/// the C Data Interface, the result checks, the NULL rules) and on one 8192-row batch.
+fn fixed_cost(c: &mut Criterion) {
+    let lib = PluginLibrary::load(plugin("plain")).expect("load plain plugin");
+    let sq = lib.function_named("sq").expect("sq");
+    let rev = lib.function_named("rev").expect("rev");
+    assert!(sq.has_batch() && rev.has_batch());
+    let one: ArrayRef = Arc::new(Int64Array::from(vec![7]));
+    let full = batches()[0].column(1).clone();
+    assert_eq!(full.len(), BATCH);
+    let word: ArrayRef = Arc::new(StringArray::from(vec!["hello"]));
+    let mut group = c.benchmark_group("fixed_cost");
+    configure(&mut group, 1);
+    let cases = [
+        ("sq/1", &sq, &one),
+        ("sq/8192", &sq, &full),
+        ("rev/1", &rev, &word),
+    ];
+    for (name, f, array) in cases {
+        let args = [(array.clone(), false)];
+        let rows = array.len();
+        group.bench_function(name, |b| {
+            b.iter(|| std::hint::black_box(f.call_batch(&args, rows).expect("call_batch")))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, sql_cases, kernel_cases, fixed_cost);
 criterion_main!(benches);

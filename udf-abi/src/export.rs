@@ -90,6 +90,7 @@ pub extern "C" fn udfsql_manifest() -> *const UdfManifest {
 }
 
 /// Gives bytes to the host: a `Vec`'s parts, released by [`release_bytes`].
+#[inline]
 pub fn owned_bytes(bytes: Vec<u8>) -> UdfOwnedBytes {
     let mut bytes = std::mem::ManuallyDrop::new(bytes);
     UdfOwnedBytes {
@@ -160,6 +161,7 @@ impl<T: UdfReturnType, E: Display> IntoUdfResult for Result<T, E> {
     }
 }
 
+#[inline]
 fn value(v: UdfScalar) -> UdfValue {
     UdfValue {
         is_null: 0,
@@ -167,12 +169,19 @@ fn value(v: UdfScalar) -> UdfValue {
     }
 }
 
+#[inline]
 fn not_null(v: &UdfValue) -> Result<&UdfScalar, String> {
     if v.is_null != 0 {
-        Err("unexpected NULL for an argument that does not take NULLs".to_string())
+        Err(unexpected_null())
     } else {
         Ok(&v.value)
     }
+}
+
+#[cold]
+#[inline(never)]
+fn unexpected_null() -> String {
+    "unexpected NULL for an argument that does not take NULLs".to_string()
 }
 
 /// The trait impls of a fixed-width type: `$rust` travels as the union member `$field` and is
@@ -187,6 +196,7 @@ macro_rules! scalar {
             const TYPE: UdfType = UdfType::$udf;
         }
         impl FromUdfValue<'_> for $rust {
+            #[inline]
             fn from_udf_value(v: &UdfValue) -> Result<Self, String> {
                 // SAFETY: the host writes the member of the declared type, which is this one.
                 let raw = unsafe { not_null(v)?.$field };
@@ -195,11 +205,13 @@ macro_rules! scalar {
         }
         impl UdfReturnType for $rust {
             const TYPE: UdfType = UdfType::$udf;
+            #[inline]
             fn into_udf_value(self) -> Result<UdfValue, String> {
                 Ok(value(UdfScalar {
                     $field: $into(self),
                 }))
             }
+            #[inline]
             fn append_to(self, out: &mut batch::Output) -> Result<(), String> {
                 match out {
                     batch::Output::$out(b) => {
@@ -238,6 +250,7 @@ impl UdfArgType for bool {
     const TYPE: UdfType = UdfType::Bool;
 }
 impl FromUdfValue<'_> for bool {
+    #[inline]
     fn from_udf_value(v: &UdfValue) -> Result<Self, String> {
         // SAFETY: the declared type is Bool, so `boolean` is the member the host wrote.
         match unsafe { not_null(v)?.boolean } {
@@ -249,11 +262,13 @@ impl FromUdfValue<'_> for bool {
 }
 impl UdfReturnType for bool {
     const TYPE: UdfType = UdfType::Bool;
+    #[inline]
     fn into_udf_value(self) -> Result<UdfValue, String> {
         Ok(value(UdfScalar {
             boolean: self as u8,
         }))
     }
+    #[inline]
     fn append_to(self, out: &mut batch::Output) -> Result<(), String> {
         match out {
             batch::Output::Bool(b) => {
@@ -265,6 +280,7 @@ impl UdfReturnType for bool {
     }
 }
 
+#[inline]
 fn borrowed_bytes(v: &UdfValue) -> Result<&[u8], String> {
     // SAFETY: the declared type is Utf8 or Binary, whose member is `bytes`.
     let bytes = unsafe { not_null(v)?.bytes };
@@ -283,6 +299,7 @@ impl UdfArgType for &str {
     const TYPE: UdfType = UdfType::Utf8;
 }
 impl<'a> FromUdfValue<'a> for &'a str {
+    #[inline]
     fn from_udf_value(v: &'a UdfValue) -> Result<Self, String> {
         std::str::from_utf8(borrowed_bytes(v)?).map_err(|e| format!("invalid UTF-8: {e}"))
     }
@@ -291,12 +308,14 @@ impl UdfArgType for String {
     const TYPE: UdfType = UdfType::Utf8;
 }
 impl FromUdfValue<'_> for String {
+    #[inline]
     fn from_udf_value(v: &UdfValue) -> Result<Self, String> {
         <&str>::from_udf_value(v).map(str::to_string)
     }
 }
 impl UdfReturnType for String {
     const TYPE: UdfType = UdfType::Utf8;
+    #[inline]
     fn into_udf_value(self) -> Result<UdfValue, String> {
         Ok(value(UdfScalar {
             owned: owned_bytes(self.into_bytes()),
@@ -316,6 +335,7 @@ impl UdfArgType for &[u8] {
     const TYPE: UdfType = UdfType::Binary;
 }
 impl<'a> FromUdfValue<'a> for &'a [u8] {
+    #[inline]
     fn from_udf_value(v: &'a UdfValue) -> Result<Self, String> {
         borrowed_bytes(v)
     }
@@ -324,12 +344,14 @@ impl UdfArgType for Vec<u8> {
     const TYPE: UdfType = UdfType::Binary;
 }
 impl FromUdfValue<'_> for Vec<u8> {
+    #[inline]
     fn from_udf_value(v: &UdfValue) -> Result<Self, String> {
         borrowed_bytes(v).map(<[u8]>::to_vec)
     }
 }
 impl UdfReturnType for Vec<u8> {
     const TYPE: UdfType = UdfType::Binary;
+    #[inline]
     fn into_udf_value(self) -> Result<UdfValue, String> {
         Ok(value(UdfScalar {
             owned: owned_bytes(self),
@@ -472,14 +494,27 @@ thread_local! {
         const { std::cell::Cell::new(None) };
 }
 
+/// Whether [`install_quiet_panic_hook`] has run (completed) in this library.
+static QUIET_PANIC_HOOK: std::sync::Once = std::sync::Once::new();
+
 /// Replaces this library's panic hook (the plugin has its own copy of `std`, so the host's hook
 /// is untouched) with one that only remembers where the panic happened: the panic becomes a SQL
 /// error carrying message and location, instead of a backtrace on the host's stderr per row.
 /// (Unlike std's default hook, it does not look up the thread's name, which would create a
 /// `std::thread::current()` handle in a thread-local with a destructor.)
+///
+/// Runs on every row call: inlined into the entrypoint, its fast path is one atomic load.
+#[inline]
 fn install_quiet_panic_hook() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
+    if !QUIET_PANIC_HOOK.is_completed() {
+        install_quiet_panic_hook_once();
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn install_quiet_panic_hook_once() {
+    QUIET_PANIC_HOOK.call_once(|| {
         std::panic::set_hook(Box::new(|info| {
             let location = info
                 .location()
@@ -506,6 +541,26 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// `panicked: ` and the message of a caught panic (see [`panic_message`]).
+#[cold]
+#[inline(never)]
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> String {
+    format!("panicked: {}", panic_message(panic.as_ref()))
+}
+
+/// Hands an error message to the host through `error`, and returns the ERROR status.
+///
+/// # Safety
+///
+/// `error` must be non-null and valid for writes.
+#[cold]
+#[inline(never)]
+unsafe fn write_error(error: *mut UdfOwnedBytes, message: String) -> i32 {
+    // SAFETY: the caller's promise.
+    unsafe { error.write(owned_bytes(message.into_bytes())) };
+    status::ERROR
+}
+
 /// `text` as one line: its lines trimmed and joined with `; ` (`assert_eq!` writes
 /// `left: ...` and `right: ...` on lines of their own), any other control character a space.
 fn one_line(text: &str) -> String {
@@ -530,6 +585,7 @@ fn one_line(text: &str) -> String {
 ///
 /// `args` must point at `args_len` values valid for the call (or be anything when `args_len` is
 /// 0); `out` and `error` must be valid for writes. The host guarantees all three.
+#[inline]
 pub unsafe fn call_row(
     args: *const UdfValue,
     args_len: usize,
@@ -546,15 +602,14 @@ pub unsafe fn call_row(
         if args_len != expected {
             return Err(format!("expected {expected} arguments, got {args_len}"));
         }
-        let args: &[UdfValue] = if args_len == 0 || args.is_null() {
+        let args: &[UdfValue] = if args_len == 0 {
             &[]
+        } else if args.is_null() {
+            return Err("null argument array".to_string());
         } else {
             // SAFETY: the caller promises `args_len` valid values.
             unsafe { std::slice::from_raw_parts(args, args_len) }
         };
-        if args.len() != expected {
-            return Err("null argument array".to_string());
-        }
         body(args)
     }));
     let message = match result {
@@ -564,11 +619,10 @@ pub unsafe fn call_row(
             return status::OK;
         }
         Ok(Err(message)) => message,
-        Err(panic) => format!("panicked: {}", panic_message(panic.as_ref())),
+        Err(panic) => panicked(panic),
     };
     // SAFETY: `error` is non-null and valid for writes (the caller's promise).
-    unsafe { error.write(owned_bytes(message.into_bytes())) };
-    status::ERROR
+    unsafe { write_error(error, message) }
 }
 
 pub mod batch {
@@ -587,9 +641,12 @@ pub mod batch {
         ArrowPrimitiveType, Date32Type, Float32Type, Float64Type, Int32Type, Int64Type,
         TimestampMicrosecondType, UInt64Type,
     };
+    use std::ffi::{CStr, c_void};
+
+    use arrow_array::ffi::{from_ffi, from_ffi_and_data_type};
     use arrow_array::{Array, BooleanArray, PrimitiveArray, make_array};
     use arrow_buffer::{BooleanBuffer, BooleanBufferBuilder, NullBuffer};
-    use arrow_schema::DataType;
+    use arrow_schema::{DataType, TimeUnit};
 
     use super::*;
 
@@ -1083,9 +1140,206 @@ pub mod batch {
         Ok(out.finish())
     }
 
-    /// The body of every generated batch entrypoint: imports the arguments, runs `fast` (a
-    /// vectorised kernel, if the function has one) or else `slow` (the row loop) inside
-    /// `catch_unwind`, and exports the result or writes the error.
+    /// The C Data Interface format of `t`'s Arrow type: what the host's schema of an argument of
+    /// the declared type says, and what the result schema says.
+    pub(super) fn c_format(t: UdfType) -> &'static CStr {
+        match t {
+            UdfType::Bool => c"b",
+            UdfType::Int64 => c"l",
+            UdfType::UInt64 => c"L",
+            UdfType::Float64 => c"g",
+            UdfType::Utf8 => c"u",
+            UdfType::Int32 => c"i",
+            UdfType::Float32 => c"f",
+            UdfType::Binary => c"z",
+            UdfType::Date32 => c"tdD",
+            UdfType::TimestampMicros => c"tsu:UTC",
+        }
+    }
+
+    /// The Arrow type of `t` (`Timestamp` is microseconds in UTC). Built per call, not cached in a
+    /// static: a plugin can be unloaded, and a `Timestamp`'s time zone (an allocation) kept in one
+    /// of its statics would leak at every `dlclose`.
+    pub(super) fn arrow_type(t: UdfType) -> DataType {
+        match t {
+            UdfType::Bool => DataType::Boolean,
+            UdfType::Int64 => DataType::Int64,
+            UdfType::UInt64 => DataType::UInt64,
+            UdfType::Float64 => DataType::Float64,
+            UdfType::Utf8 => DataType::Utf8,
+            UdfType::Int32 => DataType::Int32,
+            UdfType::Float32 => DataType::Float32,
+            UdfType::Binary => DataType::Binary,
+            UdfType::Date32 => DataType::Date32,
+            UdfType::TimestampMicros => {
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+            }
+        }
+    }
+
+    /// Imports one argument array. When the host's schema says the declared type (the format
+    /// string compared byte for byte, and no dictionary), the array is imported with that type
+    /// without parsing the schema; any other layout the host may pass (`LargeUtf8`, `Utf8View`,
+    /// ...) is imported as its schema describes it.
+    ///
+    /// # Safety
+    ///
+    /// `array` must be a valid array described by `schema`, as the host exports them.
+    unsafe fn import_argument(
+        array: FFI_ArrowArray,
+        schema: &FFI_ArrowSchema,
+        declared: UdfType,
+    ) -> Result<arrow_data::ArrayData, arrow_schema::ArrowError> {
+        let canonical = !schema.format.is_null()
+            && schema.dictionary.is_null()
+            // SAFETY: non-null, and a schema's format is a NUL-terminated string that lives as
+            // long as the schema, which the host lends for the call.
+            && unsafe { CStr::from_ptr(schema.format) } == c_format(declared);
+        if canonical {
+            // SAFETY: the host's array is valid and of the type its schema describes, which is
+            // exactly `declared`'s (same format, no dictionary).
+            unsafe { from_ffi_and_data_type(array, arrow_type(declared)) }
+        } else {
+            // SAFETY: the host exports valid arrays described by their schemas.
+            unsafe { from_ffi(array, schema) }
+        }
+    }
+
+    /// The result schema: the declared type's format, from static memory, so exporting it
+    /// allocates nothing and its release callback only marks it released.
+    fn result_schema(t: UdfType) -> FFI_ArrowSchema {
+        FFI_ArrowSchema {
+            format: c_format(t).as_ptr(),
+            name: std::ptr::null(),
+            metadata: std::ptr::null(),
+            flags: 0,
+            n_children: 0,
+            children: std::ptr::null_mut(),
+            dictionary: std::ptr::null_mut(),
+            release: Some(release_result_schema),
+            private_data: std::ptr::null_mut(),
+        }
+    }
+
+    /// The release callback of [`result_schema`]: nothing is owned, so it marks the schema
+    /// released.
+    ///
+    /// # Safety
+    ///
+    /// `schema` must be null or point at a schema made by [`result_schema`].
+    unsafe extern "C" fn release_result_schema(schema: *mut FFI_ArrowSchema) {
+        if schema.is_null() {
+            return;
+        }
+        // SAFETY: non-null, and the consumer passes the schema it releases, valid for writes.
+        unsafe { (*schema).release = None };
+    }
+
+    /// What an array exported by [`export_result`] owns: the array itself (so its buffers) and
+    /// the C array of buffer pointers that `FFI_ArrowArray::buffers` points at.
+    struct ExportedResult {
+        _array: ArrayRef,
+        buffers: [*const c_void; 3],
+    }
+
+    /// The data buffers of a result of type `t` (the validity bitmap aside) and the offset that
+    /// applies to them, read without building an `ArrayData`; `None` if `array` is not of `t`'s
+    /// Arrow type.
+    fn data_buffers(array: &ArrayRef, t: UdfType) -> Option<(usize, [*const c_void; 2], i64)> {
+        fn primitive<T: ArrowPrimitiveType>(
+            array: &ArrayRef,
+        ) -> Option<(usize, [*const c_void; 2], i64)> {
+            let values = array.as_primitive_opt::<T>()?.values().inner().as_ptr();
+            // A primitive array's values buffer starts at its first value: offset 0.
+            Some((0, [values.cast(), std::ptr::null()], 1))
+        }
+        match t {
+            UdfType::Bool => {
+                // Boolean values are bits, sliced by a bit offset.
+                let values = array.as_boolean_opt()?.values();
+                let bits = values.inner().as_ptr().cast();
+                Some((values.offset(), [bits, std::ptr::null()], 1))
+            }
+            UdfType::Int64 => primitive::<Int64Type>(array),
+            UdfType::UInt64 => primitive::<UInt64Type>(array),
+            UdfType::Float64 => primitive::<Float64Type>(array),
+            UdfType::Int32 => primitive::<Int32Type>(array),
+            UdfType::Float32 => primitive::<Float32Type>(array),
+            UdfType::Date32 => primitive::<Date32Type>(array),
+            UdfType::TimestampMicros => primitive::<TimestampMicrosecondType>(array),
+            UdfType::Utf8 => {
+                let a = array.as_string_opt::<i32>()?;
+                let offsets = a.offsets().inner().inner().as_ptr().cast();
+                Some((0, [offsets, a.values().as_ptr().cast()], 2))
+            }
+            UdfType::Binary => {
+                let a = array.as_binary_opt::<i32>()?;
+                let offsets = a.offsets().inner().inner().as_ptr().cast();
+                Some((0, [offsets, a.values().as_ptr().cast()], 2))
+            }
+        }
+    }
+
+    /// Exports the result array, of the declared type `t`, with one allocation (arrow's exporter
+    /// makes four): the array and its buffer pointers in one box. A validity bitmap whose bit
+    /// offset differs from the values' (a NULL mask shared with a sliced argument) goes through
+    /// arrow's exporter, which realigns it.
+    fn export_result(array: ArrayRef, t: UdfType) -> FFI_ArrowArray {
+        let Some((offset, [first, second], data_buffers)) = data_buffers(&array, t) else {
+            return FFI_ArrowArray::new(&array.to_data());
+        };
+        let validity = match array.nulls() {
+            None => std::ptr::null(),
+            Some(nulls) if nulls.offset() == offset => nulls.buffer().as_ptr().cast(),
+            Some(_) => return FFI_ArrowArray::new(&array.to_data()),
+        };
+        let (length, null_count) = (array.len() as i64, array.null_count() as i64);
+        let private = Box::into_raw(Box::new(ExportedResult {
+            _array: array,
+            buffers: [validity, first, second],
+        }));
+        // SAFETY: `private` comes from `Box::into_raw` just above: valid, and owned by the
+        // exported array until its release callback takes it back.
+        let buffers = unsafe { (&raw mut (*private).buffers).cast::<*const c_void>() };
+        FFI_ArrowArray {
+            length,
+            null_count,
+            offset: offset as i64,
+            n_buffers: 1 + data_buffers,
+            n_children: 0,
+            buffers,
+            children: std::ptr::null_mut(),
+            dictionary: std::ptr::null_mut(),
+            release: Some(release_result),
+            private_data: private.cast(),
+        }
+    }
+
+    /// The release callback of [`export_result`]: drops the array (its buffers) and the pointers.
+    ///
+    /// # Safety
+    ///
+    /// `array` must be null or point at an array made by [`export_result`], released once.
+    unsafe extern "C" fn release_result(array: *mut FFI_ArrowArray) {
+        if array.is_null() {
+            return;
+        }
+        // SAFETY: non-null, and the consumer passes the array it releases, valid for reads and
+        // writes.
+        let array = unsafe { &mut *array };
+        if !array.private_data.is_null() {
+            // SAFETY: `private_data` was set by `export_result` from `Box::into_raw` of an
+            // `ExportedResult`, and is taken back once: it is cleared below.
+            drop(unsafe { Box::from_raw(array.private_data.cast::<ExportedResult>()) });
+        }
+        array.private_data = std::ptr::null_mut();
+        array.release = None;
+    }
+
+    /// The body of every generated batch entrypoint: imports the arguments (of the declared
+    /// `arg_types`), runs `fast` (a vectorised kernel, if the function has one) or else `slow`
+    /// (the row loop) inside `catch_unwind`, and exports the result (of the declared
+    /// `return_type`) or writes the error.
     ///
     /// # Safety
     ///
@@ -1097,7 +1351,8 @@ pub mod batch {
         schemas: *const FFI_ArrowSchema,
         is_scalar: *const u8,
         args_len: usize,
-        expected: usize,
+        arg_types: &[UdfType],
+        return_type: UdfType,
         num_rows: usize,
         out: *mut FFI_ArrowArray,
         out_schema: *mut FFI_ArrowSchema,
@@ -1110,6 +1365,7 @@ pub mod batch {
         }
         install_quiet_panic_hook();
         let result = catch_unwind(AssertUnwindSafe(|| {
+            let expected = arg_types.len();
             if args_len != expected {
                 return Err(format!("expected {expected} arguments, got {args_len}"));
             }
@@ -1117,7 +1373,7 @@ pub mod batch {
                 return Err("null argument arrays".to_string());
             }
             let mut columns = Vec::with_capacity(args_len);
-            for i in 0..args_len {
+            for (i, &declared) in arg_types.iter().enumerate() {
                 // SAFETY: `i < args_len`, and the host passes that many arrays, schemas and
                 // flags. `from_raw` moves the array out, leaving a released one behind, which is
                 // the C Data Interface's move semantics the ABI prescribes.
@@ -1129,7 +1385,7 @@ pub mod batch {
                     )
                 };
                 // SAFETY: the host exports valid arrays described by these schemas.
-                let data = unsafe { arrow_array::ffi::from_ffi(array, schema) }
+                let data = unsafe { import_argument(array, schema, declared) }
                     .map_err(|e| format!("argument {}: {e}", i + 1))?;
                 let array = make_array(data);
                 let enough = if scalar {
@@ -1153,26 +1409,34 @@ pub mod batch {
                 Some(fast) => fast(&columns, num_rows)?,
                 None => slow(&columns, num_rows)?,
             };
-            let schema = FFI_ArrowSchema::try_from(array.data_type())
-                .map_err(|e| format!("cannot export the result's type: {e}"))?;
-            Ok((array, schema))
+            // The schema says the declared type, so the array must be of it.
+            let declared = arrow_type(return_type);
+            if *array.data_type() != declared {
+                return Err(format!(
+                    "{MISMATCH}: the result is of type {}, {declared} declared",
+                    array.data_type()
+                ));
+            }
+            Ok((
+                export_result(array, return_type),
+                result_schema(return_type),
+            ))
         }));
         let message = match result {
             Ok(Ok((array, schema))) => {
                 // SAFETY: `out` and `out_schema` are non-null and valid for writes (the caller's
                 // promise); the host takes both over and releases them.
                 unsafe {
-                    out.write(FFI_ArrowArray::new(&array.to_data()));
+                    out.write(array);
                     out_schema.write(schema);
                 }
                 return status::OK;
             }
             Ok(Err(message)) => message,
-            Err(panic) => format!("panicked: {}", panic_message(panic.as_ref())),
+            Err(panic) => panicked(panic),
         };
         // SAFETY: `error` is non-null and valid for writes (the caller's promise).
-        unsafe { error.write(owned_bytes(message.into_bytes())) };
-        status::ERROR
+        unsafe { write_error(error, message) }
     }
 
     #[cfg(test)]
@@ -1182,6 +1446,121 @@ pub mod batch {
         use arrow_array::Int64Array;
 
         use super::*;
+
+        #[test]
+        fn formats_and_schemas_are_arrows() {
+            for t in UdfType::ALL {
+                let exported = FFI_ArrowSchema::try_from(&arrow_type(t)).unwrap();
+                assert_eq!(exported.format(), c_format(t).to_str().unwrap(), "{t:?}");
+                let schema = result_schema(t);
+                assert_eq!(DataType::try_from(&schema).unwrap(), arrow_type(t));
+                assert_eq!(
+                    (schema.n_children, schema.dictionary),
+                    (0, std::ptr::null_mut())
+                );
+                // Released by dropping it: the callback marks it released, nothing to free.
+                let mut schema = schema;
+                // SAFETY: a schema made by `result_schema`, released once.
+                unsafe { release_result_schema(&mut schema) };
+                assert!(schema.release.is_none());
+            }
+        }
+
+        #[test]
+        fn results_export_as_the_same_arrays() {
+            use arrow_array::{
+                BinaryArray, Date32Array, Float32Array, Float64Array, Int32Array, StringArray,
+                TimestampMicrosecondArray, UInt64Array,
+            };
+            let ints = Int64Array::from(vec![Some(1), None, Some(3), Some(4), None]);
+            let bools = BooleanArray::from(vec![Some(true), None, Some(false), Some(true), None]);
+            let strings = StringArray::from(vec![Some("a"), None, Some("é"), Some(""), Some("z")]);
+            let cases: Vec<(ArrayRef, UdfType)> = vec![
+                (Arc::new(ints.clone()), UdfType::Int64),
+                // NULLs at a bit offset: arrow's exporter realigns them.
+                (Arc::new(ints.slice(1, 3)), UdfType::Int64),
+                (
+                    Arc::new(Int64Array::from(vec![5, 6, 7]).slice(1, 2)),
+                    UdfType::Int64,
+                ),
+                (Arc::new(bools.clone()), UdfType::Bool),
+                // Values and NULLs at the same bit offset: exported with that offset.
+                (Arc::new(bools.slice(1, 3)), UdfType::Bool),
+                (Arc::new(strings.clone()), UdfType::Utf8),
+                (Arc::new(strings.slice(2, 3)), UdfType::Utf8),
+                (
+                    Arc::new(BinaryArray::from(vec![Some(&b"ab"[..]), None, Some(b"")])),
+                    UdfType::Binary,
+                ),
+                (
+                    Arc::new(Int32Array::from(vec![Some(-1), None])),
+                    UdfType::Int32,
+                ),
+                (
+                    Arc::new(UInt64Array::from(vec![u64::MAX, 0])),
+                    UdfType::UInt64,
+                ),
+                (
+                    Arc::new(Float32Array::from(vec![1.5, -0.0])),
+                    UdfType::Float32,
+                ),
+                (
+                    Arc::new(Float64Array::from(vec![Some(2.5), None])),
+                    UdfType::Float64,
+                ),
+                (
+                    Arc::new(Date32Array::from(vec![19_000, -1])),
+                    UdfType::Date32,
+                ),
+                (
+                    Arc::new(
+                        TimestampMicrosecondArray::from(vec![Some(1), None]).with_timezone("UTC"),
+                    ),
+                    UdfType::TimestampMicros,
+                ),
+                (
+                    Arc::new(Int64Array::from(Vec::<i64>::new())),
+                    UdfType::Int64,
+                ),
+                (
+                    Arc::new(StringArray::from(Vec::<&str>::new())),
+                    UdfType::Utf8,
+                ),
+            ];
+            for (array, t) in cases {
+                let exported = export_result(Arc::clone(&array), t);
+                let expected = array.to_data();
+                drop(array);
+                // SAFETY: `export_result` exports a valid array of `t`'s type.
+                let data = unsafe { from_ffi_and_data_type(exported, arrow_type(t)) }.unwrap();
+                data.validate_full().unwrap();
+                assert_eq!(data, expected, "{t:?}");
+            }
+        }
+
+        #[test]
+        fn arguments_of_the_declared_type_and_of_other_layouts_are_imported() {
+            let strings: ArrayRef = Arc::new(arrow_array::StringArray::from(vec!["a", "bc"]));
+            let large: ArrayRef = Arc::new(arrow_array::LargeStringArray::from(vec!["a", "bc"]));
+            for array in [strings, large] {
+                let data = array.to_data();
+                let schema = FFI_ArrowSchema::try_from(data.data_type()).unwrap();
+                // SAFETY: a valid array described by its schema.
+                let imported =
+                    unsafe { import_argument(FFI_ArrowArray::new(&data), &schema, UdfType::Utf8) }
+                        .unwrap();
+                assert_eq!(imported, data);
+            }
+            // A schema that says another type than the declared one is imported as it says
+            // (the reader then refuses it).
+            let ints = Int64Array::from(vec![1]).into_data();
+            let schema = FFI_ArrowSchema::try_from(ints.data_type()).unwrap();
+            // SAFETY: a valid array described by its schema.
+            let imported =
+                unsafe { import_argument(FFI_ArrowArray::new(&ints), &schema, UdfType::Float64) }
+                    .unwrap();
+            assert_eq!(imported.data_type(), &DataType::Int64);
+        }
 
         fn repeat_rows(input: &Column, n: usize, hint: &BytesPerRow, times: usize) -> ArrayRef {
             rows(
@@ -1439,7 +1818,8 @@ pub mod batch {
                     schemas.as_ptr(),
                     flags.as_ptr(),
                     1,
-                    1,
+                    &[UdfType::Int64],
+                    UdfType::Int64,
                     input.len(),
                     &mut out,
                     &mut out_schema,

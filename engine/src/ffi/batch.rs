@@ -10,17 +10,31 @@
 //! validation run inside `catch_unwind` as a last guard: a panic there is a host bug, reported as
 //! an error that says so.
 //!
-//! The result array's `release` callback is plugin code, so it is wrapped in one that holds an
-//! `Arc` of the library until it has run: the library stays mapped exactly as long as any array it
-//! produced is alive, and no longer.
+//! The result array's `release` callback is plugin code, so the imported buffers are owned by one
+//! allocation that holds the plugin's array and an `Arc` of the library ([`PluginArray`]): when
+//! the last buffer drops, the plugin's callback runs and then the library is let go. The library
+//! stays mapped exactly as long as any array it produced is alive, and no longer.
+//!
+//! The per-call cost is kept to what the checks need: the argument structs live on the stack (up
+//! to [`INLINE_ARGS`] arguments), argument schemas are exported once (per function for the
+//! declared types, per process for the other string and binary layouts), an argument array is
+//! exported with one allocation and a result imported with one besides arrow's buffers, and the
+//! NULL rules return at once when no argument and no result row is NULL.
 
-use std::ffi::{CStr, c_char, c_void};
+use std::ffi::{CStr, c_void};
+use std::mem::ManuallyDrop;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
+use std::ptr::NonNull;
+use std::sync::{Arc, OnceLock};
 
-use datafusion::arrow::array::{Array, ArrayData, ArrayRef, BooleanArray, make_array};
-use datafusion::arrow::buffer::NullBuffer;
-use datafusion::arrow::ffi::{FFI_ArrowArray, FFI_ArrowSchema, from_ffi_and_data_type};
+use datafusion::arrow::array::{Array, ArrayData, ArrayRef, AsArray, BooleanArray, make_array};
+use datafusion::arrow::buffer::{Buffer, MutableBuffer, NullBuffer};
+use datafusion::arrow::datatypes::{
+    ArrowPrimitiveType, BinaryType, ByteArrayType, DataType, Date32Type, Float32Type, Float64Type,
+    Int32Type, Int64Type, LargeBinaryType, LargeUtf8Type, TimeUnit, TimestampMicrosecondType,
+    UInt64Type, Utf8Type,
+};
+use datafusion::arrow::ffi::{FFI_ArrowArray, FFI_ArrowSchema};
 use udf_abi::v2::{UdfOwnedBytes, UdfType};
 
 use super::{Entrypoints, FunctionSignature, PluginFunction, PluginLibrary, check_status};
@@ -29,6 +43,9 @@ use crate::types::{arrow_type, c_format, is_readable};
 
 /// The longest result format string read, in bytes (the longest valid one is `tsu:UTC`).
 const MAX_FORMAT_LEN: usize = 64;
+
+/// Arguments whose C structs a batch call keeps on the stack; more go to the heap.
+const INLINE_ARGS: usize = 8;
 
 impl PluginFunction {
     /// Calls the batch entrypoint over whole columns: `args` are the argument arrays (of types
@@ -60,14 +77,20 @@ impl PluginFunction {
                 found: args.len(),
             });
         }
-        let mut arrays = Vec::with_capacity(args.len());
-        let mut scalar_flags = Vec::with_capacity(args.len());
+        let mut arrays = Slots::<FFI_ArrowArray>::new(args.len());
+        let mut scalar_flags = Slots::<u8>::new(args.len());
         let mut canonical = true;
-        for (index, ((array, scalar), &param)) in args.iter().zip(&signature.arg_types).enumerate()
+        let slots = arrays
+            .as_mut_slice()
+            .iter_mut()
+            .zip(scalar_flags.as_mut_slice());
+        for (index, (((array, scalar), &param), (slot, flag))) in
+            args.iter().zip(&signature.arg_types).zip(slots).enumerate()
         {
             // The ABI promises the plugin arrays of the declared type, of `num_rows` rows (one
             // for a scalar).
-            if !is_readable(array.data_type(), param) {
+            let is_declared = array.data_type() == declared_type(param);
+            if !is_declared && !is_readable(array.data_type(), param) {
                 return Err(CallError::ArgumentType {
                     index,
                     expected: param,
@@ -82,22 +105,29 @@ impl PluginFunction {
                     found: array.len(),
                 });
             }
-            canonical &= *array.data_type() == arrow_type(param);
-            arrays.push(FFI_ArrowArray::new(&array.to_data()));
-            scalar_flags.push(u8::from(*scalar));
+            canonical &= is_declared;
+            *slot = export_argument(array);
+            *flag = u8::from(*scalar);
         }
-        // The schemas of the declared types were exported when the library was loaded; other
-        // string and binary layouts (LargeUtf8, Utf8View, ...) are exported for this call.
+        // The schemas of the declared types were exported when the library was loaded, those of
+        // the other string and binary layouts (LargeUtf8, Utf8View, ...) once per process: the
+        // plugin gets them, or bitwise copies of them that are never released.
+        let copies;
         let exported;
-        let schemas: &[FFI_ArrowSchema] = match &self.library.arg_schemas[self.index] {
-            Some(cached) if canonical => &cached.0,
-            _ => {
+        let schemas: *const FFI_ArrowSchema = match &self.library.arg_schemas[self.index] {
+            Some(cached) if canonical => cached.0.as_ptr(),
+            Some(cached) => {
+                copies = lent_schemas(args, &cached.0);
+                // `ManuallyDrop` is `repr(transparent)`: the same layout as the schemas.
+                copies.as_slice().as_ptr().cast()
+            }
+            None => {
                 exported = args
                     .iter()
                     .map(|(array, _)| FFI_ArrowSchema::try_from(array.data_type()))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| CallError::HostBug(format!("cannot export an argument: {e}")))?;
-                &exported
+                exported.as_ptr()
             }
         };
         let mut out = FFI_ArrowArray::empty();
@@ -105,14 +135,15 @@ impl PluginFunction {
         let mut error = UdfOwnedBytes::EMPTY;
         // SAFETY: the entrypoint belongs to `self.library`, alive while we hold the Arc. The
         // arrays, schemas and flags are `args.len()` valid C Data Interface structs of the
-        // declared types and row counts (checked above); the plugin may move the arrays out (it
-        // leaves released ones, which drop as no-ops; arrays it left in place are released when
-        // `arrays` drops); `out`, `out_schema` and `error` are valid for writes.
+        // declared types and row counts (checked above), and stay alive and unmoved during the
+        // call; the plugin may move the arrays out (it leaves released ones, which drop as
+        // no-ops; arrays it left in place are released when `arrays` drops); `out`,
+        // `out_schema` and `error` are valid for writes.
         let status = unsafe {
             entrypoint(
-                arrays.as_mut_ptr(),
-                schemas.as_ptr(),
-                scalar_flags.as_ptr(),
+                arrays.as_mut_slice().as_mut_ptr(),
+                schemas,
+                scalar_flags.as_slice().as_ptr(),
                 args.len(),
                 num_rows,
                 &mut out,
@@ -127,16 +158,15 @@ impl PluginFunction {
         let return_type = signature.return_type;
         check_result_schema(&out_schema, return_type)?;
         drop(out_schema);
-        check_result_array(&out, return_type, num_rows)?;
-        hold_library(&mut out, &self.library);
-        let expected = arrow_type(return_type);
+        let buffers = check_result_array(&out, return_type, num_rows)?;
+        let library = Arc::clone(&self.library);
         let imported = catch_unwind(AssertUnwindSafe(move || {
             // SAFETY: `out` is an unreleased array whose every field was checked above against
-            // the layout of `expected` (buffer count, non-null and aligned buffers, no children or
-            // dictionary, offsets in order); what cannot be checked is that each buffer is as long
-            // as the layout says (the C Data Interface carries no buffer sizes).
-            let data = unsafe { from_ffi_and_data_type(out, expected) }
-                .map_err(|e| CallError::InvalidResult(format!("cannot import the array: {e}")))?;
+            // the layout of the declared type (buffer count, non-null and aligned buffers, no
+            // children or dictionary, offsets in order), and `buffers` are its buffer pointers;
+            // what cannot be checked is that each buffer is as long as the layout says (the C
+            // Data Interface carries no buffer sizes).
+            let data = unsafe { import_result(out, buffers, return_type, num_rows, library) };
             validate_result(&data).map_err(CallError::InvalidResult)?;
             Ok::<_, CallError>(data)
         }));
@@ -157,6 +187,319 @@ impl PluginFunction {
     }
 }
 
+/// A value that fills a slot before it is written: a released (empty) struct, or zero.
+trait Empty {
+    const EMPTY: Self;
+}
+
+impl Empty for u8 {
+    const EMPTY: u8 = 0;
+}
+
+impl Empty for FFI_ArrowArray {
+    /// `FFI_ArrowArray::empty()`, as a constant: released, so dropping it does nothing.
+    const EMPTY: FFI_ArrowArray = FFI_ArrowArray {
+        length: 0,
+        null_count: 0,
+        offset: 0,
+        n_buffers: 0,
+        n_children: 0,
+        buffers: std::ptr::null_mut(),
+        children: std::ptr::null_mut(),
+        dictionary: std::ptr::null_mut(),
+        release: None,
+        private_data: std::ptr::null_mut(),
+    };
+}
+
+impl Empty for ManuallyDrop<FFI_ArrowSchema> {
+    /// `FFI_ArrowSchema::empty()`, as a constant (released, and never dropped anyway).
+    const EMPTY: ManuallyDrop<FFI_ArrowSchema> = ManuallyDrop::new(FFI_ArrowSchema {
+        format: std::ptr::null(),
+        name: std::ptr::null(),
+        metadata: std::ptr::null(),
+        flags: 0,
+        n_children: 0,
+        children: std::ptr::null_mut(),
+        dictionary: std::ptr::null_mut(),
+        release: None,
+        private_data: std::ptr::null_mut(),
+    });
+}
+
+/// Up to [`INLINE_ARGS`] values on the stack, more on the heap: the per-call argument structs,
+/// without an allocation for the usual argument counts.
+enum Slots<T> {
+    Inline([T; INLINE_ARGS], usize),
+    Heap(Vec<T>),
+}
+
+impl<T: Empty> Slots<T> {
+    /// `len` empty slots.
+    fn new(len: usize) -> Slots<T> {
+        if len <= INLINE_ARGS {
+            Slots::Inline([const { T::EMPTY }; INLINE_ARGS], len)
+        } else {
+            Slots::Heap((0..len).map(|_| T::EMPTY).collect())
+        }
+    }
+
+    fn as_slice(&self) -> &[T] {
+        match self {
+            Slots::Inline(values, len) => &values[..*len],
+            Slots::Heap(values) => values,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [T] {
+        match self {
+            Slots::Inline(values, len) => &mut values[..*len],
+            Slots::Heap(values) => values,
+        }
+    }
+}
+
+/// The Arrow type a plugin type is exchanged as ([`arrow_type`]), built once per process (a
+/// `Timestamp`'s time zone is an allocation).
+fn declared_type(t: UdfType) -> &'static DataType {
+    static TYPES: OnceLock<[DataType; UdfType::ALL.len()]> = OnceLock::new();
+    &TYPES.get_or_init(|| UdfType::ALL.map(arrow_type))[t.tag() as usize]
+}
+
+/// Schemas exported once and never released: only ever lent read-only to plugins.
+struct StaticSchemas([Option<FFI_ArrowSchema>; 4]);
+
+// SAFETY: the schemas are never written after they are exported and only ever passed to plugins
+// as `const` pointers (the ABI lends them read-only for a call), so sharing them between threads
+// shares immutable data.
+unsafe impl Sync for StaticSchemas {}
+
+/// The schema of a string or binary layout other than the declared type's (`LargeUtf8`,
+/// `Utf8View`, `LargeBinary`, `BinaryView`), exported once per process.
+fn layout_schema(t: &DataType) -> Option<&'static FFI_ArrowSchema> {
+    const LAYOUTS: [DataType; 4] = [
+        DataType::LargeUtf8,
+        DataType::Utf8View,
+        DataType::LargeBinary,
+        DataType::BinaryView,
+    ];
+    static SCHEMAS: OnceLock<StaticSchemas> = OnceLock::new();
+    let index = LAYOUTS.iter().position(|l| l == t)?;
+    let schemas =
+        SCHEMAS.get_or_init(|| StaticSchemas(LAYOUTS.map(|t| FFI_ArrowSchema::try_from(&t).ok())));
+    schemas.0[index].as_ref()
+}
+
+/// The schemas of a call with arguments in other layouts than the declared ones: for each
+/// argument, a bitwise copy of its declared type's schema (from `declared`) or of its layout's.
+fn lent_schemas(
+    args: &[(ArrayRef, bool)],
+    declared: &[FFI_ArrowSchema],
+) -> Slots<ManuallyDrop<FFI_ArrowSchema>> {
+    let mut copies = Slots::<ManuallyDrop<FFI_ArrowSchema>>::new(args.len());
+    let slots = copies.as_mut_slice().iter_mut();
+    for (((array, _), declared), slot) in args.iter().zip(declared).zip(slots) {
+        let schema = match layout_schema(array.data_type()) {
+            Some(schema) => schema,
+            None => declared,
+        };
+        // SAFETY: a bitwise copy of a schema that stays alive and unreleased for longer than
+        // the call (the library holds the declared ones, a static the others); the copy is
+        // `ManuallyDrop`, so it never runs the release callback, and the plugin only reads it.
+        *slot = ManuallyDrop::new(unsafe { std::ptr::read(schema) });
+    }
+    copies
+}
+
+/// What an argument array exported by [`export_argument`] owns: the array (so its buffers) and
+/// the C array of buffer pointers that `FFI_ArrowArray::buffers` points at.
+struct ExportedArgument {
+    _array: ArrayRef,
+    buffers: [*const c_void; 3],
+}
+
+/// The data buffers of an argument (the validity bitmap aside) and the offset that applies to
+/// them, read without building an `ArrayData`; `None` for layouts left to arrow's exporter
+/// (views, and anything that is not a plain primitive, boolean, string or binary array).
+fn data_buffers(array: &ArrayRef) -> Option<(usize, [*const c_void; 2], i64)> {
+    fn primitive<T: ArrowPrimitiveType>(
+        array: &ArrayRef,
+    ) -> Option<(usize, [*const c_void; 2], i64)> {
+        let values = array.as_primitive_opt::<T>()?.values().inner().as_ptr();
+        // A primitive array's values buffer starts at its first value: offset 0.
+        Some((0, [values.cast(), std::ptr::null()], 1))
+    }
+    fn bytes<T: ByteArrayType>(array: &ArrayRef) -> Option<(usize, [*const c_void; 2], i64)> {
+        let a = array.as_bytes_opt::<T>()?;
+        // The offsets buffer starts at the first row's offset: offset 0.
+        let offsets = a.offsets().inner().inner().as_ptr().cast();
+        Some((0, [offsets, a.values().as_ptr().cast()], 2))
+    }
+    match array.data_type() {
+        DataType::Boolean => {
+            // Boolean values are bits, sliced by a bit offset.
+            let values = array.as_boolean_opt()?.values();
+            let bits = values.inner().as_ptr().cast();
+            Some((values.offset(), [bits, std::ptr::null()], 1))
+        }
+        DataType::Int32 => primitive::<Int32Type>(array),
+        DataType::Int64 => primitive::<Int64Type>(array),
+        DataType::UInt64 => primitive::<UInt64Type>(array),
+        DataType::Float32 => primitive::<Float32Type>(array),
+        DataType::Float64 => primitive::<Float64Type>(array),
+        DataType::Date32 => primitive::<Date32Type>(array),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => {
+            primitive::<TimestampMicrosecondType>(array)
+        }
+        DataType::Utf8 => bytes::<Utf8Type>(array),
+        DataType::LargeUtf8 => bytes::<LargeUtf8Type>(array),
+        DataType::Binary => bytes::<BinaryType>(array),
+        DataType::LargeBinary => bytes::<LargeBinaryType>(array),
+        _ => None,
+    }
+}
+
+/// Exports an argument array with one allocation (arrow's exporter makes four): the array and
+/// its buffer pointers in one box, released by [`release_argument`]. Views, and a validity
+/// bitmap whose bit offset differs from the values' (a sliced array), go through arrow's
+/// exporter.
+fn export_argument(array: &ArrayRef) -> FFI_ArrowArray {
+    let Some((offset, [first, second], data_buffers)) = data_buffers(array) else {
+        return FFI_ArrowArray::new(&array.to_data());
+    };
+    let validity = match array.nulls() {
+        None => std::ptr::null(),
+        Some(nulls) if nulls.offset() == offset => nulls.buffer().as_ptr().cast(),
+        Some(_) => return FFI_ArrowArray::new(&array.to_data()),
+    };
+    let (length, null_count) = (array.len() as i64, array.null_count() as i64);
+    let private = Box::into_raw(Box::new(ExportedArgument {
+        _array: Arc::clone(array),
+        buffers: [validity, first, second],
+    }));
+    // SAFETY: `private` comes from `Box::into_raw` just above: valid, and owned by the exported
+    // array until its release callback takes it back.
+    let buffers = unsafe { (&raw mut (*private).buffers).cast::<*const c_void>() };
+    FFI_ArrowArray {
+        length,
+        null_count,
+        offset: offset as i64,
+        n_buffers: 1 + data_buffers,
+        n_children: 0,
+        buffers,
+        children: std::ptr::null_mut(),
+        dictionary: std::ptr::null_mut(),
+        release: Some(release_argument),
+        private_data: private.cast(),
+    }
+}
+
+/// The release callback of [`export_argument`]: drops the array (its buffers) and the pointers.
+/// Host code: it may run after the call, on any thread, when a plugin kept the array (or a
+/// buffer of it) in its result.
+///
+/// # Safety
+///
+/// `array` must be null or point at an array made by [`export_argument`], released once.
+unsafe extern "C" fn release_argument(array: *mut FFI_ArrowArray) {
+    if array.is_null() {
+        return;
+    }
+    // SAFETY: non-null, and the plugin passes the array it releases, valid for reads and writes.
+    let array = unsafe { &mut *array };
+    if !array.private_data.is_null() {
+        // SAFETY: `private_data` was set by `export_argument` from `Box::into_raw` of an
+        // `ExportedArgument`, and is taken back once: it is cleared below.
+        drop(unsafe { Box::from_raw(array.private_data.cast::<ExportedArgument>()) });
+    }
+    array.private_data = std::ptr::null_mut();
+    array.release = None;
+}
+
+/// A result array the plugin exported, owning the buffers imported from it: dropping it calls
+/// the plugin's `release` callback (the array field drops first), then lets the library go
+/// (which may unmap it, so never before).
+struct PluginArray {
+    // Fields drop in declaration order: the array (its release callback) first.
+    _array: FFI_ArrowArray,
+    _library: Arc<PluginLibrary>,
+}
+
+/// Imports a checked result array of the declared type `t` with the buffer pointers
+/// [`check_result_array`] read, as arrow's importer would (the same buffer lengths), but with
+/// one owner that holds the library as well (see [`PluginArray`]).
+///
+/// # Safety
+///
+/// `out` must have passed [`check_result_array`] for `t` and `num_rows`, which returned
+/// `buffers`, and its buffers must be as long as `t`'s layout says.
+unsafe fn import_result(
+    out: FFI_ArrowArray,
+    buffers: [*const c_void; 3],
+    t: UdfType,
+    num_rows: usize,
+    library: Arc<PluginLibrary>,
+) -> ArrayData {
+    let offset = out.offset as usize;
+    let null_count = usize::try_from(out.null_count).ok();
+    // Checked: `offset + num_rows` does not overflow (it is at most i32::MAX).
+    let end = offset + num_rows;
+    let owner = Arc::new(PluginArray {
+        _array: out,
+        _library: library,
+    });
+    let buffer = |pointer: *const c_void, len: usize| -> Buffer {
+        match NonNull::new(pointer.cast_mut().cast::<u8>()) {
+            // SAFETY: the plugin's buffer, valid for `len` bytes (the layout's length) for as long
+            // as its array is not released, which `owner` keeps from happening until every
+            // buffer made from it has dropped.
+            Some(pointer) if len > 0 => unsafe {
+                Buffer::from_custom_allocation(pointer, len, owner.clone())
+            },
+            // An empty buffer may have any pointer: nothing is read through it.
+            _ => MutableBuffer::new(0).into(),
+        }
+    };
+    let validity = (!buffers[0].is_null()).then(|| buffer(buffers[0], end.div_ceil(8)));
+    let data = match t {
+        UdfType::Bool => vec![buffer(buffers[1], end.div_ceil(8))],
+        UdfType::Int32 | UdfType::Float32 | UdfType::Date32 => vec![buffer(buffers[1], end * 4)],
+        UdfType::Int64 | UdfType::UInt64 | UdfType::Float64 | UdfType::TimestampMicros => {
+            vec![buffer(buffers[1], end * 8)]
+        }
+        UdfType::Utf8 | UdfType::Binary => {
+            // The values run up to the last offset of the window (checked non-negative), as
+            // arrow's importer reads it; no values for no rows.
+            let values = if num_rows == 0 {
+                0
+            } else {
+                // SAFETY: the offsets buffer is non-null, aligned for i32 and holds
+                // `offset + num_rows + 1` offsets (checked, and the C Data Interface's promise).
+                let last = unsafe { buffers[1].cast::<i32>().add(end).read() };
+                last as usize
+            };
+            vec![
+                buffer(buffers[1], (end + 1) * 4),
+                buffer(buffers[2], values),
+            ]
+        }
+    };
+    // SAFETY: the layout of `t`'s Arrow type: the validity bitmap and data buffers it has, of
+    // the lengths its `offset + num_rows` slots need. Nothing reads the values before
+    // `validate_result` has validated them.
+    unsafe {
+        ArrayData::new_unchecked(
+            declared_type(t).clone(),
+            num_rows,
+            null_count,
+            validity,
+            offset,
+            data,
+            Vec::new(),
+        )
+    }
+}
+
 /// An invalid batch result, described.
 fn invalid(what: impl Into<String>) -> CallError {
     CallError::InvalidResult(what.into())
@@ -170,13 +513,19 @@ fn check_result_schema(schema: &FFI_ArrowSchema, declared: UdfType) -> Result<()
             "the result schema has no release callback (not filled in, or already released)",
         ));
     }
-    let format = read_format(schema.format)?;
+    let format = format_bytes(schema)?;
     let expected = c_format(declared);
-    if format != expected {
+    if format != expected.as_bytes() {
+        let found_format = String::from_utf8(format.to_vec()).map_err(|e| {
+            invalid(format!(
+                "the result schema's format is not UTF-8 (bytes {:?})",
+                e.as_bytes()
+            ))
+        })?;
         return Err(CallError::ResultType {
             declared,
             expected_format: expected,
-            found_format: format,
+            found_format,
         });
     }
     if schema.n_children != 0 {
@@ -193,8 +542,9 @@ fn check_result_schema(schema: &FFI_ArrowSchema, declared: UdfType) -> Result<()
     Ok(())
 }
 
-/// The format string of a schema, read with a bound.
-fn read_format(format: *const c_char) -> Result<String, CallError> {
+/// The bytes of a schema's format string (without the NUL), read with a bound.
+fn format_bytes(schema: &FFI_ArrowSchema) -> Result<&[u8], CallError> {
+    let format = schema.format;
     if format.is_null() {
         return Err(invalid("the result schema's format is a null pointer"));
     }
@@ -206,14 +556,9 @@ fn read_format(format: *const c_char) -> Result<String, CallError> {
             "the result schema's format is not NUL-terminated within {MAX_FORMAT_LEN} bytes"
         )));
     }
-    // SAFETY: `len` bytes before the NUL were just measured.
-    let bytes = unsafe { CStr::from_ptr(format) }.to_bytes();
-    String::from_utf8(bytes.to_vec()).map_err(|e| {
-        invalid(format!(
-            "the result schema's format is not UTF-8 (bytes {:?})",
-            e.as_bytes()
-        ))
-    })
+    // SAFETY: `len` bytes before the NUL were just measured; they live as long as the schema,
+    // which the returned slice borrows.
+    Ok(unsafe { CStr::from_ptr(format) }.to_bytes())
 }
 
 /// The buffers an array of `t` has in the C Data Interface, and the alignment each needs.
@@ -228,12 +573,13 @@ fn layout(t: UdfType) -> &'static [usize] {
     }
 }
 
-/// Checks every field of the result array before arrow reads it.
+/// Checks every field of the result array before arrow reads it; returns its buffer pointers
+/// (validity first, null where a layout has fewer buffers).
 fn check_result_array(
     array: &FFI_ArrowArray,
     declared: UdfType,
     num_rows: usize,
-) -> Result<(), CallError> {
+) -> Result<[*const c_void; 3], CallError> {
     if array.release.is_none() {
         return Err(invalid(
             "the result array has no release callback (not filled in, or already released)",
@@ -335,7 +681,7 @@ fn check_result_array(
             ));
         }
     }
-    Ok(())
+    Ok(pointers)
 }
 
 /// The schemas of a function's declared argument types, exported once when its library is
@@ -360,58 +706,6 @@ impl ArgSchemas {
     }
 }
 
-/// What a result array's `release` callback needs: the plugin's callback and private data, and
-/// the library that callback lives in.
-struct HeldRelease {
-    release: unsafe extern "C" fn(*mut FFI_ArrowArray),
-    private_data: *mut c_void,
-    _library: Arc<PluginLibrary>,
-}
-
-/// Makes `array` hold an `Arc` of `library` until it is released: its `release` callback becomes
-/// [`release_holding_library`], which calls the plugin's own and then lets the library go.
-fn hold_library(array: &mut FFI_ArrowArray, library: &Arc<PluginLibrary>) {
-    let Some(release) = array.release else {
-        return;
-    };
-    let held = Box::new(HeldRelease {
-        release,
-        private_data: array.private_data,
-        _library: Arc::clone(library),
-    });
-    array.private_data = Box::into_raw(held).cast();
-    array.release = Some(release_holding_library);
-}
-
-/// The `release` callback installed by [`hold_library`].
-///
-/// # Safety
-///
-/// `array` must be an array prepared by [`hold_library`] and not yet released (arrow calls it
-/// exactly once, when the last buffer of the imported array drops).
-unsafe extern "C" fn release_holding_library(array: *mut FFI_ArrowArray) {
-    if array.is_null() {
-        return;
-    }
-    // SAFETY: the caller passes the array being released, valid for reads and writes.
-    let array = unsafe { &mut *array };
-    if array.private_data.is_null() {
-        array.release = None;
-        return;
-    }
-    // SAFETY: `private_data` was set by `hold_library` from `Box::into_raw` and is taken back
-    // exactly once, here.
-    let held = unsafe { Box::from_raw(array.private_data.cast::<HeldRelease>()) };
-    array.private_data = held.private_data;
-    array.release = Some(held.release);
-    // SAFETY: the plugin's own callback, with the struct as the plugin filled it; the library is
-    // mapped (`held` holds it) until after the call.
-    unsafe { (held.release)(array) };
-    array.release = None;
-    // Last: this may unmap the library whose callback just returned.
-    drop(held);
-}
-
 /// The row path's NULL rules, applied to a batch result.
 ///
 /// * STRICT: a row with a NULL in an argument that does not take NULLs is NULL, whatever the
@@ -423,6 +717,11 @@ fn apply_null_rules(
     args: &[(ArrayRef, bool)],
     signature: &FunctionSignature,
 ) -> Result<ArrayRef, CallError> {
+    // Nothing to do without a NULL in sight (the usual case): no argument and no result row is
+    // NULL.
+    if result.logical_null_count() == 0 && args.iter().all(|(a, _)| a.logical_null_count() == 0) {
+        return Ok(result);
+    }
     let len = result.len();
     let mut strict = Vec::new();
     for ((array, scalar), &takes_null) in args.iter().zip(&signature.arg_nullable) {
@@ -522,6 +821,67 @@ mod tests {
         // SAFETY: the point is to build arrays that may be invalid; `validate_result` must only
         // read within the buffers, which hold `len + 1` offsets and the given values.
         unsafe { builder.build_unchecked() }
+    }
+
+    /// Arrays of every layout `export_argument` handles itself, sliced too, and some it leaves to
+    /// arrow's exporter (views, NULLs at another bit offset than the values).
+    fn arguments() -> Vec<ArrayRef> {
+        use datafusion::arrow::array::{
+            BinaryArray, Date32Array, Float32Array, Float64Array, Int32Array, Int64Array,
+            LargeBinaryArray, LargeStringArray, StringArray, StringViewArray,
+            TimestampMicrosecondArray, UInt64Array,
+        };
+        let ints = Int64Array::from(vec![Some(1), None, Some(3), Some(4), None]);
+        let bools = BooleanArray::from(vec![Some(true), None, Some(false), Some(true), None]);
+        let strings = StringArray::from(vec![Some("a"), None, Some("héllo"), Some(""), Some("z")]);
+        vec![
+            Arc::new(ints.clone()),
+            Arc::new(ints.slice(1, 3)),
+            Arc::new(ints.slice(2, 2)),
+            Arc::new(Int64Array::from(vec![5, 6, 7]).slice(1, 2)),
+            Arc::new(bools.clone()),
+            Arc::new(bools.slice(1, 3)),
+            Arc::new(BooleanArray::from(vec![true, false, true]).slice(1, 2)),
+            Arc::new(strings.clone()),
+            Arc::new(strings.slice(1, 3)),
+            Arc::new(StringArray::from(vec!["x", "yz", "w"]).slice(1, 2)),
+            Arc::new(LargeStringArray::from(vec![Some("x"), None, Some("yz")])),
+            Arc::new(StringViewArray::from(vec![
+                Some("x"),
+                None,
+                Some("a string longer than twelve bytes"),
+            ])),
+            Arc::new(BinaryArray::from(vec![Some(&b"ab"[..]), None, Some(b"")])),
+            Arc::new(LargeBinaryArray::from(vec![&b"ab"[..], b"c"]).slice(1, 1)),
+            Arc::new(Int32Array::from(vec![Some(-1), None])),
+            Arc::new(UInt64Array::from(vec![u64::MAX, 0])),
+            Arc::new(Float32Array::from(vec![1.5, f32::NAN])),
+            Arc::new(Float64Array::from(vec![Some(2.5), None])),
+            Arc::new(Date32Array::from(vec![19_000, -1])),
+            Arc::new(TimestampMicrosecondArray::from(vec![Some(1), None]).with_timezone("UTC")),
+            Arc::new(Int64Array::from(Vec::<i64>::new())),
+            Arc::new(StringArray::from(Vec::<&str>::new())),
+        ]
+    }
+
+    #[test]
+    fn exported_arguments_import_as_the_same_arrays() {
+        for array in arguments() {
+            let exported = export_argument(&array);
+            assert!(exported.release.is_some());
+            // SAFETY: `export_argument` exports a valid array of `array`'s type.
+            let data = unsafe {
+                datafusion::arrow::ffi::from_ffi_and_data_type(exported, array.data_type().clone())
+            }
+            .unwrap();
+            data.validate_full().unwrap();
+            assert_eq!(data, array.to_data(), "{array:?}");
+            // The import shares the buffers: they outlive the original array.
+            let imported = make_array(data);
+            let expected = array.to_data();
+            drop(array);
+            assert_eq!(imported.to_data(), expected);
+        }
     }
 
     #[test]

@@ -487,6 +487,8 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
         const _: () = {
             static __UDF_ARG_TYPES: [u32; #count] =
                 [#(<#static_types as ::udf_abi::export::UdfArgType>::TYPE.tag()),*];
+            static __UDF_ARG_KINDS: [::udf_abi::v2::UdfType; #count] =
+                [#(<#static_types as ::udf_abi::export::UdfArgType>::TYPE),*];
             static __UDF_ARG_NULLABLE: [u8; #count] =
                 [#(<#static_types as ::udf_abi::export::UdfArgType>::NULLABLE as u8),*];
             static __UDF_BYTES_PER_ROW: ::udf_abi::export::batch::BytesPerRow =
@@ -538,8 +540,19 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                 // `udf_abi::export::batch::call_batch`.
                 unsafe {
                     ::udf_abi::export::batch::call_batch(
-                        args, schemas, is_scalar, args_len, #count, num_rows, out, out_schema, error,
-                        __udf_fast, &__udf_slow,
+                        args,
+                        schemas,
+                        is_scalar,
+                        args_len,
+                        &__UDF_ARG_KINDS,
+                        <<#static_return as ::udf_abi::export::IntoUdfResult>::Value
+                            as ::udf_abi::export::UdfReturnType>::TYPE,
+                        num_rows,
+                        out,
+                        out_schema,
+                        error,
+                        __udf_fast,
+                        &__udf_slow,
                     )
                 }
             }
