@@ -1,8 +1,11 @@
 //! Shared setup of the benchmarks: the data, the plugin libraries (built in release by the bench
 //! itself), sessions with each variant of a function registered under its own name, and the
-//! "static" versions: the same Rust functions as ordinary, statically linked ScalarUDFs.
-#![forbid(unsafe_code)]
+//! "static" versions: the same Rust functions as ordinary, statically linked ScalarUDFs; and the
+//! `datafusion-ffi` peer of the plain plugin (`dffi`).
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)] // `dlopen` of the datafusion-ffi peer: its symbols, called with their types
+pub mod dffi;
 pub mod opbench;
 pub mod plain;
 
@@ -80,18 +83,23 @@ fn schema() -> Arc<Schema> {
     ]))
 }
 
-/// `target/<profile>` of the running bench binary.
+/// `target/<profile>` of the running binary: a bench or test target runs from
+/// `target/<profile>/deps`, a `[[bin]]` (`cargo run --bin opbench`) from `target/<profile>`.
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .to_path_buf()
+    let dir = exe.parent().expect("target/<profile>");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>/deps")
+    } else {
+        dir
+    }
+    .to_path_buf()
 }
 
 /// Builds the plugin libraries with the bench's profile (release) once, and returns the path of
-/// `libudf_plugin_<name>.so`.
-pub fn plugin(name: &str) -> PathBuf {
+/// the library of package `package` (`lib<package>.so`, dashes as underscores).
+pub fn built(package: &str) -> PathBuf {
+    let name = package;
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let profile = profile_dir();
@@ -106,8 +114,12 @@ pub fn plugin(name: &str) -> PathBuf {
             .to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
         let mut cmd = Command::new(cargo);
+        // `udf-benches` itself (its library, built already) among the packages, so that the
+        // features of the dependencies the `datafusion-ffi` peer shares with it (DataFusion, tokio,
+        // ...) are unified the same way as for the running binary, whose build they reuse: built
+        // alone, the peer would resolve other features and compile DataFusion a second time.
         cmd.current_dir(&root)
-            .args(["build", "--target-dir"])
+            .args(["build", "--lib", "-p", "udf-benches", "--target-dir"])
             .arg(&target);
         if profile.file_name().is_some_and(|n| n != "debug") {
             cmd.arg("--release");
@@ -123,6 +135,9 @@ pub fn plugin(name: &str) -> PathBuf {
         ] {
             cmd.args(["-p", &format!("udf-plugin-{p}")]);
         }
+        // The datafusion-ffi peer is no udfsql plugin: its name keeps it out of the example
+        // plugin directory (`libudf_plugin_*`).
+        cmd.args(["-p", "udf-bench-dffi-peer"]);
         assert!(
             cmd.status().expect("cargo build").success(),
             "building the plugins failed"
@@ -130,11 +145,17 @@ pub fn plugin(name: &str) -> PathBuf {
         profile
     });
     dir.join(format!(
-        "{}udf_plugin_{}{}",
+        "{}{}{}",
         std::env::consts::DLL_PREFIX,
         name.replace('-', "_"),
         std::env::consts::DLL_SUFFIX
     ))
+}
+
+/// Builds the plugin libraries (see [`built`]) and returns the path of
+/// `libudf_plugin_<name>.so`.
+pub fn plugin(name: &str) -> PathBuf {
+    built(&format!("udf-plugin-{name}"))
 }
 
 /// A session over the benchmark table `t` (in `target_partitions` partitions, so that the scan
@@ -146,7 +167,9 @@ pub fn plugin(name: &str) -> PathBuf {
 /// `<f>_static` for `sq`, `bang`, `rev`, `shout_plain`, `maybe_rev`, `rev_bytes` and
 /// `checked_rev`; and the seed-contract (ABI v1, row entrypoint only) plugins
 /// `seed_square_row` (`udf-plugins/seed-square`) and `v1_repeat_row` (`udf-plugins/repeat`), with
-/// `v1_repeat_static` (the static for `seed_square_row` is `square_static`).
+/// `v1_repeat_static` (the static for `seed_square_row` is `square_static`); and the
+/// `datafusion-ffi` peer (`benches/dffi-peer`, see [`dffi`]): `sq_dffi`, `bang_dffi`,
+/// `rev_dffi` and `shout_plain_dffi`.
 pub fn session(target_partitions: usize) -> SessionContext {
     let config = SessionConfig::new()
         .with_target_partitions(target_partitions)
@@ -190,6 +213,7 @@ pub fn session(target_partitions: usize) -> SessionContext {
         Kind::Repeat,
     )));
     register_plain(&ctx);
+    dffi::register(&ctx);
     ctx
 }
 

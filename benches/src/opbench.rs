@@ -2,7 +2,9 @@
 //! SELECT f(args) AS y FROM t` over the 1,048,576-row benchmark table, reading DataFusion's
 //! `elapsed_compute` of the `ProjectionExec` that calls the function (CPU time summed over the
 //! partitions); beside it the whole query's wall time (`ctx.sql(..).collect()`); and the peak RSS
-//! a query adds, each variant in a child process of its own.
+//! a query adds, each variant in a child process of its own. The variants: the nearest builtin,
+//! the plugin's body linked statically, the plugin's batch and row paths, and (for `sq`, `bang`,
+//! `rev` and `shout_plain`) the same body exported through DataFusion's own FFI (`dffi`).
 //!
 //! Run by `cargo bench -p udf-benches --bench opbench` (the `bench` profile, sharing its build
 //! with the criterion benches) or `cargo run --release -p udf-benches --bin opbench`. Options:
@@ -20,8 +22,9 @@ use datafusion::prelude::SessionContext;
 
 use crate::{BATCH, ROWS, session};
 
-/// The variants, in the order of the tables.
-pub const VARIANTS: [&str; 4] = ["builtin", "static", "batch", "row"];
+/// The variants, in the order of the tables: `dffi` is the plain plugin's body exported through
+/// DataFusion's own FFI (`datafusion-ffi`, see [`crate::dffi`]).
+pub const VARIANTS: [&str; 5] = ["builtin", "static", "batch", "row", "dffi"];
 
 /// One function and its variants: the SQL expression of each (`None`: the variant does not
 /// exist, e.g. the batch path of an ABI v1 plugin).
@@ -31,8 +34,8 @@ pub struct Case {
     pub id: &'static str,
     /// What is measured, for the table.
     pub label: &'static str,
-    /// `builtin`, `static`, `batch`, `row`.
-    pub exprs: [Option<&'static str>; 4],
+    /// `builtin`, `static`, `batch`, `row`, `dffi`.
+    pub exprs: [Option<&'static str>; 5],
 }
 
 /// The cases: the seed-contract plugins, the plain `#[udf]` functions, and the toolbox's tuned
@@ -46,6 +49,7 @@ pub const CASES: [Case; 10] = [
             Some("square_static(x)"),
             None,
             Some("seed_square_row(x)"),
+            None,
         ],
     },
     Case {
@@ -56,6 +60,7 @@ pub const CASES: [Case; 10] = [
             Some("v1_repeat_static(name, arrow_cast(3, 'UInt64'))"),
             None,
             Some("v1_repeat_row(name, 3)"),
+            None,
         ],
     },
     Case {
@@ -66,6 +71,7 @@ pub const CASES: [Case; 10] = [
             Some("sq_static(x)"),
             Some("sq_batch(x)"),
             Some("sq_row(x)"),
+            Some("sq_dffi(x)"),
         ],
     },
     Case {
@@ -76,6 +82,7 @@ pub const CASES: [Case; 10] = [
             Some("bang_static(name)"),
             Some("bang_batch(name)"),
             Some("bang_row(name)"),
+            Some("bang_dffi(name)"),
         ],
     },
     Case {
@@ -86,6 +93,7 @@ pub const CASES: [Case; 10] = [
             Some("rev_static(name)"),
             Some("rev_batch(name)"),
             Some("rev_row(name)"),
+            Some("rev_dffi(name)"),
         ],
     },
     Case {
@@ -96,6 +104,7 @@ pub const CASES: [Case; 10] = [
             Some("shout_plain_static(name)"),
             Some("shout_plain_batch(name)"),
             Some("shout_plain_row(name)"),
+            Some("shout_plain_dffi(name)"),
         ],
     },
     Case {
@@ -106,6 +115,7 @@ pub const CASES: [Case; 10] = [
             Some("maybe_rev_static(name)"),
             Some("maybe_rev_batch(name)"),
             Some("maybe_rev_row(name)"),
+            None,
         ],
     },
     Case {
@@ -117,6 +127,7 @@ pub const CASES: [Case; 10] = [
             Some("rev_bytes_static(b)"),
             Some("rev_bytes_batch(b)"),
             Some("rev_bytes_row(b)"),
+            None,
         ],
     },
     Case {
@@ -127,6 +138,7 @@ pub const CASES: [Case; 10] = [
             Some("checked_rev_static(name)"),
             Some("checked_rev_batch(name)"),
             Some("checked_rev_row(name)"),
+            None,
         ],
     },
     Case {
@@ -137,6 +149,7 @@ pub const CASES: [Case; 10] = [
             Some("repeat_static(name, arrow_cast(3, 'UInt64'))"),
             Some("repeat_batch(name, 3)"),
             Some("repeat_row(name, 3)"),
+            None,
         ],
     },
 ];
@@ -310,8 +323,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Spawns `--rss` children for every variant of `case`; `None` where the variant does not exist
 /// or the child failed (reported on stderr).
-fn rss_of(case: &Case) -> [Option<u64>; 4] {
-    let mut out = [None; 4];
+fn rss_of(case: &Case) -> [Option<u64>; 5] {
+    let mut out = [None; 5];
     let Ok(exe) = std::env::current_exe() else {
         eprintln!("opbench: no current_exe; skipping RSS");
         return out;
@@ -383,7 +396,7 @@ async fn check(ctx: &SessionContext, cases: &[&Case]) -> Result<()> {
     for case in cases {
         let mut expected: Option<(&str, ArrayRef)> = None;
         // Static first: the reference.
-        for i in [1, 0, 2, 3] {
+        for i in [1, 0, 2, 3, 4] {
             let Some(expr) = case.exprs[i] else { continue };
             let batches = ctx.sql(&query(expr)).await?.collect().await?;
             let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(0).as_ref()).collect();
@@ -408,8 +421,8 @@ async fn check(ctx: &SessionContext, cases: &[&Case]) -> Result<()> {
 /// Measured medians of one case: operator level and wall time, per variant, in nanoseconds.
 #[derive(Debug)]
 struct Measured {
-    op: [Vec<f64>; 4],
-    wall: [Vec<f64>; 4],
+    op: [Vec<f64>; 5],
+    wall: [Vec<f64>; 5],
 }
 
 /// The measurement: prints the markdown tables to stdout.
@@ -449,7 +462,9 @@ pub fn run(
         // Round 0 warms up (allocator, caches, each function's bytes-per-row sizing); not kept.
         for round in 0..=rounds {
             for (case, m) in cases.iter().zip(measured.iter_mut()) {
-                let present: Vec<usize> = (0..4).filter(|&i| case.exprs[i].is_some()).collect();
+                let present: Vec<usize> = (0..VARIANTS.len())
+                    .filter(|&i| case.exprs[i].is_some())
+                    .collect();
                 // Alternate the variants, starting each round at another one.
                 for k in 0..present.len() {
                     let i = present[(k + round) % present.len()];
@@ -476,31 +491,38 @@ pub fn run(
     );
     println!();
     println!(
-        "| case | builtin used | builtin | static | batch | row | static / builtin \
-         | batch / builtin | batch / static | row / builtin | (batch − static) per batch \
-         | (row − static) per row |"
+        "| case | builtin used | builtin | static | batch | row | dffi | static / builtin \
+         | batch / builtin | batch / static | row / builtin | dffi / builtin | dffi / static \
+         | (batch − static) per batch | (dffi − static) per batch | (row − static) per row |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (case, m) in cases.iter().zip(&measured) {
         let med: Vec<Option<f64>> = m.op.iter().map(|s| median(s)).collect();
-        let (builtin, stat, batch, row) = (med[0], med[1], med[2], med[3]);
-        let [o_builtin, o_static, o_batch, o_row] = &m.op;
-        let per_batch = paired(o_batch, o_static, |b, s| (b - s) / batches as f64 / 1e3)
-            .map_or("—".into(), |us| format!("{us:.2} µs"));
+        let [o_builtin, o_static, o_batch, o_row, o_dffi] = &m.op;
+        let per_batch = |o: &[f64]| {
+            paired(o, o_static, |b, s| (b - s) / batches as f64 / 1e3)
+                .map_or("—".into(), |us| format!("{us:.2} µs"))
+        };
         let per_row = paired(o_row, o_static, |r, s| (r - s) / ROWS as f64)
             .map_or("—".into(), |ns| format!("{ns:.1} ns"));
         println!(
-            "| {} | `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {per_batch} | {per_row} |",
+            "| {} | `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} \
+             | {per_row} |",
             case.label,
             case.exprs[0].unwrap_or("—"),
-            ms(builtin),
-            ms(stat),
-            ms(batch),
-            ms(row),
+            ms(med[0]),
+            ms(med[1]),
+            ms(med[2]),
+            ms(med[3]),
+            ms(med[4]),
             paired_ratio(o_static, o_builtin),
             paired_ratio(o_batch, o_builtin),
             paired_ratio(o_batch, o_static),
             paired_ratio(o_row, o_builtin),
+            paired_ratio(o_dffi, o_builtin),
+            paired_ratio(o_dffi, o_static),
+            per_batch(o_batch),
+            per_batch(o_dffi),
         );
     }
 
@@ -511,30 +533,34 @@ pub fn run(
     );
     println!();
     println!(
-        "| case | builtin | static | batch | row | batch / builtin | batch / static | row / builtin |"
+        "| case | builtin | static | batch | row | dffi | batch / builtin | batch / static \
+         | row / builtin | dffi / builtin | dffi / static |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (case, m) in cases.iter().zip(&measured) {
         let med: Vec<Option<f64>> = m.wall.iter().map(|s| median(s)).collect();
-        let [builtin, stat, batch, row] = &m.wall;
+        let [builtin, stat, batch, row, dffi] = &m.wall;
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             case.label,
             ms(med[0]),
             ms(med[1]),
             ms(med[2]),
             ms(med[3]),
+            ms(med[4]),
             paired_ratio(batch, builtin),
             paired_ratio(batch, stat),
             paired_ratio(row, builtin),
+            paired_ratio(dffi, builtin),
+            paired_ratio(dffi, stat),
         );
     }
 
     println!();
     println!("Spread of the operator-level samples (min–max, ms):");
     println!();
-    println!("| case | builtin | static | batch | row |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| case | builtin | static | batch | row | dffi |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for (case, m) in cases.iter().zip(&measured) {
         let spread = |s: &Vec<f64>| {
             let min = s.iter().copied().fold(f64::INFINITY, f64::min);
@@ -546,12 +572,13 @@ pub fn run(
             }
         };
         println!(
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             case.id,
             spread(&m.op[0]),
             spread(&m.op[1]),
             spread(&m.op[2]),
             spread(&m.op[3]),
+            spread(&m.op[4]),
         );
     }
     if samples {
@@ -580,22 +607,27 @@ pub fn run(
              minus VmRSS before, VmHWM reset first; one child process per variant), MiB."
         );
         println!();
-        println!("| case | builtin | static | batch | row | batch / builtin | row / builtin |");
-        println!("|---|---:|---:|---:|---:|---:|---:|");
+        println!(
+            "| case | builtin | static | batch | row | dffi | batch / builtin | row / builtin \
+             | dffi / builtin |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for case in &cases {
             let kib = rss_of(case);
             let f = |k: Option<u64>| k.map(|k| k as f64);
             let mib =
                 |k: Option<u64>| k.map_or("—".into(), |k| format!("{:.1}", k as f64 / 1024.0));
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 case.label,
                 mib(kib[0]),
                 mib(kib[1]),
                 mib(kib[2]),
                 mib(kib[3]),
+                mib(kib[4]),
                 ratio(f(kib[2]), f(kib[0])),
                 ratio(f(kib[3]), f(kib[0])),
+                ratio(f(kib[4]), f(kib[0])),
             );
         }
     }
