@@ -39,7 +39,7 @@ use udf_abi::v2::{UdfOwnedBytes, UdfType};
 
 use super::{Entrypoints, FunctionSignature, PluginFunction, PluginLibrary, check_status};
 use crate::error::CallError;
-use crate::types::{arrow_type, c_format, is_readable};
+use crate::types::{arrow_type, c_format};
 
 /// The longest result format string read, in bytes (the longest valid one is `tsu:UTC`).
 const MAX_FORMAT_LEN: usize = 64;
@@ -71,12 +71,9 @@ impl PluginFunction {
             Entrypoints::V1(_) => return Err(CallError::NoBatchEntrypoint),
         };
         let signature = self.signature();
-        if args.len() != signature.arg_types.len() {
-            return Err(CallError::ArgumentCount {
-                expected: signature.arg_types.len(),
-                found: args.len(),
-            });
-        }
+        // The ABI promises the plugin arrays of the declared types, of `num_rows` rows (one for
+        // a scalar).
+        super::check_arguments(signature, args, num_rows)?;
         let mut arrays = Slots::<FFI_ArrowArray>::new(args.len());
         let mut scalar_flags = Slots::<u8>::new(args.len());
         let mut canonical = true;
@@ -84,28 +81,10 @@ impl PluginFunction {
             .as_mut_slice()
             .iter_mut()
             .zip(scalar_flags.as_mut_slice());
-        for (index, (((array, scalar), &param), (slot, flag))) in
-            args.iter().zip(&signature.arg_types).zip(slots).enumerate()
+        for (((array, scalar), &param), (slot, flag)) in
+            args.iter().zip(&signature.arg_types).zip(slots)
         {
-            // The ABI promises the plugin arrays of the declared type, of `num_rows` rows (one
-            // for a scalar).
-            let is_declared = array.data_type() == declared_type(param);
-            if !is_declared && !is_readable(array.data_type(), param) {
-                return Err(CallError::ArgumentType {
-                    index,
-                    expected: param,
-                    found: "an array of another type",
-                });
-            }
-            let rows = if *scalar { 1 } else { num_rows };
-            if array.len() != rows {
-                return Err(CallError::ArgumentRows {
-                    index,
-                    expected: rows,
-                    found: array.len(),
-                });
-            }
-            canonical &= is_declared;
+            canonical &= array.data_type() == declared_type(param);
             *slot = export_argument(array);
             *flag = u8::from(*scalar);
         }
