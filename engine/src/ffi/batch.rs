@@ -28,7 +28,7 @@ use std::ptr::NonNull;
 use std::sync::{Arc, OnceLock};
 
 use datafusion::arrow::array::{Array, ArrayData, ArrayRef, AsArray, BooleanArray, make_array};
-use datafusion::arrow::buffer::{Buffer, MutableBuffer, NullBuffer};
+use datafusion::arrow::buffer::{Buffer, MutableBuffer};
 use datafusion::arrow::datatypes::{
     ArrowPrimitiveType, BinaryType, ByteArrayType, DataType, Date32Type, Float32Type, Float64Type,
     Int32Type, Int64Type, LargeBinaryType, LargeUtf8Type, TimeUnit, TimestampMicrosecondType,
@@ -701,25 +701,15 @@ fn apply_null_rules(
     if result.logical_null_count() == 0 && args.iter().all(|(a, _)| a.logical_null_count() == 0) {
         return Ok(result);
     }
-    let len = result.len();
-    let mut strict = Vec::new();
-    for ((array, scalar), &takes_null) in args.iter().zip(&signature.arg_nullable) {
-        if takes_null {
-            continue;
+    let strict = match super::strict_rows(signature, args) {
+        super::Strict::AllNull => {
+            return Ok(datafusion::arrow::array::new_null_array(
+                result.data_type(),
+                result.len(),
+            ));
         }
-        if *scalar {
-            if array.is_null(0) {
-                return Ok(datafusion::arrow::array::new_null_array(
-                    result.data_type(),
-                    len,
-                ));
-            }
-        } else if let Some(nulls) = array.logical_nulls().filter(|n| n.null_count() > 0) {
-            strict.push(nulls);
-        }
-    }
-    // Rows where some argument that does not take NULLs is NULL.
-    let strict = NullBuffer::union_many(strict.iter().map(Some));
+        super::Strict::Rows(rows) => rows,
+    };
     if !signature.return_nullable
         && let Some(result_nulls) = result.logical_nulls().filter(|n| n.null_count() > 0)
     {

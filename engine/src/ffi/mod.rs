@@ -961,3 +961,35 @@ fn check_arguments(
     }
     Ok(())
 }
+
+/// The rows the STRICT rule lets a function compute: a row with a NULL in an argument that does
+/// not take NULLs is NULL without a call (the row path) or whatever the plugin wrote (the batch
+/// path, which masks it).
+enum Strict {
+    /// A constant argument that does not take NULLs is NULL: every row is NULL.
+    AllNull,
+    /// The rows to compute as the valid bits; `None` when that is every row.
+    Rows(Option<datafusion::arrow::buffer::NullBuffer>),
+}
+
+fn strict_rows(
+    signature: &FunctionSignature,
+    args: &[(datafusion::arrow::array::ArrayRef, bool)],
+) -> Strict {
+    let mut nulls = Vec::new();
+    for ((array, scalar), &takes_null) in args.iter().zip(&signature.arg_nullable) {
+        if takes_null {
+            continue;
+        }
+        if *scalar {
+            if array.is_null(0) {
+                return Strict::AllNull;
+            }
+        } else if let Some(n) = array.logical_nulls().filter(|n| n.null_count() > 0) {
+            nulls.push(n);
+        }
+    }
+    Strict::Rows(datafusion::arrow::buffer::NullBuffer::union_many(
+        nulls.iter().map(Some),
+    ))
+}

@@ -62,21 +62,12 @@ impl PluginFunction {
         let signature = self.signature();
         super::check_arguments(signature, args, num_rows)?;
         let return_type = signature.return_type;
-        // STRICT: the rows where an argument that does not take NULLs is NULL.
-        let mut strict = Vec::new();
-        for ((array, scalar), &takes_null) in args.iter().zip(&signature.arg_nullable) {
-            if takes_null {
-                continue;
+        let strict = match super::strict_rows(signature, args) {
+            super::Strict::AllNull => {
+                return Ok(new_null_array(&arrow_type(return_type), num_rows));
             }
-            if *scalar {
-                if array.is_null(0) {
-                    return Ok(new_null_array(&arrow_type(return_type), num_rows));
-                }
-            } else if let Some(nulls) = array.logical_nulls().filter(|n| n.null_count() > 0) {
-                strict.push(nulls);
-            }
-        }
-        let strict = NullBuffer::union_many(strict.iter().map(Some));
+            super::Strict::Rows(rows) => rows,
+        };
         let columns = args
             .iter()
             .zip(&signature.arg_nullable)
