@@ -533,3 +533,38 @@ fn v1_row_calls_cross_chunks_with_constants_nulls_and_nul_bytes() {
         "{e}"
     );
 }
+
+/// Sliced arguments (non-zero offsets, as after a filter or a LIMIT) read the right rows on both
+/// paths, across the row path's 256-row chunks.
+#[test]
+fn sliced_arguments_read_the_right_rows_on_both_paths() {
+    let xs: Vec<Option<i64>> = (0..900)
+        .map(|i| (i % 5 != 2).then_some(i as i64 - 400))
+        .collect();
+    let ss: Vec<Option<String>> = (0..900)
+        .map(|i| (i % 7 != 3).then(|| format!("v{i}é")))
+        .collect();
+    let ints: ArrayRef = Arc::new(Int64Array::from(xs.clone()));
+    let strings: ArrayRef = Arc::new(StringArray::from(ss.clone()));
+    let (offset, len) = (37, 600);
+    let squares: Int64Array = xs[offset..offset + len]
+        .iter()
+        .map(|x| x.map(|v| v.wrapping_mul(v)))
+        .collect();
+    check(
+        "square",
+        vec![ints.slice(offset, len)],
+        DataType::Int64,
+        Ok(Arc::new(squares)),
+    );
+    let lens: UInt64Array = ss[offset..offset + len]
+        .iter()
+        .map(|s| s.as_ref().map(|s| s.chars().count() as u64))
+        .collect();
+    check(
+        "str_len",
+        vec![strings.slice(offset, len)],
+        DataType::UInt64,
+        Ok(Arc::new(lens)),
+    );
+}
