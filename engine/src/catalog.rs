@@ -35,6 +35,8 @@ pub struct PluginFunctionInfo {
     pub volatility: String,
     /// `batch` (Arrow C Data Interface, once per batch) or `row` (once per row).
     pub call_path: String,
+    /// `process` (evaluated by worker processes) or `none` (in this process).
+    pub isolation: String,
 }
 
 fn volatility_name(v: Volatility) -> &'static str {
@@ -60,6 +62,7 @@ pub fn plugin_functions_of(functions: &HashMap<String, Arc<ScalarUDF>>) -> Vec<P
                 abi: plugin.function().library().abi().to_string(),
                 volatility: volatility_name(plugin.volatility()).to_string(),
                 call_path: plugin.call_path().to_string(),
+                isolation: plugin.isolation_mode().to_string(),
             })
         })
         .collect();
@@ -80,7 +83,7 @@ pub struct PluginFunctionsTable {
 
 impl PluginFunctionsTable {
     /// The table's columns: `name, signature, library_function, library, abi, volatility,
-    /// call_path`.
+    /// call_path, isolation`.
     pub fn new() -> Self {
         let field = |name| Field::new(name, DataType::Utf8, false);
         PluginFunctionsTable {
@@ -92,6 +95,7 @@ impl PluginFunctionsTable {
                 field("abi"),
                 field("volatility"),
                 field("call_path"),
+                field("isolation"),
             ])),
         }
     }
@@ -134,6 +138,7 @@ impl TableProvider for PluginFunctionsTable {
                 column(|i| &i.abi),
                 column(|i| &i.volatility),
                 column(|i| &i.call_path),
+                column(|i| &i.isolation),
             ],
         )?;
         Ok(MemorySourceConfig::try_new_exec(

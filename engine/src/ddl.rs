@@ -21,6 +21,7 @@ use udf_abi::v2::UdfType;
 
 use crate::error::LoadError;
 use crate::ffi::{FunctionSignature, PluginFunction, PluginLibrary};
+use crate::isolation::{Isolation, WorkerLimits, WorkerPool};
 use crate::trust::{
     DigestParseError, InsecurePath, Sha256Digest, check_not_writable_by_others, check_pin,
 };
@@ -160,6 +161,8 @@ pub struct PluginLoader {
     dirs: Vec<PathBuf>,
     sql_loading_disabled: bool,
     libraries: Mutex<HashMap<PathBuf, Weak<PluginLibrary>>>,
+    isolation: Isolation,
+    worker_limits: WorkerLimits,
 }
 
 impl PluginLoader {
@@ -196,6 +199,42 @@ impl PluginLoader {
             self.dirs.push(dir);
         }
         Ok(self)
+    }
+
+    /// How libraries are evaluated when nothing else is said: [`register_loaded`](Self::register_loaded)
+    /// and `CREATE FUNCTION` without `#isolation=` use it. [`Isolation::Process`] also sets the
+    /// limits SQL's `#isolation=process` uses.
+    pub fn with_isolation(mut self, isolation: Isolation) -> Self {
+        if let Isolation::Process(limits) = &isolation {
+            self.worker_limits = limits.clone();
+        }
+        self.isolation = isolation;
+        self
+    }
+
+    /// The limits of isolated workers (for `#isolation=process` in SQL, and the default mode if
+    /// it is process isolation).
+    pub fn with_worker_limits(mut self, limits: WorkerLimits) -> Self {
+        if let Isolation::Process(l) = &mut self.isolation {
+            *l = limits.clone();
+        }
+        self.worker_limits = limits;
+        self
+    }
+
+    /// The default isolation.
+    pub fn isolation(&self) -> &Isolation {
+        &self.isolation
+    }
+
+    /// The isolation for a library whose statement says `isolate` (`#isolation=process` is
+    /// `Some(true)`, `#isolation=none` `Some(false)`, nothing `None`: the default).
+    pub fn isolation_for(&self, isolate: Option<bool>) -> Isolation {
+        match isolate {
+            None => self.isolation.clone(),
+            Some(true) => Isolation::Process(self.worker_limits.clone()),
+            Some(false) => Isolation::InProcess,
+        }
     }
 
     /// Refuses every load from SQL, whatever the directories.
@@ -387,7 +426,12 @@ impl PluginFunctionFactory {
                 .map_err(|e| DdlError::Interrupted(e.to_string()))??,
             Err(_) => load()?,
         };
-        let udf = Arc::new(ScalarUDF::new_from_impl(prepared.finish(stmt, &library)?));
+        let isolation = self.loader.isolation_for(prepared.target.isolate);
+        let pool =
+            crate::register::worker_pool(&library, &isolation, state.config().target_partitions())?;
+        let udf = Arc::new(ScalarUDF::new_from_impl(
+            prepared.finish(stmt, &library, pool)?,
+        ));
         if let Some(live) = live.or_else(|| self.session.as_ref().and_then(Weak::upgrade)) {
             let mut state = live.write();
             if !stmt.or_replace && state.scalar_functions().contains_key(udf.name()) {
@@ -456,6 +500,7 @@ impl Prepared {
         self,
         stmt: &CreateFunction,
         library: &Arc<PluginLibrary>,
+        pool: Option<Arc<WorkerPool>>,
     ) -> Result<PluginUdf, DdlError> {
         let Prepared { name, target } = self;
         let function = pick_function(library, &name, target.function.as_deref())?;
@@ -470,15 +515,21 @@ impl Prepared {
             library = %library.path().display(),
             sha256 = %library.sha256(),
             pinned = target.sha256.is_some(),
+            isolated = pool.is_some(),
             "CREATE FUNCTION from plugin library"
         );
-        Ok(PluginUdf::new(name, function, volatility))
+        let udf = PluginUdf::new(name, function, volatility);
+        Ok(match pool {
+            Some(pool) => udf.with_worker_pool(pool),
+            None => udf,
+        })
     }
 }
 
 /// What `AS '...'` names: a library, then optionally, each after a `#`, one of its functions and a
-/// SHA-256 pin, in either order: `'libtoolbox.so#add_days'`,
-/// `'libtoolbox.so#add_days#sha256=9f86d0…'`, `'librepeat.so#sha256=9f86d0…'`.
+/// SHA-256 pin and an isolation mode, in any order: `'libtoolbox.so#add_days'`,
+/// `'libtoolbox.so#add_days#sha256=9f86d0…'`, `'librepeat.so#sha256=9f86d0…'`,
+/// `'librepeat.so#isolation=process'`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LibraryTarget {
     /// The library path as written.
@@ -487,10 +538,13 @@ pub struct LibraryTarget {
     pub function: Option<String>,
     /// The pinned SHA-256 digest of the library file, if given.
     pub sha256: Option<Sha256Digest>,
+    /// `#isolation=process` (`Some(true)`) or `#isolation=none` (`Some(false)`), if given.
+    pub isolate: Option<bool>,
 }
 
 impl LibraryTarget {
-    /// Parses `path[#function][#sha256=HEX]`; the error says what is wrong.
+    /// Parses `path[#function][#sha256=HEX][#isolation=process|none]`; the error says what is
+    /// wrong.
     pub fn parse(text: &str) -> Result<LibraryTarget, String> {
         let mut parts = text.split('#');
         let path = parts.next().unwrap_or_default();
@@ -501,12 +555,29 @@ impl LibraryTarget {
             path: path.to_string(),
             function: None,
             sha256: None,
+            isolate: None,
         };
         for part in parts {
             if let Some((key, value)) = part.split_once('=') {
+                if key.eq_ignore_ascii_case("isolation") {
+                    if target.isolate.is_some() {
+                        return Err("isolation is given twice".to_string());
+                    }
+                    target.isolate = Some(match value.to_ascii_lowercase().as_str() {
+                        "process" => true,
+                        "none" => false,
+                        _ => {
+                            return Err(format!(
+                                "isolation={value}: write isolation=process or isolation=none"
+                            ));
+                        }
+                    });
+                    continue;
+                }
                 if !key.eq_ignore_ascii_case("sha256") {
                     return Err(format!(
-                        "unknown option '{key}' (after '#' come a function name and sha256=<digest>)"
+                        "unknown option '{key}' (after '#' come a function name, sha256=<digest> \
+                         and isolation=process|none)"
                     ));
                 }
                 if target.sha256.is_some() {

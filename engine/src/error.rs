@@ -100,6 +100,14 @@ pub enum LoadError {
         /// The host's major version.
         expected_major: u32,
     },
+    /// The library was to be isolated, but its worker processes cannot run.
+    #[error("plugin library {path} cannot be isolated: {reason}")]
+    Isolation {
+        /// The library's path.
+        path: PathBuf,
+        /// Why (the worker program is missing, a limit is zero).
+        reason: String,
+    },
     /// The library's metadata is malformed.
     #[error("plugin library {path}: invalid metadata from `{symbol}`: {reason}")]
     InvalidMetadata {
@@ -125,6 +133,7 @@ impl LoadError {
             | LoadError::Open { path, .. }
             | LoadError::MissingSymbol { path, .. }
             | LoadError::AbiMismatch { path, .. }
+            | LoadError::Isolation { path, .. }
             | LoadError::InvalidMetadata { path, .. } => path,
         }
     }

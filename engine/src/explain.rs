@@ -96,9 +96,21 @@ pub fn plugin_calls_line(plan: &LogicalPlan) -> Result<Option<String>> {
                         || library.path().display().to_string(),
                         |n| n.to_string_lossy().into_owned(),
                     );
+                    let isolation = match udf.worker_pool() {
+                        Some(pool) => format!(
+                            ", isolated in worker processes (pool of {}, call time limit {} s)",
+                            pool.size(),
+                            pool.call_timeout().as_secs_f64()
+                        ),
+                        None => String::new(),
+                    };
                     found.insert(
                         f.func.name().to_string(),
-                        format!("{} path, {file} (ABI {})", udf.call_path(), library.abi()),
+                        format!(
+                            "{} path{isolation}, {file} (ABI {})",
+                            udf.call_path(),
+                            library.abi()
+                        ),
                     );
                 }
                 Ok(TreeNodeRecursion::Continue)

@@ -25,6 +25,7 @@ mod error;
 mod explain;
 #[allow(unsafe_code)] // the one module of the host that touches raw pointers and foreign code
 mod ffi;
+pub mod isolation;
 pub mod json;
 mod plugin_dir;
 mod register;
@@ -45,10 +46,11 @@ pub use ffi::{
     Abi, DeclaredVolatility, FunctionSignature, MAX_FUNCTIONS, MAX_NAME_LEN, PluginFunction,
     PluginLibrary,
 };
+pub use isolation::{CallCancel, Isolation, WorkerLimits, WorkerPool, live_worker_pids};
 pub use plugin_dir::{PluginDirError, trusted_libraries_in};
 pub use register::{
     Registration, SessionContextExt, libraries_in, register_function, register_library,
-    register_plugin,
+    register_library_with, register_plugin, register_plugin_with, register_udf,
 };
 pub use trust::{
     DigestParseError, InsecurePath, Sha256Digest, check_not_writable_by_others, judge,

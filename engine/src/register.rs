@@ -8,6 +8,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::error::LoadError;
 use crate::ffi::{Abi, FunctionSignature, PluginLibrary};
+use crate::isolation::{Isolation, WorkerPool};
 use crate::udf::PluginUdf;
 
 /// What registering one plugin function did.
@@ -24,6 +25,8 @@ pub struct Registration {
     /// Whether a function of the same name (a DataFusion builtin such as `repeat`, or an earlier
     /// plugin) was replaced in this session.
     pub replaced: bool,
+    /// Whether the function is evaluated by worker processes ([`Isolation::Process`]).
+    pub isolated: bool,
 }
 
 /// Loads the library at `path` and registers every function it provides under its own name.
@@ -50,6 +53,29 @@ pub fn register_plugin(
     Ok(register_library(ctx, &library))
 }
 
+/// Like [`register_plugin`], with the library's functions evaluated as `isolation` says: with
+/// [`Isolation::Process`], by a pool of worker processes (sized to the session's
+/// `target_partitions` unless the limits say otherwise).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use datafusion::prelude::SessionContext;
+/// use udf_engine::Isolation;
+///
+/// let ctx = SessionContext::new();
+/// udf_engine::register_plugin_with(&ctx, "target/debug/libudf_plugin_repeat.so", &Isolation::process())?;
+/// ctx.sql("SELECT repeat('ab', 3)").await?.show().await?;
+/// # Ok(()) }
+/// ```
+pub fn register_plugin_with(
+    ctx: &SessionContext,
+    path: impl AsRef<Path>,
+    isolation: &Isolation,
+) -> Result<Vec<Registration>, LoadError> {
+    let library = PluginLibrary::load(path)?;
+    register_library_with(ctx, &library, isolation)
+}
+
 /// Registers every function of an already loaded library under its own name.
 pub fn register_library(ctx: &SessionContext, library: &Arc<PluginLibrary>) -> Vec<Registration> {
     (0..library.functions().len())
@@ -62,6 +88,46 @@ pub fn register_library(ctx: &SessionContext, library: &Arc<PluginLibrary>) -> V
         .collect()
 }
 
+/// [`register_library`] with the functions evaluated as `isolation` says.
+pub fn register_library_with(
+    ctx: &SessionContext,
+    library: &Arc<PluginLibrary>,
+    isolation: &Isolation,
+) -> Result<Vec<Registration>, LoadError> {
+    let pool = worker_pool(library, isolation, ctx.copied_config().target_partitions())?;
+    Ok((0..library.functions().len())
+        .filter_map(|i| library.function(i))
+        .map(|function| {
+            let name = function.signature().name.clone();
+            let volatility = PluginUdf::declared_volatility(&function);
+            let mut udf = PluginUdf::new(name, function, volatility);
+            if let Some(pool) = &pool {
+                udf = udf.with_worker_pool(Arc::clone(pool));
+            }
+            register_udf(ctx, udf)
+        })
+        .collect())
+}
+
+/// The worker pool `isolation` asks for, if any.
+pub(crate) fn worker_pool(
+    library: &Arc<PluginLibrary>,
+    isolation: &Isolation,
+    target_partitions: usize,
+) -> Result<Option<Arc<WorkerPool>>, LoadError> {
+    match isolation {
+        Isolation::InProcess => Ok(None),
+        Isolation::Process(limits) => {
+            crate::isolation::pool_for(library, limits, target_partitions)
+                .map(Some)
+                .map_err(|reason| LoadError::Isolation {
+                    path: library.path().to_path_buf(),
+                    reason,
+                })
+        }
+    }
+}
+
 /// Registers one plugin function under `sql_name`, replacing any function of that name.
 pub fn register_function(
     ctx: &SessionContext,
@@ -69,6 +135,15 @@ pub fn register_function(
     function: crate::ffi::PluginFunction,
     volatility: Volatility,
 ) -> Registration {
+    register_udf(ctx, PluginUdf::new(sql_name, function, volatility))
+}
+
+/// Registers a plugin UDF under its name, replacing any function of that name.
+pub fn register_udf(ctx: &SessionContext, udf: PluginUdf) -> Registration {
+    use datafusion::logical_expr::ScalarUDFImpl;
+    let sql_name = udf.name().to_string();
+    let sql_name = sql_name.as_str();
+    let function = udf.function();
     let replaced = ctx
         .state_ref()
         .read()
@@ -80,6 +155,7 @@ pub fn register_function(
         library: function.library().path().to_path_buf(),
         abi: function.library().abi(),
         replaced,
+        isolated: udf.worker_pool().is_some(),
     };
     if replaced {
         tracing::warn!(
@@ -93,11 +169,10 @@ pub fn register_function(
         signature = %registration.signature,
         library = %registration.library.display(),
         abi = %registration.abi,
+        isolation = udf.isolation_mode(),
         "registered plugin function"
     );
-    ctx.register_udf(ScalarUDF::new_from_impl(PluginUdf::new(
-        sql_name, function, volatility,
-    )));
+    ctx.register_udf(ScalarUDF::new_from_impl(udf));
     registration
 }
 

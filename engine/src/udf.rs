@@ -17,6 +17,7 @@ use datafusion::logical_expr::{
 use udf_abi::v2::UdfType;
 
 use crate::ffi::{DeclaredVolatility, PluginFunction};
+use crate::isolation::{CallCancel, WorkerPool};
 use crate::types::{accepted_types, arrow_type, coerce_argument, is_readable};
 
 /// A plugin function registered with DataFusion under a SQL name.
@@ -30,6 +31,8 @@ pub struct PluginUdf {
     signature: Signature,
     return_type: DataType,
     call_path: CallPath,
+    /// The worker pool that evaluates the function, when it is isolated.
+    pool: Option<Arc<WorkerPool>>,
 }
 
 /// How a plugin function is called.
@@ -86,6 +89,27 @@ impl PluginUdf {
             signature,
             return_type,
             call_path,
+            pool: None,
+        }
+    }
+
+    /// The same function evaluated by `pool`'s worker processes (process isolation).
+    pub fn with_worker_pool(mut self, pool: Arc<WorkerPool>) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// The worker pool of an isolated function.
+    pub fn worker_pool(&self) -> Option<&Arc<WorkerPool>> {
+        self.pool.as_ref()
+    }
+
+    /// `process` for an isolated function, `none` for one that runs in the host.
+    pub fn isolation_mode(&self) -> &'static str {
+        if self.pool.is_some() {
+            "process"
+        } else {
+            "none"
         }
     }
 
@@ -135,6 +159,7 @@ impl PartialEq for PluginUdf {
             && Arc::ptr_eq(self.function.library(), other.function.library())
             && self.function.signature() == other.function.signature()
             && self.signature == other.signature
+            && self.pool.as_ref().map(Arc::as_ptr) == other.pool.as_ref().map(Arc::as_ptr)
     }
 }
 
@@ -220,7 +245,8 @@ impl ScalarUDFImpl for PluginUdf {
             .all(|a| matches!(a, ColumnarValue::Scalar(_)))
             && self.signature.volatility != Volatility::Volatile;
         let rows = if all_scalar { 1 } else { args.number_rows };
-        self.invoke_arrays(&args.args, rows, all_scalar)
+        let cancel = CallCancel::of(&args.config_options);
+        self.invoke_arrays(&args.args, rows, all_scalar, cancel)
     }
 }
 
@@ -233,6 +259,7 @@ impl PluginUdf {
         args: &[ColumnarValue],
         rows: usize,
         all_scalar: bool,
+        cancel: Option<&CallCancel>,
     ) -> Result<ColumnarValue> {
         let params = &self.function.signature().arg_types;
         // A function registered VOLATILE must be computed for every row, also where its
@@ -257,12 +284,42 @@ impl PluginUdf {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let array = match self.call_path {
-            CallPath::Batch => self.function.call_batch(&arrays, rows),
-            CallPath::Row => self.function.call_rows(&arrays, rows),
-        }
-        .map_err(|e| self.call_error(e))?;
+        let array = match &self.pool {
+            Some(pool) => blocking(|| {
+                pool.call(
+                    self.function.index(),
+                    self.call_path,
+                    &arrays,
+                    rows,
+                    &self.return_type,
+                    cancel,
+                )
+            })
+            .map_err(|fault| {
+                DataFusionError::Execution(
+                    fault.describe(&self.sql_name, self.function.library().path()),
+                )
+            })?,
+            None => match self.call_path {
+                CallPath::Batch => self.function.call_batch(&arrays, rows),
+                CallPath::Row => self.function.call_rows(&arrays, rows),
+            }
+            .map_err(|e| self.call_error(e))?,
+        };
         result_value(array, all_scalar)
+    }
+}
+
+/// Runs `wait` (a wait on a worker process) where tokio allows it to block: on a multi-threaded
+/// runtime the worker thread hands its other tasks to another thread meanwhile, so a long
+/// isolated call does not starve timers, signals or other queries.
+fn blocking<T>(wait: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
     }
 }
 

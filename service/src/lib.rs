@@ -32,7 +32,7 @@ use datafusion::execution::context::SQLOptions;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionContext};
 use serde::{Deserialize, Serialize};
-use udf_engine::PluginLoader;
+use udf_engine::{CallCancel, Isolation, PluginLoader, WorkerLimits};
 
 /// The media type of Arrow IPC streams.
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
@@ -63,6 +63,9 @@ pub struct Config {
     pub memory_limit: usize,
     /// The largest request body, in bytes.
     pub max_body: usize,
+    /// How the plugin libraries run: in worker processes (the default, with
+    /// [`WorkerLimits::default`]) or in the service's process.
+    pub isolation: Isolation,
 }
 
 impl Default for Config {
@@ -74,6 +77,7 @@ impl Default for Config {
             time_limit: Duration::from_secs(30),
             memory_limit: 512 * 1024 * 1024,
             max_body: 1024 * 1024,
+            isolation: Isolation::Process(WorkerLimits::default()),
         }
     }
 }
@@ -103,7 +107,9 @@ impl AppState {
     /// inside its directory. One refused library refuses the start-up, naming the file.
     pub async fn new(config: Config) -> anyhow::Result<AppState> {
         let ctx = SessionContext::new();
-        let mut loader = PluginLoader::new().disable_sql_loading();
+        let mut loader = PluginLoader::new()
+            .disable_sql_loading()
+            .with_isolation(config.isolation.clone());
         let mut libraries = Vec::new();
         for dir in &config.plugin_dirs {
             libraries.extend(udf_engine::trusted_libraries_in(dir)?);
@@ -113,8 +119,8 @@ impl AppState {
         udf_engine::install(&ctx, Arc::clone(&loader))?;
         for file in &libraries {
             let library = loader.load(file)?;
-            for r in udf_engine::register_library(&ctx, &library) {
-                tracing::info!(function = %r.sql_name, library = %r.library.display(), "serving plugin function");
+            for r in udf_engine::register_library_with(&ctx, &library, &config.isolation)? {
+                tracing::info!(function = %r.sql_name, library = %r.library.display(), isolated = r.isolated, "serving plugin function");
             }
         }
         for (name, path) in &config.tables {
@@ -131,15 +137,17 @@ impl AppState {
         &self.ctx
     }
 
-    /// A session for one query: the shared catalog and functions with a memory pool of its own.
-    fn request_context(&self) -> Result<SessionContext, ApiError> {
+    /// A session for one query: the shared catalog and functions with a memory pool of its own,
+    /// and `cancel` to stop its isolated plugin calls.
+    fn request_context(&self, cancel: &CallCancel) -> Result<SessionContext, ApiError> {
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(self.config.memory_limit, 1.0)
             .build_arc()
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let state = SessionStateBuilder::new_from_existing(self.ctx.state())
+        let mut state = SessionStateBuilder::new_from_existing(self.ctx.state())
             .with_runtime_env(runtime)
             .build();
+        cancel.install(state.config_mut());
         Ok(SessionContext::new_with_state(state))
     }
 }
@@ -288,7 +296,11 @@ async fn query(
     let body = body.map_err(|r| ApiError::Body(r.status(), r.body_text()))?;
     let sql = sql_of(&headers, &body)?;
     let format = format_of(&state, &params, &headers);
-    let ctx = state.request_context()?;
+    // The query's isolated calls stop when it ends early: at the time limit, or when the client
+    // goes away and this future is dropped.
+    let cancel = CallCancel::new();
+    let _cancel_on_drop = cancel.cancel_on_drop();
+    let ctx = state.request_context(&cancel)?;
     let started = Instant::now();
     let limit = state.config.time_limit;
     let run = async {
@@ -344,6 +356,7 @@ async fn functions(State(state): State<AppState>) -> Response {
         library: String,
         abi: String,
         volatility: String,
+        isolation: String,
     }
     let list: Vec<Function> = udf_engine::plugin_functions(&state.ctx)
         .into_iter()
@@ -353,6 +366,7 @@ async fn functions(State(state): State<AppState>) -> Response {
             library: f.library,
             abi: f.abi,
             volatility: f.volatility,
+            isolation: f.isolation,
         })
         .collect();
     Json(list).into_response()

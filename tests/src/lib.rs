@@ -264,3 +264,18 @@ pub fn expect(rows: &[&[&str]]) -> Vec<Vec<String>> {
         .map(|r| r.iter().map(|v| v.to_string()).collect())
         .collect()
 }
+
+/// An ABI v2 library from `faulty.c` compiled with `-D<case>` (`NULL_WRITE`, `ABORT`, ...):
+/// `fault(BIGINT) -> BIGINT` misbehaves as the case says, `ok(BIGINT) -> BIGINT` returns x + 1.
+pub fn faulty(case: &str) -> PathBuf {
+    c_library(
+        &format!("faulty_{}", case.to_lowercase()),
+        "faulty.c",
+        &[case],
+    )
+}
+
+/// The `udfsql-worker` binary (isolated plugin functions run in it), built if needed.
+pub fn udfsql_worker() -> PathBuf {
+    build_workspace().join(format!("udfsql-worker{}", std::env::consts::EXE_SUFFIX))
+}

@@ -26,6 +26,7 @@ use crate::error::{CallError, LoadError, MetadataError, TypePosition};
 use crate::trust::Sha256Digest;
 
 mod batch;
+pub(crate) mod descriptors;
 mod images;
 mod rows;
 
@@ -861,6 +862,11 @@ impl PluginFunction {
     /// The function's signature from the library's metadata.
     pub fn signature(&self) -> &FunctionSignature {
         &self.library.functions[self.index]
+    }
+
+    /// The function's position in its library's metadata.
+    pub fn index(&self) -> usize {
+        self.index
     }
 
     /// The library the function comes from.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use udf_engine::{Isolation, WorkerLimits};
 use udf_service::{AppState, Config, OutputFormat};
 
 /// Serve SQL with plugin functions over HTTP: POST /query, GET /functions, GET /health.
@@ -36,6 +37,27 @@ struct Args {
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_body: usize,
+    /// Where plugin functions run: `process` evaluates them in worker processes (a plugin that
+    /// crashes, exits, hangs or runs out of memory fails its request, not the service); `none`
+    /// in the service's own process.
+    #[arg(long, value_enum, default_value_t = IsolationArg::Process)]
+    isolation: IsolationArg,
+    /// Isolated calls: the longest one call (one batch) may run before its worker is killed, in
+    /// seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    call_timeout: f64,
+    /// Isolated calls: each worker's memory (address space) limit in MiB; 0 for none.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    worker_memory: u64,
+    /// Isolated calls: worker processes per library (default: the number of CPUs).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum IsolationArg {
+    Process,
+    None,
 }
 
 fn parse_table(s: &str) -> Result<(String, PathBuf), String> {
@@ -57,7 +79,29 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let call_timeout = Duration::try_from_secs_f64(args.call_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| {
+            format!(
+                "--call-timeout {}: expected seconds above 0",
+                args.call_timeout
+            )
+        })?;
+    if args.workers == Some(0) {
+        anyhow::bail!("--workers 0: expected at least one worker");
+    }
+    let isolation = match args.isolation {
+        IsolationArg::None => Isolation::InProcess,
+        IsolationArg::Process => Isolation::Process(WorkerLimits {
+            call_timeout,
+            memory_mib: (args.worker_memory > 0).then_some(args.worker_memory),
+            workers: args.workers,
+            worker_program: None,
+        }),
+    };
     let config = Config {
+        isolation,
         plugin_dirs: args.plugin_dirs,
         tables: args.tables,
         format: args.format,

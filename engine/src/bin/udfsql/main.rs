@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use udf_engine::PluginLoader;
+use udf_engine::{Isolation, PluginLoader, WorkerLimits};
 
 use output::Format;
 use shell::{Interrupt, Shell};
@@ -39,6 +39,22 @@ struct Args {
     /// CREATE FUNCTION from that directory, and create the demo table `t`.
     #[arg(long)]
     demo: bool,
+    /// Evaluate the functions of the --plugin and --plugin-dir libraries (and of CREATE FUNCTION
+    /// without `#isolation=`) in worker processes: a plugin that crashes, exits, hangs or runs
+    /// out of memory fails its query, and udfsql lives on.
+    #[arg(long)]
+    isolate: bool,
+    /// Isolated calls: the longest one call (one batch) may run before its worker is killed, in
+    /// seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    call_timeout: f64,
+    /// Isolated calls: each worker's memory (address space) limit in MiB; 0 for none.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    worker_memory: u64,
+    /// Isolated calls: worker processes per library (default: DataFusion's target_partitions,
+    /// the number of CPUs).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
     /// Run SQL (one or more statements) and exit (repeatable; run in order, before -f).
     #[arg(short = 'c', long = "command", value_name = "SQL")]
     commands: Vec<String>,
@@ -148,7 +164,28 @@ fn run(args: Args) -> Result<bool> {
     let interactive =
         args.commands.is_empty() && args.files.is_empty() && std::io::stdin().is_terminal();
 
-    let mut loader = PluginLoader::new();
+    let call_timeout = std::time::Duration::try_from_secs_f64(args.call_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| {
+            format!(
+                "--call-timeout {}: expected seconds above 0",
+                args.call_timeout
+            )
+        })?;
+    if args.workers == Some(0) {
+        anyhow::bail!("--workers 0: expected at least one worker");
+    }
+    let limits = WorkerLimits {
+        call_timeout,
+        memory_mib: (args.worker_memory > 0).then_some(args.worker_memory),
+        workers: args.workers,
+        worker_program: None,
+    };
+    let mut loader = PluginLoader::new().with_worker_limits(limits.clone());
+    if args.isolate {
+        loader = loader.with_isolation(Isolation::Process(limits));
+    }
     let mut libraries = args.plugins.clone();
     let mut dirs = args.plugin_dirs.clone();
     if args.demo {

@@ -49,7 +49,7 @@ pub const HELP: &str = "\
 Statements end with ';' and may span lines. Meta commands:
   \\?              this help
   \\q              quit (or Ctrl-D)
-  \\df             plugin functions: SQL name, signature, library, ABI
+  \\df             plugin functions: SQL name, signature, library, ABI, isolation
   \\d              tables;  \\d NAME  columns of table NAME
   \\load FILE      load a plugin library and register its functions
   \\format F       output format: table, csv or json
@@ -58,6 +58,7 @@ Statements end with ';' and may span lines. Meta commands:
 Ctrl-C cancels a running statement. Plugins from SQL:
   CREATE [OR REPLACE] FUNCTION name(VARCHAR, BIGINT UNSIGNED) RETURNS VARCHAR
       LANGUAGE plugin AS 'libfile.so';      -- relative to a --plugin-dir
+      ... AS 'libfile.so#isolation=process'  -- evaluated in worker processes
   DROP FUNCTION [IF EXISTS] name;
   SELECT * FROM plugin_functions;  SHOW FUNCTIONS;";
 
@@ -85,7 +86,7 @@ impl Shell {
     /// Loads a library (trusted: any path) and registers its functions under their own names.
     pub fn load_library(&self, path: &Path) -> Result<()> {
         let library = self.loader.load(path)?;
-        for r in udf_engine::register_library(&self.ctx, &library) {
+        for r in udf_engine::register_library_with(&self.ctx, &library, self.loader.isolation())? {
             if r.replaced {
                 eprintln!(
                     "note: plugin function {} from {} replaces the existing function of that name",
@@ -144,6 +145,9 @@ impl Shell {
         &self,
         statement: datafusion::sql::parser::Statement,
     ) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        // Isolated calls of this statement stop when this token is cancelled (Ctrl-C below).
+        let cancel = udf_engine::CallCancel::new();
+        cancel.install(self.ctx.state_ref().write().config_mut());
         let work = async {
             // Plugin DDL names follow DataFusion's identifier rules (quoted keep their case).
             let df = udf_engine::execute_statement(&self.ctx, statement).await?;
@@ -154,7 +158,10 @@ impl Shell {
             Interrupt::Default => Ok(work.await?),
             Interrupt::Cancel => tokio::select! {
                 result = work => Ok(result?),
-                _ = tokio::signal::ctrl_c() => bail!("statement cancelled (Ctrl-C)"),
+                _ = tokio::signal::ctrl_c() => {
+                    cancel.cancel();
+                    bail!("statement cancelled (Ctrl-C)")
+                }
             },
         }
     }
@@ -244,7 +251,7 @@ impl Shell {
                 self.load_library(&PathBuf::from(&arg))?;
             }
             "\\df" => {
-                let sql = "SELECT name, signature, library, abi, volatility, call_path FROM plugin_functions";
+                let sql = "SELECT name, signature, library, abi, volatility, call_path, isolation FROM plugin_functions";
                 self.run_sql(sql, out)?;
             }
             "\\d" if arg.is_empty() => {

@@ -1,0 +1,120 @@
+//! Process isolation: a library's functions evaluated by a pool of worker processes, so that a
+//! plugin that crashes, exits, hangs or eats memory fails its call, not the host.
+//!
+//! * [`Isolation`] says how a library runs: in the host ([`Isolation::InProcess`]) or in
+//!   workers ([`Isolation::Process`]) with [`WorkerLimits`].
+//! * Workers are the `udfsql-worker` program (found next to the running program, or configured)
+//!   that maps the same file, pinned by the digest the host computed, and answers one request
+//!   per batch with the host's own call code (see `worker`).
+//! * [`WorkerPool`]s are shared by every isolated function of a library with the same limits;
+//!   the last function dropped kills and reaps its workers.
+//! * [`CallCancel`] cancels the isolated calls of one query at once.
+//!
+//! What isolation does not cover: the library is also loaded by the host, which reads its
+//! metadata (and runs its initialisers) to plan queries; only function calls run in workers.
+
+mod cancel;
+mod pool;
+mod protocol;
+mod worker;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+pub use cancel::{CallCancel, CancelOnDrop};
+pub use pool::{Fault, WorkerPool, live_worker_pids};
+pub use worker::worker_main;
+
+use crate::ffi::PluginLibrary;
+use pool::WorkerSpec;
+
+/// How a library's functions are evaluated.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub enum Isolation {
+    /// In the host process (fastest; a crash in the plugin is a crash of the host).
+    #[default]
+    InProcess,
+    /// In worker processes with these limits.
+    Process(WorkerLimits),
+}
+
+impl Isolation {
+    /// Process isolation with the default limits.
+    pub fn process() -> Isolation {
+        Isolation::Process(WorkerLimits::default())
+    }
+
+    /// `process` or `none`, as `plugin_functions` shows it.
+    pub fn mode_name(&self) -> &'static str {
+        match self {
+            Isolation::InProcess => "none",
+            Isolation::Process(_) => "process",
+        }
+    }
+}
+
+/// The limits of isolated workers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WorkerLimits {
+    /// The longest one call (one batch) may run; past it the worker is killed and the call
+    /// fails. Default 30 s.
+    pub call_timeout: Duration,
+    /// Each worker's address-space limit (`RLIMIT_AS`), in MiB; `None` for no limit. Default
+    /// 1024 MiB.
+    pub memory_mib: Option<u64>,
+    /// The most workers per library; `None` for the session's `target_partitions`.
+    pub workers: Option<usize>,
+    /// The worker program; `None` to look for `udfsql-worker` next to the running program (or
+    /// `$UDFSQL_WORKER`).
+    pub worker_program: Option<PathBuf>,
+}
+
+impl Default for WorkerLimits {
+    fn default() -> Self {
+        WorkerLimits {
+            call_timeout: Duration::from_secs(30),
+            memory_mib: Some(1024),
+            workers: None,
+            worker_program: None,
+        }
+    }
+}
+
+/// The pool for `library` under `limits`, shared with every other function of the library that
+/// has the same limits; `target_partitions` sizes it when `limits.workers` is `None`. Fails when
+/// the worker program cannot be found.
+pub fn pool_for(
+    library: &Arc<PluginLibrary>,
+    limits: &WorkerLimits,
+    target_partitions: usize,
+) -> Result<Arc<WorkerPool>, String> {
+    if limits.call_timeout.is_zero() {
+        return Err("the call time limit must be above zero".to_string());
+    }
+    if limits.memory_mib == Some(0) || limits.workers == Some(0) {
+        return Err("the worker memory limit and the number of workers must be above zero".into());
+    }
+    let spec = WorkerSpec {
+        program: pool::find_worker_program(limits.worker_program.as_deref())?,
+        library: library.path().to_path_buf(),
+        sha256: *library.sha256(),
+        functions: library.functions().len(),
+        call_timeout: limits.call_timeout,
+        memory_mib: limits.memory_mib,
+        size: limits.workers.unwrap_or(target_partitions).max(1),
+    };
+    static POOLS: OnceLock<Mutex<HashMap<WorkerSpec, Weak<WorkerPool>>>> = OnceLock::new();
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    pools.retain(|_, pool| pool.strong_count() > 0);
+    if let Some(pool) = pools.get(&spec).and_then(Weak::upgrade) {
+        return Ok(pool);
+    }
+    let pool = Arc::new(WorkerPool::new(spec.clone()));
+    pools.insert(spec, Arc::downgrade(&pool));
+    Ok(pool)
+}

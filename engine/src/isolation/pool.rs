@@ -1,0 +1,688 @@
+//! The host side: worker processes for one library, started on demand up to the pool's size,
+//! each used by one call at a time.
+//!
+//! A call takes an idle worker (or starts one, or waits for one), sends one request, and waits
+//! for the reply in `poll` on three descriptors: the channel, the worker's pidfd (readable when
+//! the process ends, even if a child it forked keeps the channel open) and the query's
+//! [`CallCancel`] event. A reply is read with the same deadline. Whatever goes wrong — the
+//! worker dies, answers garbage, runs past the call's time limit, or the query is cancelled —
+//! the worker's process group is killed and the worker reaped before the error is returned; the
+//! next call starts a new one. The pool's lock is held only to take or return a worker.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::ArrayRef;
+use datafusion::arrow::buffer::Buffer;
+use datafusion::arrow::datatypes::DataType;
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::process::{Pid, PidfdFlags, Signal, kill_process_group, pidfd_open};
+
+use super::cancel::CallCancel;
+use super::protocol::{self, HEADER, Reply};
+use crate::trust::Sha256Digest;
+use crate::udf::CallPath;
+
+/// How long a worker that closed its channel gets to exit on its own before it is killed (so
+/// that its own exit status, not our kill, is what the error reports).
+const EXIT_GRACE: Duration = Duration::from_millis(500);
+
+/// How a call through a worker failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// The plugin reported an error, or its result broke a rule: the message the in-process
+    /// path gives. The worker lives on.
+    Plugin(String),
+    /// No worker could be started.
+    Start(String),
+    /// The worker could not load the library (the message of the load error).
+    Load(String),
+    /// The worker was killed by a signal.
+    Crashed {
+        /// The signal number.
+        signal: i32,
+        /// The worker's memory limit, in MiB.
+        memory_mib: Option<u64>,
+    },
+    /// The worker exited during the call.
+    Exited(i32),
+    /// The worker sent something that is not a reply of the declared shape.
+    Malformed(String),
+    /// The call ran past the time limit; the worker was killed.
+    TimedOut(Duration),
+    /// The query was cancelled; the worker was killed.
+    Cancelled,
+}
+
+impl Fault {
+    /// The error text for function `name` of `library`, in the in-process path's shape
+    /// ("plugin function f (lib.so): ...").
+    pub fn describe(&self, name: &str, library: &Path) -> String {
+        let lib = library.display();
+        match self {
+            Fault::Plugin(message) => format!("plugin function {name} ({lib}): {message}"),
+            Fault::Start(message) => format!(
+                "plugin function {name} ({lib}): cannot start an isolated worker process: {message}"
+            ),
+            Fault::Load(message) => format!(
+                "plugin function {name} ({lib}): the isolated worker process could not load the library: {message}"
+            ),
+            Fault::Crashed { signal, memory_mib } => {
+                let memory = match (signal_may_be_memory(*signal), memory_mib) {
+                    (true, Some(mib)) => format!(
+                        " (workers run with a memory limit of {mib} MiB; an allocation past it fails)"
+                    ),
+                    _ => String::new(),
+                };
+                format!(
+                    "plugin function {name} ({lib}) crashed: {} in its isolated worker process{memory}; \
+                     the session lives on and a new worker serves the next call",
+                    signal_name(*signal)
+                )
+            }
+            Fault::Exited(code) => {
+                let hint = if *code == i32::from(super::worker::EXIT_CHANNEL) {
+                    " (its channel to the host broke: the plugin closed or used descriptor 3)"
+                } else {
+                    ""
+                };
+                format!(
+                    "plugin function {name} ({lib}): its worker process exited with status {code} during the call{hint}"
+                )
+            }
+            Fault::Malformed(detail) => format!(
+                "plugin function {name} ({lib}): its worker process sent a malformed reply ({detail}); the worker was killed"
+            ),
+            Fault::TimedOut(limit) => format!(
+                "plugin function {name} ({lib}): the call ran past the call time limit of {}; its worker process was killed",
+                seconds(*limit)
+            ),
+            Fault::Cancelled => format!(
+                "plugin function {name} ({lib}): the call was cancelled; its worker process was killed"
+            ),
+        }
+    }
+}
+
+fn seconds(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.3} s", d.as_secs_f64())
+    }
+}
+
+fn signal_may_be_memory(signal: i32) -> bool {
+    [libc::SIGSEGV, libc::SIGABRT, libc::SIGBUS, libc::SIGKILL].contains(&signal)
+}
+
+/// `SIGSEGV` for 11, and so on.
+pub(crate) fn signal_name(signal: i32) -> String {
+    const NAMES: &[(i32, &str)] = &[
+        (libc::SIGSEGV, "SIGSEGV"),
+        (libc::SIGABRT, "SIGABRT"),
+        (libc::SIGKILL, "SIGKILL"),
+        (libc::SIGBUS, "SIGBUS"),
+        (libc::SIGFPE, "SIGFPE"),
+        (libc::SIGILL, "SIGILL"),
+        (libc::SIGTRAP, "SIGTRAP"),
+        (libc::SIGSYS, "SIGSYS"),
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGQUIT, "SIGQUIT"),
+        (libc::SIGPIPE, "SIGPIPE"),
+        (libc::SIGALRM, "SIGALRM"),
+        (libc::SIGXCPU, "SIGXCPU"),
+        (libc::SIGXFSZ, "SIGXFSZ"),
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGUSR2, "SIGUSR2"),
+    ];
+    NAMES
+        .iter()
+        .find(|(n, _)| *n == signal)
+        .map_or_else(|| format!("signal {signal}"), |(_, name)| name.to_string())
+}
+
+/// What the pool starts its workers with.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct WorkerSpec {
+    pub program: PathBuf,
+    pub library: PathBuf,
+    pub sha256: Sha256Digest,
+    /// How many functions the host saw in the library.
+    pub functions: usize,
+    pub call_timeout: Duration,
+    pub memory_mib: Option<u64>,
+    pub size: usize,
+}
+
+/// The worker processes of one library (with one set of limits).
+#[derive(Debug)]
+pub struct WorkerPool {
+    spec: WorkerSpec,
+    state: Mutex<PoolState>,
+    available: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    idle: Vec<Worker>,
+    /// Workers that exist: idle, busy, or starting.
+    live: usize,
+}
+
+impl WorkerPool {
+    pub(crate) fn new(spec: WorkerSpec) -> WorkerPool {
+        WorkerPool {
+            spec,
+            state: Mutex::default(),
+            available: Condvar::new(),
+        }
+    }
+
+    /// The most workers this pool runs at once.
+    pub fn size(&self) -> usize {
+        self.spec.size
+    }
+
+    /// The per-call time limit.
+    pub fn call_timeout(&self) -> Duration {
+        self.spec.call_timeout
+    }
+
+    /// The per-worker memory limit, in MiB.
+    pub fn memory_mib(&self) -> Option<u64> {
+        self.spec.memory_mib
+    }
+
+    /// Calls function `function` of the library in a worker; the result has type `returns` and
+    /// `rows` rows.
+    pub(crate) fn call(
+        &self,
+        function: usize,
+        path: CallPath,
+        args: &[(ArrayRef, bool)],
+        rows: usize,
+        returns: &DataType,
+        cancel: Option<&CallCancel>,
+    ) -> Result<ArrayRef, Fault> {
+        let mut worker = self.checkout(cancel)?;
+        let result = worker.call(&self.spec, function, path, args, rows, returns, cancel);
+        match result {
+            Ok(array) => {
+                self.checkin(worker);
+                Ok(array)
+            }
+            Err(Fault::Plugin(message)) => {
+                self.checkin(worker);
+                Err(Fault::Plugin(message))
+            }
+            Err(fault) => {
+                self.discard(worker);
+                Err(fault)
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle live worker, a new one if the pool is not full, or the next one returned.
+    fn checkout(&self, cancel: Option<&CallCancel>) -> Result<Worker, Fault> {
+        let mut dead = Vec::new();
+        let mut state = self.lock();
+        loop {
+            while let Some(mut worker) = state.idle.pop() {
+                if worker.is_alive() {
+                    drop(state);
+                    drop(dead);
+                    return Ok(worker);
+                }
+                // It died between calls (killed from outside, or a thread the plugin left
+                // behind crashed it): replace it.
+                state.live -= 1;
+                dead.push(worker);
+            }
+            if state.live < self.spec.size {
+                state.live += 1;
+                drop(state);
+                drop(dead);
+                return Worker::start(&self.spec).inspect_err(|_| {
+                    self.lock().live -= 1;
+                    self.available.notify_one();
+                });
+            }
+            if cancel.is_some_and(CallCancel::is_cancelled) {
+                return Err(Fault::Cancelled);
+            }
+            // Every worker is busy: wait for one, looking at the cancellation now and then.
+            state = self
+                .available
+                .wait_timeout(state, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn checkin(&self, worker: Worker) {
+        self.lock().idle.push(worker);
+        self.available.notify_one();
+    }
+
+    fn discard(&self, worker: Worker) {
+        drop(worker);
+        self.lock().live -= 1;
+        self.available.notify_one();
+    }
+}
+
+/// The pids of the worker processes alive in this process (all pools).
+pub fn live_worker_pids() -> Vec<u32> {
+    live()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .copied()
+        .collect()
+}
+
+fn live() -> &'static Mutex<BTreeSet<u32>> {
+    static LIVE: OnceLock<Mutex<BTreeSet<u32>>> = OnceLock::new();
+    LIVE.get_or_init(Default::default)
+}
+
+/// One worker process and its channel.
+#[derive(Debug)]
+struct Worker {
+    child: Child,
+    pid: Pid,
+    /// Non-blocking; every wait is a `poll` with the call's deadline.
+    channel: UnixStream,
+    pidfd: OwnedFd,
+    /// The request and reply buffer, reused.
+    buf: Vec<u8>,
+    /// Set once the process has been reaped.
+    status: Option<ExitStatus>,
+}
+
+/// Why waiting on a worker stopped.
+enum Stop {
+    Fault(Fault),
+    /// The channel reached its end (or broke): the worker is gone or going.
+    Closed,
+}
+
+impl From<Fault> for Stop {
+    fn from(f: Fault) -> Stop {
+        Stop::Fault(f)
+    }
+}
+
+impl Worker {
+    /// Starts a worker and waits until it has loaded the library.
+    fn start(spec: &WorkerSpec) -> Result<Worker, Fault> {
+        let (host, child_end) = UnixStream::pair()
+            .map_err(|e| Fault::Start(format!("cannot create a socket pair: {e}")))?;
+        let mut command = Command::new(&spec.program);
+        command
+            .env_clear()
+            .arg("--parent")
+            .arg(std::process::id().to_string());
+        if let Some(mib) = spec.memory_mib {
+            command.arg("--memory-mib").arg(mib.to_string());
+        }
+        command
+            .arg(&spec.library)
+            .arg(spec.sha256.to_string())
+            .stdin(Stdio::from(OwnedFd::from(child_end)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own process group: Ctrl-C at the terminal does not reach it, and a fault kills
+            // what it forked along with it.
+            .process_group(0);
+        let child =
+            spawn(command).map_err(|e| Fault::Start(format!("{}: {e}", spec.program.display())))?;
+        let pid = Pid::from_child(&child);
+        let pidfd = match pidfd_open(pid, PidfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Fault::Start(format!("pidfd_open: {e}")));
+            }
+        };
+        host.set_nonblocking(true)
+            .map_err(|e| Fault::Start(format!("cannot set up the channel: {e}")))?;
+        live()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(child.id());
+        let mut worker = Worker {
+            child,
+            pid,
+            channel: host,
+            pidfd,
+            buf: Vec::new(),
+            status: None,
+        };
+        let deadline = Instant::now() + spec.call_timeout.max(Duration::from_secs(10));
+        match worker.read_reply(None, deadline, None, spec) {
+            Ok(Reply::Ready(n)) if n == spec.functions => Ok(worker),
+            Ok(Reply::Ready(n)) => Err(Fault::Load(format!(
+                "the worker sees {n} functions where the host sees {}",
+                spec.functions
+            ))),
+            Ok(Reply::Error(message)) => Err(Fault::Load(message)),
+            Ok(Reply::Result(_)) => Err(Fault::Malformed("a result before any call".into())),
+            Err(Fault::Exited(code)) => Err(Fault::Start(format!(
+                "the worker exited with status {code} before it was ready"
+            ))),
+            Err(fault) => Err(fault),
+        }
+    }
+
+    fn is_alive(&mut self) -> bool {
+        let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+        matches!(poll(&mut fds, Some(&Timespec::default())), Ok(0))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn call(
+        &mut self,
+        spec: &WorkerSpec,
+        function: usize,
+        path: CallPath,
+        args: &[(ArrayRef, bool)],
+        rows: usize,
+        returns: &DataType,
+        cancel: Option<&CallCancel>,
+    ) -> Result<ArrayRef, Fault> {
+        let deadline = Instant::now() + spec.call_timeout;
+        let mut request = std::mem::take(&mut self.buf);
+        protocol::encode_call(&mut request, function, path, args, rows)
+            .map_err(|e| Fault::Plugin(format!("cannot send the arguments to the worker: {e}")))?;
+        let written = self.write_all(&request, deadline, cancel, spec);
+        self.buf = request;
+        match written {
+            Ok(()) => {}
+            Err(Stop::Fault(f)) => return Err(f),
+            Err(Stop::Closed) => return Err(self.gone(deadline, spec)),
+        }
+        match self.read_reply(Some((returns, rows)), deadline, cancel, spec)? {
+            Reply::Result(array) => Ok(array),
+            Reply::Error(message) => Err(Fault::Plugin(message)),
+            Reply::Ready(_) => Err(self.malformed("a ready message in reply to a call".into())),
+        }
+    }
+
+    fn read_reply(
+        &mut self,
+        expect: Option<(&DataType, usize)>,
+        deadline: Instant,
+        cancel: Option<&CallCancel>,
+        spec: &WorkerSpec,
+    ) -> Result<Reply, Fault> {
+        let mut header = [0u8; HEADER];
+        let body = match self.read_exact(&mut header, deadline, cancel, spec) {
+            Ok(()) => match protocol::body_len(&header) {
+                Ok(len) => self.read_body(len, deadline, cancel, spec),
+                Err(e) => return Err(self.malformed(e)),
+            },
+            Err(stop) => Err(stop),
+        };
+        let body = match body {
+            Ok(body) => body,
+            Err(Stop::Fault(f)) => return Err(f),
+            Err(Stop::Closed) => return Err(self.gone(deadline, spec)),
+        };
+        protocol::decode_reply(&body, expect).map_err(|e| self.malformed(e))
+    }
+
+    fn malformed(&mut self, detail: String) -> Fault {
+        self.kill();
+        Fault::Malformed(detail)
+    }
+
+    fn read_body(
+        &mut self,
+        len: usize,
+        deadline: Instant,
+        cancel: Option<&CallCancel>,
+        spec: &WorkerSpec,
+    ) -> Result<Buffer, Stop> {
+        // Grow with what arrives, so that a bogus length costs nothing until bytes back it.
+        let mut body = Vec::with_capacity(len.min(1 << 20));
+        while body.len() < len {
+            let have = body.len();
+            let chunk = (len - have).min(have.max(1 << 20));
+            body.resize(have + chunk, 0);
+            self.read_exact(&mut body[have..], deadline, cancel, spec)?;
+        }
+        Ok(Buffer::from(body))
+    }
+
+    fn read_exact(
+        &mut self,
+        mut buf: &mut [u8],
+        deadline: Instant,
+        cancel: Option<&CallCancel>,
+        spec: &WorkerSpec,
+    ) -> Result<(), Stop> {
+        while !buf.is_empty() {
+            match (&self.channel).read(buf) {
+                Ok(0) => return Err(Stop::Closed),
+                Ok(n) => buf = &mut buf[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.wait(PollFlags::IN, deadline, cancel, spec)?
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(Stop::Closed),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_all(
+        &mut self,
+        mut data: &[u8],
+        deadline: Instant,
+        cancel: Option<&CallCancel>,
+        spec: &WorkerSpec,
+    ) -> Result<(), Stop> {
+        while !data.is_empty() {
+            match (&self.channel).write(data) {
+                Ok(0) => return Err(Stop::Closed),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.wait(PollFlags::OUT, deadline, cancel, spec)?
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(Stop::Closed),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the channel is ready for `interest`, or the worker ends, the deadline
+    /// passes, or the query is cancelled.
+    fn wait(
+        &mut self,
+        interest: PollFlags,
+        deadline: Instant,
+        cancel: Option<&CallCancel>,
+        spec: &WorkerSpec,
+    ) -> Result<(), Stop> {
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                self.kill();
+                return Err(Fault::TimedOut(spec.call_timeout).into());
+            }
+            let timeout = Timespec::try_from(deadline - now).unwrap_or_default();
+            let cancel_fd = cancel.and_then(CallCancel::event);
+            let (ready_channel, ready_exit, ready_cancel) = {
+                let mut fds = [
+                    PollFd::new(&self.channel, interest),
+                    PollFd::new(&self.pidfd, PollFlags::IN),
+                    PollFd::from_borrowed_fd(
+                        cancel_fd.unwrap_or_else(|| self.pidfd.as_fd()),
+                        PollFlags::IN,
+                    ),
+                ];
+                let n = if cancel_fd.is_some() { 3 } else { 2 };
+                match poll(&mut fds[..n], Some(&timeout)) {
+                    Ok(_) => {}
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => {
+                        self.kill();
+                        return Err(Fault::Malformed(format!("poll: {e}")).into());
+                    }
+                }
+                (
+                    !fds[0].revents().is_empty(),
+                    !fds[1].revents().is_empty(),
+                    n == 3 && !fds[2].revents().is_empty(),
+                )
+            };
+            if ready_cancel || cancel.is_some_and(CallCancel::is_cancelled) {
+                self.kill();
+                return Err(Fault::Cancelled.into());
+            }
+            if ready_exit {
+                return Err(Stop::Closed);
+            }
+            if ready_channel {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The fault for a worker whose channel closed or whose process ended: its exit status,
+    /// once it has exited (killed after a grace period if it keeps running without a channel).
+    fn gone(&mut self, deadline: Instant, spec: &WorkerSpec) -> Fault {
+        let grace = (Instant::now() + EXIT_GRACE).min(deadline);
+        let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+        let remaining = grace.saturating_duration_since(Instant::now());
+        let exited = matches!(
+            poll(
+                &mut fds,
+                Some(&Timespec::try_from(remaining).unwrap_or_default())
+            ),
+            Ok(1)
+        );
+        if !exited {
+            self.kill();
+            return Fault::Malformed("it closed its channel and kept running".to_string());
+        }
+        match self.reap() {
+            Some(status) => match (status.signal(), status.code()) {
+                (Some(signal), _) => Fault::Crashed {
+                    signal,
+                    memory_mib: spec.memory_mib,
+                },
+                (None, Some(code)) => Fault::Exited(code),
+                _ => Fault::Exited(-1),
+            },
+            None => Fault::Malformed("its process cannot be waited for".to_string()),
+        }
+    }
+
+    /// Kills the worker's process group (the worker and what it forked) and reaps the worker.
+    fn kill(&mut self) {
+        self.reap();
+    }
+
+    /// Kills the worker's process group and reaps the worker: its status is its own if it had
+    /// exited already. (Until it is reaped its pid, the group's id, cannot be reused, so the kill
+    /// reaches only the worker and what it forked.)
+    fn reap(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            // The group may be gone already (ESRCH); nothing else can fail here.
+            let _ = kill_process_group(self.pid, Signal::KILL);
+            self.status = self.child.wait().ok();
+            live()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.child.id());
+        }
+        self.status
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.channel.shutdown(std::net::Shutdown::Both);
+        self.kill();
+    }
+}
+
+/// Starts `command` from one long-lived thread. `PR_SET_PDEATHSIG` fires when the *thread* that
+/// started the worker ends, not the process; tokio's blocking threads come and go, so workers are
+/// always started from this thread, which lives as long as the process.
+fn spawn(command: Command) -> std::io::Result<Child> {
+    type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
+    let sender = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("udfsql-worker-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("cannot start the worker spawner thread");
+        Mutex::new(tx)
+    });
+    let (tx, rx) = mpsc::channel();
+    sender
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((command, tx))
+        .map_err(|_| std::io::Error::other("the worker spawner thread is gone"))?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other("the worker spawner thread is gone"))?
+}
+
+/// The `udfsql-worker` program: `configured`, else `$UDFSQL_WORKER`, else next to the running
+/// program (or one directory up, for test binaries in `target/<profile>/deps`).
+pub(crate) fn find_worker_program(configured: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(program) = configured {
+        return program
+            .canonicalize()
+            .map_err(|e| format!("worker program {}: {e}", program.display()));
+    }
+    if let Some(program) = std::env::var_os("UDFSQL_WORKER") {
+        let program = PathBuf::from(program);
+        return program
+            .canonicalize()
+            .map_err(|e| format!("worker program {} ($UDFSQL_WORKER): {e}", program.display()));
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let name = format!("udfsql-worker{}", std::env::consts::EXE_SUFFIX);
+    let mut dir = exe.parent();
+    for _ in 0..2 {
+        let Some(d) = dir else { break };
+        let candidate = d.join(&name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        dir = d.parent();
+    }
+    Err(format!(
+        "cannot find the {name} program next to {} (build it with `cargo build --bin udfsql-worker`, \
+         or set $UDFSQL_WORKER)",
+        exe.display()
+    ))
+}

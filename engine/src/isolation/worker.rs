@@ -1,0 +1,200 @@
+//! The worker process: loads one library, pinned by the digest its host computed, and answers
+//! call requests with the same [`PluginFunction::call_batch`] / [`call_rows`] code the host uses
+//! in-process, so results and errors are the same in both modes.
+//!
+//! Started by the host as `udfsql-worker --parent PID [--memory-mib N] LIBRARY SHA256` with the
+//! channel on standard input, an empty environment and its own process group. Before it loads the
+//! library it: moves the channel to descriptor 3 and closes every other inherited descriptor;
+//! asks the kernel to kill it when its parent dies (`PR_SET_PDEATHSIG`) and checks the parent is
+//! still the one that started it; sets `PR_SET_NO_NEW_PRIVS`; limits its address space
+//! (`RLIMIT_AS`) and disables core dumps.
+//!
+//! [`call_rows`]: PluginFunction::call_rows
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use datafusion::arrow::buffer::Buffer;
+use rustix::process::{Resource, Rlimit, Signal};
+
+use super::protocol::{self, CALL, HEADER};
+use crate::ffi::PluginLibrary;
+use crate::trust::Sha256Digest;
+use crate::udf::CallPath;
+
+/// Exit status: the command line is wrong.
+const EXIT_USAGE: u8 = 64;
+/// Exit status: the host is gone or the set-up failed.
+const EXIT_SETUP: u8 = 70;
+/// Exit status: the channel failed (closed or broken by the plugin).
+pub(crate) const EXIT_CHANNEL: u8 = 74;
+
+/// Ends the worker after its channel failed. Exits at once: the plugin may have closed the
+/// channel's descriptor, and dropping the stream would then close a descriptor it no longer owns
+/// (which Rust's I/O safety checks turn into an abort).
+fn channel_lost() -> ! {
+    std::process::exit(EXIT_CHANNEL.into())
+}
+
+struct Options {
+    parent: i32,
+    memory_mib: Option<u64>,
+    library: PathBuf,
+    sha256: Sha256Digest,
+}
+
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut parent = None;
+    let mut memory_mib = None;
+    let mut positional = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--parent" => {
+                let v = args.next().ok_or("--parent needs a PID")?;
+                parent = Some(v.parse().map_err(|e| format!("--parent {v}: {e}"))?);
+            }
+            "--memory-mib" => {
+                let v = args.next().ok_or("--memory-mib needs a number")?;
+                memory_mib = Some(v.parse().map_err(|e| format!("--memory-mib {v}: {e}"))?);
+            }
+            other => positional.push(other.to_string()),
+        }
+    }
+    let [library, sha256] = <[String; 2]>::try_from(positional)
+        .map_err(|_| "expected LIBRARY and SHA256 after the options".to_string())?;
+    Ok(Options {
+        parent: parent.ok_or("--parent is required")?,
+        memory_mib,
+        library: PathBuf::from(library),
+        sha256: sha256.parse().map_err(|e| format!("SHA256: {e}"))?,
+    })
+}
+
+/// The worker's `main`. Not meant to be run by hand: it talks to its host on standard input.
+pub fn worker_main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let options = match parse(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("udfsql-worker: {e}");
+            eprintln!("usage: udfsql-worker --parent PID [--memory-mib N] LIBRARY SHA256");
+            eprintln!("(started by udfsql for isolated plugin libraries; the channel is stdin)");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let mut channel = match crate::ffi::descriptors::take_channel_from_stdin() {
+        Ok(c) => c,
+        Err(_) => return ExitCode::from(EXIT_SETUP),
+    };
+    let mut out = Vec::new();
+    if let Err(e) = contain(&options) {
+        protocol::encode_error(&mut out, &format!("cannot set up the worker process: {e}"));
+        let _ = channel.write_all(&out);
+        return ExitCode::from(EXIT_SETUP);
+    }
+    let library = match PluginLibrary::load_pinned(&options.library, Some(&options.sha256)) {
+        Ok(library) => library,
+        Err(e) => {
+            protocol::encode_error(&mut out, &e.to_string());
+            let _ = channel.write_all(&out);
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    protocol::encode_ready(&mut out, library.functions().len());
+    if channel.write_all(&out).is_err() {
+        channel_lost();
+    }
+    serve(&library, &mut channel, &mut out)
+}
+
+/// The containment the worker applies to itself before loading any plugin code.
+fn contain(options: &Options) -> std::io::Result<()> {
+    rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+    // The parent may have died before the line above: then we were re-parented already.
+    let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+    if parent != options.parent {
+        return Err(std::io::Error::other(format!(
+            "the host (pid {}) is gone",
+            options.parent
+        )));
+    }
+    rustix::thread::set_no_new_privs(true)?;
+    rustix::process::setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )?;
+    if let Some(mib) = options.memory_mib {
+        let bytes = mib.saturating_mul(1024 * 1024);
+        rustix::process::setrlimit(
+            Resource::As,
+            Rlimit {
+                current: Some(bytes),
+                maximum: Some(bytes),
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Answers requests until the host closes the channel.
+fn serve(
+    library: &std::sync::Arc<PluginLibrary>,
+    channel: &mut UnixStream,
+    out: &mut Vec<u8>,
+) -> ExitCode {
+    let functions: Vec<_> = (0..library.functions().len())
+        .map(|i| library.function(i).expect("index within the library"))
+        .collect();
+    loop {
+        let body = match read_frame(channel) {
+            Ok(Some(body)) => body,
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(_) => channel_lost(),
+        };
+        let answered = match body.as_slice().first() {
+            Some(&CALL) => protocol::decode_call(&body).and_then(|call| {
+                let function = functions
+                    .get(call.function)
+                    .ok_or_else(|| format!("no function #{} in the library", call.function))?;
+                let result = match call.path {
+                    CallPath::Batch => function.call_batch(&call.args, call.rows),
+                    CallPath::Row => function.call_rows(&call.args, call.rows),
+                };
+                match result {
+                    Ok(array) => protocol::encode_result(out, &array),
+                    Err(e) => {
+                        protocol::encode_error(out, &e.to_string());
+                        Ok(())
+                    }
+                }
+            }),
+            _ => Err("not a call request".to_string()),
+        };
+        if let Err(e) = answered {
+            protocol::encode_error(out, &format!("the worker refused the request: {e}"));
+        }
+        if channel.write_all(out).is_err() {
+            channel_lost();
+        }
+    }
+}
+
+/// One frame's body, or `None` at a clean end of the channel.
+fn read_frame(channel: &mut UnixStream) -> std::io::Result<Option<Buffer>> {
+    let mut header = [0u8; HEADER];
+    match channel.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = protocol::body_len(&header).map_err(std::io::Error::other)?;
+    let mut body = vec![0u8; len];
+    channel.read_exact(&mut body)?;
+    Ok(Some(Buffer::from(body)))
+}

@@ -1,0 +1,989 @@
+//! Process isolation (issue 14): plugin functions evaluated by `udfsql-worker` processes, so that
+//! a plugin that segfaults, aborts, exits, hangs, eats memory or scribbles on its descriptors
+//! becomes a query error naming the function and the library, and the host answers the next
+//! query.
+//!
+//! The fixtures are `faulty.c` compiled once per misbehaviour ([`udf_tests::faulty`]): each
+//! exports `fault(BIGINT)`, which misbehaves, and `ok(BIGINT)`, which returns x + 1. They are run
+//!
+//! * isolated through `udfsql --isolate` (one test per fixture), and *not* isolated in a child
+//!   `udfsql` to show that they take the process down;
+//! * isolated from SQL (`AS 'lib.so#isolation=process'`), from the API
+//!   ([`udf_engine::register_plugin_with`]) and through the HTTP service, whose default is
+//!   isolation;
+//! * with containment checked in `/proc`: a worker has an empty environment, only its channel
+//!   (fd 3) and `/dev/null` as 0, 1, 2, its own process group, is reaped (no zombies), and dies
+//!   with its host (`PR_SET_PDEATHSIG`);
+//! * and the misbehaving-result corpus of `boundary.rs` gives the same answers and the same error
+//!   texts isolated as in-process.
+//!
+//! Every `udfsql` child runs with core dumps off (`ulimit -c 0`, inherited by its workers), so
+//! that the crashes these tests cause leave no core files behind. The tests that start workers
+//! inside this test process take [`IN_PROCESS_WORKERS`] so that one test's `/proc` checks never
+//! see another test's workers dying on purpose.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::util::pretty::pretty_format_batches;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use serde_json::{Value, json};
+use udf_engine::{Isolation, WorkerLimits};
+use udf_service::{AppState, Config};
+use udf_tests::{
+    c_library, expect, faulty, fixture_dir, query, rows, set_mode, sha256sum, udfsql, udfsql_worker,
+};
+
+// Linux signal numbers (the same on every architecture udfsql builds for).
+const SIGABRT: i32 = 6;
+const SIGKILL: i32 = 9;
+const SIGSEGV: i32 = 11;
+
+/// How long a bounded wait polls before the test fails: generous, for a loaded 2-core machine.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// The command name (`/proc/PID/comm`) of a worker process.
+const WORKER_COMM: &str = "udfsql-worker";
+
+/// Held by every test that starts workers inside this test process.
+static IN_PROCESS_WORKERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+// ---------------------------------------------------------------------------------------------
+// Helpers: the udfsql binary, /proc, bounded waits.
+// ---------------------------------------------------------------------------------------------
+
+/// `udfsql ARGS...` with core dumps off. `sh` execs udfsql, so the child's pid and exit status
+/// are udfsql's own.
+fn udfsql_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("ulimit -c 0 && exec \"$0\" \"$@\"")
+        .arg(udfsql())
+        .args(args)
+        .env_remove("UDFSQL_LOG");
+    cmd
+}
+
+fn run(args: &[&str]) -> Output {
+    udfsql_command(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run udfsql")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The lines of udfsql's stderr that report a failed statement.
+fn error_lines(o: &Output) -> Vec<String> {
+    stderr(o)
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn display(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// The canonical path of a library, as error messages name it.
+fn canonical(path: &Path) -> PathBuf {
+    path.canonicalize()
+        .unwrap_or_else(|e| panic!("canonicalize {}: {e}", path.display()))
+}
+
+/// Polls `probe` every 20 ms until it returns `Ok`, for at most `limit`; then panics saying what
+/// was awaited and what the last probe saw (its `Err`).
+fn wait_for<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let start = Instant::now();
+    loop {
+        match probe() {
+            Ok(found) => return found,
+            Err(seen) => assert!(
+                start.elapsed() < limit,
+                "gave up after {limit:?} waiting for {what}; last seen: {seen}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// [`wait_for`] for async tests: sleeps without blocking a runtime thread (the engine may need
+/// it to reap its workers).
+async fn wait_for_async<T>(
+    limit: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        match probe() {
+            Ok(found) => return found,
+            Err(seen) => assert!(
+                start.elapsed() < limit,
+                "gave up after {limit:?} waiting for {what}; last seen: {seen}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `Ok(())` if `items` is empty, else `Err` listing them.
+fn none_of<T: std::fmt::Debug>(items: Vec<T>) -> Result<(), String> {
+    if items.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{items:?}"))
+    }
+}
+
+/// The fields of `/proc/PID/stat` the tests need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stat {
+    comm: String,
+    state: char,
+    ppid: u32,
+    pgrp: u32,
+}
+
+/// `/proc/PID/stat`, or `None` when there is no such process.
+fn stat(pid: u32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may itself contain spaces and parentheses.
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text[open + 1..close].to_string();
+    let mut fields = text[close + 1..].split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let pgrp = fields.next()?.parse().ok()?;
+    Some(Stat {
+        comm,
+        state,
+        ppid,
+        pgrp,
+    })
+}
+
+/// The children of process `parent` (all its threads'), from `/proc/PID/task/*/children`.
+fn children_of(parent: u32) -> BTreeSet<u32> {
+    let mut found = BTreeSet::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+        return found;
+    };
+    for task in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            found.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    found
+}
+
+/// The zombie worker processes whose parent is this test process.
+fn zombie_workers() -> Vec<(u32, Stat)> {
+    let me = std::process::id();
+    let mut zombies = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(s) = stat(pid)
+            && s.ppid == me
+            && s.state == 'Z'
+            && s.comm == WORKER_COMM
+        {
+            zombies.push((pid, s));
+        }
+    }
+    zombies
+}
+
+/// Whether `pid` is a worker of this process that still exists, alive or as a zombie (a pid
+/// reused by an unrelated process does not count).
+fn still_our_worker(pid: u32) -> bool {
+    stat(pid).is_some_and(|s| s.ppid == std::process::id() && s.comm == WORKER_COMM)
+}
+
+/// Containment of one live worker of this test process, read from `/proc`.
+fn assert_contained(pid: u32) {
+    let s = stat(pid).unwrap_or_else(|| panic!("worker {pid} is listed but has no /proc entry"));
+    assert_ne!(
+        s.state, 'Z',
+        "worker {pid} is listed as live but is a zombie"
+    );
+    assert_eq!(s.comm, WORKER_COMM, "worker {pid} runs the worker binary");
+    assert_eq!(
+        s.ppid,
+        std::process::id(),
+        "worker {pid} is a child of its host"
+    );
+    assert_eq!(s.pgrp, pid, "worker {pid} leads its own process group");
+
+    let environ = std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/environ: {e}"));
+    assert!(
+        environ.is_empty(),
+        "worker {pid} has an environment: {:?}",
+        String::from_utf8_lossy(&environ)
+    );
+
+    let fd_dir = format!("/proc/{pid}/fd");
+    let mut fds: Vec<u32> = std::fs::read_dir(&fd_dir)
+        .unwrap_or_else(|e| panic!("read {fd_dir}: {e}"))
+        .map(|e| {
+            e.expect("fd entry")
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse().ok())
+                .expect("numeric fd")
+        })
+        .collect();
+    fds.sort_unstable();
+    let targets: Vec<String> = fds
+        .iter()
+        .map(|fd| {
+            std::fs::read_link(format!("{fd_dir}/{fd}"))
+                .map(|t| t.display().to_string())
+                .unwrap_or_else(|e| format!("<{e}>"))
+        })
+        .collect();
+    assert_eq!(
+        fds,
+        [0, 1, 2, 3],
+        "worker {pid} holds exactly its channel and 0, 1, 2: {targets:?}"
+    );
+    for (fd, target) in targets.iter().enumerate().take(3) {
+        assert_eq!(target, "/dev/null", "worker {pid}: fd {fd} is /dev/null");
+    }
+    assert!(
+        targets[3].starts_with("socket:["),
+        "worker {pid}: fd 3 is its channel socket, not {}",
+        targets[3]
+    );
+}
+
+/// A fresh plugin directory under `target/udf-fixtures` (mode 0755) holding a copy of each
+/// `(source, file name)`; removed when the handle is dropped.
+fn plugin_dir_with(libraries: &[(&Path, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("isolation-")
+        .tempdir_in(fixture_dir())
+        .expect("create a plugin directory");
+    set_mode(dir.path(), 0o755);
+    for (src, name) in libraries {
+        let dst = dir.path().join(name);
+        std::fs::copy(src, &dst).expect("copy library");
+        set_mode(&dst, 0o755);
+    }
+    dir
+}
+
+/// Isolation as the in-process tests use it: the given call time limit, the worker binary of
+/// this build (the test binary lives in `target/<profile>/deps`, not next to it).
+fn isolated(call_timeout: Duration) -> Isolation {
+    Isolation::Process(WorkerLimits {
+        call_timeout,
+        worker_program: Some(udfsql_worker()),
+        ..Default::default()
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Every fixture isolated through `udfsql --isolate`.
+// ---------------------------------------------------------------------------------------------
+
+/// `udfsql --isolate --call-timeout SECS EXTRA... --plugin <fixture> --format csv
+/// -c "SELECT fault(1) AS x" -c "SELECT ok(41) AS y"`, with how long it took.
+fn isolated_run(case: &str, call_timeout: u64, extra: &[&str]) -> (Output, PathBuf, Duration) {
+    let library = faulty(case);
+    let binary = udfsql(); // built before the clock starts
+    assert!(binary.exists());
+    let timeout = call_timeout.to_string();
+    let mut args = vec!["--isolate", "--call-timeout", timeout.as_str()];
+    args.extend_from_slice(extra);
+    let lib = display(&library);
+    args.extend_from_slice(&[
+        "--plugin",
+        &lib,
+        "--format",
+        "csv",
+        "-c",
+        "SELECT fault(1) AS x",
+        "-c",
+        "SELECT ok(41) AS y",
+    ]);
+    let start = Instant::now();
+    let output = run(&args);
+    (output, canonical(&library), start.elapsed())
+}
+
+/// The run of a fixture whose `fault(1)` fails: udfsql exits with status 1 on its own (not killed
+/// by a signal), reports exactly one failed statement, naming the function and the library, and
+/// the next statement answers. Returns udfsql's stderr (the error may span lines) and how long
+/// the run took.
+fn fault_is_an_error(case: &str, call_timeout: u64, extra: &[&str]) -> (String, Duration) {
+    let (o, library, elapsed) = isolated_run(case, call_timeout, extra);
+    assert_eq!(
+        o.status.signal(),
+        None,
+        "{case}: udfsql itself was killed by a signal; stderr:\n{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{case}: a failed statement makes the exit status 1; stderr:\n{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        stdout(&o),
+        "y\n42\n",
+        "{case}: the failed statement prints nothing and the next one answers; stderr:\n{}",
+        stderr(&o)
+    );
+    let errors = error_lines(&o);
+    assert_eq!(
+        errors.len(),
+        1,
+        "{case}: exactly one statement fails: {}",
+        stderr(&o)
+    );
+    let named = format!("plugin function fault ({})", display(&library));
+    assert!(
+        errors[0].contains(&named),
+        "{case}: the error names the function and the library ({named}): {}",
+        errors[0]
+    );
+    (stderr(&o), elapsed)
+}
+
+/// A fixture whose worker dies of `signal`: `... crashed: SIGxxx`, and a hint at the memory limit.
+fn crashed(case: &str, signals: &[&str], extra: &[&str]) {
+    let (error, _) = fault_is_an_error(case, 60, extra);
+    let library = display(&canonical(&faulty(case)));
+    assert!(
+        signals
+            .iter()
+            .any(|s| error.contains(&format!("plugin function fault ({library}) crashed: {s}"))),
+        "{case}: the worker crashed with one of {signals:?}: {error}"
+    );
+    assert!(
+        error.contains("memory limit"),
+        "{case}: a crash of this kind mentions the memory limit: {error}"
+    );
+}
+
+#[test]
+fn isolated_null_write_is_a_sigsegv_error_and_the_next_statement_answers() {
+    crashed("NULL_WRITE", &["SIGSEGV"], &[]);
+}
+
+#[test]
+fn isolated_abort_is_a_sigabrt_error_and_the_next_statement_answers() {
+    crashed("ABORT", &["SIGABRT"], &[]);
+}
+
+#[test]
+fn isolated_sigkill_on_itself_is_a_sigkill_error_and_the_next_statement_answers() {
+    crashed("SIGKILL_SELF", &["SIGKILL"], &["--workers", "2"]);
+}
+
+/// malloc(64 GiB) fails under the worker's address-space limit and the plugin aborts; with a
+/// cgroup limit instead, the kernel's OOM killer sends SIGKILL while it writes.
+#[test]
+fn isolated_64_gib_allocation_dies_at_the_worker_memory_limit() {
+    crashed(
+        "ALLOC_64G",
+        &["SIGABRT", "SIGKILL"],
+        &["--worker-memory", "1024"],
+    );
+}
+
+#[test]
+fn isolated_exit_0_during_the_call_is_an_error_and_the_next_statement_answers() {
+    let (error, _) = fault_is_an_error("EXIT0", 60, &[]);
+    let library = display(&canonical(&faulty("EXIT0")));
+    let expected = format!(
+        "plugin function fault ({library}): its worker process exited with status 0 during the call"
+    );
+    assert!(error.contains(&expected), "{error}");
+}
+
+#[test]
+fn isolated_infinite_loop_is_killed_at_the_call_time_limit() {
+    let (error, elapsed) = fault_is_an_error("INFINITE_LOOP", 1, &[]);
+    assert!(error.contains("call time limit of 1 s"), "{error}");
+    assert!(error.contains("was killed"), "{error}");
+    assert!(
+        elapsed < PATIENCE,
+        "the call is given up after its 1 s limit, not {elapsed:?}"
+    );
+}
+
+/// The plugin closes fd 3, the worker's channel, and returns: the worker cannot answer and exits
+/// on its own with a non-zero status.
+#[test]
+fn isolated_closed_channel_is_an_exit_with_an_error_status() {
+    let (error, _) = fault_is_an_error("CLOSE_CHANNEL", 60, &[]);
+    assert!(error.contains("exited with status"), "{error}");
+    assert!(
+        !error.contains("exited with status 0 "),
+        "the worker reports its broken channel with a non-zero status: {error}"
+    );
+}
+
+#[test]
+fn isolated_garbage_on_the_channel_is_a_malformed_reply() {
+    let (error, _) = fault_is_an_error("GARBAGE_CHANNEL", 60, &[]);
+    assert!(error.contains("malformed reply"), "{error}");
+}
+
+/// The plugin forks (the child sleeps 30 s holding the channel socket, as a daemon would) and
+/// exits: the host learns of its worker's exit from the process itself (a pidfd), not from the
+/// socket's end of file, so the error comes at once and is not a call time-out.
+#[test]
+fn isolated_fork_and_exit_is_noticed_without_waiting_for_the_forked_child() {
+    let (error, elapsed) = fault_is_an_error("FORK_EXIT", 60, &[]);
+    assert!(error.contains("exited with status 0"), "{error}");
+    assert!(!error.contains("call time limit"), "{error}");
+    assert!(
+        elapsed < Duration::from_secs(25),
+        "the exit is noticed before the forked child (30 s) lets the socket go: {elapsed:?}"
+    );
+}
+
+/// Garbage written to the worker's stdout and stderr goes to /dev/null: both statements answer
+/// and udfsql's own output is clean.
+#[test]
+fn isolated_garbage_on_stdout_and_stderr_stays_out_of_the_output() {
+    let (o, _, _) = isolated_run("GARBAGE_STDIO", 60, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "x\n2\ny\n42\n", "stderr:\n{}", stderr(&o));
+    assert!(error_lines(&o).is_empty(), "{}", stderr(&o));
+    let marker = b"GARBAGE-FROM-FAULTY-PLUGIN";
+    for (name, bytes) in [("stdout", &o.stdout), ("stderr", &o.stderr)] {
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker),
+            "the plugin's garbage reached udfsql's {name}"
+        );
+        assert!(
+            std::str::from_utf8(bytes).is_ok(),
+            "udfsql's {name} is not UTF-8 text"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. The contrast: the same fixtures loaded in-process take udfsql down.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn not_isolated_the_same_fixtures_kill_udfsql() {
+    for (case, signal) in [("NULL_WRITE", SIGSEGV), ("ABORT", SIGABRT)] {
+        let library = display(&faulty(case));
+        let o = run(&[
+            "--plugin",
+            &library,
+            "--format",
+            "csv",
+            "-c",
+            "SELECT fault(1) AS x",
+            "-c",
+            "SELECT ok(41) AS y",
+        ]);
+        assert_eq!(
+            o.status.signal(),
+            Some(signal),
+            "{case} in-process kills udfsql with signal {signal}: {:?}; stderr:\n{}",
+            o.status,
+            stderr(&o)
+        );
+        assert!(
+            !stdout(&o).contains("42"),
+            "{case}: nothing runs after the crash"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Isolation chosen from SQL.
+// ---------------------------------------------------------------------------------------------
+
+/// `AS 'lib.so#fn#isolation=process'` (also with a SHA-256 pin) isolates one function; the
+/// directory's own load at start-up (no `--isolate`) and `#isolation=none` are in-process;
+/// `plugin_functions` and `EXPLAIN` show the mode.
+#[test]
+fn isolation_chosen_in_create_function() {
+    let abort = faulty("ABORT");
+    let dir = plugin_dir_with(&[(&abort, "libfaulty_abort.so")]);
+    let library = canonical(&dir.path().join("libfaulty_abort.so"));
+    let digest = sha256sum(&library);
+    let create_fault = format!(
+        "CREATE FUNCTION sql_fault(BIGINT) RETURNS BIGINT LANGUAGE plugin \
+         AS 'libfaulty_abort.so#fault#isolation=process#sha256={digest}'"
+    );
+    let o = run(&[
+        "--plugin-dir",
+        &display(dir.path()),
+        "--format",
+        "csv",
+        "-c",
+        &create_fault,
+        "-c",
+        "CREATE FUNCTION sql_ok(BIGINT) RETURNS BIGINT LANGUAGE plugin \
+         AS 'libfaulty_abort.so#ok#isolation=process'",
+        "-c",
+        "CREATE FUNCTION sql_inline(BIGINT) RETURNS BIGINT LANGUAGE plugin \
+         AS 'libfaulty_abort.so#isolation=none#ok'",
+        "-c",
+        "SELECT sql_fault(1) AS x",
+        "-c",
+        "SELECT sql_ok(41) AS y",
+        "-c",
+        "SELECT name, isolation FROM plugin_functions ORDER BY name",
+        "-c",
+        "EXPLAIN SELECT sql_ok(41)",
+    ]);
+    assert_eq!(o.status.signal(), None, "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let errors = error_lines(&o);
+    assert_eq!(
+        errors.len(),
+        1,
+        "only SELECT sql_fault fails: {}",
+        stderr(&o)
+    );
+    let expected = format!(
+        "plugin function sql_fault ({}) crashed: SIGABRT",
+        display(&library)
+    );
+    assert!(errors[0].contains(&expected), "{}", errors[0]);
+    assert!(stderr(&o).contains("memory limit"), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("y\n42\n"),
+        "the next query answers: {out}\nstderr:\n{}",
+        stderr(&o)
+    );
+    assert!(
+        out.contains(
+            "name,isolation\nfault,none\nok,none\nsql_fault,process\nsql_inline,none\nsql_ok,process\n"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("isolated"),
+        "EXPLAIN shows the isolated call: {out}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Isolation from the API, and containment observed in /proc.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_isolated_faults_are_errors_workers_are_replaced_contained_and_reaped() {
+    let _serial = IN_PROCESS_WORKERS.lock().await;
+    // The service and corpus tests, if they ran first, dropped their pools: no workers remain.
+    wait_for_async(PATIENCE, "the workers of earlier tests to be gone", || {
+        none_of(udf_engine::live_worker_pids())
+    })
+    .await;
+    for case in ["SIGKILL_SELF", "INFINITE_LOOP"] {
+        let library = faulty(case);
+        let ctx = SessionContext::new();
+        let registered =
+            udf_engine::register_plugin_with(&ctx, &library, &isolated(Duration::from_secs(1)))
+                .unwrap_or_else(|e| panic!("{case}: register isolated: {e}"));
+        let names: BTreeSet<_> = registered.iter().map(|r| r.sql_name.as_str()).collect();
+        assert_eq!(names, BTreeSet::from(["fault", "ok"]), "{case}");
+
+        // Before: the pool answers.
+        assert_eq!(rows(&ctx, "SELECT ok(1) AS v").await, expect(&[&["2"]]));
+
+        // The fault is an error naming the function, the library and what happened, within a
+        // bounded time.
+        let start = Instant::now();
+        let error = match query(&ctx, "SELECT fault(1) AS v").await {
+            Ok(batches) => panic!("{case}: fault(1) answered {batches:?}"),
+            Err(e) => e.to_string(),
+        };
+        let elapsed = start.elapsed();
+        let named = format!("plugin function fault ({})", display(&canonical(&library)));
+        assert!(error.contains(&named), "{case}: {error}");
+        match case {
+            "SIGKILL_SELF" => {
+                assert!(
+                    error.contains(&format!("{named} crashed: SIGKILL")),
+                    "{error}"
+                );
+                assert!(error.contains("memory limit"), "{error}");
+            }
+            _ => {
+                assert!(error.contains("call time limit of 1 s"), "{error}");
+                assert!(error.contains("was killed"), "{error}");
+            }
+        }
+        assert!(elapsed < PATIENCE, "{case}: the fault took {elapsed:?}");
+
+        // After: the pool replaced the worker; one row and many batches both answer.
+        assert_eq!(rows(&ctx, "SELECT ok(1) AS v").await, expect(&[&["2"]]));
+        assert_eq!(
+            rows(
+                &ctx,
+                "SELECT sum(ok(value)) AS s FROM generate_series(1, 10000)"
+            )
+            .await,
+            expect(&[&["50015000"]]),
+            "{case}"
+        );
+
+        // Containment of every live worker.
+        let live = udf_engine::live_worker_pids();
+        assert!(!live.is_empty(), "{case}: the pool has live workers");
+        for &pid in &live {
+            assert_contained(pid);
+        }
+
+        // The dead worker was reaped: no zombie children.
+        wait_for_async(Duration::from_secs(10), "no zombie workers", || {
+            none_of(zombie_workers())
+        })
+        .await;
+
+        // Dropping the session (the pool's last user) kills and reaps its workers.
+        drop(registered);
+        drop(ctx);
+        wait_for_async(
+            PATIENCE,
+            "the dropped pool's workers to be gone and reaped",
+            || {
+                none_of(
+                    live.iter()
+                        .filter_map(|&pid| stat(pid).map(|s| (pid, s)))
+                        .filter(|(pid, _)| still_our_worker(*pid))
+                        .collect(),
+                )
+            },
+        )
+        .await;
+        let still_listed: Vec<u32> = udf_engine::live_worker_pids()
+            .into_iter()
+            .filter(|pid| live.contains(pid))
+            .collect();
+        assert!(
+            still_listed.is_empty(),
+            "{case}: dropped workers are still listed: {still_listed:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Workers die with their host.
+// ---------------------------------------------------------------------------------------------
+
+/// A child process, killed and reaped if the test fails while it runs.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// udfsql is SIGKILLed while its worker loops inside a call: the worker gets SIGKILL from the
+/// kernel (PR_SET_PDEATHSIG) instead of spinning on as an orphan.
+#[test]
+fn workers_die_with_a_killed_host() {
+    let library = display(&faulty("INFINITE_LOOP"));
+    let mut host = Reaped(
+        udfsql_command(&[
+            "--isolate",
+            "--call-timeout",
+            "60",
+            "--plugin",
+            &library,
+            "-c",
+            "SELECT fault(1)",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn udfsql"),
+    );
+    let host_pid = host.0.id();
+    // A worker counts once it runs the worker binary (after exec: its death signal is set).
+    let workers: Vec<u32> = wait_for(PATIENCE, "udfsql to start a worker", || {
+        if let Ok(Some(status)) = host.0.try_wait() {
+            panic!("udfsql ended before a worker appeared: {status:?}");
+        }
+        let children = children_of(host_pid);
+        let found: Vec<u32> = children
+            .iter()
+            .copied()
+            .filter(|&pid| stat(pid).is_some_and(|s| s.comm == WORKER_COMM))
+            .collect();
+        if found.is_empty() {
+            Err(format!("children of udfsql: {children:?}"))
+        } else {
+            Ok(found)
+        }
+    });
+    host.0.kill().expect("SIGKILL udfsql");
+    let status = host.0.wait().expect("wait for udfsql");
+    assert_eq!(status.signal(), Some(SIGKILL), "{status:?}");
+    // Gone, or a zombie whose new parent (PID 1 of a container, say) does not reap.
+    wait_for(PATIENCE, "the orphaned workers to die", || {
+        none_of(
+            workers
+                .iter()
+                .filter_map(|&pid| stat(pid).map(|s| (pid, s)))
+                .filter(|(_, s)| s.comm == WORKER_COMM && s.state != 'Z')
+                .collect(),
+        )
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. The HTTP service, isolated by default.
+// ---------------------------------------------------------------------------------------------
+
+struct Server {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The plugin directory, removed after the server stopped.
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// A service whose plugin directory holds only `library` (as `file_name`).
+    async fn start(library: &Path, file_name: &str) -> Server {
+        let dir = plugin_dir_with(&[(library, file_name)]);
+        let config = Config {
+            plugin_dirs: vec![dir.path().to_path_buf()],
+            isolation: isolated(WorkerLimits::default().call_timeout),
+            ..Config::default()
+        };
+        let state = AppState::new(config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(udf_service::serve(
+            listener,
+            udf_service::router(state),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        Server {
+            addr,
+            shutdown: Some(tx),
+            task,
+            dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let result = tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("graceful shutdown finishes")
+            .unwrap();
+        result.unwrap();
+    }
+}
+
+async fn post_sql(client: &reqwest::Client, url: &str, sql: &str) -> (u16, Value) {
+    let response = client
+        .post(url)
+        .header("content-type", "text/plain")
+        .body(sql.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// Eight clients at once, each asking `ok(i)`: all answered, correctly.
+async fn eight_clients_answered(server: &Server, round: &str) {
+    let url = server.url("/query");
+    let clients: Vec<_> = (0..8i64)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                post_sql(&client, &url, &format!("SELECT ok({i}) AS v")).await
+            })
+        })
+        .collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        let (status, body) = client.await.unwrap();
+        assert_eq!(
+            (status, body),
+            (200, json!([{"v": i + 1}])),
+            "{round}: client {i}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_service_answers_a_crash_with_json_and_keeps_serving_eight_clients() {
+    let _serial = IN_PROCESS_WORKERS.lock().await;
+    for (case, signal) in [
+        ("ABORT", "SIGABRT"),
+        ("SIGKILL_SELF", "SIGKILL"),
+        ("NULL_WRITE", "SIGSEGV"),
+    ] {
+        let file_name = format!("libfaulty_{}.so", case.to_lowercase());
+        let server = Server::start(&faulty(case), &file_name).await;
+        let library = canonical(&server.dir.path().join(&file_name));
+        let client = reqwest::Client::new();
+        let query = server.url("/query");
+        for round in ["first", "second"] {
+            let (status, body) = post_sql(&client, &query, "SELECT fault(1) AS v").await;
+            assert_eq!(status, 400, "{case} {round}: {body}");
+            let error = body["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{case} {round}: no error text: {body}"));
+            let expected = format!(
+                "plugin function fault ({}) crashed: {signal}",
+                display(&library)
+            );
+            assert!(error.contains(&expected), "{case} {round}: {error}");
+            eight_clients_answered(&server, &format!("{case} {round}")).await;
+        }
+        let health: Value = client
+            .get(server.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(health, json!({"status": "ok"}), "{case}");
+        server.stop().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. The misbehaving-result corpus, isolated and in-process.
+// ---------------------------------------------------------------------------------------------
+
+fn corpus() -> PathBuf {
+    c_library("batch_misbehaving", "batch_misbehaving.c", &[])
+}
+
+const INTS: [Option<i64>; 4] = [Some(1), None, Some(3), Some(-4)];
+const STRS: [Option<&str>; 4] = [Some("one"), None, Some("três"), Some("")];
+
+/// A session with `boundary.rs`'s table `t(x BIGINT, s VARCHAR)` and the corpus registered.
+fn corpus_session(
+    isolation: &Isolation,
+    label: &str,
+) -> (SessionContext, Vec<udf_engine::Registration>) {
+    let ctx = SessionContext::new();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("x", DataType::Int64, true),
+        Field::new("s", DataType::Utf8, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(Int64Array::from(INTS.to_vec())),
+            Arc::new(StringArray::from(STRS.to_vec())),
+        ],
+    )
+    .unwrap();
+    ctx.register_table(
+        "t",
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
+    let registered = udf_engine::register_plugin_with(&ctx, corpus().as_path(), isolation)
+        .unwrap_or_else(|e| panic!("register the corpus {label}: {e}"));
+    (ctx, registered)
+}
+
+/// A query's whole outcome: the table it answers, or its error text.
+async fn outcome(ctx: &SessionContext, sql: &str) -> Result<String, String> {
+    match query(ctx, sql).await {
+        Ok(batches) => Ok(pretty_format_batches(&batches).expect("format").to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Every one-argument function of the corpus (all but the call counter, whose count is per
+/// process) answers the same table, or fails with the same error text, isolated and in-process;
+/// the isolated session answers after every case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_misbehaving_corpus_answers_alike_isolated_and_in_process() {
+    let _serial = IN_PROCESS_WORKERS.lock().await;
+    let (local, local_functions) = corpus_session(&Isolation::InProcess, "in-process");
+    let (remote, remote_functions) = corpus_session(&isolated(Duration::from_secs(30)), "isolated");
+    let names = |r: &[udf_engine::Registration]| -> Vec<String> {
+        r.iter().map(|f| f.sql_name.clone()).collect()
+    };
+    assert_eq!(names(&local_functions), names(&remote_functions));
+
+    let (mut answers, mut errors) = (0, 0);
+    for f in &local_functions {
+        if f.signature.arg_types.len() != 1 || f.sql_name == "counter" {
+            continue;
+        }
+        let column = if f.signature.arg_types[0] == udf_abi::v2::UdfType::Utf8 {
+            "s"
+        } else {
+            "x"
+        };
+        let sql = format!("SELECT {}({column}) AS r FROM t", f.sql_name);
+        let expected = outcome(&local, &sql).await;
+        let got = outcome(&remote, &sql).await;
+        assert_eq!(got, expected, "{}: isolated vs in-process", f.sql_name);
+        match expected {
+            Ok(_) => answers += 1,
+            Err(_) => errors += 1,
+        }
+        assert_eq!(
+            outcome(&remote, "SELECT ok_int(x) AS r FROM t").await,
+            outcome(&local, "SELECT ok_int(x) AS r FROM t").await,
+            "the isolated session answers after {}",
+            f.sql_name
+        );
+    }
+    assert!(
+        answers >= 5 && errors >= 30,
+        "the corpus was run: {answers} answers, {errors} errors"
+    );
+}
