@@ -6,6 +6,7 @@
 
 #[allow(unsafe_code)] // `dlopen` of the datafusion-ffi peer: its symbols, called with their types
 pub mod dffi;
+pub mod isobench;
 pub mod opbench;
 pub mod plain;
 
@@ -138,6 +139,8 @@ pub fn built(package: &str) -> PathBuf {
         // The datafusion-ffi peer is no udfsql plugin: its name keeps it out of the example
         // plugin directory (`libudf_plugin_*`).
         cmd.args(["-p", "udf-bench-dffi-peer"]);
+        // The worker program of isolated functions (`isobench`).
+        cmd.args(["-p", "udf-engine", "--bin", "udfsql-worker"]);
         assert!(
             cmd.status().expect("cargo build").success(),
             "building the plugins failed"

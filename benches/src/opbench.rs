@@ -215,7 +215,7 @@ pub fn projection_elapsed_compute(plan: &str) -> Result<f64> {
 }
 
 /// Runs `EXPLAIN ANALYZE` of `sql` and returns the text of its plan with metrics.
-async fn explain_analyze(ctx: &SessionContext, sql: &str) -> Result<String> {
+pub async fn explain_analyze(ctx: &SessionContext, sql: &str) -> Result<String> {
     let batches = ctx
         .sql(&format!("EXPLAIN ANALYZE {sql}"))
         .await?
@@ -250,7 +250,7 @@ async fn wall_time(ctx: &SessionContext, sql: &str) -> Result<f64> {
     Ok(nanos)
 }
 
-fn median(samples: &[f64]) -> Option<f64> {
+pub fn median(samples: &[f64]) -> Option<f64> {
     if samples.is_empty() {
         return None;
     }

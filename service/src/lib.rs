@@ -296,27 +296,49 @@ async fn query(
     let body = body.map_err(|r| ApiError::Body(r.status(), r.body_text()))?;
     let sql = sql_of(&headers, &body)?;
     let format = format_of(&state, &params, &headers);
-    // The query's isolated calls stop when it ends early: at the time limit, or when the client
-    // goes away and this future is dropped.
     let cancel = CallCancel::new();
-    let _cancel_on_drop = cancel.cancel_on_drop();
     let ctx = state.request_context(&cancel)?;
     let started = Instant::now();
     let limit = state.config.time_limit;
-    let run = async {
+    // The query runs as a task of its own, so that the time limit fires even while the query
+    // waits inside a plugin call; when the limit passes or the client goes away (this future is
+    // dropped), the guard aborts the task and cancels its isolated calls (their workers are
+    // killed at once).
+    let task = tokio::spawn(async move {
         let df = ctx.sql_with_options(&sql, request_options()).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
         Ok::<_, DataFusionError>((schema, batches))
+    });
+    let _stop = StopOnDrop {
+        task: task.abort_handle(),
+        cancel,
     };
-    let (schema, batches) = tokio::time::timeout(limit, run)
+    let (schema, batches) = tokio::time::timeout(limit, task)
         .await
-        .map_err(|_| ApiError::Timeout(limit))??;
+        .map_err(|_| ApiError::Timeout(limit))?
+        .map_err(|e| ApiError::Internal(format!("the query task failed: {e}")))??;
     let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
     tracing::debug!(rows, elapsed = ?started.elapsed(), "query answered");
     match format {
         OutputFormat::Json => json_rows(&batches),
         OutputFormat::Arrow => arrow_stream(&schema, &batches),
+    }
+}
+
+/// Stops a query that has not finished when the request ends: aborts its task and cancels its
+/// isolated plugin calls (a no-op for a query that finished).
+struct StopOnDrop {
+    task: tokio::task::AbortHandle,
+    cancel: CallCancel,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if !self.task.is_finished() {
+            self.task.abort();
+            self.cancel.cancel();
+        }
     }
 }
 

@@ -783,12 +783,22 @@ struct Server {
 impl Server {
     /// A service whose plugin directory holds only `library` (as `file_name`).
     async fn start(library: &Path, file_name: &str) -> Server {
+        Server::start_with(library, file_name, |_| {}).await
+    }
+
+    /// [`start`](Self::start), with `configure` applied to the configuration.
+    async fn start_with(
+        library: &Path,
+        file_name: &str,
+        configure: impl FnOnce(&mut Config),
+    ) -> Server {
         let dir = plugin_dir_with(&[(library, file_name)]);
-        let config = Config {
+        let mut config = Config {
             plugin_dirs: vec![dir.path().to_path_buf()],
             isolation: isolated(WorkerLimits::default().call_timeout),
             ..Config::default()
         };
+        configure(&mut config);
         let state = AppState::new(config).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -986,4 +996,175 @@ async fn the_misbehaving_corpus_answers_alike_isolated_and_in_process() {
         answers >= 5 && errors >= 30,
         "the corpus was run: {answers} answers, {errors} errors"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Cancellation: Ctrl-C in the REPL and the service's time limit stop a running isolated call
+//    at once (the call time limit is far away), kill its worker, and the next query answers.
+// ---------------------------------------------------------------------------------------------
+
+/// The workers among the children of `parent` that are alive (not zombies).
+fn live_workers_of(parent: u32) -> Vec<u32> {
+    children_of(parent)
+        .into_iter()
+        .filter(|&pid| stat(pid).is_some_and(|s| s.comm == WORKER_COMM && s.state != 'Z'))
+        .collect()
+}
+
+#[test]
+fn ctrl_c_in_the_repl_cancels_a_running_isolated_call_and_kills_its_worker() {
+    let library = display(&faulty("INFINITE_LOOP"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(udfsql());
+    cmd.args(["--isolate", "--call-timeout", "600", "--plugin", &library])
+        .env("UDFSQL_HISTORY", dir.path().join("history"))
+        .env("TERM", "dumb");
+    let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).expect("spawn in a pty");
+    p.exp_string("udfsql> ").unwrap();
+    // This test's udfsql among this process's children: the only one with that call time limit.
+    let host = wait_for(PATIENCE, "the udfsql process", || {
+        let found: Vec<u32> = children_of(std::process::id())
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == b"600"))
+            })
+            .collect();
+        match found.as_slice() {
+            [pid] => Ok(*pid),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    p.send_line("SELECT fault(1);").unwrap();
+    // Running: the looping worker is on the CPU ('R'); an idle one sleeps reading its channel.
+    let busy = wait_for(PATIENCE, "a worker running the call", || {
+        let found: Vec<u32> = live_workers_of(host)
+            .into_iter()
+            .filter(|&pid| stat(pid).is_some_and(|s| s.state == 'R'))
+            .collect();
+        if found.is_empty() {
+            Err("no worker yet".to_string())
+        } else {
+            Ok(found)
+        }
+    });
+    let sent = Instant::now();
+    p.send_control('c').unwrap();
+    p.exp_string("statement cancelled (Ctrl-C)").unwrap();
+    // Killed and reaped by udfsql: neither alive nor a zombie child of udfsql.
+    wait_for(PATIENCE, "the cancelled worker to be reaped", || {
+        none_of(
+            busy.iter()
+                .copied()
+                .filter(|&pid| stat(pid).is_some_and(|s| s.ppid == host))
+                .collect(),
+        )
+    });
+    assert!(
+        sent.elapsed() < PATIENCE,
+        "cancelling took {:?}",
+        sent.elapsed()
+    );
+    p.send_line("SELECT ok(41) AS answer;").unwrap();
+    p.exp_string("| 42     |").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_time_limit_cancels_a_running_isolated_call_and_kills_its_worker() {
+    let _serial = IN_PROCESS_WORKERS.lock().await;
+    let server = Server::start_with(&faulty("INFINITE_LOOP"), "libfaulty_loop.so", |c| {
+        c.time_limit = Duration::from_millis(500);
+        c.isolation = isolated(Duration::from_secs(600));
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let query = server.url("/query");
+    // Four requests at once, more than the runtime's two threads: each is answered at its time
+    // limit, none waits for another's stuck call.
+    let started = Instant::now();
+    let requests: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, query) = (client.clone(), query.clone());
+            tokio::spawn(async move { post_sql(&client, &query, "SELECT fault(1) AS v").await })
+        })
+        .collect();
+    // The pool's two workers, both looping in a call by now or soon.
+    let busy = wait_for_async(PATIENCE, "two workers", || {
+        let pids = udf_engine::live_worker_pids();
+        if pids.len() >= 2 {
+            Ok(pids)
+        } else {
+            Err(format!("{pids:?}"))
+        }
+    })
+    .await;
+    for request in requests {
+        let (status, body) = request.await.unwrap();
+        assert_eq!(status, 408, "{body}");
+    }
+    assert!(
+        started.elapsed() < PATIENCE,
+        "answered after {:?}",
+        started.elapsed()
+    );
+    // The workers of the cancelled calls were killed and reaped (the pool starts new ones).
+    wait_for_async(PATIENCE, "the cancelled workers to be gone", || {
+        none_of(
+            busy.iter()
+                .copied()
+                .filter(|&pid| stat(pid).is_some())
+                .collect(),
+        )
+    })
+    .await;
+    assert_eq!(zombie_workers(), vec![]);
+    eight_clients_answered(&server, "after the time limit").await;
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Concurrency: the partitions of one query call distinct workers at the same time.
+// ---------------------------------------------------------------------------------------------
+
+/// Two partitions, each one batch; `fault` of the SLOW fixture sleeps 300 ms per call. With a
+/// pool of two, both calls run at once in two workers (a pool that serialised calls, or a lock
+/// held during a call, would use one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partitions_of_a_query_use_distinct_workers_at_once() {
+    let _serial = IN_PROCESS_WORKERS.lock().await;
+    wait_for_async(PATIENCE, "no workers left by other tests", || {
+        none_of(udf_engine::live_worker_pids())
+    })
+    .await;
+    let config = datafusion::prelude::SessionConfig::new().with_target_partitions(2);
+    let ctx = SessionContext::new_with_config(config);
+    let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+    let partition = |v: i64| {
+        vec![
+            RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![Arc::new(Int64Array::from(vec![v]))],
+            )
+            .unwrap(),
+        ]
+    };
+    let table = MemTable::try_new(Arc::clone(&schema), vec![partition(1), partition(2)]).unwrap();
+    ctx.register_table("two", Arc::new(table)).unwrap();
+    let limits = Isolation::Process(WorkerLimits {
+        workers: Some(2),
+        worker_program: Some(udfsql_worker()),
+        ..Default::default()
+    });
+    udf_engine::register_plugin_with(&ctx, faulty("SLOW"), &limits).unwrap();
+    let answer = rows(&ctx, "SELECT fault(x) AS y FROM two ORDER BY y").await;
+    assert_eq!(answer, expect(&[&["2"], &["3"]]));
+    let workers = udf_engine::live_worker_pids();
+    assert_eq!(workers.len(), 2, "workers: {workers:?}");
+    drop(ctx);
+    wait_for_async(PATIENCE, "the pool's workers to be reaped", || {
+        none_of(udf_engine::live_worker_pids())
+    })
+    .await;
 }

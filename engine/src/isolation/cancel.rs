@@ -83,12 +83,6 @@ impl CallCancel {
         self.0.event.as_ref().map(|fd| fd.as_fd())
     }
 
-    /// A guard that cancels the token when dropped: a query future dropped before it finished
-    /// (a client gone, a time limit) stops its isolated calls too.
-    pub fn cancel_on_drop(&self) -> CancelOnDrop {
-        CancelOnDrop(self.clone())
-    }
-
     /// Installs this token in `config`: queries planned with it are cancelled by it.
     pub fn install(&self, config: &mut SessionConfig) {
         config.options_mut().extensions.insert(self.clone());
@@ -97,16 +91,6 @@ impl CallCancel {
     /// The token installed in a query's configuration, if any.
     pub fn of(config: &datafusion::config::ConfigOptions) -> Option<&CallCancel> {
         config.extensions.get::<CallCancel>()
-    }
-}
-
-/// Cancels its token when dropped (see [`CallCancel::cancel_on_drop`]).
-#[derive(Debug)]
-pub struct CancelOnDrop(CallCancel);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.cancel();
     }
 }
 

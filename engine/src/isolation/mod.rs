@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-pub use cancel::{CallCancel, CancelOnDrop};
+pub use cancel::CallCancel;
 pub use pool::{Fault, WorkerPool, live_worker_pids};
 pub use worker::worker_main;
 
@@ -116,5 +116,6 @@ pub fn pool_for(
     }
     let pool = Arc::new(WorkerPool::new(spec.clone()));
     pools.insert(spec, Arc::downgrade(&pool));
+    pool.warm();
     Ok(pool)
 }

@@ -17,7 +17,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::ArrayRef;
@@ -207,7 +207,7 @@ impl WorkerPool {
     /// Calls function `function` of the library in a worker; the result has type `returns` and
     /// `rows` rows.
     pub(crate) fn call(
-        &self,
+        self: &Arc<Self>,
         function: usize,
         path: CallPath,
         args: &[(ArrayRef, bool)],
@@ -228,8 +228,42 @@ impl WorkerPool {
             }
             Err(fault) => {
                 self.discard(worker);
+                self.warm();
                 Err(fault)
             }
+        }
+    }
+
+    /// Starts a worker in the background when the pool has no idle one and room for one: at
+    /// creation, so that the first query does not wait for a worker to start, and after a fault
+    /// replaced one.
+    pub(crate) fn warm(self: &Arc<Self>) {
+        {
+            let mut state = self.lock();
+            if !state.idle.is_empty() || state.live >= self.spec.size {
+                return;
+            }
+            state.live += 1;
+        }
+        let pool = Arc::downgrade(self);
+        let spec = self.spec.clone();
+        let started = std::thread::Builder::new()
+            .name("udfsql-worker-warm".into())
+            .spawn(move || {
+                let worker = Worker::start(&spec);
+                // A pool dropped meanwhile: the worker is dropped (killed and reaped) here.
+                let Some(pool) = pool.upgrade() else { return };
+                match worker {
+                    Ok(worker) => pool.checkin(worker),
+                    Err(fault) => {
+                        tracing::warn!(library = %spec.library.display(), ?fault, "cannot start a worker");
+                        pool.lock().live -= 1;
+                        pool.available.notify_one();
+                    }
+                }
+            });
+        if started.is_err() {
+            self.lock().live -= 1;
         }
     }
 
@@ -242,6 +276,9 @@ impl WorkerPool {
         let mut dead = Vec::new();
         let mut state = self.lock();
         loop {
+            if cancel.is_some_and(CallCancel::is_cancelled) {
+                return Err(Fault::Cancelled);
+            }
             while let Some(mut worker) = state.idle.pop() {
                 if worker.is_alive() {
                     drop(state);
@@ -261,9 +298,6 @@ impl WorkerPool {
                     self.lock().live -= 1;
                     self.available.notify_one();
                 });
-            }
-            if cancel.is_some_and(CallCancel::is_cancelled) {
-                return Err(Fault::Cancelled);
             }
             // Every worker is busy: wait for one, looking at the cancellation now and then.
             state = self
@@ -353,21 +387,24 @@ impl Worker {
         let child =
             spawn(command).map_err(|e| Fault::Start(format!("{}: {e}", spec.program.display())))?;
         let pid = Pid::from_child(&child);
-        let pidfd = match pidfd_open(pid, PidfdFlags::empty()) {
-            Ok(fd) => fd,
-            Err(e) => {
-                let mut child = child;
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(Fault::Start(format!("pidfd_open: {e}")));
-            }
-        };
-        host.set_nonblocking(true)
-            .map_err(|e| Fault::Start(format!("cannot set up the channel: {e}")))?;
         live()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(child.id());
+        // From here on, dropping `worker` kills and reaps the process.
+        let pidfd = match pidfd_open(pid, PidfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let mut child = child;
+                let _ = kill_process_group(pid, Signal::KILL);
+                let _ = child.wait();
+                live()
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&child.id());
+                return Err(Fault::Start(format!("pidfd_open: {e}")));
+            }
+        };
         let mut worker = Worker {
             child,
             pid,
@@ -376,6 +413,10 @@ impl Worker {
             buf: Vec::new(),
             status: None,
         };
+        worker
+            .channel
+            .set_nonblocking(true)
+            .map_err(|e| Fault::Start(format!("cannot set up the channel: {e}")))?;
         let deadline = Instant::now() + spec.call_timeout.max(Duration::from_secs(10));
         match worker.read_reply(None, deadline, None, spec) {
             Ok(Reply::Ready(n)) if n == spec.functions => Ok(worker),
@@ -461,13 +502,29 @@ impl Worker {
         cancel: Option<&CallCancel>,
         spec: &WorkerSpec,
     ) -> Result<Buffer, Stop> {
-        // Grow with what arrives, so that a bogus length costs nothing until bytes back it.
-        let mut body = Vec::with_capacity(len.min(1 << 20));
+        // Read straight into the spare capacity (no zeroing), grown with what arrives so that a
+        // bogus length costs nothing until bytes back it.
+        let mut body: Vec<u8> = Vec::new();
         while body.len() < len {
-            let have = body.len();
-            let chunk = (len - have).min(have.max(1 << 20));
-            body.resize(have + chunk, 0);
-            self.read_exact(&mut body[have..], deadline, cancel, spec)?;
+            if body.len() == body.capacity() {
+                body.reserve_exact((len - body.len()).min(body.len().max(1 << 20)));
+            }
+            match rustix::io::read(&self.channel, rustix::buffer::spare_capacity(&mut body)) {
+                Ok(0) => return Err(Stop::Closed),
+                Ok(_) => {}
+                Err(rustix::io::Errno::AGAIN) => {
+                    self.wait(PollFlags::IN, deadline, cancel, spec)?
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(_) => return Err(Stop::Closed),
+            }
+        }
+        if body.len() > len {
+            self.kill();
+            return Err(Stop::Fault(Fault::Malformed(format!(
+                "{} bytes past the end of a {len}-byte message",
+                body.len() - len
+            ))));
         }
         Ok(Buffer::from(body))
     }

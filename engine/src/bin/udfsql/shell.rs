@@ -13,6 +13,7 @@ use datafusion::error::DataFusionError;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::DFParser;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
+use futures::FutureExt;
 use udf_engine::PluginLoader;
 
 use crate::output::{self, Format};
@@ -41,7 +42,9 @@ pub struct Shell {
     pub timing: bool,
     /// Rows shown per result in table format; `None` shows all.
     pub max_rows: Option<usize>,
-    interrupt: Interrupt,
+    /// SIGINT, listened to from the start in interactive mode (so that a Ctrl-C just as a
+    /// statement starts cannot take the default action and end udfsql).
+    sigint: Option<tokio::sync::Mutex<tokio::signal::unix::Signal>>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -72,13 +75,23 @@ impl Shell {
         let ctx = SessionContext::new_with_config(config);
         let loader = Arc::new(loader);
         udf_engine::install(&ctx, Arc::clone(&loader))?;
+        let sigint = match interrupt {
+            Interrupt::Cancel => Some(tokio::sync::Mutex::new(
+                runtime
+                    .block_on(async {
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                    })
+                    .context("cannot listen for Ctrl-C")?,
+            )),
+            Interrupt::Default => None,
+        };
         Ok(Shell {
             ctx,
             loader,
             format,
             timing: false,
             max_rows: None,
-            interrupt,
+            sigint,
             runtime,
         })
     }
@@ -148,21 +161,31 @@ impl Shell {
         // Isolated calls of this statement stop when this token is cancelled (Ctrl-C below).
         let cancel = udf_engine::CallCancel::new();
         cancel.install(self.ctx.state_ref().write().config_mut());
-        let work = async {
+        let ctx = self.ctx.clone();
+        let work = async move {
             // Plugin DDL names follow DataFusion's identifier rules (quoted keep their case).
-            let df = udf_engine::execute_statement(&self.ctx, statement).await?;
+            let df = udf_engine::execute_statement(&ctx, statement).await?;
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
             Ok::<_, DataFusionError>((schema, df.collect().await?))
         };
-        match self.interrupt {
-            Interrupt::Default => Ok(work.await?),
-            Interrupt::Cancel => tokio::select! {
-                result = work => Ok(result?),
-                _ = tokio::signal::ctrl_c() => {
-                    cancel.cancel();
-                    bail!("statement cancelled (Ctrl-C)")
-                }
-            },
+        let Some(sigint) = &self.sigint else {
+            return Ok(work.await?);
+        };
+        let mut sigint = sigint.lock().await;
+        // A Ctrl-C from before this statement (at the prompt) is not for it.
+        while sigint.recv().now_or_never().is_some() {}
+        // The statement runs as a task of its own, so that Ctrl-C is seen even while it waits
+        // inside a plugin call; Ctrl-C cancels its isolated calls (their workers are killed at
+        // once) and aborts the task. (An in-process plugin call cannot be interrupted: its task
+        // ends when the call returns.)
+        let mut task = tokio::spawn(work);
+        tokio::select! {
+            joined = &mut task => Ok(joined.context("the statement's task failed")??),
+            _ = sigint.recv() => {
+                cancel.cancel();
+                task.abort();
+                bail!("statement cancelled (Ctrl-C)")
+            }
         }
     }
 
