@@ -279,3 +279,54 @@ pub fn faulty(case: &str) -> PathBuf {
 pub fn udfsql_worker() -> PathBuf {
     build_workspace().join(format!("udfsql-worker{}", std::env::consts::EXE_SUFFIX))
 }
+
+/// The HTTP service started on 127.0.0.1:0 inside the test process, stopped with [`stop`].
+///
+/// [`stop`]: TestServer::stop
+#[derive(Debug)]
+pub struct TestServer {
+    addr: std::net::SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    /// Starts the service with `config`.
+    pub async fn start(config: udf_service::Config) -> TestServer {
+        let state = udf_service::AppState::new(config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(udf_service::serve(
+            listener,
+            udf_service::router(state),
+            async move {
+                // The sender is dropped or sends: either way, shut down.
+                rx.await.ok();
+            },
+        ));
+        TestServer {
+            addr,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Shuts down gracefully (within 10 s) and checks the server ended without an error.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            // The server may have stopped already; then there is no receiver, which is fine.
+            tx.send(()).ok();
+        }
+        let result = tokio::time::timeout(std::time::Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("graceful shutdown finishes")
+            .unwrap();
+        result.unwrap();
+    }
+}

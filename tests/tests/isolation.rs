@@ -24,7 +24,6 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -38,9 +37,10 @@ use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use serde_json::{Value, json};
 use udf_engine::{Isolation, WorkerLimits};
-use udf_service::{AppState, Config};
+use udf_service::Config;
 use udf_tests::{
-    c_library, expect, faulty, fixture_dir, query, rows, set_mode, sha256sum, udfsql, udfsql_worker,
+    TestServer, c_library, expect, faulty, fixture_dir, query, rows, set_mode, sha256sum, udfsql,
+    udfsql_worker,
 };
 
 // Linux signal numbers (the same on every architecture udfsql builds for).
@@ -773,9 +773,7 @@ fn workers_die_with_a_killed_host() {
 // ---------------------------------------------------------------------------------------------
 
 struct Server {
-    addr: SocketAddr,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    inner: TestServer,
     /// The plugin directory, removed after the server stopped.
     dir: tempfile::TempDir,
 }
@@ -799,38 +797,18 @@ impl Server {
             ..Config::default()
         };
         configure(&mut config);
-        let state = AppState::new(config).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(udf_service::serve(
-            listener,
-            udf_service::router(state),
-            async move {
-                let _ = rx.await;
-            },
-        ));
         Server {
-            addr,
-            shutdown: Some(tx),
-            task,
+            inner: TestServer::start(config).await,
             dir,
         }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        self.inner.url(path)
     }
 
-    async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        let result = tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .expect("graceful shutdown finishes")
-            .unwrap();
-        result.unwrap();
+    async fn stop(self) {
+        self.inner.stop().await;
     }
 }
 

@@ -1,16 +1,15 @@
 //! The HTTP service started on 127.0.0.1:0 in-process, driven with real HTTP requests.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use udf_service::{AppState, Config};
-use udf_tests::example_plugin_dir;
+use udf_tests::{TestServer, example_plugin_dir};
 
+/// The service over the example plugins and a `people` CSV table; the table's directory lives
+/// as long as the server.
 struct Server {
-    addr: SocketAddr,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    inner: TestServer,
     _dir: tempfile::TempDir,
 }
 
@@ -25,38 +24,18 @@ impl Server {
             ..Config::default()
         };
         configure(&mut config);
-        let state = AppState::new(config).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(udf_service::serve(
-            listener,
-            udf_service::router(state),
-            async move {
-                let _ = rx.await;
-            },
-        ));
         Server {
-            addr,
-            shutdown: Some(tx),
-            task,
+            inner: TestServer::start(config).await,
             _dir: dir,
         }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        self.inner.url(path)
     }
 
-    async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        let result = tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .expect("graceful shutdown finishes")
-            .unwrap();
-        result.unwrap();
+    async fn stop(self) {
+        self.inner.stop().await;
     }
 }
 

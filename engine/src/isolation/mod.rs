@@ -82,6 +82,33 @@ impl Default for WorkerLimits {
     }
 }
 
+impl WorkerLimits {
+    /// The limits from command-line values, as `udfsql` and `udfsql-server` take them:
+    /// `--call-timeout SECS` (above 0), `--worker-memory MIB` (0 for no limit), `--workers N`
+    /// (at least 1). The error names the flag.
+    pub fn from_flags(
+        call_timeout_secs: f64,
+        worker_memory_mib: u64,
+        workers: Option<usize>,
+    ) -> Result<WorkerLimits, String> {
+        let call_timeout = Duration::try_from_secs_f64(call_timeout_secs)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                format!("--call-timeout {call_timeout_secs}: expected seconds above 0")
+            })?;
+        if workers == Some(0) {
+            return Err("--workers 0: expected at least one worker".to_string());
+        }
+        Ok(WorkerLimits {
+            call_timeout,
+            memory_mib: (worker_memory_mib > 0).then_some(worker_memory_mib),
+            workers,
+            worker_program: None,
+        })
+    }
+}
+
 /// The pool for `library` under `limits`, shared with every other function of the library that
 /// has the same limits; `target_partitions` sizes it when `limits.workers` is `None`. Fails when
 /// the worker program cannot be found.

@@ -505,20 +505,16 @@ impl Worker {
         // Read straight into the spare capacity (no zeroing), grown with what arrives so that a
         // bogus length costs nothing until bytes back it.
         let mut body: Vec<u8> = Vec::new();
-        while body.len() < len {
+        self.drive(PollFlags::IN, deadline, cancel, spec, |channel| {
             if body.len() == body.capacity() {
                 body.reserve_exact((len - body.len()).min(body.len().max(1 << 20)));
             }
-            match rustix::io::read(&self.channel, rustix::buffer::spare_capacity(&mut body)) {
-                Ok(0) => return Err(Stop::Closed),
-                Ok(_) => {}
-                Err(rustix::io::Errno::AGAIN) => {
-                    self.wait(PollFlags::IN, deadline, cancel, spec)?
-                }
-                Err(rustix::io::Errno::INTR) => {}
-                Err(_) => return Err(Stop::Closed),
+            let n = rustix::io::read(channel, rustix::buffer::spare_capacity(&mut body))?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-        }
+            Ok(body.len() >= len)
+        })?;
         if body.len() > len {
             self.kill();
             return Err(Stop::Fault(Fault::Malformed(format!(
@@ -536,18 +532,14 @@ impl Worker {
         cancel: Option<&CallCancel>,
         spec: &WorkerSpec,
     ) -> Result<(), Stop> {
-        while !buf.is_empty() {
-            match (&self.channel).read(buf) {
-                Ok(0) => return Err(Stop::Closed),
-                Ok(n) => buf = &mut buf[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.wait(PollFlags::IN, deadline, cancel, spec)?
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return Err(Stop::Closed),
+        self.drive(PollFlags::IN, deadline, cancel, spec, |mut channel| {
+            let n = channel.read(buf)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-        }
-        Ok(())
+            buf = &mut std::mem::take(&mut buf)[n..];
+            Ok(buf.is_empty())
+        })
     }
 
     fn write_all(
@@ -557,18 +549,38 @@ impl Worker {
         cancel: Option<&CallCancel>,
         spec: &WorkerSpec,
     ) -> Result<(), Stop> {
-        while !data.is_empty() {
-            match (&self.channel).write(data) {
-                Ok(0) => return Err(Stop::Closed),
-                Ok(n) => data = &data[n..],
+        self.drive(PollFlags::OUT, deadline, cancel, spec, |mut channel| {
+            let n = channel.write(data)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            data = &data[n..];
+            Ok(data.is_empty())
+        })
+    }
+
+    /// Runs `step` (one non-blocking read or write on the channel, `Ok(true)` when the transfer
+    /// is complete) until it completes, waiting for `interest` whenever the channel would block.
+    /// Any other error (the end of the channel, a reset) means the worker is gone.
+    fn drive(
+        &mut self,
+        interest: PollFlags,
+        deadline: Instant,
+        cancel: Option<&CallCancel>,
+        spec: &WorkerSpec,
+        mut step: impl FnMut(&UnixStream) -> std::io::Result<bool>,
+    ) -> Result<(), Stop> {
+        loop {
+            match step(&self.channel) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.wait(PollFlags::OUT, deadline, cancel, spec)?
+                    self.wait(interest, deadline, cancel, spec)?
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => return Err(Stop::Closed),
             }
         }
-        Ok(())
     }
 
     /// Waits until the channel is ready for `interest`, or the worker ends, the deadline

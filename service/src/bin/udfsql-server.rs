@@ -79,26 +79,12 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let call_timeout = Duration::try_from_secs_f64(args.call_timeout)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .with_context(|| {
-            format!(
-                "--call-timeout {}: expected seconds above 0",
-                args.call_timeout
-            )
-        })?;
-    if args.workers == Some(0) {
-        anyhow::bail!("--workers 0: expected at least one worker");
-    }
     let isolation = match args.isolation {
         IsolationArg::None => Isolation::InProcess,
-        IsolationArg::Process => Isolation::Process(WorkerLimits {
-            call_timeout,
-            memory_mib: (args.worker_memory > 0).then_some(args.worker_memory),
-            workers: args.workers,
-            worker_program: None,
-        }),
+        IsolationArg::Process => Isolation::Process(
+            WorkerLimits::from_flags(args.call_timeout, args.worker_memory, args.workers)
+                .map_err(anyhow::Error::msg)?,
+        ),
     };
     let config = Config {
         isolation,

@@ -164,24 +164,8 @@ fn run(args: Args) -> Result<bool> {
     let interactive =
         args.commands.is_empty() && args.files.is_empty() && std::io::stdin().is_terminal();
 
-    let call_timeout = std::time::Duration::try_from_secs_f64(args.call_timeout)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .with_context(|| {
-            format!(
-                "--call-timeout {}: expected seconds above 0",
-                args.call_timeout
-            )
-        })?;
-    if args.workers == Some(0) {
-        anyhow::bail!("--workers 0: expected at least one worker");
-    }
-    let limits = WorkerLimits {
-        call_timeout,
-        memory_mib: (args.worker_memory > 0).then_some(args.worker_memory),
-        workers: args.workers,
-        worker_program: None,
-    };
+    let limits = WorkerLimits::from_flags(args.call_timeout, args.worker_memory, args.workers)
+        .map_err(anyhow::Error::msg)?;
     let mut loader = PluginLoader::new().with_worker_limits(limits.clone());
     if args.isolate {
         loader = loader.with_isolation(Isolation::Process(limits));
