@@ -34,9 +34,10 @@ use datafusion::arrow::array::{Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use datafusion::datasource::MemTable;
+use datafusion::execution::FunctionRegistry;
 use datafusion::prelude::SessionContext;
 use serde_json::{Value, json};
-use udf_engine::{Isolation, WorkerLimits};
+use udf_engine::{CallPath, Isolation, PluginUdf, WorkerLimits};
 use udf_service::Config;
 use udf_tests::{
     TestServer, c_library, expect, faulty, fixture_dir, query, rows, set_mode, sha256sum, udfsql,
@@ -921,6 +922,22 @@ fn corpus_session(
     .unwrap();
     let registered = udf_engine::register_plugin_with(&ctx, corpus().as_path(), isolation)
         .unwrap_or_else(|e| panic!("register the corpus {label}: {e}"));
+    // Every function also as `<name>_row`: the row path, in the same pool when isolated.
+    for f in &registered {
+        let udf = ctx.udf(&f.sql_name).unwrap();
+        let plugin = udf.inner().downcast_ref::<PluginUdf>().unwrap();
+        let mut row = PluginUdf::new(
+            format!("{}_row", f.sql_name),
+            plugin.function().clone(),
+            plugin.volatility(),
+        )
+        .with_call_path(CallPath::Row);
+        if let Some(pool) = plugin.worker_pool() {
+            row = row.with_worker_pool(Arc::clone(pool));
+        }
+        assert_eq!(row.isolation_mode(), isolation.mode_name());
+        udf_engine::register_udf(&ctx, row);
+    }
     (ctx, registered)
 }
 
@@ -955,13 +972,15 @@ async fn the_misbehaving_corpus_answers_alike_isolated_and_in_process() {
         } else {
             "x"
         };
-        let sql = format!("SELECT {}({column}) AS r FROM t", f.sql_name);
-        let expected = outcome(&local, &sql).await;
-        let got = outcome(&remote, &sql).await;
-        assert_eq!(got, expected, "{}: isolated vs in-process", f.sql_name);
-        match expected {
-            Ok(_) => answers += 1,
-            Err(_) => errors += 1,
+        for name in [f.sql_name.clone(), format!("{}_row", f.sql_name)] {
+            let sql = format!("SELECT {name}({column}) AS r FROM t");
+            let expected = outcome(&local, &sql).await;
+            let got = outcome(&remote, &sql).await;
+            assert_eq!(got, expected, "{name}: isolated vs in-process");
+            match expected {
+                Ok(_) => answers += 1,
+                Err(_) => errors += 1,
+            }
         }
         assert_eq!(
             outcome(&remote, "SELECT ok_int(x) AS r FROM t").await,
@@ -971,9 +990,41 @@ async fn the_misbehaving_corpus_answers_alike_isolated_and_in_process() {
         );
     }
     assert!(
-        answers >= 5 && errors >= 30,
-        "the corpus was run: {answers} answers, {errors} errors"
+        answers >= 10 && errors >= 30,
+        "the corpus was run on both paths: {answers} answers, {errors} errors"
     );
+}
+
+/// The v1 (seed contract, row only) misbehaving results: the worker runs the row loop and the
+/// error texts are the in-process ones, for a constant and a column argument.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_v1_results_fail_alike_isolated_and_in_process() {
+    let _serial = IN_PROCESS_WORKERS.lock().await;
+    for case in [
+        "WRONG_RETURN_TYPE",
+        "WRONG_RETURN_TYPE_STRING",
+        "UNKNOWN_VALUE_TAG",
+        "NULL_STRING",
+        "INVALID_UTF8",
+        "NULL_ERROR",
+        "BAD_RESULT_TAG",
+        "BAD_BOOL",
+    ] {
+        let library = udf_tests::misbehaving(case);
+        let local = SessionContext::new();
+        let remote = SessionContext::new();
+        udf_engine::register_plugin_with(&local, &library, &Isolation::InProcess).unwrap();
+        udf_engine::register_plugin_with(&remote, &library, &isolated(Duration::from_secs(30)))
+            .unwrap();
+        for sql in [
+            "SELECT broken(1)",
+            "SELECT broken(x) FROM (VALUES (1), (2)) t(x)",
+        ] {
+            let expected = outcome(&local, sql).await;
+            assert!(expected.is_err(), "{case}: {sql} answered in-process");
+            assert_eq!(outcome(&remote, sql).await, expected, "{case}: {sql}");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
