@@ -12,8 +12,8 @@
 //!   ([`udf_engine::register_plugin_with`]) and through the HTTP service, whose default is
 //!   isolation;
 //! * with containment checked in `/proc`: a worker has an empty environment, only its channel
-//!   (fd 3) and `/dev/null` as 0, 1, 2, its own process group, is reaped (no zombies), and dies
-//!   with its host (`PR_SET_PDEATHSIG`);
+//!   (fd 3), `/dev/null` as 0 and 1 and a pipe to the host as 2, its own process group, is
+//!   reaped (no zombies), and dies with its host (`PR_SET_PDEATHSIG`);
 //! * and the misbehaving-result corpus of `boundary.rs` gives the same answers and the same error
 //!   texts isolated as in-process.
 //!
@@ -275,9 +275,14 @@ fn assert_contained(pid: u32) {
         [0, 1, 2, 3],
         "worker {pid} holds exactly its channel and 0, 1, 2: {targets:?}"
     );
-    for (fd, target) in targets.iter().enumerate().take(3) {
+    for (fd, target) in targets.iter().enumerate().take(2) {
         assert_eq!(target, "/dev/null", "worker {pid}: fd {fd} is /dev/null");
     }
+    assert!(
+        targets[2].starts_with("pipe:["),
+        "worker {pid}: fd 2 is the pipe whose end the host keeps for errors, not {}",
+        targets[2]
+    );
     assert!(
         targets[3].starts_with("socket:["),
         "worker {pid}: fd 3 is its channel socket, not {}",
@@ -381,7 +386,8 @@ fn fault_is_an_error(case: &str, call_timeout: u64, extra: &[&str]) -> (String, 
 }
 
 /// A fixture whose worker dies of `signal`: `... crashed: SIGxxx`, and a hint at the memory limit.
-fn crashed(case: &str, signals: &[&str], extra: &[&str]) {
+/// Returns the error line.
+fn crashed(case: &str, signals: &[&str], extra: &[&str]) -> String {
     let (error, _) = fault_is_an_error(case, 60, extra);
     let library = display(&canonical(&faulty(case)));
     assert!(
@@ -394,16 +400,26 @@ fn crashed(case: &str, signals: &[&str], extra: &[&str]) {
         error.contains("memory limit"),
         "{case}: a crash of this kind mentions the memory limit: {error}"
     );
+    error
 }
 
 #[test]
 fn isolated_null_write_is_a_sigsegv_error_and_the_next_statement_answers() {
-    crashed("NULL_WRITE", &["SIGSEGV"], &[]);
+    let error = crashed("NULL_WRITE", &["SIGSEGV"], &[]);
+    assert!(
+        !error.contains("stderr"),
+        "it wrote nothing to stderr: {error}"
+    );
 }
 
+/// ABORT writes a line to stderr before it aborts: the error quotes it.
 #[test]
-fn isolated_abort_is_a_sigabrt_error_and_the_next_statement_answers() {
-    crashed("ABORT", &["SIGABRT"], &[]);
+fn isolated_abort_is_a_sigabrt_error_that_quotes_its_last_stderr_line() {
+    let error = crashed("ABORT", &["SIGABRT"], &[]);
+    assert!(
+        error.contains(r#"its stderr ended with: "faulty: giving up""#),
+        "{error}"
+    );
 }
 
 #[test]
@@ -475,8 +491,8 @@ fn isolated_fork_and_exit_is_noticed_without_waiting_for_the_forked_child() {
     );
 }
 
-/// Garbage written to the worker's stdout and stderr goes to /dev/null: both statements answer
-/// and udfsql's own output is clean.
+/// Garbage written to the worker's stdout (/dev/null) and stderr (a pipe the host reads only for
+/// error messages): both statements answer and udfsql's own output is clean.
 #[test]
 fn isolated_garbage_on_stdout_and_stderr_stays_out_of_the_output() {
     let (o, _, _) = isolated_run("GARBAGE_STDIO", 60, &[]);

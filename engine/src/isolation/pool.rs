@@ -51,9 +51,11 @@ pub enum Fault {
         signal: i32,
         /// The worker's memory limit, in MiB.
         memory_mib: Option<u64>,
+        /// The last line the worker wrote to its stderr, if any.
+        stderr: Option<String>,
     },
-    /// The worker exited during the call.
-    Exited(i32),
+    /// The worker exited during the call: its status, and the last line it wrote to stderr.
+    Exited(i32, Option<String>),
     /// The worker sent something that is not a reply of the declared shape.
     Malformed(String),
     /// The call ran past the time limit; the worker was killed.
@@ -75,7 +77,11 @@ impl Fault {
             Fault::Load(message) => format!(
                 "plugin function {name} ({lib}): the isolated worker process could not load the library: {message}"
             ),
-            Fault::Crashed { signal, memory_mib } => {
+            Fault::Crashed {
+                signal,
+                memory_mib,
+                stderr,
+            } => {
                 let memory = match (signal_may_be_memory(*signal), memory_mib) {
                     (true, Some(mib)) => format!(
                         " (workers run with a memory limit of {mib} MiB; an allocation past it fails)"
@@ -83,19 +89,21 @@ impl Fault {
                     _ => String::new(),
                 };
                 format!(
-                    "plugin function {name} ({lib}) crashed: {} in its isolated worker process{memory}; \
+                    "plugin function {name} ({lib}) crashed: {} in its isolated worker process{memory}{}; \
                      the session lives on and a new worker serves the next call",
-                    signal_name(*signal)
+                    signal_name(*signal),
+                    said(stderr)
                 )
             }
-            Fault::Exited(code) => {
+            Fault::Exited(code, stderr) => {
                 let hint = if *code == i32::from(super::worker::EXIT_CHANNEL) {
                     " (its channel to the host broke: the plugin closed or used descriptor 3)"
                 } else {
                     ""
                 };
                 format!(
-                    "plugin function {name} ({lib}): its worker process exited with status {code} during the call{hint}"
+                    "plugin function {name} ({lib}): its worker process exited with status {code} during the call{hint}{}",
+                    said(stderr)
                 )
             }
             Fault::Malformed(detail) => format!(
@@ -110,6 +118,29 @@ impl Fault {
             ),
         }
     }
+}
+
+/// `; its last words on stderr: "..."` for an error message, or nothing.
+fn said(stderr: &Option<String>) -> String {
+    match stderr {
+        Some(line) => format!("; its stderr ended with: {line:?}"),
+        None => String::new(),
+    }
+}
+
+/// The most of a worker's stderr kept (the end of it).
+const STDERR_TAIL: usize = 2048;
+
+/// The last non-empty line of `tail`, lossy UTF-8, at most 300 characters.
+fn last_line(tail: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(tail);
+    let line = text.lines().map(str::trim).rfind(|l| !l.is_empty())?;
+    let line: String = line.chars().filter(|c| !c.is_control()).collect();
+    let mut end = line.len().min(300);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(line[..end].to_string())
 }
 
 fn seconds(d: Duration) -> String {
@@ -343,6 +374,10 @@ struct Worker {
     /// Non-blocking; every wait is a `poll` with the call's deadline.
     channel: UnixStream,
     pidfd: OwnedFd,
+    /// The read end of the worker's stderr (non-blocking), drained while calls wait.
+    stderr: Option<OwnedFd>,
+    /// The last [`STDERR_TAIL`] bytes read from it.
+    stderr_tail: Vec<u8>,
     /// The request and reply buffer, reused.
     buf: Vec<u8>,
     /// Set once the process has been reaped.
@@ -380,12 +415,14 @@ impl Worker {
             .arg(spec.sha256.to_string())
             .stdin(Stdio::from(OwnedFd::from(child_end)))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             // Its own process group: Ctrl-C at the terminal does not reach it, and a fault kills
             // what it forked along with it.
             .process_group(0);
         let child =
             spawn(command).map_err(|e| Fault::Start(format!("{}: {e}", spec.program.display())))?;
+        let mut child = child;
+        let stderr = child.stderr.take().map(OwnedFd::from);
         let pid = Pid::from_child(&child);
         live()
             .lock()
@@ -395,7 +432,6 @@ impl Worker {
         let pidfd = match pidfd_open(pid, PidfdFlags::empty()) {
             Ok(fd) => fd,
             Err(e) => {
-                let mut child = child;
                 let _ = kill_process_group(pid, Signal::KILL);
                 let _ = child.wait();
                 live()
@@ -410,6 +446,8 @@ impl Worker {
             pid,
             channel: host,
             pidfd,
+            stderr,
+            stderr_tail: Vec::new(),
             buf: Vec::new(),
             status: None,
         };
@@ -417,6 +455,10 @@ impl Worker {
             .channel
             .set_nonblocking(true)
             .map_err(|e| Fault::Start(format!("cannot set up the channel: {e}")))?;
+        if let Some(fd) = &worker.stderr {
+            rustix::io::ioctl_fionbio(fd, true)
+                .map_err(|e| Fault::Start(format!("cannot set up the worker's stderr: {e}")))?;
+        }
         let deadline = Instant::now() + spec.call_timeout.max(Duration::from_secs(10));
         match worker.read_reply(None, deadline, None, spec) {
             Ok(Reply::Ready(n)) if n == spec.functions => Ok(worker),
@@ -426,8 +468,9 @@ impl Worker {
             ))),
             Ok(Reply::Error(message)) => Err(Fault::Load(message)),
             Ok(Reply::Result(_)) => Err(Fault::Malformed("a result before any call".into())),
-            Err(Fault::Exited(code)) => Err(Fault::Start(format!(
-                "the worker exited with status {code} before it was ready"
+            Err(Fault::Exited(code, stderr)) => Err(Fault::Start(format!(
+                "the worker exited with status {code} before it was ready{}",
+                said(&stderr)
             ))),
             Err(fault) => Err(fault),
         }
@@ -583,6 +626,28 @@ impl Worker {
         }
     }
 
+    /// Reads what the worker has written to stderr so far, keeping the end of it (so that a
+    /// worker that writes a lot never blocks on a full pipe while a call waits).
+    fn drain_stderr(&mut self) {
+        let mut chunk = [0u8; 4096];
+        while let Some(fd) = &self.stderr {
+            match rustix::io::read(fd, &mut chunk) {
+                Ok(0) => {
+                    // Closed by the worker (and all it forked): stop polling it, or every poll
+                    // would return at once with POLLHUP.
+                    self.stderr = None;
+                }
+                Ok(n) => {
+                    self.stderr_tail.extend_from_slice(&chunk[..n]);
+                    let excess = self.stderr_tail.len().saturating_sub(STDERR_TAIL);
+                    self.stderr_tail.drain(..excess);
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
     /// Waits until the channel is ready for `interest`, or the worker ends, the deadline
     /// passes, or the query is cancelled.
     fn wait(
@@ -600,16 +665,18 @@ impl Worker {
             }
             let timeout = Timespec::try_from(deadline - now).unwrap_or_default();
             let cancel_fd = cancel.and_then(CallCancel::event);
-            let (ready_channel, ready_exit, ready_cancel) = {
+            let (ready_channel, ready_exit, ready_cancel, ready_stderr) = {
+                let pidfd = self.pidfd.as_fd();
                 let mut fds = [
                     PollFd::new(&self.channel, interest),
-                    PollFd::new(&self.pidfd, PollFlags::IN),
+                    PollFd::from_borrowed_fd(pidfd, PollFlags::IN),
                     PollFd::from_borrowed_fd(
-                        cancel_fd.unwrap_or_else(|| self.pidfd.as_fd()),
+                        self.stderr.as_ref().map_or(pidfd, |fd| fd.as_fd()),
                         PollFlags::IN,
                     ),
+                    PollFd::from_borrowed_fd(cancel_fd.unwrap_or(pidfd), PollFlags::IN),
                 ];
-                let n = if cancel_fd.is_some() { 3 } else { 2 };
+                let n = if cancel_fd.is_some() { 4 } else { 3 };
                 match poll(&mut fds[..n], Some(&timeout)) {
                     Ok(_) => {}
                     Err(rustix::io::Errno::INTR) => continue,
@@ -621,9 +688,13 @@ impl Worker {
                 (
                     !fds[0].revents().is_empty(),
                     !fds[1].revents().is_empty(),
-                    n == 3 && !fds[2].revents().is_empty(),
+                    n == 4 && !fds[3].revents().is_empty(),
+                    self.stderr.is_some() && !fds[2].revents().is_empty(),
                 )
             };
+            if ready_stderr {
+                self.drain_stderr();
+            }
             if ready_cancel || cancel.is_some_and(CallCancel::is_cancelled) {
                 self.kill();
                 return Err(Fault::Cancelled.into());
@@ -654,14 +725,18 @@ impl Worker {
             self.kill();
             return Fault::Malformed("it closed its channel and kept running".to_string());
         }
-        match self.reap() {
+        let status = self.reap();
+        self.drain_stderr();
+        let stderr = last_line(&self.stderr_tail);
+        match status {
             Some(status) => match (status.signal(), status.code()) {
                 (Some(signal), _) => Fault::Crashed {
                     signal,
                     memory_mib: spec.memory_mib,
+                    stderr,
                 },
-                (None, Some(code)) => Fault::Exited(code),
-                _ => Fault::Exited(-1),
+                (None, Some(code)) => Fault::Exited(code, stderr),
+                _ => Fault::Exited(-1, stderr),
             },
             None => Fault::Malformed("its process cannot be waited for".to_string()),
         }
