@@ -459,7 +459,8 @@ impl Worker {
             rustix::io::ioctl_fionbio(fd, true)
                 .map_err(|e| Fault::Start(format!("cannot set up the worker's stderr: {e}")))?;
         }
-        let deadline = Instant::now() + spec.call_timeout.max(Duration::from_secs(10));
+        let ready_within = spec.call_timeout.max(Duration::from_secs(10));
+        let deadline = Instant::now() + ready_within;
         match worker.read_reply(None, deadline, None, spec) {
             Ok(Reply::Ready(n)) if n == spec.functions => Ok(worker),
             Ok(Reply::Ready(n)) => Err(Fault::Load(format!(
@@ -471,6 +472,10 @@ impl Worker {
             Err(Fault::Exited(code, stderr)) => Err(Fault::Start(format!(
                 "the worker exited with status {code} before it was ready{}",
                 said(&stderr)
+            ))),
+            Err(Fault::TimedOut(_)) => Err(Fault::Start(format!(
+                "the worker was not ready within {} (loading the library took too long); it was killed",
+                seconds(ready_within)
             ))),
             Err(fault) => Err(fault),
         }
