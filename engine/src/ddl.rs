@@ -417,18 +417,22 @@ impl PluginFunctionFactory {
         }
         let loader = Arc::clone(&self.loader);
         let target = prepared.target.clone();
-        let load = move || loader.load_from_sql(&target.path, target.sha256.as_ref());
-        // Hashing and `dlopen` block: keep them off the async executor's threads.
-        let library = match tokio::runtime::Handle::try_current() {
+        let isolation = self.loader.isolation_for(prepared.target.isolate);
+        let partitions = state.config().target_partitions();
+        let load = move || -> Result<_, DdlError> {
+            let library = loader.load_from_sql(&target.path, target.sha256.as_ref())?;
+            let pool = crate::register::worker_pool(&library, &isolation, partitions)?;
+            Ok((library, pool))
+        };
+        // Hashing, `dlopen` and starting an isolated library's first worker block: keep them off
+        // the async executor's threads.
+        let (library, pool) = match tokio::runtime::Handle::try_current() {
             Ok(handle) => handle
                 .spawn_blocking(load)
                 .await
                 .map_err(|e| DdlError::Interrupted(e.to_string()))??,
             Err(_) => load()?,
         };
-        let isolation = self.loader.isolation_for(prepared.target.isolate);
-        let pool =
-            crate::register::worker_pool(&library, &isolation, state.config().target_partitions())?;
         let udf = Arc::new(ScalarUDF::new_from_impl(
             prepared.finish(stmt, &library, pool)?,
         ));

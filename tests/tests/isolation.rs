@@ -1224,3 +1224,42 @@ async fn the_partitions_of_a_query_use_distinct_workers_at_once() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 10. A library whose workers cannot run is refused when it is registered, naming why.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn registering_fails_at_once_when_the_worker_cannot_run() {
+    let library = udf_tests::plugin("square");
+    for (program, expected) in [
+        (
+            "/no/such/udfsql-worker",
+            "worker program /no/such/udfsql-worker",
+        ),
+        (
+            "/bin/false",
+            "cannot start a worker process: the worker exited with status 1 before it was ready",
+        ),
+    ] {
+        let ctx = SessionContext::new();
+        let isolation = Isolation::Process(WorkerLimits {
+            worker_program: Some(PathBuf::from(program)),
+            ..Default::default()
+        });
+        let error = udf_engine::register_plugin_with(&ctx, &library, &isolation)
+            .expect_err("the worker cannot run")
+            .to_string();
+        assert!(
+            error.contains(&format!(
+                "plugin library {} cannot be isolated",
+                display(&canonical(&library))
+            )) && error.contains(expected),
+            "{program}: {error}"
+        );
+        assert!(
+            ctx.udf("square").is_err(),
+            "{program}: nothing is registered"
+        );
+    }
+}

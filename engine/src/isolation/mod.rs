@@ -110,8 +110,9 @@ impl WorkerLimits {
 }
 
 /// The pool for `library` under `limits`, shared with every other function of the library that
-/// has the same limits; `target_partitions` sizes it when `limits.workers` is `None`. Fails when
-/// the worker program cannot be found.
+/// has the same limits; `target_partitions` sizes it when `limits.workers` is `None`. A new pool
+/// starts its first worker and waits until it is ready (a few milliseconds: see BENCHMARKS.md).
+/// Fails when the worker program cannot be found or the worker cannot load the library.
 pub fn pool_for(
     library: &Arc<PluginLibrary>,
     limits: &WorkerLimits,
@@ -133,16 +134,21 @@ pub fn pool_for(
         size: limits.workers.unwrap_or(target_partitions).max(1),
     };
     static POOLS: OnceLock<Mutex<HashMap<WorkerSpec, Weak<WorkerPool>>>> = OnceLock::new();
-    let mut pools = POOLS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    pools.retain(|_, pool| pool.strong_count() > 0);
-    if let Some(pool) = pools.get(&spec).and_then(Weak::upgrade) {
-        return Ok(pool);
-    }
-    let pool = Arc::new(WorkerPool::new(spec.clone()));
-    pools.insert(spec, Arc::downgrade(&pool));
-    pool.warm();
+    let pool = {
+        let mut pools = POOLS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        pools.retain(|_, pool| pool.strong_count() > 0);
+        if let Some(pool) = pools.get(&spec).and_then(Weak::upgrade) {
+            return Ok(pool);
+        }
+        let pool = Arc::new(WorkerPool::new(spec.clone()));
+        pools.insert(spec, Arc::downgrade(&pool));
+        pool
+    };
+    // Outside the registry's lock: a worker takes milliseconds to start. On failure the pool is
+    // dropped (and its registry entry with it).
+    pool.start_first().map_err(|fault| fault.reason())?;
     Ok(pool)
 }

@@ -65,6 +65,34 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// What went wrong, without the function's name (for errors about a whole library, such as
+    /// a pool whose first worker cannot start).
+    pub fn reason(&self) -> String {
+        match self {
+            Fault::Plugin(message) => message.clone(),
+            Fault::Start(message) => format!("cannot start a worker process: {message}"),
+            Fault::Load(message) => {
+                format!("the worker process could not load the library: {message}")
+            }
+            Fault::Crashed { signal, stderr, .. } => format!(
+                "the worker process crashed: {}{}",
+                signal_name(*signal),
+                said(stderr)
+            ),
+            Fault::Exited(code, stderr) => {
+                format!(
+                    "the worker process exited with status {code}{}",
+                    said(stderr)
+                )
+            }
+            Fault::Malformed(detail) => {
+                format!("the worker process sent a malformed reply ({detail})")
+            }
+            Fault::TimedOut(limit) => format!("no answer within {}", seconds(*limit)),
+            Fault::Cancelled => "cancelled".to_string(),
+        }
+    }
+
     /// The error text for function `name` of `library`, in the in-process path's shape
     /// ("plugin function f (lib.so): ...").
     pub fn describe(&self, name: &str, library: &Path) -> String {
@@ -265,9 +293,26 @@ impl WorkerPool {
         }
     }
 
-    /// Starts a worker in the background when the pool has no idle one and room for one: at
-    /// creation, so that the first query does not wait for a worker to start, and after a fault
-    /// replaced one.
+    /// Starts the pool's first worker and waits until it is ready: a pool is created when a
+    /// function is registered, which then fails at once if the worker cannot run (no program,
+    /// a library the worker refuses), and the first query finds a worker waiting.
+    pub(crate) fn start_first(&self) -> Result<(), Fault> {
+        self.lock().live += 1;
+        match Worker::start(&self.spec) {
+            Ok(worker) => {
+                self.checkin(worker);
+                Ok(())
+            }
+            Err(fault) => {
+                self.lock().live -= 1;
+                self.available.notify_one();
+                Err(fault)
+            }
+        }
+    }
+
+    /// Starts a worker in the background when the pool has no idle one and room for one: after
+    /// a fault replaced one, so that the next query does not wait for a worker to start.
     pub(crate) fn warm(self: &Arc<Self>) {
         {
             let mut state = self.lock();
