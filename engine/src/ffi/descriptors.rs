@@ -39,3 +39,24 @@ pub(crate) fn take_channel_from_stdin() -> std::io::Result<UnixStream> {
         Ok(channel)
     }
 }
+
+/// Writes `data` to the stream socket `channel` with `MSG_NOSIGNAL`: a worker that died makes it
+/// fail with `EPIPE` instead of raising `SIGPIPE` in the host (which kills a host program that
+/// has not ignored it; Rust programs ignore it by default, programs that embed the engine may not).
+pub(crate) fn send_nosignal(channel: &UnixStream, data: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: `data` is a valid, initialised byte slice for the whole call and `send` only reads
+    // `data.len()` bytes from it; the descriptor is borrowed from a live `UnixStream`.
+    let sent = unsafe {
+        libc::send(
+            channel.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if sent < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(sent as usize)
+    }
+}

@@ -10,7 +10,7 @@
 //! next call starts a new one. The pool's lock is held only to take or return a worker.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -642,8 +642,8 @@ impl Worker {
         cancel: Option<&CallCancel>,
         spec: &WorkerSpec,
     ) -> Result<(), Stop> {
-        self.drive(PollFlags::OUT, deadline, cancel, spec, |mut channel| {
-            let n = channel.write(data)?;
+        self.drive(PollFlags::OUT, deadline, cancel, spec, |channel| {
+            let n = crate::ffi::descriptors::send_nosignal(channel, data)?;
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
