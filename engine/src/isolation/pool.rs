@@ -304,8 +304,7 @@ impl WorkerPool {
                 Ok(())
             }
             Err(fault) => {
-                self.lock().live -= 1;
-                self.available.notify_one();
+                self.release_slot();
                 Err(fault)
             }
         }
@@ -333,13 +332,12 @@ impl WorkerPool {
                     Ok(worker) => pool.checkin(worker),
                     Err(fault) => {
                         tracing::warn!(library = %spec.library.display(), ?fault, "cannot start a worker");
-                        pool.lock().live -= 1;
-                        pool.available.notify_one();
+                        pool.release_slot();
                     }
                 }
             });
         if started.is_err() {
-            self.lock().live -= 1;
+            self.release_slot();
         }
     }
 
@@ -370,10 +368,7 @@ impl WorkerPool {
                 state.live += 1;
                 drop(state);
                 drop(dead);
-                return Worker::start(&self.spec).inspect_err(|_| {
-                    self.lock().live -= 1;
-                    self.available.notify_one();
-                });
+                return Worker::start(&self.spec).inspect_err(|_| self.release_slot());
             }
             // Every worker is busy: wait for one, looking at the cancellation now and then.
             state = self
@@ -391,6 +386,11 @@ impl WorkerPool {
 
     fn discard(&self, worker: Worker) {
         drop(worker);
+        self.release_slot();
+    }
+
+    /// A worker that was counted as live is gone (or never started): make room, wake a waiter.
+    fn release_slot(&self) {
         self.lock().live -= 1;
         self.available.notify_one();
     }
