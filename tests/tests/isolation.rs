@@ -1263,3 +1263,42 @@ fn registering_fails_at_once_when_the_worker_cannot_run() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 11. A worker killed from outside between calls is replaced before the next call.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_killed_from_outside_is_replaced_before_the_next_call() {
+    let _serial = IN_PROCESS_WORKERS.lock().await;
+    wait_for_async(PATIENCE, "no workers left by other tests", || {
+        none_of(udf_engine::live_worker_pids())
+    })
+    .await;
+    let ctx = SessionContext::new();
+    let limits = Isolation::Process(WorkerLimits {
+        workers: Some(1),
+        worker_program: Some(udfsql_worker()),
+        ..Default::default()
+    });
+    udf_engine::register_plugin_with(&ctx, faulty("SLOW"), &limits).unwrap();
+    assert_eq!(rows(&ctx, "SELECT ok(1) AS v").await, expect(&[&["2"]]));
+    let [idle] = udf_engine::live_worker_pids()[..] else {
+        panic!("one worker: {:?}", udf_engine::live_worker_pids());
+    };
+    let status = Command::new("kill")
+        .args(["-KILL", &idle.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    // Dead, not yet reaped: the pool notices at the next call (its pidfd is readable).
+    wait_for(PATIENCE, "the idle worker to die", || match stat(idle) {
+        Some(s) if s.state != 'Z' => Err(format!("{s:?}")),
+        _ => Ok(()),
+    });
+    assert_eq!(rows(&ctx, "SELECT ok(41) AS v").await, expect(&[&["42"]]));
+    let now = udf_engine::live_worker_pids();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0], idle, "a new worker answered");
+    assert!(!still_our_worker(idle), "the killed worker was reaped");
+}

@@ -258,11 +258,6 @@ impl WorkerPool {
         self.spec.call_timeout
     }
 
-    /// The per-worker memory limit, in MiB.
-    pub fn memory_mib(&self) -> Option<u64> {
-        self.spec.memory_mib
-    }
-
     /// Calls function `function` of the library in a worker; the result has type `returns` and
     /// `rows` rows.
     pub(crate) fn call(
