@@ -132,6 +132,7 @@ pub fn pool_for(
         call_timeout: limits.call_timeout,
         memory_mib: limits.memory_mib,
         size: limits.workers.unwrap_or(target_partitions).max(1),
+        configured_workers: limits.workers,
     };
     static POOLS: OnceLock<Mutex<HashMap<WorkerSpec, Weak<WorkerPool>>>> = OnceLock::new();
     let pool = {

@@ -26,6 +26,7 @@ use datafusion::arrow::datatypes::DataType;
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::process::{Pid, PidfdFlags, Signal, kill_process_group, pidfd_open};
 
+use super::WorkerLimits;
 use super::cancel::CallCancel;
 use super::protocol::{self, HEADER, Reply};
 use crate::trust::Sha256Digest;
@@ -222,6 +223,8 @@ pub(crate) struct WorkerSpec {
     pub call_timeout: Duration,
     pub memory_mib: Option<u64>,
     pub size: usize,
+    /// The number of workers the limits asked for (`None`: sized to `target_partitions`).
+    pub configured_workers: Option<usize>,
 }
 
 /// The worker processes of one library (with one set of limits).
@@ -256,6 +259,16 @@ impl WorkerPool {
     /// The per-call time limit.
     pub fn call_timeout(&self) -> Duration {
         self.spec.call_timeout
+    }
+
+    /// The limits the pool was made with (the worker program as found).
+    pub fn limits(&self) -> WorkerLimits {
+        WorkerLimits {
+            call_timeout: self.spec.call_timeout,
+            memory_mib: self.spec.memory_mib,
+            workers: self.spec.configured_workers,
+            worker_program: Some(self.spec.program.clone()),
+        }
     }
 
     /// Calls function `function` of the library in a worker; the result has type `returns` and

@@ -66,15 +66,30 @@ Ctrl-C cancels a running statement. Plugins from SQL:
   SELECT * FROM plugin_functions;  SHOW FUNCTIONS;";
 
 impl Shell {
-    pub fn new(loader: PluginLoader, format: Format, interrupt: Interrupt) -> Result<Shell> {
+    /// A session with plugins from `loader`; with `cluster` (`df://HOST:PORT`), queries run on
+    /// that Ballista cluster (the scheduler must answer a first query).
+    pub fn new(
+        loader: PluginLoader,
+        format: Format,
+        interrupt: Interrupt,
+        cluster: Option<&str>,
+    ) -> Result<Shell> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("cannot start the tokio runtime")?;
         let config = SessionConfig::new().with_information_schema(true);
-        let ctx = SessionContext::new_with_config(config);
         let loader = Arc::new(loader);
-        udf_engine::install(&ctx, Arc::clone(&loader))?;
+        let ctx = match cluster {
+            Some(url) => {
+                runtime.block_on(udf_distributed::connect(url, config, Arc::clone(&loader)))?
+            }
+            None => {
+                let ctx = SessionContext::new_with_config(config);
+                udf_engine::install(&ctx, Arc::clone(&loader))?;
+                ctx
+            }
+        };
         let sigint = match interrupt {
             Interrupt::Cancel => Some(tokio::sync::Mutex::new(
                 runtime

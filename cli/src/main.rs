@@ -55,6 +55,11 @@ struct Args {
     /// the number of CPUs).
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
+    /// Run queries on the Apache Ballista cluster whose scheduler is at URL (df://HOST:PORT):
+    /// plugin functions are evaluated by its executors (udfsql-executor), which load the same
+    /// libraries (same SHA-256) from their own plugin directories.
+    #[arg(long, value_name = "URL")]
+    ballista: Option<String>,
     /// Run SQL (one or more statements) and exit (repeatable; run in order, before -f).
     #[arg(short = 'c', long = "command", value_name = "SQL")]
     commands: Vec<String>,
@@ -194,7 +199,7 @@ fn run(args: Args) -> Result<bool> {
     } else {
         Interrupt::Default
     };
-    let mut shell = Shell::new(loader, args.format, interrupt)?;
+    let mut shell = Shell::new(loader, args.format, interrupt, args.ballista.as_deref())?;
     shell.timing = args.timing.unwrap_or(interactive);
     shell.max_rows = match args.max_rows {
         Some(0) => None,

@@ -1,0 +1,6 @@
+//! `udfsql-executor`: see [`udf_distributed::executor`].
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    udf_distributed::executor::main()
+}

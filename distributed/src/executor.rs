@@ -1,0 +1,120 @@
+//! `udfsql-executor`: Ballista's executor with udfsql's codecs. It evaluates plugin functions by
+//! loading each plan's library from its own plugin directories, pinned by the client's digest.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
+use clap::Parser;
+
+use crate::codec::{PluginLogicalCodec, PluginPhysicalCodec};
+use crate::resolve::{Resolver, Role};
+use crate::scheduler::Policy;
+
+/// Ballista's executor with udfsql's plugin functions: the libraries that clients plan with are
+/// loaded from --plugin-dir, and only when their SHA-256 digest is the client's.
+#[derive(Debug, Parser)]
+#[command(name = "udfsql-executor", version)]
+pub struct Args {
+    /// Directory holding the plugin libraries (repeatable). The same files as the clients'
+    /// (same SHA-256); the directories and files must not be writable by other users.
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Scheduler host.
+    #[arg(long, default_value = "localhost")]
+    pub scheduler_host: String,
+    /// Scheduler port.
+    #[arg(long, default_value_t = 50050)]
+    pub scheduler_port: u16,
+    /// Seconds to keep trying to reach the scheduler at start (0: once).
+    #[arg(long, default_value_t = 0)]
+    pub scheduler_connect_timeout_seconds: u16,
+    /// Local IP address to bind to.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_host: String,
+    /// Host name or IP address other nodes reach this executor at (default: its IP address as
+    /// the scheduler sees it).
+    #[arg(long)]
+    pub external_host: Option<String>,
+    /// Identifier for this executor (default: a new UUID).
+    #[arg(long = "id")]
+    pub executor_id: Option<String>,
+    /// Arrow Flight port (shuffle data and results).
+    #[arg(short = 'p', long, default_value_t = 50051)]
+    pub bind_port: u16,
+    /// gRPC port (tasks from the scheduler).
+    #[arg(long, alias = "grpc-port", default_value_t = 50052)]
+    pub bind_grpc_port: u16,
+    /// Virtual cores advertised to the scheduler (0: the number of CPUs).
+    #[arg(short = 'c', long, default_value_t = 0)]
+    pub vcores: usize,
+    /// Task scheduling policy; the same as the scheduler's.
+    #[arg(short = 's', long, value_enum, default_value_t = Policy::PushStaged)]
+    pub task_scheduling_policy: Policy,
+    /// Directory for shuffle files (default: a new temporary directory).
+    #[arg(long)]
+    pub work_dir: Option<String>,
+    /// Seconds between heartbeats to the scheduler.
+    #[arg(long, default_value_t = 60)]
+    pub executor_heartbeat_interval_seconds: u64,
+    /// Seconds a job's shuffle data is kept.
+    #[arg(long, default_value_t = 604800)]
+    pub job_data_ttl_seconds: u64,
+    /// Seconds between clean-ups of old job data (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub job_data_clean_up_interval_seconds: u64,
+    /// Memory pool size in bytes shared by this executor's tasks (default: no limit).
+    #[arg(long)]
+    pub memory_pool_size: Option<u64>,
+    /// Log filter when $RUST_LOG is not set.
+    #[arg(long, default_value = "info")]
+    pub log_level_setting: String,
+}
+
+/// Runs the executor until SIGTERM, Ctrl-C or the scheduler stops it.
+pub fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    crate::init_logging(&args.log_level_setting);
+    crate::run_daemon("udfsql-executor", run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let loader = Arc::new(crate::loader_for(&args.plugin_dirs)?);
+    if args.plugin_dirs.is_empty() {
+        tracing::warn!("no --plugin-dir: queries that call plugin functions will fail here");
+    }
+    let mut config = ExecutorProcessConfig::default();
+    if let Some(id) = args.executor_id {
+        config.executor_id = id;
+    }
+    let host = args.external_host.clone().unwrap_or(args.bind_host.clone());
+    let node = format!(
+        "executor {} at {host}:{}",
+        config.executor_id, args.bind_grpc_port
+    );
+    let resolver = Arc::new(Resolver::new(node, Role::Evaluate, loader));
+    config.bind_host = args.bind_host;
+    config.external_host = args.external_host;
+    config.port = args.bind_port;
+    config.grpc_port = args.bind_grpc_port;
+    config.scheduler_host = args.scheduler_host;
+    config.scheduler_port = args.scheduler_port;
+    config.scheduler_connect_timeout_seconds = args.scheduler_connect_timeout_seconds;
+    if args.vcores > 0 {
+        config.vcores = args.vcores;
+    }
+    config.task_scheduling_policy = args.task_scheduling_policy.ballista();
+    config.work_dir = args.work_dir;
+    config.executor_heartbeat_interval_seconds = args.executor_heartbeat_interval_seconds;
+    config.job_data_ttl_seconds = args.job_data_ttl_seconds;
+    config.job_data_clean_up_interval_seconds = args.job_data_clean_up_interval_seconds;
+    config.memory_pool_size = args.memory_pool_size;
+    config.override_logical_codec = Some(Arc::new(PluginLogicalCodec::ballista(Arc::clone(
+        &resolver,
+    ))));
+    config.override_physical_codec = Some(Arc::new(PluginPhysicalCodec::ballista(resolver)));
+    tracing::info!(plugin_dirs = ?args.plugin_dirs, "udfsql-executor starting");
+    start_executor_process(Arc::new(config)).await?;
+    Ok(())
+}

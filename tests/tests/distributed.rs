@@ -1,0 +1,517 @@
+//! Distributed execution on Apache Ballista (issue 15): a real `udfsql-scheduler` and two real
+//! `udfsql-executor` processes on 127.0.0.1, each executor with its own plugin directory holding
+//! copies of the example libraries. Plugin queries over a multi-file Parquet table and a CSV table
+//! run on the cluster and give exactly the answers of the same queries run locally; the
+//! executors map their own copies (seen in `/proc/PID/maps`); functions created on the client
+//! with `CREATE FUNCTION` need no registration on executors; an executor whose copy differs, or
+//! that lacks the library, fails the query with an error naming the executor, the file and the
+//! digests; a plugin error reaches the client; and every process exits cleanly on SIGTERM.
+//!
+//! Executor `exec-b` is set up wrong on purpose for two libraries: its `libudf_plugin_hypot.so`
+//! is another library's file, and it has no `libudf_plugin_choose.so`. Each executor runs one
+//! task at a time (`--vcores 1`) and the scheduler hands tasks out round-robin, so a query over
+//! the four Parquet files gives both executors tasks.
+#![forbid(unsafe_code)]
+
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::prelude::{SessionConfig, SessionContext};
+use udf_engine::PluginLoader;
+use udf_tests::{
+    EXAMPLE_PLUGINS, fixture_dir, plugin, query_error, rows, set_mode, sha256sum, udfsql,
+    udfsql_executor, udfsql_scheduler,
+};
+
+/// How long a bounded wait polls before the test fails.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Partitions the client plans with: more than there are files, so that the scan is split into
+/// one partition per file.
+const TARGET_PARTITIONS: usize = 8;
+
+/// A process of the cluster; killed when dropped (a failing test leaves nothing running).
+struct Daemon {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(name: &str, program: &Path, args: &[String], dir: &Path) -> Daemon {
+        let log = dir.join(format!("{name}.log"));
+        let out = File::create(&log).expect("create log");
+        let child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log handle"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+        Daemon {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last lines of the daemon's log, for failure messages.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// Waits until `port` on 127.0.0.1 accepts connections; fails if the daemon exits first.
+    fn wait_for_port(&mut self, port: u16) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "{} exited ({status}) before listening on {port}:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return;
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "{} does not listen on {port}:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns its exit code.
+    fn terminate(mut self) -> Option<i32> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {}", self.name);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "{} did not exit within {PATIENCE:?} of SIGTERM:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.child.kill().ok();
+            self.child.wait().ok();
+        }
+    }
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A plugin directory `dir` with copies of the example libraries.
+fn plugin_dir(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("create plugin dir");
+    set_mode(dir, 0o755);
+    for name in EXAMPLE_PLUGINS {
+        let src = plugin(name);
+        let dst = dir.join(src.file_name().expect("file name"));
+        std::fs::copy(&src, &dst).expect("copy library");
+        set_mode(&dst, 0o644);
+    }
+    dir.to_path_buf()
+}
+
+fn library_file(name: &str) -> String {
+    plugin(name)
+        .file_name()
+        .expect("file name")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The scheduler and two executors.
+struct Cluster {
+    url: String,
+    scheduler: Daemon,
+    executors: Vec<(Daemon, PathBuf)>,
+}
+
+impl Cluster {
+    fn start(root: &Path) -> Cluster {
+        let scheduler_port = free_port();
+        let mut scheduler = Daemon::start(
+            "scheduler",
+            &udfsql_scheduler(),
+            &[
+                "--bind-host".into(),
+                "127.0.0.1".into(),
+                "--external-host".into(),
+                "127.0.0.1".into(),
+                "--bind-port".into(),
+                scheduler_port.to_string(),
+                "--task-distribution".into(),
+                "round-robin".into(),
+            ],
+            root,
+        );
+        scheduler.wait_for_port(scheduler_port);
+        let mut executors = Vec::new();
+        for id in ["exec-a", "exec-b"] {
+            let plugins = plugin_dir(&root.join(format!("{id}-plugins")));
+            let work = root.join(format!("{id}-work"));
+            std::fs::create_dir_all(&work).expect("work dir");
+            let (flight, grpc) = (free_port(), free_port());
+            let mut executor = Daemon::start(
+                id,
+                &udfsql_executor(),
+                &[
+                    "--id".into(),
+                    id.into(),
+                    "--bind-host".into(),
+                    "127.0.0.1".into(),
+                    "--external-host".into(),
+                    "127.0.0.1".into(),
+                    "--bind-port".into(),
+                    flight.to_string(),
+                    "--bind-grpc-port".into(),
+                    grpc.to_string(),
+                    "--scheduler-host".into(),
+                    "127.0.0.1".into(),
+                    "--scheduler-port".into(),
+                    scheduler_port.to_string(),
+                    "--vcores".into(),
+                    "1".into(),
+                    "--work-dir".into(),
+                    work.display().to_string(),
+                    "--plugin-dir".into(),
+                    plugins.display().to_string(),
+                ],
+                root,
+            );
+            // The executor registers with the scheduler before it serves Flight and gRPC.
+            executor.wait_for_port(grpc);
+            executor.wait_for_port(flight);
+            executors.push((executor, plugins));
+        }
+        Cluster {
+            url: format!("df://127.0.0.1:{scheduler_port}"),
+            scheduler,
+            executors,
+        }
+    }
+}
+
+/// Four Parquet files and two CSV files with NULLs in every column.
+async fn write_data(root: &Path) -> (PathBuf, PathBuf) {
+    let ctx = SessionContext::new();
+    let (parquet, csv) = (root.join("parquet"), root.join("csv"));
+    std::fs::create_dir_all(&parquet).expect("parquet dir");
+    std::fs::create_dir_all(&csv).expect("csv dir");
+    let rows_of = |from: usize, to: usize| {
+        format!(
+            "SELECT CASE WHEN v % 7 = 3 THEN NULL ELSE concat('n', CAST(v AS VARCHAR)) END AS name, \
+                    CASE WHEN v % 11 = 5 THEN NULL ELSE CAST(v AS BIGINT) - 40 END AS x, \
+                    CAST(v AS DOUBLE) / 4 AS d, \
+                    CASE WHEN v % 13 = 0 THEN NULL ELSE v % 3 = 0 END AS flag \
+             FROM (SELECT unnest(range({from}, {to})) AS v)"
+        )
+    };
+    for part in 0..4 {
+        let sql = format!(
+            "COPY ({}) TO '{}/part{part}.parquet' STORED AS PARQUET",
+            rows_of(part * 40, part * 40 + 40),
+            parquet.display()
+        );
+        ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+    }
+    for part in 0..2 {
+        let sql = format!(
+            "COPY ({}) TO '{}/part{part}.csv' STORED AS CSV",
+            rows_of(part * 30 + 10, part * 30 + 40),
+            csv.display()
+        );
+        ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+    }
+    (parquet, csv)
+}
+
+fn table_ddl(parquet: &Path, csv: &Path) -> [String; 2] {
+    [
+        format!(
+            "CREATE EXTERNAL TABLE p STORED AS PARQUET LOCATION '{}/'",
+            parquet.display()
+        ),
+        format!(
+            "CREATE EXTERNAL TABLE c STORED AS CSV LOCATION '{}/' OPTIONS ('format.has_header' 'true')",
+            csv.display()
+        ),
+    ]
+}
+
+/// Registers every library of `dir` in `ctx` and creates the tables.
+async fn prepare(ctx: &SessionContext, loader: &PluginLoader, dir: &Path, ddl: &[String]) {
+    for path in udf_engine::trusted_libraries_in(dir).expect("plugin dir") {
+        let library = loader.load(&path).expect("load library");
+        udf_engine::register_library(ctx, &library);
+    }
+    for sql in ddl {
+        ctx.sql(sql).await.unwrap().collect().await.unwrap();
+    }
+}
+
+/// Queries whose distributed answers must equal the local ones: the v1 row path (`repeat`), the
+/// batch path, filters, an aggregate with a shuffle on a plugin expression, nullable arguments and
+/// results, the CSV table, a join, and a volatile nullary function.
+const SAME_ANSWERS: &[&str] = &[
+    "SELECT name, repeat(name, 3) AS r, square(x) AS s FROM p WHERE is_even(x) ORDER BY x, name",
+    "SELECT shout(name) AS s, count(*) AS n, sum(x) AS total FROM p GROUP BY shout(name) ORDER BY s NULLS FIRST",
+    "SELECT is_even(x) AS even, count(*) AS n, sum(square(x)) AS sq FROM p GROUP BY is_even(x) ORDER BY even NULLS FIRST",
+    "SELECT x, coalesce_len(name) AS l, utf8_len(name) AS u, null_if_empty(name) AS e FROM p ORDER BY x NULLS FIRST, name NULLS FIRST",
+    "SELECT name, str_len(name) AS l, safe_div(x, 3) AS q, negate(flag) AS nf FROM c ORDER BY x NULLS FIRST, name NULLS FIRST",
+    "SELECT a.name, square(a.x) AS s, repeat_text(b.name, 2) AS r FROM p a JOIN c b ON a.x = b.x WHERE is_even(a.x) ORDER BY a.name",
+    "SELECT count(*) AS n FROM p a JOIN c b ON shout(a.name) = shout(b.name)",
+    "SELECT count(next_id()) AS ids, count(*) AS n FROM p",
+];
+
+/// The libraries mapped by process `pid` whose path is under `dir`.
+fn mapped_under(pid: u32, dir: &Path) -> Vec<String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("read maps");
+    let mut found: Vec<String> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| Path::new(p).starts_with(dir))
+        .map(str::to_string)
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// The `udfsql-worker` children of process `pid`.
+fn worker_children(pid: u32) -> usize {
+    let mut count = 0;
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((comm, rest)) = stat.split_once(") ") else {
+            continue;
+        };
+        let ppid = rest.split_whitespace().nth(1);
+        if comm.ends_with("(udfsql-worker") && ppid == Some(&pid.to_string()) {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_queries_run_on_ballista_executors_as_locally() {
+    let root = tempfile::Builder::new()
+        .prefix("distributed-")
+        .tempdir_in(fixture_dir())
+        .expect("temp dir");
+    set_mode(root.path(), 0o755);
+    let root = root.path();
+    let cluster = Cluster::start(root);
+    let client_plugins = plugin_dir(&root.join("client-plugins"));
+    let (parquet, csv) = write_data(root).await;
+    let ddl = table_ddl(&parquet, &csv);
+
+    // exec-b: another library under hypot's file name, and no choose library.
+    let exec_b_plugins = cluster.executors[1].1.clone();
+    let hypot = library_file("hypot");
+    std::fs::copy(plugin("str-len"), exec_b_plugins.join(&hypot)).expect("replace hypot");
+    std::fs::remove_file(exec_b_plugins.join(library_file("choose"))).expect("remove choose");
+
+    let config = || SessionConfig::new().with_target_partitions(TARGET_PARTITIONS);
+    let local_loader = Arc::new(
+        PluginLoader::new()
+            .with_plugin_dir(&client_plugins)
+            .unwrap(),
+    );
+    let local = SessionContext::new_with_config(config());
+    udf_engine::install(&local, Arc::clone(&local_loader)).unwrap();
+    prepare(&local, &local_loader, &client_plugins, &ddl).await;
+    let loader = Arc::new(
+        PluginLoader::new()
+            .with_plugin_dir(&client_plugins)
+            .unwrap(),
+    );
+    let remote = udf_distributed::connect(&cluster.url, config(), Arc::clone(&loader))
+        .await
+        .expect("connect to the cluster");
+    prepare(&remote, &loader, &client_plugins, &ddl).await;
+
+    for sql in SAME_ANSWERS {
+        let expected = rows(&local, sql).await;
+        assert!(!expected.is_empty(), "{sql} gives no rows locally");
+        assert_eq!(rows(&remote, sql).await, expected, "{sql}");
+    }
+
+    // Each executor evaluated plugin functions from its own copies; none mapped the client's.
+    for (executor, plugins) in &cluster.executors {
+        let mapped = mapped_under(executor.pid(), plugins);
+        let repeat = plugins.join(library_file("repeat")).display().to_string();
+        assert!(
+            mapped.contains(&repeat),
+            "{} did not map {repeat}: {mapped:?}",
+            executor.name
+        );
+        assert!(mapped_under(executor.pid(), &client_plugins).is_empty());
+    }
+    // The scheduler never maps plugin code.
+    assert!(mapped_under(cluster.scheduler.pid(), root).is_empty());
+
+    // Functions created on the client, under another name and pinned, or isolated: nothing is
+    // registered on the executors.
+    let digest = sha256sum(&client_plugins.join(library_file("repeat")));
+    let created = [
+        format!(
+            "CREATE FUNCTION my_rep(VARCHAR, BIGINT UNSIGNED) RETURNS VARCHAR LANGUAGE plugin \
+             AS '{}#sha256={digest}'",
+            library_file("repeat")
+        ),
+        format!(
+            "CREATE FUNCTION iso_square(BIGINT) RETURNS BIGINT LANGUAGE plugin AS '{}#isolation=process'",
+            library_file("square")
+        ),
+    ];
+    for ctx in [&local, &remote] {
+        for sql in &created {
+            ctx.sql(sql).await.unwrap().collect().await.unwrap();
+        }
+    }
+    for sql in [
+        "SELECT my_rep(name, 2) AS r, iso_square(x) AS s FROM p ORDER BY x NULLS FIRST, name NULLS FIRST",
+        "SELECT name, isolation FROM plugin_functions WHERE name IN ('my_rep', 'iso_square') ORDER BY name",
+    ] {
+        assert_eq!(rows(&remote, sql).await, rows(&local, sql).await, "{sql}");
+    }
+    let isolated: usize = cluster
+        .executors
+        .iter()
+        .map(|(e, _)| worker_children(e.pid()))
+        .sum();
+    assert!(isolated > 0, "no executor started udfsql-worker processes");
+
+    // Errors: a plugin's own error, a library that differs on exec-b, one exec-b lacks.
+    let e = query_error(&remote, "SELECT safe_div(x, 0) FROM p").await;
+    assert!(e.contains("division by zero"), "{e}");
+    let e = query_error(&remote, "SELECT hypot(d, d) FROM p").await;
+    eprintln!("digest mismatch on exec-b: {e}");
+    let client_digest = sha256sum(&client_plugins.join(&hypot));
+    let exec_b_digest = sha256sum(&exec_b_plugins.join(&hypot));
+    for part in [
+        "plugin function hypot cannot run on executor exec-b",
+        hypot.as_str(),
+        &client_digest,
+        &exec_b_digest,
+    ] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+    let e = query_error(&remote, "SELECT choose(flag, name, 'x') FROM p").await;
+    eprintln!("library missing on exec-b: {e}");
+    for part in [
+        "plugin function choose cannot run on executor exec-b",
+        &format!(
+            "library {} is not in its plugin directories",
+            library_file("choose")
+        ),
+    ] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+    // The cluster still answers.
+    assert_eq!(
+        rows(&remote, SAME_ANSWERS[0]).await,
+        rows(&local, SAME_ANSWERS[0]).await
+    );
+
+    // udfsql --ballista, with -c and with -f, prints what udfsql prints locally.
+    let script = root.join("script.sql");
+    std::fs::write(
+        &script,
+        format!("{};\n{};\n{};\n", ddl[0], ddl[1], SAME_ANSWERS[1]),
+    )
+    .unwrap();
+    let run = |ballista: bool, args: &[String]| {
+        let mut cmd = Command::new(udfsql());
+        cmd.arg("--plugin-dir")
+            .arg(&client_plugins)
+            .args(["--format", "csv"]);
+        if ballista {
+            cmd.args(["--ballista", &cluster.url]);
+        }
+        let out = cmd.args(args).output().expect("run udfsql");
+        assert!(
+            out.status.success(),
+            "udfsql {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let with_c: Vec<String> = ["-c", &ddl[0], "-c", SAME_ANSWERS[0]]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let with_f = vec!["-f".to_string(), script.display().to_string()];
+    for args in [with_c, with_f] {
+        let local_out = run(false, &args);
+        assert!(local_out.lines().count() > 10, "{local_out}");
+        assert_eq!(run(true, &args), local_out, "{args:?}");
+    }
+
+    // A scheduler that is not there is a clear error at start.
+    let nobody = format!("df://127.0.0.1:{}", free_port());
+    let out = Command::new(udfsql())
+        .args(["--ballista", &nobody, "-c", "SELECT 1"])
+        .output()
+        .expect("run udfsql");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("Ballista scheduler at {nobody}")),
+        "{stderr}"
+    );
+
+    // Clean shutdown: executors first, then the scheduler, each on SIGTERM.
+    drop(remote);
+    let Cluster {
+        scheduler,
+        executors,
+        ..
+    } = cluster;
+    for (executor, _) in executors {
+        let name = executor.name.clone();
+        assert_eq!(executor.terminate(), Some(0), "{name} exit status");
+    }
+    assert_eq!(scheduler.terminate(), Some(0), "scheduler exit status");
+}
