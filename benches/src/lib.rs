@@ -6,6 +6,7 @@
 
 #[allow(unsafe_code)] // `dlopen` of the datafusion-ffi peer: its symbols, called with their types
 pub mod dffi;
+pub mod distbench;
 pub mod isobench;
 pub mod opbench;
 pub mod plain;
@@ -86,7 +87,7 @@ fn schema() -> Arc<Schema> {
 
 /// `target/<profile>` of the running binary: a bench or test target runs from
 /// `target/<profile>/deps`, a `[[bin]]` (`cargo run --bin opbench`) from `target/<profile>`.
-fn profile_dir() -> PathBuf {
+pub fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().expect("target/<profile>");
     if dir.file_name().is_some_and(|n| n == "deps") {
@@ -133,6 +134,7 @@ pub fn built(package: &str) -> PathBuf {
             "plain",
             "seed-square",
             "repeat",
+            "str-len",
         ] {
             cmd.args(["-p", &format!("udf-plugin-{p}")]);
         }
@@ -141,6 +143,15 @@ pub fn built(package: &str) -> PathBuf {
         cmd.args(["-p", "udf-bench-dffi-peer"]);
         // The worker program of isolated functions (`isobench`).
         cmd.args(["-p", "udf-engine", "--bin", "udfsql-worker"]);
+        // The cluster programs (`distbench`).
+        cmd.args([
+            "-p",
+            "udf-distributed",
+            "--bin",
+            "udfsql-scheduler",
+            "--bin",
+            "udfsql-executor",
+        ]);
         assert!(
             cmd.status().expect("cargo build").success(),
             "building the plugins failed"

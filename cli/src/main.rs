@@ -111,8 +111,11 @@ fn hash(files: &[PathBuf]) -> bool {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("UDFSQL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+            tracing_subscriber::EnvFilter::try_from_env("UDFSQL_LOG").unwrap_or_else(|_| {
+                // Ballista's client also logs a failed job as an error; udfsql prints the
+                // error it returns, once.
+                tracing_subscriber::EnvFilter::new("error,ballista_core=off,ballista=off")
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

@@ -3,7 +3,7 @@
 //! and small query helpers.
 //!
 //! `cargo test --workspace` does not produce `cdylib` files, so the first test that needs one runs
-//! `cargo build --workspace --lib --bins --tests` into the same target directory: building the
+//! `cargo build --workspace --lib --bins --tests --examples` into the same target directory: building the
 //! test targets too makes cargo resolve the same features as `cargo test` (dev-dependencies
 //! included), so the build reuses the test build's artifacts instead of compiling a second set.
 #![forbid(unsafe_code)]
@@ -32,7 +32,7 @@ pub fn profile_dir() -> PathBuf {
     deps.parent().expect("deps has a parent").to_path_buf()
 }
 
-/// Runs `cargo build --workspace --lib --bins --tests` once per test binary and returns
+/// Runs `cargo build --workspace --lib --bins --tests --examples` once per test binary and returns
 /// `target/<profile>`.
 pub fn build_workspace() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
@@ -48,6 +48,7 @@ pub fn build_workspace() -> &'static Path {
                 "--lib",
                 "--bins",
                 "--tests",
+                "--examples",
                 "--target-dir",
             ])
             .arg(&target);

@@ -489,6 +489,77 @@ async fn plugin_queries_run_on_ballista_executors_as_locally() {
         assert_eq!(run(true, &args), local_out, "{args:?}");
     }
 
+    // The embedding example (Ballista's `remote_with_state` + udfsql's codecs and install).
+    let example = udf_tests::build_workspace().join("examples/ballista_client");
+    let out = Command::new(&example)
+        .arg(&cluster.url)
+        .arg(&client_plugins)
+        .arg(&parquet)
+        .output()
+        .expect("run the example");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = String::from_utf8(out.stdout).unwrap();
+    for row in rows(
+        &local,
+        "SELECT repeat(name, 2), square(x) FROM p WHERE x IS NOT NULL AND name IS NOT NULL ORDER BY x LIMIT 3",
+    )
+    .await
+    {
+        assert!(
+            shown.contains(&format!("| {} | {} ", row[0], row[1])),
+            "{row:?} not in:\n{shown}"
+        );
+    }
+
+    // The interactive shell on the cluster, in a pseudo-terminal.
+    let mut cmd = Command::new(udfsql());
+    cmd.arg("--plugin-dir")
+        .arg(&client_plugins)
+        .args(["--ballista", &cluster.url])
+        .env("UDFSQL_HISTORY", root.join("history"))
+        .env("TERM", "dumb");
+    let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).expect("spawn in a pty");
+    p.exp_string("udfsql> ").unwrap();
+    p.send_line(&format!("{};", ddl[0])).unwrap();
+    p.exp_string("udfsql> ").unwrap();
+    p.send_line("SELECT sum(square(x)) AS total FROM p")
+        .unwrap();
+    p.exp_string("-> ").unwrap();
+    p.send_line("WHERE is_even(x);").unwrap();
+    let total = &rows(
+        &local,
+        "SELECT sum(square(x)) AS total FROM p WHERE is_even(x)",
+    )
+    .await[0][0];
+    p.exp_string(&format!("| {total} |")).unwrap();
+    p.exp_string("1 row.").unwrap();
+    p.send_line("SELECT safe_div(x, 0) FROM p;").unwrap();
+    p.exp_string("division by zero").unwrap();
+    p.send_line("\\q").unwrap();
+    p.exp_eof().unwrap();
+
+    // In-memory tables (the demo table, CREATE TABLE ... AS VALUES, plugin_functions) exist only
+    // in the client: a query reading only them runs there; one that also reads files is refused.
+    let demo = vec![
+        "--demo".to_string(),
+        "-c".to_string(),
+        "SELECT repeat(name, 2) AS r, square(x) AS s FROM t ORDER BY r".to_string(),
+    ];
+    assert_eq!(run(true, &demo), run(false, &demo));
+    remote
+        .sql("CREATE TABLE m AS VALUES (1)")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let e = query_error(&remote, "SELECT * FROM m JOIN p ON m.column1 = p.x").await;
+    assert!(e.contains("m held in this client's memory"), "{e}");
+
     // A scheduler that is not there is a clear error at start.
     let nobody = format!("df://127.0.0.1:{}", free_port());
     let out = Command::new(udfsql())
@@ -514,4 +585,61 @@ async fn plugin_queries_run_on_ballista_executors_as_locally() {
         assert_eq!(executor.terminate(), Some(0), "{name} exit status");
     }
     assert_eq!(scheduler.terminate(), Some(0), "scheduler exit status");
+}
+
+/// The scheduler never maps plugin code. Without plugin directories it plans with the signature
+/// the plan carries; with them (`udfsql-scheduler --plugin-dir`) it also checks, by hashing the
+/// file, that the library is there with the client's digest.
+#[test]
+fn the_scheduler_checks_digests_without_loading() {
+    use udf_distributed::{PluginSpec, Resolver, Role};
+
+    let root = tempfile::Builder::new()
+        .prefix("scheduler-")
+        .tempdir_in(fixture_dir())
+        .expect("temp dir");
+    set_mode(root.path(), 0o755);
+    let client = plugin_dir(&root.path().join("client"));
+    let scheduler = root.path().join("scheduler");
+    std::fs::create_dir_all(&scheduler).unwrap();
+    set_mode(&scheduler, 0o755);
+    let square = library_file("square");
+    std::fs::copy(plugin("is-even"), scheduler.join(&square)).unwrap();
+
+    let library = udf_engine::PluginLibrary::load(client.join(&square)).unwrap();
+    let function = library.function_named("square").unwrap();
+    let udf = udf_engine::PluginUdf::new(
+        "my_square",
+        function,
+        datafusion::logical_expr::Volatility::Immutable,
+    );
+    let spec = PluginSpec::of(&udf).unwrap();
+    assert_eq!(spec.library, square);
+    assert_eq!(spec.sha256, sha256sum(&client.join(&square)));
+    assert_eq!(spec.function, "square");
+
+    // Without directories: planned with the carried signature, never evaluated here.
+    let planner = Resolver::new("scheduler s1", Role::Plan, Arc::new(PluginLoader::new()));
+    let remote = planner.resolve(&spec).unwrap();
+    assert_eq!(remote.name(), "my_square");
+    assert_eq!(
+        remote.return_type(&[]).unwrap(),
+        datafusion::arrow::datatypes::DataType::Int64
+    );
+
+    // With a directory whose file differs: refused, naming the scheduler and both digests.
+    let loader = PluginLoader::new().with_plugin_dir(&scheduler).unwrap();
+    let checking = Resolver::new("scheduler s1", Role::Plan, Arc::new(loader));
+    let e = checking.resolve(&spec).unwrap_err().to_string();
+    for part in [
+        "plugin function my_square cannot run on scheduler s1",
+        &spec.sha256,
+        &sha256sum(&scheduler.join(&square)),
+    ] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+    // With the same file: accepted, and the scheduler's copy was hashed, not mapped.
+    std::fs::copy(client.join(&square), scheduler.join(&square)).unwrap();
+    checking.resolve(&spec).unwrap();
+    assert!(mapped_under(std::process::id(), &scheduler).is_empty());
 }
