@@ -377,6 +377,33 @@ async fn plugin_queries_run_on_ballista_executors_as_locally() {
         assert_eq!(rows(&remote, sql).await, expected, "{sql}");
     }
 
+    // Joins on plugin expressions with both sides hash-partitioned (shuffled by the plugin's
+    // result) rather than one side collected.
+    for ctx in [&local, &remote] {
+        for setting in ["threshold", "threshold_rows"] {
+            let sql = format!("SET datafusion.optimizer.hash_join_single_partition_{setting} = 0");
+            ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+        }
+    }
+    for sql in [
+        "SELECT count(*) AS n FROM p a JOIN p b ON shout(a.name) = shout(b.name)",
+        "SELECT a.name, square(b.x) AS s FROM p a JOIN c b ON repeat_text(a.name, 2) = repeat_text(b.name, 2) ORDER BY a.name, s",
+    ] {
+        let plan = rows(&remote, &format!("EXPLAIN {sql}")).await;
+        let distributed = plan
+            .iter()
+            .find(|r| r[0] == "distributed_plan")
+            .map(|r| r[1].clone())
+            .unwrap_or_default();
+        assert!(
+            distributed.contains("partitioning=Hash"),
+            "{sql} is not hash-partitioned on the cluster:\n{distributed}"
+        );
+        let expected = rows(&local, sql).await;
+        assert!(!expected.is_empty());
+        assert_eq!(rows(&remote, sql).await, expected, "{sql}");
+    }
+
     // Each executor evaluated plugin functions from its own copies; none mapped the client's.
     for (executor, plugins) in &cluster.executors {
         let mapped = mapped_under(executor.pid(), plugins);
