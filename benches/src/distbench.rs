@@ -12,15 +12,13 @@
 //!
 //! `cargo run --release -p udf-benches --bin distbench [-- --rounds N --files F --rows R]`.
 
-use std::fs::File;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use udf_distributed::{ExecutorSpec, LocalCluster};
 use udf_engine::PluginLoader;
 
 use crate::opbench::median;
@@ -85,103 +83,18 @@ fn options() -> Options {
     o
 }
 
-/// A cluster process, killed if still running when dropped.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            self.0.kill().ok();
-            self.0.wait().ok();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind")
-        .port()
-}
-
-fn wait_for_port(port: u16) {
-    let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "nothing listens on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn start(program: &Path, args: &[String], log: &Path) -> Daemon {
-    let out = File::create(log).expect("log");
-    Daemon(
-        Command::new(program)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", program.display())),
-    )
-}
-
 /// The scheduler and two executors with one slot each, each executor with `plugins` copied into
 /// its own directory.
-fn cluster(root: &Path, plugins: &Path) -> (String, Vec<Daemon>) {
-    let dir = profile_dir();
-    let scheduler_port = free_port();
-    let mut daemons = vec![start(
-        &dir.join("udfsql-scheduler"),
-        &[
-            "--bind-host".into(),
-            "127.0.0.1".into(),
-            "--external-host".into(),
-            "127.0.0.1".into(),
-            "--bind-port".into(),
-            scheduler_port.to_string(),
-            "--task-distribution".into(),
-            "round-robin".into(),
-        ],
-        &root.join("scheduler.log"),
-    )];
-    wait_for_port(scheduler_port);
-    for id in ["a", "b"] {
-        let own = copy_dir(plugins, &root.join(format!("plugins-{id}")));
-        let (flight, grpc) = (free_port(), free_port());
-        daemons.push(start(
-            &dir.join("udfsql-executor"),
-            &[
-                "--id".into(),
-                format!("exec-{id}"),
-                "--bind-host".into(),
-                "127.0.0.1".into(),
-                "--external-host".into(),
-                "127.0.0.1".into(),
-                "--bind-port".into(),
-                flight.to_string(),
-                "--bind-grpc-port".into(),
-                grpc.to_string(),
-                "--scheduler-host".into(),
-                "127.0.0.1".into(),
-                "--scheduler-port".into(),
-                scheduler_port.to_string(),
-                "--vcores".into(),
-                "1".into(),
-                "--plugin-dir".into(),
-                own.display().to_string(),
-                "--work-dir".into(),
-                root.join(format!("work-{id}")).display().to_string(),
-            ],
-            &root.join(format!("executor-{id}.log")),
-        ));
-        wait_for_port(grpc);
-        wait_for_port(flight);
-    }
-    (format!("df://127.0.0.1:{scheduler_port}"), daemons)
+fn cluster(root: &Path, plugins: &Path) -> LocalCluster {
+    let executors: Vec<ExecutorSpec> = ["exec-a", "exec-b"]
+        .iter()
+        .map(|id| ExecutorSpec {
+            id: id.to_string(),
+            plugin_dir: copy_dir(plugins, &root.join(format!("{id}-plugins"))),
+            vcores: 1,
+        })
+        .collect();
+    LocalCluster::start(&profile_dir(), root, &executors).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn copy_dir(from: &Path, to: &Path) -> PathBuf {
@@ -270,7 +183,8 @@ pub fn main() {
         .expect("runtime");
     runtime.block_on(async {
         write_data(&root.join("data"), &o).await;
-        let (url, daemons) = cluster(&root, &root.join("plugins"));
+        let cluster = cluster(&root, &root.join("plugins"));
+        let url = cluster.url.clone();
         let config = || SessionConfig::new().with_target_partitions(2);
         let loader = Arc::new(
             PluginLoader::new()
@@ -310,7 +224,9 @@ pub fn main() {
             );
         }
         drop(remote);
-        drop(daemons);
+        for (name, code) in cluster.shutdown().expect("shutdown") {
+            assert_eq!(code, Some(0), "{name} exit status");
+        }
     });
     std::fs::remove_dir_all(&root).ok();
 }

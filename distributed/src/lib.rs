@@ -12,18 +12,21 @@
 //! * [`connect`] is the client: a [`SessionContext`](datafusion::prelude::SessionContext) on a
 //!   cluster with udfsql installed.
 //! * [`scheduler`] and [`executor`] run Ballista's scheduler and executor with these codecs (the
-//!   `udfsql-scheduler` and `udfsql-executor` programs).
+//!   `udfsql-scheduler` and `udfsql-executor` programs); [`LocalCluster`] starts them as processes
+//!   on 127.0.0.1 (tests, benchmarks, trying it on one machine).
 #![forbid(unsafe_code)]
 
 mod client;
 mod codec;
 pub mod executor;
+pub mod local;
 mod resolve;
 pub mod scheduler;
 mod spec;
 
 pub use client::{CONNECT_TIMEOUT, connect, session};
 pub use codec::{PluginLogicalCodec, PluginPhysicalCodec};
+pub use local::{ExecutorSpec, LocalCluster};
 pub use resolve::{RemotePluginUdf, Resolver, Role};
 pub use spec::{IsolationSpec, MAGIC, PluginSpec};
 

@@ -281,16 +281,6 @@ pub fn udfsql_worker() -> PathBuf {
     build_workspace().join(format!("udfsql-worker{}", std::env::consts::EXE_SUFFIX))
 }
 
-/// The `udfsql-scheduler` binary (Ballista's scheduler with udfsql's codecs), built if needed.
-pub fn udfsql_scheduler() -> PathBuf {
-    build_workspace().join(format!("udfsql-scheduler{}", std::env::consts::EXE_SUFFIX))
-}
-
-/// The `udfsql-executor` binary (Ballista's executor with udfsql's codecs), built if needed.
-pub fn udfsql_executor() -> PathBuf {
-    build_workspace().join(format!("udfsql-executor{}", std::env::consts::EXE_SUFFIX))
-}
-
 /// The HTTP service started on 127.0.0.1:0 inside the test process, stopped with [`stop`].
 ///
 /// [`stop`]: TestServer::stop

@@ -13,127 +13,21 @@
 //! the four Parquet files gives both executors tasks.
 #![forbid(unsafe_code)]
 
-use std::fs::File;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use datafusion::prelude::{SessionConfig, SessionContext};
+use udf_distributed::local::free_port;
+use udf_distributed::{ExecutorSpec, LocalCluster};
 use udf_engine::PluginLoader;
 use udf_tests::{
     EXAMPLE_PLUGINS, fixture_dir, plugin, query_error, rows, set_mode, sha256sum, udfsql,
-    udfsql_executor, udfsql_scheduler,
 };
-
-/// How long a bounded wait polls before the test fails.
-const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Partitions the client plans with: more than there are files, so that the scan is split into
 /// one partition per file.
 const TARGET_PARTITIONS: usize = 8;
-
-/// A process of the cluster; killed when dropped (a failing test leaves nothing running).
-struct Daemon {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(name: &str, program: &Path, args: &[String], dir: &Path) -> Daemon {
-        let log = dir.join(format!("{name}.log"));
-        let out = File::create(&log).expect("create log");
-        let child = Command::new(program)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log handle"))
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
-        Daemon {
-            name: name.to_string(),
-            child,
-            log,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The last lines of the daemon's log, for failure messages.
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
-    }
-
-    /// Waits until `port` on 127.0.0.1 accepts connections; fails if the daemon exits first.
-    fn wait_for_port(&mut self, port: u16) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!(
-                    "{} exited ({status}) before listening on {port}:\n{}",
-                    self.name,
-                    self.log_tail()
-                );
-            }
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return;
-            }
-            assert!(
-                start.elapsed() < PATIENCE,
-                "{} does not listen on {port}:\n{}",
-                self.name,
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Sends SIGTERM and waits for the process to exit; returns its exit code.
-    fn terminate(mut self) -> Option<i32> {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {}", self.name);
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            assert!(
-                start.elapsed() < PATIENCE,
-                "{} did not exit within {PATIENCE:?} of SIGTERM:\n{}",
-                self.name,
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.child.kill().ok();
-            self.child.wait().ok();
-        }
-    }
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
 
 /// A plugin directory `dir` with copies of the example libraries.
 fn plugin_dir(dir: &Path) -> PathBuf {
@@ -156,76 +50,19 @@ fn library_file(name: &str) -> String {
         .into_owned()
 }
 
-/// The scheduler and two executors.
-struct Cluster {
-    url: String,
-    scheduler: Daemon,
-    executors: Vec<(Daemon, PathBuf)>,
-}
-
-impl Cluster {
-    fn start(root: &Path) -> Cluster {
-        let scheduler_port = free_port();
-        let mut scheduler = Daemon::start(
-            "scheduler",
-            &udfsql_scheduler(),
-            &[
-                "--bind-host".into(),
-                "127.0.0.1".into(),
-                "--external-host".into(),
-                "127.0.0.1".into(),
-                "--bind-port".into(),
-                scheduler_port.to_string(),
-                "--task-distribution".into(),
-                "round-robin".into(),
-            ],
-            root,
-        );
-        scheduler.wait_for_port(scheduler_port);
-        let mut executors = Vec::new();
-        for id in ["exec-a", "exec-b"] {
-            let plugins = plugin_dir(&root.join(format!("{id}-plugins")));
-            let work = root.join(format!("{id}-work"));
-            std::fs::create_dir_all(&work).expect("work dir");
-            let (flight, grpc) = (free_port(), free_port());
-            let mut executor = Daemon::start(
-                id,
-                &udfsql_executor(),
-                &[
-                    "--id".into(),
-                    id.into(),
-                    "--bind-host".into(),
-                    "127.0.0.1".into(),
-                    "--external-host".into(),
-                    "127.0.0.1".into(),
-                    "--bind-port".into(),
-                    flight.to_string(),
-                    "--bind-grpc-port".into(),
-                    grpc.to_string(),
-                    "--scheduler-host".into(),
-                    "127.0.0.1".into(),
-                    "--scheduler-port".into(),
-                    scheduler_port.to_string(),
-                    "--vcores".into(),
-                    "1".into(),
-                    "--work-dir".into(),
-                    work.display().to_string(),
-                    "--plugin-dir".into(),
-                    plugins.display().to_string(),
-                ],
-                root,
-            );
-            // The executor registers with the scheduler before it serves Flight and gRPC.
-            executor.wait_for_port(grpc);
-            executor.wait_for_port(flight);
-            executors.push((executor, plugins));
-        }
-        Cluster {
-            url: format!("df://127.0.0.1:{scheduler_port}"),
-            scheduler,
-            executors,
-        }
-    }
+/// The scheduler and two executors (`exec-a`, `exec-b`), each executor with its own copies of
+/// the example libraries and one task slot.
+fn start_cluster(root: &Path) -> LocalCluster {
+    let executors: Vec<ExecutorSpec> = ["exec-a", "exec-b"]
+        .iter()
+        .map(|id| ExecutorSpec {
+            id: id.to_string(),
+            plugin_dir: plugin_dir(&root.join(format!("{id}-plugins"))),
+            vcores: 1,
+        })
+        .collect();
+    LocalCluster::start(udf_tests::build_workspace(), root, &executors)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Four Parquet files and two CSV files with NULLs in every column.
@@ -341,13 +178,17 @@ async fn plugin_queries_run_on_ballista_executors_as_locally() {
         .expect("temp dir");
     set_mode(root.path(), 0o755);
     let root = root.path();
-    let cluster = Cluster::start(root);
+    let cluster = start_cluster(root);
+    let executor_dirs: Vec<PathBuf> = ["exec-a", "exec-b"]
+        .iter()
+        .map(|id| root.join(format!("{id}-plugins")))
+        .collect();
     let client_plugins = plugin_dir(&root.join("client-plugins"));
     let (parquet, csv) = write_data(root).await;
     let ddl = table_ddl(&parquet, &csv);
 
     // exec-b: another library under hypot's file name, and no choose library.
-    let exec_b_plugins = cluster.executors[1].1.clone();
+    let exec_b_plugins = executor_dirs[1].clone();
     let hypot = library_file("hypot");
     std::fs::copy(plugin("str-len"), exec_b_plugins.join(&hypot)).expect("replace hypot");
     std::fs::remove_file(exec_b_plugins.join(library_file("choose"))).expect("remove choose");
@@ -405,7 +246,7 @@ async fn plugin_queries_run_on_ballista_executors_as_locally() {
     }
 
     // Each executor evaluated plugin functions from its own copies; none mapped the client's.
-    for (executor, plugins) in &cluster.executors {
+    for (executor, plugins) in cluster.executors.iter().zip(&executor_dirs) {
         let mapped = mapped_under(executor.pid(), plugins);
         let repeat = plugins.join(library_file("repeat")).display().to_string();
         assert!(
@@ -446,7 +287,7 @@ async fn plugin_queries_run_on_ballista_executors_as_locally() {
     let isolated: usize = cluster
         .executors
         .iter()
-        .map(|(e, _)| worker_children(e.pid()))
+        .map(|e| worker_children(e.pid()))
         .sum();
     assert!(isolated > 0, "no executor started udfsql-worker processes");
 
@@ -588,7 +429,7 @@ async fn plugin_queries_run_on_ballista_executors_as_locally() {
     assert!(e.contains("m held in this client's memory"), "{e}");
 
     // A scheduler that is not there is a clear error at start.
-    let nobody = format!("df://127.0.0.1:{}", free_port());
+    let nobody = format!("df://127.0.0.1:{}", free_port().unwrap());
     let out = Command::new(udfsql())
         .args(["--ballista", &nobody, "-c", "SELECT 1"])
         .output()
@@ -602,16 +443,11 @@ async fn plugin_queries_run_on_ballista_executors_as_locally() {
 
     // Clean shutdown: executors first, then the scheduler, each on SIGTERM.
     drop(remote);
-    let Cluster {
-        scheduler,
-        executors,
-        ..
-    } = cluster;
-    for (executor, _) in executors {
-        let name = executor.name.clone();
-        assert_eq!(executor.terminate(), Some(0), "{name} exit status");
+    let codes = cluster.shutdown().unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(codes.len(), 3);
+    for (name, code) in codes {
+        assert_eq!(code, Some(0), "{name} exit status");
     }
-    assert_eq!(scheduler.terminate(), Some(0), "scheduler exit status");
 }
 
 /// The scheduler never maps plugin code. Without plugin directories it plans with the signature
