@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
 use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_process};
@@ -27,8 +28,9 @@ pub struct Args {
     /// Scheduler port.
     #[arg(long, default_value_t = 50050)]
     pub scheduler_port: u16,
-    /// Seconds to keep trying to reach the scheduler at start (0: once).
-    #[arg(long, default_value_t = 0)]
+    /// Seconds to keep trying to reach the scheduler at start (0: try once), so that executors
+    /// may start before their scheduler.
+    #[arg(long, default_value_t = 30)]
     pub scheduler_connect_timeout_seconds: u16,
     /// Local IP address to bind to.
     #[arg(long, default_value = "0.0.0.0")]
@@ -47,7 +49,7 @@ pub struct Args {
     #[arg(long, alias = "grpc-port", default_value_t = 50052)]
     pub bind_grpc_port: u16,
     /// Virtual cores advertised to the scheduler (0: the number of CPUs).
-    #[arg(short = 'c', long, default_value_t = 0)]
+    #[arg(short = 'c', long, alias = "concurrent-tasks", default_value_t = 0)]
     pub vcores: usize,
     /// Task scheduling policy; the same as the scheduler's.
     #[arg(short = 's', long, value_enum, default_value_t = Policy::PushStaged)]
@@ -100,7 +102,14 @@ async fn run(args: Args) -> Result<()> {
     config.grpc_port = args.bind_grpc_port;
     config.scheduler_host = args.scheduler_host;
     config.scheduler_port = args.scheduler_port;
-    config.scheduler_connect_timeout_seconds = args.scheduler_connect_timeout_seconds;
+    wait_for_scheduler(
+        &config.scheduler_host,
+        config.scheduler_port,
+        Duration::from_secs(args.scheduler_connect_timeout_seconds.into()),
+    )
+    .await?;
+    // Reached: Ballista connects once (its own retry loop has no working time limit).
+    config.scheduler_connect_timeout_seconds = 0;
     if args.vcores > 0 {
         config.vcores = args.vcores;
     }
@@ -117,4 +126,23 @@ async fn run(args: Args) -> Result<()> {
     tracing::info!(plugin_dirs = ?args.plugin_dirs, "udfsql-executor starting");
     start_executor_process(Arc::new(config)).await?;
     Ok(())
+}
+
+/// Waits until the scheduler's port accepts connections, trying every 200 ms for `patience`
+/// (at least once).
+async fn wait_for_scheduler(host: &str, port: u16, patience: Duration) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        match tokio::net::TcpStream::connect((host, port)).await {
+            Ok(_) => return Ok(()),
+            Err(e) if start.elapsed() >= patience => {
+                anyhow::bail!(
+                    "cannot reach the scheduler at {host}:{port} (--scheduler-host, \
+                     --scheduler-port) within {} s: {e}",
+                    patience.as_secs()
+                )
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }

@@ -507,3 +507,33 @@ fn the_scheduler_checks_digests_without_loading() {
     checking.resolve(&spec).unwrap();
     assert!(mapped_under(std::process::id(), &scheduler).is_empty());
 }
+
+/// An executor keeps trying to reach its scheduler for `--scheduler-connect-timeout-seconds`
+/// (so it may start first), then exits with an error naming the address.
+#[test]
+fn an_executor_without_its_scheduler_stops_with_a_clear_error() {
+    let port = free_port().unwrap();
+    let executor = udf_tests::build_workspace().join("udfsql-executor");
+    let start = std::time::Instant::now();
+    let out = Command::new(executor)
+        .args(["--bind-host", "127.0.0.1", "--scheduler-host", "127.0.0.1"])
+        .args(["--scheduler-port", &port.to_string()])
+        .args(["--bind-port", &free_port().unwrap().to_string()])
+        .args(["--bind-grpc-port", &free_port().unwrap().to_string()])
+        .args(["--scheduler-connect-timeout-seconds", "1"])
+        .output()
+        .expect("run udfsql-executor");
+    let waited = start.elapsed();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot reach the scheduler at 127.0.0.1:{port} (--scheduler-host, --scheduler-port) within 1 s"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        waited >= std::time::Duration::from_secs(1) && waited < std::time::Duration::from_secs(20),
+        "{waited:?}"
+    );
+}
