@@ -9,72 +9,180 @@ use udf_abi::v2::UdfType;
 /// The time zone of `Timestamp` values.
 pub const TIMESTAMP_TZ: &str = "UTC";
 
+/// Which SQL argument types a parameter takes besides the ones it reads as they are (see
+/// [`coerce_argument`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Casts {
+    /// No other type.
+    Nothing,
+    /// `FixedSizeBinary`.
+    FixedSizeBinary,
+    /// Every integer type.
+    Integers,
+    /// Every integer, float and decimal type.
+    Numbers,
+    /// Dates, timestamps and strings.
+    TemporalOrString,
+}
+
+/// Everything the host says about one plugin type, in one row: every function of this module
+/// reads [`TYPES`], so a type is one entry.
+struct TypeRow {
+    /// The type (the row's index is its tag).
+    udf: UdfType,
+    /// The Arrow type values are exchanged as.
+    arrow: fn() -> DataType,
+    /// The Arrow C Data Interface format string of `arrow`.
+    c_format: &'static str,
+    /// Arrow types read as this type without a cast (`arrow` and its same-layout siblings).
+    readable: fn(&DataType) -> bool,
+    /// Arrow types of this type's family, for checking types declared in DDL.
+    family: fn(&DataType) -> bool,
+    /// The other argument types that are cast to `arrow`.
+    casts: Casts,
+    /// What a parameter of this type accepts, for error messages.
+    accepted: &'static str,
+}
+
+fn timestamp_micros_utc() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from(TIMESTAMP_TZ)))
+}
+
+fn is_string(t: &DataType) -> bool {
+    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
+fn is_binary(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+    )
+}
+
+const INTEGER: &str = "an integer (TINYINT..BIGINT, unsigned included)";
+const NUMBER: &str = "a number (integer, float or decimal)";
+
+/// The plugin types, in tag order.
+const TYPES: [TypeRow; 10] = [
+    TypeRow {
+        udf: UdfType::Bool,
+        arrow: || DataType::Boolean,
+        c_format: "b",
+        readable: |t| matches!(t, DataType::Boolean),
+        family: |t| matches!(t, DataType::Boolean),
+        casts: Casts::Nothing,
+        accepted: "BOOLEAN",
+    },
+    TypeRow {
+        udf: UdfType::Int64,
+        arrow: || DataType::Int64,
+        c_format: "l",
+        readable: |t| matches!(t, DataType::Int64),
+        family: |t| matches!(t, DataType::Int64),
+        casts: Casts::Integers,
+        accepted: INTEGER,
+    },
+    TypeRow {
+        udf: UdfType::UInt64,
+        arrow: || DataType::UInt64,
+        c_format: "L",
+        readable: |t| matches!(t, DataType::UInt64),
+        family: |t| matches!(t, DataType::UInt64),
+        casts: Casts::Integers,
+        accepted: "an integer (TINYINT..BIGINT, unsigned included; negatives fail)",
+    },
+    TypeRow {
+        udf: UdfType::Float64,
+        arrow: || DataType::Float64,
+        c_format: "g",
+        readable: |t| matches!(t, DataType::Float64),
+        family: |t| matches!(t, DataType::Float64),
+        casts: Casts::Numbers,
+        accepted: NUMBER,
+    },
+    TypeRow {
+        udf: UdfType::Utf8,
+        arrow: || DataType::Utf8,
+        c_format: "u",
+        readable: is_string,
+        family: is_string,
+        casts: Casts::Nothing,
+        accepted: "a string (VARCHAR, LargeUtf8 or Utf8View)",
+    },
+    TypeRow {
+        udf: UdfType::Int32,
+        arrow: || DataType::Int32,
+        c_format: "i",
+        readable: |t| matches!(t, DataType::Int32),
+        family: |t| matches!(t, DataType::Int32),
+        casts: Casts::Integers,
+        accepted: INTEGER,
+    },
+    TypeRow {
+        udf: UdfType::Float32,
+        arrow: || DataType::Float32,
+        c_format: "f",
+        readable: |t| matches!(t, DataType::Float32),
+        family: |t| matches!(t, DataType::Float32),
+        casts: Casts::Numbers,
+        accepted: NUMBER,
+    },
+    TypeRow {
+        udf: UdfType::Binary,
+        arrow: || DataType::Binary,
+        c_format: "z",
+        readable: is_binary,
+        family: is_binary,
+        casts: Casts::FixedSizeBinary,
+        accepted: "binary (BYTEA, LargeBinary or BinaryView)",
+    },
+    TypeRow {
+        udf: UdfType::Date32,
+        arrow: || DataType::Date32,
+        c_format: "tdD",
+        readable: |t| matches!(t, DataType::Date32),
+        family: |t| matches!(t, DataType::Date32),
+        casts: Casts::TemporalOrString,
+        accepted: "a DATE (or a timestamp or a string to cast)",
+    },
+    TypeRow {
+        udf: UdfType::TimestampMicros,
+        arrow: timestamp_micros_utc,
+        c_format: "tsu:UTC",
+        readable: |t| *t == timestamp_micros_utc(),
+        family: |t| matches!(t, DataType::Timestamp(_, _)),
+        casts: Casts::TemporalOrString,
+        accepted: "a TIMESTAMP (or a date or a string to cast)",
+    },
+];
+
+/// The row of `t`.
+fn row(t: UdfType) -> &'static TypeRow {
+    &TYPES[t.tag() as usize]
+}
+
 /// The Arrow type a plugin type is exchanged as: Bool→Boolean, Int→Int64, UInt→UInt64,
 /// Double→Float64, String→Utf8, Int32→Int32, Float32→Float32, Binary→Binary, Date→Date32,
 /// Timestamp→Timestamp(µs, UTC).
 pub fn arrow_type(t: UdfType) -> DataType {
-    match t {
-        UdfType::Bool => DataType::Boolean,
-        UdfType::Int64 => DataType::Int64,
-        UdfType::UInt64 => DataType::UInt64,
-        UdfType::Float64 => DataType::Float64,
-        UdfType::Utf8 => DataType::Utf8,
-        UdfType::Int32 => DataType::Int32,
-        UdfType::Float32 => DataType::Float32,
-        UdfType::Binary => DataType::Binary,
-        UdfType::Date32 => DataType::Date32,
-        UdfType::TimestampMicros => {
-            DataType::Timestamp(TimeUnit::Microsecond, Some(Arc::from(TIMESTAMP_TZ)))
-        }
-    }
+    (row(t).arrow)()
 }
 
 /// The Arrow C Data Interface format string of [`arrow_type`]`(t)`: what a batch result's schema
 /// must say.
 pub fn c_format(t: UdfType) -> &'static str {
-    match t {
-        UdfType::Bool => "b",
-        UdfType::Int64 => "l",
-        UdfType::UInt64 => "L",
-        UdfType::Float64 => "g",
-        UdfType::Utf8 => "u",
-        UdfType::Int32 => "i",
-        UdfType::Float32 => "f",
-        UdfType::Binary => "z",
-        UdfType::Date32 => "tdD",
-        UdfType::TimestampMicros => "tsu:UTC",
-    }
+    row(t).c_format
 }
 
 /// The plugin type an Arrow type belongs to, for checking declared DDL types: the string types
 /// are `String`, the binary types `Binary`, every timestamp `Timestamp`, else the exact match.
 pub fn family(t: &DataType) -> Option<UdfType> {
-    use DataType::*;
-    Some(match t {
-        Boolean => UdfType::Bool,
-        Int64 => UdfType::Int64,
-        UInt64 => UdfType::UInt64,
-        Float64 => UdfType::Float64,
-        Utf8 | LargeUtf8 | Utf8View => UdfType::Utf8,
-        Int32 => UdfType::Int32,
-        Float32 => UdfType::Float32,
-        Binary | LargeBinary | BinaryView => UdfType::Binary,
-        Date32 => UdfType::Date32,
-        Timestamp(_, _) => UdfType::TimestampMicros,
-        _ => return None,
-    })
+    TYPES.iter().find(|r| (r.family)(t)).map(|r| r.udf)
 }
 
 /// Whether an array of type `t` is read for `param` without a cast.
 pub fn is_readable(t: &DataType, param: UdfType) -> bool {
-    match param {
-        UdfType::Utf8 => matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View),
-        UdfType::Binary => matches!(
-            t,
-            DataType::Binary | DataType::LargeBinary | DataType::BinaryView
-        ),
-        _ => *t == arrow_type(param),
-    }
+    (row(param).readable)(t)
 }
 
 /// What a SQL argument of type `actual` is cast to before it is passed as `param`, or `None`
@@ -100,36 +208,34 @@ pub fn coerce_argument(param: UdfType, actual: &DataType) -> Option<DataType> {
         return Some(actual.clone());
     }
     let integer = actual.is_integer();
-    let number = integer || actual.is_floating() || actual.is_decimal();
-    let string = matches!(actual, Utf8 | LargeUtf8 | Utf8View);
-    let temporal = matches!(actual, Date32 | Date64 | Timestamp(_, _));
-    let accepted = match param {
-        UdfType::Bool | UdfType::Utf8 => false,
-        UdfType::Binary => matches!(actual, FixedSizeBinary(_)),
-        UdfType::Int64 | UdfType::Int32 | UdfType::UInt64 => integer,
-        UdfType::Float64 | UdfType::Float32 => number,
-        UdfType::Date32 | UdfType::TimestampMicros => temporal || string,
+    let accepted = match row(param).casts {
+        Casts::Nothing => false,
+        Casts::FixedSizeBinary => matches!(actual, FixedSizeBinary(_)),
+        Casts::Integers => integer,
+        Casts::Numbers => integer || actual.is_floating() || actual.is_decimal(),
+        Casts::TemporalOrString => {
+            matches!(actual, Date32 | Date64 | Timestamp(_, _)) || is_string(actual)
+        }
     };
     accepted.then(|| arrow_type(param))
 }
 
 /// A short description of what a parameter accepts, for error messages.
 pub fn accepted_types(param: UdfType) -> &'static str {
-    match param {
-        UdfType::Bool => "BOOLEAN",
-        UdfType::Int64 | UdfType::Int32 => "an integer (TINYINT..BIGINT, unsigned included)",
-        UdfType::UInt64 => "an integer (TINYINT..BIGINT, unsigned included; negatives fail)",
-        UdfType::Float64 | UdfType::Float32 => "a number (integer, float or decimal)",
-        UdfType::Utf8 => "a string (VARCHAR, LargeUtf8 or Utf8View)",
-        UdfType::Binary => "binary (BYTEA, LargeBinary or BinaryView)",
-        UdfType::Date32 => "a DATE (or a timestamp or a string to cast)",
-        UdfType::TimestampMicros => "a TIMESTAMP (or a date or a string to cast)",
-    }
+    row(param).accepted
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_has_every_type_in_tag_order() {
+        assert_eq!(TYPES.len(), UdfType::ALL.len());
+        for (i, row) in TYPES.iter().enumerate() {
+            assert_eq!(row.udf.tag() as usize, i, "{}", row.udf);
+        }
+    }
 
     #[test]
     fn canonical_types_belong_to_their_family() {
