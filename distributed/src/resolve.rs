@@ -100,8 +100,6 @@ impl Resolver {
         }
     }
 
-    /// Loads `spec`'s library from the plugin directories with its digest as the pin, and checks
-    /// that the function is the one the client planned with.
     /// The library file `spec` names in the plugin directories (under udfsql's rules for them),
     /// and the pin.
     fn find(&self, spec: &PluginSpec) -> std::result::Result<(PathBuf, Sha256Digest), String> {
@@ -150,6 +148,8 @@ impl Resolver {
         Ok(())
     }
 
+    /// Loads `spec`'s library from the plugin directories with its digest as the pin, and checks
+    /// that the function is the one the client planned with.
     fn load(&self, spec: &PluginSpec) -> std::result::Result<PluginUdf, String> {
         let (path, pin) = self.find(spec)?;
         let library = self
