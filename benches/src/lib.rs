@@ -8,6 +8,7 @@
 pub mod dffi;
 pub mod distbench;
 pub mod isobench;
+pub mod nestedbench;
 pub mod opbench;
 pub mod plain;
 
@@ -135,6 +136,7 @@ pub fn built(package: &str) -> PathBuf {
             "seed-square",
             "repeat",
             "str-len",
+            "arrow-types",
         ] {
             cmd.args(["-p", &format!("udf-plugin-{p}")]);
         }

@@ -234,12 +234,14 @@ pub struct RemotePluginUdf {
 
 impl RemotePluginUdf {
     fn new(spec: PluginSpec, unavailable: Option<String>) -> Result<RemotePluginUdf> {
-        let return_type = DataType::from_str(&spec.return_type).map_err(|e| {
-            DataFusionError::Plan(format!(
-                "plugin function {}: the plan's return type {:?} cannot be read: {e}",
-                spec.sql_name, spec.return_type
-            ))
-        })?;
+        let return_type = udf_abi::type_string::parse(&spec.return_type)
+            .or_else(|_| DataType::from_str(&spec.return_type))
+            .map_err(|e| {
+                DataFusionError::Plan(format!(
+                    "plugin function {}: the plan's return type {:?} cannot be read: {e}",
+                    spec.sql_name, spec.return_type
+                ))
+            })?;
         let volatility = spec.volatility()?;
         let signature = if spec.arguments == 0 {
             Signature::nullary(volatility)

@@ -36,7 +36,8 @@ pub struct PluginSpec {
     pub volatility: String,
     /// How the client calls it: `row` or `batch`.
     pub call_path: String,
-    /// The result's Arrow type, as Arrow prints it (`Utf8`, `Int64`, ...).
+    /// The result's Arrow type as an ABI 2.2 type string (`u`, `l`, `d:12,2`, `+l<g>`; see
+    /// `udf_abi::type_string`), or as Arrow prints it for a type without one.
     pub return_type: String,
     /// Process isolation, when the client evaluates it in worker processes.
     pub isolation: Option<IsolationSpec>,
@@ -107,7 +108,12 @@ impl PluginSpec {
             arguments: function.signature().arg_types.len(),
             volatility: volatility.to_string(),
             call_path: call_path.to_string(),
-            return_type: udf.return_type(&[])?.to_string(),
+            return_type: {
+                let t = udf.return_type(&[])?;
+                // The ABI's type string where there is one (every type a plugin can return has
+                // one); Arrow's display otherwise.
+                udf_abi::type_string::type_string(&t).unwrap_or_else(|| t.to_string())
+            },
             isolation,
         })
     }

@@ -17,7 +17,6 @@ use datafusion::execution::context::{FunctionFactory, RegisterFunction, SessionS
 use datafusion::logical_expr::{CreateFunction, Expr, ScalarUDF};
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatement;
-use udf_abi::v2::UdfType;
 
 use crate::error::LoadError;
 use crate::ffi::{FunctionSignature, PluginFunction, PluginLibrary};
@@ -25,7 +24,7 @@ use crate::isolation::{Isolation, WorkerLimits, WorkerPool};
 use crate::trust::{
     DigestParseError, InsecurePath, Sha256Digest, check_not_writable_by_others, check_pin,
 };
-use crate::types::family;
+use crate::types::{ValueType, family};
 use crate::udf::PluginUdf;
 
 /// Why a `CREATE FUNCTION ... LANGUAGE plugin` statement was refused.
@@ -627,9 +626,13 @@ fn pick_function(
 }
 
 /// Whether a declared SQL type stands for `param`: VARCHAR/TEXT for String, BYTEA for Binary,
-/// any TIMESTAMP for Timestamp, else the canonical Arrow type.
-fn declared_matches(declared: &DataType, param: UdfType) -> bool {
-    family(declared) == Some(param)
+/// any TIMESTAMP for Timestamp, else the canonical Arrow type; for an Arrow type (ABI 2.2), that
+/// type (see [`crate::types::arrow::declared_matches`]).
+fn declared_matches(declared: &DataType, param: &ValueType) -> bool {
+    match param {
+        ValueType::Tag(t) => family(declared) == Some(*t),
+        ValueType::Arrow(t) => crate::types::arrow::declared_matches(declared, t),
+    }
 }
 
 fn check_declared_types(
@@ -645,13 +648,13 @@ fn check_declared_types(
                 && args
                     .iter()
                     .zip(&sig.arg_types)
-                    .all(|(a, &p)| declared_matches(&a.data_type, p))
+                    .all(|(a, p)| declared_matches(&a.data_type, p))
         }
     };
     let return_ok = stmt
         .return_type
         .as_ref()
-        .is_none_or(|t| declared_matches(t, sig.return_type));
+        .is_none_or(|t| declared_matches(t, &sig.return_type));
     if args_ok && return_ok {
         return Ok(());
     }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use udf_abi::v2::UdfType;
 
+use crate::types::ValueType;
+
 /// Why a plugin library could not be loaded. Nothing is registered when loading fails.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -210,11 +212,33 @@ pub enum MetadataError {
         /// The name.
         function: String,
     },
-    /// A function's row entrypoint is null.
+    /// A function's row entrypoint is null (and, from ABI 2.2 on, its batch entrypoint too).
     #[error("function `{function}` has a null row entrypoint")]
     NullEntrypoint {
         /// The function's name.
         function: String,
+    },
+    /// A function declares an Arrow type (ABI 2.2) but has no batch entrypoint, the only one
+    /// that can pass it.
+    #[error(
+        "function `{function}` declares an Arrow type ({position}) but has no batch entrypoint \
+         (call_batch is null)"
+    )]
+    ArrowTypeWithoutBatch {
+        /// The function's name.
+        function: String,
+        /// The first argument, or the result, with an Arrow type.
+        position: TypePosition,
+    },
+    /// An Arrow type string (ABI 2.2) that is missing, unexpected or malformed.
+    #[error("function `{function}`: {position}: {reason}")]
+    BadTypeString {
+        /// The function's name.
+        function: String,
+        /// Which argument, or the return type.
+        position: TypePosition,
+        /// What is wrong.
+        reason: String,
     },
     /// A flag byte that is neither 0 nor 1, or an unknown volatility.
     #[error("function `{function}`: {field} has invalid value {value}")]
@@ -276,6 +300,10 @@ pub enum CallError {
     /// The function has no batch entrypoint (a v1 function, or a v2.0 library).
     #[error("the function has no batch entrypoint")]
     NoBatchEntrypoint,
+    /// The function has no row entrypoint (an ABI 2.2 batch-only function, or one with Arrow
+    /// types, which only the batch entrypoint passes).
+    #[error("the function has no row entrypoint: it runs through its batch entrypoint only")]
+    NoRowEntrypoint,
     /// The batch entrypoint's result is unusable: a field of the `ArrowArray` or `ArrowSchema`
     /// the C Data Interface does not allow for the declared type, or an array arrow's validation
     /// refuses (lengths, offsets, UTF-8, NULL counts).
@@ -288,9 +316,9 @@ pub enum CallError {
     )]
     ResultType {
         /// The declared return type.
-        declared: UdfType,
-        /// Its Arrow C Data Interface format.
-        expected_format: &'static str,
+        declared: ValueType,
+        /// Its Arrow C Data Interface format (an ABI 2.2 type string for nested types).
+        expected_format: String,
         /// The format the plugin wrote.
         found_format: String,
     },
@@ -336,7 +364,7 @@ pub enum CallError {
         /// The argument (0-based).
         index: usize,
         /// The declared type.
-        expected: UdfType,
+        expected: ValueType,
         /// What the host had.
         found: &'static str,
     },
@@ -410,6 +438,7 @@ impl CallError {
             | CallError::InvalidUtf8(_)
             | CallError::ResultTooLarge => CallErrorKind::InvalidResult,
             CallError::NoBatchEntrypoint
+            | CallError::NoRowEntrypoint
             | CallError::InteriorNul { .. }
             | CallError::ArgumentType { .. }
             | CallError::ArgumentCount { .. }

@@ -14,11 +14,10 @@ use datafusion::common::{DataFusionError, Result, ScalarValue, exec_err, plan_er
 use datafusion::logical_expr::{
     ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
 };
-use udf_abi::v2::UdfType;
 
 use crate::ffi::{DeclaredVolatility, PluginFunction};
 use crate::isolation::{CallCancel, WorkerPool};
-use crate::types::{accepted_types, arrow_type, coerce_argument, is_readable};
+use crate::types::ValueType;
 
 /// A plugin function registered with DataFusion under a SQL name.
 ///
@@ -77,7 +76,7 @@ impl PluginUdf {
         } else {
             Signature::user_defined(volatility)
         };
-        let return_type = arrow_type(sig.return_type);
+        let return_type = sig.return_type.arrow_type();
         let call_path = if function.has_batch() {
             CallPath::Batch
         } else {
@@ -114,13 +113,16 @@ impl PluginUdf {
     }
 
     /// The same function called through `path`; a function without a batch entrypoint stays on
-    /// the row path. (The batch path is the default when the library has one; the row path is
-    /// kept for comparison and benchmarks.)
+    /// the row path, and one without a row entrypoint (ABI 2.2 batch-only functions, and those
+    /// with Arrow types) on the batch path. (The batch path is the default when the library has
+    /// one; the row path is kept for comparison and benchmarks.)
     pub fn with_call_path(mut self, path: CallPath) -> Self {
-        self.call_path = if self.function.has_batch() {
-            path
-        } else {
+        self.call_path = if !self.function.has_batch() {
             CallPath::Row
+        } else if !self.function.has_row() {
+            CallPath::Batch
+        } else {
+            path
         };
         self
     }
@@ -213,17 +215,15 @@ impl ScalarUDFImpl for PluginUdf {
             .iter()
             .zip(arg_types)
             .enumerate()
-            .map(
-                |(i, (&param, actual))| match coerce_argument(param, actual) {
-                    Some(t) => Ok(t),
-                    None => plan_err!(
-                        "function {}: argument {} has type {actual}, expected {}",
-                        self.sql_signature(),
-                        i + 1,
-                        accepted_types(param)
-                    ),
-                },
-            )
+            .map(|(i, (param, actual))| match param.coerce(actual) {
+                Some(t) => Ok(t),
+                None => plan_err!(
+                    "function {}: argument {} has type {actual}, expected {}",
+                    self.sql_signature(),
+                    i + 1,
+                    param.accepted()
+                ),
+            })
             .collect()
     }
 
@@ -271,7 +271,7 @@ impl PluginUdf {
         let arrays = args
             .iter()
             .zip(params)
-            .map(|(value, &param)| {
+            .map(|(value, param)| {
                 Ok(match value {
                     ColumnarValue::Array(array) => (expected_array(array, param)?, false),
                     ColumnarValue::Scalar(scalar) if expand => (
@@ -335,19 +335,22 @@ fn result_value(array: ArrayRef, all_scalar: bool) -> Result<ColumnarValue> {
 }
 
 /// A scalar argument in a type the plugin reads, cast when it is not one already.
-fn readable_scalar(scalar: &ScalarValue, param: UdfType) -> Result<ScalarValue> {
-    if is_readable(&scalar.data_type(), param) {
+fn readable_scalar(scalar: &ScalarValue, param: &ValueType) -> Result<ScalarValue> {
+    if param.is_readable(&scalar.data_type()) {
         Ok(scalar.clone())
     } else {
-        Ok(scalar.cast_to(&arrow_type(param))?)
+        Ok(scalar.cast_to(&param.arrow_type())?)
     }
 }
 
 /// The array as a type the plugin reads; planning coerces arguments already, so the cast is a
 /// fallback for callers that invoke the UDF directly.
-fn expected_array(array: &ArrayRef, param: UdfType) -> Result<ArrayRef> {
-    if is_readable(array.data_type(), param) {
+fn expected_array(array: &ArrayRef, param: &ValueType) -> Result<ArrayRef> {
+    if param.is_readable(array.data_type()) {
         return Ok(Arc::clone(array));
     }
-    Ok(datafusion::arrow::compute::cast(array, &arrow_type(param))?)
+    Ok(datafusion::arrow::compute::cast(
+        array,
+        &param.arrow_type(),
+    )?)
 }

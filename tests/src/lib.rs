@@ -96,9 +96,18 @@ pub fn example_plugin_dir() -> &'static Path {
 }
 
 /// The example plugin packages (without the `udf-plugin-` prefix): `repeat` is the hand-written
-/// v1 seed example, the others use `#[udf]` (ABI v2); `toolbox` has many functions.
-pub const EXAMPLE_PLUGINS: [&str; 8] = [
-    "repeat", "square", "safe-div", "hypot", "str-len", "is-even", "choose", "toolbox",
+/// v1 seed example, the others use `#[udf]` (ABI v2); `toolbox` has many functions;
+/// `arrow-types` has `#[udf(vectorized)]` functions over Arrow types (ABI 2.2, batch only).
+pub const EXAMPLE_PLUGINS: [&str; 9] = [
+    "repeat",
+    "square",
+    "safe-div",
+    "hypot",
+    "str-len",
+    "is-even",
+    "choose",
+    "toolbox",
+    "arrow-types",
 ];
 
 /// `target/udf-fixtures`: where tests put the libraries they make.

@@ -90,7 +90,7 @@ const CASES: &[(&str, Expect)] = &[
 ];
 
 fn is_str(f: &PluginFunction) -> bool {
-    f.signature().arg_types[0] == udf_abi::v2::UdfType::Utf8
+    f.signature().arg_types[0] == udf_abi::v2::UdfType::Utf8.into()
 }
 
 fn input(f: &PluginFunction) -> ArrayRef {

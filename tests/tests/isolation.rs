@@ -983,7 +983,7 @@ async fn the_misbehaving_corpus_answers_alike_isolated_and_in_process() {
         if f.signature.arg_types.len() != 1 || f.sql_name == "counter" {
             continue;
         }
-        let column = if f.signature.arg_types[0] == udf_abi::v2::UdfType::Utf8 {
+        let column = if f.signature.arg_types[0] == udf_abi::v2::UdfType::Utf8.into() {
             "s"
         } else {
             "x"

@@ -117,7 +117,9 @@ PluginResult plugin_entrypoint(const PluginValue *args, size_t args_len);
  * ============================================================================================ */
 
 #define UDF_ABI_MAJOR 2
-#define UDF_ABI_MINOR 1   /* 2.1 defines UdfFunction.call_batch */
+#define UDF_ABI_MINOR 2   /* 2.1 defines UdfFunction.call_batch; 2.2 appends
+                             UdfManifest.arrow_types and allows batch-only functions */
+#define UDF_MANIFEST_SIZE_2_0 (4 * sizeof(size_t)) /* sizeof(UdfManifest) of ABI 2.0 and 2.1 */
 
 /* The Arrow C Data Interface (https://arrow.apache.org/docs/format/CDataInterface.html), for the
  * batch entrypoint. */
@@ -163,6 +165,11 @@ typedef enum UdfType {
     UDF_TYPE_DATE32 = 8,           /* value.int32: days since 1970-01-01 */
     UDF_TYPE_TIMESTAMP_MICROS = 9  /* value.int64: microseconds since the epoch, UTC */
 } UdfType;
+
+/* ABI 2.2: the tag of an argument or result whose type is an Arrow type string in
+ * UdfManifest.arrow_types (see UdfArrowTypes). */
+#define UDF_TYPE_ARROW 0xFFFFFFFFu
+#define UDF_MAX_TYPE_STRING_LEN 4096
 
 #define UDF_VOLATILITY_IMMUTABLE 0 /* same result for the same arguments: may be folded */
 #define UDF_VOLATILITY_STABLE 1    /* same result within one query */
@@ -247,15 +254,33 @@ typedef struct UdfFunction {
     uint32_t return_type;          /* a UdfType tag */
     uint8_t return_nullable;       /* 1 if the function may return NULL */
     uint32_t volatility;           /* UDF_VOLATILITY_* */
-    UdfRowEntrypoint call_row;     /* must not be NULL */
+    UdfRowEntrypoint call_row;     /* must not be NULL before 2.2; from 2.2 NULL means batch only
+                                      (and it is never called for a function with an Arrow type) */
     UdfBatchEntrypoint call_batch; /* optional (NULL: rows only); ignored in 2.0 libraries */
 } UdfFunction;
+
+/* ABI 2.2: the Arrow types of one function. For each argument and the result: NULL (its UdfType
+ * tag applies) or, where the tag is UDF_TYPE_ARROW, a NUL-terminated Arrow type string: a C Data
+ * Interface format with the children of nested types in angle brackets:
+ *     type  := format | "+l<" type ">" | "+L<" type ">" | "+s<" name ":" type (";" name ":" type)* ">"
+ *     format: b c C s S i I l L f g  d:P,S (Decimal128)  u U vu  z Z  tdD  ts{s,m,u,n}:[ZONE]
+ *             tD{s,m,u,n} (Duration)  tin (Interval MonthDayNano)
+ * e.g. "d:12,2", "tsu:Europe/Paris", "+l<g>", "+s<street:u;zip:i>". Children are nullable; a
+ * list's child may have any name in results. Such a function runs through call_batch only:
+ * arguments arrive as arrays of exactly the declared type; the result must be of exactly the
+ * declared type, and the host validates every level (buffers, offsets against the child's
+ * length, child lengths, struct field count and names, UTF-8, decimal precision). */
+typedef struct UdfArrowTypes {
+    const char *const *arg_formats; /* args_len entries (each NULL or a type string), or NULL */
+    const char *return_format;      /* NULL or a type string */
+} UdfArrowTypes;
 
 typedef struct UdfManifest {
     size_t size;                   /* sizeof(UdfManifest) as built */
     const UdfFunction *functions;  /* functions_len entries; static */
     size_t functions_len;
     UdfReleaseBytes release_bytes; /* must not be NULL */
+    const UdfArrowTypes *arrow_types; /* 2.2: functions_len entries parallel to functions, or NULL */
 } UdfManifest;
 
 UdfAbiVersion udfsql_abi_version(void);

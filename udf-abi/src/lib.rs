@@ -94,10 +94,14 @@
 #![deny(unsafe_code)]
 
 pub mod export;
+pub mod type_string;
 pub mod v2;
 
 pub use udf_abi_macros::udf;
 pub use v2::{Date, Timestamp};
+/// The arrow-rs crates `#[udf(vectorized)]` functions are written with (the plugin's own copy:
+/// only the Arrow C Data Interface crosses to the host, whatever arrow-rs the host uses).
+pub use {arrow_array, arrow_buffer, arrow_schema};
 
 use std::ffi::c_char;
 

@@ -38,8 +38,18 @@ pub use arrow_schema::ffi::FFI_ArrowSchema;
 /// The ABI major version this crate describes. A host refuses libraries of another major.
 pub const ABI_MAJOR: u32 = 2;
 /// The ABI minor version this crate describes. Minors add fields at the end of the manifest or
-/// give meaning to reserved ones: 2.1 defines [`UdfFunction::call_batch`].
-pub const ABI_MINOR: u32 = 1;
+/// give meaning to reserved ones: 2.1 defines [`UdfFunction::call_batch`], 2.2 appends
+/// [`UdfManifest::arrow_types`] (Arrow types declared by format strings) and lets a function
+/// with a batch entrypoint leave [`UdfFunction::call_row`] null.
+pub const ABI_MINOR: u32 = 2;
+/// `sizeof(UdfManifest)` of ABI 2.0 and 2.1 (four pointer-sized fields): the least a host reads.
+pub const MANIFEST_SIZE_2_0: usize = 4 * std::mem::size_of::<usize>();
+/// The type tag of an argument or result declared by an Arrow type string in
+/// [`UdfManifest::arrow_types`] (ABI 2.2) instead of by a [`UdfType`]. A host of ABI 2.1 or
+/// older refuses it as an unknown tag.
+pub const TYPE_ARROW: u32 = u32::MAX;
+/// The longest Arrow type string a host reads, in bytes.
+pub const MAX_TYPE_STRING_LEN: usize = 4096;
 /// `UdfAbiVersion udfsql_abi_version(void)`: the handshake.
 pub const SYMBOL_ABI_VERSION: &str = "udfsql_abi_version";
 /// `const UdfManifest *udfsql_manifest(void)`: the list of functions.
@@ -321,11 +331,51 @@ pub struct UdfFunction {
     pub return_nullable: u8,
     /// One of the [`volatility`] tags.
     pub volatility: u32,
-    /// The row entrypoint; must not be null.
+    /// The row entrypoint. Must not be null before ABI 2.2; from 2.2 on it may be null when
+    /// `call_batch` is not (a batch-only function). A function with an Arrow type
+    /// ([`TYPE_ARROW`]) is evaluated through its batch entrypoint only: its `call_row` is never
+    /// called (leave it null).
     pub call_row: Option<RowEntrypoint>,
     /// The optional batch entrypoint (ABI 2.1; null in 2.0 libraries). A host uses it when
     /// present and the row entrypoint otherwise.
     pub call_batch: Option<BatchEntrypoint>,
+}
+
+/// The Arrow types of one function (ABI 2.2): for each argument and for the result, null (its
+/// [`UdfType`] tag applies) or a NUL-terminated **Arrow type string**, where the tag is
+/// [`TYPE_ARROW`]. A type string is an Arrow C Data Interface format string, with the children of
+/// nested types in angle brackets:
+///
+/// ```text
+/// type   := format                        primitive formats, below
+///         | "+l<" type ">"                List of type (child named "item", nullable)
+///         | "+L<" type ">"                LargeList of type
+///         | "+s<" field (";" field)* ">"  Struct (every field nullable)
+/// field  := name ":" type                 name: 1..=256 bytes of UTF-8 without : ; < >
+/// format := b | c C s S i I l L | f g | d:P,S  (Decimal128, 1 ≤ P ≤ 38, 0 ≤ S ≤ P)
+///         | u U vu | z Z | tdD | ts{s,m,u,n}:[ZONE] | tD{s,m,u,n} | tin
+/// ```
+///
+/// (`c`..`L`: Int8, UInt8, Int16, UInt16, Int32, UInt32, Int64, UInt64; `f`/`g`: Float32/64;
+/// `u`/`U`/`vu`: Utf8, LargeUtf8, Utf8View; `z`/`Z`: Binary, LargeBinary; `tdD`: Date32;
+/// `tss:`..`tsn:`: Timestamp in s/ms/µs/ns, with the time zone after the colon or none;
+/// `tDs`..`tDn`: Duration; `tin`: Interval(MonthDayNano).) Nested types nest up to 16 levels; a
+/// string is at most [`MAX_TYPE_STRING_LEN`] bytes. Examples: `d:12,2`, `tsu:Europe/Paris`,
+/// `+l<g>`, `+s<street:u;zip:i;tags:+l<u>>`.
+///
+/// Arguments of an Arrow type reach the batch entrypoint as arrays of exactly that type (the host
+/// casts SQL arguments to it; dictionary-encoded columns are decoded first); a result must be an
+/// array of exactly that type (list children may have any name), which the host validates whole:
+/// every level's buffers, offsets within the child's length, child lengths, struct field count
+/// and names, UTF-8, decimal precision. NULLs may appear at every level; the nullable flags of the
+/// function apply to the top level.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct UdfArrowTypes {
+    /// `args_len` pointers, each null or a type string; may itself be null (no argument has one).
+    pub arg_formats: *const *const std::ffi::c_char,
+    /// Null or the result's type string.
+    pub return_format: *const std::ffi::c_char,
 }
 
 /// What `udfsql_manifest` returns: every function of the library.
@@ -340,6 +390,9 @@ pub struct UdfManifest {
     pub functions_len: usize,
     /// Releases result bytes and error messages; must not be null.
     pub release_bytes: Option<ReleaseBytes>,
+    /// ABI 2.2: `functions_len` entries, parallel to `functions`, or null (no function declares
+    /// an Arrow type). Read only from libraries of minor 2 or later whose manifest is this long.
+    pub arrow_types: *const UdfArrowTypes,
 }
 
 /// A `DATE` for Rust plugins: days since 1970-01-01 (Arrow `Date32`).
@@ -480,7 +533,10 @@ mod tests {
         if std::mem::size_of::<usize>() == 8 {
             assert_eq!(std::mem::size_of::<UdfValue>(), 32);
             assert_eq!(std::mem::size_of::<UdfFunction>(), 72);
-            assert_eq!(std::mem::size_of::<UdfManifest>(), 32);
+            assert_eq!(std::mem::size_of::<UdfManifest>(), 40);
+            assert_eq!(MANIFEST_SIZE_2_0, 32);
+            assert_eq!(std::mem::offset_of!(UdfManifest, arrow_types), 32);
+            assert_eq!(std::mem::size_of::<UdfArrowTypes>(), 16);
             assert_eq!(std::mem::size_of::<UdfAbiVersion>(), 16);
         }
     }

@@ -39,7 +39,7 @@ use udf_abi::v2::{UdfOwnedBytes, UdfType};
 
 use super::{Entrypoints, FunctionSignature, PluginFunction, PluginLibrary, check_status};
 use crate::error::CallError;
-use crate::types::{arrow_type, c_format};
+use crate::types::{ValueType, arrow_type, c_format};
 
 /// The longest result format string read, in bytes (the longest valid one is `tsu:UTC`).
 const MAX_FORMAT_LEN: usize = 64;
@@ -81,10 +81,13 @@ impl PluginFunction {
             .as_mut_slice()
             .iter_mut()
             .zip(scalar_flags.as_mut_slice());
-        for (((array, scalar), &param), (slot, flag)) in
+        for (((array, scalar), param), (slot, flag)) in
             args.iter().zip(&signature.arg_types).zip(slots)
         {
-            canonical &= array.data_type() == declared_type(param);
+            canonical &= match param {
+                ValueType::Tag(t) => array.data_type() == declared_type(*t),
+                ValueType::Arrow(t) => array.data_type() == t,
+            };
             *slot = export_argument(array);
             *flag = u8::from(*scalar);
         }
@@ -134,7 +137,16 @@ impl PluginFunction {
         // From here on, `out` and `out_schema` are released (through the plugin's callbacks) on
         // every return path, while `self` still holds the library.
         check_status(status, error, release, &self.library)?;
-        let return_type = signature.return_type;
+        let return_type = match &signature.return_type {
+            ValueType::Tag(t) => *t,
+            ValueType::Arrow(declared) => {
+                let library = Arc::clone(&self.library);
+                let data = super::arrow_result::import_result(
+                    out, out_schema, declared, num_rows, library,
+                )?;
+                return apply_null_rules(make_array(data), args, signature);
+            }
+        };
         check_result_schema(&out_schema, return_type)?;
         drop(out_schema);
         let buffers = check_result_array(&out, return_type, num_rows)?;
@@ -152,18 +164,23 @@ impl PluginFunction {
         let data = match imported {
             Ok(data) => data?,
             Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
                 return Err(CallError::HostBug(format!(
-                    "importing the batch result panicked: {message}"
+                    "importing the batch result panicked: {}",
+                    panic_text(&panic)
                 )));
             }
         };
         apply_null_rules(make_array(data), args, signature)
     }
+}
+
+/// The message of a caught panic.
+pub(super) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 /// A value that fills a slot before it is written: a released (empty) struct, or zero.
@@ -502,8 +519,8 @@ fn check_result_schema(schema: &FFI_ArrowSchema, declared: UdfType) -> Result<()
             ))
         })?;
         return Err(CallError::ResultType {
-            declared,
-            expected_format: expected,
+            declared: declared.into(),
+            expected_format: expected.to_string(),
             found_format,
         });
     }
@@ -679,7 +696,7 @@ impl ArgSchemas {
         signature
             .arg_types
             .iter()
-            .map(|&t| FFI_ArrowSchema::try_from(&arrow_type(t)).ok())
+            .map(|t| FFI_ArrowSchema::try_from(&t.arrow_type()).ok())
             .collect::<Option<Vec<_>>>()
             .map(|schemas| ArgSchemas(schemas.into_boxed_slice()))
     }

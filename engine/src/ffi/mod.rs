@@ -17,14 +17,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use udf_abi::v2::{
-    self, BatchEntrypoint, ReleaseBytes, RowEntrypoint, UdfAbiVersion, UdfBytes, UdfFunction,
-    UdfManifest, UdfOwnedBytes, UdfType,
+    self, BatchEntrypoint, ReleaseBytes, RowEntrypoint, UdfAbiVersion, UdfArrowTypes, UdfBytes,
+    UdfFunction, UdfManifest, UdfOwnedBytes, UdfType,
 };
 use udf_abi::{MAX_ARGS, PluginMetadata, PluginResult, PluginType, PluginValue};
 
 use crate::error::{CallError, LoadError, MetadataError, TypePosition};
 use crate::trust::Sha256Digest;
+use crate::types::ValueType;
 
+mod arrow_result;
 mod batch;
 pub(crate) mod descriptors;
 mod images;
@@ -134,11 +136,11 @@ pub struct FunctionSignature {
     /// The name the library gives the function.
     pub name: String,
     /// Argument types, in order.
-    pub arg_types: Vec<UdfType>,
+    pub arg_types: Vec<ValueType>,
     /// Per argument: whether it receives NULLs (v2 `Option<T>`); all false for v1.
     pub arg_nullable: Vec<bool>,
     /// The return type.
-    pub return_type: UdfType,
+    pub return_type: ValueType,
     /// Whether the function may return NULL.
     pub return_nullable: bool,
     /// The declared volatility (v2); `None` for v1, which cannot declare it.
@@ -163,6 +165,15 @@ impl FunctionSignature {
     pub fn is_strict(&self) -> bool {
         !self.arg_nullable.iter().any(|&n| n)
     }
+
+    /// Whether an argument or the result has an Arrow type (ABI 2.2): such a function runs
+    /// through its batch entrypoint only.
+    pub fn has_arrow_types(&self) -> bool {
+        self.arg_types
+            .iter()
+            .chain(std::iter::once(&self.return_type))
+            .any(|t| t.tag().is_none())
+    }
 }
 
 impl std::fmt::Display for FunctionSignature {
@@ -175,7 +186,8 @@ enum Entrypoints {
     V1(EntrypointFn),
     V2 {
         release: ReleaseBytes,
-        rows: Vec<RowEntrypoint>,
+        /// Per function: its row entrypoint; `None` for a function that runs in batches only.
+        rows: Vec<Option<RowEntrypoint>>,
         batches: Vec<Option<BatchEntrypoint>>,
     },
 }
@@ -420,11 +432,13 @@ impl PluginLibrary {
             symbol: v2::SYMBOL_MANIFEST,
             reason,
         };
-        let known = size_of::<UdfManifest>();
-        if found.manifest_size < known {
+        // Libraries of ABI 2.0 and 2.1 have the shorter manifest: read what the library has, up
+        // to what this host knows, and leave the rest zero (a null `arrow_types`).
+        let least = v2::MANIFEST_SIZE_2_0;
+        if found.manifest_size < least {
             return Err(invalid(MetadataError::ManifestTooSmall {
                 found: found.manifest_size,
-                expected: known,
+                expected: least,
             }));
         }
         // SAFETY: ABI v2 declares `udfsql_manifest` as `const UdfManifest *(void)`.
@@ -435,15 +449,35 @@ impl PluginLibrary {
         if manifest.is_null() {
             return Err(invalid(MetadataError::NullManifest));
         }
-        // SAFETY: non-null, and the handshake says the manifest is at least `known` bytes; we read
-        // only the ABI 2.0 prefix. `UdfManifest` has no field with invalid bit patterns.
-        let manifest = unsafe { manifest.read() };
-        if manifest.size < known {
+        let readable = found.manifest_size.min(size_of::<UdfManifest>());
+        let mut prefix = std::mem::MaybeUninit::<UdfManifest>::zeroed();
+        // SAFETY: non-null, and the handshake says the manifest is `manifest_size` bytes, of
+        // which we copy at most the `size_of::<UdfManifest>()` this host knows into a zeroed
+        // value. Every field of `UdfManifest` (integers, raw pointers, an optional function
+        // pointer) is valid when zero and for any bits.
+        let manifest = unsafe {
+            std::ptr::copy_nonoverlapping(
+                manifest.cast::<u8>(),
+                prefix.as_mut_ptr().cast::<u8>(),
+                readable,
+            );
+            prefix.assume_init()
+        };
+        if manifest.size < least {
             return Err(invalid(MetadataError::ManifestTooSmall {
                 found: manifest.size,
-                expected: known,
+                expected: least,
             }));
         }
+        // `arrow_types` exists from ABI 2.2 on, in a manifest long enough to hold it.
+        let arrow_types = if found.minor >= 2
+            && manifest.size >= size_of::<UdfManifest>()
+            && readable == size_of::<UdfManifest>()
+        {
+            manifest.arrow_types
+        } else {
+            std::ptr::null()
+        };
         let release = manifest
             .release_bytes
             .ok_or_else(|| invalid(MetadataError::NullRelease))?;
@@ -474,10 +508,21 @@ impl PluginLibrary {
         let mut functions = Vec::with_capacity(len);
         let mut rows = Vec::with_capacity(len);
         let mut batches = Vec::with_capacity(len);
-        for entry in entries {
-            let (signature, row) = validate_function(entry).map_err(invalid)?;
+        for (i, entry) in entries.iter().enumerate() {
+            let arrow = if arrow_types.is_null() {
+                None
+            } else {
+                // SAFETY: non-null, and ABI 2.2 says `arrow_types` holds `functions_len` (bounded
+                // above) entries parallel to `functions`; `UdfArrowTypes` is two raw pointers,
+                // valid for any bits.
+                Some(unsafe { arrow_types.add(i).read() })
+            };
             // `call_batch` is reserved (null) in ABI 2.0 and defined from 2.1 on.
-            batches.push(entry.call_batch.filter(|_| found.minor >= 1));
+            let batch = entry.call_batch.filter(|_| found.minor >= 1);
+            let (signature, row) =
+                validate_function(entry, arrow.as_ref(), batch.is_some(), found.minor)
+                    .map_err(invalid)?;
+            batches.push(batch);
             if functions
                 .iter()
                 .any(|f: &FunctionSignature| f.name == signature.name)
@@ -623,8 +668,10 @@ fn validate_metadata(raw: &RawMetadata) -> Result<FunctionSignature, MetadataErr
         .iter()
         .enumerate()
         .map(|(i, &tag)| type_from_tag(&name, TypePosition::Argument(i), tag, UdfType::Utf8))
+        .map(|t| t.map(ValueType::Tag))
         .collect::<Result<Vec<_>, _>>()?;
-    let return_type = type_from_tag(&name, TypePosition::Return, raw.return_type, UdfType::Utf8)?;
+    let return_type =
+        type_from_tag(&name, TypePosition::Return, raw.return_type, UdfType::Utf8)?.into();
     Ok(FunctionSignature {
         arg_nullable: vec![false; arg_types.len()],
         name,
@@ -647,9 +694,16 @@ fn flag(function: &str, field: &'static str, value: u8) -> Result<bool, Metadata
     }
 }
 
+/// Validates one function of a v2 manifest: `arrow` is its entry of the ABI 2.2 `arrow_types`
+/// (if the library has them), `has_batch` whether it has a batch entrypoint, `minor` the
+/// library's minor version. Returns its signature and its row entrypoint (`None` for a function
+/// that runs in batches only).
 fn validate_function(
     entry: &UdfFunction,
-) -> Result<(FunctionSignature, RowEntrypoint), MetadataError> {
+    arrow: Option<&UdfArrowTypes>,
+    has_batch: bool,
+    minor: u32,
+) -> Result<(FunctionSignature, Option<RowEntrypoint>), MetadataError> {
     let UdfBytes { ptr, len } = entry.name;
     if ptr.is_null() {
         return Err(MetadataError::NullName);
@@ -660,11 +714,21 @@ fn validate_function(
     // SAFETY: non-null, bounded, and ABI v2 says the name is `len` bytes of static data.
     let name = name_from_bytes(unsafe { std::slice::from_raw_parts(ptr, len) })?;
     let tags = read_tags(&name, entry.arg_types, entry.args_len)?;
-    let last = UdfType::TimestampMicros;
+    let arg_formats: &[*const c_char] = match arrow {
+        Some(a) if !a.arg_formats.is_null() && !tags.is_empty() => {
+            // SAFETY: non-null, and ABI 2.2 says it points at `args_len` (checked ≤ MAX_ARGS)
+            // pointers in the library's static data.
+            unsafe { std::slice::from_raw_parts(a.arg_formats, tags.len()) }
+        }
+        _ => &[],
+    };
     let arg_types = tags
         .iter()
         .enumerate()
-        .map(|(i, &tag)| type_from_tag(&name, TypePosition::Argument(i), tag, last))
+        .map(|(i, &tag)| {
+            let format = arg_formats.get(i).copied().unwrap_or(std::ptr::null());
+            value_type(&name, TypePosition::Argument(i), tag, format)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let arg_nullable = if entry.arg_nullable.is_null() {
         vec![false; arg_types.len()]
@@ -676,7 +740,13 @@ fn validate_function(
             .map(|&f| flag(&name, "arg_nullable", f))
             .collect::<Result<Vec<_>, _>>()?
     };
-    let return_type = type_from_tag(&name, TypePosition::Return, entry.return_type, last)?;
+    let return_format = arrow.map_or(std::ptr::null(), |a| a.return_format);
+    let return_type = value_type(
+        &name,
+        TypePosition::Return,
+        entry.return_type,
+        return_format,
+    )?;
     let return_nullable = flag(&name, "return_nullable", entry.return_nullable)?;
     let volatility = match entry.volatility {
         v2::volatility::IMMUTABLE => DeclaredVolatility::Immutable,
@@ -690,20 +760,97 @@ fn validate_function(
             });
         }
     };
-    let Some(row) = entry.call_row else {
-        return Err(MetadataError::NullEntrypoint { function: name });
+    let signature = FunctionSignature {
+        name,
+        arg_types,
+        arg_nullable,
+        return_type,
+        return_nullable,
+        volatility: Some(volatility),
     };
-    Ok((
-        FunctionSignature {
-            name,
-            arg_types,
-            arg_nullable,
-            return_type,
-            return_nullable,
-            volatility: Some(volatility),
-        },
-        row,
-    ))
+    let first_arrow = signature
+        .arg_types
+        .iter()
+        .position(|t| t.tag().is_none())
+        .map(TypePosition::Argument)
+        .or_else(|| {
+            signature
+                .return_type
+                .tag()
+                .is_none()
+                .then_some(TypePosition::Return)
+        });
+    let row = match (first_arrow, entry.call_row) {
+        // Only the batch entrypoint passes Arrow types: the row entrypoint is never called.
+        (Some(position), _) if !has_batch => {
+            return Err(MetadataError::ArrowTypeWithoutBatch {
+                function: signature.name,
+                position,
+            });
+        }
+        (Some(_), _) => None,
+        (None, Some(row)) => Some(row),
+        // From ABI 2.2 on, a function may run in batches only.
+        (None, None) if minor >= 2 && has_batch => None,
+        (None, None) => {
+            return Err(MetadataError::NullEntrypoint {
+                function: signature.name,
+            });
+        }
+    };
+    Ok((signature, row))
+}
+
+/// The type at one position of a v2 function: its tag, or for [`v2::TYPE_ARROW`] the Arrow type
+/// its type string (`format`, from ABI 2.2's `arrow_types`) declares.
+fn value_type(
+    function: &str,
+    position: TypePosition,
+    tag: u32,
+    format: *const c_char,
+) -> Result<ValueType, MetadataError> {
+    let bad = |reason: String| MetadataError::BadTypeString {
+        function: function.to_string(),
+        position,
+        reason,
+    };
+    if tag != v2::TYPE_ARROW {
+        if !format.is_null() {
+            return Err(bad(format!(
+                "has both type tag {tag} and an Arrow type string; a type string needs the tag \
+                 TYPE_ARROW ({})",
+                v2::TYPE_ARROW
+            )));
+        }
+        return type_from_tag(function, position, tag, UdfType::TimestampMicros)
+            .map(ValueType::Tag);
+    }
+    if format.is_null() {
+        return Err(bad(
+            "has the type tag TYPE_ARROW but no Arrow type string (arrow_types is null, or its \
+             entry for this position is)"
+                .to_string(),
+        ));
+    }
+    let max = v2::MAX_TYPE_STRING_LEN;
+    // SAFETY: non-null; ABI 2.2 says it points at a NUL-terminated string in the library's
+    // static data. `strnlen` reads at most `max + 1` bytes.
+    let len = unsafe { libc::strnlen(format, max + 1) };
+    if len > max {
+        return Err(bad(format!(
+            "the Arrow type string is not NUL-terminated within {max} bytes"
+        )));
+    }
+    // SAFETY: `len` bytes before the NUL were just measured.
+    let bytes = unsafe { std::slice::from_raw_parts(format.cast::<u8>(), len) };
+    let text = std::str::from_utf8(bytes).map_err(|_| {
+        bad(format!(
+            "the Arrow type string is not UTF-8 (bytes {bytes:?})"
+        ))
+    })?;
+    crate::types::arrow::parse(text)
+        .map(ValueType::Arrow)
+        .map_err(|e| bad(format!("Arrow type string `{text}`: {e}")))
 }
 
 /// How returned bytes go back to the plugin.
@@ -879,6 +1026,16 @@ impl PluginFunction {
         self.batch_entrypoint().is_some()
     }
 
+    /// Whether the function has a row entrypoint it can be called through: not an ABI 2.2
+    /// batch-only function, nor one with Arrow types.
+    pub fn has_row(&self) -> bool {
+        let listed = match &self.library.entrypoints {
+            Entrypoints::V2 { rows, .. } => rows[self.index].is_some(),
+            Entrypoints::V1(_) => true,
+        };
+        listed && !self.signature().has_arrow_types()
+    }
+
     fn batch_entrypoint(&self) -> Option<BatchEntrypoint> {
         match &self.library.entrypoints {
             Entrypoints::V2 { batches, .. } => batches[self.index],
@@ -893,7 +1050,10 @@ impl PluginFunction {
     ///
     /// `raw` must have been returned by this function's v1 entrypoint.
     unsafe fn v1_result_error(&self, raw: RawResult) -> CallError {
-        let expected = self.signature().return_type;
+        // A v1 function's types are all tags (ABI v1 has nothing else).
+        let Some(expected) = self.signature().return_type.tag() else {
+            return CallError::HostBug("a v1 function with an Arrow return type".into());
+        };
         match raw.tag {
             RESULT_OK => {
                 // SAFETY: the tag says `Ok`, so the `ok` member is the active one.
@@ -948,11 +1108,11 @@ fn check_arguments(
             found: args.len(),
         });
     }
-    for (index, ((array, scalar), &param)) in args.iter().zip(&signature.arg_types).enumerate() {
-        if !crate::types::is_readable(array.data_type(), param) {
+    for (index, ((array, scalar), param)) in args.iter().zip(&signature.arg_types).enumerate() {
+        if !param.is_readable(array.data_type()) {
             return Err(CallError::ArgumentType {
                 index,
-                expected: param,
+                expected: param.clone(),
                 found: "an array of another type",
             });
         }

@@ -61,7 +61,13 @@ impl PluginFunction {
     ) -> Result<ArrayRef, CallError> {
         let signature = self.signature();
         super::check_arguments(signature, args, num_rows)?;
-        let return_type = signature.return_type;
+        // Arrow types (ABI 2.2) cross on the batch path only.
+        if signature.has_arrow_types() {
+            return Err(CallError::NoRowEntrypoint);
+        }
+        let Some(return_type) = signature.return_type.tag() else {
+            return Err(CallError::NoRowEntrypoint);
+        };
         let strict = match super::strict_rows(signature, args) {
             super::Strict::AllNull => {
                 return Ok(new_null_array(&arrow_type(return_type), num_rows));
@@ -114,9 +120,10 @@ impl Call<'_> {
         let mut sink = S::new(self.rows, hint.load(Relaxed));
         match &library.entrypoints {
             Entrypoints::V1(entrypoint) => self.rows_v1(*entrypoint, &mut sink)?,
-            Entrypoints::V2 { release, rows, .. } => {
-                self.rows_v2(rows[self.function.index], *release, &mut sink)?
-            }
+            Entrypoints::V2 { release, rows, .. } => match rows[self.function.index] {
+                Some(entrypoint) => self.rows_v2(entrypoint, *release, &mut sink)?,
+                None => return Err(CallError::NoRowEntrypoint),
+            },
         }
         if let Some(bytes) = sink.value_bytes()
             && self.rows > 0
@@ -188,7 +195,12 @@ impl Call<'_> {
 
     fn rows_v1<S: Sink>(&self, entrypoint: EntrypointFn, sink: &mut S) -> Result<(), CallError> {
         let n = self.columns.len();
-        let expected = self.function.signature().return_type.tag();
+        let expected = self
+            .function
+            .signature()
+            .return_type
+            .tag()
+            .map_or(u32::MAX, UdfType::tag);
         let mut slots = vec![PluginValue::Bool(false); CHUNK.min(self.rows) * n];
         let mut bytes = Vec::new();
         let mut strings = Vec::new();

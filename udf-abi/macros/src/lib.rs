@@ -42,15 +42,27 @@ pub fn udf(attr: TokenStream, item: TokenStream) -> TokenStream {
 struct Options {
     name: Option<String>,
     volatility: u32,
+    /// `vectorized`: a function over whole arrow-rs arrays.
+    vectorized: bool,
+    /// `returns = "..."`: the result's Arrow type string (vectorised functions).
+    returns: Option<syn::LitStr>,
 }
 
 fn parse_options(attr: TokenStream2) -> Result<Options, Error> {
     let mut options = Options {
         name: None,
         volatility: 0,
+        vectorized: false,
+        returns: None,
     };
     let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(attr)?;
     for meta in metas {
+        if let Meta::Path(path) = &meta
+            && path.is_ident("vectorized")
+        {
+            options.vectorized = true;
+            continue;
+        }
         let Meta::NameValue(nv) = &meta else {
             return Err(Error::new_spanned(
                 meta,
@@ -87,14 +99,234 @@ fn parse_options(attr: TokenStream2) -> Result<Options, Error> {
                     ));
                 }
             };
+        } else if nv.path.is_ident("returns") {
+            check_type_string(value)?;
+            options.returns = Some(value.clone());
         } else {
             return Err(Error::new_spanned(
                 &nv.path,
-                "unknown option: `#[udf]` takes `name` and `volatility`",
+                "unknown option: `#[udf]` takes `name`, `volatility`, `vectorized` and \
+                 `returns`",
             ));
         }
     }
+    if options.returns.is_some() && !options.vectorized {
+        return Err(Error::new(
+            Span::call_site(),
+            "`returns = \"...\"` declares a vectorised function's Arrow result type: add \
+             `vectorized`",
+        ));
+    }
     Ok(options)
+}
+
+/// A type string must not be empty or hold a NUL byte (the host parses the rest and refuses a
+/// bad one with the reason when it loads the library).
+fn check_type_string(value: &syn::LitStr) -> Result<(), Error> {
+    let text = value.value();
+    if text.is_empty() || text.contains('\0') {
+        return Err(Error::new_spanned(
+            value,
+            "an Arrow type string must be non-empty and contain no NUL byte (e.g. \"d:12,2\", \
+             \"+l<g>\", \"tsu:UTC\")",
+        ));
+    }
+    Ok(())
+}
+
+/// `&'static CStr` of a checked type string, as a constant expression.
+fn c_string(value: &syn::LitStr) -> TokenStream2 {
+    let bytes = syn::LitByteStr::new(format!("{}\0", value.value()).as_bytes(), value.span());
+    quote! {
+        match ::std::ffi::CStr::from_bytes_with_nul(#bytes) {
+            ::std::result::Result::Ok(c) => c,
+            ::std::result::Result::Err(_) => panic!("type string with a NUL byte"),
+        }
+    }
+}
+
+/// `#[udf(vectorized)]`: a function over arrow-rs arrays. Each parameter is `&A` for an array type
+/// `A` (`&Int64Array`, `&StringArray`, `&Decimal128Array`, `&ListArray`, `&ArrayRef`, ...), with
+/// `#[arrow("type string")]` where the array type does not determine the Arrow type; the result
+/// is an array type or `Result<A, E: Display>`, with `returns = "..."` where needed.
+fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStream2, Error> {
+    let sig = &mut function.sig;
+    if let Some(t) = &sig.asyncness {
+        return Err(Error::new_spanned(t, "#[udf] functions cannot be async"));
+    }
+    if let Some(t) = &sig.unsafety {
+        return Err(Error::new_spanned(t, "#[udf] functions cannot be unsafe"));
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        return Err(Error::new_spanned(
+            &sig.generics,
+            "#[udf] functions cannot be generic",
+        ));
+    }
+    if sig.inputs.len() > 64 {
+        return Err(Error::new_spanned(
+            &sig.inputs,
+            "at most 64 arguments are supported",
+        ));
+    }
+    let ident = sig.ident.clone();
+    let mut arrays: Vec<Type> = Vec::new();
+    let mut formats: Vec<TokenStream2> = Vec::new();
+    for (i, input) in sig.inputs.iter_mut().enumerate() {
+        let FnArg::Typed(pat) = input else {
+            return Err(Error::new_spanned(
+                input,
+                "#[udf] functions cannot take self",
+            ));
+        };
+        let explicit = take_arrow_attribute(&mut pat.attrs)?;
+        let Type::Reference(reference) = &*pat.ty else {
+            return Err(Error::new_spanned(
+                &pat.ty,
+                "a vectorised function takes its arguments as `&ArrayType` (e.g. `&Int64Array`, \
+                 `&StringArray`, `&ArrayRef`)",
+            ));
+        };
+        if reference.mutability.is_some() {
+            return Err(Error::new_spanned(
+                &pat.ty,
+                "arguments are borrowed immutably: use `&ArrayType`",
+            ));
+        }
+        let mut array = (*reference.elem).clone();
+        StaticLifetimes.visit_type_mut(&mut array);
+        let message = format!(
+            "argument {} of `{ident}`: its array type does not determine an Arrow type; declare it \
+             with #[arrow(\"type string\")] on the parameter",
+            i + 1
+        );
+        formats.push(match explicit {
+            Some(lit) => c_string(&lit),
+            None => quote! {
+                ::udf_abi::export::arrow::required(
+                    <#array as ::udf_abi::export::arrow::ArrowColumn>::FORMAT,
+                    #message,
+                )
+            },
+        });
+        arrays.push(array);
+    }
+    let ReturnType::Type(_, ret) = &sig.output else {
+        return Err(Error::new_spanned(
+            &sig.ident,
+            "a vectorised function returns an array (e.g. `Int64Array`, `ArrayRef`) or \
+             `Result<Array, E>`",
+        ));
+    };
+    let mut ret = (**ret).clone();
+    StaticLifetimes.visit_type_mut(&mut ret);
+    let return_message = format!(
+        "the result of `{ident}`: its array type does not determine an Arrow type; declare it \
+         with #[udf(vectorized, returns = \"type string\")]"
+    );
+    let return_format = match &options.returns {
+        Some(lit) => c_string(lit),
+        None => quote! {
+            ::udf_abi::export::arrow::required(
+                <<#ret as ::udf_abi::export::arrow::IntoArrayResult>::Array
+                    as ::udf_abi::export::arrow::ArrowColumn>::FORMAT,
+                #return_message,
+            )
+        },
+    };
+    let sql_name = options.name.unwrap_or_else(|| ident.to_string());
+    let volatility = options.volatility;
+    let count = arrays.len();
+    let indices: Vec<usize> = (0..count).collect();
+    let names: Vec<_> = (0..count).map(|i| format_ident!("__udf_arg{i}")).collect();
+    let batch_entry = format_ident!("__udf_batch_{}", ident);
+    Ok(quote! {
+        #function
+
+        const _: () = {
+            const __UDF_ARG_CSTRS: [&::std::ffi::CStr; #count] = [#(#formats),*];
+            const __UDF_RETURN_CSTR: &::std::ffi::CStr = #return_format;
+            static __UDF_ARG_TYPES: [u32; #count] = [::udf_abi::v2::TYPE_ARROW; #count];
+            static __UDF_ARG_NULLABLE: [u8; #count] = [1; #count];
+            static __UDF_ARG_FORMATS: [::udf_abi::export::arrow::TypeString; #count] =
+                [#(::udf_abi::export::arrow::TypeString::new(__UDF_ARG_CSTRS[#indices])),*];
+            static __UDF_RETURN_FORMAT: ::udf_abi::export::arrow::TypeString =
+                ::udf_abi::export::arrow::TypeString::new(__UDF_RETURN_CSTR);
+
+            unsafe extern "C" fn #batch_entry(
+                args: *mut ::udf_abi::v2::FFI_ArrowArray,
+                _schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
+                is_scalar: *const u8,
+                args_len: usize,
+                num_rows: usize,
+                out: *mut ::udf_abi::v2::FFI_ArrowArray,
+                out_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
+                error: *mut ::udf_abi::v2::UdfOwnedBytes,
+            ) -> i32 {
+                let __udf_kernel = |__udf_cols: &[::udf_abi::export::arrow::ArrayRef]| {
+                    #(
+                        let #names = ::udf_abi::export::arrow::argument::<#arrays>(
+                            __udf_cols, #indices,
+                        )?;
+                    )*
+                    ::udf_abi::export::arrow::IntoArrayResult::into_array_result(
+                        #ident(#(#names),*),
+                    )
+                };
+                // SAFETY: the host calls this entrypoint with the guarantees of
+                // `udf_abi::export::arrow::call_vectorized`.
+                unsafe {
+                    ::udf_abi::export::arrow::call_vectorized(
+                        args,
+                        is_scalar,
+                        args_len,
+                        num_rows,
+                        out,
+                        out_schema,
+                        error,
+                        &__UDF_ARG_CSTRS,
+                        __UDF_RETURN_CSTR,
+                        &__udf_kernel,
+                    )
+                }
+            }
+
+            #[::udf_abi::export::linkme::distributed_slice(::udf_abi::export::FUNCTIONS)]
+            #[linkme(crate = ::udf_abi::export::linkme)]
+            static __UDF_FUNCTION: ::udf_abi::export::ExportedFunction =
+                ::udf_abi::export::ExportedFunction::vectorized(
+                    #sql_name,
+                    &__UDF_ARG_TYPES,
+                    &__UDF_ARG_NULLABLE,
+                    &__UDF_ARG_FORMATS,
+                    &__UDF_RETURN_FORMAT,
+                    #volatility,
+                    #batch_entry,
+                );
+        };
+    })
+}
+
+/// Removes a parameter's `#[arrow("type string")]` and returns its string.
+fn take_arrow_attribute(attrs: &mut Vec<syn::Attribute>) -> Result<Option<syn::LitStr>, Error> {
+    let mut found = None;
+    let mut kept = Vec::new();
+    for attr in attrs.drain(..) {
+        if attr.path().is_ident("arrow") {
+            let lit: syn::LitStr = attr.parse_args().map_err(|_| {
+                Error::new_spanned(
+                    &attr,
+                    "expected #[arrow(\"type string\")], e.g. #[arrow(\"d:12,2\")]",
+                )
+            })?;
+            check_type_string(&lit)?;
+            found = Some(lit);
+        } else {
+            kept.push(attr);
+        }
+    }
+    *attrs = kept;
+    Ok(found)
 }
 
 const SCALARS: &[&str] = &[
@@ -345,6 +577,9 @@ fn fast_kernel(ident: &syn::Ident, args: &[Type], ret: &Type, immutable: bool) -
 fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error> {
     let options = parse_options(attr)?;
     let function: ItemFn = syn::parse2(item)?;
+    if options.vectorized {
+        return expand_vectorized(options, function);
+    }
     let sig = &function.sig;
     if let Some(t) = &sig.asyncness {
         return Err(Error::new_spanned(t, "#[udf] functions cannot be async"));

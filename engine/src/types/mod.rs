@@ -1,7 +1,11 @@
-//! Mapping between the ABI's value types ([`UdfType`]) and Arrow [`DataType`]s, and the coercion
-//! rules that decide which SQL argument types a plugin parameter accepts.
+//! The types of plugin arguments and results ([`ValueType`]): the ABI's tagged value types
+//! ([`UdfType`], one row each in [`TYPES`]) and the Arrow types ABI 2.2 declares by type strings
+//! ([`arrow`]); their Arrow [`DataType`]s, and the coercion rules that decide which SQL argument
+//! types a plugin parameter accepts.
 
 use std::sync::Arc;
+
+pub mod arrow;
 
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 use udf_abi::v2::UdfType;
@@ -61,6 +65,87 @@ fn is_binary(t: &DataType) -> bool {
 
 const INTEGER: &str = "an integer (TINYINT..BIGINT, unsigned included)";
 const NUMBER: &str = "a number (integer, float or decimal)";
+
+/// The type of one argument or result of a plugin function.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ValueType {
+    /// A tagged type (ABI 2.0/2.1 and v1): passed on the row and the batch path.
+    Tag(UdfType),
+    /// An Arrow type declared by an ABI 2.2 type string: passed on the batch path only, as an
+    /// array of exactly this type.
+    Arrow(DataType),
+}
+
+impl From<UdfType> for ValueType {
+    fn from(t: UdfType) -> Self {
+        ValueType::Tag(t)
+    }
+}
+
+impl ValueType {
+    /// The tagged type, or `None` for an Arrow type.
+    pub fn tag(&self) -> Option<UdfType> {
+        match self {
+            ValueType::Tag(t) => Some(*t),
+            ValueType::Arrow(_) => None,
+        }
+    }
+
+    /// The Arrow type values of this type are exchanged as.
+    pub fn arrow_type(&self) -> DataType {
+        match self {
+            ValueType::Tag(t) => arrow_type(*t),
+            ValueType::Arrow(t) => t.clone(),
+        }
+    }
+
+    /// Whether an array of type `t` is passed as it is (no cast).
+    pub fn is_readable(&self, t: &DataType) -> bool {
+        match self {
+            ValueType::Tag(param) => is_readable(t, *param),
+            ValueType::Arrow(declared) => t == declared,
+        }
+    }
+
+    /// What a SQL argument of type `actual` is cast to, or `None` when it is refused (see
+    /// [`coerce_argument`] and [`arrow::coerce`]).
+    pub fn coerce(&self, actual: &DataType) -> Option<DataType> {
+        match self {
+            ValueType::Tag(param) => coerce_argument(*param, actual),
+            ValueType::Arrow(declared) => arrow::coerce(declared, actual),
+        }
+    }
+
+    /// What a parameter of this type accepts, for error messages.
+    pub fn accepted(&self) -> String {
+        match self {
+            ValueType::Tag(param) => accepted_types(*param).to_string(),
+            ValueType::Arrow(declared) => format!(
+                "{} (or a value of its kind that casts to it)",
+                arrow::sql_name(declared)
+            ),
+        }
+    }
+
+    /// The ABI 2.2 type string of an Arrow type; `None` for a tagged type.
+    pub fn type_string(&self) -> Option<String> {
+        match self {
+            ValueType::Tag(_) => None,
+            ValueType::Arrow(t) => arrow::type_string(t),
+        }
+    }
+}
+
+/// Tagged types show their ABI name (`Int`, `String`), Arrow types their SQL name (`BIGINT`,
+/// `DECIMAL(12,2)`, `DOUBLE[]`).
+impl std::fmt::Display for ValueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ValueType::Tag(t) => write!(f, "{t}"),
+            ValueType::Arrow(t) => f.write_str(&arrow::sql_name(t)),
+        }
+    }
+}
 
 /// The plugin types, in tag order.
 const TYPES: [TypeRow; 10] = [

@@ -14,18 +14,26 @@ pub use linkme;
 
 use crate::v2::{
     BatchEntrypoint, Date, FFI_ArrowArray, FFI_ArrowSchema, RowEntrypoint, Timestamp,
-    UdfAbiVersion, UdfBytes, UdfFunction, UdfManifest, UdfOwnedBytes, UdfScalar, UdfType, UdfValue,
-    status,
+    UdfAbiVersion, UdfArrowTypes, UdfBytes, UdfFunction, UdfManifest, UdfOwnedBytes, UdfScalar,
+    UdfType, UdfValue, status,
 };
 
-/// A function descriptor in the library's distributed slice.
-#[repr(transparent)]
-#[derive(Debug)]
-pub struct ExportedFunction(pub UdfFunction);
+pub mod arrow;
 
-// SAFETY: the descriptor only points at immutable statics (name, type arrays) and functions; it is
-// never written after construction, so sharing it between threads is sound.
+/// A function descriptor in the library's distributed slice: the function and, for a function
+/// with Arrow types (ABI 2.2), its type strings.
+#[derive(Debug)]
+pub struct ExportedFunction(pub UdfFunction, pub UdfArrowTypes);
+
+// SAFETY: the descriptor only points at immutable statics (name, type arrays, type strings) and
+// functions; it is never written after construction, so sharing it between threads is sound.
 unsafe impl Sync for ExportedFunction {}
+
+/// No Arrow types: every type is a tag.
+const NO_ARROW_TYPES: UdfArrowTypes = UdfArrowTypes {
+    arg_formats: std::ptr::null(),
+    return_format: std::ptr::null(),
+};
 
 impl ExportedFunction {
     /// A descriptor over static data.
@@ -40,20 +48,23 @@ impl ExportedFunction {
         call_row: RowEntrypoint,
         call_batch: BatchEntrypoint,
     ) -> ExportedFunction {
-        ExportedFunction(UdfFunction {
-            name: UdfBytes {
-                ptr: name.as_ptr(),
-                len: name.len(),
+        ExportedFunction(
+            UdfFunction {
+                name: UdfBytes {
+                    ptr: name.as_ptr(),
+                    len: name.len(),
+                },
+                arg_types: arg_types.as_ptr(),
+                arg_nullable: arg_nullable.as_ptr(),
+                args_len: arg_types.len(),
+                return_type: return_type.tag(),
+                return_nullable: return_nullable as u8,
+                volatility,
+                call_row: Some(call_row),
+                call_batch: Some(call_batch),
             },
-            arg_types: arg_types.as_ptr(),
-            arg_nullable: arg_nullable.as_ptr(),
-            args_len: arg_types.len(),
-            return_type: return_type.tag(),
-            return_nullable: return_nullable as u8,
-            volatility,
-            call_row: Some(call_row),
-            call_batch: Some(call_batch),
-        })
+            NO_ARROW_TYPES,
+        )
     }
 }
 
@@ -61,7 +72,12 @@ impl ExportedFunction {
 #[linkme::distributed_slice]
 pub static FUNCTIONS: [ExportedFunction];
 
-struct Manifest(UdfManifest);
+/// The manifest and the arrays it points at (built once, from the distributed slice).
+struct Manifest {
+    manifest: UdfManifest,
+    _functions: Vec<UdfFunction>,
+    _arrow_types: Vec<UdfArrowTypes>,
+}
 // SAFETY: built once from immutable statics and never written afterwards.
 unsafe impl Sync for Manifest {}
 // SAFETY: as above; the pointers refer to statics that live as long as the library.
@@ -78,15 +94,29 @@ pub extern "C" fn udfsql_abi_version() -> UdfAbiVersion {
 pub extern "C" fn udfsql_manifest() -> *const UdfManifest {
     static MANIFEST: OnceLock<Manifest> = OnceLock::new();
     let manifest = MANIFEST.get_or_init(|| {
-        Manifest(UdfManifest {
-            size: std::mem::size_of::<UdfManifest>(),
-            // `ExportedFunction` is `repr(transparent)` over `UdfFunction`.
-            functions: FUNCTIONS.as_ptr().cast::<UdfFunction>(),
-            functions_len: FUNCTIONS.len(),
-            release_bytes: Some(release_bytes),
-        })
+        let functions: Vec<UdfFunction> = FUNCTIONS.iter().map(|f| f.0).collect();
+        let arrow_types: Vec<UdfArrowTypes> = FUNCTIONS.iter().map(|f| f.1).collect();
+        let any_arrow = arrow_types
+            .iter()
+            .any(|a| !a.arg_formats.is_null() || !a.return_format.is_null());
+        Manifest {
+            manifest: UdfManifest {
+                size: std::mem::size_of::<UdfManifest>(),
+                // The vectors' buffers never move: they are not changed after this.
+                functions: functions.as_ptr(),
+                functions_len: functions.len(),
+                release_bytes: Some(release_bytes),
+                arrow_types: if any_arrow {
+                    arrow_types.as_ptr()
+                } else {
+                    std::ptr::null()
+                },
+            },
+            _functions: functions,
+            _arrow_types: arrow_types,
+        }
     });
-    &manifest.0
+    &manifest.manifest
 }
 
 /// Gives bytes to the host: a `Vec`'s parts, released by [`release_bytes`].
@@ -1860,7 +1890,7 @@ pub mod batch {
                 "{error}"
             );
             assert!(error.ends_with(')') && !error.contains('\n'), "{error}");
-            assert!(error.contains("udf-abi/src/export.rs:"), "{error}");
+            assert!(error.contains("udf-abi/src/export/mod.rs:"), "{error}");
 
             // The sentinel under a NULL bit is never seen: no panic, NULL there.
             let out = batch_of(&with_nulls(&[Some(1), None, Some(3)]), Some(&fast), &slow);
@@ -1928,7 +1958,7 @@ mod tests {
         let message = String::from_utf8(bytes).unwrap();
         assert!(
             message.starts_with("panicked: first line; second line (at ")
-                && message.ends_with(&format!("udf-abi/src/export.rs:{line}:17)")),
+                && message.ends_with(&format!("udf-abi/src/export/mod.rs:{line}:17)")),
             "{message}"
         );
         assert!(!message.contains('\n'), "{message}");
