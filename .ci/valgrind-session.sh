@@ -77,4 +77,47 @@ if [ "$refused" -lt 25 ]; then
     echo "expected at least 25 refused statements" >&2
     exit 1
 fi
+
+# Arrow types (ABI 2.2): the C library of decimal/list/struct functions with its nested
+# misbehaving corpus (tests/fixtures/c/arrow_types.c), and the Rust vectorised functions; every
+# result imported, validated and released (or refused and released), nothing read out of bounds.
+arrow_c=target/udf-fixtures/libarrow_types.so
+if [ ! -f "$arrow_c" ]; then
+    echo "$arrow_c is missing: run cargo test --workspace first" >&2
+    exit 1
+fi
+values="(VALUES (1, 1.5, 2.5, CAST(1.25 AS DECIMAL(12,2)), [1, NULL], 'a'), (NULL, NULL, 4.0, NULL, NULL, NULL), (3, 0.5, NULL, CAST(-2.00 AS DECIMAL(12,2)), [], 'c')) t(x, a, b, d, l, s)"
+arrow_statements=(
+    -c "SELECT c_decimal_double(d), c_list_len(l), c_pairs(x), c_point(a, b), c_id_struct(named_struct('name', s, 'score', a, 'tags', [s])), c_id_dec(d), c_id_utf8_view(s) FROM $values"
+    -c "SELECT add_cents(d, x), list_total([a, b]), list_count([a]), pairs(x), city_of(address(s, s)), id_struct(named_struct('name', s, 'score', a, 'tags', [s])), id_ts_ms_paris(TIMESTAMP '2024-01-01 00:00:00'), id_large_list_utf8([s]) FROM $values"
+)
+for f in $(grep -oE 'FN\("bad_[a-z_0-9]+", (ONE|TWO)_[A-Z]+' tests/fixtures/c/arrow_types.c | sed -E 's/FN\("([a-z_0-9]+)", ([A-Z_]+)/\1:\2/'); do
+    name=${f%%:*}
+    case "$name" in
+        bad_decimal_*) args="d" ;;
+        bad_struct_*|bad_schema_*) args="a, b" ;;
+        *) args="x" ;;
+    esac
+    arrow_statements+=(-c "SELECT $name($args) FROM $values")
+done
+set +e
+UDFSQL_HISTORY=/dev/null valgrind --leak-check=full --errors-for-leak-kinds=definite \
+    --show-leak-kinds=definite --error-exitcode=3 \
+    target/debug/udfsql --plugin "$arrow_c" --plugin "$work/libudf_plugin_arrow_types.so" \
+    --format csv "${arrow_statements[@]}" > "$work/arrow.csv" 2> "$work/arrow.log"
+code=$?
+set -e
+grep -E "definitely lost|ERROR SUMMARY" "$work/arrow.log"
+if [ "$code" -eq 3 ] || ! grep -q "ERROR SUMMARY: 0 errors" "$work/arrow.log"; then
+    cat "$work/arrow.log"
+    echo "valgrind found errors or definite leaks with Arrow types" >&2
+    exit 1
+fi
+refused=$(grep -c "^error: .*plugin function bad_" "$work/arrow.log" || true)
+echo "Arrow types: ${#arrow_statements[@]} arguments, $refused nested results refused"
+if [ "$refused" -lt 13 ] || [ "$(grep -c . "$work/arrow.csv")" -lt 8 ]; then
+    cat "$work/arrow.csv" "$work/arrow.log"
+    echo "expected 13 refused nested results and the two queries' rows" >&2
+    exit 1
+fi
 echo "valgrind: clean"

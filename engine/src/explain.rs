@@ -28,7 +28,7 @@ use crate::udf::PluginUdf;
 /// ```text
 /// plugin functions:
 ///   my_repeat: row path, libudf_plugin_repeat.so (ABI v1)
-///   square: batch path, libudf_plugin_square.so (ABI v2.1)
+///   square: batch path, libudf_plugin_square.so (ABI v2.2)
 /// ```
 #[derive(Debug)]
 pub struct PluginQueryPlanner {

@@ -273,6 +273,8 @@ fn interactive_session_in_a_terminal() {
     p.exp_string("division by zero").unwrap();
     p.send_line("SELECT 40 + 2 AS answer;").unwrap();
     p.exp_string("| 42     |").unwrap();
+    // The demo lists more functions than the default \\maxrows shows.
+    p.send_line("\\maxrows 0").unwrap();
     p.send_line("\\df").unwrap();
     p.exp_string("safe_div(Int, Int) -> Int").unwrap();
     p.send_control('d').unwrap();
@@ -324,7 +326,7 @@ fn every_load_is_logged_with_path_digest_abi_and_functions() {
     for part in [
         format!("path={}", square.display()),
         format!("sha256={}", udf_tests::sha256sum(&square)),
-        "abi=v2.1".to_string(),
+        "abi=v2.2".to_string(),
         "functions=square(Int) -> Int".to_string(),
     ] {
         assert!(line.contains(&part), "{part} missing from: {line}");

@@ -1,7 +1,8 @@
 //! The C ABI between udfsql (the host) and plugin libraries.
 //!
-//! This crate is the contract and nothing else: `#[repr(C)]` types, symbol names and the rules
-//! about who owns which memory. It has no dependencies and no `unsafe` code. The same layout is
+//! This crate is the contract: `#[repr(C)]` types, symbol names, the rules about who owns which
+//! memory, and the runtime the `#[udf]` macro's code calls (its one `unsafe` module, `export`).
+//! It depends on no DataFusion, only on arrow-rs's C Data Interface crates. The same layout is
 //! written for C in `include/udf_abi.h`.
 //!
 //! # ABI v1: the seed contract
@@ -91,6 +92,47 @@
 //! }
 //! # fn main() {}
 //! ```
+//!
+//! # Arrow types and vectorised functions (ABI 2.2)
+//!
+//! `#[udf(vectorized)]` exports a function over whole arrow-rs arrays, for every Arrow type an
+//! ABI 2.2 type string declares (see [`v2::UdfArrowTypes`] and [`type_string`]): integers of
+//! every width, `Decimal128`, timestamps in every unit with or without a zone, durations,
+//! intervals, string and binary layouts, lists and structs. Where the array type does not say the
+//! whole Arrow type, declare it: `#[arrow("...")]` on a parameter, `returns = "..."` for the
+//! result.
+//!
+//! ```
+//! use udf_abi::arrow_array::{Array, Decimal128Array, Int64Array, ListArray};
+//! use udf_abi::udf;
+//!
+//! #[udf(vectorized, returns = "d:13,2")]
+//! fn add_cents(
+//!     #[arrow("d:12,2")] price: &Decimal128Array,
+//!     cents: &Int64Array,
+//! ) -> Result<Decimal128Array, String> {
+//!     let sum: Decimal128Array = price
+//!         .iter()
+//!         .zip(cents.iter())
+//!         .map(|(p, c)| Some(p? + i128::from(c?)))
+//!         .collect();
+//!     sum.with_precision_and_scale(13, 2).map_err(|e| e.to_string())
+//! }
+//!
+//! #[udf(vectorized)]
+//! fn list_count(#[arrow("+l<g>")] lists: &ListArray) -> Int64Array {
+//!     Int64Array::new(
+//!         lists.offsets().lengths().map(|l| l as i64).collect(),
+//!         lists.nulls().cloned(),
+//!     )
+//! }
+//! # fn main() {}
+//! ```
+//!
+//! The function sees its arguments' NULLs (every argument takes NULLs; the result may be NULL),
+//! constant arguments repeated to the batch's rows, and runs on the batch path only. Its arrays
+//! are this crate's arrow-rs ([`arrow_array`], re-exported): only the C Data Interface crosses to
+//! the host, whatever arrow-rs the host was built with.
 #![deny(unsafe_code)]
 
 pub mod export;
