@@ -35,8 +35,45 @@ fn c_types() -> PathBuf {
     c_library("arrow_types", "arrow_types.c", &[])
 }
 
+/// The types row-by-row `#[udf]` functions have a Rust type for (`rid_<suffix>`): all but the
+/// large and view string layouts and large binary.
+const ROW_TYPES: [&str; 31] = [
+    "bool",
+    "i8",
+    "u8",
+    "i16",
+    "u16",
+    "i32",
+    "u32",
+    "i64",
+    "u64",
+    "f32",
+    "f64",
+    "dec",
+    "dec38",
+    "utf8",
+    "binary",
+    "date",
+    "ts_s",
+    "ts_ms",
+    "ts_us",
+    "ts_ns",
+    "ts_us_utc",
+    "ts_ms_paris",
+    "dur_s",
+    "dur_ms",
+    "dur_us",
+    "dur_ns",
+    "interval",
+    "list_i64",
+    "large_list_utf8",
+    "list_list_f64",
+    "struct",
+];
+
 /// Every type string of the ABI, with the suffix of its identity functions (`id_<suffix>` in the
-/// Rust plugin, `c_id_<suffix>` in the C one).
+/// Rust plugin's vectorised ones, `c_id_<suffix>` in the C one, `rid_<suffix>` in the Rust row by
+/// row ones where `ROW_TYPES` has it).
 const TYPES: [(&str, &str); 34] = [
     ("bool", "b"),
     ("i8", "c"),
@@ -313,8 +350,9 @@ async fn call_on_column(
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
-    /// Every type, NULLs at every level, sliced into batches: `id_<type>` (Rust, vectorised) and
-    /// `c_id_<type>` (C) give back exactly the input — type, values, NULLs — from SQL.
+    /// Every type, NULLs at every level, sliced into batches: `id_<type>` (Rust, vectorised),
+    /// `rid_<type>` (Rust, `#[udf]` row by row) and `c_id_<type>` (C) give back exactly the input
+    /// — type, values, NULLs — from SQL.
     #[test]
     fn every_type_round_trips_through_rust_and_c_identity_functions(
         seed in any::<u64>(),
@@ -328,7 +366,11 @@ proptest! {
         for (suffix, format) in TYPES {
             let t = udf_abi::type_string::parse(format).unwrap();
             let input = random_array(&t, len, nulls, &mut rng);
-            for function in [format!("id_{suffix}"), format!("c_id_{suffix}")] {
+            let mut functions = vec![format!("id_{suffix}"), format!("c_id_{suffix}")];
+            if ROW_TYPES.contains(&suffix) {
+                functions.push(format!("rid_{suffix}"));
+            }
+            for function in functions {
                 let output = runtime.block_on(call_on_column(&ctx, &function, &input, batch));
                 prop_assert_eq!(output.data_type(), input.data_type(), "{}", function);
                 prop_assert_eq!(&output.to_data(), &input.to_data(), "{}", function);
@@ -401,6 +443,76 @@ async fn rust_vectorised_functions_compute_over_whole_columns() {
     // A constant argument is repeated to the batch's rows for the function.
     let got = rows(&ctx, "SELECT pairs(2) FROM (VALUES (1), (2), (3)) AS v(x)").await;
     assert_eq!(got, [["[2, 20]"], ["[2, 20]"], ["[2, 20]"]]);
+}
+
+#[tokio::test]
+async fn row_by_row_udf_functions_take_and_return_arrow_types() {
+    let ctx = session();
+    let got = rows(
+        &ctx,
+        "SELECT dec_double(d), tiny_add(a, b), ones(u), sum_ints(l), join_tags(t), \
+                midpoint(named_struct('x', 1.0, 'y', y), named_struct('x', 3.0, 'y', 4.0)), \
+                flatten_doubles([[1.5, NULL], NULL, [y]]) \
+         FROM (VALUES (CAST(12.34 AS DECIMAL(12,2)), 100, 27, 4294967295, [1, NULL, 3], ['a', 'b'], 2.0), \
+                      (NULL, 100, 28, 0, NULL, [], NULL)) \
+              AS v(d, a, b, u, l, t, y)",
+    )
+    .await;
+    assert_eq!(
+        got,
+        [
+            [
+                "24.68",
+                "127",
+                "32",
+                "4",
+                "a,b",
+                "{x: 2.0, y: 3.0}",
+                "[1.5, 2.0]"
+            ],
+            // STRICT: a NULL argument without Option gives NULL; an overflow gives the
+            // function's NULL; a NULL field inside a struct is the struct's field.
+            [
+                "NULL",
+                "NULL",
+                "0",
+                "NULL",
+                "",
+                "{x: 2.0, y: NULL}",
+                "[1.5]"
+            ],
+        ]
+    );
+    // A NULL where the Rust type has no Option, below the top level, is an error naming it.
+    let e = query_error(&ctx, "SELECT join_tags(['a', NULL])").await;
+    assert!(
+        e.contains("join_tags")
+            && e.contains("argument 1: list element 2 is NULL, but its Rust type has no Option"),
+        "{e}"
+    );
+    let e = query_error(
+        &ctx,
+        "SELECT midpoint(named_struct('x', NULL, 'y', 1.0), named_struct('x', 1.0, 'y', 1.0))",
+    )
+    .await;
+    assert!(e.contains("argument 1: field x is NULL"), "{e}");
+    let e = query_error(&ctx, "SELECT sum_ints([9223372036854775807, 1])").await;
+    assert!(e.contains("sum_ints: overflow"), "{e}");
+    let signatures = rows(
+        &ctx,
+        "SELECT signature FROM plugin_functions WHERE name IN ('dec_double', 'midpoint', 'flatten_doubles') ORDER BY name",
+    )
+    .await;
+    assert_eq!(
+        signatures,
+        [
+            ["dec_double(DECIMAL(12,2)) -> DECIMAL(13,2)"],
+            ["flatten_doubles(DOUBLE[][]) -> LargeList(DOUBLE)"],
+            [
+                "midpoint(STRUCT<x DOUBLE, y DOUBLE>, STRUCT<x DOUBLE, y DOUBLE>) -> STRUCT<x DOUBLE, y DOUBLE>"
+            ],
+        ]
+    );
 }
 
 #[tokio::test]

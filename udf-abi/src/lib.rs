@@ -137,9 +137,10 @@
 
 pub mod export;
 pub mod type_string;
+pub mod types;
 pub mod v2;
 
-pub use udf_abi_macros::udf;
+pub use udf_abi_macros::{UdfStruct, udf};
 pub use v2::{Date, Timestamp};
 /// The arrow-rs crates `#[udf(vectorized)]` functions are written with (the plugin's own copy:
 /// only the Arrow C Data Interface crosses to the host, whatever arrow-rs the host uses).
@@ -154,6 +155,9 @@ pub const SYMBOL_METADATA: &str = "plugin_metadata";
 pub const SYMBOL_ENTRYPOINT: &str = "plugin_entrypoint";
 /// The largest number of arguments a host accepts in [`PluginMetadata::arg_types_len`].
 pub const MAX_ARGS: usize = 64;
+
+/// The most functions one v2 manifest may list (a host refuses more).
+pub const MAX_FUNCTIONS: usize = 4096;
 
 /// The type of an argument or of a return value.
 ///

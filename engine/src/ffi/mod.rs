@@ -276,7 +276,7 @@ fn open_regular_file(path: &Path) -> Result<std::fs::File, LoadError> {
 }
 
 /// The most functions a v2 manifest may list.
-pub const MAX_FUNCTIONS: usize = 4096;
+pub const MAX_FUNCTIONS: usize = udf_abi::MAX_FUNCTIONS;
 
 type VersionFn = unsafe extern "C" fn() -> UdfAbiVersion;
 type ManifestFn = unsafe extern "C" fn() -> *const UdfManifest;

@@ -263,7 +263,7 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
                 out_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
                 error: *mut ::udf_abi::v2::UdfOwnedBytes,
             ) -> i32 {
-                let __udf_kernel = |__udf_cols: &[::udf_abi::export::arrow::ArrayRef]| {
+                let __udf_kernel = |__udf_cols: &[::udf_abi::export::arrow::ArrayRef], _: usize| {
                     #(
                         let #names = ::udf_abi::export::arrow::argument::<#arrays>(
                             __udf_cols, #indices,
@@ -284,8 +284,10 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
                         out,
                         out_schema,
                         error,
-                        &__UDF_ARG_CSTRS,
-                        __UDF_RETURN_CSTR,
+                        &|| ::udf_abi::export::arrow::declared_types(
+                            &__UDF_ARG_CSTRS,
+                            __UDF_RETURN_CSTR,
+                        ),
                         &__udf_kernel,
                     )
                 }
@@ -298,12 +300,305 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
                     #sql_name,
                     &__UDF_ARG_TYPES,
                     &__UDF_ARG_NULLABLE,
-                    &__UDF_ARG_FORMATS,
-                    &__UDF_RETURN_FORMAT,
                     #volatility,
                     #batch_entry,
                 );
+
+            #[::udf_abi::export::linkme::distributed_slice(::udf_abi::export::ARROW_TYPES)]
+            #[linkme(crate = ::udf_abi::export::linkme)]
+            static __UDF_ARROW_TYPES: ::udf_abi::export::ExportedArrowTypes =
+                ::udf_abi::export::ExportedArrowTypes::new(
+                    #sql_name,
+                    &__UDF_ARG_FORMATS,
+                    &__UDF_RETURN_FORMAT,
+                );
         };
+    })
+}
+
+/// `#[udf]` over Rust types with Arrow types (ABI 2.2): `i8`..`u64`, `f32`, `f64`, `bool`,
+/// `String`/`&str`, `Vec<u8>`/`&[u8]`, `udf_abi::Date`/`Timestamp`, the types of `udf_abi::types`
+/// (`Decimal<P, S>`, timestamps with unit and zone, durations, intervals, `LargeList<T>`),
+/// `Vec<T>` lists, `#[derive(UdfStruct)]` structs and `Option<T>` at every level. The generated
+/// batch entrypoint runs the row loop: STRICT for arguments without `Option`, one call per row.
+fn expand_arrow_rows(options: Options, function: ItemFn) -> Result<TokenStream2, Error> {
+    let sig = &function.sig;
+    if let Some(t) = &sig.asyncness {
+        return Err(Error::new_spanned(t, "#[udf] functions cannot be async"));
+    }
+    if let Some(t) = &sig.unsafety {
+        return Err(Error::new_spanned(t, "#[udf] functions cannot be unsafe"));
+    }
+    if let Some(abi) = &sig.abi {
+        return Err(Error::new_spanned(
+            abi,
+            "#[udf] writes the extern \"C\" export itself: remove the ABI",
+        ));
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        return Err(Error::new_spanned(
+            &sig.generics,
+            "#[udf] functions cannot be generic",
+        ));
+    }
+    if sig.inputs.len() > 64 {
+        return Err(Error::new_spanned(
+            &sig.inputs,
+            "at most 64 arguments are supported",
+        ));
+    }
+    let mut arg_types: Vec<Type> = Vec::new();
+    for input in &sig.inputs {
+        match input {
+            FnArg::Receiver(r) => {
+                return Err(Error::new_spanned(r, "#[udf] functions cannot take self"));
+            }
+            FnArg::Typed(pat) if is_string_out(&pat.ty) => {
+                return Err(Error::new_spanned(
+                    &pat.ty,
+                    "an output parameter `&mut String` works with the tagged types only; with \
+                     Arrow types, return the String",
+                ));
+            }
+            FnArg::Typed(pat) => arg_types.push((*pat.ty).clone()),
+        }
+    }
+    let ReturnType::Type(_, ret) = &sig.output else {
+        return Err(Error::new_spanned(
+            &sig.ident,
+            "#[udf] functions must return a value (a SQL function has a result)",
+        ));
+    };
+    let mut ret = (**ret).clone();
+    StaticLifetimes.visit_type_mut(&mut ret);
+    let static_types: Vec<Type> = arg_types
+        .iter()
+        .map(|t| {
+            let mut t = t.clone();
+            StaticLifetimes.visit_type_mut(&mut t);
+            t
+        })
+        .collect();
+    let ident = &sig.ident;
+    let sql_name = options.name.unwrap_or_else(|| ident.to_string());
+    let volatility = options.volatility;
+    let count = arg_types.len();
+    let indices: Vec<usize> = (0..count).collect();
+    let names: Vec<_> = (0..count).map(|i| format_ident!("__udf_arg{i}")).collect();
+    let batch_entry = format_ident!("__udf_batch_{}", ident);
+    let value = quote! { <#ret as ::udf_abi::export::values::IntoArrowRow>::Value };
+    let reads = arg_types
+        .iter()
+        .zip(&names)
+        .zip(&indices)
+        .map(|((ty, name), i)| {
+            quote_spanned! {ty.span()=>
+                let ::std::option::Option::Some(#name) =
+                    <#ty as ::udf_abi::export::values::ArrowArg>::read(&__udf_cols[#i], __udf_row)
+                        .map_err(|e| ::udf_abi::export::argument_error(#i, e))?
+                else {
+                    __udf_out.push(::std::option::Option::None);
+                    continue;
+                };
+            }
+        });
+    Ok(quote! {
+        #function
+
+        const _: () = {
+            static __UDF_ARG_TYPES: [u32; #count] = [::udf_abi::v2::TYPE_ARROW; #count];
+            static __UDF_ARG_NULLABLE: [u8; #count] =
+                [#(<#static_types as ::udf_abi::export::values::ArrowType>::NULLABLE as u8),*];
+
+            fn __udf_types() -> ::std::result::Result<
+                (
+                    ::std::vec::Vec<::udf_abi::arrow_schema::DataType>,
+                    ::udf_abi::arrow_schema::DataType,
+                ),
+                ::std::string::String,
+            > {
+                ::std::result::Result::Ok((
+                    ::std::vec![#(
+                        <#static_types as ::udf_abi::export::values::ArrowType>::data_type()
+                    ),*],
+                    <#value as ::udf_abi::export::values::ArrowType>::data_type(),
+                ))
+            }
+
+            unsafe extern "C" fn #batch_entry(
+                args: *mut ::udf_abi::v2::FFI_ArrowArray,
+                _schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
+                is_scalar: *const u8,
+                args_len: usize,
+                num_rows: usize,
+                out: *mut ::udf_abi::v2::FFI_ArrowArray,
+                out_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
+                error: *mut ::udf_abi::v2::UdfOwnedBytes,
+            ) -> i32 {
+                let __udf_kernel = |__udf_cols: &[::udf_abi::export::arrow::ArrayRef],
+                                    __udf_rows: usize| {
+                    let mut __udf_out: ::std::vec::Vec<::std::option::Option<#value>> =
+                        ::std::vec::Vec::with_capacity(__udf_rows);
+                    for __udf_row in 0..__udf_rows {
+                        #(#reads)*
+                        __udf_out.push(::std::option::Option::Some(
+                            ::udf_abi::export::values::IntoArrowRow::into_row(
+                                #ident(#(#names),*),
+                            )?,
+                        ));
+                    }
+                    <#value as ::udf_abi::export::values::ArrowResult>::to_array(__udf_out)
+                };
+                // SAFETY: the host calls this entrypoint with the guarantees of
+                // `udf_abi::export::arrow::call_vectorized`.
+                unsafe {
+                    ::udf_abi::export::arrow::call_vectorized(
+                        args,
+                        is_scalar,
+                        args_len,
+                        num_rows,
+                        out,
+                        out_schema,
+                        error,
+                        &__udf_types,
+                        &__udf_kernel,
+                    )
+                }
+            }
+
+            #[::udf_abi::export::linkme::distributed_slice(::udf_abi::export::FUNCTIONS)]
+            #[linkme(crate = ::udf_abi::export::linkme)]
+            static __UDF_FUNCTION: ::udf_abi::export::ExportedFunction =
+                ::udf_abi::export::ExportedFunction::arrow_rows(
+                    #sql_name,
+                    &__UDF_ARG_TYPES,
+                    &__UDF_ARG_NULLABLE,
+                    <#value as ::udf_abi::export::values::ArrowType>::NULLABLE,
+                    #volatility,
+                    #batch_entry,
+                );
+
+            #[::udf_abi::export::linkme::distributed_slice(::udf_abi::export::ARROW_TYPES)]
+            #[linkme(crate = ::udf_abi::export::linkme)]
+            static __UDF_ARROW_TYPES: ::udf_abi::export::ExportedArrowTypes =
+                ::udf_abi::export::ExportedArrowTypes::computed(#sql_name, __udf_types);
+        };
+    })
+}
+
+/// `#[derive(UdfStruct)]`: a struct with named fields as an Arrow struct type in `#[udf]`
+/// functions (argument and result): field names are the Arrow field names, every field nullable;
+/// a field whose Rust type has no `Option` must not be NULL.
+#[proc_macro_derive(UdfStruct)]
+pub fn udf_struct(item: TokenStream) -> TokenStream {
+    match expand_struct(item.into()) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+fn expand_struct(item: TokenStream2) -> Result<TokenStream2, Error> {
+    let input: syn::DeriveInput = syn::parse2(item)?;
+    if !input.generics.params.is_empty() {
+        return Err(Error::new_spanned(
+            &input.generics,
+            "#[derive(UdfStruct)] structs cannot be generic",
+        ));
+    }
+    let syn::Data::Struct(data) = &input.data else {
+        return Err(Error::new_spanned(
+            &input.ident,
+            "#[derive(UdfStruct)] works on structs with named fields",
+        ));
+    };
+    let syn::Fields::Named(fields) = &data.fields else {
+        return Err(Error::new_spanned(
+            &input.ident,
+            "#[derive(UdfStruct)] works on structs with named fields",
+        ));
+    };
+    if fields.named.is_empty() {
+        return Err(Error::new_spanned(
+            &input.ident,
+            "an Arrow struct needs at least one field",
+        ));
+    }
+    let ident = &input.ident;
+    let names: Vec<&syn::Ident> = fields
+        .named
+        .iter()
+        .filter_map(|f| f.ident.as_ref())
+        .collect();
+    let texts: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let types: Vec<&Type> = fields.named.iter().map(|f| &f.ty).collect();
+    let indices: Vec<usize> = (0..names.len()).collect();
+    let columns: Vec<_> = (0..names.len())
+        .map(|i| format_ident!("__udf_c{i}"))
+        .collect();
+    Ok(quote! {
+        impl ::udf_abi::export::values::ArrowType for #ident {
+            fn data_type() -> ::udf_abi::arrow_schema::DataType {
+                ::udf_abi::export::values::struct_type(::std::vec![#(
+                    (#texts, <#types as ::udf_abi::export::values::ArrowType>::data_type())
+                ),*])
+            }
+        }
+
+        impl ::udf_abi::export::values::ListElement for #ident {}
+
+        impl<'a> ::udf_abi::export::values::ArrowArg<'a> for #ident {
+            fn read(
+                array: &'a ::udf_abi::export::arrow::ArrayRef,
+                row: usize,
+            ) -> ::std::result::Result<::std::option::Option<Self>, ::std::string::String> {
+                use ::udf_abi::arrow_array::Array as _;
+                let s = ::udf_abi::export::values::struct_column(
+                    array,
+                    <Self as ::udf_abi::export::values::ArrowType>::data_type,
+                )?;
+                if s.is_null(row) {
+                    return ::std::result::Result::Ok(::std::option::Option::None);
+                }
+                ::std::result::Result::Ok(::std::option::Option::Some(#ident {
+                    #(#names: ::udf_abi::export::values::required(
+                        <#types as ::udf_abi::export::values::ArrowArg<'a>>::read(
+                            s.column(#indices),
+                            row,
+                        )?,
+                        &|| ::std::format!("field {}", #texts),
+                    )?,)*
+                }))
+            }
+        }
+
+        impl ::udf_abi::export::values::ArrowResult for #ident {
+            fn to_array(
+                values: ::std::vec::Vec<::std::option::Option<Self>>,
+            ) -> ::std::result::Result<::udf_abi::export::arrow::ArrayRef, ::std::string::String> {
+                #(let mut #columns: ::std::vec::Vec<::std::option::Option<#types>> =
+                    ::std::vec::Vec::with_capacity(values.len());)*
+                let mut valid = ::std::vec::Vec::with_capacity(values.len());
+                for v in values {
+                    match v {
+                        ::std::option::Option::Some(#ident { #(#names),* }) => {
+                            #(#columns.push(::std::option::Option::Some(#names));)*
+                            valid.push(true);
+                        }
+                        ::std::option::Option::None => {
+                            #(#columns.push(::std::option::Option::None);)*
+                            valid.push(false);
+                        }
+                    }
+                }
+                ::udf_abi::export::values::struct_array(
+                    <Self as ::udf_abi::export::values::ArrowType>::data_type(),
+                    ::std::vec![#(
+                        <#types as ::udf_abi::export::values::ArrowResult>::to_array(#columns)?
+                    ),*],
+                    valid,
+                )
+            }
+        }
     })
 }
 
@@ -579,6 +874,23 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
     let function: ItemFn = syn::parse2(item)?;
     if options.vectorized {
         return expand_vectorized(options, function);
+    }
+    // A type beyond the tagged ones (i8, u32, Decimal, Vec<T>, structs, ...): the function is
+    // exported with Arrow types (ABI 2.2) and its row loop runs over Arrow columns.
+    let out_param = matches!(
+        function.sig.inputs.last(),
+        Some(FnArg::Typed(pat)) if is_string_out(&pat.ty)
+    );
+    let legacy = out_param
+        || function.sig.inputs.iter().all(|input| match input {
+            FnArg::Typed(pat) => is_string_out(&pat.ty) || check_nullable(&pat.ty, true).is_ok(),
+            FnArg::Receiver(_) => true,
+        }) && match &function.sig.output {
+            ReturnType::Type(_, t) => check_return(t).is_ok(),
+            ReturnType::Default => true,
+        };
+    if !legacy {
+        return expand_arrow_rows(options, function);
     }
     let sig = &function.sig;
     if let Some(t) = &sig.asyncness {

@@ -158,12 +158,29 @@ fn repeat(array: &ArrayRef, rows: usize) -> Result<ArrayRef, String> {
     Ok(make_array(out.freeze()))
 }
 
-/// The body of every generated vectorised batch entrypoint.
+/// A function's declared argument types and result type.
+pub type DeclaredTypes = Result<(Vec<DataType>, DataType), String>;
+
+/// Computes a function's result column from its argument columns and the number of rows.
+pub type Kernel<'a> = dyn Fn(&[ArrayRef], usize) -> Result<ArrayRef, String> + 'a;
+
+/// The declared types of a vectorised function, from its type strings.
+pub fn declared_types(arg_formats: &[&CStr], return_format: &CStr) -> DeclaredTypes {
+    let args = arg_formats
+        .iter()
+        .map(|f| declared(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((args, declared(return_format)?))
+}
+
+/// The body of every generated batch entrypoint of a function with Arrow types: `types` are its
+/// declared argument and result types (`declared_types`, or the Rust types' `data_type()`s), and
+/// `kernel` computes the result column from the argument columns and the number of rows.
 ///
 /// # Safety
 ///
 /// The pointers must satisfy [`BatchEntrypoint`](crate::v2::BatchEntrypoint)'s contract, and
-/// `arg_formats` / `return_format` must be the function's declared type strings.
+/// `types` must be the types the function declares in the manifest.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn call_vectorized(
     args: *mut FFI_ArrowArray,
@@ -173,27 +190,26 @@ pub unsafe fn call_vectorized(
     out: *mut FFI_ArrowArray,
     out_schema: *mut FFI_ArrowSchema,
     error: *mut UdfOwnedBytes,
-    arg_formats: &[&CStr],
-    return_format: &CStr,
-    kernel: &dyn Fn(&[ArrayRef]) -> Result<ArrayRef, String>,
+    types: &dyn Fn() -> DeclaredTypes,
+    kernel: &Kernel<'_>,
 ) -> i32 {
     if out.is_null() || out_schema.is_null() || error.is_null() {
         return status::ERROR;
     }
     install_quiet_panic_hook();
     let result = catch_unwind(AssertUnwindSafe(|| {
-        if args_len != arg_formats.len() {
+        let (arg_types, return_type) = types()?;
+        if args_len != arg_types.len() {
             return Err(format!(
                 "expected {} arguments, got {args_len}",
-                arg_formats.len()
+                arg_types.len()
             ));
         }
         if args_len > 0 && (args.is_null() || is_scalar.is_null()) {
             return Err("null argument arrays".to_string());
         }
         let mut columns = Vec::with_capacity(args_len);
-        for (i, format) in arg_formats.iter().enumerate() {
-            let t = declared(format)?;
+        for (i, t) in arg_types.into_iter().enumerate() {
             // SAFETY: `i < args_len`, and the host passes that many arrays and flags; `from_raw`
             // moves the array out (the C Data Interface's move semantics the ABI prescribes).
             let (array, scalar) = unsafe {
@@ -220,8 +236,8 @@ pub unsafe fn call_vectorized(
                 array.slice(0, num_rows)
             });
         }
-        let array = kernel(&columns)?;
-        let t = declared(return_format)?;
+        let array = kernel(&columns, num_rows)?;
+        let t = return_type;
         if !array.data_type().equals_datatype(&t) {
             return Err(format!(
                 "the function returned an array of type {}, it declares {t}",
@@ -279,38 +295,83 @@ pub const fn required(format: Option<&'static CStr>, message: &'static str) -> &
 }
 
 impl super::ExportedFunction {
-    /// A vectorised function (ABI 2.2): every argument and the result declared by type strings,
-    /// every argument taking NULLs and the result possibly NULL (the function sees whole arrays
-    /// with their NULLs), evaluated through `call_batch` only.
+    /// A vectorised function (ABI 2.2): every argument and the result declared by type strings
+    /// (in its [`ExportedArrowTypes`](super::ExportedArrowTypes) entry), every argument taking
+    /// NULLs and the result possibly NULL (the function sees whole arrays with their NULLs),
+    /// evaluated through `call_batch` only.
     pub const fn vectorized(
         name: &'static str,
         arg_types: &'static [u32],
         arg_nullable: &'static [u8],
-        arg_formats: &'static [TypeString],
-        return_format: &'static TypeString,
         volatility: u32,
         call_batch: crate::v2::BatchEntrypoint,
     ) -> super::ExportedFunction {
-        super::ExportedFunction(
-            crate::v2::UdfFunction {
-                name: crate::v2::UdfBytes {
-                    ptr: name.as_ptr(),
-                    len: name.len(),
-                },
-                arg_types: arg_types.as_ptr(),
-                arg_nullable: arg_nullable.as_ptr(),
-                args_len: arg_types.len(),
-                return_type: crate::v2::TYPE_ARROW,
-                return_nullable: 1,
-                volatility,
-                call_row: None,
-                call_batch: Some(call_batch),
+        super::ExportedFunction(crate::v2::UdfFunction {
+            name: crate::v2::UdfBytes {
+                ptr: name.as_ptr(),
+                len: name.len(),
             },
-            crate::v2::UdfArrowTypes {
+            arg_types: arg_types.as_ptr(),
+            arg_nullable: arg_nullable.as_ptr(),
+            args_len: arg_types.len(),
+            return_type: crate::v2::TYPE_ARROW,
+            return_nullable: 1,
+            volatility,
+            call_row: None,
+            call_batch: Some(call_batch),
+        })
+    }
+}
+
+impl super::ExportedArrowTypes {
+    /// The type strings of the function called `name`.
+    pub const fn new(
+        name: &'static str,
+        arg_formats: &'static [TypeString],
+        return_format: &'static TypeString,
+    ) -> super::ExportedArrowTypes {
+        super::ExportedArrowTypes {
+            name,
+            types: crate::v2::UdfArrowTypes {
                 // `TypeString` is `repr(transparent)` over the pointer.
                 arg_formats: arg_formats.as_ptr().cast(),
                 return_format: return_format.0,
             },
-        )
+            compute: None,
+        }
+    }
+
+    /// The types of the function called `name`, computed from its Rust types when the manifest
+    /// is built (row-by-row `#[udf]` functions with Arrow types).
+    pub const fn computed(
+        name: &'static str,
+        compute: fn() -> DeclaredTypes,
+    ) -> super::ExportedArrowTypes {
+        super::ExportedArrowTypes {
+            name,
+            types: crate::v2::UdfArrowTypes {
+                arg_formats: std::ptr::null(),
+                return_format: std::ptr::null(),
+            },
+            compute: Some(compute),
+        }
+    }
+}
+
+impl super::ExportedFunction {
+    /// A row-by-row `#[udf]` function with Arrow types (ABI 2.2): declared by type strings
+    /// computed from its Rust types, evaluated through `call_batch` only (its row loop runs in
+    /// the plugin).
+    pub const fn arrow_rows(
+        name: &'static str,
+        arg_types: &'static [u32],
+        arg_nullable: &'static [u8],
+        return_nullable: bool,
+        volatility: u32,
+        call_batch: crate::v2::BatchEntrypoint,
+    ) -> super::ExportedFunction {
+        let mut f = Self::vectorized(name, arg_types, arg_nullable, volatility, call_batch);
+        f.0.return_nullable = return_nullable as u8;
+        f
     }
 }

@@ -19,15 +19,33 @@ use crate::v2::{
 };
 
 pub mod arrow;
+pub mod values;
 
-/// A function descriptor in the library's distributed slice: the function and, for a function
-/// with Arrow types (ABI 2.2), its type strings.
+/// A function descriptor in the library's distributed slice.
+#[repr(transparent)]
 #[derive(Debug)]
-pub struct ExportedFunction(pub UdfFunction, pub UdfArrowTypes);
+pub struct ExportedFunction(pub UdfFunction);
 
-// SAFETY: the descriptor only points at immutable statics (name, type arrays, type strings) and
-// functions; it is never written after construction, so sharing it between threads is sound.
+// SAFETY: the descriptor only points at immutable statics (name, type arrays) and functions; it is
+// never written after construction, so sharing it between threads is sound.
 unsafe impl Sync for ExportedFunction {}
+
+/// The Arrow types of one function (ABI 2.2), by the function's name, in the library's second
+/// distributed slice: the manifest's `arrow_types` array is laid out from it, parallel to
+/// [`FUNCTIONS`], when the library has any.
+#[derive(Debug)]
+pub struct ExportedArrowTypes {
+    /// The function's name, as in its [`ExportedFunction`].
+    pub name: &'static str,
+    /// Its type strings, when they are constants (`#[udf(vectorized)]`).
+    pub types: UdfArrowTypes,
+    /// Its types, when the Rust types say them (row-by-row `#[udf]` with Arrow types): written
+    /// as type strings into static storage when the manifest is built.
+    pub compute: Option<fn() -> arrow::DeclaredTypes>,
+}
+
+// SAFETY: points at immutable statics (the type strings and their pointer arrays) only.
+unsafe impl Sync for ExportedArrowTypes {}
 
 /// No Arrow types: every type is a tag.
 const NO_ARROW_TYPES: UdfArrowTypes = UdfArrowTypes {
@@ -48,23 +66,20 @@ impl ExportedFunction {
         call_row: RowEntrypoint,
         call_batch: BatchEntrypoint,
     ) -> ExportedFunction {
-        ExportedFunction(
-            UdfFunction {
-                name: UdfBytes {
-                    ptr: name.as_ptr(),
-                    len: name.len(),
-                },
-                arg_types: arg_types.as_ptr(),
-                arg_nullable: arg_nullable.as_ptr(),
-                args_len: arg_types.len(),
-                return_type: return_type.tag(),
-                return_nullable: return_nullable as u8,
-                volatility,
-                call_row: Some(call_row),
-                call_batch: Some(call_batch),
+        ExportedFunction(UdfFunction {
+            name: UdfBytes {
+                ptr: name.as_ptr(),
+                len: name.len(),
             },
-            NO_ARROW_TYPES,
-        )
+            arg_types: arg_types.as_ptr(),
+            arg_nullable: arg_nullable.as_ptr(),
+            args_len: arg_types.len(),
+            return_type: return_type.tag(),
+            return_nullable: return_nullable as u8,
+            volatility,
+            call_row: Some(call_row),
+            call_batch: Some(call_batch),
+        })
     }
 }
 
@@ -72,16 +87,96 @@ impl ExportedFunction {
 #[linkme::distributed_slice]
 pub static FUNCTIONS: [ExportedFunction];
 
-/// The manifest and the arrays it points at (built once, from the distributed slice).
-struct Manifest {
-    manifest: UdfManifest,
-    _functions: Vec<UdfFunction>,
-    _arrow_types: Vec<UdfArrowTypes>,
-}
+/// Every `#[udf(vectorized)]` function's Arrow types (a subset of [`FUNCTIONS`], by name).
+#[linkme::distributed_slice]
+pub static ARROW_TYPES: [ExportedArrowTypes];
+
+struct Manifest(UdfManifest);
 // SAFETY: built once from immutable statics and never written afterwards.
 unsafe impl Sync for Manifest {}
 // SAFETY: as above; the pointers refer to statics that live as long as the library.
 unsafe impl Send for Manifest {}
+
+/// The manifest's `arrow_types` array: static storage (no heap allocation, which a library's
+/// statics would leak every time the host unloads it), one entry per function, written once.
+struct ArrowTypesStorage(std::cell::UnsafeCell<[UdfArrowTypes; crate::MAX_FUNCTIONS]>);
+
+// SAFETY: written only inside `udfsql_manifest`'s `OnceLock` initialisation (once, before any
+// reader can see the manifest that points at it) and only read afterwards.
+unsafe impl Sync for ArrowTypesStorage {}
+
+static ARROW_TYPES_STORAGE: ArrowTypesStorage = ArrowTypesStorage(std::cell::UnsafeCell::new(
+    [NO_ARROW_TYPES; crate::MAX_FUNCTIONS],
+));
+
+/// Bytes for the type strings computed from Rust types, and the pointer arrays of their
+/// arguments: static storage, written once with the manifest (as `ARROW_TYPES_STORAGE`).
+const COMPUTED_BYTES: usize = 1 << 16;
+const COMPUTED_POINTERS: usize = 1 << 13;
+
+struct ComputedStorage {
+    bytes: std::cell::UnsafeCell<[u8; COMPUTED_BYTES]>,
+    pointers: std::cell::UnsafeCell<[*const std::ffi::c_char; COMPUTED_POINTERS]>,
+}
+
+// SAFETY: as for `ArrowTypesStorage`: written once inside the manifest's `OnceLock`
+// initialisation, read only afterwards.
+unsafe impl Sync for ComputedStorage {}
+
+static COMPUTED_STORAGE: ComputedStorage = ComputedStorage {
+    bytes: std::cell::UnsafeCell::new([0; COMPUTED_BYTES]),
+    pointers: std::cell::UnsafeCell::new([std::ptr::null(); COMPUTED_POINTERS]),
+};
+
+/// Writes the type strings of `compute`'s types into the computed storage, from `bytes_used` /
+/// `pointers_used` on; `None` when they do not fit (the host then refuses the function, naming
+/// the missing type string) or a type has no type string.
+///
+/// # Safety
+///
+/// Only inside the manifest's `OnceLock` initialisation (the storage's one writer).
+unsafe fn computed_types(
+    compute: fn() -> arrow::DeclaredTypes,
+    bytes_used: &mut usize,
+    pointers_used: &mut usize,
+) -> Option<UdfArrowTypes> {
+    let (args, ret) = compute().ok()?;
+    let mut strings = args
+        .iter()
+        .map(crate::type_string::type_string)
+        .collect::<Option<Vec<_>>>()?;
+    strings.push(crate::type_string::type_string(&ret)?);
+    let needed: usize = strings.iter().map(|s| s.len() + 1).sum();
+    if *bytes_used + needed > COMPUTED_BYTES || *pointers_used + args.len() > COMPUTED_POINTERS {
+        return None;
+    }
+    // SAFETY: the caller's promise: nothing else reads or writes the storage now.
+    let (bytes, pointers) = unsafe {
+        (
+            &mut *COMPUTED_STORAGE.bytes.get(),
+            &mut *COMPUTED_STORAGE.pointers.get(),
+        )
+    };
+    let mut pointer_of = Vec::with_capacity(strings.len());
+    for s in &strings {
+        if s.as_bytes().contains(&0) {
+            return None;
+        }
+        let start = *bytes_used;
+        bytes[start..start + s.len()].copy_from_slice(s.as_bytes());
+        bytes[start + s.len()] = 0;
+        *bytes_used += s.len() + 1;
+        pointer_of.push(bytes[start..].as_ptr().cast::<std::ffi::c_char>());
+    }
+    let return_format = pointer_of.pop()?;
+    let first = *pointers_used;
+    pointers[first..first + pointer_of.len()].copy_from_slice(&pointer_of);
+    *pointers_used += pointer_of.len();
+    Some(UdfArrowTypes {
+        arg_formats: pointers[first..].as_ptr(),
+        return_format,
+    })
+}
 
 /// The ABI v2 handshake.
 #[unsafe(no_mangle)]
@@ -94,29 +189,50 @@ pub extern "C" fn udfsql_abi_version() -> UdfAbiVersion {
 pub extern "C" fn udfsql_manifest() -> *const UdfManifest {
     static MANIFEST: OnceLock<Manifest> = OnceLock::new();
     let manifest = MANIFEST.get_or_init(|| {
-        let functions: Vec<UdfFunction> = FUNCTIONS.iter().map(|f| f.0).collect();
-        let arrow_types: Vec<UdfArrowTypes> = FUNCTIONS.iter().map(|f| f.1).collect();
-        let any_arrow = arrow_types
-            .iter()
-            .any(|a| !a.arg_formats.is_null() || !a.return_format.is_null());
-        Manifest {
-            manifest: UdfManifest {
-                size: std::mem::size_of::<UdfManifest>(),
-                // The vectors' buffers never move: they are not changed after this.
-                functions: functions.as_ptr(),
-                functions_len: functions.len(),
-                release_bytes: Some(release_bytes),
-                arrow_types: if any_arrow {
-                    arrow_types.as_ptr()
-                } else {
-                    std::ptr::null()
-                },
-            },
-            _functions: functions,
-            _arrow_types: arrow_types,
-        }
+        let arrow_types = if ARROW_TYPES.is_empty() {
+            std::ptr::null()
+        } else {
+            // SAFETY: the one write, inside the `OnceLock` initialisation: nothing reads the
+            // storage before the manifest that points at it is published.
+            let storage = unsafe { &mut *ARROW_TYPES_STORAGE.0.get() };
+            let (mut bytes_used, mut pointers_used) = (0, 0);
+            for (slot, function) in storage.iter_mut().zip(FUNCTIONS.iter()) {
+                let name = name_bytes(function.0.name);
+                let Some(arrow) = ARROW_TYPES.iter().find(|a| a.name.as_bytes() == name) else {
+                    continue;
+                };
+                let Some(compute) = arrow.compute else {
+                    *slot = arrow.types;
+                    continue;
+                };
+                // SAFETY: inside the `OnceLock` initialisation, the storage's one writer.
+                let computed =
+                    unsafe { computed_types(compute, &mut bytes_used, &mut pointers_used) };
+                *slot = computed.unwrap_or(NO_ARROW_TYPES);
+            }
+            ARROW_TYPES_STORAGE
+                .0
+                .get()
+                .cast::<UdfArrowTypes>()
+                .cast_const()
+        };
+        Manifest(UdfManifest {
+            size: std::mem::size_of::<UdfManifest>(),
+            // `ExportedFunction` is `repr(transparent)` over `UdfFunction`.
+            functions: FUNCTIONS.as_ptr().cast::<UdfFunction>(),
+            functions_len: FUNCTIONS.len(),
+            release_bytes: Some(release_bytes),
+            arrow_types,
+        })
     });
-    &manifest.manifest
+    &manifest.0
+}
+
+/// The bytes of a function name of this library (a `&'static str` taken apart).
+fn name_bytes(name: UdfBytes) -> &'static [u8] {
+    // SAFETY: every `ExportedFunction`'s name is a `&'static str` of this library, taken apart
+    // by `ExportedFunction::new` / `vectorized` into this pointer and length.
+    unsafe { std::slice::from_raw_parts(name.ptr, name.len) }
 }
 
 /// Gives bytes to the host: a `Vec`'s parts, released by [`release_bytes`].
