@@ -517,7 +517,8 @@ mod tests {
         round_trip(vec![Some(vec![Some(1i64), None]), None, Some(vec![])]);
         round_trip(vec![Some(LargeList(vec!["a".to_string()])), None]);
         round_trip(vec![Some(vec![vec![1.5f64]]), Some(vec![])]);
-        round_trip(vec![Some(Some(2u16)), Some(None), None]);
+        // A NULL row of an `Option<T>` column reads as `Some(None)`: the NULL is the value.
+        round_trip(vec![Some(Some(2u16)), Some(None)]);
     }
 
     #[test]
