@@ -123,9 +123,27 @@ async fn run(args: Args) -> Result<()> {
         &resolver,
     ))));
     config.override_physical_codec = Some(Arc::new(PluginPhysicalCodec::ballista(resolver)));
+    config.override_function_registry = Some(Arc::new(function_registry()));
     tracing::info!(plugin_dirs = ?args.plugin_dirs, "udfsql-executor starting");
     start_executor_process(Arc::new(config)).await?;
     Ok(())
+}
+
+/// Ballista's function registry plus DataFusion's nested functions (`make_array`, `array_sum`,
+/// `cardinality`, ...), which Ballista 55's default leaves out: without them an executor cannot
+/// decode a task whose plan builds a list (`[x, y]`), and fails it ("PhysicalExtensionCodec is
+/// not provided for scalar function make_array").
+fn function_registry() -> ballista_core::registry::BallistaFunctionRegistry {
+    let mut registry = ballista_core::registry::BallistaFunctionRegistry::default();
+    for f in datafusion::functions_nested::all_default_nested_functions() {
+        for name in std::iter::once(f.name()).chain(f.aliases().iter().map(String::as_str)) {
+            registry
+                .scalar_functions
+                .entry(name.to_string())
+                .or_insert_with(|| Arc::clone(&f));
+        }
+    }
+    registry
 }
 
 /// Waits until the scheduler's port accepts connections, trying every 200 ms for `patience`

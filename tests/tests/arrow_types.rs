@@ -706,3 +706,55 @@ async fn arrow_typed_functions_run_on_the_batch_path_only() {
     ctx.register_udf(ScalarUDF::new_from_impl(udf));
     assert_eq!(rows(&ctx, "SELECT pairs(4)").await, [["[4, 40]"]]);
 }
+
+/// The answer of `sql`, or its error text.
+async fn outcome(ctx: &SessionContext, sql: &str) -> Result<Vec<Vec<String>>, String> {
+    match query(ctx, sql).await {
+        Ok(_) => Ok(rows(ctx, sql).await),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Arrow-typed functions evaluated in worker processes (process isolation: arguments and
+/// results cross as Arrow IPC) answer exactly as in-process — values, NULLs, nested types — and
+/// the nested misbehaving corpus fails with the same errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arrow_types_answer_alike_isolated_and_in_process() {
+    let isolation = udf_engine::Isolation::Process(udf_engine::WorkerLimits {
+        worker_program: Some(udf_tests::udfsql_worker()),
+        ..Default::default()
+    });
+    let sessions = [udf_engine::Isolation::InProcess, isolation].map(|isolation| {
+        let ctx = SessionContext::new();
+        udf_engine::register_plugin_with(&ctx, plugin("arrow-types"), &isolation).unwrap();
+        udf_engine::register_plugin_with(&ctx, c_types(), &isolation).unwrap();
+        ctx
+    });
+    let values = "(VALUES (1, 1.5, 2.5, CAST(1.25 AS DECIMAL(12,2)), [1.0, NULL], 'a'), \
+                  (NULL, NULL, 4.0, NULL, NULL, NULL), \
+                  (3, 0.5, NULL, CAST(-2.00 AS DECIMAL(12,2)), [], 'c')) AS v(x, a, b, d, l, s)";
+    let mut statements = vec![
+        format!(
+            "SELECT add_cents(d, x), list_total(l), pairs(x), address(s, s), \
+             id_struct(named_struct('name', s, 'score', a, 'tags', [s])), dec_double(d), \
+             midpoint(named_struct('x', coalesce(a, 0.0), 'y', b), named_struct('x', 1.0, 'y', a)), \
+             flatten_doubles([l, NULL]), c_decimal_double(d), c_pairs(x), c_point(a, b) \
+             FROM {values} ORDER BY x"
+        ),
+        format!("SELECT join_tags([s, NULL]) FROM {values}"),
+    ];
+    for (function, args, _) in BAD_NESTED {
+        statements.push(format!("SELECT {function}({args}) FROM {values}"));
+    }
+    let (mut answers, mut errors) = (0, 0);
+    for sql in &statements {
+        let local = outcome(&sessions[0], sql).await;
+        let isolated = outcome(&sessions[1], sql).await;
+        assert_eq!(isolated, local, "{sql}");
+        match local {
+            Ok(_) => answers += 1,
+            Err(_) => errors += 1,
+        }
+    }
+    assert_eq!((answers, errors), (1, 14));
+}

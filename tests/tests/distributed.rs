@@ -126,7 +126,8 @@ async fn prepare(ctx: &SessionContext, loader: &PluginLoader, dir: &Path, ddl: &
 /// Queries whose distributed answers must equal the local ones (each ORDER BY is a total order of
 /// the rows that can differ): the v1 row path (`repeat`), the
 /// batch path, filters, an aggregate with a shuffle on a plugin expression, nullable arguments and
-/// results, the CSV table, a join, and a volatile nullary function.
+/// results, the CSV table, a join, a volatile nullary function, and Arrow-typed functions (lists,
+/// decimals, structs).
 const SAME_ANSWERS: &[&str] = &[
     "SELECT name, repeat(name, 3) AS r, square(x) AS s FROM p WHERE is_even(x) ORDER BY x, name",
     "SELECT shout(name) AS s, count(*) AS n, sum(x) AS total FROM p GROUP BY shout(name) ORDER BY s NULLS FIRST",
@@ -136,6 +137,11 @@ const SAME_ANSWERS: &[&str] = &[
     "SELECT a.name, square(a.x) AS s, repeat_text(b.name, 2) AS r FROM p a JOIN c b ON a.x = b.x WHERE is_even(a.x) ORDER BY a.name, a.x",
     "SELECT count(*) AS n FROM p a JOIN c b ON shout(a.name) = shout(b.name)",
     "SELECT count(next_id()) AS ids, count(*) AS n FROM p",
+    // Arrow types (ABI 2.2): lists, decimals, structs in and out, vectorised and row by row.
+    "SELECT x, pairs(x) AS pr, dec_double(CAST(x AS DECIMAL(12,2))) AS dd, \
+            midpoint(named_struct('x', d, 'y', d), named_struct('x', 1.0, 'y', 2.0)) AS m, \
+            list_total([d, d]) AS lt, sum_ints([x, NULL]) AS si \
+     FROM p ORDER BY x NULLS FIRST, name NULLS FIRST",
 ];
 
 /// The libraries mapped by process `pid` whose path is under `dir`.
