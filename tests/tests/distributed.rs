@@ -141,7 +141,7 @@ const SAME_ANSWERS: &[&str] = &[
     "SELECT x, pairs(x) AS pr, dec_double(CAST(x AS DECIMAL(12,2))) AS dd, \
             midpoint(named_struct('x', d, 'y', d), named_struct('x', 1.0, 'y', 2.0)) AS m, \
             list_total([d, d]) AS lt, sum_ints([x, NULL]) AS si \
-     FROM p ORDER BY x NULLS FIRST, name NULLS FIRST",
+     FROM p ORDER BY x NULLS FIRST, name NULLS FIRST, d",
 ];
 
 /// The libraries mapped by process `pid` whose path is under `dir`.

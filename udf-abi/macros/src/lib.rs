@@ -145,17 +145,20 @@ fn c_string(value: &syn::LitStr) -> TokenStream2 {
     }
 }
 
-/// `#[udf(vectorized)]`: a function over arrow-rs arrays. Each parameter is `&A` for an array type
-/// `A` (`&Int64Array`, `&StringArray`, `&Decimal128Array`, `&ListArray`, `&ArrayRef`, ...), with
-/// `#[arrow("type string")]` where the array type does not determine the Arrow type; the result
-/// is an array type or `Result<A, E: Display>`, with `returns = "..."` where needed.
-fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStream2, Error> {
-    let sig = &mut function.sig;
+/// What no `#[udf]` function may be: async, unsafe, `extern`, generic, variadic, or of more than
+/// 64 arguments.
+fn check_signature(sig: &syn::Signature) -> Result<(), Error> {
     if let Some(t) = &sig.asyncness {
         return Err(Error::new_spanned(t, "#[udf] functions cannot be async"));
     }
     if let Some(t) = &sig.unsafety {
         return Err(Error::new_spanned(t, "#[udf] functions cannot be unsafe"));
+    }
+    if let Some(abi) = &sig.abi {
+        return Err(Error::new_spanned(
+            abi,
+            "#[udf] writes the extern \"C\" export itself: remove the ABI",
+        ));
     }
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
         return Err(Error::new_spanned(
@@ -163,12 +166,25 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
             "#[udf] functions cannot be generic",
         ));
     }
+    if let Some(v) = &sig.variadic {
+        return Err(Error::new_spanned(v, "#[udf] functions cannot be variadic"));
+    }
     if sig.inputs.len() > 64 {
         return Err(Error::new_spanned(
             &sig.inputs,
             "at most 64 arguments are supported",
         ));
     }
+    Ok(())
+}
+
+/// `#[udf(vectorized)]`: a function over arrow-rs arrays. Each parameter is `&A` for an array type
+/// `A` (`&Int64Array`, `&StringArray`, `&Decimal128Array`, `&ListArray`, `&ArrayRef`, ...), with
+/// `#[arrow("type string")]` where the array type does not determine the Arrow type; the result
+/// is an array type or `Result<A, E: Display>`, with `returns = "..."` where needed.
+fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStream2, Error> {
+    let sig = &mut function.sig;
+    check_signature(sig)?;
     let ident = sig.ident.clone();
     let mut arrays: Vec<Type> = Vec::new();
     let mut formats: Vec<TokenStream2> = Vec::new();
@@ -323,30 +339,7 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
 /// batch entrypoint runs the row loop: STRICT for arguments without `Option`, one call per row.
 fn expand_arrow_rows(options: Options, function: ItemFn) -> Result<TokenStream2, Error> {
     let sig = &function.sig;
-    if let Some(t) = &sig.asyncness {
-        return Err(Error::new_spanned(t, "#[udf] functions cannot be async"));
-    }
-    if let Some(t) = &sig.unsafety {
-        return Err(Error::new_spanned(t, "#[udf] functions cannot be unsafe"));
-    }
-    if let Some(abi) = &sig.abi {
-        return Err(Error::new_spanned(
-            abi,
-            "#[udf] writes the extern \"C\" export itself: remove the ABI",
-        ));
-    }
-    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        return Err(Error::new_spanned(
-            &sig.generics,
-            "#[udf] functions cannot be generic",
-        ));
-    }
-    if sig.inputs.len() > 64 {
-        return Err(Error::new_spanned(
-            &sig.inputs,
-            "at most 64 arguments are supported",
-        ));
-    }
+    check_signature(sig)?;
     let mut arg_types: Vec<Type> = Vec::new();
     for input in &sig.inputs {
         match input {
@@ -893,33 +886,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
         return expand_arrow_rows(options, function);
     }
     let sig = &function.sig;
-    if let Some(t) = &sig.asyncness {
-        return Err(Error::new_spanned(t, "#[udf] functions cannot be async"));
-    }
-    if let Some(t) = &sig.unsafety {
-        return Err(Error::new_spanned(t, "#[udf] functions cannot be unsafe"));
-    }
-    if let Some(abi) = &sig.abi {
-        return Err(Error::new_spanned(
-            abi,
-            "#[udf] writes the extern \"C\" export itself: remove the ABI",
-        ));
-    }
-    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        return Err(Error::new_spanned(
-            &sig.generics,
-            "#[udf] functions cannot be generic",
-        ));
-    }
-    if let Some(v) = &sig.variadic {
-        return Err(Error::new_spanned(v, "#[udf] functions cannot be variadic"));
-    }
-    if sig.inputs.len() > 64 {
-        return Err(Error::new_spanned(
-            &sig.inputs,
-            "at most 64 arguments are supported",
-        ));
-    }
+    check_signature(sig)?;
 
     let mut arg_types = Vec::new();
     let inputs: Vec<&FnArg> = sig.inputs.iter().collect();

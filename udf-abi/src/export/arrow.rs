@@ -27,7 +27,7 @@ use arrow_array::{
 use arrow_data::transform::MutableArrayData;
 use arrow_schema::DataType;
 
-use super::{install_quiet_panic_hook, panicked, write_error};
+use super::install_quiet_panic_hook;
 use crate::v2::{FFI_ArrowArray, FFI_ArrowSchema, UdfOwnedBytes, status};
 
 /// An arrow-rs array type a vectorised function takes or returns, with the type string of its
@@ -253,21 +253,9 @@ pub unsafe fn call_vectorized(
         let schema = FFI_ArrowSchema::try_from(&t).map_err(|e| e.to_string())?;
         Ok((FFI_ArrowArray::new(&array.to_data()), schema))
     }));
-    let message = match result {
-        Ok(Ok((array, schema))) => {
-            // SAFETY: `out` and `out_schema` are non-null and valid for writes (the caller's
-            // promise); the host takes both over and releases them.
-            unsafe {
-                out.write(array);
-                out_schema.write(schema);
-            }
-            return status::OK;
-        }
-        Ok(Err(message)) => message,
-        Err(panic) => panicked(panic),
-    };
-    // SAFETY: `error` is non-null and valid for writes (the caller's promise).
-    unsafe { write_error(error, message) }
+    // SAFETY: the caller's promise: `out`, `out_schema` and `error` are non-null and valid for
+    // writes.
+    unsafe { super::write_batch_outcome(result, out, out_schema, error) }
 }
 
 /// A type string's pointer in a static array of the manifest.

@@ -785,21 +785,9 @@ pub unsafe fn call_batch(
             result_schema(return_type),
         ))
     }));
-    let message = match result {
-        Ok(Ok((array, schema))) => {
-            // SAFETY: `out` and `out_schema` are non-null and valid for writes (the caller's
-            // promise); the host takes both over and releases them.
-            unsafe {
-                out.write(array);
-                out_schema.write(schema);
-            }
-            return status::OK;
-        }
-        Ok(Err(message)) => message,
-        Err(panic) => panicked(panic),
-    };
-    // SAFETY: `error` is non-null and valid for writes (the caller's promise).
-    unsafe { write_error(error, message) }
+    // SAFETY: the caller's promise: `out`, `out_schema` and `error` are non-null and valid for
+    // writes.
+    unsafe { super::write_batch_outcome(result, out, out_schema, error) }
 }
 
 #[cfg(test)]

@@ -771,6 +771,34 @@ pub unsafe fn call_row(
     unsafe { write_error(error, message) }
 }
 
+/// Writes what a batch entrypoint's body produced: the result array and schema (handed to the
+/// host, status OK), or the error — the body's message, or a panic's — (status ERROR).
+///
+/// # Safety
+///
+/// `out`, `out_schema` and `error` must be non-null and valid for writes.
+unsafe fn write_batch_outcome(
+    result: std::thread::Result<Result<(FFI_ArrowArray, FFI_ArrowSchema), String>>,
+    out: *mut FFI_ArrowArray,
+    out_schema: *mut FFI_ArrowSchema,
+    error: *mut UdfOwnedBytes,
+) -> i32 {
+    let message = match result {
+        Ok(Ok((array, schema))) => {
+            // SAFETY: the caller's promise; the host takes both over and releases them.
+            unsafe {
+                out.write(array);
+                out_schema.write(schema);
+            }
+            return status::OK;
+        }
+        Ok(Err(message)) => message,
+        Err(panic) => panicked(panic),
+    };
+    // SAFETY: the caller's promise.
+    unsafe { write_error(error, message) }
+}
+
 pub mod batch;
 
 #[cfg(test)]
