@@ -140,8 +140,8 @@ pub fn default_history_file() -> Option<PathBuf> {
 
 /// Whether `buffer` holds at least one complete statement and nothing but blanks after it.
 fn statement_complete(buffer: &str) -> bool {
-    let (statements, rest) = split_statements(buffer);
-    !statements.is_empty() && is_blank(rest)
+    let split = split_statements(buffer);
+    split.unterminated.is_none() && !split.statements.is_empty() && is_blank(split.rest)
 }
 
 pub fn run(shell: &mut Shell, history: Option<PathBuf>) -> anyhow::Result<bool> {

@@ -139,8 +139,11 @@ impl Shell {
     /// Runs every statement of `sql` in turn, printing results to `out` and errors to stderr; an
     /// error does not stop the statements after it. Returns whether all succeeded.
     pub fn run_sql(&self, sql: &str, out: &mut dyn Write) -> Result<bool> {
-        let (mut pieces, rest) = split_statements(sql);
-        pieces.push(rest);
+        let split = split_statements(sql);
+        let mut pieces = split.statements;
+        if split.unterminated.is_none() {
+            pieces.push(split.rest);
+        }
         let mut ok = true;
         for piece in pieces.into_iter().filter(|p| !is_blank(p)) {
             let statements = match DFParser::parse_sql_with_dialect(piece, &GenericDialect {}) {
@@ -163,6 +166,11 @@ impl Shell {
                     }
                 }
             }
+        }
+        if let Some(unterminated) = split.unterminated {
+            // The statements before it ran; the rest is not a statement (yet).
+            eprintln!("error: {unterminated}");
+            ok = false;
         }
         Ok(ok)
     }

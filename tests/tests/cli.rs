@@ -526,3 +526,37 @@ fn a_symlinked_library_must_stay_inside_its_plugin_dir() {
         "{err}"
     );
 }
+
+/// Statements are split with sqlparser's tokenizer, as DataFusion parses: a `;` inside a
+/// dollar-quoted string or a nested comment does not end a statement (`-c` and stdin alike), and
+/// an unterminated string or comment is an error naming its line and column, after the complete
+/// statements before it ran.
+#[test]
+fn statements_split_as_datafusion_parses_them() {
+    let o = run(&[
+        "--format",
+        "csv",
+        "-c",
+        "SELECT $$a;b$$ AS d; SELECT 1 /* a /* nested */ ; */ AS n",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "d\na;b\nn\n1\n");
+    let o = run_with_stdin(
+        &["--format", "csv"],
+        "SELECT 'x;y' AS s;\nSELECT 2 AS t;\nSELECT 'open;\n",
+    );
+    assert!(!o.status.success());
+    assert_eq!(stdout(&o), "s\nx;y\nt\n2\n");
+    assert!(
+        stderr(&o).contains("error: Unterminated string literal at Line: 3, Column: 8"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&["-c", "SELECT 1; /* never closed"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("error: Unterminated comment at Line: 1, Column: 11"),
+        "{}",
+        stderr(&o)
+    );
+}
