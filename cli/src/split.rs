@@ -58,10 +58,10 @@ fn line_and_column(text: &str, at: usize) -> (usize, usize) {
 fn unterminated_start(text: &str) -> Option<usize> {
     let tokenizes = |t: &str| Tokenizer::new(dialect(), t).tokenize().is_ok();
     text.char_indices()
+        .rev()
         .filter(|&(i, c)| matches!(c, '\'' | '"' | '$' | '`') || text[i..].starts_with("/*"))
         .map(|(i, _)| i)
-        .filter(|&i| tokenizes(&text[..i]) && !tokenizes(&text[i..]))
-        .last()
+        .find(|&i| tokenizes(&text[..i]) && !tokenizes(&text[i..]))
 }
 
 /// The tokens of `text` that end statements (`;`), as byte offsets, or the tokenizer's error.
