@@ -229,45 +229,14 @@ fn run(args: Args) -> Result<bool> {
     for file in &args.files {
         let sql = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read SQL file {}", file.display()))?;
-        ok &= run_script(&mut shell, &sql)?;
+        ok &= shell.run_script(&sql, &mut stdout.lock())?;
     }
     if args.commands.is_empty() && args.files.is_empty() {
         let mut sql = String::new();
         std::io::stdin()
             .read_to_string(&mut sql)
             .context("cannot read SQL from standard input")?;
-        ok &= run_script(&mut shell, &sql)?;
-    }
-    Ok(ok)
-}
-
-/// Runs a script: SQL statements, and meta commands on lines of their own (a meta command runs
-/// after the SQL before it).
-fn run_script(shell: &mut Shell, text: &str) -> Result<bool> {
-    let mut ok = true;
-    let mut sql = String::new();
-    let stdout = std::io::stdout();
-    for line in text.lines() {
-        if line.trim_start().starts_with('\\') {
-            if !sql.trim().is_empty() {
-                ok &= shell.run_sql(&sql, &mut stdout.lock())?;
-            }
-            sql.clear();
-            match shell.meta(line, &mut stdout.lock()) {
-                Ok(shell::Next::Quit) => return Ok(ok),
-                Ok(shell::Next::Continue) => {}
-                Err(e) => {
-                    eprintln!("error: {}", shell::report(&e));
-                    ok = false;
-                }
-            }
-            continue;
-        }
-        sql.push_str(line);
-        sql.push('\n');
-    }
-    if !sql.trim().is_empty() {
-        ok &= shell.run_sql(&sql, &mut stdout.lock())?;
+        ok &= shell.run_script(&sql, &mut stdout.lock())?;
     }
     Ok(ok)
 }

@@ -62,6 +62,38 @@ pub fn render(
     }
 }
 
+/// Expanded display (`\x`): each row as a block of `column | value` lines under a
+/// `-[ RECORD n ]-` header, column names padded to the widest, NULL as an empty value (as psql).
+pub fn expanded(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, OutputError> {
+    if schema.fields().is_empty() {
+        return Ok(Vec::new());
+    }
+    let width = schema
+        .fields()
+        .iter()
+        .map(|f| f.name().chars().count())
+        .max()
+        .unwrap_or(0);
+    let mut out = String::new();
+    let mut record = 0;
+    for batch in batches {
+        check_columns(schema, batch)?;
+        let columns = display_text(schema, batch, record)?;
+        for row in 0..batch.num_rows() {
+            record += 1;
+            out.push_str(&format!("-[ RECORD {record} ]-\n"));
+            for (field, values) in schema.fields().iter().zip(&columns) {
+                let value = values[row].as_deref().unwrap_or("");
+                out.push_str(&format!("{:<width$} | {value}\n", field.name()));
+            }
+        }
+    }
+    if record == 0 {
+        out.push_str("(0 rows)\n");
+    }
+    Ok(out.into_bytes())
+}
+
 /// The options every value is formatted with: errors are errors, not text.
 fn format_options() -> FormatOptions<'static> {
     FormatOptions::new().with_display_error(false)
@@ -263,6 +295,22 @@ mod tests {
             "a\n"
         );
         assert_eq!(text(Format::Json, &schema, &[empty]), "[]\n");
+    }
+
+    #[test]
+    fn expanded_display_is_one_block_per_row() {
+        let (schema, batch) = one_column(
+            "name",
+            Arc::new(StringArray::from(vec![Some("a"), None])) as ArrayRef,
+        );
+        let text = String::from_utf8(expanded(&schema, &[batch]).unwrap()).unwrap();
+        assert_eq!(text, "-[ RECORD 1 ]-\nname | a\n-[ RECORD 2 ]-\nname | \n");
+        let (schema, empty) = one_column(
+            "name",
+            Arc::new(StringArray::from(Vec::<Option<&str>>::new())) as ArrayRef,
+        );
+        let text = String::from_utf8(expanded(&schema, &[empty]).unwrap()).unwrap();
+        assert_eq!(text, "(0 rows)\n");
     }
 
     #[test]

@@ -42,11 +42,20 @@ pub struct Shell {
     pub timing: bool,
     /// Rows shown per result in table format; `None` shows all.
     pub max_rows: Option<usize>,
+    /// Expanded display (`\x`): table results as one block of `column | value` lines per row.
+    pub expanded: bool,
+    /// Where results go (`\o FILE`); `None` is the caller's output (the terminal).
+    redirect: std::cell::RefCell<Option<(PathBuf, std::fs::File)>>,
+    /// Scripts being run by `\i`, innermost last (a script that includes itself is refused).
+    including: Vec<PathBuf>,
     /// SIGINT, listened to from the start in interactive mode (so that a Ctrl-C just as a
     /// statement starts cannot take the default action and end udfsql).
     sigint: Option<tokio::sync::Mutex<tokio::signal::unix::Signal>>,
     runtime: tokio::runtime::Runtime,
 }
+
+/// How deep `\i` scripts may include each other.
+const MAX_INCLUDE_DEPTH: usize = 16;
 
 pub const HELP: &str = "\
 Statements end with ';' and may span lines. Meta commands:
@@ -58,6 +67,9 @@ Statements end with ';' and may span lines. Meta commands:
   \\format F       output format: table, csv or json
   \\timing [on|off] show row count and elapsed time after each statement
   \\maxrows N      rows shown per result in table format (0 = all)
+  \\x [on|off]     expanded display: one `column | value` line per column, a block per row
+  \\o [FILE]       send results to FILE (truncated); \\o alone: back to the terminal
+  \\i FILE         run the SQL and meta commands of FILE
 Ctrl-C cancels a running statement. Plugins from SQL:
   CREATE [OR REPLACE] FUNCTION name(VARCHAR, BIGINT UNSIGNED) RETURNS VARCHAR
       LANGUAGE plugin AS 'libfile.so';      -- relative to a --plugin-dir
@@ -106,6 +118,9 @@ impl Shell {
             format,
             timing: false,
             max_rows: None,
+            expanded: false,
+            redirect: std::cell::RefCell::new(None),
+            including: Vec::new(),
             sigint,
             runtime,
         })
@@ -227,9 +242,23 @@ impl Shell {
             (Format::Table, Some(max)) if rows > max => Some(max),
             _ => None,
         };
-        let rendered = match limit {
-            Some(max) => output::render(self.format, schema, &output::first_rows(batches, max)),
-            None => output::render(self.format, schema, batches),
+        let shown;
+        let batches = match limit {
+            Some(max) => {
+                shown = output::first_rows(batches, max);
+                &shown[..]
+            }
+            None => batches,
+        };
+        let rendered = if self.expanded && self.format == Format::Table {
+            output::expanded(schema, batches)
+        } else {
+            output::render(self.format, schema, batches)
+        };
+        let mut redirect = self.redirect.borrow_mut();
+        let out: &mut dyn Write = match redirect.as_mut() {
+            Some((_, file)) => file,
+            None => out,
         };
         let text = match rendered {
             Ok(text) => text,
@@ -308,9 +337,85 @@ impl Shell {
             "\\d" => {
                 self.run_sql(&format!("DESCRIBE {arg}"), out)?;
             }
+            "\\x" => {
+                self.expanded = match arg.as_str() {
+                    "" => !self.expanded,
+                    "on" => true,
+                    "off" => false,
+                    other => bail!("\\x takes on or off, not '{other}'"),
+                };
+                writeln!(
+                    out,
+                    "Expanded display is {}.",
+                    if self.expanded { "on" } else { "off" }
+                )?;
+            }
+            "\\o" => {
+                if arg.is_empty() {
+                    self.redirect.borrow_mut().take();
+                } else {
+                    let path = PathBuf::from(&arg);
+                    let file = std::fs::File::create(&path)
+                        .with_context(|| format!("\\o: cannot write {}", path.display()))?;
+                    *self.redirect.borrow_mut() = Some((path, file));
+                }
+            }
+            "\\i" => {
+                if arg.is_empty() {
+                    bail!("\\i takes the path of a SQL file");
+                }
+                let path = PathBuf::from(&arg);
+                let canonical = std::fs::canonicalize(&path)
+                    .with_context(|| format!("\\i: cannot read {}", path.display()))?;
+                if self.including.contains(&canonical) || self.including.len() >= MAX_INCLUDE_DEPTH
+                {
+                    bail!(
+                        "\\i {}: the file is already being run (\\i nests at most {MAX_INCLUDE_DEPTH} files, and never a file within itself)",
+                        path.display()
+                    );
+                }
+                let text = std::fs::read_to_string(&canonical)
+                    .with_context(|| format!("\\i: cannot read {}", path.display()))?;
+                self.including.push(canonical);
+                let ran = self.run_script(&text, out);
+                self.including.pop();
+                if !ran? {
+                    bail!("\\i {}: a statement of the file failed", path.display());
+                }
+            }
             other => bail!("unknown command {other}; \\? lists the commands"),
         }
         Ok(Next::Continue)
+    }
+
+    /// Runs a script: SQL statements, and meta commands on lines of their own (a meta command runs
+    /// after the SQL before it; `\q` ends the script). Returns whether everything succeeded.
+    pub fn run_script(&mut self, text: &str, out: &mut dyn Write) -> Result<bool> {
+        let mut ok = true;
+        let mut sql = String::new();
+        for line in text.lines() {
+            if line.trim_start().starts_with('\\') {
+                if !sql.trim().is_empty() {
+                    ok &= self.run_sql(&sql, out)?;
+                }
+                sql.clear();
+                match self.meta(line, out) {
+                    Ok(Next::Quit) => return Ok(ok),
+                    Ok(Next::Continue) => {}
+                    Err(e) => {
+                        eprintln!("error: {}", report(&e));
+                        ok = false;
+                    }
+                }
+                continue;
+            }
+            sql.push_str(line);
+            sql.push('\n');
+        }
+        if !sql.trim().is_empty() {
+            ok &= self.run_sql(&sql, out)?;
+        }
+        Ok(ok)
     }
 
     /// The names completion offers: tables and functions of the session.

@@ -560,3 +560,39 @@ fn statements_split_as_datafusion_parses_them() {
         stderr(&o)
     );
 }
+
+/// `\o FILE` sends results to a file and `\o` back; `\x` shows one `column | value` line per
+/// column; `\i FILE` runs a script (its statements' results where `\o` says), and a script that
+/// includes itself is an error that leaves the session running.
+#[test]
+fn meta_commands_redirect_expand_and_include() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("out.txt");
+    let script = dir.path().join("script.sql");
+    std::fs::write(
+        &script,
+        format!("SELECT 4 AS e;\n\\i {}\nSELECT 5 AS f;\n", script.display()),
+    )
+    .unwrap();
+    let input = format!(
+        "\\o {}\nSELECT 1 AS a;\n\\o\nSELECT 2 AS b;\n\\x\nSELECT 3 AS c, 'z' AS dd, NULL AS n;\n\\x off\n\\i {}\nSELECT 6 AS g;\n",
+        out_file.display(),
+        script.display()
+    );
+    let o = run_with_stdin(&["--format", "table"], &input);
+    assert!(!o.status.success(), "the self-including script fails");
+    let file = std::fs::read_to_string(&out_file).unwrap();
+    assert!(file.contains("| a |") && file.contains("| 1 |"), "{file}");
+    let text = stdout(&o);
+    assert!(!text.contains("| a |"), "redirected away: {text}");
+    assert!(text.contains("| b |") && text.contains("| 2 |"), "{text}");
+    assert!(text.contains("Expanded display is on."), "{text}");
+    assert!(
+        text.contains("-[ RECORD 1 ]-\nc  | 3\ndd | z\nn  | \n"),
+        "{text}"
+    );
+    // The script ran once (4 and 5), its self-inclusion was refused, and the session went on (6).
+    assert_eq!(text.matches("| 4 |").count(), 1, "{text}");
+    assert!(text.contains("| 5 |") && text.contains("| 6 |"), "{text}");
+    assert!(stderr(&o).contains("already being run"), "{}", stderr(&o));
+}
