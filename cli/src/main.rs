@@ -2,6 +2,7 @@
 //! libraries, interactively or from `-c`, `-f` and standard input.
 #![forbid(unsafe_code)]
 
+mod highlight;
 mod output;
 mod repl;
 mod shell;

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use rustyline::completion::{Completer, Pair};
 use rustyline::error::ReadlineError;
+use rustyline::highlight::Highlighter;
 use rustyline::history::DefaultHistory;
-use rustyline::{Context, Editor, Helper, Highlighter, Hinter, Validator};
+use rustyline::{Context, Editor, Helper, Hinter, Validator};
 
 use crate::shell::{Next, Shell};
 use crate::split::{is_blank, split_statements};
@@ -84,9 +85,11 @@ const KEYWORDS: &[&str] = &[
     "VOLATILE",
 ];
 
-#[derive(Helper, Hinter, Validator, Highlighter)]
+#[derive(Helper, Hinter, Validator)]
 struct SqlHelper {
     words: Vec<String>,
+    /// Plugin function names (lower case), coloured apart; `None` when colours are off.
+    plugins: Option<std::collections::HashSet<String>>,
 }
 
 impl Completer for SqlHelper {
@@ -138,6 +141,24 @@ pub fn default_history_file() -> Option<PathBuf> {
     Some(data.join("udfsql/history"))
 }
 
+impl Highlighter for SqlHelper {
+    fn highlight<'l>(&self, line: &'l str, _pos: usize) -> std::borrow::Cow<'l, str> {
+        match &self.plugins {
+            Some(plugins) => crate::highlight::highlight(line, plugins),
+            None => std::borrow::Cow::Borrowed(line),
+        }
+    }
+
+    fn highlight_char(
+        &self,
+        _line: &str,
+        _pos: usize,
+        _kind: rustyline::highlight::CmdKind,
+    ) -> bool {
+        self.plugins.is_some()
+    }
+}
+
 /// Whether `buffer` holds at least one complete statement and nothing but blanks after it.
 fn statement_complete(buffer: &str) -> bool {
     let split = split_statements(buffer);
@@ -148,6 +169,7 @@ pub fn run(shell: &mut Shell, history: Option<PathBuf>) -> anyhow::Result<bool> 
     let mut editor: Editor<SqlHelper, DefaultHistory> = Editor::new()?;
     editor.set_helper(Some(SqlHelper {
         words: shell.completion_words(),
+        plugins: crate::highlight::colours_allowed().then(|| shell.plugin_function_names()),
     }));
     if let Some(path) = &history {
         if let Some(dir) = path.parent() {

@@ -418,6 +418,14 @@ impl Shell {
         Ok(ok)
     }
 
+    /// The SQL names of the session's plugin functions, lower case (for highlighting).
+    pub fn plugin_function_names(&self) -> std::collections::HashSet<String> {
+        udf_engine::plugin_functions(&self.ctx)
+            .into_iter()
+            .map(|f| f.sql_name.to_lowercase())
+            .collect()
+    }
+
     /// The names completion offers: tables and functions of the session.
     pub fn completion_words(&self) -> Vec<String> {
         let state = self.ctx.state();

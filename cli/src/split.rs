@@ -25,7 +25,7 @@ fn dialect() -> &'static dyn Dialect {
 }
 
 /// The byte offset of a tokenizer location (1-based line and column, the column in characters).
-fn byte_offset(text: &str, at: Location) -> usize {
+pub fn byte_offset(text: &str, at: Location) -> usize {
     let mut offset = 0;
     for (i, line) in text.split_inclusive('\n').enumerate() {
         if i + 1 == at.line as usize {

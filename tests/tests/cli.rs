@@ -596,3 +596,40 @@ fn meta_commands_redirect_expand_and_include() {
     assert!(text.contains("| 5 |") && text.contains("| 6 |"), "{text}");
     assert!(stderr(&o).contains("already being run"), "{}", stderr(&o));
 }
+
+/// In a terminal, the input line is highlighted — keywords, strings, numbers and plugin function
+/// names each in their colour — and not when `NO_COLOR` is set.
+#[test]
+fn the_input_line_is_highlighted_unless_no_color() {
+    for no_color in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(udfsql());
+        cmd.arg("--demo")
+            .env("UDFSQL_HISTORY", dir.path().join("history"))
+            .env("TERM", "xterm");
+        if no_color {
+            cmd.env("NO_COLOR", "1");
+        } else {
+            cmd.env_remove("NO_COLOR");
+        }
+        let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).expect("spawn in a pty");
+        p.exp_string("udfsql> ").unwrap();
+        p.send_line("SELECT square(7) AS s, 'x' AS y;").unwrap();
+        let echoed = p.exp_string("| 49 |").unwrap();
+        let coloured = [
+            "\x1b[1;34mSELECT\x1b[0m",
+            "\x1b[1;35msquare\x1b[0m",
+            "\x1b[33m7\x1b[0m",
+            "\x1b[32m'x'\x1b[0m",
+        ];
+        for code in coloured {
+            assert_eq!(
+                echoed.contains(code),
+                !no_color,
+                "NO_COLOR={no_color}: {code:?} in {echoed:?}"
+            );
+        }
+        p.send_control('d').unwrap();
+        p.exp_eof().unwrap();
+    }
+}
