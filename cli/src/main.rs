@@ -4,6 +4,7 @@
 
 mod highlight;
 mod output;
+mod progress;
 mod repl;
 mod shell;
 mod split;
@@ -76,6 +77,9 @@ struct Args {
     /// Print row count and elapsed time after each statement (default: on interactively).
     #[arg(long)]
     timing: Option<bool>,
+    /// No live progress line for long statements (it is shown interactively, on a terminal).
+    #[arg(long)]
+    no_progress: bool,
     /// History file of the interactive shell (default: $UDFSQL_HISTORY, else
     /// $XDG_DATA_HOME/udfsql/history, else ~/.local/share/udfsql/history).
     #[arg(long, value_name = "FILE")]
@@ -205,6 +209,7 @@ fn run(args: Args) -> Result<bool> {
     };
     let mut shell = Shell::new(loader, args.format, interrupt, args.ballista.as_deref())?;
     shell.timing = args.timing.unwrap_or(interactive);
+    shell.progress = interactive && !args.no_progress;
     shell.max_rows = match args.max_rows {
         Some(0) => None,
         Some(n) => Some(n),

@@ -10,7 +10,7 @@ use rustyline::history::DefaultHistory;
 use rustyline::{Context, Editor, Helper, Hinter, Validator};
 
 use crate::shell::{Next, Shell};
-use crate::split::{is_blank, split_statements};
+use crate::split::{is_blank_in, split_statements_in};
 
 const KEYWORDS: &[&str] = &[
     "SELECT",
@@ -159,10 +159,14 @@ impl Highlighter for SqlHelper {
     }
 }
 
-/// Whether `buffer` holds at least one complete statement and nothing but blanks after it.
-fn statement_complete(buffer: &str) -> bool {
-    let split = split_statements(buffer);
-    split.unterminated.is_none() && !split.statements.is_empty() && is_blank(split.rest)
+/// Whether `buffer` holds at least one complete statement and nothing but blanks after it, in
+/// `dialect`.
+fn statement_complete(
+    buffer: &str,
+    dialect: &dyn datafusion::sql::sqlparser::dialect::Dialect,
+) -> bool {
+    let split = split_statements_in(buffer, dialect);
+    split.unterminated.is_none() && !split.statements.is_empty() && is_blank_in(split.rest, dialect)
 }
 
 pub fn run(shell: &mut Shell, history: Option<PathBuf>) -> anyhow::Result<bool> {
@@ -212,7 +216,7 @@ pub fn run(shell: &mut Shell, history: Option<PathBuf>) -> anyhow::Result<bool> 
                     buffer.clear();
                     continue;
                 }
-                if statement_complete(&buffer) {
+                if statement_complete(&buffer, shell.dialect().as_ref()) {
                     let _ = editor.add_history_entry(buffer.as_str());
                     match shell.run_sql(&buffer, &mut std::io::stdout()) {
                         Ok(ok) => all_ok &= ok,
@@ -248,18 +252,23 @@ pub fn run(shell: &mut Shell, history: Option<PathBuf>) -> anyhow::Result<bool> 
 
 #[cfg(test)]
 mod tests {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+
     use super::statement_complete;
 
     #[test]
     fn statements_end_with_a_semicolon_outside_quotes_and_comments() {
-        assert!(statement_complete("SELECT 1;"));
-        assert!(statement_complete("SELECT 1;  \n"));
-        assert!(!statement_complete("SELECT 1"));
-        assert!(!statement_complete("SELECT ';"));
-        assert!(statement_complete("SELECT ';';"));
-        assert!(!statement_complete("SELECT 1 -- done;"));
-        assert!(statement_complete("SELECT 1 -- a comment\n;"));
-        assert!(!statement_complete("SELECT \"a;"));
-        assert!(!statement_complete("SELECT 1; SELECT"));
+        assert!(statement_complete("SELECT 1;", &GenericDialect {}));
+        assert!(statement_complete("SELECT 1;  \n", &GenericDialect {}));
+        assert!(!statement_complete("SELECT 1", &GenericDialect {}));
+        assert!(!statement_complete("SELECT ';", &GenericDialect {}));
+        assert!(statement_complete("SELECT ';';", &GenericDialect {}));
+        assert!(!statement_complete("SELECT 1 -- done;", &GenericDialect {}));
+        assert!(statement_complete(
+            "SELECT 1 -- a comment\n;",
+            &GenericDialect {}
+        ));
+        assert!(!statement_complete("SELECT \"a;", &GenericDialect {}));
+        assert!(!statement_complete("SELECT 1; SELECT", &GenericDialect {}));
     }
 }

@@ -1,7 +1,7 @@
 //! A udfsql session: the DataFusion context with plugins, the output settings, and the execution
 //! of SQL text and meta commands. Shared by `-c`, `-f`, piped stdin and the interactive REPL.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,11 +13,11 @@ use datafusion::error::DataFusionError;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::DFParser;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use udf_engine::PluginLoader;
 
 use crate::output::{self, Format};
-use crate::split::{is_blank, split_statements};
+use crate::split::{is_blank_in, split_statements_in};
 
 /// What happens to a long-running statement when Ctrl-C arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +48,10 @@ pub struct Shell {
     redirect: std::cell::RefCell<Option<(PathBuf, std::fs::File)>>,
     /// Scripts being run by `\i`, innermost last (a script that includes itself is refused).
     including: Vec<PathBuf>,
+    /// The live progress line of long statements (`\progress`; shown only on a terminal).
+    pub progress: bool,
+    /// Whether queries run on a Ballista cluster (no progress line there).
+    distributed: bool,
     /// SIGINT, listened to from the start in interactive mode (so that a Ctrl-C just as a
     /// statement starts cannot take the default action and end udfsql).
     sigint: Option<tokio::sync::Mutex<tokio::signal::unix::Signal>>,
@@ -70,6 +74,7 @@ Statements end with ';' and may span lines. Meta commands:
   \\x [on|off]     expanded display: one `column | value` line per column, a block per row
   \\o [FILE]       send results to FILE (truncated); \\o alone: back to the terminal
   \\i FILE         run the SQL and meta commands of FILE
+  \\progress [on|off] a live progress line on stderr for statements over a second
 Ctrl-C cancels a running statement. Plugins from SQL:
   CREATE [OR REPLACE] FUNCTION name(VARCHAR, BIGINT UNSIGNED) RETURNS VARCHAR
       LANGUAGE plugin AS 'libfile.so';      -- relative to a --plugin-dir
@@ -121,6 +126,8 @@ impl Shell {
             expanded: false,
             redirect: std::cell::RefCell::new(None),
             including: Vec::new(),
+            progress: false,
+            distributed: cluster.is_some(),
             sigint,
             runtime,
         })
@@ -154,14 +161,18 @@ impl Shell {
     /// Runs every statement of `sql` in turn, printing results to `out` and errors to stderr; an
     /// error does not stop the statements after it. Returns whether all succeeded.
     pub fn run_sql(&self, sql: &str, out: &mut dyn Write) -> Result<bool> {
-        let split = split_statements(sql);
+        let dialect = self.dialect();
+        let split = split_statements_in(sql, dialect.as_ref());
         let mut pieces = split.statements;
         if split.unterminated.is_none() {
             pieces.push(split.rest);
         }
         let mut ok = true;
-        for piece in pieces.into_iter().filter(|p| !is_blank(p)) {
-            let statements = match DFParser::parse_sql_with_dialect(piece, &GenericDialect {}) {
+        for piece in pieces
+            .into_iter()
+            .filter(|p| !is_blank_in(p, dialect.as_ref()))
+        {
+            let statements = match DFParser::parse_sql_with_dialect(piece, dialect.as_ref()) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -200,11 +211,26 @@ impl Shell {
         let cancel = udf_engine::CallCancel::new();
         cancel.install(self.ctx.state_ref().write().config_mut());
         let ctx = self.ctx.clone();
+        let progress = self.progress && !self.distributed && std::io::stderr().is_terminal();
         let work = async move {
             // Plugin DDL names follow DataFusion's identifier rules (quoted keep their case).
             let df = udf_engine::execute_statement(&ctx, statement).await?;
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-            Ok::<_, DataFusionError>((schema, df.collect().await?))
+            if !progress {
+                return Ok::<_, DataFusionError>((schema, df.collect().await?));
+            }
+            // The batches are counted as they come, for the progress line.
+            let plan = df.create_physical_plan().await?;
+            let rows = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let _line = crate::progress::Progress::start(&plan, Arc::clone(&rows));
+            let mut stream = datafusion::physical_plan::execute_stream(plan, ctx.task_ctx())?;
+            let mut batches = Vec::new();
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                rows.fetch_add(batch.num_rows(), std::sync::atomic::Ordering::Relaxed);
+                batches.push(batch);
+            }
+            Ok((schema, batches))
         };
         let Some(sigint) = &self.sigint else {
             return Ok(work.await?);
@@ -337,6 +363,19 @@ impl Shell {
             "\\d" => {
                 self.run_sql(&format!("DESCRIBE {arg}"), out)?;
             }
+            "\\progress" => {
+                self.progress = match arg.as_str() {
+                    "" => !self.progress,
+                    "on" => true,
+                    "off" => false,
+                    other => bail!("\\progress takes on or off, not '{other}'"),
+                };
+                writeln!(
+                    out,
+                    "Progress is {}.",
+                    if self.progress { "on" } else { "off" }
+                )?;
+            }
             "\\x" => {
                 self.expanded = match arg.as_str() {
                     "" => !self.expanded,
@@ -416,6 +455,21 @@ impl Shell {
             ok &= self.run_sql(&sql, out)?;
         }
         Ok(ok)
+    }
+
+    /// The SQL dialect the session is configured with (`datafusion.sql_parser.dialect`, `SET`
+    /// changes it): statements are split and parsed in it.
+    pub fn dialect(&self) -> Box<dyn datafusion::sql::sqlparser::dialect::Dialect> {
+        let name = self
+            .ctx
+            .state()
+            .config()
+            .options()
+            .sql_parser
+            .dialect
+            .to_string();
+        datafusion::sql::sqlparser::dialect::dialect_from_str(&name)
+            .unwrap_or_else(|| Box::new(GenericDialect {}))
     }
 
     /// The SQL names of the session's plugin functions, lower case (for highlighting).

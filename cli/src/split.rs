@@ -3,7 +3,9 @@
 //! `$$a;b$$`), a quoted identifier or a (nested) comment never ends a statement, one bad statement
 //! does not take the others with it, and the REPL knows when a statement is complete.
 
-use sqlparser::dialect::{Dialect, GenericDialect};
+use sqlparser::dialect::Dialect;
+#[cfg(test)]
+use sqlparser::dialect::GenericDialect;
 use sqlparser::tokenizer::{Location, Token, Tokenizer, Whitespace};
 
 /// `text` cut into statements.
@@ -18,8 +20,8 @@ pub struct Split<'a> {
     pub unterminated: Option<String>,
 }
 
-/// The dialect statements are split in: DataFusion's default (`datafusion.sql_parser.dialect`
-/// is `generic`), which the shell parses with too.
+/// The dialect of the helpers that take none: DataFusion's default (`generic`).
+#[cfg(test)]
 fn dialect() -> &'static dyn Dialect {
     &GenericDialect {}
 }
@@ -55,8 +57,8 @@ fn line_and_column(text: &str, at: usize) -> (usize, usize) {
 /// Where the token that never ends starts, when the tokenizer reports it at the end of `text`
 /// (unterminated comments and dollar-quoted strings): the last place a comment, dollar quote or
 /// quote opens before which `text` tokenizes and from which it does not.
-fn unterminated_start(text: &str) -> Option<usize> {
-    let tokenizes = |t: &str| Tokenizer::new(dialect(), t).tokenize().is_ok();
+fn unterminated_start(text: &str, dialect: &dyn Dialect) -> Option<usize> {
+    let tokenizes = |t: &str| Tokenizer::new(dialect, t).tokenize().is_ok();
     text.char_indices()
         .rev()
         .filter(|&(i, c)| matches!(c, '\'' | '"' | '$' | '`') || text[i..].starts_with("/*"))
@@ -65,8 +67,11 @@ fn unterminated_start(text: &str) -> Option<usize> {
 }
 
 /// The tokens of `text` that end statements (`;`), as byte offsets, or the tokenizer's error.
-fn semicolons(text: &str) -> Result<Vec<usize>, sqlparser::tokenizer::TokenizerError> {
-    let tokens = Tokenizer::new(dialect(), text).tokenize_with_location()?;
+fn semicolons(
+    text: &str,
+    dialect: &dyn Dialect,
+) -> Result<Vec<usize>, sqlparser::tokenizer::TokenizerError> {
+    let tokens = Tokenizer::new(dialect, text).tokenize_with_location()?;
     Ok(tokens
         .iter()
         .filter(|t| t.token == Token::SemiColon)
@@ -74,16 +79,22 @@ fn semicolons(text: &str) -> Result<Vec<usize>, sqlparser::tokenizer::TokenizerE
         .collect())
 }
 
-/// Splits `text` into complete statements and the rest.
+/// Splits `text` into complete statements and the rest, in DataFusion's default dialect.
+#[cfg(test)]
 pub fn split_statements(text: &str) -> Split<'_> {
-    let (ends, unterminated) = match semicolons(text) {
+    split_statements_in(text, dialect())
+}
+
+/// Splits `text` into complete statements and the rest, tokenized in `dialect` (the session's).
+pub fn split_statements_in<'a>(text: &'a str, dialect: &dyn Dialect) -> Split<'a> {
+    let (ends, unterminated) = match semicolons(text, dialect) {
         Ok(ends) => (ends, None),
         Err(e) => {
             // sqlparser places an unterminated string at its start, an unterminated comment at
             // the end of the text: find where that comment opens.
             let reported = byte_offset(text, e.location);
             let (at, message) = match (reported >= text.len())
-                .then(|| unterminated_start(text))
+                .then(|| unterminated_start(text, dialect))
                 .flatten()
             {
                 Some(at) => {
@@ -99,7 +110,10 @@ pub fn split_statements(text: &str) -> Split<'_> {
                 None => (reported.min(text.len()), e.to_string()),
             };
             // Everything before the unterminated token tokenizes: split that part.
-            (semicolons(&text[..at]).unwrap_or_default(), Some(message))
+            (
+                semicolons(&text[..at], dialect).unwrap_or_default(),
+                Some(message),
+            )
         }
     };
     let mut statements = Vec::with_capacity(ends.len());
@@ -116,8 +130,14 @@ pub fn split_statements(text: &str) -> Split<'_> {
 }
 
 /// Whether `text` holds only whitespace and comments (as the tokenizer reads them).
+#[cfg(test)]
 pub fn is_blank(text: &str) -> bool {
-    match Tokenizer::new(dialect(), text).tokenize() {
+    is_blank_in(text, dialect())
+}
+
+/// Whether `text` holds only whitespace and comments, tokenized in `dialect`.
+pub fn is_blank_in(text: &str, dialect: &dyn Dialect) -> bool {
+    match Tokenizer::new(dialect, text).tokenize() {
         Ok(tokens) => tokens.iter().all(|t| {
             matches!(
                 t,

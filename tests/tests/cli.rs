@@ -633,3 +633,104 @@ fn the_input_line_is_highlighted_unless_no_color() {
         p.exp_eof().unwrap();
     }
 }
+
+/// A statement that runs longer than a second shows a live line on the terminal — elapsed time,
+/// rows, and the share of the in-memory table scanned so far — cleared when it ends; `-c` output
+/// never has it.
+#[test]
+fn a_long_statement_shows_a_progress_line_only_in_a_terminal() {
+    let create = "CREATE TABLE big AS SELECT value AS v FROM generate_series(1, 3000000);";
+    let slow = "SELECT count(*) AS n FROM big WHERE str_len(repeat(CAST(v AS VARCHAR), 40)) > 0;";
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(udfsql());
+    cmd.arg("--demo")
+        .env("UDFSQL_HISTORY", dir.path().join("history"))
+        .env("TERM", "dumb");
+    let mut p = rexpect::session::spawn_command(cmd, Some(60_000)).expect("spawn in a pty");
+    p.exp_string("udfsql> ").unwrap();
+    p.send_line(create).unwrap();
+    p.exp_string("udfsql> ").unwrap();
+    p.send_line(slow).unwrap();
+    let shown = p.exp_string("| 3000000 |").unwrap();
+    assert!(
+        shown.contains("\r\x1b[2K"),
+        "a progress line was drawn: {shown:?}"
+    );
+    assert!(
+        shown.contains(" s, ") && shown.contains(" rows  ["),
+        "{shown:?}"
+    );
+    assert!(shown.contains("%"), "with a percentage: {shown:?}");
+    p.send_line("\\progress off").unwrap();
+    p.exp_string("Progress is off.").unwrap();
+    p.send_line(slow).unwrap();
+    let quiet = p.exp_string("| 3000000 |").unwrap();
+    assert!(!quiet.contains("\x1b[2K"), "\\progress off: {quiet:?}");
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+    // --no-progress in a terminal: no line either.
+    let mut cmd = Command::new(udfsql());
+    cmd.args(["--demo", "--no-progress"])
+        .env("UDFSQL_HISTORY", dir.path().join("history"))
+        .env("TERM", "dumb");
+    let mut p = rexpect::session::spawn_command(cmd, Some(60_000)).expect("spawn in a pty");
+    p.exp_string("udfsql> ").unwrap();
+    p.send_line(create).unwrap();
+    p.exp_string("udfsql> ").unwrap();
+    p.send_line(slow).unwrap();
+    let quiet = p.exp_string("| 3000000 |").unwrap();
+    assert!(!quiet.contains("\x1b[2K"), "--no-progress: {quiet:?}");
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+    let o = run(&["--demo", "-c", create, "-c", slow]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("\x1b[2K") && !stdout(&o).contains("\x1b[2K"));
+}
+
+/// Statements are split in the dialect the session is configured with: after
+/// `SET datafusion.sql_parser.dialect = 'MySQL'`, `#` starts a comment whose `;` ends nothing.
+#[test]
+fn statements_split_in_the_configured_dialect() {
+    let o = run(&[
+        "--format",
+        "csv",
+        "-c",
+        "SET datafusion.sql_parser.dialect = 'MySQL'",
+        "-c",
+        "SELECT 1 AS a # a comment; not the end\n;",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "a\n1\n");
+}
+
+/// `\x`, `\o` and `\i` in a real terminal session.
+#[test]
+fn meta_commands_in_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("out.txt");
+    let script = dir.path().join("s.sql");
+    std::fs::write(&script, "SELECT 'from the script' AS s;\n").unwrap();
+    let mut cmd = Command::new(udfsql());
+    cmd.arg("--demo")
+        .env("UDFSQL_HISTORY", dir.path().join("history"))
+        .env("TERM", "dumb");
+    let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).expect("spawn in a pty");
+    p.exp_string("udfsql> ").unwrap();
+    p.send_line("\\x on").unwrap();
+    p.exp_string("Expanded display is on.").unwrap();
+    p.send_line("SELECT square(3) AS sq, 'w' AS word;").unwrap();
+    p.exp_string("-[ RECORD 1 ]-").unwrap();
+    p.exp_string("sq   | 9").unwrap();
+    p.exp_string("word | w").unwrap();
+    p.send_line("\\x off").unwrap();
+    p.exp_string("Expanded display is off.").unwrap();
+    p.send_line(&format!("\\o {}", out_file.display())).unwrap();
+    p.send_line("SELECT 'to the file' AS f;").unwrap();
+    p.send_line("\\o").unwrap();
+    p.send_line(&format!("\\i {}", script.display())).unwrap();
+    p.exp_string("from the script").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+    let file = std::fs::read_to_string(&out_file).unwrap();
+    assert!(file.contains("to the file"), "{file}");
+}
