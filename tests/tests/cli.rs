@@ -247,17 +247,35 @@ fn drop_of_a_missing_function_names_it() {
     );
 }
 
+/// udfsql with `args` in a pseudo-terminal: its history in `history`, `TERM=term`, and `env`
+/// set (`Some`) or removed (`None`); reads time out after `timeout_ms`.
+fn terminal(
+    args: &[&str],
+    history: &std::path::Path,
+    term: &str,
+    env: &[(&str, Option<&str>)],
+    timeout_ms: u64,
+) -> rexpect::session::PtySession {
+    let mut cmd = Command::new(udfsql());
+    cmd.args(args)
+        .env("UDFSQL_HISTORY", history)
+        .env("TERM", term);
+    for (name, value) in env {
+        match value {
+            Some(value) => cmd.env(name, value),
+            None => cmd.env_remove(name),
+        };
+    }
+    rexpect::session::spawn_command(cmd, Some(timeout_ms)).expect("spawn in a pty")
+}
+
 /// The interactive shell through a pseudo-terminal: a multi-line query, a table, Ctrl-C during a
 /// long query leaves the shell alive, history is written, Ctrl-D exits.
 #[test]
 fn interactive_session_in_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let history = dir.path().join("history");
-    let mut cmd = Command::new(udfsql());
-    cmd.arg("--demo")
-        .env("UDFSQL_HISTORY", &history)
-        .env("TERM", "dumb");
-    let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).expect("spawn in a pty");
+    let mut p = terminal(&["--demo"], &history, "dumb", &[], 30_000);
     p.exp_string("udfsql> ").unwrap();
     p.send_line("SELECT repeat(name, 3) AS r").unwrap();
     p.exp_string("-> ").unwrap();
@@ -603,16 +621,13 @@ fn meta_commands_redirect_expand_and_include() {
 fn the_input_line_is_highlighted_unless_no_color() {
     for no_color in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(udfsql());
-        cmd.arg("--demo")
-            .env("UDFSQL_HISTORY", dir.path().join("history"))
-            .env("TERM", "xterm");
-        if no_color {
-            cmd.env("NO_COLOR", "1");
+        let history = dir.path().join("history");
+        let no_color_env: &[(&str, Option<&str>)] = if no_color {
+            &[("NO_COLOR", Some("1"))]
         } else {
-            cmd.env_remove("NO_COLOR");
-        }
-        let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).expect("spawn in a pty");
+            &[("NO_COLOR", None)]
+        };
+        let mut p = terminal(&["--demo"], &history, "xterm", no_color_env, 30_000);
         p.exp_string("udfsql> ").unwrap();
         p.send_line("SELECT square(7) AS s, 'x' AS y;").unwrap();
         let echoed = p.exp_string("| 49 |").unwrap();
@@ -642,11 +657,8 @@ fn a_long_statement_shows_a_progress_line_only_in_a_terminal() {
     let create = "CREATE TABLE big AS SELECT value AS v FROM generate_series(1, 3000000);";
     let slow = "SELECT count(*) AS n FROM big WHERE str_len(repeat(CAST(v AS VARCHAR), 40)) > 0;";
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(udfsql());
-    cmd.arg("--demo")
-        .env("UDFSQL_HISTORY", dir.path().join("history"))
-        .env("TERM", "dumb");
-    let mut p = rexpect::session::spawn_command(cmd, Some(60_000)).expect("spawn in a pty");
+    let history = dir.path().join("history");
+    let mut p = terminal(&["--demo"], &history, "dumb", &[], 60_000);
     p.exp_string("udfsql> ").unwrap();
     p.send_line(create).unwrap();
     p.exp_string("udfsql> ").unwrap();
@@ -669,11 +681,7 @@ fn a_long_statement_shows_a_progress_line_only_in_a_terminal() {
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
     // --no-progress in a terminal: no line either.
-    let mut cmd = Command::new(udfsql());
-    cmd.args(["--demo", "--no-progress"])
-        .env("UDFSQL_HISTORY", dir.path().join("history"))
-        .env("TERM", "dumb");
-    let mut p = rexpect::session::spawn_command(cmd, Some(60_000)).expect("spawn in a pty");
+    let mut p = terminal(&["--demo", "--no-progress"], &history, "dumb", &[], 60_000);
     p.exp_string("udfsql> ").unwrap();
     p.send_line(create).unwrap();
     p.exp_string("udfsql> ").unwrap();
@@ -710,11 +718,8 @@ fn meta_commands_in_a_terminal() {
     let out_file = dir.path().join("out.txt");
     let script = dir.path().join("s.sql");
     std::fs::write(&script, "SELECT 'from the script' AS s;\n").unwrap();
-    let mut cmd = Command::new(udfsql());
-    cmd.arg("--demo")
-        .env("UDFSQL_HISTORY", dir.path().join("history"))
-        .env("TERM", "dumb");
-    let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).expect("spawn in a pty");
+    let history = dir.path().join("history");
+    let mut p = terminal(&["--demo"], &history, "dumb", &[], 30_000);
     p.exp_string("udfsql> ").unwrap();
     p.send_line("\\x on").unwrap();
     p.exp_string("Expanded display is on.").unwrap();
