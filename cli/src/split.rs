@@ -6,7 +6,7 @@
 use sqlparser::dialect::Dialect;
 #[cfg(test)]
 use sqlparser::dialect::GenericDialect;
-use sqlparser::tokenizer::{Location, Token, Tokenizer, Whitespace};
+use sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer, Whitespace};
 
 /// `text` cut into statements.
 #[derive(Debug, PartialEq, Eq)]
@@ -28,19 +28,69 @@ fn dialect() -> &'static dyn Dialect {
 
 /// The byte offset of a tokenizer location (1-based line and column, the column in characters).
 pub fn byte_offset(text: &str, at: Location) -> usize {
-    let mut offset = 0;
-    for (i, line) in text.split_inclusive('\n').enumerate() {
-        if i + 1 == at.line as usize {
-            let column = (at.column as usize).saturating_sub(1);
-            return offset
-                + line
-                    .char_indices()
-                    .nth(column)
-                    .map_or(line.len(), |(b, _)| b);
+    Offsets::new(text).of(at)
+}
+
+/// Byte offsets of tokenizer locations met in order: one walk over the text for all of them
+/// (a location before the last one asked starts the walk again).
+struct Offsets<'a> {
+    text: &'a str,
+    /// The 1-based line at `line_start`, and that line's first byte.
+    line: u64,
+    line_start: usize,
+}
+
+impl<'a> Offsets<'a> {
+    fn new(text: &'a str) -> Self {
+        Offsets {
+            text,
+            line: 1,
+            line_start: 0,
         }
-        offset += line.len();
     }
-    text.len()
+
+    fn of(&mut self, at: Location) -> usize {
+        if at.line == 0 {
+            return self.text.len();
+        }
+        if at.line < self.line {
+            (self.line, self.line_start) = (1, 0);
+        }
+        while self.line < at.line {
+            match self.text[self.line_start..].find('\n') {
+                Some(i) => {
+                    self.line_start += i + 1;
+                    self.line += 1;
+                }
+                None => return self.text.len(),
+            }
+        }
+        let line = &self.text[self.line_start..];
+        let line = &line[..line.find('\n').map_or(line.len(), |i| i + 1)];
+        let column = (at.column as usize).saturating_sub(1);
+        self.line_start
+            + line
+                .char_indices()
+                .nth(column)
+                .map_or(line.len(), |(b, _)| b)
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// How many times this thread ran the tokenizer (the splitter's work, for the tests).
+    static TOKENIZER_RUNS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The tokens of `text` into `tokens`, up to the first error.
+fn tokenize_into(
+    text: &str,
+    dialect: &dyn Dialect,
+    tokens: &mut Vec<TokenWithSpan>,
+) -> Result<(), sqlparser::tokenizer::TokenizerError> {
+    #[cfg(test)]
+    TOKENIZER_RUNS.with(|r| r.set(r.get() + 1));
+    Tokenizer::new(dialect, text).tokenize_with_location_into_buf(tokens)
 }
 
 /// The line and column (1-based, the column in characters) of byte `at` of `text`.
@@ -54,29 +104,14 @@ fn line_and_column(text: &str, at: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Where the token that never ends starts, when the tokenizer reports it at the end of `text`
-/// (unterminated comments and dollar-quoted strings): the last place a comment, dollar quote or
-/// quote opens before which `text` tokenizes and from which it does not.
-fn unterminated_start(text: &str, dialect: &dyn Dialect) -> Option<usize> {
-    let tokenizes = |t: &str| Tokenizer::new(dialect, t).tokenize().is_ok();
-    text.char_indices()
-        .rev()
-        .filter(|&(i, c)| matches!(c, '\'' | '"' | '$' | '`') || text[i..].starts_with("/*"))
-        .map(|(i, _)| i)
-        .find(|&i| tokenizes(&text[..i]) && !tokenizes(&text[i..]))
-}
-
-/// The tokens of `text` that end statements (`;`), as byte offsets, or the tokenizer's error.
-fn semicolons(
-    text: &str,
-    dialect: &dyn Dialect,
-) -> Result<Vec<usize>, sqlparser::tokenizer::TokenizerError> {
-    let tokens = Tokenizer::new(dialect, text).tokenize_with_location()?;
-    Ok(tokens
+/// The byte offsets of the tokens of `tokens` that end statements (`;`).
+fn semicolons(text: &str, tokens: &[TokenWithSpan]) -> Vec<usize> {
+    let mut offsets = Offsets::new(text);
+    tokens
         .iter()
         .filter(|t| t.token == Token::SemiColon)
-        .map(|t| byte_offset(text, t.span.start))
-        .collect())
+        .map(|t| offsets.of(t.span.start))
+        .collect()
 }
 
 /// Splits `text` into complete statements and the rest, in DataFusion's default dialect.
@@ -86,36 +121,32 @@ pub fn split_statements(text: &str) -> Split<'_> {
 }
 
 /// Splits `text` into complete statements and the rest, tokenized in `dialect` (the session's).
+///
+/// One pass of the tokenizer: on an error, the tokens before it are kept, and the token that
+/// fails starts where the last good one ends (sqlparser reports an unterminated comment or dollar
+/// quote at the end of the text, not where it opens).
 pub fn split_statements_in<'a>(text: &'a str, dialect: &dyn Dialect) -> Split<'a> {
-    let (ends, unterminated) = match semicolons(text, dialect) {
-        Ok(ends) => (ends, None),
-        Err(e) => {
-            // sqlparser places an unterminated string at its start, an unterminated comment at
-            // the end of the text: find where that comment opens.
-            let reported = byte_offset(text, e.location);
-            let (at, message) = match (reported >= text.len())
-                .then(|| unterminated_start(text, dialect))
-                .flatten()
-            {
-                Some(at) => {
-                    let (line, column) = line_and_column(text, at);
-                    let what = if text[at..].starts_with("/*") {
-                        "comment"
-                    } else {
-                        "string"
-                    };
-                    let message = format!("Unterminated {what} at Line: {line}, Column: {column}");
-                    (at, message)
-                }
-                None => (reported.min(text.len()), e.to_string()),
-            };
-            // Everything before the unterminated token tokenizes: split that part.
-            (
-                semicolons(&text[..at], dialect).unwrap_or_default(),
-                Some(message),
-            )
+    let mut tokens = Vec::new();
+    let outcome = tokenize_into(text, dialect, &mut tokens);
+    let ends = semicolons(text, &tokens);
+    let unterminated = outcome.err().map(|e| {
+        let at = tokens.last().map_or(0, |t| byte_offset(text, t.span.end));
+        let opens = &text[at.min(text.len())..];
+        let what = if opens.starts_with("/*") {
+            Some("comment")
+        } else if opens.starts_with(['\'', '"', '$', '`']) {
+            Some("string literal")
+        } else {
+            None
+        };
+        match what {
+            Some(what) => {
+                let (line, column) = line_and_column(text, at);
+                format!("Unterminated {what} at Line: {line}, Column: {column}")
+            }
+            None => e.to_string(),
         }
-    };
+    });
     let mut statements = Vec::with_capacity(ends.len());
     let mut start = 0;
     for end in ends {
@@ -224,6 +255,60 @@ mod tests {
             let e = split.unterminated.unwrap_or_default();
             assert!(e.contains(says), "{input:?}: {e}");
             assert!(DFParser::parse_sql_with_dialect(input, &GenericDialect {}).is_err());
+        }
+    }
+
+    /// A megabyte of script with an unclosed comment near its start and a quote on every line:
+    /// the comment is found in one pass of the tokenizer (the search used to tokenize the text
+    /// again for every quote after it: minutes for this input). Also a megabyte of short
+    /// statements, whose semicolons are located in one walk over the text.
+    #[test]
+    fn a_large_script_is_split_in_one_pass() {
+        let runs = || TOKENIZER_RUNS.with(|r| r.get());
+        let mut script = String::from("SELECT 1;\nSELECT 2 /* never closed\n");
+        while script.len() < 1 << 20 {
+            script.push_str("SELECT 'it''s', \"q\", $$d$$ FROM t; -- ' \" `\n");
+        }
+        let before = runs();
+        let split = split_statements(&script);
+        assert_eq!(runs() - before, 1);
+        assert_eq!(split.statements, ["SELECT 1"]);
+        assert_eq!(
+            split.unterminated.as_deref(),
+            Some("Unterminated comment at Line: 2, Column: 10")
+        );
+        assert!(split.rest.starts_with("\nSELECT 2 /* never closed"));
+
+        let mut many = String::new();
+        let mut count = 0;
+        while many.len() < 1 << 20 {
+            many.push_str("SELECT 'a;b' AS x;\n");
+            count += 1;
+        }
+        many.push_str("SELECT 'open");
+        let before = runs();
+        let split = split_statements(&many);
+        assert_eq!(runs() - before, 1);
+        assert_eq!(split.statements.len(), count);
+        assert_eq!(split.statements[count - 1], "\nSELECT 'a;b' AS x");
+        let e = split.unterminated.unwrap_or_default();
+        assert!(
+            e.contains(&format!("Line: {}, Column: 8", count + 1)),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn byte_offsets_of_locations_in_any_order() {
+        let text = "ab\néü;\n\nx";
+        let mut offsets = Offsets::new(text);
+        for (line, column, byte) in [(2, 3, 7), (1, 2, 1), (4, 1, 10), (2, 1, 3), (9, 1, 11)] {
+            assert_eq!(
+                offsets.of(Location::new(line, column)),
+                byte,
+                "{line}:{column}"
+            );
+            assert_eq!(byte_offset(text, Location::new(line, column)), byte);
         }
     }
 

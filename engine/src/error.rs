@@ -212,11 +212,30 @@ pub enum MetadataError {
         /// The name.
         function: String,
     },
-    /// A function's row entrypoint is null (and, from ABI 2.2 on, its batch entrypoint too).
+    /// A function's row entrypoint is null (before ABI 2.2, where it is required).
     #[error("function `{function}` has a null row entrypoint")]
     NullEntrypoint {
         /// The function's name.
         function: String,
+    },
+    /// A function of ABI 2.2 or later has neither a row nor a batch entrypoint.
+    #[error(
+        "function `{function}` has no entrypoint: its row and batch entrypoints (call_row and \
+         call_batch) are both null"
+    )]
+    NoEntrypoint {
+        /// The function's name.
+        function: String,
+    },
+    /// A function whose Arrow types (ABI 2.2) the library could not declare: a type string that
+    /// is the library's message (it starts with `!`), written by `udf-abi` when a Rust type
+    /// cannot be described or its static storage for type strings is full.
+    #[error("function `{function}`: the library could not declare its Arrow types: {message}")]
+    UndeclaredTypes {
+        /// The function's name.
+        function: String,
+        /// The library's message.
+        message: String,
     },
     /// A function declares an Arrow type (ABI 2.2) but has no batch entrypoint, the only one
     /// that can pass it.

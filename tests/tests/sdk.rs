@@ -344,11 +344,19 @@ fn bad_manifests_are_refused_with_the_reason() {
             function: "broken".into()
         }
     );
+    // A 2.2 function may leave one entrypoint null, not both: the refusal says both are.
+    let both_null = v2_metadata_error("NULL_ENTRYPOINT");
     assert_eq!(
-        v2_metadata_error("NULL_ENTRYPOINT"),
-        MetadataError::NullEntrypoint {
+        both_null,
+        MetadataError::NoEntrypoint {
             function: "broken".into()
         }
+    );
+    assert!(
+        both_null
+            .to_string()
+            .contains("row and batch entrypoints (call_row and call_batch) are both null"),
+        "{both_null}"
     );
     assert!(matches!(
         v2_metadata_error("UNKNOWN_TYPE"),
@@ -520,5 +528,145 @@ async fn batch_results_are_validated() {
     assert!(
         after - before >= made,
         "{before} -> {after}, {made} batches"
+    );
+}
+
+/// A library from `manifest_edges.c` built with `-D<define>`.
+fn manifest_edges(name: &str, define: &str) -> std::path::PathBuf {
+    c_library(
+        &format!("manifest_edges_{name}"),
+        "manifest_edges.c",
+        &[define],
+    )
+}
+
+fn edges_metadata_error(name: &str, define: &str) -> (MetadataError, String) {
+    let path = manifest_edges(name, define);
+    match PluginLibrary::load(&path) {
+        Ok(_) => panic!("{define}: loaded"),
+        Err(e) => {
+            let text = e.to_string();
+            assert!(text.contains(&path.display().to_string()), "{text}");
+            match e {
+                LoadError::InvalidMetadata { reason, .. } => (reason, text),
+                other => panic!("{define}: {other}"),
+            }
+        }
+    }
+}
+
+/// A library of a later minor (99) whose manifest has a field appended after 2.2's, and an
+/// `arrow_types` pointer that faults when read: none of its functions declares an Arrow type,
+/// so the host reads nothing it does not know, and the library loads and works (it used to
+/// take the host down with SIGSEGV at load).
+#[tokio::test]
+async fn a_future_minor_library_loads_when_it_uses_nothing_unknown() {
+    let library = PluginLibrary::load(manifest_edges("future_minor", "FUTURE_MINOR")).unwrap();
+    assert_eq!(library.abi(), Abi::V2 { minor: 99 });
+    let names: Vec<&str> = library
+        .functions()
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    assert_eq!(names, ["plus_one", "twice"]);
+    let ctx = SessionContext::new();
+    ctx.register_plugin(manifest_edges("future_minor", "FUTURE_MINOR"))
+        .unwrap();
+    assert_eq!(
+        rows(
+            &ctx,
+            "SELECT plus_one(x), twice(x) FROM (VALUES (1), (20)) AS t(x) ORDER BY x"
+        )
+        .await,
+        expect(&[&["2", "2"], &["21", "40"]])
+    );
+}
+
+/// The same later minor with a valid `arrow_types`: a function over an Arrow type string reads
+/// it and works.
+#[tokio::test]
+async fn a_future_minor_library_with_arrow_types_works() {
+    let path = manifest_edges("future_minor_arrow", "FUTURE_MINOR_ARROW");
+    let library = PluginLibrary::load(&path).unwrap();
+    assert_eq!(library.abi(), Abi::V2 { minor: 99 });
+    let ctx = SessionContext::new();
+    ctx.register_plugin(&path).unwrap();
+    assert_eq!(
+        rows(
+            &ctx,
+            "SELECT c_id(x), plus_one(x) FROM (VALUES (7), (NULL)) AS t(x) ORDER BY x"
+        )
+        .await,
+        expect(&[&["7", "8"], &["NULL", "NULL"]])
+    );
+}
+
+/// Time zones are checked at load, as arrow reads them when it computes: a zone it does not
+/// know (or 300 bytes of one) is refused naming the library, the function and the position,
+/// instead of loading and failing every query with `Invalid timezone`.
+#[tokio::test]
+async fn time_zones_are_validated_at_load() {
+    for (name, define, shown) in [
+        ("zone_unknown", "ZONE=\"tsu:Not/AZone\"", "`Not/AZone`"),
+        ("zone_offset_bad", "ZONE=\"tsm:+25:00\"", "`+25:00`"),
+        ("zone_long", "LONG_ZONE", "(300 bytes)"),
+    ] {
+        let (reason, text) = edges_metadata_error(name, define);
+        match &reason {
+            MetadataError::BadTypeString {
+                function, reason, ..
+            } => {
+                assert_eq!(function, "c_id");
+                assert!(reason.contains("time zone"), "{reason}");
+                assert!(reason.contains(shown), "{reason}");
+            }
+            other => panic!("{define}: {other}"),
+        }
+        // The argument comes first; the library and function are named in the message.
+        assert!(text.contains("function `c_id`: argument 1"), "{text}");
+    }
+    // Zones arrow knows: an offset and an IANA name, as arguments and results.
+    for (name, define, zone) in [
+        ("zone_offset", "ZONE=\"tsu:+05:30\"", "+05:30"),
+        ("zone_named", "ZONE=\"tsu:Europe/Paris\"", "+01:00"),
+    ] {
+        let ctx = SessionContext::new();
+        ctx.register_plugin(manifest_edges(name, define)).unwrap();
+        let got = rows(
+            &ctx,
+            "SELECT c_id(CAST(x AS TIMESTAMP)) FROM (VALUES ('2024-01-01T00:00:00Z')) AS t(x)",
+        )
+        .await;
+        assert_eq!(got.len(), 1);
+        assert!(got[0][0].contains(zone), "{define}: {got:?}");
+    }
+}
+
+/// A type string that starts with `!` is the library's reason for not declaring its types (what
+/// `udf-abi` writes when its static storage is full): the refusal is that reason.
+#[test]
+fn a_library_message_in_place_of_a_type_is_the_refusal() {
+    let (reason, text) = edges_metadata_error("library_message", "LIBRARY_MESSAGE");
+    assert_eq!(
+        reason,
+        MetadataError::UndeclaredTypes {
+            function: "c_id".into(),
+            message: "udf-abi could not declare this: a test message".into(),
+        }
+    );
+    assert!(
+        text.contains("function `c_id`: the library could not declare its Arrow types"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_function_without_any_entrypoint_says_both_are_null() {
+    let (reason, _) = edges_metadata_error("both_null", "BOTH_NULL");
+    assert_eq!(
+        reason,
+        MetadataError::NoEntrypoint {
+            function: "neither".into()
+        }
     );
 }

@@ -269,7 +269,12 @@ typedef struct UdfFunction {
  * list's child may have any name in results. Such a function runs through call_batch only:
  * arguments arrive as arrays of exactly the declared type; the result must be of exactly the
  * declared type, and the host validates every level (buffers, offsets against the child's
- * length, child lengths, struct field count and names, UTF-8, decimal precision). */
+ * length, child lengths, struct field count and names, UTF-8, decimal precision). A zone must
+ * be an IANA name ("Europe/Paris", "UTC") or an offset ("+05:30"); others are refused at load.
+ * A type string that starts with '!' is the library's reason for not declaring the function's
+ * types (the host refuses the function with that message).
+ * The host reads a function's entry only when one of its tags is UDF_TYPE_ARROW, and dereferences
+ * a type string only where its tag is. */
 typedef struct UdfArrowTypes {
     const char *const *arg_formats; /* args_len entries (each NULL or a type string), or NULL */
     const char *return_format;      /* NULL or a type string */

@@ -368,7 +368,17 @@ pub struct UdfFunction {
 /// array of exactly that type (list children may have any name), which the host validates whole:
 /// every level's buffers, offsets within the child's length, child lengths, struct field count
 /// and names, UTF-8, decimal precision. NULLs may appear at every level; the nullable flags of the
-/// function apply to the top level.
+/// function apply to the top level. A zone must be one arrow computes with (an IANA name such as
+/// `Europe/Paris`, or an offset such as `+05:30`); the host refuses any other at load.
+///
+/// A type string that starts with `!` is not a type but the library's reason for not declaring
+/// the function's types (`udf-abi` writes one as the `return_format` when its static storage for
+/// computed type strings is full, or a Rust type cannot be described); a host refuses the
+/// function with that message.
+///
+/// A host reads a function's entry only when one of its tags is [`TYPE_ARROW`] (a library of a
+/// later minor whose functions use none may leave `arrow_types` to whatever that minor defines),
+/// and dereferences a type string only where its tag is.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct UdfArrowTypes {

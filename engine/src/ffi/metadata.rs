@@ -11,6 +11,9 @@ use super::{DeclaredVolatility, FunctionSignature, MAX_NAME_LEN, RawMetadata};
 use crate::error::{MetadataError, TypePosition};
 use crate::types::ValueType;
 
+#[path = "manifest_fuzz.rs"]
+pub(super) mod manifest_fuzz;
+
 fn name_from_bytes(bytes: &[u8]) -> Result<String, MetadataError> {
     if bytes.is_empty() {
         return Err(MetadataError::EmptyName);
@@ -108,13 +111,14 @@ fn flag(function: &str, field: &'static str, value: u8) -> Result<bool, Metadata
     }
 }
 
-/// Validates one function of a v2 manifest: `arrow` is its entry of the ABI 2.2 `arrow_types`
-/// (if the library has them), `has_batch` whether it has a batch entrypoint, `minor` the
-/// library's minor version. Returns its signature and its row entrypoint (`None` for a function
-/// that runs in batches only).
+/// Validates one function of a v2 manifest: `arrow` reads its entry of the ABI 2.2
+/// `arrow_types` (`None` when the library has none) and is called only when one of the
+/// function's type tags is [`v2::TYPE_ARROW`]; `has_batch` says whether it has a batch
+/// entrypoint, `minor` is the library's minor version. Returns its signature and its row
+/// entrypoint (`None` for a function that runs in batches only).
 pub(super) fn validate_function(
     entry: &UdfFunction,
-    arrow: Option<&UdfArrowTypes>,
+    arrow: &dyn Fn() -> Option<UdfArrowTypes>,
     has_batch: bool,
     minor: u32,
 ) -> Result<(FunctionSignature, Option<RowEntrypoint>), MetadataError> {
@@ -128,6 +132,27 @@ pub(super) fn validate_function(
     // SAFETY: non-null, bounded, and ABI v2 says the name is `len` bytes of static data.
     let name = name_from_bytes(unsafe { std::slice::from_raw_parts(ptr, len) })?;
     let tags = read_tags(&name, entry.arg_types, entry.args_len)?;
+    // The Arrow types are read only where a tag says there is one: a library of a later minor
+    // may lay out fields this host does not know, and nothing of them is touched unless a
+    // function uses them.
+    let arrow = if tags.contains(&v2::TYPE_ARROW) || entry.return_type == v2::TYPE_ARROW {
+        arrow()
+    } else {
+        None
+    };
+    // The library's own account of a type it could not declare (a type string that starts with
+    // `!`, written by `udf-abi` when its static storage is full or a Rust type cannot be
+    // described) comes before whatever else is missing.
+    if entry.return_type == v2::TYPE_ARROW
+        && let Some(a) = &arrow
+        && let Ok(text) = read_type_string(a.return_format)
+        && let Some(message) = text.strip_prefix(LIBRARY_MESSAGE)
+    {
+        return Err(MetadataError::UndeclaredTypes {
+            function: name,
+            message: message.to_string(),
+        });
+    }
     let arg_formats: &[*const c_char] = match arrow {
         Some(a) if !a.arg_formats.is_null() && !tags.is_empty() => {
             // SAFETY: non-null, and ABI 2.2 says it points at `args_len` (checked ≤ MAX_ARGS)
@@ -206,6 +231,11 @@ pub(super) fn validate_function(
         (None, Some(row)) => Some(row),
         // From ABI 2.2 on, a function may run in batches only.
         (None, None) if minor >= 2 && has_batch => None,
+        (None, None) if minor >= 2 => {
+            return Err(MetadataError::NoEntrypoint {
+                function: signature.name,
+            });
+        }
         (None, None) => {
             return Err(MetadataError::NullEntrypoint {
                 function: signature.name,
@@ -246,23 +276,40 @@ fn value_type(
                 .to_string(),
         ));
     }
+    let text = read_type_string(format).map_err(bad)?;
+    if let Some(message) = text.strip_prefix(LIBRARY_MESSAGE) {
+        return Err(MetadataError::UndeclaredTypes {
+            function: function.to_string(),
+            message: message.to_string(),
+        });
+    }
+    crate::types::arrow::parse(text)
+        .map(ValueType::Arrow)
+        .map_err(|e| bad(format!("Arrow type string `{text}`: {e}")))
+}
+
+/// What starts a type string that is the library's message instead of a type (see
+/// `udf_abi::v2::UdfArrowTypes`).
+const LIBRARY_MESSAGE: &str = "!";
+
+/// The text of a non-null Arrow type string (ABI 2.2): NUL-terminated within
+/// [`v2::MAX_TYPE_STRING_LEN`] bytes, UTF-8.
+fn read_type_string<'a>(format: *const c_char) -> Result<&'a str, String> {
+    if format.is_null() {
+        return Err("the Arrow type string is a null pointer".to_string());
+    }
     let max = v2::MAX_TYPE_STRING_LEN;
     // SAFETY: non-null; ABI 2.2 says it points at a NUL-terminated string in the library's
     // static data. `strnlen` reads at most `max + 1` bytes.
     let len = unsafe { libc::strnlen(format, max + 1) };
     if len > max {
-        return Err(bad(format!(
+        return Err(format!(
             "the Arrow type string is not NUL-terminated within {max} bytes"
-        )));
+        ));
     }
-    // SAFETY: `len` bytes before the NUL were just measured.
+    // SAFETY: `len` bytes before the NUL were just measured; the library's static data outlives
+    // the load that reads it.
     let bytes = unsafe { std::slice::from_raw_parts(format.cast::<u8>(), len) };
-    let text = std::str::from_utf8(bytes).map_err(|_| {
-        bad(format!(
-            "the Arrow type string is not UTF-8 (bytes {bytes:?})"
-        ))
-    })?;
-    crate::types::arrow::parse(text)
-        .map(ValueType::Arrow)
-        .map_err(|e| bad(format!("Arrow type string `{text}`: {e}")))
+    std::str::from_utf8(bytes)
+        .map_err(|_| format!("the Arrow type string is not UTF-8 (bytes {bytes:?})"))
 }

@@ -2,9 +2,45 @@
 //! name shown to users, which SQL argument types are cast to a declared Arrow type, and which
 //! result and DDL types match one.
 
+use datafusion::arrow::array::timezone::Tz;
 use datafusion::arrow::compute::can_cast_types;
 use datafusion::arrow::datatypes::{DataType, IntervalUnit, TimeUnit};
-pub use udf_abi::type_string::{MAX_DEPTH, MAX_FIELD_NAME_LEN, MAX_FIELDS, parse, type_string};
+pub use udf_abi::type_string::{MAX_DEPTH, MAX_FIELD_NAME_LEN, MAX_FIELDS, type_string};
+
+/// Parses an ABI 2.2 Arrow type string ([`udf_abi::type_string::parse`]) and checks every time
+/// zone in it as arrow does when it computes with one (an IANA name such as `Europe/Paris`, or
+/// an offset such as `+05:30`): a zone arrow cannot use is refused here, at load, instead of
+/// failing every query that reads the column.
+pub fn parse(text: &str) -> Result<DataType, String> {
+    let t = udf_abi::type_string::parse(text)?;
+    check_zones(&t)?;
+    Ok(t)
+}
+
+/// The first time zone in `t` (at any level) that arrow cannot use, as an error.
+fn check_zones(t: &DataType) -> Result<(), String> {
+    match t {
+        DataType::Timestamp(_, Some(zone)) => zone.parse::<Tz>().map(drop).map_err(|_| {
+            const SHOWN: usize = 64;
+            let shown: String = zone.chars().take(SHOWN).collect();
+            let more = if zone.chars().count() > SHOWN {
+                "..."
+            } else {
+                ""
+            };
+            format!(
+                "the time zone `{shown}{more}` ({} bytes) is not one arrow knows: use an IANA \
+                 name such as `Europe/Paris` or `UTC`, or an offset such as `+05:30`",
+                zone.len()
+            )
+        }),
+        DataType::List(item) | DataType::LargeList(item) => check_zones(item.data_type()),
+        DataType::Struct(fields) => fields.iter().try_for_each(|f| {
+            check_zones(f.data_type()).map_err(|e| format!("field `{}`: {e}", f.name()))
+        }),
+        _ => Ok(()),
+    }
+}
 
 /// SQL names of the primitive types that have one; every other type shows Arrow's name.
 const SQL_NAMES: [(DataType, &str); 14] = [

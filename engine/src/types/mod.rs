@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 pub mod arrow;
+pub mod fuzz;
 
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 use udf_abi::v2::UdfType;

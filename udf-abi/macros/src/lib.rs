@@ -7,7 +7,8 @@
 
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
-use quote::{format_ident, quote, quote_spanned};
+use quote::{ToTokens, format_ident, quote, quote_spanned};
+use syn::ext::IdentExt;
 use syn::parse::Parser;
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
@@ -250,7 +251,7 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
             )
         },
     };
-    let sql_name = options.name.unwrap_or_else(|| ident.to_string());
+    let sql_name = options.name.unwrap_or_else(|| ident.unraw().to_string());
     let volatility = options.volatility;
     let count = arrays.len();
     let indices: Vec<usize> = (0..count).collect();
@@ -373,13 +374,25 @@ fn expand_arrow_rows(options: Options, function: ItemFn) -> Result<TokenStream2,
         })
         .collect();
     let ident = &sig.ident;
-    let sql_name = options.name.unwrap_or_else(|| ident.to_string());
+    let sql_name = options.name.unwrap_or_else(|| ident.unraw().to_string());
     let volatility = options.volatility;
     let count = arg_types.len();
     let indices: Vec<usize> = (0..count).collect();
     let names: Vec<_> = (0..count).map(|i| format_ident!("__udf_arg{i}")).collect();
     let batch_entry = format_ident!("__udf_batch_{}", ident);
     let value = quote! { <#ret as ::udf_abi::export::values::IntoArrowRow>::Value };
+    let arg_too_deep: Vec<String> = (1..=count)
+        .map(|i| {
+            format!(
+                "argument {i} of `{sql_name}` nests more than 16 levels of lists and structs \
+                 (udf_abi::type_string::MAX_DEPTH)"
+            )
+        })
+        .collect();
+    let ret_too_deep = format!(
+        "the result of `{sql_name}` nests more than 16 levels of lists and structs \
+         (udf_abi::type_string::MAX_DEPTH)"
+    );
     let reads = arg_types
         .iter()
         .zip(&names)
@@ -403,6 +416,17 @@ fn expand_arrow_rows(options: Options, function: ItemFn) -> Result<TokenStream2,
             static __UDF_ARG_NULLABLE: [u8; #count] =
                 [#(<#static_types as ::udf_abi::export::values::ArrowType>::NULLABLE as u8),*];
 
+            #(const _: () = ::std::assert!(
+                <#static_types as ::udf_abi::export::values::ArrowType>::DEPTH
+                    <= ::udf_abi::type_string::MAX_DEPTH,
+                #arg_too_deep
+            );)*
+            const _: () = ::std::assert!(
+                <#value as ::udf_abi::export::values::ArrowType>::DEPTH
+                    <= ::udf_abi::type_string::MAX_DEPTH,
+                #ret_too_deep
+            );
+
             fn __udf_types() -> ::std::result::Result<
                 (
                     ::std::vec::Vec<::udf_abi::arrow_schema::DataType>,
@@ -410,7 +434,7 @@ fn expand_arrow_rows(options: Options, function: ItemFn) -> Result<TokenStream2,
                 ),
                 ::std::string::String,
             > {
-                ::std::result::Result::Ok((
+                ::udf_abi::export::values::declared(|| (
                     ::std::vec![#(
                         <#static_types as ::udf_abi::export::values::ArrowType>::data_type()
                     ),*],
@@ -522,8 +546,29 @@ fn expand_struct(item: TokenStream2) -> Result<TokenStream2, Error> {
         .iter()
         .filter_map(|f| f.ident.as_ref())
         .collect();
-    let texts: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    // Arrow field names are the Rust names without `r#` (`r#type` is the field `type`).
+    let texts: Vec<String> = names.iter().map(|n| n.unraw().to_string()).collect();
     let types: Vec<&Type> = fields.named.iter().map(|f| &f.ty).collect();
+    // A struct that contains itself has no finite Arrow type; one that reaches itself through
+    // other structs is caught by the compiler evaluating `DEPTH` below (a cycle).
+    for field in &fields.named {
+        if mentions(field.ty.to_token_stream(), ident) {
+            let field_name = field.ident.as_ref().map(|n| n.unraw().to_string());
+            return Err(Error::new_spanned(
+                &field.ty,
+                format!(
+                    "`{ident}` contains itself (field `{}`): an Arrow type is finite, so a \
+                     #[derive(UdfStruct)] struct cannot be recursive",
+                    field_name.unwrap_or_default()
+                ),
+            ));
+        }
+    }
+    let struct_name = ident.unraw().to_string();
+    let too_deep = format!(
+        "the Arrow type of `{struct_name}` nests more than 16 levels of lists and structs \
+         (udf_abi::type_string::MAX_DEPTH)"
+    );
     let indices: Vec<usize> = (0..names.len()).collect();
     let columns: Vec<_> = (0..names.len())
         .map(|i| format_ident!("__udf_c{i}"))
@@ -531,11 +576,20 @@ fn expand_struct(item: TokenStream2) -> Result<TokenStream2, Error> {
     Ok(quote! {
         impl ::udf_abi::export::values::ArrowType for #ident {
             fn data_type() -> ::udf_abi::arrow_schema::DataType {
-                ::udf_abi::export::values::struct_type(::std::vec![#(
+                ::udf_abi::export::values::struct_type_of(#struct_name, || ::std::vec![#(
                     (#texts, <#types as ::udf_abi::export::values::ArrowType>::data_type())
                 ),*])
             }
+            const DEPTH: usize = 1 + ::udf_abi::export::values::deepest(&[#(
+                <#types as ::udf_abi::export::values::ArrowType>::DEPTH
+            ),*]);
         }
+
+        const _: () = ::std::assert!(
+            <#ident as ::udf_abi::export::values::ArrowType>::DEPTH
+                <= ::udf_abi::type_string::MAX_DEPTH,
+            #too_deep
+        );
 
         impl ::udf_abi::export::values::ListElement for #ident {}
 
@@ -592,6 +646,16 @@ fn expand_struct(item: TokenStream2) -> Result<TokenStream2, Error> {
                 )
             }
         }
+    })
+}
+
+/// Whether `tokens` (a field's type) name the struct `ident` or `Self` anywhere, generic
+/// arguments included.
+fn mentions(tokens: TokenStream2, ident: &syn::Ident) -> bool {
+    tokens.into_iter().any(|tree| match tree {
+        proc_macro2::TokenTree::Ident(i) => i == *ident || i == "Self",
+        proc_macro2::TokenTree::Group(g) => mentions(g.stream(), ident),
+        _ => false,
     })
 }
 
@@ -930,7 +994,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
     };
 
     let ident = &sig.ident;
-    let sql_name = options.name.unwrap_or_else(|| ident.to_string());
+    let sql_name = options.name.unwrap_or_else(|| ident.unraw().to_string());
     let volatility = options.volatility;
     let count = arg_types.len();
     let static_types: Vec<Type> = arg_types

@@ -46,6 +46,72 @@ pub trait ArrowType {
     fn data_type() -> DataType;
     /// Whether the type takes NULL (`Option<T>`).
     const NULLABLE: bool = false;
+    /// How many lists and structs nest in the type (0 for a primitive): at most
+    /// [`MAX_DEPTH`](crate::type_string::MAX_DEPTH), checked at compile time by `#[udf]` and
+    /// `#[derive(UdfStruct)]`. A type that contains itself has no depth: the compiler reports
+    /// the cycle in evaluating it.
+    const DEPTH: usize = 0;
+}
+
+/// The largest of `depths` (for `#[derive(UdfStruct)]`'s [`ArrowType::DEPTH`]).
+pub const fn deepest(depths: &[usize]) -> usize {
+    let mut max = 0;
+    let mut i = 0;
+    while i < depths.len() {
+        if depths[i] > max {
+            max = depths[i];
+        }
+        i += 1;
+    }
+    max
+}
+
+thread_local! {
+    /// How many `#[derive(UdfStruct)]` types are being described on this thread, nested.
+    static DESCRIBING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Why the types being described cannot be (the first problem found).
+    static UNDESCRIBABLE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Support for `#[derive(UdfStruct)]`: the struct type of the Rust type `name`, from `fields`,
+/// with a bound on nesting that holds at run time too (a hand-written [`ArrowType`] can lead
+/// back into a struct the compiler's check did not see through): past
+/// [`MAX_DEPTH`](crate::type_string::MAX_DEPTH) levels the fields are not described, the
+/// problem is recorded for [`declared`] and `DataType::Null` stands in.
+pub fn struct_type_of(
+    name: &'static str,
+    fields: impl FnOnce() -> Vec<(&'static str, DataType)>,
+) -> DataType {
+    let depth = DESCRIBING.with(|d| d.get());
+    if depth >= crate::type_string::MAX_DEPTH {
+        UNDESCRIBABLE.with(|u| {
+            u.borrow_mut().get_or_insert_with(|| {
+                format!(
+                    "the Rust type `{name}` nests more than {} levels deep (does it contain \
+                     itself?)",
+                    crate::type_string::MAX_DEPTH
+                )
+            });
+        });
+        return DataType::Null;
+    }
+    DESCRIBING.with(|d| d.set(depth + 1));
+    let t = struct_type(fields());
+    DESCRIBING.with(|d| d.set(depth));
+    t
+}
+
+/// The declared types of a row-by-row `#[udf]` function with Arrow types, described by
+/// `describe` (its argument and result types' [`ArrowType::data_type`]), or why they cannot be.
+pub fn declared(
+    describe: impl FnOnce() -> (Vec<DataType>, DataType),
+) -> super::arrow::DeclaredTypes {
+    UNDESCRIBABLE.with(|u| u.borrow_mut().take());
+    let described = describe();
+    match UNDESCRIBABLE.with(|u| u.borrow_mut().take()) {
+        Some(problem) => Err(problem),
+        None => Ok(described),
+    }
 }
 
 /// A Rust type read from one row of an argument column (of exactly its Arrow type).
@@ -350,6 +416,7 @@ impl<T: ArrowType> ArrowType for Option<T> {
         T::data_type()
     }
     const NULLABLE: bool = true;
+    const DEPTH: usize = T::DEPTH;
 }
 
 impl<'a, T: ArrowArg<'a>> ArrowArg<'a> for Option<T> {
@@ -421,6 +488,7 @@ impl<T: ArrowType + ListElement> ArrowType for Vec<T> {
     fn data_type() -> DataType {
         DataType::List(Arc::new(Field::new("item", T::data_type(), true)))
     }
+    const DEPTH: usize = T::DEPTH + 1;
 }
 
 impl<'a, T: ArrowArg<'a> + ListElement> ArrowArg<'a> for Vec<T> {
@@ -439,6 +507,7 @@ impl<T: ArrowType> ArrowType for LargeList<T> {
     fn data_type() -> DataType {
         DataType::LargeList(Arc::new(Field::new("item", T::data_type(), true)))
     }
+    const DEPTH: usize = T::DEPTH + 1;
 }
 
 impl<'a, T: ArrowArg<'a>> ArrowArg<'a> for LargeList<T> {
