@@ -21,9 +21,7 @@ use datafusion::sql::parser::Statement as DfStatement;
 use crate::error::LoadError;
 use crate::ffi::{FunctionSignature, PluginFunction, PluginLibrary};
 use crate::isolation::{Isolation, WorkerLimits, WorkerPool};
-use crate::trust::{
-    DigestParseError, InsecurePath, Sha256Digest, check_not_writable_by_others, check_pin,
-};
+use crate::trust::{DigestParseError, InsecurePath, Sha256Digest, check_not_writable_by_others};
 use crate::types::{ValueType, family};
 use crate::udf::PluginUdf;
 
@@ -247,7 +245,9 @@ impl PluginLoader {
         &self.dirs
     }
 
-    /// Loads `path` (trusted: no directory check), reusing the library if it is loaded already.
+    /// Loads `path` (trusted: no directory check), reusing the library if it is loaded already and
+    /// the file at `path` is still the one it was loaded from (see
+    /// [`PluginLibrary::load_pinned`]).
     pub fn load(&self, path: impl AsRef<Path>) -> Result<Arc<PluginLibrary>, LoadError> {
         self.load_pinned(path, None)
     }
@@ -276,29 +276,16 @@ impl PluginLoader {
             path: given.to_path_buf(),
             source,
         })?;
-        // The lock is held only to look up and to insert: hashing, `dlopen` and the library's
-        // initialisers run without it, so a slow (or stuck) load never holds up another.
-        if let Some(library) = self.cached(&canonical) {
-            check_pin(&canonical, pin, library.sha256())?;
-            return Ok(library);
-        }
+        // Every load goes through `PluginLibrary::load_pinned`, which shares the one library this
+        // process holds for a path only when the file now at the path is the one it was made
+        // from (and refuses other bytes while it is held): a cache here that did not look at the
+        // file would run the old code of a replaced file. Hashing, `dlopen` and the library's
+        // initialisers run without this lock.
         let library = PluginLibrary::load_pinned(&canonical, pin)?;
         let mut libraries = self.libraries.lock().unwrap_or_else(|e| e.into_inner());
         libraries.retain(|_, weak| weak.strong_count() > 0);
-        // Two loads of one path may race: both got the same image from `dlopen` (it counts
-        // references); keep the first one's `PluginLibrary` so the cache holds one per file.
-        if let Some(first) = libraries.get(&canonical).and_then(Weak::upgrade)
-            && first.sha256() == library.sha256()
-        {
-            return Ok(first);
-        }
         libraries.insert(canonical, Arc::downgrade(&library));
         Ok(library)
-    }
-
-    fn cached(&self, canonical: &Path) -> Option<Arc<PluginLibrary>> {
-        let libraries = self.libraries.lock().unwrap_or_else(|e| e.into_inner());
-        libraries.get(canonical).and_then(Weak::upgrade)
     }
 
     /// Resolves a path written in SQL under the policy described on [`PluginLoader`].

@@ -246,7 +246,8 @@ async fn through_sql_both_paths_answer_alike_and_the_session_lives_on() {
     assert!(e.contains("refused by the plugin"), "{e}");
 }
 
-/// The lines of `/proc/self/maps` that map `path` (also after it was unlinked).
+/// Whether `/proc/self/maps` maps `path`: the file itself (also after it was unlinked), or the
+/// sealed in-memory copy the engine maps, `/memfd:<path> (deleted)`.
 fn mapped(path: &Path) -> bool {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     let path = path.to_str().unwrap();
@@ -256,7 +257,9 @@ fn mapped(path: &Path) -> bool {
             .skip(5)
             .collect::<Vec<_>>()
             .join(" ");
-        name == path || name == format!("{path} (deleted)")
+        name == path
+            || name == format!("{path} (deleted)")
+            || name == format!("/memfd:{path} (deleted)")
     })
 }
 

@@ -12,7 +12,6 @@
 
 use std::ffi::{CStr, c_char};
 use std::mem::{align_of, offset_of, size_of};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -236,7 +235,7 @@ pub(crate) fn effective_uid() -> u32 {
 /// Opens `path` for reading only if it is a regular file: a FIFO would block `open` (and every
 /// later load waiting on it), a device or directory is never a library. The type is checked
 /// before opening and again on the open handle, which is opened non-blocking.
-fn open_regular_file(path: &Path) -> Result<std::fs::File, LoadError> {
+pub fn open_regular_file(path: &Path) -> Result<std::fs::File, LoadError> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let describe = |t: std::fs::FileType| -> Option<&'static str> {
         Some(if t.is_file() {
@@ -302,11 +301,12 @@ impl PluginLibrary {
     /// Like [`load`](Self::load), but when `pin` is given the file's SHA-256 digest must equal it;
     /// it is checked before the library is mapped, so a library that differs never runs.
     ///
-    /// The digest is computed from an open handle, and the path must still name that file after
-    /// mapping. One case it cannot see: when this process has already mapped the same path
-    /// (through another loader) and the file has been replaced since, the dynamic loader hands
-    /// back the earlier mapping. [`PluginLoader`](crate::PluginLoader) shares one mapping per
-    /// path and checks pins against the digest taken when it was mapped.
+    /// The file is opened once and copied into a sealed memory file; the digest is the copy's and
+    /// `dlopen` maps that copy, so a file renamed over the path or rewritten in place during the
+    /// load cannot run. A process holds one library per path: while it holds one, a load of the
+    /// same path compares the file now there with it (device, inode, size, times; the digest when
+    /// they differ) and gives the same library for the same bytes, and
+    /// [`LoadError::StaleImage`] for other bytes (a fresh load once the old one is dropped).
     pub fn load_pinned(
         path: impl AsRef<Path>,
         pin: Option<&Sha256Digest>,
@@ -316,32 +316,45 @@ impl PluginLibrary {
             path: given.to_path_buf(),
             source,
         })?;
-        // The digest is of the file that is mapped: hash an open handle, and check after
-        // `dlopen` that the path still names that same file.
+        // One open from hash to map (see `images`): the file is opened once and copied into a
+        // sealed memory file; its digest is the copy's, and `dlopen` maps that copy.
         let read_error = |source: std::io::Error| LoadError::Read {
             path: path.clone(),
             source,
         };
         let file = open_regular_file(&path)?;
         let before = file.metadata().map_err(read_error)?;
-        let sha256 = Sha256Digest::of_reader(&file).map_err(read_error)?;
-        crate::trust::check_pin(&path, pin, &sha256)?;
-        images::check_before_open(&path, &before, &sha256)?;
-        let library =
-            dlopen2::raw::Library::open_with_flags(&path, Some(libc::RTLD_NOW | libc::RTLD_LOCAL))
-                .map_err(|e| LoadError::Open {
-                    path: path.clone(),
-                    message: dl_message(e),
-                })?;
-        let after = std::fs::metadata(&path).map_err(read_error)?;
-        if (before.dev(), before.ino()) != (after.dev(), after.ino()) {
+        let identity = images::FileIdentity::of(&before);
+        // The library this process holds for the path, if any: the file now at the path is
+        // compared with it, so that a replaced file never gets the old code.
+        let held = images::held(&path);
+        if let Some((library, file_then)) = &held
+            && *file_then == identity
+        {
+            crate::trust::check_pin(&path, pin, library.sha256())?;
+            return Ok(Arc::clone(library));
+        }
+        let copy = images::SealedCopy::of(&path, &file)?;
+        let after = file.metadata().map_err(read_error)?;
+        if images::FileIdentity::of(&after) != identity {
             return Err(LoadError::ChangedWhileLoading { path });
         }
+        drop(file);
+        let sha256 = *copy.sha256();
+        crate::trust::check_pin(&path, pin, &sha256)?;
+        if let Some((library, _)) = held {
+            if *library.sha256() == sha256 {
+                images::refresh(&path, &library, identity);
+                return Ok(library);
+            }
+            return Err(images::stale(&path, &library, &sha256));
+        }
+        let (library, mapped) = copy.map(&path, libc::RTLD_NOW | libc::RTLD_LOCAL)?;
         // SAFETY: `udfsql_abi_version` is declared by ABI v2 as `UdfAbiVersion (void)`, a struct
         // of plain integers that is valid for any bits.
         let version: Result<VersionFn, _> = unsafe { library.symbol(v2::SYMBOL_ABI_VERSION) };
-        // Before any code of the library is called: the image `dlopen` returned must be the file
-        // that was hashed (it returns an earlier image of the same path while one is mapped).
+        // Before any code of the library is called by the host: the image `dlopen` returned must
+        // be the sealed copy that was hashed.
         // SAFETY: only the address is used, to find the mapping it lies in; never called here.
         let metadata: Result<MetadataFn, _> = unsafe { library.symbol(udf_abi::SYMBOL_METADATA) };
         let probe = match (&version, &metadata) {
@@ -350,7 +363,7 @@ impl PluginLibrary {
             _ => None,
         };
         if let Some(address) = probe {
-            images::check_after_open(&path, address, &before, &sha256)?;
+            mapped.check(&path, address)?;
         }
         let (abi, functions, entrypoints) = match version {
             Ok(version) => match Self::load_v2(&path, &library, version)? {
@@ -375,8 +388,8 @@ impl PluginLibrary {
             .iter()
             .map(|_| std::sync::atomic::AtomicUsize::new(0))
             .collect();
-        Ok(Arc::new(PluginLibrary {
-            path,
+        let library = Arc::new(PluginLibrary {
+            path: path.clone(),
             sha256,
             abi,
             functions,
@@ -384,7 +397,8 @@ impl PluginLibrary {
             arg_schemas,
             row_bytes_per_row,
             _handle: library,
-        }))
+        });
+        images::record(&path, library, identity)
     }
 
     fn load_v1(
@@ -436,11 +450,10 @@ impl PluginLibrary {
         };
         // Libraries of ABI 2.0 and 2.1 have the shorter manifest: read what the library has, up
         // to what this host knows, and leave the rest zero (a null `arrow_types`).
-        let least = v2::MANIFEST_SIZE_2_0;
-        if found.manifest_size < least {
+        if found.manifest_size < v2::MANIFEST_SIZE_2_0 {
             return Err(invalid(MetadataError::ManifestTooSmall {
                 found: found.manifest_size,
-                expected: least,
+                expected: v2::MANIFEST_SIZE_2_0,
             }));
         }
         // SAFETY: ABI v2 declares `udfsql_manifest` as `const UdfManifest *(void)`.
@@ -448,105 +461,15 @@ impl PluginLibrary {
             .map_err(|e| missing_symbol(path, v2::SYMBOL_MANIFEST, e))?;
         // SAFETY: resolved from the live library; takes no arguments.
         let manifest = unsafe { manifest() };
-        if manifest.is_null() {
-            return Err(invalid(MetadataError::NullManifest));
-        }
-        let readable = found.manifest_size.min(size_of::<UdfManifest>());
-        let mut prefix = std::mem::MaybeUninit::<UdfManifest>::zeroed();
-        // SAFETY: non-null, and the handshake says the manifest is `manifest_size` bytes, of
-        // which we copy at most the `size_of::<UdfManifest>()` this host knows into a zeroed
-        // value. Every field of `UdfManifest` (integers, raw pointers, an optional function
-        // pointer) is valid when zero and for any bits.
-        let manifest = unsafe {
-            std::ptr::copy_nonoverlapping(
-                manifest.cast::<u8>(),
-                prefix.as_mut_ptr().cast::<u8>(),
-                readable,
-            );
-            prefix.assume_init()
-        };
-        if manifest.size < least {
-            return Err(invalid(MetadataError::ManifestTooSmall {
-                found: manifest.size,
-                expected: least,
-            }));
-        }
-        // `arrow_types` exists from ABI 2.2 on, in a manifest long enough to hold it.
-        let arrow_types = if found.minor >= 2
-            && manifest.size >= size_of::<UdfManifest>()
-            && readable == size_of::<UdfManifest>()
-        {
-            manifest.arrow_types
-        } else {
-            std::ptr::null()
-        };
-        let release = manifest
-            .release_bytes
-            .ok_or_else(|| invalid(MetadataError::NullRelease))?;
-        let len = manifest.functions_len;
-        if len == 0 {
+        let has_v1 = || {
             // SAFETY: only looked up, never called here; the type is irrelevant for a lookup.
             let v1: Result<MetadataFn, _> = unsafe { library.symbol(udf_abi::SYMBOL_METADATA) };
-            if v1.is_ok() {
-                return Ok(None);
-            }
-            return Err(invalid(MetadataError::NoFunctions));
-        }
-        let entries: &[UdfFunction] = if manifest.functions.is_null() {
-            return Err(invalid(MetadataError::BadFunctionList {
-                len,
-                pointer: "a null pointer",
-            }));
-        } else if len > MAX_FUNCTIONS {
-            return Err(invalid(MetadataError::BadFunctionList {
-                len,
-                pointer: "more than the limit of 4096",
-            }));
-        } else {
-            // SAFETY: non-null, bounded, and ABI v2 says it points at `functions_len` static
-            // `UdfFunction`s; the struct has no field with invalid bit patterns.
-            unsafe { std::slice::from_raw_parts(manifest.functions, len) }
+            v1.is_ok()
         };
-        let mut functions = Vec::with_capacity(len);
-        let mut rows = Vec::with_capacity(len);
-        let mut batches = Vec::with_capacity(len);
-        for (i, entry) in entries.iter().enumerate() {
-            let arrow = if arrow_types.is_null() {
-                None
-            } else {
-                // SAFETY: non-null, and ABI 2.2 says `arrow_types` holds `functions_len` (bounded
-                // above) entries parallel to `functions`; `UdfArrowTypes` is two raw pointers,
-                // valid for any bits.
-                Some(unsafe { arrow_types.add(i).read() })
-            };
-            // `call_batch` is reserved (null) in ABI 2.0 and defined from 2.1 on.
-            let batch = entry.call_batch.filter(|_| found.minor >= 1);
-            let (signature, row) =
-                validate_function(entry, arrow.as_ref(), batch.is_some(), found.minor)
-                    .map_err(invalid)?;
-            batches.push(batch);
-            if functions
-                .iter()
-                .any(|f: &FunctionSignature| f.name == signature.name)
-            {
-                return Err(invalid(MetadataError::DuplicateName {
-                    function: signature.name,
-                }));
-            }
-            functions.push(signature);
-            rows.push(row);
-        }
-        Ok(Some((
-            Abi::V2 { minor: found.minor },
-            functions,
-            Entrypoints::V2 {
-                release,
-                rows,
-                batches,
-            },
-        )))
+        // SAFETY: `manifest` is what the library's `udfsql_manifest` returned, and `found` its
+        // handshake: ABI v2 promises what `read_manifest` requires of them.
+        unsafe { read_manifest(found, manifest, &has_v1) }.map_err(invalid)
     }
-
     /// The canonical path the library was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -580,6 +503,152 @@ impl PluginLibrary {
         let index = self.functions.iter().position(|f| f.name == name)?;
         self.function(index)
     }
+}
+
+/// A v2 library's functions, read from its manifest; `None` for a library whose manifest is
+/// empty but which exports the v1 symbols (`has_v1`). Every field is read only where it is
+/// needed: the ABI 2.2 `arrow_types` entry of a function only when one of its types is
+/// [`v2::TYPE_ARROW`], so that a library of a later minor, whose manifest has fields this host
+/// does not know, loads when none of its functions uses what it does not know.
+///
+/// # Safety
+///
+/// `manifest` is null, or points at `found.manifest_size` readable bytes laid out as ABI v2's
+/// `UdfManifest` (of `found.minor`), whose pointers are valid as ABI v2 says: `functions` holds
+/// `functions_len` entries, each pointing at the arrays its lengths say, and `arrow_types` holds
+/// `functions_len` entries wherever a function declares a [`v2::TYPE_ARROW`] type (ABI 2.2).
+/// Nothing else is assumed: every value (counts, tags, flags, sizes, versions) is checked before
+/// it is used as a bound.
+#[allow(clippy::type_complexity)]
+unsafe fn read_manifest(
+    found: UdfAbiVersion,
+    manifest: *const UdfManifest,
+    has_v1: &dyn Fn() -> bool,
+) -> Result<Option<(Abi, Vec<FunctionSignature>, Entrypoints)>, MetadataError> {
+    let least = v2::MANIFEST_SIZE_2_0;
+    if found.manifest_size < least {
+        return Err(MetadataError::ManifestTooSmall {
+            found: found.manifest_size,
+            expected: least,
+        });
+    }
+    if manifest.is_null() {
+        return Err(MetadataError::NullManifest);
+    }
+    let readable = found.manifest_size.min(size_of::<UdfManifest>());
+    let mut prefix = std::mem::MaybeUninit::<UdfManifest>::zeroed();
+    // SAFETY: non-null, and the caller promises `manifest_size` readable bytes, of which we copy
+    // at most the `size_of::<UdfManifest>()` this host knows into a zeroed value. Every field of
+    // `UdfManifest` (integers, raw pointers, an optional function pointer) is valid when zero and
+    // for any bits.
+    let manifest = unsafe {
+        std::ptr::copy_nonoverlapping(
+            manifest.cast::<u8>(),
+            prefix.as_mut_ptr().cast::<u8>(),
+            readable,
+        );
+        prefix.assume_init()
+    };
+    if manifest.size < least {
+        return Err(MetadataError::ManifestTooSmall {
+            found: manifest.size,
+            expected: least,
+        });
+    }
+    // `arrow_types` exists from ABI 2.2 on, in a manifest long enough to hold it. Its entries
+    // are read below only for the functions that declare an Arrow type.
+    let arrow_types = if found.minor >= 2
+        && manifest.size >= size_of::<UdfManifest>()
+        && readable == size_of::<UdfManifest>()
+    {
+        manifest.arrow_types
+    } else {
+        std::ptr::null()
+    };
+    let release = manifest.release_bytes.ok_or(MetadataError::NullRelease)?;
+    let len = manifest.functions_len;
+    if len == 0 {
+        if has_v1() {
+            return Ok(None);
+        }
+        return Err(MetadataError::NoFunctions);
+    }
+    let entries: &[UdfFunction] = if manifest.functions.is_null() {
+        return Err(MetadataError::BadFunctionList {
+            len,
+            pointer: "a null pointer",
+        });
+    } else if len > MAX_FUNCTIONS {
+        return Err(MetadataError::BadFunctionList {
+            len,
+            pointer: "more than the limit of 4096",
+        });
+    } else {
+        // SAFETY: non-null, bounded, and the caller promises `functions_len` `UdfFunction`s;
+        // the struct has no field with invalid bit patterns.
+        unsafe { std::slice::from_raw_parts(manifest.functions, len) }
+    };
+    let mut functions = Vec::with_capacity(len);
+    let mut rows = Vec::with_capacity(len);
+    let mut batches = Vec::with_capacity(len);
+    for (i, entry) in entries.iter().enumerate() {
+        // Read only when the function's tags say it has an Arrow type.
+        let arrow = || {
+            (!arrow_types.is_null()).then(|| {
+                // SAFETY: non-null, and the caller promises (ABI 2.2) that `arrow_types` holds
+                // `functions_len` (bounded above) entries parallel to `functions` when a function
+                // declares TYPE_ARROW, which is when this is called; `UdfArrowTypes` is two raw
+                // pointers, valid for any bits.
+                unsafe { arrow_types.add(i).read() }
+            })
+        };
+        // `call_batch` is reserved (null) in ABI 2.0 and defined from 2.1 on.
+        let batch = entry.call_batch.filter(|_| found.minor >= 1);
+        let (signature, row) = validate_function(entry, &arrow, batch.is_some(), found.minor)?;
+        batches.push(batch);
+        if functions
+            .iter()
+            .any(|f: &FunctionSignature| f.name == signature.name)
+        {
+            return Err(MetadataError::DuplicateName {
+                function: signature.name,
+            });
+        }
+        functions.push(signature);
+        rows.push(row);
+    }
+    Ok(Some((
+        Abi::V2 { minor: found.minor },
+        functions,
+        Entrypoints::V2 {
+            release,
+            rows,
+            batches,
+        },
+    )))
+}
+
+/// [`crate::types::fuzz::manifests`]: manifests built in memory, read by [`read_manifest`].
+pub(crate) fn fuzz_manifests(
+    seed: u64,
+    cases: u64,
+) -> Result<crate::types::fuzz::Report, crate::types::fuzz::Failure> {
+    metadata::manifest_fuzz::manifests(seed, cases)
+}
+
+/// The functions a manifest declares, or why it is refused: [`read_manifest`] for the
+/// randomised tests of [`crate::types::fuzz`], which build manifests in memory.
+///
+/// # Safety
+///
+/// As for [`read_manifest`].
+unsafe fn check_manifest(
+    found: UdfAbiVersion,
+    manifest: *const UdfManifest,
+) -> Result<Vec<FunctionSignature>, MetadataError> {
+    // SAFETY: the caller's promise, passed on.
+    unsafe { read_manifest(found, manifest, &|| false) }
+        .map(|v2| v2.map(|(_, functions, _)| functions).unwrap_or_default())
 }
 
 fn dl_message(e: dlopen2::Error) -> String {
