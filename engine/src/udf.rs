@@ -287,7 +287,7 @@ impl PluginUdf {
         let array = match &self.pool {
             Some(pool) => blocking(|| {
                 pool.call(
-                    self.function.index(),
+                    &self.function,
                     self.call_path,
                     &arrays,
                     rows,

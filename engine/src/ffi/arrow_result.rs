@@ -20,7 +20,10 @@ use std::ffi::{CStr, c_void};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayData, BufferSpec, layout};
-use datafusion::arrow::datatypes::{DataType, Decimal128Type, DecimalType, Field, Fields};
+use datafusion::arrow::buffer::Buffer;
+use datafusion::arrow::datatypes::{
+    ArrowNativeType, DataType, Decimal128Type, DecimalType, Field, Fields,
+};
 use datafusion::arrow::ffi::{FFI_ArrowArray, FFI_ArrowSchema, from_ffi_and_data_type};
 
 use super::PluginLibrary;
@@ -407,22 +410,112 @@ fn hold(array: FFI_ArrowArray, library: Arc<PluginLibrary>) -> FFI_ArrowArray {
     }
 }
 
-/// Decimal values within their declared precision, at every level.
-fn check_decimals(data: &ArrayData) -> Result<(), CallError> {
-    if let DataType::Decimal128(precision, _) = data.data_type() {
-        let values = &data.buffers()[0].typed_data::<i128>()[data.offset()..][..data.len()];
-        for (row, &v) in values.iter().enumerate() {
-            let fits = Decimal128Type::validate_decimal_precision(v, *precision, 0).is_ok();
-            if data.is_valid(row) && !fits {
-                return Err(invalid(format!(
-                    "row {row} holds {v} (unscaled), which has more than the {precision} \
-                     digits of the declared {}",
-                    crate::types::arrow::sql_name(data.data_type())
-                )));
-            }
+/// A decimal value over its declared precision: where it is, from the innermost level out
+/// ("list item 2", "field \"price\"", then the row), and what it is.
+struct WideDecimal {
+    /// Its index in the array being looked at (0-based, from the array's offset).
+    index: usize,
+    /// The levels inside that element that lead to the value, innermost first.
+    inside: Vec<String>,
+    value: i128,
+    data_type: DataType,
+}
+
+/// A buffer's values, when it is aligned for them and holds whole ones (`typed_data` asserts
+/// both).
+fn typed<T: ArrowNativeType>(buffer: &Buffer) -> Option<&[T]> {
+    let size = std::mem::size_of::<T>();
+    let aligned = buffer.as_ptr().align_offset(std::mem::align_of::<T>()) == 0;
+    (aligned && buffer.len().is_multiple_of(size)).then(|| buffer.typed_data::<T>())
+}
+
+/// The first decimal value over its declared precision among elements `start..start + len` of
+/// `data` (counted from its offset; only the valid values, at every level those elements reach).
+/// Windows are passed down rather than sliced: a struct's children line up with its elements from
+/// its offset on, as arrow's `StructArray` reads them. Reads are bounded (`get`), so data that
+/// escaped validation gives `None`, never a panic.
+fn wide_decimal(data: &ArrayData, start: usize, len: usize) -> Option<WideDecimal> {
+    let first = data.offset().checked_add(start)?;
+    match data.data_type() {
+        DataType::Decimal128(precision, _) => {
+            let values = typed::<i128>(data.buffers().first()?)?;
+            let values = values.get(first..first.checked_add(len)?)?;
+            values.iter().enumerate().find_map(|(row, &v)| {
+                let fits = Decimal128Type::validate_decimal_precision(v, *precision, 0).is_ok();
+                (data.is_valid(start + row) && !fits).then(|| WideDecimal {
+                    index: row,
+                    inside: Vec::new(),
+                    value: v,
+                    data_type: data.data_type().clone(),
+                })
+            })
         }
+        DataType::List(_) => {
+            let offsets = typed::<i32>(data.buffers().first()?)?;
+            wide_list_item(data, offsets.get(first..=first.checked_add(len)?)?)
+        }
+        DataType::LargeList(_) => {
+            let offsets = typed::<i64>(data.buffers().first()?)?;
+            wide_list_item(data, offsets.get(first..=first.checked_add(len)?)?)
+        }
+        DataType::Struct(fields) => {
+            fields
+                .iter()
+                .zip(data.child_data())
+                .find_map(|(field, child)| {
+                    let mut wide = wide_decimal(child, first, len)?;
+                    wide.inside.push(format!("field \"{}\"", field.name()));
+                    Some(wide)
+                })
+        }
+        _ => None,
     }
-    data.child_data().iter().try_for_each(check_decimals)
+}
+
+/// [`wide_decimal`] of the items a list's elements reach (`offsets`: one per element and one
+/// more), located by element and item.
+fn wide_list_item<O: Copy + TryInto<usize>>(
+    data: &ArrayData,
+    offsets: &[O],
+) -> Option<WideDecimal> {
+    let offsets: Vec<usize> = offsets
+        .iter()
+        .map(|&o| o.try_into().ok())
+        .collect::<Option<_>>()?;
+    let (first, last) = (*offsets.first()?, *offsets.last()?);
+    let child = data.child_data().first()?;
+    let mut wide = wide_decimal(child, first, last.checked_sub(first)?)?;
+    let item = first + wide.index;
+    // The element whose window `offsets[row]..offsets[row + 1]` holds the item.
+    let row = offsets.partition_point(|&o| o <= item).saturating_sub(1);
+    wide.inside
+        .push(format!("list item {}", item - offsets[row]));
+    wide.index = row;
+    Some(wide)
+}
+
+/// Decimal values within their declared precision, at every level; the error says where the
+/// first one that is not is: "row 3", "list item 1 of row 3", "field \"d\" of list item 0 of
+/// row 2".
+pub(super) fn check_decimals(data: &ArrayData) -> Result<(), CallError> {
+    let Some(wide) = wide_decimal(data, 0, data.len()) else {
+        return Ok(());
+    };
+    let DataType::Decimal128(precision, _) = wide.data_type else {
+        return Ok(());
+    };
+    let mut place = String::new();
+    for level in &wide.inside {
+        place.push_str(level);
+        place.push_str(" of ");
+    }
+    Err(invalid(format!(
+        "{place}row {} holds {} (unscaled), which has more than the {precision} digits of the \
+         declared {}",
+        wide.index,
+        wide.value,
+        crate::types::arrow::sql_name(&wide.data_type)
+    )))
 }
 
 /// Checks, imports and validates a result of the declared Arrow type `declared`. `out` and
@@ -454,8 +547,7 @@ pub(super) fn import_result(
         // size, which the C Data Interface does not carry.
         let data = unsafe { from_ffi_and_data_type(parent, declared) }
             .map_err(|e| invalid(format!("arrow could not import it: {e}")))?;
-        data.validate_full().map_err(|e| invalid(e.to_string()))?;
-        check_decimals(&data)?;
+        super::batch::check_result_data(&data)?;
         Ok::<_, CallError>(data)
     });
     match imported {

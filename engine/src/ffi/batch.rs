@@ -28,7 +28,7 @@ use std::ptr::NonNull;
 use std::sync::{Arc, OnceLock};
 
 use datafusion::arrow::array::{Array, ArrayData, ArrayRef, AsArray, BooleanArray, make_array};
-use datafusion::arrow::buffer::{Buffer, MutableBuffer};
+use datafusion::arrow::buffer::{Buffer, MutableBuffer, NullBuffer};
 use datafusion::arrow::datatypes::{
     ArrowPrimitiveType, BinaryType, ByteArrayType, DataType, Date32Type, Float32Type, Float64Type,
     Int32Type, Int64Type, LargeBinaryType, LargeUtf8Type, TimeUnit, TimestampMicrosecondType,
@@ -158,7 +158,7 @@ impl PluginFunction {
             // what cannot be checked is that each buffer is as long as the layout says (the C
             // Data Interface carries no buffer sizes).
             let data = unsafe { import_result(out, buffers, return_type, num_rows, library) };
-            validate_result(&data).map_err(CallError::InvalidResult)?;
+            check_result_data(&data)?;
             Ok::<_, CallError>(data)
         }));
         let data = match imported {
@@ -702,29 +702,36 @@ impl ArgSchemas {
     }
 }
 
-/// The row path's NULL rules, applied to a batch result.
+/// What the NULL rules ask of a result (see [`null_rules`]).
+enum NullRules {
+    /// The result stands as it is.
+    Keep,
+    /// A constant argument that does not take NULLs is NULL: every row is NULL.
+    AllNull,
+    /// The rows whose valid bit is clear have a NULL in an argument that does not take NULLs:
+    /// they are NULL (STRICT).
+    Mask(NullBuffer),
+}
+
+/// The row path's NULL rules, read off a result and its arguments; the one place they are
+/// written, for both paths and for results an isolated worker sends:
 ///
-/// * STRICT: a row with a NULL in an argument that does not take NULLs is NULL, whatever the
-///   plugin wrote there (the row path never calls the plugin for it).
+/// * STRICT: a row with a NULL in an argument that does not take NULLs is NULL (the row path
+///   never calls the plugin for it; a batch result is masked there, whatever the plugin wrote).
 /// * A function declared never to return NULL must not return NULL in any other row (the row path
 ///   refuses the same result), whether or not a nullable argument is NULL there.
-fn apply_null_rules(
-    result: ArrayRef,
+fn null_rules(
+    result: &ArrayRef,
     args: &[(ArrayRef, bool)],
     signature: &FunctionSignature,
-) -> Result<ArrayRef, CallError> {
+) -> Result<NullRules, CallError> {
     // Nothing to do without a NULL in sight (the usual case): no argument and no result row is
     // NULL.
     if result.logical_null_count() == 0 && args.iter().all(|(a, _)| a.logical_null_count() == 0) {
-        return Ok(result);
+        return Ok(NullRules::Keep);
     }
     let strict = match super::strict_rows(signature, args) {
-        super::Strict::AllNull => {
-            return Ok(datafusion::arrow::array::new_null_array(
-                result.data_type(),
-                result.len(),
-            ));
-        }
+        super::Strict::AllNull => return Ok(NullRules::AllNull),
         super::Strict::Rows(rows) => rows,
     };
     if !signature.return_nullable
@@ -738,12 +745,102 @@ fn apply_null_rules(
             return Err(CallError::UndeclaredNulls { rows: unexplained });
         }
     }
-    let Some(strict) = strict else {
-        return Ok(result);
+    Ok(strict.map_or(NullRules::Keep, NullRules::Mask))
+}
+
+/// The NULL rules applied to a batch result the plugin just returned: STRICT rows become NULL.
+fn apply_null_rules(
+    result: ArrayRef,
+    args: &[(ArrayRef, bool)],
+    signature: &FunctionSignature,
+) -> Result<ArrayRef, CallError> {
+    match null_rules(&result, args, signature)? {
+        NullRules::Keep => Ok(result),
+        NullRules::AllNull => Ok(datafusion::arrow::array::new_null_array(
+            result.data_type(),
+            result.len(),
+        )),
+        NullRules::Mask(strict) => {
+            let mask = BooleanArray::new(!strict.inner(), None);
+            datafusion::arrow::compute::nullif(&result, &mask)
+                .map_err(|e| CallError::HostBug(format!("cannot apply the STRICT NULL mask: {e}")))
+        }
+    }
+}
+
+/// The NULL rules checked on a finished result (one an isolated worker sent, which it made
+/// with [`apply_null_rules`] or the row path): besides the rule on undeclared NULLs, every
+/// STRICT row must already be NULL; nothing is masked here.
+fn check_null_rules(
+    result: &ArrayRef,
+    args: &[(ArrayRef, bool)],
+    signature: &FunctionSignature,
+) -> Result<(), CallError> {
+    let not_null = |row: usize| {
+        invalid(format!(
+            "row {row} is not NULL, but an argument that does not take NULLs is NULL there \
+             (the function is STRICT: that row is NULL)"
+        ))
     };
-    let mask = BooleanArray::new(!strict.inner(), None);
-    datafusion::arrow::compute::nullif(&result, &mask)
-        .map_err(|e| CallError::HostBug(format!("cannot apply the STRICT NULL mask: {e}")))
+    match null_rules(result, args, signature)? {
+        NullRules::Keep => Ok(()),
+        NullRules::AllNull => match (0..result.len()).find(|&row| !result.is_null(row)) {
+            Some(row) => Err(not_null(row)),
+            None => Ok(()),
+        },
+        NullRules::Mask(strict) => {
+            let valid = result.logical_nulls().map_or_else(
+                || datafusion::arrow::buffer::BooleanBuffer::new_set(result.len()),
+                |n| n.inner().clone(),
+            );
+            let forced = &!strict.inner() & &valid;
+            match forced.set_indices().next() {
+                Some(row) => Err(not_null(row)),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// The value rules every result meets, whichever path made it: arrow's full validation (with a
+/// faster, equivalent UTF-8 check for `Utf8`), then decimal precision at every level.
+pub(super) fn check_result_data(data: &ArrayData) -> Result<(), CallError> {
+    validate_result(data).map_err(CallError::InvalidResult)?;
+    super::arrow_result::check_decimals(data)
+}
+
+impl FunctionSignature {
+    /// Checks a result an isolated worker sent for a call of this function over `args` and
+    /// `num_rows` rows with the rules the in-process paths apply to what a plugin returns: the
+    /// declared type, the row count, arrow's full validation, decimal precision at every level
+    /// (list items and struct fields too), and the NULL rules (no NULL where the function
+    /// never returns one; NULL in every STRICT row). The worker runs the same code before it
+    /// answers, so an honest worker's result always passes: a result that fails was forged.
+    pub(crate) fn check_received_result(
+        &self,
+        result: &ArrayRef,
+        args: &[(ArrayRef, bool)],
+        num_rows: usize,
+    ) -> Result<(), CallError> {
+        let signature = self;
+        let declared = signature.return_type.arrow_type();
+        if result.data_type() != &declared {
+            return Err(CallError::ResultType {
+                expected_format: crate::types::arrow::type_string(&declared).unwrap_or_default(),
+                found_format: crate::types::arrow::type_string(result.data_type())
+                    .unwrap_or_else(|| result.data_type().to_string()),
+                declared: signature.return_type.clone(),
+            });
+        }
+        if result.len() != num_rows {
+            return Err(invalid(format!(
+                "the result has {} rows, {num_rows} expected",
+                result.len()
+            )));
+        }
+        check_result_data(&result.to_data())?;
+        check_null_rules(result, args, signature)
+    }
 }
 
 /// Full validation of a batch result. For `Utf8` it checks the structure and the NULLs as arrow
@@ -884,6 +981,57 @@ mod tests {
         // ASCII values take the short path; a NUL byte is valid UTF-8.
         assert!(validate_result(&utf8(&[0, 1, 3], b"a\0c")).is_ok());
         assert!(validate_result(&utf8(&[0, 9], b"abc")).is_err());
+    }
+
+    #[test]
+    fn a_wide_decimal_is_named_by_row_list_item_and_field() {
+        use datafusion::arrow::array::{Decimal128Array, ListArray, StructArray};
+        use datafusion::arrow::buffer::OffsetBuffer;
+        use datafusion::arrow::datatypes::Field;
+        let decimals = |values: Vec<Option<i128>>| -> ArrayRef {
+            Arc::new(
+                Decimal128Array::from(values)
+                    .with_precision_and_scale(5, 2)
+                    .unwrap(),
+            )
+        };
+        let error = |array: ArrayRef| check_result_data(&array.to_data()).unwrap_err().to_string();
+        // A top-level value: the row, as before.
+        let e = error(decimals(vec![Some(1), Some(100_000)]));
+        assert!(e.contains("row 1 holds 100000 (unscaled), which has more than the 5 digits of the declared DECIMAL(5,2)"), "{e}");
+        // A list item: rows [1.00], [] (empty), [2.00, 1000.00]: item 1 of row 2.
+        let item = Arc::new(Field::new("item", DataType::Decimal128(5, 2), true));
+        let list: ArrayRef = Arc::new(ListArray::new(
+            Arc::clone(&item),
+            OffsetBuffer::new(vec![0, 1, 1, 3].into()),
+            decimals(vec![Some(100), Some(200), Some(100_000)]),
+            None,
+        ));
+        let e = error(Arc::clone(&list));
+        assert!(e.contains("list item 1 of row 2 holds 100000"), "{e}");
+        // Sliced: the same value is item 1 of row 1.
+        let e = error(list.slice(1, 2));
+        assert!(e.contains("list item 1 of row 1 holds 100000"), "{e}");
+        // A struct field inside a list item.
+        let point = StructArray::from(vec![(
+            Arc::new(Field::new("d", DataType::Decimal128(5, 2), true)),
+            decimals(vec![Some(1), Some(2), Some(-100_000)]),
+        )]);
+        let field = Arc::new(Field::new("item", point.data_type().clone(), true));
+        let nested: ArrayRef = Arc::new(ListArray::new(
+            field,
+            OffsetBuffer::new(vec![0, 2, 3].into()),
+            Arc::new(point),
+            None,
+        ));
+        let e = error(nested);
+        assert!(
+            e.contains("field \"d\" of list item 0 of row 1 holds -100000"),
+            "{e}"
+        );
+        // A value no row reaches is not looked at.
+        let e = check_result_data(&list.slice(0, 2).to_data());
+        assert!(e.is_ok(), "{e:?}");
     }
 
     #[test]

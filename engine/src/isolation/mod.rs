@@ -25,6 +25,8 @@ use std::time::Duration;
 
 pub use cancel::CallCancel;
 pub use pool::{Fault, WorkerPool, live_worker_pids};
+#[doc(hidden)]
+pub use protocol::{FuzzReport, fuzz_worker_replies};
 pub use worker::worker_main;
 
 use crate::ffi::PluginLibrary;

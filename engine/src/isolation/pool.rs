@@ -14,6 +14,7 @@ use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -29,6 +30,7 @@ use rustix::process::{Pid, PidfdFlags, Signal, kill_process_group, pidfd_open};
 use super::WorkerLimits;
 use super::cancel::CallCancel;
 use super::protocol::{self, HEADER, Reply};
+use crate::ffi::PluginFunction;
 use crate::trust::Sha256Digest;
 use crate::udf::CallPath;
 
@@ -271,11 +273,12 @@ impl WorkerPool {
         }
     }
 
-    /// Calls function `function` of the library in a worker; the result has type `returns` and
-    /// `rows` rows.
+    /// Calls `function` (of this pool's library) in a worker; the result has type `returns` and
+    /// `rows` rows, and passes the rules the in-process paths apply
+    /// (`FunctionSignature::check_received_result`), or the worker is killed as a forger.
     pub(crate) fn call(
         self: &Arc<Self>,
-        function: usize,
+        function: &PluginFunction,
         path: CallPath,
         args: &[(ArrayRef, bool)],
         rows: usize,
@@ -543,7 +546,7 @@ impl Worker {
     fn call(
         &mut self,
         spec: &WorkerSpec,
-        function: usize,
+        function: &PluginFunction,
         path: CallPath,
         args: &[(ArrayRef, bool)],
         rows: usize,
@@ -552,7 +555,7 @@ impl Worker {
     ) -> Result<ArrayRef, Fault> {
         let deadline = Instant::now() + spec.call_timeout;
         let mut request = std::mem::take(&mut self.buf);
-        protocol::encode_call(&mut request, function, path, args, rows)
+        protocol::encode_call(&mut request, function.index(), path, args, rows)
             .map_err(|e| Fault::Plugin(format!("cannot send the arguments to the worker: {e}")))?;
         let written = self.write_all(&request, deadline, cancel, spec);
         self.buf = request;
@@ -562,7 +565,22 @@ impl Worker {
             Err(Stop::Closed) => return Err(self.gone(deadline, spec)),
         }
         match self.read_reply(Some((returns, rows)), deadline, cancel, spec)? {
-            Reply::Result(array) => Ok(array),
+            Reply::Result(array) => {
+                // The rules run on the host too: the worker runs them before it answers, but a
+                // plugin can write its own answer to the channel.
+                let checked = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    function
+                        .signature()
+                        .check_received_result(&array, args, rows)
+                }));
+                match checked {
+                    Ok(Ok(())) => Ok(array),
+                    Ok(Err(e)) => {
+                        Err(self.malformed(format!("a result the in-process path refuses: {e}")))
+                    }
+                    Err(_) => Err(self.malformed("checking its result panicked".to_string())),
+                }
+            }
             Reply::Error(message) => Err(Fault::Plugin(message)),
             Reply::Ready(_) => Err(self.malformed("a ready message in reply to a call".into())),
         }
@@ -578,6 +596,19 @@ impl Worker {
         let mut header = [0u8; HEADER];
         let body = match self.read_exact(&mut header, deadline, cancel, spec) {
             Ok(()) => match protocol::body_len(&header) {
+                Ok(len) if len > protocol::max_reply_len(expect) => {
+                    return Err(self.malformed(match expect {
+                        Some((t, rows)) => format!(
+                            "a message of {len} bytes, more than a result of {rows} rows of {t} \
+                             takes (at most {} bytes)",
+                            protocol::max_reply_len(expect)
+                        ),
+                        None => format!(
+                            "a message of {len} bytes before any call (at most {} bytes)",
+                            protocol::MAX_ERROR_BODY
+                        ),
+                    }));
+                }
                 Ok(len) => self.read_body(len, deadline, cancel, spec),
                 Err(e) => return Err(self.malformed(e)),
             },

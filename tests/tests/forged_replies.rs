@@ -1,0 +1,415 @@
+//! Worker replies are untrusted bytes (issue 24, items 1 and 2): a plugin runs inside its worker
+//! and can write its own answer to the worker's channel. The fixture `tests/fixtures/c/forge.c`
+//! does exactly that, as an attacker would: it finds the channel among its descriptors, writes a
+//! reply frame the test prepared (a file whose path is its first argument) and waits to be
+//! killed. Every forged reply must be a "malformed reply" error naming the function and the
+//! library, the forging worker killed and replaced, and the next query answered:
+//!
+//! * an Arrow IPC reply whose LZ4 or ZSTD buffers claim 64 TiB uncompressed (it used to abort
+//!   `udfsql --isolate` with `memory allocation of 70368744177664 bytes failed`);
+//! * well-formed replies the in-process path refuses: a NULL from a v1 function, a value in a
+//!   STRICT row, a decimal over its precision (also as a list item), a result of another type,
+//!   a dictionary-encoded result;
+//! * and mutated replies thrown at the decoder with a fixed seed, under an address-space limit
+//!   (`udf_engine::isolation::fuzz_worker_replies`).
+#![forbid(unsafe_code)]
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::array::{
+    ArrayRef, Decimal128Array, DictionaryArray, Int64Array, ListArray, RecordBatch, StringArray,
+};
+use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
+use datafusion::arrow::datatypes::{DataType, Field, Int32Type, Schema};
+use datafusion::arrow::ipc::CompressionType;
+use datafusion::arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use udf_engine::{Isolation, WorkerLimits};
+use udf_tests::{c_library, expect, fixture_dir, query, rows, udfsql, udfsql_worker};
+
+/// Held by every test that starts workers in this process (their pids are compared).
+static WORKERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn forge_library() -> PathBuf {
+    c_library("forge", "forge.c", &[])
+}
+
+fn forge_v1_library() -> PathBuf {
+    c_library("forge_v1", "forge.c", &["V1"])
+}
+
+/// The IPC stream of a one-column batch holding `array`, as a worker writes it (or compressed).
+fn ipc_stream(array: &ArrayRef, options: IpcWriteOptions) -> Vec<u8> {
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "v",
+        array.data_type().clone(),
+        true,
+    )]));
+    let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::clone(array)]).unwrap();
+    let mut out = Vec::new();
+    let mut writer = StreamWriter::try_new_with_options(&mut out, &schema, options).unwrap();
+    writer.write(&batch).unwrap();
+    writer.finish().unwrap();
+    drop(writer);
+    out
+}
+
+/// A result frame around an IPC stream: `udfw`, the body length, `R`, 7 zero bytes, the stream.
+fn result_frame(stream: &[u8]) -> Vec<u8> {
+    let mut frame = b"udfw".to_vec();
+    frame.extend_from_slice(&(8 + stream.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&[b'R', 0, 0, 0, 0, 0, 0, 0]);
+    frame.extend_from_slice(stream);
+    frame
+}
+
+/// Sets the 8-byte "uncompressed length" that starts every compressed buffer of the record
+/// batch in `stream` to `claim`; returns how many buffers were patched. The offsets come from
+/// the batch's own metadata, read with arrow's flatbuffer reader.
+fn claim_uncompressed(stream: &mut [u8], claim: u64) -> usize {
+    // Messages: 0xffffffff, metadata length, metadata, body. The schema first, then the batch.
+    let message_at = |at: usize| -> (usize, usize) {
+        let meta = u32::from_le_bytes(stream[at + 4..at + 8].try_into().unwrap()) as usize;
+        (at + 8, meta)
+    };
+    let (schema_meta, schema_len) = message_at(0);
+    let schema =
+        datafusion::arrow::ipc::root_as_message(&stream[schema_meta..][..schema_len]).unwrap();
+    let batch_at = schema_meta + schema_len + schema.bodyLength() as usize;
+    let (batch_meta, batch_len) = message_at(batch_at);
+    let message =
+        datafusion::arrow::ipc::root_as_message(&stream[batch_meta..][..batch_len]).unwrap();
+    let body = batch_meta + batch_len;
+    let record = message.header_as_record_batch().unwrap();
+    assert!(record.compression().is_some(), "the stream is compressed");
+    let at: Vec<usize> = record
+        .buffers()
+        .unwrap()
+        .iter()
+        .filter(|b| b.length() >= 8)
+        .map(|b| body + b.offset() as usize)
+        .collect();
+    for &at in &at {
+        stream[at..at + 8].copy_from_slice(&claim.to_le_bytes());
+    }
+    at.len()
+}
+
+/// A file holding `bytes`, for the fixture to forge with: `target/udf-fixtures/forged-PID/name`.
+fn frame_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = fixture_dir().join(format!("forged-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// 64 TiB: what the reported attack claims, 70368744177664 bytes.
+const SIXTY_FOUR_TIB: u64 = 64 << 40;
+
+/// A reply whose compressed Int64 buffers claim 64 TiB once decompressed.
+fn bomb_frame(codec: CompressionType, rows: usize) -> Vec<u8> {
+    let array: ArrayRef = Arc::new(Int64Array::from(
+        (0..rows as i64).map(|i| i * 7).collect::<Vec<_>>(),
+    ));
+    let options = IpcWriteOptions::default()
+        .try_with_compression(Some(codec))
+        .expect("arrow-ipc is built with lz4 and zstd");
+    let mut stream = ipc_stream(&array, options);
+    assert!(claim_uncompressed(&mut stream, SIXTY_FOUR_TIB) > 0);
+    result_frame(&stream)
+}
+
+fn canonical(path: &Path) -> String {
+    path.canonicalize().unwrap().display().to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. The decompression bomb, against the real `udfsql --isolate`.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_compressed_reply_claiming_64_tib_is_a_malformed_reply_not_an_abort() {
+    let library = forge_library();
+    for (codec, name) in [
+        (CompressionType::LZ4_FRAME, "lz4"),
+        (CompressionType::ZSTD, "zstd"),
+    ] {
+        let file = frame_file(&format!("bomb-{name}.frame"), &bomb_frame(codec, 1));
+        let forged = format!("SELECT forge('{}', 1) AS x", file.display());
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -c 0 && exec \"$0\" \"$@\"")
+            .arg(udfsql())
+            .args(["--isolate", "--call-timeout", "20", "--plugin"])
+            .arg(&library)
+            .args(["--format", "csv", "-c", &forged, "-c", "SELECT ok(41) AS y"])
+            .env_remove("UDFSQL_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run udfsql");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.signal(),
+            None,
+            "{name}: udfsql was killed by a signal (the host aborted); stderr:\n{stderr}"
+        );
+        assert_eq!(output.status.code(), Some(1), "{name}: stderr:\n{stderr}");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "y\n42\n",
+            "{name}: the next statement answers with a new worker; stderr:\n{stderr}"
+        );
+        let named = format!("plugin function forge ({})", canonical(&library));
+        assert!(
+            stderr.contains(&named)
+                && stderr.contains("malformed reply")
+                && stderr.contains("compression")
+                && stderr.contains("the worker was killed"),
+            "{name}: {stderr}"
+        );
+        assert!(!stderr.contains("memory allocation"), "{name}: {stderr}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Well-formed forgeries, through the API in this process.
+// ---------------------------------------------------------------------------------------------
+
+/// A session with `t(x BIGINT)` = 1, NULL, 3 in one batch and one partition (one call of three
+/// rows), and `u(x BIGINT)` = 1, 2, 3.
+fn session() -> SessionContext {
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+    for (name, values) in [
+        ("t", [Some(1), None, Some(3)]),
+        ("u", [Some(1), Some(2), Some(3)]),
+    ] {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(Int64Array::from(values.to_vec()))],
+        )
+        .unwrap();
+        let table = MemTable::try_new(schema, vec![vec![batch]]).unwrap();
+        ctx.register_table(name, Arc::new(table)).unwrap();
+    }
+    ctx
+}
+
+fn isolated() -> Isolation {
+    Isolation::Process(WorkerLimits {
+        call_timeout: Duration::from_secs(20),
+        worker_program: Some(udfsql_worker()),
+        workers: Some(1),
+        ..Default::default()
+    })
+}
+
+/// The live worker of the pool (there is one: `workers: Some(1)`), waiting for a replacement to
+/// start if needed.
+async fn the_worker(ctx: &SessionContext, ok_sql: &str) -> u32 {
+    // A call makes sure the pool's worker is up.
+    assert!(!rows(ctx, ok_sql).await.is_empty());
+    let live = udf_engine::live_worker_pids();
+    assert_eq!(live.len(), 1, "one live worker: {live:?}");
+    live[0]
+}
+
+/// Runs `sql` (which makes the fixture forge `frame`) and checks the refusal: a malformed reply
+/// naming `function` and `library` and saying `says`; the forging worker killed and gone; the
+/// next query (`ok_sql`, answering `ok_rows`) served by a new worker.
+async fn refused(
+    ctx: &SessionContext,
+    library: &Path,
+    function: &str,
+    sql: &str,
+    says: &str,
+    ok_sql: &str,
+    ok_rows: &[&[&str]],
+) {
+    let before = the_worker(ctx, ok_sql).await;
+    let error = match query(ctx, sql).await {
+        Ok(batches) => panic!("{function}: the forged reply was accepted: {batches:?}"),
+        Err(e) => e.to_string(),
+    };
+    let named = format!("plugin function {function} ({})", canonical(library));
+    assert!(
+        error.contains(&named)
+            && error.contains("malformed reply")
+            && error.contains("the worker was killed"),
+        "{function}: {error}"
+    );
+    assert!(error.contains(says), "{function}: `{says}` in: {error}");
+    assert!(
+        !udf_engine::live_worker_pids().contains(&before),
+        "{function}: the forging worker {before} was killed and reaped"
+    );
+    assert_eq!(rows(ctx, ok_sql).await, expect(ok_rows), "{function}");
+    let after = the_worker(ctx, ok_sql).await;
+    assert_ne!(after, before, "{function}: a new worker answers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_null_from_a_v1_function_is_refused() {
+    let _serial = WORKERS.lock().await;
+    let library = forge_v1_library();
+    let ctx = session();
+    let _registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
+    // Well-formed, three rows of the declared BIGINT: but a v1 function never returns NULL.
+    let reply: ArrayRef = Arc::new(Int64Array::from(vec![Some(2), None, Some(4)]));
+    let file = frame_file(
+        "v1-null.frame",
+        &result_frame(&ipc_stream(&reply, IpcWriteOptions::default())),
+    );
+    let sql = format!("SELECT forge_v1('{}', x) AS v FROM u", file.display());
+    // The v1 library's one function also answers normally when its file is missing.
+    let ok_sql = "SELECT forge_v1('/nonexistent', x) AS v FROM u";
+    refused(
+        &ctx,
+        &library,
+        "forge_v1",
+        &sql,
+        "declared never to return NULL",
+        ok_sql,
+        &[&["2"], &["3"], &["4"]],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_values_the_in_process_rules_refuse_are_refused() {
+    let _serial = WORKERS.lock().await;
+    let library = forge_library();
+    let ctx = session();
+    let _registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
+    let ok_sql = "SELECT ok(x) AS v FROM t";
+    let ok_rows: &[&[&str]] = &[&["2"], &["NULL"], &["4"]];
+    // An honest isolated result with a STRICT row passes the host's rules.
+    assert_eq!(rows(&ctx, ok_sql).await, expect(ok_rows));
+
+    let frame = |array: ArrayRef| result_frame(&ipc_stream(&array, IpcWriteOptions::default()));
+    let decimals = |values: Vec<Option<i128>>| -> ArrayRef {
+        Arc::new(
+            Decimal128Array::from(values)
+                .with_precision_and_scale(5, 2)
+                .unwrap(),
+        )
+    };
+    let cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
+        (
+            // x is NULL in row 1 and does not take NULLs: that row is NULL, whatever was sent.
+            "strict",
+            "forge",
+            frame(Arc::new(Int64Array::from(vec![2, 20, 4]))),
+            "row 1 is not NULL, but an argument that does not take NULLs is NULL there",
+        ),
+        (
+            // Row 1 is NULL (STRICT) in every forged decimal reply: only the precision is wrong.
+            "decimal",
+            "forge_dec",
+            frame(decimals(vec![Some(1_234_567), None, Some(100)])),
+            "row 0 holds 1234567 (unscaled), which has more than the 5 digits of the declared \
+             DECIMAL(5,2)",
+        ),
+        (
+            "decimal-list-item",
+            "forge_dec_list",
+            frame(Arc::new(ListArray::new(
+                Arc::new(Field::new("item", DataType::Decimal128(5, 2), true)),
+                OffsetBuffer::new(vec![0, 2, 2, 2].into()),
+                decimals(vec![Some(200), Some(1_234_567)]),
+                Some(NullBuffer::from(vec![true, false, true])),
+            ))),
+            "list item 1 of row 0 holds 1234567 (unscaled), which has more than the 5 digits",
+        ),
+        (
+            "type",
+            "forge",
+            frame(Arc::new(StringArray::from(vec!["2", "3", "4"]))),
+            "a result of type Utf8 where Int64 was declared",
+        ),
+        (
+            "dictionary",
+            "forge",
+            frame(Arc::new(
+                vec![Some("a"), None, Some("b")]
+                    .into_iter()
+                    .collect::<DictionaryArray<Int32Type>>(),
+            )),
+            "dictionar",
+        ),
+        (
+            "rows",
+            "forge",
+            frame(Arc::new(Int64Array::from(vec![2, 3, 4, 5]))),
+            "4 rows for a call over 3",
+        ),
+        (
+            "lz4",
+            "forge",
+            bomb_frame(CompressionType::LZ4_FRAME, 3),
+            "compression",
+        ),
+    ];
+    for (name, function, bytes, says) in cases {
+        let file = frame_file(&format!("{name}.frame"), &bytes);
+        let sql = format!("SELECT {function}('{}', x) AS v FROM t", file.display());
+        refused(&ctx, &library, function, &sql, says, ok_sql, ok_rows).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Mutated replies, under an address-space limit.
+// ---------------------------------------------------------------------------------------------
+
+/// The environment variable that makes this test binary run the fuzzer itself (in the child
+/// that the test below starts under `ulimit -v`).
+const FUZZ_CHILD: &str = "UDF_FORGED_REPLIES_FUZZ_CHILD";
+
+/// Address space for the fuzzing child, in KiB: the test binary and its libraries, with room for
+/// honest decoding, but far less than one absurd allocation.
+const FUZZ_ADDRESS_SPACE_KIB: u64 = 4 << 20;
+
+#[test]
+fn mutated_replies_are_refused_or_sound_under_a_memory_limit() {
+    if std::env::var_os(FUZZ_CHILD).is_some() {
+        let report = udf_engine::isolation::fuzz_worker_replies(0x00f0_29ed, 6000);
+        println!("{report:?}");
+        assert!(report.clean(), "{report:#?}");
+        assert!(
+            report.accepted > 100 && report.refused > 1000,
+            "{report:#?}"
+        );
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -c 0 && ulimit -v {FUZZ_ADDRESS_SPACE_KIB} && exec \"$0\" \"$@\""
+        ))
+        .arg(&exe)
+        .args([
+            "--exact",
+            "mutated_replies_are_refused_or_sound_under_a_memory_limit",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(FUZZ_CHILD, "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "the fuzzing child failed ({:?}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(stdout.contains("FuzzReport"), "{stdout}");
+}
