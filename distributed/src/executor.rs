@@ -10,11 +10,19 @@ use ballista_executor::executor_process::{ExecutorProcessConfig, start_executor_
 use clap::Parser;
 
 use crate::codec::{PluginLogicalCodec, PluginPhysicalCodec};
-use crate::resolve::{Resolver, Role};
+use udf_engine::WorkerLimits;
+
+use crate::resolve::{IsolationFloor, Resolver, Role};
 use crate::scheduler::Policy;
 
 /// Ballista's executor with udfsql's plugin functions: the libraries that clients plan with are
 /// loaded from --plugin-dir, and only when their SHA-256 digest is the client's.
+///
+/// Isolation is this executor's to decide, not the plan's: --isolate and the worker limits are a
+/// floor. A plan may ask for stricter limits (they are kept) but never for less: a function the
+/// plan runs in-process runs in workers under --isolate, and an isolated function runs with the
+/// shorter call time limit, the smaller memory limit (a plan asking for none gets
+/// --worker-memory) and the fewer workers of the plan's and this executor's.
 #[derive(Debug, Parser)]
 #[command(name = "udfsql-executor", version)]
 pub struct Args {
@@ -22,6 +30,34 @@ pub struct Args {
     /// (same SHA-256); the directories and files must not be writable by other users.
     #[arg(long = "plugin-dir", value_name = "DIR")]
     pub plugin_dirs: Vec<PathBuf>,
+    /// Evaluate every plugin function in worker processes, whatever the plan says: a plugin
+    /// that crashes, exits, hangs or runs out of memory fails its query, and the executor lives
+    /// on. Without it, a function runs in-process when its client runs it in-process.
+    #[arg(long)]
+    pub isolate: bool,
+    /// Isolated calls: the longest one call (one batch) may run before its worker is killed, in
+    /// seconds. A plan asking for longer gets this.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub call_timeout: f64,
+    /// Isolated calls: each worker's memory (address space) limit in MiB; 0 for none. A plan
+    /// asking for more, or for no limit, gets this.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    pub worker_memory: u64,
+    /// Isolated calls: the most worker processes per library (default: the number of CPUs). A
+    /// plan asking for more gets this.
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Loaded plugin functions kept (each with its worker processes, if isolated); past it the
+    /// least recently used is dropped (its library unmapped, its workers ended, once no running
+    /// task holds it) and loaded again when a plan needs it.
+    #[arg(long, value_name = "N", default_value_t = crate::DEFAULT_FUNCTION_CACHE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub function_cache: usize,
+    /// Seconds a failure to load a plugin function (a missing library, another digest) is
+    /// remembered: tasks meeting it fail at once, without reading the file again; after it, the
+    /// next task tries again (0: never remembered).
+    #[arg(long, value_name = "SECS", default_value_t = crate::DEFAULT_FAILURE_TTL.as_secs_f64())]
+    pub load_failure_ttl: f64,
     /// Scheduler host.
     #[arg(long, default_value = "localhost")]
     pub scheduler_host: String,
@@ -95,7 +131,31 @@ async fn run(args: Args) -> Result<()> {
         "executor {} at {host}:{}",
         config.executor_id, args.bind_grpc_port
     );
-    let resolver = Arc::new(Resolver::new(node, Role::Evaluate, loader));
+    let limits = WorkerLimits::from_flags(args.call_timeout, args.worker_memory, args.workers)
+        .map_err(anyhow::Error::msg)?;
+    let failure_ttl = Duration::try_from_secs_f64(args.load_failure_ttl).map_err(|_| {
+        anyhow::anyhow!(
+            "--load-failure-ttl {}: expected seconds, 0 or more",
+            args.load_failure_ttl
+        )
+    })?;
+    tracing::info!(
+        isolate = args.isolate,
+        call_timeout = ?limits.call_timeout,
+        worker_memory_mib = ?limits.memory_mib,
+        workers = ?limits.workers,
+        function_cache = args.function_cache,
+        load_failure_ttl = ?failure_ttl,
+        "isolation floor: plans may ask for stricter limits, never for less"
+    );
+    let resolver = Arc::new(
+        Resolver::new(node, Role::Evaluate, loader)
+            .with_floor(IsolationFloor {
+                isolate: args.isolate,
+                limits,
+            })
+            .with_cache(args.function_cache, failure_ttl),
+    );
     config.bind_host = args.bind_host;
     config.external_host = args.external_host;
     config.port = args.bind_port;

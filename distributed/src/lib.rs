@@ -16,9 +16,11 @@
 //!   on 127.0.0.1 (tests, benchmarks, trying it on one machine).
 #![forbid(unsafe_code)]
 
+pub mod cache;
 mod client;
 mod codec;
 pub mod executor;
+pub mod fuzz;
 pub mod local;
 mod resolve;
 pub mod scheduler;
@@ -26,9 +28,11 @@ mod spec;
 
 pub use client::{CONNECT_TIMEOUT, connect, session};
 pub use codec::{PluginLogicalCodec, PluginPhysicalCodec};
-pub use local::{ExecutorSpec, LocalCluster};
-pub use resolve::{RemotePluginUdf, Resolver, Role};
-pub use spec::{IsolationSpec, MAGIC, PluginSpec};
+pub use local::{ClusterOptions, ExecutorSpec, LocalCluster};
+pub use resolve::{
+    DEFAULT_FAILURE_TTL, DEFAULT_FUNCTION_CACHE, IsolationFloor, RemotePluginUdf, Resolver, Role,
+};
+pub use spec::{IsolationSpec, MAGIC, MAX_SPEC_BYTES, PluginSpec};
 
 /// Logs to standard error, filtered by `$RUST_LOG` if set, else by `default` (`info`, ...).
 pub fn init_logging(default: &str) {

@@ -24,6 +24,15 @@ pub struct ExecutorSpec {
     pub vcores: usize,
 }
 
+/// More arguments for the processes of a [`LocalCluster`].
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// Added to `udfsql-scheduler`'s arguments (`--plugin-dir DIR`, ...).
+    pub scheduler_args: Vec<String>,
+    /// Added to every `udfsql-executor`'s arguments (`--isolate`, `--worker-memory MIB`, ...).
+    pub executor_args: Vec<String>,
+}
+
 /// A scheduler and executors running as child processes; killed when dropped unless
 /// [`shutdown`](LocalCluster::shutdown) ended them first.
 #[derive(Debug)]
@@ -42,22 +51,31 @@ impl LocalCluster {
     /// `target/debug`); logs and the executors' work directories go to `dir`. Returns once every
     /// executor serves its ports (it registers with the scheduler before it does).
     pub fn start(programs: &Path, dir: &Path, executors: &[ExecutorSpec]) -> Result<LocalCluster> {
+        Self::start_with(programs, dir, executors, &ClusterOptions::default())
+    }
+
+    /// [`start`](LocalCluster::start) with more arguments for the processes.
+    pub fn start_with(
+        programs: &Path,
+        dir: &Path,
+        executors: &[ExecutorSpec],
+        options: &ClusterOptions,
+    ) -> Result<LocalCluster> {
         let scheduler_port = free_port()?;
-        let mut scheduler = Process::start(
-            "scheduler",
-            &programs.join("udfsql-scheduler"),
-            &[
-                "--bind-host",
-                "127.0.0.1",
-                "--external-host",
-                "127.0.0.1",
-                "--bind-port",
-                &scheduler_port.to_string(),
-                "--task-distribution",
-                "round-robin",
-            ],
-            dir,
-        )?;
+        let port = scheduler_port.to_string();
+        let mut args = vec![
+            "--bind-host",
+            "127.0.0.1",
+            "--external-host",
+            "127.0.0.1",
+            "--bind-port",
+            &port,
+            "--task-distribution",
+            "round-robin",
+        ];
+        args.extend(options.scheduler_args.iter().map(String::as_str));
+        let mut scheduler =
+            Process::start("scheduler", &programs.join("udfsql-scheduler"), &args, dir)?;
         scheduler.wait_for_port(scheduler_port)?;
         let mut started = Vec::new();
         for spec in executors {
@@ -65,33 +83,40 @@ impl LocalCluster {
             std::fs::create_dir_all(&work)
                 .with_context(|| format!("cannot create {}", work.display()))?;
             let (flight, grpc) = (free_port()?, free_port()?);
-            let mut executor = Process::start(
+            let (flight_port, grpc_port, vcores) = (
+                flight.to_string(),
+                grpc.to_string(),
+                spec.vcores.to_string(),
+            );
+            let (work_dir, plugin_dir) = (
+                work.display().to_string(),
+                spec.plugin_dir.display().to_string(),
+            );
+            let mut args = vec![
+                "--id",
                 &spec.id,
-                &programs.join("udfsql-executor"),
-                &[
-                    "--id",
-                    &spec.id,
-                    "--bind-host",
-                    "127.0.0.1",
-                    "--external-host",
-                    "127.0.0.1",
-                    "--bind-port",
-                    &flight.to_string(),
-                    "--bind-grpc-port",
-                    &grpc.to_string(),
-                    "--scheduler-host",
-                    "127.0.0.1",
-                    "--scheduler-port",
-                    &scheduler_port.to_string(),
-                    "--vcores",
-                    &spec.vcores.to_string(),
-                    "--work-dir",
-                    &work.display().to_string(),
-                    "--plugin-dir",
-                    &spec.plugin_dir.display().to_string(),
-                ],
-                dir,
-            )?;
+                "--bind-host",
+                "127.0.0.1",
+                "--external-host",
+                "127.0.0.1",
+                "--bind-port",
+                &flight_port,
+                "--bind-grpc-port",
+                &grpc_port,
+                "--scheduler-host",
+                "127.0.0.1",
+                "--scheduler-port",
+                &port,
+                "--vcores",
+                &vcores,
+                "--work-dir",
+                &work_dir,
+                "--plugin-dir",
+                &plugin_dir,
+            ];
+            args.extend(options.executor_args.iter().map(String::as_str));
+            let mut executor =
+                Process::start(&spec.id, &programs.join("udfsql-executor"), &args, dir)?;
             executor.wait_for_port(grpc)?;
             executor.wait_for_port(flight)?;
             started.push(executor);
@@ -145,6 +170,11 @@ impl Process {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether it is still running (not exited, not killed).
+    pub fn is_running(&mut self) -> Result<bool> {
+        Ok(self.child.try_wait()?.is_none())
     }
 
     /// The last lines of its log.

@@ -2,10 +2,11 @@
 //! its own plugin directories, pinned by the client's digest; the scheduler only plans with the
 //! signature the client sent and never maps plugin code.
 
-use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
 use datafusion::common::{DataFusionError, Result};
@@ -13,9 +14,108 @@ use datafusion::logical_expr::{
     ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
 };
 use parking_lot::Mutex;
-use udf_engine::{LoadError, PluginLoader, PluginUdf, Sha256Digest};
+use udf_engine::{LoadError, PluginLoader, PluginUdf, Sha256Digest, WorkerLimits};
 
-use crate::spec::PluginSpec;
+use crate::cache::{FailureCache, Lru};
+use crate::spec::{IsolationSpec, PluginSpec};
+
+/// How many loaded functions (each with its worker pool, if isolated) a node keeps by default,
+/// and how many file digests a scheduler keeps.
+pub const DEFAULT_FUNCTION_CACHE: usize = 64;
+
+/// How long a node remembers by default that a function could not be loaded.
+pub const DEFAULT_FAILURE_TTL: Duration = Duration::from_secs(10);
+
+/// What an executor insists on, whatever a plan asks: a plan can make isolation stricter, never
+/// looser.
+///
+/// * With `isolate`, every plugin function runs in worker processes, also one the plan (its
+///   client) runs in-process.
+/// * Every isolated function runs with limits no looser than `limits`: the shorter call time
+///   limit, the smaller memory limit (a plan asking for none gets the floor's), the fewer
+///   workers (`limits.workers` of `None` means the node's number of CPUs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsolationFloor {
+    /// Isolate every function, whatever the plan says.
+    pub isolate: bool,
+    /// The loosest limits a plan may ask for.
+    pub limits: WorkerLimits,
+}
+
+impl IsolationFloor {
+    /// The limits a function whose plan asks for `asked` runs with (`None`: in-process), on a
+    /// node with `target_partitions` CPUs.
+    pub fn limits_for(
+        &self,
+        asked: Option<&IsolationSpec>,
+        target_partitions: usize,
+    ) -> Option<WorkerLimits> {
+        let floor = &self.limits;
+        let most_workers = floor.workers.unwrap_or(target_partitions).max(1);
+        let Some(asked) = asked else {
+            return self.isolate.then(|| floor.clone());
+        };
+        Some(WorkerLimits {
+            call_timeout: Duration::from_millis(asked.call_timeout_ms.max(1))
+                .min(floor.call_timeout),
+            memory_mib: match (asked.memory_mib, floor.memory_mib) {
+                (Some(a), Some(f)) => Some(a.min(f)),
+                (a, None) => a,
+                (None, f) => f,
+            },
+            workers: match asked.workers {
+                Some(a) => Some(a.min(most_workers)),
+                None => floor.workers,
+            },
+            worker_program: floor.worker_program.clone(),
+        })
+    }
+}
+
+/// A file as the scheduler last hashed it: a digest is reused only for the same file, unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FileIdentity {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileIdentity {
+    fn of(path: &Path, metadata: &std::fs::Metadata) -> FileIdentity {
+        FileIdentity {
+            path: path.to_path_buf(),
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+            size: metadata.size(),
+            mtime: (metadata.mtime(), metadata.mtime_nsec()),
+            ctime: (metadata.ctime(), metadata.ctime_nsec()),
+        }
+    }
+}
+
+/// What a node keeps between decodes, each bounded.
+#[derive(Debug)]
+struct Caches {
+    /// Functions loaded (executors), most recently used kept.
+    loaded: Lru<PluginSpec, Arc<ScalarUDF>>,
+    /// Why a function could not be loaded, for a short time.
+    failed: FailureCache<PluginSpec>,
+    /// Digests of the files the scheduler checked.
+    digests: Lru<FileIdentity, Sha256Digest>,
+}
+
+impl Caches {
+    fn new(capacity: usize, failure_ttl: Duration) -> Caches {
+        Caches {
+            loaded: Lru::new(capacity),
+            failed: FailureCache::new(capacity, failure_ttl),
+            digests: Lru::new(capacity),
+        }
+    }
+}
 
 /// What a node does with the plugin functions of the plans it decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,9 +137,11 @@ pub struct Resolver {
     role: Role,
     loader: Arc<PluginLoader>,
     target_partitions: usize,
-    /// Functions loaded so far, by spec: a plan is decoded once per task, the library is hashed
-    /// and mapped once. The libraries stay mapped for the life of the process.
-    loaded: Mutex<HashMap<PluginSpec, Arc<ScalarUDF>>>,
+    /// What this node insists on (executors); `None`: the plan decides (clients).
+    floor: Option<IsolationFloor>,
+    /// Functions loaded, failures and digests, by spec and file: a plan is decoded once per task,
+    /// a library is hashed and mapped once while it stays in the cache.
+    caches: Mutex<Caches>,
 }
 
 impl Resolver {
@@ -52,8 +154,29 @@ impl Resolver {
             role,
             loader,
             target_partitions,
-            loaded: Mutex::new(HashMap::new()),
+            floor: None,
+            caches: Mutex::new(Caches::new(DEFAULT_FUNCTION_CACHE, DEFAULT_FAILURE_TTL)),
         }
+    }
+
+    /// The resolver with `floor` applied to every function it loads.
+    pub fn with_floor(mut self, floor: IsolationFloor) -> Resolver {
+        self.floor = Some(floor);
+        self
+    }
+
+    /// The resolver keeping at most `capacity` loaded functions (with their worker pools; the
+    /// least recently used is dropped first) and as many file digests, and remembering a
+    /// failure to load for `failure_ttl`.
+    pub fn with_cache(self, capacity: usize, failure_ttl: Duration) -> Resolver {
+        *self.caches.lock() = Caches::new(capacity, failure_ttl);
+        self
+    }
+
+    /// The number of loaded functions held, and of failures remembered (some may have expired).
+    pub fn cached(&self) -> (usize, usize) {
+        let caches = self.caches.lock();
+        (caches.loaded.len(), caches.failed.len())
     }
 
     /// The node this resolver names in its errors.
@@ -77,27 +200,57 @@ impl Resolver {
                 None,
             )?)));
         }
-        if let Some(udf) = self.loaded.lock().get(spec) {
-            return Ok(Arc::clone(udf));
-        }
-        match self.load(spec) {
-            Ok(udf) => {
-                let udf = Arc::new(ScalarUDF::new_from_impl(udf));
-                self.loaded.lock().insert(spec.clone(), Arc::clone(&udf));
-                Ok(udf)
+        let remembered = {
+            let mut caches = self.caches.lock();
+            if let Some(udf) = caches.loaded.get(spec) {
+                return Ok(Arc::clone(udf));
             }
-            Err(reason) => {
-                let message = format!(
-                    "plugin function {} cannot run on {}: {reason}",
-                    spec.sql_name, self.node
-                );
-                tracing::warn!(function = %spec.sql_name, library = %spec.library, "{message}");
-                Ok(Arc::new(ScalarUDF::new_from_impl(RemotePluginUdf::new(
-                    spec.clone(),
-                    Some(message),
-                )?)))
-            }
-        }
+            caches.failed.get(spec, Instant::now())
+        };
+        let message = match remembered {
+            Some(message) => message,
+            // Loaded outside the lock: hashing, mapping and starting workers take a while, and
+            // a slow load must not hold up the decoding of other tasks.
+            None => match self.load(spec) {
+                Ok(udf) => {
+                    let udf = Arc::new(ScalarUDF::new_from_impl(udf));
+                    let evicted = self
+                        .caches
+                        .lock()
+                        .loaded
+                        .insert(spec.clone(), Arc::clone(&udf));
+                    if let Some((old, _)) = evicted {
+                        tracing::debug!(
+                            function = %old.sql_name,
+                            library = %old.library,
+                            "plugin function dropped from the cache (least recently used)"
+                        );
+                    }
+                    return Ok(udf);
+                }
+                Err(reason) => {
+                    let message = format!(
+                        "plugin function {} cannot run on {}: {reason}",
+                        crate::spec::shorten(&spec.sql_name),
+                        self.node
+                    );
+                    tracing::warn!(
+                        function = %crate::spec::shorten(&spec.sql_name),
+                        library = %crate::spec::shorten(&spec.library),
+                        "{message}"
+                    );
+                    self.caches
+                        .lock()
+                        .failed
+                        .insert(spec.clone(), message.clone(), Instant::now());
+                    message
+                }
+            },
+        };
+        Ok(Arc::new(ScalarUDF::new_from_impl(RemotePluginUdf::new(
+            spec.clone(),
+            Some(message),
+        )?)))
     }
 
     /// The library file `spec` names in the plugin directories (under udfsql's rules for them),
@@ -138,10 +291,27 @@ impl Resolver {
 
     /// Checks, without loading it, that the library `spec` names is in the plugin directories
     /// with the client's digest.
+    ///
+    /// Only a regular file is opened, without blocking (a FIFO or device in the directory is
+    /// refused, never waited on), and its digest is kept for as long as the file keeps its
+    /// path, device, inode, size, modification and change times.
     fn check_file(&self, spec: &PluginSpec) -> std::result::Result<(), String> {
         let (path, pin) = self.find(spec)?;
-        let actual = Sha256Digest::of_file(&path)
+        let file = udf_engine::open_regular_file(&path).map_err(|e| e.to_string())?;
+        let metadata = file
+            .metadata()
             .map_err(|e| format!("cannot read its library {}: {e}", path.display()))?;
+        let identity = FileIdentity::of(&path, &metadata);
+        let known = self.caches.lock().digests.get(&identity).copied();
+        let actual = match known {
+            Some(digest) => digest,
+            None => {
+                let digest = Sha256Digest::of_reader(&file)
+                    .map_err(|e| format!("cannot read its library {}: {e}", path.display()))?;
+                self.caches.lock().digests.insert(identity, digest);
+                digest
+            }
+        };
         if actual != pin {
             return Err(mismatch(&path, &actual, spec));
         }
@@ -188,7 +358,11 @@ impl Resolver {
                 spec.function
             ));
         }
-        if let Some(limits) = spec.worker_limits() {
+        let limits = match &self.floor {
+            Some(floor) => floor.limits_for(spec.isolation.as_ref(), self.target_partitions),
+            None => spec.worker_limits(),
+        };
+        if let Some(limits) = limits {
             let pool = udf_engine::isolation::pool_for(&library, &limits, self.target_partitions)
                 .map_err(|reason| format!("cannot start its isolated workers: {reason}"))?;
             udf = udf.with_worker_pool(pool);
@@ -234,14 +408,7 @@ pub struct RemotePluginUdf {
 
 impl RemotePluginUdf {
     fn new(spec: PluginSpec, unavailable: Option<String>) -> Result<RemotePluginUdf> {
-        let return_type = udf_abi::type_string::parse(&spec.return_type)
-            .or_else(|_| DataType::from_str(&spec.return_type))
-            .map_err(|e| {
-                DataFusionError::Plan(format!(
-                    "plugin function {}: the plan's return type {:?} cannot be read: {e}",
-                    spec.sql_name, spec.return_type
-                ))
-            })?;
+        let return_type = spec.return_data_type()?;
         let volatility = spec.volatility()?;
         let signature = if spec.arguments == 0 {
             Signature::nullary(volatility)
@@ -306,5 +473,81 @@ impl ScalarUDFImpl for RemotePluginUdf {
                 )
             }),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn floor(isolate: bool, memory_mib: Option<u64>, workers: Option<usize>) -> IsolationFloor {
+        IsolationFloor {
+            isolate,
+            limits: WorkerLimits {
+                call_timeout: Duration::from_secs(5),
+                memory_mib,
+                workers,
+                worker_program: None,
+            },
+        }
+    }
+
+    fn asked(
+        call_timeout_ms: u64,
+        memory_mib: Option<u64>,
+        workers: Option<usize>,
+    ) -> IsolationSpec {
+        IsolationSpec {
+            call_timeout_ms,
+            memory_mib,
+            workers,
+        }
+    }
+
+    #[test]
+    fn an_isolating_floor_isolates_a_plan_that_does_not() {
+        let limits = floor(true, Some(300), None).limits_for(None, 8).unwrap();
+        assert_eq!(limits, floor(true, Some(300), None).limits);
+        // Without --isolate, the plan's in-process stays in-process.
+        assert_eq!(floor(false, Some(300), None).limits_for(None, 8), None);
+    }
+
+    #[test]
+    fn a_plan_cannot_loosen_the_limits() {
+        let f = floor(false, Some(300), Some(2));
+        // Looser in every way: no memory limit, a longer time limit, more workers.
+        let limits = f
+            .limits_for(Some(&asked(3_600_000, None, Some(64))), 8)
+            .unwrap();
+        assert_eq!(limits.call_timeout, Duration::from_secs(5));
+        assert_eq!(limits.memory_mib, Some(300));
+        assert_eq!(limits.workers, Some(2));
+        let limits = f
+            .limits_for(Some(&asked(1, Some(100_000), None)), 8)
+            .unwrap();
+        assert_eq!(limits.memory_mib, Some(300));
+        assert_eq!(limits.workers, Some(2));
+    }
+
+    #[test]
+    fn a_plan_can_tighten_the_limits() {
+        let f = floor(true, Some(300), None);
+        let limits = f
+            .limits_for(Some(&asked(250, Some(64), Some(1))), 8)
+            .unwrap();
+        assert_eq!(limits.call_timeout, Duration::from_millis(250));
+        assert_eq!(limits.memory_mib, Some(64));
+        assert_eq!(limits.workers, Some(1));
+        // Workers are capped at the node's CPUs when the floor names no number.
+        let limits = f
+            .limits_for(Some(&asked(250, Some(64), Some(99))), 8)
+            .unwrap();
+        assert_eq!(limits.workers, Some(8));
+        // A floor without a memory limit keeps the plan's.
+        let open = floor(true, None, None);
+        let limits = open
+            .limits_for(Some(&asked(250, Some(64), None)), 8)
+            .unwrap();
+        assert_eq!(limits.memory_mib, Some(64));
     }
 }

@@ -52,7 +52,10 @@ pub struct Args {
     #[arg(long, default_value_t = 300)]
     pub finished_job_data_clean_up_interval_seconds: u64,
     /// Optional: directories holding the plugin libraries. When given, each plan's libraries
-    /// must be here with the client's SHA-256 digest (the files are hashed, never loaded).
+    /// must be here with the client's SHA-256 digest (the files are hashed, never loaded). Only
+    /// regular files are read, opened without blocking (a FIFO or device is refused, never
+    /// waited on); a file's digest is kept while its path, device, inode, size and times stay
+    /// the same.
     #[arg(long = "plugin-dir", value_name = "DIR")]
     pub plugin_dirs: Vec<PathBuf>,
     /// Log filter when $RUST_LOG is not set.

@@ -4,8 +4,10 @@
 //! The bytes are a magic prefix and JSON: readable in a hex dump, stable across builds of
 //! udfsql, and refused (not misread) by a process that does not know the format's version.
 
+use std::str::FromStr;
 use std::time::Duration;
 
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::logical_expr::Volatility;
 use serde::{Deserialize, Serialize};
@@ -14,8 +16,45 @@ use udf_engine::{CallPath, PluginUdf, WorkerLimits};
 /// The prefix of an encoded [`PluginSpec`]; other UDFs' payloads never start with it.
 pub const MAGIC: &[u8] = b"udfsql-plugin-function/1\n";
 
+/// The longest encoded spec [`PluginSpec::decode`] reads (magic included); longer ones are
+/// refused before parsing. A real spec is a few hundred bytes.
+pub const MAX_SPEC_BYTES: usize = 64 * 1024;
+
+/// The deepest JSON nesting a spec may have (a spec nests 2 levels: the spec and its isolation).
+pub const MAX_JSON_DEPTH: usize = 4;
+
+/// The fields of a spec, in the order they are written.
+const FIELDS: [&str; 11] = [
+    "sql_name",
+    "library",
+    "sha256",
+    "function",
+    "abi",
+    "signature",
+    "arguments",
+    "volatility",
+    "call_path",
+    "return_type",
+    "isolation",
+];
+
+/// The longest library file name (Linux's `NAME_MAX`).
+const MAX_LIBRARY_NAME_LEN: usize = 255;
+/// The longest ABI name (`v2.2`).
+const MAX_ABI_LEN: usize = 32;
+/// The longest signature text.
+const MAX_SIGNATURE_LEN: usize = 16 * 1024;
+/// The longest return type text.
+const MAX_RETURN_TYPE_LEN: usize = 8 * 1024;
+/// The deepest nesting of a return type written as Arrow displays it.
+const MAX_TYPE_DEPTH: usize = 2 * udf_abi::type_string::MAX_DEPTH;
+/// The most workers per library a plan may ask for (an executor caps it lower, see
+/// [`IsolationFloor`](crate::IsolationFloor)).
+pub const MAX_WORKERS: usize = 1024;
+
 /// Everything needed to load a plugin function again elsewhere and check that it is the same.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PluginSpec {
     /// The SQL name the function is called by in the plan.
     pub sql_name: String,
@@ -45,6 +84,7 @@ pub struct PluginSpec {
 
 /// The worker limits of an isolated function.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IsolationSpec {
     /// The call time limit, in milliseconds.
     pub call_timeout_ms: u64,
@@ -130,20 +170,200 @@ impl PluginSpec {
     }
 
     /// The spec in `buf`, `None` when `buf` is not one (another UDF's payload), an error when it
-    /// starts like one but cannot be read.
+    /// starts like one but cannot be read or asks for something out of bounds.
+    ///
+    /// The bytes come from the plan, which any client can write: they are refused before parsing
+    /// when over [`MAX_SPEC_BYTES`] or nested deeper than [`MAX_JSON_DEPTH`], unknown fields are
+    /// refused, and every field is checked against its bounds ([`PluginSpec::validate`]). The
+    /// error names the function (`name`, shortened when long) and what was wrong.
     pub fn decode(name: &str, buf: &[u8]) -> Result<Option<PluginSpec>> {
         let Some(json) = buf.strip_prefix(MAGIC) else {
             return Ok(None);
         };
-        let spec: PluginSpec = serde_json::from_slice(json).map_err(|e| {
+        let refuse = |reason: String| {
             DataFusionError::Plan(format!(
-                "plugin function {name}: the plan's description of it cannot be read ({e}); \
-                 are the client and this node the same udfsql version?"
+                "plugin function {}: the plan's description of it {reason}",
+                shorten(name)
+            ))
+        };
+        if buf.len() > MAX_SPEC_BYTES {
+            return Err(refuse(format!(
+                "is {} bytes long, at most {MAX_SPEC_BYTES} are allowed",
+                buf.len()
+            )));
+        }
+        if json_depth_over(json, MAX_JSON_DEPTH) {
+            return Err(refuse(format!(
+                "nests JSON deeper than {MAX_JSON_DEPTH} levels"
+            )));
+        }
+        let spec = Self::from_json(json).map_err(|reason| {
+            refuse(format!(
+                "{reason}; are the client and this node the same udfsql version?"
             ))
         })?;
-        spec.volatility()?;
-        spec.call_path()?;
+        spec.validate()?;
         Ok(Some(spec))
+    }
+
+    /// The spec in `json`, read field by field so that an error names the field.
+    fn from_json(json: &[u8]) -> std::result::Result<PluginSpec, String> {
+        use serde::de::DeserializeOwned;
+        let value: serde_json::Value =
+            serde_json::from_slice(json).map_err(|e| format!("is not JSON ({e})"))?;
+        let serde_json::Value::Object(mut fields) = value else {
+            return Err("is not a JSON object".to_string());
+        };
+        if let Some(unknown) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+            return Err(format!("has an unknown field {:?}", shorten(unknown)));
+        }
+        fn take<T: DeserializeOwned>(
+            fields: &mut serde_json::Map<String, serde_json::Value>,
+            name: &str,
+        ) -> std::result::Result<T, String> {
+            let value = fields
+                .remove(name)
+                .ok_or_else(|| format!("has no field {name}"))?;
+            serde_json::from_value(value).map_err(|e| {
+                format!(
+                    "has a field {name} that cannot be read ({})",
+                    shorten_to(&e.to_string(), 300)
+                )
+            })
+        }
+        Ok(PluginSpec {
+            sql_name: take(&mut fields, "sql_name")?,
+            library: take(&mut fields, "library")?,
+            sha256: take(&mut fields, "sha256")?,
+            function: take(&mut fields, "function")?,
+            abi: take(&mut fields, "abi")?,
+            signature: take(&mut fields, "signature")?,
+            arguments: take(&mut fields, "arguments")?,
+            volatility: take(&mut fields, "volatility")?,
+            call_path: take(&mut fields, "call_path")?,
+            return_type: take(&mut fields, "return_type")?,
+            isolation: match fields.remove("isolation") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(value) => Some(serde_json::from_value(value).map_err(|e| {
+                    format!(
+                        "has a field isolation that cannot be read ({})",
+                        shorten_to(&e.to_string(), 300)
+                    )
+                })?),
+            },
+        })
+    }
+
+    /// Checks every field against its bounds; the error names the function and the field.
+    pub fn validate(&self) -> Result<()> {
+        let refuse = |reason: String| {
+            DataFusionError::Plan(format!(
+                "plugin function {}: the plan's description of it {reason}",
+                shorten(&self.sql_name)
+            ))
+        };
+        let text_fields: [(&str, &str, usize); 6] = [
+            ("SQL name", &self.sql_name, udf_engine::MAX_NAME_LEN),
+            ("library", &self.library, MAX_LIBRARY_NAME_LEN),
+            ("function", &self.function, udf_engine::MAX_NAME_LEN),
+            ("ABI", &self.abi, MAX_ABI_LEN),
+            ("signature", &self.signature, MAX_SIGNATURE_LEN),
+            ("return type", &self.return_type, MAX_RETURN_TYPE_LEN),
+        ];
+        for (what, value, max) in text_fields {
+            if value.is_empty() {
+                return Err(refuse(format!("has an empty {what}")));
+            }
+            if value.len() > max {
+                return Err(refuse(format!(
+                    "has a {what} of {} bytes, at most {max} are allowed",
+                    value.len()
+                )));
+            }
+            if value.contains('\0') {
+                return Err(refuse(format!("has a NUL byte in its {what}")));
+            }
+        }
+        let file = std::path::Path::new(&self.library);
+        if file.file_name().is_none_or(|n| n != file.as_os_str()) {
+            return Err(refuse(format!(
+                "names library {:?}, which is not a file name",
+                shorten(&self.library)
+            )));
+        }
+        if self.sha256.parse::<udf_engine::Sha256Digest>().is_err() {
+            return Err(refuse(format!(
+                "has a SHA-256 digest that is not 64 hexadecimal digits: {:?}",
+                shorten(&self.sha256)
+            )));
+        }
+        if self.arguments > udf_abi::MAX_ARGS {
+            return Err(refuse(format!(
+                "has {} arguments, at most {} are allowed",
+                self.arguments,
+                udf_abi::MAX_ARGS
+            )));
+        }
+        self.volatility()?;
+        self.call_path()?;
+        self.return_data_type()?;
+        if let Some(isolation) = &self.isolation {
+            if isolation.call_timeout_ms == 0 {
+                return Err(refuse("asks for a call time limit of 0 ms".to_string()));
+            }
+            if isolation.memory_mib == Some(0) {
+                return Err(refuse(
+                    "asks for a worker memory limit of 0 MiB".to_string(),
+                ));
+            }
+            match isolation.workers {
+                Some(0) => return Err(refuse("asks for 0 workers".to_string())),
+                Some(n) if n > MAX_WORKERS => {
+                    return Err(refuse(format!(
+                        "asks for {n} workers per library, at most {MAX_WORKERS} are allowed"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The result's Arrow type: the ABI type string, or Arrow's display of a type without one.
+    pub fn return_data_type(&self) -> Result<DataType> {
+        let bad = |e: String| {
+            DataFusionError::Plan(format!(
+                "plugin function {}: the plan's return type {:?} cannot be read: {e}",
+                shorten(&self.sql_name),
+                shorten(&self.return_type)
+            ))
+        };
+        if self.return_type.len() > MAX_RETURN_TYPE_LEN {
+            return Err(bad(format!(
+                "it is {} bytes long, at most {MAX_RETURN_TYPE_LEN} are allowed",
+                self.return_type.len()
+            )));
+        }
+        match udf_abi::type_string::parse(&self.return_type) {
+            Ok(t) => Ok(t),
+            Err(type_string_error) => {
+                let type_string_error =
+                    shorten_to(&type_string_error.to_string(), 300).into_owned();
+                // Arrow's parser recurses once per level: bound the nesting before it runs.
+                if bracket_depth_over(&self.return_type, MAX_TYPE_DEPTH) {
+                    return Err(bad(format!(
+                        "{type_string_error}; as an Arrow type it nests deeper than \
+                         {MAX_TYPE_DEPTH} levels"
+                    )));
+                }
+                DataType::from_str(&self.return_type).map_err(|e| {
+                    bad(format!(
+                        "{type_string_error}; as an Arrow type: {}",
+                        shorten_to(&e.to_string(), 300)
+                    ))
+                })
+            }
+        }
     }
 
     /// The volatility the spec names.
@@ -176,10 +396,72 @@ impl PluginSpec {
 
     fn bad_field(&self, what: &str, value: &str) -> DataFusionError {
         DataFusionError::Plan(format!(
-            "plugin function {}: the plan names an unknown {what} {value:?}",
-            self.sql_name
+            "plugin function {}: the plan names an unknown {what} {:?}",
+            shorten(&self.sql_name),
+            shorten(value)
         ))
     }
+}
+
+/// `text`, cut to its first 120 characters (with `...`) for an error message: names in a plan
+/// come from the client and may be of any length.
+pub(crate) fn shorten(text: &str) -> std::borrow::Cow<'_, str> {
+    shorten_to(text, 120)
+}
+
+/// `text`, cut to its first `keep` characters (with `...`).
+fn shorten_to(text: &str, keep: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(keep) {
+        None => std::borrow::Cow::Borrowed(text),
+        Some((end, _)) => std::borrow::Cow::Owned(format!("{}...", &text[..end])),
+    }
+}
+
+/// Whether JSON `bytes` nests objects and arrays (outside strings) deeper than `max`, in one pass
+/// without allocating.
+fn json_depth_over(bytes: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Whether `text` nests brackets (`(`, `<`, `[`, `{`) deeper than `max`.
+fn bracket_depth_over(text: &str, max: usize) -> bool {
+    let mut depth = 0usize;
+    for c in text.chars() {
+        match c {
+            '(' | '<' | '[' | '{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            ')' | '>' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -241,5 +523,116 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown volatility \"sometimes\""), "{e}");
+    }
+
+    fn encoded(spec: &PluginSpec) -> Vec<u8> {
+        let mut buf = Vec::new();
+        spec.encode(&mut buf).unwrap();
+        buf
+    }
+
+    fn refusal(buf: &[u8]) -> String {
+        PluginSpec::decode("f", buf).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn oversized_and_deeply_nested_specs_are_refused_before_parsing() {
+        let mut huge = MAGIC.to_vec();
+        huge.extend(std::iter::repeat_n(b' ', MAX_SPEC_BYTES));
+        let e = refusal(&huge);
+        assert!(e.contains("plugin function f"), "{e}");
+        assert!(
+            e.contains(&format!("at most {MAX_SPEC_BYTES} are allowed")),
+            "{e}"
+        );
+
+        let mut deep = MAGIC.to_vec();
+        deep.extend(std::iter::repeat_n(b'[', 50_000));
+        let e = refusal(&deep);
+        assert!(e.contains("nests JSON deeper than"), "{e}");
+        // Brackets inside strings are text, not nesting.
+        let mut text = spec();
+        text.signature = "[[[[[[[[[[ {{{{{{{{ \\\" [[[[[[".into();
+        assert_eq!(
+            PluginSpec::decode("f", &encoded(&text)).unwrap(),
+            Some(text)
+        );
+    }
+
+    #[test]
+    fn every_field_is_checked_and_named() {
+        type Change = Box<dyn Fn(&mut PluginSpec)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|s| s.library = "../../lib/libc.so.6".into()),
+                "not a file name",
+            ),
+            (Box::new(|s| s.library = String::new()), "empty library"),
+            (
+                Box::new(|s| s.sha256 = "xyz".into()),
+                "SHA-256 digest that is not 64 hexadecimal",
+            ),
+            (Box::new(|s| s.arguments = 1 << 40), "arguments, at most 64"),
+            (
+                Box::new(|s| s.call_path = "sideways".into()),
+                "unknown call path",
+            ),
+            (
+                Box::new(|s| s.function = "a".repeat(5000)),
+                "function of 5000 bytes",
+            ),
+            (
+                Box::new(|s| s.sql_name = "a\0b".into()),
+                "NUL byte in its SQL name",
+            ),
+            (
+                Box::new(|s| s.return_type = "Nope".into()),
+                "return type \"Nope\" cannot be read",
+            ),
+            (
+                Box::new(|s| s.return_type = "List(".repeat(1000)),
+                "nests deeper than",
+            ),
+            (
+                Box::new(|s| s.isolation.as_mut().unwrap().call_timeout_ms = 0),
+                "call time limit of 0 ms",
+            ),
+            (
+                Box::new(|s| s.isolation.as_mut().unwrap().memory_mib = Some(0)),
+                "memory limit of 0 MiB",
+            ),
+            (
+                Box::new(|s| s.isolation.as_mut().unwrap().workers = Some(1 << 20)),
+                "workers per library, at most 1024",
+            ),
+        ];
+        for (change, expected) in cases {
+            let mut odd = spec();
+            change(&mut odd);
+            let e = refusal(&encoded(&odd));
+            assert!(e.contains("plugin function"), "{e}");
+            assert!(e.contains(expected), "expected {expected:?} in: {e}");
+        }
+        // Unknown fields and huge numbers are named by the JSON reader.
+        let text = String::from_utf8(encoded(&spec())[MAGIC.len()..].to_vec()).unwrap();
+        let extra = text.replacen('{', "{\"surprise\":1,", 1);
+        let e = refusal(&[MAGIC, extra.as_bytes()].concat());
+        assert!(e.contains("has an unknown field \"surprise\""), "{e}");
+        for (number, problem) in [
+            ("18446744073709551616", "expected usize"),
+            ("-1", "expected usize"),
+            ("2.5", "expected usize"),
+        ] {
+            let odd = text.replace("\"arguments\":2", &format!("\"arguments\":{number}"));
+            let e = refusal(&[MAGIC, odd.as_bytes()].concat());
+            assert!(e.contains("field arguments that cannot be read"), "{e}");
+            assert!(e.contains(problem), "{e}");
+        }
+        let e = refusal(&[MAGIC, text.replace("\"abi\":\"v1\",", "").as_bytes()].concat());
+        assert!(e.contains("has no field abi"), "{e}");
+        let odd = text.replace("\"workers\":2", "\"workers\":2,\"threads\":9");
+        let e = refusal(&[MAGIC, odd.as_bytes()].concat());
+        assert!(e.contains("field isolation that cannot be read"), "{e}");
+        assert!(e.contains("unknown field `threads`"), "{e}");
     }
 }

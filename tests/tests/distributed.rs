@@ -17,12 +17,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use std::time::{Duration, Instant};
+
 use datafusion::prelude::{SessionConfig, SessionContext};
 use udf_distributed::local::free_port;
-use udf_distributed::{ExecutorSpec, LocalCluster};
+use udf_distributed::{ClusterOptions, ExecutorSpec, LocalCluster};
 use udf_engine::PluginLoader;
 use udf_tests::{
-    EXAMPLE_PLUGINS, fixture_dir, plugin, query_error, rows, set_mode, sha256sum, udfsql,
+    EXAMPLE_PLUGINS, expect, faulty, fixture_dir, plugin, query, query_error, rows, set_mode,
+    sha256sum, udfsql,
 };
 
 /// Partitions the client plans with: more than there are files, so that the scan is split into
@@ -150,6 +153,8 @@ fn mapped_under(pid: u32, dir: &Path) -> Vec<String> {
     let mut found: Vec<String> = maps
         .lines()
         .filter_map(|l| l.split_whitespace().nth(5))
+        // The engine maps a sealed in-memory copy of each library, `/memfd:<path> (deleted)`.
+        .map(|p| p.strip_prefix("/memfd:").unwrap_or(p))
         .filter(|p| Path::new(p).starts_with(dir))
         .map(str::to_string)
         .collect();
@@ -160,7 +165,12 @@ fn mapped_under(pid: u32, dir: &Path) -> Vec<String> {
 
 /// The `udfsql-worker` children of process `pid`.
 fn worker_children(pid: u32) -> usize {
-    let mut count = 0;
+    worker_pids(pid).len()
+}
+
+/// The process ids of the `udfsql-worker` children of process `pid`.
+fn worker_pids(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
@@ -171,10 +181,13 @@ fn worker_children(pid: u32) -> usize {
         };
         let ppid = rest.split_whitespace().nth(1);
         if comm.ends_with("(udfsql-worker") && ppid == Some(&pid.to_string()) {
-            count += 1;
+            found.extend(
+                comm.split_once(' ')
+                    .and_then(|(p, _)| p.parse::<u32>().ok()),
+            );
         }
     }
-    count
+    found
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -542,4 +555,303 @@ fn an_executor_without_its_scheduler_stops_with_a_clear_error() {
         waited >= std::time::Duration::from_secs(1) && waited < std::time::Duration::from_secs(20),
         "{waited:?}"
     );
+}
+
+/// Runs `sql` on `ctx` with a time limit: a query that hangs (a node stuck on a FIFO, a lost
+/// executor Ballista waits for) fails the test instead of stalling it.
+async fn bounded(
+    ctx: &SessionContext,
+    sql: &str,
+) -> datafusion::error::Result<Vec<datafusion::arrow::array::RecordBatch>> {
+    const LIMIT: Duration = Duration::from_secs(60);
+    tokio::time::timeout(LIMIT, query(ctx, sql))
+        .await
+        .unwrap_or_else(|_| panic!("{sql} did not finish within {LIMIT:?}: the cluster hangs"))
+}
+
+/// `mkfifo path`, mode 0644.
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("run mkfifo");
+    assert!(status.success(), "mkfifo {}", path.display());
+    set_mode(path, 0o644);
+}
+
+/// The soft address-space limit of process `pid` (`Max address space` in /proc/PID/limits).
+fn address_space_limit(pid: u32) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
+    limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max address space"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address space line in:\n{limits}"))
+        .to_string()
+}
+
+/// The plan does not decide isolation on an executor (issue 24, item 7). A real
+/// `udfsql-executor --isolate --worker-memory 300` is sent plans written by a client that runs
+/// its functions in-process, or isolated with no memory limit:
+/// * a function that SIGKILLs its own process fails its query, while the executor stays up and
+///   answers the next query: it ran in a worker, not in the executor;
+/// * the executor's workers run under its 300 MiB address-space limit, not the plan's "none";
+/// * a real `udfsql-scheduler --plugin-dir` holding a FIFO under a library's name refuses plans
+///   calling that library within bounded time, naming the FIFO, instead of hanging in `open`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_isolates_whatever_the_plan_says_and_the_scheduler_never_blocks() {
+    let root = tempfile::Builder::new()
+        .prefix("floor-")
+        .tempdir_in(fixture_dir())
+        .expect("temp dir");
+    set_mode(root.path(), 0o755);
+    let root = root.path();
+    let killer = faulty("SIGKILL_SELF");
+    let killer_file = killer.file_name().expect("file name").to_owned();
+    let dirs: Vec<PathBuf> = ["client", "executor", "scheduler"]
+        .iter()
+        .map(|name| {
+            let dir = plugin_dir(&root.join(format!("{name}-plugins")));
+            std::fs::copy(&killer, dir.join(&killer_file)).expect("copy faulty library");
+            set_mode(&dir.join(&killer_file), 0o644);
+            dir
+        })
+        .collect();
+    let (client_plugins, executor_plugins, scheduler_plugins) = (&dirs[0], &dirs[1], &dirs[2]);
+    // On the scheduler, is_even's library is a FIFO: opening it for reading would block until a
+    // writer comes, which never happens.
+    let is_even = scheduler_plugins.join(library_file("is-even"));
+    std::fs::remove_file(&is_even).expect("remove is_even");
+    mkfifo(&is_even);
+
+    let options = ClusterOptions {
+        scheduler_args: vec![
+            "--plugin-dir".into(),
+            scheduler_plugins.display().to_string(),
+        ],
+        executor_args: ["--isolate", "--worker-memory", "300", "--workers", "1"]
+            .map(String::from)
+            .to_vec(),
+    };
+    let executors = [ExecutorSpec {
+        id: "exec-iso".to_string(),
+        plugin_dir: executor_plugins.clone(),
+        vcores: 2,
+    }];
+    let mut cluster =
+        LocalCluster::start_with(udf_tests::build_workspace(), root, &executors, &options)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("t.csv"), "x\n1\n2\n3\n").unwrap();
+
+    // The client runs the faulty library in-process and square isolated with no memory limit:
+    // that is what the plan says.
+    let loader = Arc::new(PluginLoader::new().with_plugin_dir(client_plugins).unwrap());
+    let remote = udf_distributed::connect(&cluster.url, SessionConfig::new(), Arc::clone(&loader))
+        .await
+        .expect("connect to the cluster");
+    let faulty_lib = loader.load(client_plugins.join(&killer_file)).unwrap();
+    udf_engine::register_library(&remote, &faulty_lib);
+    let is_even_lib = loader
+        .load(client_plugins.join(library_file("is-even")))
+        .unwrap();
+    udf_engine::register_library(&remote, &is_even_lib);
+    let square_lib = loader
+        .load(client_plugins.join(library_file("square")))
+        .unwrap();
+    let unlimited = udf_engine::Isolation::Process(udf_engine::WorkerLimits {
+        memory_mib: None,
+        workers: Some(1),
+        ..Default::default()
+    });
+    udf_engine::register_library_with(&remote, &square_lib, &unlimited).unwrap();
+    let ddl = format!(
+        "CREATE EXTERNAL TABLE t STORED AS CSV LOCATION '{}/' OPTIONS ('format.has_header' 'true')",
+        data.display()
+    );
+    remote.sql(&ddl).await.unwrap().collect().await.unwrap();
+    let executor_pid = cluster.executors[0].pid();
+
+    // Isolated with "no memory limit" in the plan: the executor's workers have its 300 MiB.
+    assert_eq!(
+        rows(&remote, "SELECT x, square(x) AS s FROM t ORDER BY x").await,
+        expect(&[&["1", "1"], &["2", "4"], &["3", "9"]])
+    );
+    let workers = worker_pids(executor_pid);
+    assert!(!workers.is_empty(), "the executor started no workers");
+    for pid in &workers {
+        assert_eq!(
+            address_space_limit(*pid),
+            (300u64 << 20).to_string(),
+            "worker {pid} of the executor"
+        );
+    }
+
+    // In-process in the plan: under --isolate it runs in a worker, which dies; the executor
+    // does not.
+    let start = Instant::now();
+    let e = match bounded(&remote, "SELECT fault(x) FROM t").await {
+        Ok(batches) => panic!("fault(x) answered {batches:?}"),
+        Err(e) => e.to_string(),
+    };
+    eprintln!("fault on an isolating executor: {e}");
+    for part in ["plugin function fault", "crashed: SIGKILL"] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        cluster.executors[0].is_running().unwrap(),
+        "the executor died:\n{}",
+        cluster.executors[0].log_tail()
+    );
+    assert_eq!(
+        rows(&remote, "SELECT x, ok(x) AS y FROM t ORDER BY x").await,
+        expect(&[&["1", "2"], &["2", "3"], &["3", "4"]])
+    );
+    // The executor mapped the library (to read its metadata) but ran no call of it: the
+    // process that crashed was a worker.
+    assert_eq!(executor_pid, cluster.executors[0].pid());
+
+    // The scheduler refuses the FIFO at once, naming it, and keeps answering.
+    let start = Instant::now();
+    let e = match bounded(&remote, "SELECT is_even(x) FROM t").await {
+        Ok(batches) => panic!("is_even(x) answered {batches:?}"),
+        Err(e) => e.to_string(),
+    };
+    eprintln!("a FIFO in the scheduler's plugin directory: {e}");
+    for part in [
+        "plugin function is_even cannot run on scheduler",
+        &is_even.display().to_string(),
+        "is not a regular file (a FIFO)",
+    ] {
+        assert!(e.contains(part), "missing {part:?} in: {e}");
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        rows(&remote, "SELECT sum(ok(x)) AS n FROM t").await,
+        expect(&[&["9"]])
+    );
+
+    drop(remote);
+    for (name, code) in cluster.shutdown().unwrap_or_else(|e| panic!("{e:#}")) {
+        assert_eq!(code, Some(0), "{name} exit status");
+    }
+}
+
+/// An executor's caches are bounded (issue 24, item 7): with room for one function, loading a
+/// second drops the first and unmaps its library; a failure to load is remembered for the time
+/// limit (the file is not read again), and a library copied into place afterwards is loaded
+/// once the time is up.
+#[test]
+fn an_executor_keeps_few_functions_and_forgets_failures() {
+    use datafusion::logical_expr::Volatility;
+    use udf_distributed::{PluginSpec, RemotePluginUdf, Resolver, Role};
+    use udf_engine::PluginUdf;
+
+    let root = tempfile::Builder::new()
+        .prefix("resolver-cache-")
+        .tempdir_in(fixture_dir())
+        .expect("temp dir");
+    set_mode(root.path(), 0o755);
+    let (client, executor) = (root.path().join("client"), root.path().join("executor"));
+    for dir in [&client, &executor] {
+        std::fs::create_dir_all(dir).unwrap();
+        set_mode(dir, 0o755);
+    }
+    let libraries: Vec<PathBuf> = ["SLOW", "EXIT0", "ABORT"]
+        .iter()
+        .map(|case| faulty(case))
+        .collect();
+    let names: Vec<String> = libraries
+        .iter()
+        .map(|l| l.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for (library, name) in libraries.iter().zip(&names) {
+        std::fs::copy(library, client.join(name)).unwrap();
+        set_mode(&client.join(name), 0o644);
+    }
+    // The executor has the first two; the third comes later.
+    for name in &names[..2] {
+        std::fs::copy(client.join(name), executor.join(name)).unwrap();
+        set_mode(&executor.join(name), 0o644);
+    }
+    let specs: Vec<PluginSpec> = names
+        .iter()
+        .map(|name| {
+            let library = udf_engine::PluginLibrary::load(client.join(name)).unwrap();
+            let udf = PluginUdf::new(
+                "ok",
+                library.function_named("ok").unwrap(),
+                Volatility::Volatile,
+            );
+            PluginSpec::of(&udf).unwrap()
+        })
+        .collect();
+
+    let ttl = Duration::from_millis(400);
+    let loader = PluginLoader::new().with_plugin_dir(&executor).unwrap();
+    let resolver =
+        Resolver::new("executor e1", Role::Evaluate, Arc::new(loader)).with_cache(1, ttl);
+    let library_of = |udf: &datafusion::logical_expr::ScalarUDF| {
+        udf.inner()
+            .downcast_ref::<PluginUdf>()
+            .map(|p| Arc::downgrade(p.function().library()))
+    };
+
+    let first = resolver.resolve(&specs[0]).unwrap();
+    let first_library = library_of(&first).expect("loaded");
+    let first_path = executor.join(&names[0]).display().to_string();
+    assert_eq!(
+        mapped_under(std::process::id(), &executor),
+        vec![first_path.clone()]
+    );
+    // A hit returns the same function.
+    assert!(Arc::ptr_eq(&first, &resolver.resolve(&specs[0]).unwrap()));
+    drop(first);
+
+    let second = resolver.resolve(&specs[1]).unwrap();
+    assert!(library_of(&second).is_some(), "the second library loads");
+    assert!(
+        first_library.upgrade().is_none(),
+        "the evicted function still holds its library"
+    );
+    assert_eq!(
+        mapped_under(std::process::id(), &executor),
+        vec![executor.join(&names[1]).display().to_string()],
+        "the evicted library is still mapped"
+    );
+    assert_eq!(resolver.cached(), (1, 0));
+
+    // The third library is missing: a function that fails when called, remembered.
+    let missing = resolver.resolve(&specs[2]).unwrap();
+    assert!(missing.inner().downcast_ref::<RemotePluginUdf>().is_some());
+    assert_eq!(resolver.cached(), (1, 1));
+    let failed_at = Instant::now();
+    std::fs::copy(client.join(&names[2]), executor.join(&names[2])).unwrap();
+    set_mode(&executor.join(&names[2]), 0o644);
+    // Within the time limit the failure stands (the file is not looked at again) ...
+    let again = resolver.resolve(&specs[2]).unwrap();
+    if failed_at.elapsed() < ttl {
+        assert!(
+            again.inner().downcast_ref::<RemotePluginUdf>().is_some(),
+            "a remembered failure was tried again at once"
+        );
+    }
+    // ... and after it the fixed library loads.
+    std::thread::sleep(ttl);
+    let fixed = resolver.resolve(&specs[2]).unwrap();
+    assert!(
+        library_of(&fixed).is_some(),
+        "the fixed library is not loaded"
+    );
+    assert_eq!(resolver.cached().0, 1);
 }
