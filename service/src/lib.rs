@@ -3,7 +3,8 @@
 //!
 //! * `POST /query` — the SQL as the body (`text/plain`) or as JSON `{"sql": "..."}`; answers the
 //!   rows as a JSON array of objects, or as an Arrow IPC stream with `?format=arrow` (or
-//!   `Accept: application/vnd.apache.arrow.stream`).
+//!   `Accept: application/vnd.apache.arrow.stream`). The answer is streamed: each batch is
+//!   written as it arrives, never the whole result in memory.
 //! * `GET /functions` — the plugin functions and their signatures.
 //! * `GET /health` — `{"status": "ok"}`.
 //!
@@ -11,11 +12,28 @@
 //! statements are refused for requests (DataFusion `SQLOptions`), and SQL loading is switched off
 //! in the engine as well. Every request runs with a time limit and its own memory pool, over one
 //! shared session (its catalog and functions).
+//!
+//! Limits of the answers ([`Config`]):
+//! * [`Config::max_concurrent_queries`]: a query over it is answered at once with 503 and
+//!   `Retry-After: 1`. A query holds its place until its answer has ended (or the client went
+//!   away, or the time limit passed).
+//! * [`Config::time_limit`] covers the whole query, its streamed answer included.
+//! * [`Config::max_result_rows`] and [`Config::max_result_bytes`]: passed before anything was
+//!   sent, the answer is 413 with a JSON error; passed later, a JSON answer ends with a last
+//!   element `{"error": "..."}` (the array stays well-formed JSON) and an Arrow IPC answer ends,
+//!   after its last whole record batch, with a second schema message (no fields) whose metadata
+//!   holds the error under [`ARROW_ERROR_KEY`], without the end-of-stream marker: every IPC
+//!   reader fails on it, never takes a shorter result for the whole. The query is cancelled at
+//!   once in both cases; time limit, memory pool and plugin errors after the answer started end
+//!   it the same way.
+//! * What the service buffers of an answer is one chunk of about 64 KiB being encoded and one
+//!   handed on (a single row larger than that is a chunk of its own), counted in the bytes limit
+//!   and reserved in the query's memory pool.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -25,7 +43,6 @@ use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::context::SQLOptions;
@@ -34,8 +51,17 @@ use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions, S
 use serde::{Deserialize, Serialize};
 use udf_engine::{CallCancel, Isolation, PluginLoader, WorkerLimits};
 
+mod answer;
+
+pub use answer::CHUNK_BYTES;
+
 /// The media type of Arrow IPC streams.
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
+
+/// The schema metadata key of the error message that ends an Arrow IPC answer which failed after
+/// it started: the answer's last message is then a schema (no fields) with this key, which every
+/// IPC reader refuses (a stream has one schema, first).
+pub const ARROW_ERROR_KEY: &str = "udfsql.error";
 
 /// How the service answers queries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -48,6 +74,28 @@ pub enum OutputFormat {
     Arrow,
 }
 
+impl OutputFormat {
+    /// `JSON` or `Arrow IPC`, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputFormat::Json => "JSON",
+            OutputFormat::Arrow => "Arrow IPC",
+        }
+    }
+}
+
+/// The default of [`Config::max_result_rows`]: one million rows.
+pub const DEFAULT_MAX_RESULT_ROWS: u64 = 1_000_000;
+
+/// The default of [`Config::max_result_bytes`]: 128 MiB.
+pub const DEFAULT_MAX_RESULT_BYTES: u64 = 128 * 1024 * 1024;
+
+/// The default of [`Config::max_concurrent_queries`]: twice the CPUs, at least 8.
+pub fn default_max_concurrent_queries() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    cpus.saturating_mul(2).max(8)
+}
+
 /// The service's settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -57,7 +105,7 @@ pub struct Config {
     pub tables: Vec<(String, PathBuf)>,
     /// The answer format when a request does not choose.
     pub format: OutputFormat,
-    /// The longest a query may run.
+    /// The longest a query may run, its streamed answer included.
     pub time_limit: Duration,
     /// The memory one query may use (DataFusion memory pool), in bytes.
     pub memory_limit: usize,
@@ -66,6 +114,14 @@ pub struct Config {
     /// How the plugin libraries run: in worker processes (the default, with
     /// [`WorkerLimits::default`]) or in the service's process.
     pub isolation: Isolation,
+    /// The most rows one answer may hold ([`DEFAULT_MAX_RESULT_ROWS`]).
+    pub max_result_rows: u64,
+    /// The most bytes one answer may hold as sent, JSON or Arrow IPC
+    /// ([`DEFAULT_MAX_RESULT_BYTES`]).
+    pub max_result_bytes: u64,
+    /// The most queries running at once; more are answered 503 with `Retry-After`
+    /// ([`default_max_concurrent_queries`]).
+    pub max_concurrent_queries: usize,
 }
 
 impl Default for Config {
@@ -78,6 +134,9 @@ impl Default for Config {
             memory_limit: 512 * 1024 * 1024,
             max_body: 1024 * 1024,
             isolation: Isolation::Process(WorkerLimits::default()),
+            max_result_rows: DEFAULT_MAX_RESULT_ROWS,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            max_concurrent_queries: default_max_concurrent_queries(),
         }
     }
 }
@@ -87,6 +146,8 @@ impl Default for Config {
 pub struct AppState {
     ctx: SessionContext,
     config: Arc<Config>,
+    /// One permit per query running.
+    queries: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -94,6 +155,7 @@ impl std::fmt::Debug for AppState {
         f.debug_struct("AppState")
             .field("session", &self.ctx.session_id())
             .field("config", &self.config)
+            .field("free_query_permits", &self.queries.available_permits())
             .finish()
     }
 }
@@ -106,6 +168,18 @@ impl AppState {
     /// and each library must not be writable by other users, and a symlinked library must stay
     /// inside its directory. One refused library refuses the start-up, naming the file.
     pub async fn new(config: Config) -> anyhow::Result<AppState> {
+        if config.max_concurrent_queries == 0 {
+            anyhow::bail!("max_concurrent_queries must be at least 1");
+        }
+        if config.max_concurrent_queries > tokio::sync::Semaphore::MAX_PERMITS {
+            anyhow::bail!(
+                "max_concurrent_queries must be at most {}",
+                tokio::sync::Semaphore::MAX_PERMITS
+            );
+        }
+        if config.max_result_bytes < 16 {
+            anyhow::bail!("max_result_bytes must be at least 16 (the answer of no rows)");
+        }
         let ctx = SessionContext::new();
         let mut loader = PluginLoader::new()
             .disable_sql_loading()
@@ -128,6 +202,7 @@ impl AppState {
         }
         Ok(AppState {
             ctx,
+            queries: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_queries)),
             config: Arc::new(config),
         })
     }
@@ -203,10 +278,21 @@ pub enum ApiError {
     /// The query ran past the time limit (HTTP 408).
     #[error("the query ran longer than the time limit of {0:?} and was cancelled")]
     Timeout(Duration),
+    /// The answer passed the rows or bytes limit before anything was sent (HTTP 413).
+    #[error("{0}")]
+    ResultTooLarge(String),
+    /// As many queries as allowed are running (HTTP 503 with `Retry-After`).
+    #[error(
+        "the service is running its most queries at once ({0}, max-concurrent-queries); retry later"
+    )]
+    Busy(usize),
     /// Something broke in the service.
     #[error("{0}")]
     Internal(String),
 }
+
+/// The `Retry-After` of a 503 answer, in seconds.
+const RETRY_AFTER_SECS: &str = "1";
 
 #[derive(Serialize)]
 struct ErrorBody {
@@ -219,15 +305,18 @@ impl IntoResponse for ApiError {
             ApiError::Query(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Body(status, _) => *status,
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::ResultTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        (
-            status,
-            Json(ErrorBody {
-                error: self.to_string(),
-            }),
-        )
-            .into_response()
+        let body = Json(ErrorBody {
+            error: self.to_string(),
+        });
+        if let ApiError::Busy(_) = self {
+            (status, [(header::RETRY_AFTER, RETRY_AFTER_SECS)], body).into_response()
+        } else {
+            (status, body).into_response()
+        }
     }
 }
 
@@ -293,81 +382,25 @@ async fn query(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    // At once: a query over the limit waits for nothing.
+    let permit = Arc::clone(&state.queries)
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Busy(state.config.max_concurrent_queries))?;
     let body = body.map_err(|r| ApiError::Body(r.status(), r.body_text()))?;
     let sql = sql_of(&headers, &body)?;
     let format = format_of(&state, &params, &headers);
     let cancel = CallCancel::new();
     let ctx = state.request_context(&cancel)?;
-    let started = Instant::now();
-    let limit = state.config.time_limit;
-    // The query runs as a task of its own, so that the time limit fires even while the query
-    // waits inside a plugin call; when the limit passes or the client goes away (this future is
-    // dropped), the guard aborts the task and cancels its isolated calls (their workers are
-    // killed at once).
-    let task = tokio::spawn(async move {
-        let df = ctx.sql_with_options(&sql, request_options()).await?;
-        let schema = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.collect().await?;
-        Ok::<_, DataFusionError>((schema, batches))
-    });
-    let _stop = StopOnDrop {
-        task: task.abort_handle(),
-        cancel,
+    let limits = answer::Limits {
+        max_rows: state.config.max_result_rows,
+        max_bytes: state.config.max_result_bytes,
+        deadline: tokio::time::Instant::now() + state.config.time_limit,
+        time_limit: state.config.time_limit,
     };
-    let (schema, batches) = tokio::time::timeout(limit, task)
-        .await
-        .map_err(|_| ApiError::Timeout(limit))?
-        .map_err(|e| ApiError::Internal(format!("the query task failed: {e}")))??;
-    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-    tracing::debug!(rows, elapsed = ?started.elapsed(), "query answered");
-    match format {
-        OutputFormat::Json => json_rows(&batches),
-        OutputFormat::Arrow => arrow_stream(&schema, &batches),
-    }
-}
-
-/// Stops a query that has not finished when the request ends: aborts its task and cancels its
-/// isolated plugin calls (a no-op for a query that finished).
-struct StopOnDrop {
-    task: tokio::task::AbortHandle,
-    cancel: CallCancel,
-}
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        if !self.task.is_finished() {
-            self.task.abort();
-            self.cancel.cancel();
-        }
-    }
-}
-
-/// The rows as one JSON array ([`udf_engine::json`]): a value arrow cannot display (a timestamp
-/// outside the range of calendar dates) makes the query fail (400) instead of answering error
-/// text as data.
-fn json_rows(batches: &[RecordBatch]) -> Result<Response, ApiError> {
-    let body = udf_engine::json::json_array(batches).map_err(|e| match e {
-        udf_engine::json::JsonError::Undisplayable { .. } => {
-            ApiError::Query(format!("cannot answer as JSON: {e}"))
-        }
-        other => ApiError::Internal(other.to_string()),
-    })?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
-}
-
-fn arrow_stream(
-    schema: &datafusion::arrow::datatypes::SchemaRef,
-    batches: &[RecordBatch],
-) -> Result<Response, ApiError> {
-    let internal = |e: datafusion::arrow::error::ArrowError| ApiError::Internal(e.to_string());
-    let mut writer = datafusion::arrow::ipc::writer::StreamWriter::try_new(Vec::new(), schema)
-        .map_err(internal)?;
-    for batch in batches {
-        writer.write(batch).map_err(internal)?;
-    }
-    writer.finish().map_err(internal)?;
-    let body = writer.into_inner().map_err(internal)?;
-    Ok(([(header::CONTENT_TYPE, ARROW_STREAM)], body).into_response())
+    // The query runs as a task of its own, so that the time limit fires even while the query
+    // waits inside a plugin call; when the limit passes or the client goes away, the task ends
+    // and its isolated calls are cancelled (their workers are killed at once).
+    answer::answer(ctx, sql, format, limits, cancel, permit).await
 }
 
 async fn functions(State(state): State<AppState>) -> Response {

@@ -1,6 +1,8 @@
-//! The HTTP service started on 127.0.0.1:0 in-process, driven with real HTTP requests.
+//! The HTTP service started on 127.0.0.1:0 in-process (and as the `udfsql-server` program),
+//! driven with real HTTP requests.
 
-use std::time::Duration;
+use std::io::BufRead;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use udf_service::{AppState, Config};
@@ -247,7 +249,7 @@ async fn errors_are_json_with_the_right_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_requests_from_eight_clients() {
-    let server = Server::start(|_| {}).await;
+    let server = Server::start(|c| c.max_concurrent_queries = 8).await;
     let url = server.url("/query");
     let mut clients = Vec::new();
     for c in 0..8i64 {
@@ -339,5 +341,592 @@ async fn an_undisplayable_value_is_an_error_not_json_data() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
+    server.stop().await;
+}
+
+/// The `udfsql-server` program on 127.0.0.1 (port chosen by the system), killed when dropped.
+struct ServerProcess {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl ServerProcess {
+    fn start(args: &[&str]) -> ServerProcess {
+        let program = udf_tests::build_workspace().join("udfsql-server");
+        let mut child = std::process::Command::new(&program)
+            .args(["--addr", "127.0.0.1:0"])
+            .args(args)
+            .env("UDFSQL_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the log for the address, then keeps draining it so that the server never blocks
+        // on a full pipe.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(at) = line.find("127.0.0.1:")
+                    && line.contains("listening")
+                    && let Some(tx) = tx.take()
+                {
+                    let addr: String = line[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                        .collect();
+                    tx.send(addr).ok();
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(e) => {
+                child.kill().ok();
+                child.wait().ok();
+                panic!("udfsql-server did not say where it listens within 30 s: {e}");
+            }
+        };
+        ServerProcess { child, addr }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// (VmRSS, VmHWM) of the server in KiB.
+    fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the server's /proc/PID/status");
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing from the server's status"))
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+/// Reads `response`'s body chunk by chunk: the bytes received and the transfer error that ended
+/// it, if any.
+async fn read_body(mut response: reqwest::Response) -> (Vec<u8>, Option<String>) {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) => return (body, None),
+            Err(e) => return (body, Some(format!("{e:?}"))),
+        }
+    }
+}
+
+/// An Arrow IPC answer as a client sees it.
+#[derive(Debug, PartialEq)]
+struct ArrowAnswer {
+    /// The `(column 0, column 1)` Int64 values of the batches arrow's StreamReader read.
+    rows: Vec<(i64, Option<i64>)>,
+    /// The StreamReader's error, if it stopped at one.
+    reader_error: Option<String>,
+    /// The [`udf_service::ARROW_ERROR_KEY`] of a schema message after the first.
+    error: Option<String>,
+    /// Whether the stream ends with the end-of-stream marker.
+    end_marker: bool,
+}
+
+fn arrow_answer(bytes: &[u8]) -> ArrowAnswer {
+    use datafusion::arrow::array::{Array, Int64Array};
+    use datafusion::arrow::ipc;
+    let reader = ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .expect("an Arrow IPC stream");
+    let mut rows = Vec::new();
+    let mut reader_error = None;
+    for batch in reader {
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                reader_error = Some(e.to_string());
+                break;
+            }
+        };
+        let first = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("column 0 is Int64");
+        let second = (batch.num_columns() > 1).then(|| {
+            batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("column 1 is Int64")
+                .clone()
+        });
+        for row in 0..batch.num_rows() {
+            rows.push((first.value(row), second.as_ref().map(|c| c.value(row))));
+        }
+    }
+    // The messages one by one: continuation marker, metadata length, metadata, body.
+    let mut error = None;
+    let mut end_marker = false;
+    let mut at = 0;
+    while at < bytes.len() {
+        assert_eq!(
+            bytes[at..at + 4],
+            [0xff; 4],
+            "a continuation marker at {at}"
+        );
+        let length = i32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+        if length == 0 {
+            end_marker = true;
+            assert_eq!(at + 8, bytes.len(), "bytes after the end-of-stream marker");
+            break;
+        }
+        let message = ipc::root_as_message(&bytes[at + 8..at + 8 + length]).expect("a message");
+        if at > 0
+            && let Some(schema) = message.header_as_schema()
+        {
+            let schema = ipc::convert::fb_to_schema(schema);
+            error = schema.metadata().get(udf_service::ARROW_ERROR_KEY).cloned();
+        }
+        at += 8 + length + message.bodyLength() as usize;
+    }
+    ArrowAnswer {
+        rows,
+        reader_error,
+        error,
+        end_marker,
+    }
+}
+
+/// A client asks the `udfsql-server` program, with its default limits, for five billion rows:
+/// the answer comes at once, streamed, ends with the limit's error, and the server's memory
+/// stays small. As JSON and as Arrow IPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_billion_rows_are_refused_promptly_in_bounded_memory() {
+    let server = ServerProcess::start(&["--plugin-dir", &example_plugin_dir().to_string_lossy()]);
+    let client = reqwest::Client::new();
+    let (_, start_hwm) = server.memory_kib();
+    let sql = "SELECT * FROM generate_series(1, 5000000000)";
+    let default_rows = udf_service::DEFAULT_MAX_RESULT_ROWS as usize;
+
+    let started = Instant::now();
+    let response = client
+        .post(server.url("/query"))
+        .body(sql)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let (body, transfer_error) = read_body(response).await;
+    let elapsed = started.elapsed();
+    assert_eq!(transfer_error, None);
+    let rows: Vec<Value> = serde_json::from_slice(&body).expect("the answer is a JSON array");
+    assert_eq!(rows.len(), default_rows + 1);
+    for (i, row) in rows[..default_rows].iter().enumerate() {
+        assert_eq!(row, &json!({"value": i + 1}), "row {i}");
+    }
+    let last = rows.last().unwrap();
+    let error = last["error"]
+        .as_str()
+        .expect("the last element is the error");
+    assert_eq!(last.as_object().unwrap().len(), 1, "{last}");
+    assert!(
+        error.contains(&format!("more than {default_rows} rows"))
+            && error.contains("max-result-rows"),
+        "{error}"
+    );
+    assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
+
+    // As Arrow IPC: the batches up to the limit, then the error that every reader fails on.
+    let response = client
+        .post(server.url("/query?format=arrow"))
+        .body(sql)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let (body, transfer_error) = read_body(response).await;
+    assert_eq!(transfer_error, None);
+    let answer = arrow_answer(&body);
+    assert!(!answer.end_marker);
+    assert_eq!(answer.rows.len(), default_rows);
+    assert!(
+        answer
+            .rows
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.0 == i as i64 + 1)
+    );
+    assert!(
+        answer
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains(&format!("more than {default_rows} rows"))),
+        "{:?}",
+        answer.error
+    );
+    assert!(answer.reader_error.is_some());
+    assert!(started.elapsed() < Duration::from_secs(40));
+
+    // The result was never held: the server's peak grew by far less than one million rows as
+    // JSON (about 17 MB), let alone five billion.
+    let (rss, hwm) = server.memory_kib();
+    assert!(
+        hwm < start_hwm + 64 * 1024,
+        "the server's peak memory grew from {start_hwm} KiB to {hwm} KiB (now {rss} KiB)"
+    );
+
+    // It still answers.
+    let (status, body) = post_sql_to(&client, &server.url("/query"), "SELECT square(4) AS s").await;
+    assert_eq!((status, body), (200, json!([{"s": 16}])));
+}
+
+async fn post_sql_to(client: &reqwest::Client, url: &str, sql: &str) -> (u16, Value) {
+    let response = client
+        .post(url)
+        .header("content-type", "text/plain")
+        .body(sql.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// `{"v": i, "sq": i * i, "s": "row \"i\""}` for `i` in `1..=n`: what the JSON test query answers.
+fn expected_json_rows(n: i64) -> Vec<Value> {
+    (1..=n)
+        .map(|i| json!({"v": i, "sq": i * i, "s": format!("row \"{i}\"")}))
+        .collect()
+}
+
+/// A mid-sized JSON answer streams whole and equal to its rows; past `max_result_rows` the array
+/// holds exactly that many rows and then the error, and stays valid JSON; past
+/// `max_result_bytes`, the same for bytes. Limits passed before anything was sent are 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_answers_stream_and_end_with_the_limit_error() {
+    let server = Server::start(|c| {
+        c.max_result_rows = 20_000;
+        c.max_result_bytes = 4 * 1024 * 1024;
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let url = server.url("/query");
+    let query = |n: u64| {
+        format!(
+            "SELECT value AS v, square(value) AS sq, concat('row \"', value, '\"') AS s \
+             FROM generate_series(1, {n}) ORDER BY v"
+        )
+    };
+
+    // Exactly at the limit: all rows, several batches and many chunks.
+    let (status, body) = post_sql_to(&client, &url, &query(20_000)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, Value::Array(expected_json_rows(20_000)));
+
+    // Past it: the rows that fit, then the error as the last element.
+    let response = client
+        .post(&url)
+        .body(
+            "SELECT value AS v, square(value) AS sq, concat('row \"', value, '\"') AS s \
+             FROM generate_series(1, 5000000000)",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let (body, transfer_error) = read_body(response).await;
+    assert_eq!(transfer_error, None);
+    let mut rows: Vec<Value> = serde_json::from_slice(&body).expect("valid JSON");
+    let last = rows.pop().unwrap();
+    assert_eq!(rows, expected_json_rows(20_000));
+    let error = last["error"].as_str().unwrap_or_else(|| panic!("{last}"));
+    assert!(error.contains("more than 20000 rows"), "{error}");
+
+    // Past the bytes limit: whole chunks within it, then the error.
+    let response = client
+        .post(&url)
+        .body("SELECT lpad('', 1000, 'x') AS s FROM generate_series(1, 15000)")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let (body, transfer_error) = read_body(response).await;
+    assert_eq!(transfer_error, None);
+    let mut rows: Vec<Value> = serde_json::from_slice(&body).expect("valid JSON");
+    let last = rows.pop().unwrap();
+    let error = last["error"].as_str().unwrap_or_else(|| panic!("{last}"));
+    assert!(
+        error.contains(&format!("larger than {} bytes as JSON", 4 * 1024 * 1024))
+            && error.contains("max-result-bytes"),
+        "{error}"
+    );
+    let row = json!({"s": "x".repeat(1000)});
+    assert!(!rows.is_empty() && rows.iter().all(|r| r == &row));
+    let tail = serde_json::to_vec(&last).unwrap().len() + 3;
+    assert!(
+        body.len() - tail <= 4 * 1024 * 1024,
+        "{} bytes before the error",
+        body.len() - tail
+    );
+    server.stop().await;
+
+    // Limits passed by the first batch: nothing was sent, so the answer is a 413.
+    let server = Server::start(|c| {
+        c.max_result_rows = 1000;
+        c.max_result_bytes = 100_000;
+    })
+    .await;
+    let url = server.url("/query");
+    let (status, body) = post_sql_to(
+        &client,
+        &url,
+        "SELECT * FROM generate_series(1, 5000000000)",
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("more than 1000 rows"),
+        "{body}"
+    );
+    let (status, body) = post_sql_to(&client, &url, "SELECT lpad('', 200000, 'x') AS s").await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("larger than 100000 bytes as JSON"),
+        "{body}"
+    );
+    // Within the limits, and no rows at all.
+    let (status, body) = post_sql_to(&client, &url, "SELECT * FROM generate_series(1, 1000)").await;
+    assert_eq!(status, 200);
+    assert_eq!(body.as_array().map(Vec::len), Some(1000));
+    let (status, body) = post_sql_to(
+        &client,
+        &url,
+        "SELECT * FROM generate_series(1, 10) WHERE value > 10",
+    )
+    .await;
+    assert_eq!((status, body), (200, json!([])));
+    server.stop().await;
+}
+
+/// A streamed Arrow IPC answer decodes with arrow's StreamReader; past the limit it holds exactly
+/// the rows that fit, then a schema message carrying the error (on which the reader fails) and
+/// no end-of-stream marker; a limit passed by the first batch is a 413 with a JSON error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arrow_answers_stream_and_are_cut_at_the_limit() {
+    let server = Server::start(|c| c.max_result_rows = 20_000).await;
+    let client = reqwest::Client::new();
+    let url = server.url("/query?format=arrow");
+
+    let response = client
+        .post(&url)
+        .body("SELECT value AS v, square(value) AS sq FROM generate_series(1, 20000) ORDER BY v")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let (body, transfer_error) = read_body(response).await;
+    assert_eq!(transfer_error, None);
+    let expected: Vec<(i64, Option<i64>)> = (1..=20_000).map(|i| (i, Some(i * i))).collect();
+    assert_eq!(
+        arrow_answer(&body),
+        ArrowAnswer {
+            rows: expected.clone(),
+            reader_error: None,
+            error: None,
+            end_marker: true
+        }
+    );
+
+    let response = client
+        .post(&url)
+        .body("SELECT value AS v, square(value) AS sq FROM generate_series(1, 5000000000)")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let (body, transfer_error) = read_body(response).await;
+    assert_eq!(transfer_error, None);
+    let answer = arrow_answer(&body);
+    assert_eq!(answer.rows, expected);
+    assert!(!answer.end_marker);
+    assert_eq!(
+        answer.reader_error.as_deref(),
+        Some("Ipc error: Expected a record batch, but found a schema")
+    );
+    let error = answer.error.expect("the error message");
+    assert!(
+        error.contains("more than 20000 rows") && error.contains("max-result-rows"),
+        "{error}"
+    );
+
+    // An answer of no rows: the schema and the end-of-stream marker.
+    let response = client
+        .post(&url)
+        .body("SELECT value AS v FROM generate_series(1, 10) WHERE value > 10")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let (body, transfer_error) = read_body(response).await;
+    assert_eq!(transfer_error, None);
+    assert_eq!(
+        arrow_answer(&body),
+        ArrowAnswer {
+            rows: Vec::new(),
+            reader_error: None,
+            error: None,
+            end_marker: true
+        }
+    );
+    server.stop().await;
+
+    let server = Server::start(|c| c.max_result_rows = 1000).await;
+    let response = client
+        .post(server.url("/query?format=arrow"))
+        .body("SELECT * FROM generate_series(1, 5000000000)")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("more than 1000 rows"),
+        "{body}"
+    );
+    server.stop().await;
+}
+
+/// Starts a query that streams rows without end and returns once its answer has started; its
+/// client does not read, so the query holds its place.
+async fn start_endless_answer(url: &str) -> reqwest::Response {
+    // A client of its own: its own connection.
+    let response = reqwest::Client::new()
+        .post(url)
+        .body("SELECT value FROM generate_series(1, 9000000000000000000)")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    response
+}
+
+/// A query over `max_concurrent_queries` is answered 503 with `Retry-After` at once; a place is
+/// given back when a client goes away mid-answer, and when the time limit passes for a client
+/// that stopped reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_over_the_concurrency_limit_are_refused_at_once() {
+    let time_limit = Duration::from_secs(6);
+    let server = Server::start(|c| {
+        c.max_concurrent_queries = 2;
+        c.max_result_rows = u64::MAX;
+        c.max_result_bytes = u64::MAX;
+        c.time_limit = time_limit;
+    })
+    .await;
+    let url = server.url("/query");
+    let client = reqwest::Client::new();
+    let refused = |response: &reqwest::Response| {
+        response.status().as_u16() == 503
+            && response.headers().get("retry-after").map(|v| v.as_bytes()) == Some(b"1")
+    };
+
+    let a = start_endless_answer(&url).await;
+    let b_started = Instant::now();
+    let b = start_endless_answer(&url).await;
+    let asked = Instant::now();
+    let response = client
+        .post(&url)
+        .body("SELECT 1 AS one")
+        .send()
+        .await
+        .unwrap();
+    assert!(refused(&response), "{:?}", response.status());
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("max-concurrent-queries"),
+        "{body}"
+    );
+
+    // A's client goes away mid-answer: its place is free again well before the time limit.
+    drop(a);
+    let dropped = Instant::now();
+    let answered = loop {
+        let response = client
+            .post(&url)
+            .body("SELECT 1 AS one")
+            .send()
+            .await
+            .unwrap();
+        if response.status().as_u16() == 200 {
+            break response.json::<Value>().await.unwrap();
+        }
+        assert!(refused(&response), "{:?}", response.status());
+        assert!(
+            dropped.elapsed() < Duration::from_secs(3),
+            "the place of a client that went away was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(answered, json!([{"one": 1}]));
+
+    // C takes the free place; B's client still holds its connection but does not read: its place
+    // comes back at its time limit, not before.
+    let c = start_endless_answer(&url).await;
+    let answered = loop {
+        let response = client
+            .post(&url)
+            .body("SELECT 1 AS one")
+            .send()
+            .await
+            .unwrap();
+        if response.status().as_u16() == 200 {
+            break response.json::<Value>().await.unwrap();
+        }
+        assert!(refused(&response), "{:?}", response.status());
+        assert!(
+            b_started.elapsed() < time_limit + Duration::from_secs(4),
+            "the place of a client that stopped reading was not given back at the time limit"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(answered, json!([{"one": 1}]));
+    assert!(
+        b_started.elapsed() >= time_limit - Duration::from_millis(500),
+        "a place came back after {:?}, before B's time limit",
+        b_started.elapsed()
+    );
+    drop(b);
+    drop(c);
     server.stop().await;
 }

@@ -28,7 +28,7 @@ struct Args {
     /// Answer format when a request does not choose (`?format=` or an Accept header).
     #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
     format: OutputFormat,
-    /// Longest a query may run, in seconds.
+    /// Longest a query may run, in seconds: planning, execution and the whole streamed answer.
     #[arg(long, default_value_t = 30)]
     time_limit_secs: u64,
     /// Memory one query may use, in MiB.
@@ -37,6 +37,22 @@ struct Args {
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_body: usize,
+    /// Most rows one answer may hold. Answers are streamed; over the limit before anything was
+    /// sent, the answer is 413 with a JSON error; after, a JSON array ends with a last element
+    /// {"error": "..."} and an Arrow IPC stream ends with a second schema message (no fields)
+    /// whose metadata "udfsql.error" holds the error, without the end-of-stream marker (IPC
+    /// readers fail on it). The query is cancelled at once.
+    #[arg(long, value_name = "ROWS", default_value_t = udf_service::DEFAULT_MAX_RESULT_ROWS)]
+    max_result_rows: u64,
+    /// Most bytes one answer may hold as sent (JSON text or Arrow IPC), counted chunk by chunk
+    /// (about 64 KiB each); over it, as for --max-result-rows. Default: 128 MiB.
+    #[arg(long, value_name = "BYTES", default_value_t = udf_service::DEFAULT_MAX_RESULT_BYTES)]
+    max_result_bytes: u64,
+    /// Most queries running at once; one more is answered at once with 503 and `Retry-After: 1`.
+    /// A query counts until its answer has ended, its client went away or its time limit
+    /// passed. Default: twice the CPUs, at least 8.
+    #[arg(long, value_name = "N")]
+    max_concurrent_queries: Option<usize>,
     /// Where plugin functions run: `process` evaluates them in worker processes (a plugin that
     /// crashes, exits, hangs or runs out of memory fails its request, not the service); `none`
     /// in the service's own process.
@@ -94,6 +110,11 @@ async fn main() -> anyhow::Result<()> {
         time_limit: Duration::from_secs(args.time_limit_secs),
         memory_limit: args.memory_limit_mib * 1024 * 1024,
         max_body: args.max_body,
+        max_result_rows: args.max_result_rows,
+        max_result_bytes: args.max_result_bytes,
+        max_concurrent_queries: args
+            .max_concurrent_queries
+            .unwrap_or_else(udf_service::default_max_concurrent_queries),
     };
     let state = AppState::new(config).await?;
     let listener = tokio::net::TcpListener::bind(args.addr)
