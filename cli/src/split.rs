@@ -132,9 +132,13 @@ pub fn split_statements_in<'a>(text: &'a str, dialect: &dyn Dialect) -> Split<'a
     let unterminated = outcome.err().map(|e| {
         let at = tokens.last().map_or(0, |t| byte_offset(text, t.span.end));
         let opens = &text[at.min(text.len())..];
+        // The words sqlparser uses where it places the error itself ("string literal"); a dollar
+        // quote, which it reports at the end of the text, is a "string".
         let what = if opens.starts_with("/*") {
             Some("comment")
-        } else if opens.starts_with(['\'', '"', '$', '`']) {
+        } else if opens.starts_with('$') {
+            Some("string")
+        } else if opens.starts_with(['\'', '"', '`']) {
             Some("string literal")
         } else {
             None

@@ -406,7 +406,12 @@ async fn scalars_stay_scalars() {
 #[tokio::test]
 async fn the_library_stays_loaded_while_its_function_is_registered() {
     let ctx = SessionContext::new();
-    let library = PluginLibrary::load(plugin("square")).unwrap();
+    // A private copy: a process holds one library per path, and the other tests of this binary
+    // load the example's path concurrently.
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("libsquare_private.so");
+    std::fs::copy(plugin("square"), &private).unwrap();
+    let library = PluginLibrary::load(&private).unwrap();
     udf_engine::register_library(&ctx, &library);
     let weak = Arc::downgrade(&library);
     drop(library);
