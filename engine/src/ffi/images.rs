@@ -52,8 +52,8 @@ pub const MAX_LIBRARY_BYTES: u64 = 4 << 30;
 /// What tells two versions of a file apart without reading it. The change time cannot be set
 /// back by the file's owner (only by changing the clock), so a rewrite in place that restores
 /// the size and the modification time is still seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct FileIdentity {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileIdentity {
     dev: u64,
     ino: u64,
     size: u64,
@@ -63,7 +63,7 @@ pub(crate) struct FileIdentity {
 
 impl FileIdentity {
     /// The identity of the file `metadata` describes.
-    pub(crate) fn of(metadata: &Metadata) -> FileIdentity {
+    pub fn of(metadata: &Metadata) -> FileIdentity {
         FileIdentity {
             dev: metadata.dev(),
             ino: metadata.ino(),
@@ -162,6 +162,53 @@ pub(crate) struct SealedCopy {
 const MFD_EXEC: libc::c_uint = 0x0010;
 const SEALS: libc::c_int =
     libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+/// The seals when `F_SEAL_WRITE` stays busy: `F_SEAL_FUTURE_WRITE` (Linux 5.1) refuses every
+/// later write and every new writable shared mapping just the same, but does not wait for pages
+/// that still hold references. The kernel answers `F_SEAL_WRITE` with EBUSY while a page of the
+/// file just written is still referenced, e.g. from another CPU's LRU batch under load (seen in
+/// CI); this process holds the only descriptor and made no shared mapping, so nothing can write
+/// to the copy either way.
+const FUTURE_SEALS: libc::c_int =
+    libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_FUTURE_WRITE;
+
+/// Seals `memfd` against every change: [`SEALS`], retried a few times while busy, then
+/// [`FUTURE_SEALS`].
+fn seal(memfd: &File) -> std::io::Result<()> {
+    let add = |seals: libc::c_int| {
+        // SAFETY: fcntl on a descriptor the caller owns; F_ADD_SEALS takes an int argument.
+        let added = unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+        if added == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let mut outcome = add(SEALS);
+    for pause_ms in [1, 5, 20] {
+        match &outcome {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+                outcome = add(SEALS);
+            }
+            _ => break,
+        }
+    }
+    if matches!(&outcome, Err(e) if e.raw_os_error() == Some(libc::EBUSY)) {
+        outcome = add(FUTURE_SEALS);
+    }
+    outcome?;
+    // SAFETY: as above; F_GET_SEALS takes no argument.
+    let seals = unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if seals & SEALS != SEALS && seals & FUTURE_SEALS != FUTURE_SEALS {
+        return Err(std::io::Error::other(format!(
+            "the seals are {seals:#x} after sealing"
+        )));
+    }
+    Ok(())
+}
 
 impl SealedCopy {
     /// Copies the open `file` (the library at `path`) into a sealed memory file and hashes the
@@ -184,16 +231,7 @@ impl SealedCopy {
                 ),
             });
         }
-        // SAFETY: fcntl on a descriptor this function owns; F_ADD_SEALS takes an int argument.
-        let sealed = unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, SEALS) };
-        // SAFETY: as above; F_GET_SEALS takes no argument.
-        let seals = unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_GET_SEALS) };
-        if sealed != 0 || seals < 0 || seals & SEALS != SEALS {
-            return Err(fail(
-                "sealing its in-memory copy",
-                std::io::Error::last_os_error(),
-            ));
-        }
+        seal(&memfd).map_err(|e| fail("sealing its in-memory copy", e))?;
         let metadata = memfd
             .metadata()
             .map_err(|e| fail("inspecting its in-memory copy", e))?;
