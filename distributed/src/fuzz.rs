@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use udf_engine::PluginLoader;
+use udf_engine::types::fuzz::Rng;
 
 use crate::resolve::{Resolver, Role};
 use crate::spec::{IsolationSpec, MAGIC, MAX_SPEC_BYTES, PluginSpec};
@@ -41,30 +42,6 @@ pub struct FuzzReport {
     /// Every failure: a panic, a case over [`CASE_DEADLINE`], an error that does not name the
     /// function, or a decoded spec that does not survive a round trip. Each names its case.
     pub failures: Vec<String>,
-}
-
-/// A small, fast, seedable generator (SplitMix64): the same seed gives the same cases on every
-/// machine.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number below `n` (`n` > 0).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
 }
 
 /// Valid specs of several shapes, encoded.
@@ -269,7 +246,7 @@ fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> (&'static str, Vec<u8>) 
         10 => {
             let len = rng.below(MAX_SPEC_BYTES * 2);
             let mut out = MAGIC.to_vec();
-            out.extend((0..len).map(|_| rng.next() as u8));
+            out.extend((0..len).map(|_| rng.next_u64() as u8));
             bytes = out;
             "random bytes"
         }
@@ -290,7 +267,7 @@ fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> (&'static str, Vec<u8>) 
 pub fn fuzz_plugin_specs(seed: u64, cases: usize) -> FuzzReport {
     let seeds = seeds();
     let planner = Resolver::new("fuzz scheduler", Role::Plan, Arc::new(PluginLoader::new()));
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut report = FuzzReport::default();
     for case in 0..cases {
         let input = rng.pick(&seeds).clone();

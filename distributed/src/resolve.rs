@@ -2,7 +2,6 @@
 //! its own plugin directories, pinned by the client's digest; the scheduler only plans with the
 //! signature the client sent and never maps plugin code.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -14,7 +13,7 @@ use datafusion::logical_expr::{
     ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
 };
 use parking_lot::Mutex;
-use udf_engine::{LoadError, PluginLoader, PluginUdf, Sha256Digest, WorkerLimits};
+use udf_engine::{FileIdentity, LoadError, PluginLoader, PluginUdf, Sha256Digest, WorkerLimits};
 
 use crate::cache::{FailureCache, Lru};
 use crate::spec::{IsolationSpec, PluginSpec};
@@ -72,29 +71,10 @@ impl IsolationFloor {
     }
 }
 
-/// A file as the scheduler last hashed it: a digest is reused only for the same file, unchanged.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct FileIdentity {
-    path: PathBuf,
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl FileIdentity {
-    fn of(path: &Path, metadata: &std::fs::Metadata) -> FileIdentity {
-        FileIdentity {
-            path: path.to_path_buf(),
-            dev: metadata.dev(),
-            ino: metadata.ino(),
-            size: metadata.size(),
-            mtime: (metadata.mtime(), metadata.mtime_nsec()),
-            ctime: (metadata.ctime(), metadata.ctime_nsec()),
-        }
-    }
-}
+/// A file as the scheduler last hashed it: a digest is reused only for the same path naming the
+/// same file, unchanged (the engine's [`FileIdentity`]: device, inode, size, modification and
+/// change times).
+type HashedFile = (PathBuf, FileIdentity);
 
 /// What a node keeps between decodes, each bounded.
 #[derive(Debug)]
@@ -104,7 +84,7 @@ struct Caches {
     /// Why a function could not be loaded, for a short time.
     failed: FailureCache<PluginSpec>,
     /// Digests of the files the scheduler checked.
-    digests: Lru<FileIdentity, Sha256Digest>,
+    digests: Lru<HashedFile, Sha256Digest>,
 }
 
 impl Caches {
@@ -301,7 +281,7 @@ impl Resolver {
         let metadata = file
             .metadata()
             .map_err(|e| format!("cannot read its library {}: {e}", path.display()))?;
-        let identity = FileIdentity::of(&path, &metadata);
+        let identity = (path.clone(), FileIdentity::of(&metadata));
         let known = self.caches.lock().digests.get(&identity).copied();
         let actual = match known {
             Some(digest) => digest,

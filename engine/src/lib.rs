@@ -43,8 +43,8 @@ pub use ddl::{
 pub use error::{CallError, CallErrorKind, LoadError, MetadataError, TypePosition};
 pub use explain::{PluginQueryPlanner, install_explain, plugin_calls_line};
 pub use ffi::{
-    Abi, DeclaredVolatility, FunctionSignature, MAX_FUNCTIONS, MAX_NAME_LEN, PluginFunction,
-    PluginLibrary, open_regular_file,
+    Abi, DeclaredVolatility, FileIdentity, FunctionSignature, MAX_FUNCTIONS, MAX_NAME_LEN,
+    PluginFunction, PluginLibrary, open_regular_file,
 };
 pub use isolation::{CallCancel, Isolation, WorkerLimits, WorkerPool, live_worker_pids};
 pub use plugin_dir::{PluginDirError, trusted_libraries_in};

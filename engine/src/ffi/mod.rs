@@ -31,6 +31,7 @@ pub(crate) mod descriptors;
 mod metadata;
 use metadata::{validate_function, validate_metadata};
 mod images;
+pub use images::FileIdentity;
 mod rows;
 
 /// The longest function name read from metadata, in bytes (without the NUL).

@@ -40,6 +40,7 @@ use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::ipc::{self, MessageHeader, MetadataVersion, root_as_message};
 
 use crate::types::arrow::MAX_DEPTH;
+use crate::types::fuzz::Rng;
 use crate::udf::CallPath;
 
 /// The kind byte of a ready message.
@@ -981,25 +982,6 @@ impl FuzzReport {
     }
 }
 
-/// A small deterministic generator (xorshift64*): the same seed, the same cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-}
-
 /// One valid input of the fuzzer and what decoding it is checked against.
 struct Seed {
     body: Vec<u8>,
@@ -1189,7 +1171,7 @@ fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
             1 => {
                 let at = rng.below(len);
                 if let Some(b) = bytes.get_mut(at) {
-                    *b = [0, 0xff, 0x7f, 0x80, rng.next() as u8][rng.below(5)];
+                    *b = [0, 0xff, 0x7f, 0x80, rng.next_u64() as u8][rng.below(5)];
                 }
             }
             2 => bytes.truncate(rng.below(len + 1)),
@@ -1235,7 +1217,7 @@ pub fn fuzz_worker_replies(seed: u64, cases: usize) -> FuzzReport {
     use crate::types::ValueType;
     let seeds = fuzz_seeds();
     let mut report = FuzzReport::default();
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     fn fail(report: &mut FuzzReport, what: String) {
         if report.failures.len() < 20 {
             report.failures.push(what);
