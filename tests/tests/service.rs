@@ -862,6 +862,37 @@ async fn start_endless_answer(url: &str) -> reqwest::Response {
     response
 }
 
+/// Whether `response` is the refusal of a query over the concurrency limit.
+fn refused(response: &reqwest::Response) -> bool {
+    response.status().as_u16() == 503
+        && response.headers().get("retry-after").map(|v| v.as_bytes()) == Some(b"1")
+}
+
+/// Asks `SELECT 1` every `pause` until it is answered (every answer before must be the
+/// concurrency refusal), failing with `why` once `deadline` has passed; the answer's rows.
+async fn answered_before(
+    client: &reqwest::Client,
+    url: &str,
+    deadline: Instant,
+    pause: Duration,
+    why: &str,
+) -> Value {
+    loop {
+        let response = client
+            .post(url)
+            .body("SELECT 1 AS one")
+            .send()
+            .await
+            .unwrap();
+        if response.status().as_u16() == 200 {
+            return response.json::<Value>().await.unwrap();
+        }
+        assert!(refused(&response), "{:?}", response.status());
+        assert!(Instant::now() < deadline, "{why}");
+        tokio::time::sleep(pause).await;
+    }
+}
+
 /// A query over `max_concurrent_queries` is answered 503 with `Retry-After` at once; a place is
 /// given back when a client goes away mid-answer, and when the time limit passes for a client
 /// that stopped reading.
@@ -877,10 +908,6 @@ async fn queries_over_the_concurrency_limit_are_refused_at_once() {
     .await;
     let url = server.url("/query");
     let client = reqwest::Client::new();
-    let refused = |response: &reqwest::Response| {
-        response.status().as_u16() == 503
-            && response.headers().get("retry-after").map(|v| v.as_bytes()) == Some(b"1")
-    };
 
     let a = start_endless_answer(&url).await;
     let b_started = Instant::now();
@@ -909,46 +936,27 @@ async fn queries_over_the_concurrency_limit_are_refused_at_once() {
 
     // A's client goes away mid-answer: its place is free again well before the time limit.
     drop(a);
-    let dropped = Instant::now();
-    let answered = loop {
-        let response = client
-            .post(&url)
-            .body("SELECT 1 AS one")
-            .send()
-            .await
-            .unwrap();
-        if response.status().as_u16() == 200 {
-            break response.json::<Value>().await.unwrap();
-        }
-        assert!(refused(&response), "{:?}", response.status());
-        assert!(
-            dropped.elapsed() < Duration::from_secs(3),
-            "the place of a client that went away was not given back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let answered = answered_before(
+        &client,
+        &url,
+        Instant::now() + Duration::from_secs(3),
+        Duration::from_millis(50),
+        "the place of a client that went away was not given back",
+    )
+    .await;
     assert_eq!(answered, json!([{"one": 1}]));
 
     // C takes the free place; B's client still holds its connection but does not read: its place
     // comes back at its time limit, not before.
     let c = start_endless_answer(&url).await;
-    let answered = loop {
-        let response = client
-            .post(&url)
-            .body("SELECT 1 AS one")
-            .send()
-            .await
-            .unwrap();
-        if response.status().as_u16() == 200 {
-            break response.json::<Value>().await.unwrap();
-        }
-        assert!(refused(&response), "{:?}", response.status());
-        assert!(
-            b_started.elapsed() < time_limit + Duration::from_secs(4),
-            "the place of a client that stopped reading was not given back at the time limit"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let answered = answered_before(
+        &client,
+        &url,
+        b_started + time_limit + Duration::from_secs(4),
+        Duration::from_millis(100),
+        "the place of a client that stopped reading was not given back at the time limit",
+    )
+    .await;
     assert_eq!(answered, json!([{"one": 1}]));
     assert!(
         b_started.elapsed() >= time_limit - Duration::from_millis(500),
