@@ -278,11 +278,15 @@ async fn paths_cannot_escape_the_plugin_directories() {
 
 #[tokio::test]
 async fn one_library_is_shared_and_unloaded_after_the_last_drop() {
-    let (ctx, loader) = with_examples();
+    // A private copy: a process holds one library per path, and the other tests of this binary
+    // load the examples' paths concurrently.
+    let dir = tempfile::tempdir().unwrap();
+    copy(&plugin("square"), &dir.path().join("libsquare_private.so"));
+    let (ctx, loader) = session(PluginLoader::new().with_plugin_dir(dir.path()).unwrap());
     for name in ["s1", "s2"] {
         query(
             &ctx,
-            &format!("CREATE FUNCTION {name}(BIGINT) RETURNS BIGINT LANGUAGE plugin AS 'libudf_plugin_square.so'"),
+            &format!("CREATE FUNCTION {name}(BIGINT) RETURNS BIGINT LANGUAGE plugin AS 'libsquare_private.so'"),
         )
         .await
         .unwrap();
@@ -309,15 +313,14 @@ async fn a_running_query_keeps_its_library_after_drop() {
         .with_batch_size(10)
         .with_target_partitions(1);
     let ctx = SessionContext::new_with_config(config);
-    let loader = Arc::new(
-        PluginLoader::new()
-            .with_plugin_dir(example_plugin_dir())
-            .unwrap(),
-    );
+    // A private copy, as in the test above.
+    let dir = tempfile::tempdir().unwrap();
+    copy(&plugin("square"), &dir.path().join("libsquare_private.so"));
+    let loader = Arc::new(PluginLoader::new().with_plugin_dir(dir.path()).unwrap());
     udf_engine::install(&ctx, Arc::clone(&loader)).unwrap();
     query(
         &ctx,
-        "CREATE FUNCTION sq(BIGINT) RETURNS BIGINT LANGUAGE plugin AS 'libudf_plugin_square.so'",
+        "CREATE FUNCTION sq(BIGINT) RETURNS BIGINT LANGUAGE plugin AS 'libsquare_private.so'",
     )
     .await
     .unwrap();
