@@ -117,7 +117,10 @@ enum Swap {
 }
 
 impl Swapper {
-    fn start(race: &Race, how: Swap) -> Swapper {
+    /// Swaps `race.path` between B and A until finished, leaving A in place for `dwell` after
+    /// each swap back (a reader that takes milliseconds, such as a starting worker, would
+    /// otherwise almost never find A).
+    fn start(race: &Race, how: Swap, dwell: Duration) -> Swapper {
         let stop = Arc::new(AtomicBool::new(false));
         let swaps = Arc::new(AtomicUsize::new(0));
         let (path, a, b, dir) = (
@@ -155,6 +158,9 @@ impl Swapper {
                         }
                     }
                     swaps.fetch_add(1, Ordering::Relaxed);
+                    if !dwell.is_zero() {
+                        std::thread::sleep(dwell);
+                    }
                 }
                 // Leave A in place.
                 let mut file = std::fs::OpenOptions::new()
@@ -196,7 +202,7 @@ struct Outcomes {
 /// Loads `race.path` pinned to A in this process while `how` swaps it, until both outcomes were
 /// seen often enough (or time runs out): every load runs A's code or is refused.
 fn pinned_loads_under(race: &Race, how: Swap) -> Outcomes {
-    let swapper = Swapper::start(race, how);
+    let swapper = Swapper::start(race, how, Duration::ZERO);
     let mut seen = Outcomes::default();
     let start = Instant::now();
     let mut loads = 0;
@@ -260,7 +266,7 @@ async fn isolated_workers_load_only_the_pinned_bytes_while_the_file_is_swapped()
             ..WorkerLimits::default()
         };
         let host = PluginLibrary::load_pinned(&race.path, Some(&race.pin)).unwrap();
-        let swapper = Swapper::start(&race, how);
+        let swapper = Swapper::start(&race, how, Duration::from_millis(2));
         let (mut answered, mut refused) = (0, 0);
         let start = Instant::now();
         let mut starts = 0;
@@ -287,8 +293,17 @@ async fn isolated_workers_load_only_the_pinned_bytes_while_the_file_is_swapped()
             }
             assert!(!race.b_ran(), "B's constructor ran in a worker");
         }
-        swapper.finish();
-        assert!(answered > 0, "some workers loaded A ({refused} refused)");
+        let swaps = swapper.finish();
+        assert!(swaps > 10, "the file was swapped {swaps} times");
+        assert!(
+            answered > 0,
+            "some workers loaded A during the race ({refused} refused)"
+        );
+        // With A back in place for good, a worker starts and answers.
+        let ctx = SessionContext::new();
+        udf_engine::register_library_with(&ctx, &host, &Isolation::Process(limits.clone()))
+            .expect("a worker starts once the file is A again");
+        assert_eq!(rows(&ctx, "SELECT version()").await, vec![vec!["1"]]);
         assert!(!race.b_ran(), "B's constructor ran in a worker");
     }
 }
