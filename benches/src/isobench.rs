@@ -1,27 +1,37 @@
-//! What process isolation costs, measured three ways on the benchmark table (1,048,576 rows in
-//! batches of 8192):
+//! What process isolation costs (issues 14 and 25), measured three ways on the benchmark table
+//! (1,048,576 rows in batches of 8192):
 //!
 //! 1. **Operator level**: `EXPLAIN ANALYZE` `elapsed_compute` of the `ProjectionExec` calling
-//!    `repeat(name, 3)`: toolbox's `repeat_text` through the batch path in-process and isolated
-//!    (one worker), and the v1 `repeat` (row only: the worker runs the row loop) in-process and
-//!    isolated. One partition.
+//!    the function, in-process against the same function isolated (pool of 1 worker), one
+//!    partition, the two back to back in every round (alternating which goes first): the plain
+//!    plugin's `#[udf]` `sq` (`i64 -> i64`, `x * x`), `bang` and `rev` (`&str -> String`) on the
+//!    batch path, toolbox's `repeat_text` on the batch path, and the v1 `repeat` (row only: the
+//!    worker runs the row loop). Each ratio is the median over the rounds of the ratio within
+//!    the round, printed next to issue 25's target and the figures the issue started from; the
+//!    transport cost per batch is (isolated − in-process) / number of batches, also paired.
+//!    Before timing, every isolated function's result is checked against the in-process one.
 //! 2. **New pool**: registering an isolated function in a new session (the pool starts its first
 //!    worker and waits for it: spawn, digest of the library, `dlopen`), then the session's first
 //!    query over a 4-row table, against the same query once warm.
-//! 3. **Partitions**: wall time of `SELECT repeat(name, 3)` over the whole table, isolated (pool
-//!    of 2 workers) and in-process, with 1 and with 2 partitions.
+//! 3. **Partitions**: wall time of `SELECT repeat(name, 3)` (toolbox `repeat_text`) over the
+//!    whole table, isolated (pool of 2 workers) and in-process, with 1 and with 2 partitions, the
+//!    four back to back in every round; the speedups 1 → 2 partitions are medians of the
+//!    per-round speedups, and issue 25's criterion is
+//!    (isolated speedup − 1) / (in-process speedup − 1) ≥ 0.9.
 //!
-//! `cargo run --release -p udf-benches --bin isobench [-- --rounds N]`.
+//! `cargo run --release -p udf-benches --bin isobench [-- --rounds N]` (default 9 rounds).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use datafusion::arrow::array::{Array, ArrayRef};
+use datafusion::arrow::compute::concat;
 use datafusion::logical_expr::{ScalarUDF, Volatility};
 use datafusion::prelude::SessionContext;
-use udf_engine::{PluginLibrary, PluginUdf, WorkerLimits};
+use udf_engine::{CallPath, PluginLibrary, PluginUdf, WorkerLimits};
 
 use crate::opbench::{explain_analyze, median, projection_elapsed_compute, query};
-use crate::{plugin, session};
+use crate::{BATCH, ROWS, plugin, session};
 
 fn limits(workers: usize) -> WorkerLimits {
     WorkerLimits {
@@ -30,16 +40,23 @@ fn limits(workers: usize) -> WorkerLimits {
     }
 }
 
-/// Registers `function` of `library` as `sql` in `ctx`, isolated with `limits` if given.
+/// Registers `function` of `library` as `sql` in `ctx`, called through `path`, isolated with
+/// `limits` if given.
 fn register(
     ctx: &SessionContext,
     library: &Arc<PluginLibrary>,
     function: &str,
     sql: &str,
+    path: CallPath,
     isolation: Option<&WorkerLimits>,
 ) {
     let f = library.function_named(function).expect("function");
-    let mut udf = PluginUdf::new(sql, f, Volatility::Immutable);
+    let mut udf = PluginUdf::new(sql, f, Volatility::Immutable).with_call_path(path);
+    assert_eq!(
+        udf.call_path(),
+        path,
+        "{function} has no {path:?} entrypoint"
+    );
     if let Some(limits) = isolation {
         let pool = udf_engine::isolation::pool_for(library, limits, 1).expect("worker program");
         udf = udf.with_worker_pool(pool);
@@ -47,48 +64,207 @@ fn register(
     ctx.register_udf(ScalarUDF::new_from_impl(udf));
 }
 
-async fn operator_level(rounds: usize) {
-    let ctx = session(1);
-    let toolbox = PluginLibrary::load(plugin("toolbox")).expect("toolbox");
-    let v1 = PluginLibrary::load(plugin("repeat")).expect("repeat");
-    register(&ctx, &toolbox, "repeat_text", "rep_batch", None);
-    register(
-        &ctx,
-        &toolbox,
-        "repeat_text",
-        "rep_batch_iso",
-        Some(&limits(1)),
-    );
-    register(&ctx, &v1, "repeat", "rep_v1", None);
-    register(&ctx, &v1, "repeat", "rep_v1_iso", Some(&limits(1)));
-    let variants = [
-        ("batch in-process", "rep_batch(name, 3)"),
-        ("batch isolated", "rep_batch_iso(name, 3)"),
-        ("v1 row in-process", "rep_v1(name, 3)"),
-        ("v1 row isolated", "rep_v1_iso(name, 3)"),
-    ];
-    // Warm up (starts the workers), then alternate the variants in every round.
-    for (_, expr) in variants {
-        explain_analyze(&ctx, &query(expr)).await.expect("warm-up");
+/// One function measured in-process against itself isolated.
+#[derive(Debug, Clone, Copy)]
+struct Pair {
+    /// Prefix of the SQL names: `<id>_local` (in-process) and `<id>_iso` (isolated).
+    id: &'static str,
+    /// What is measured, for the table.
+    label: &'static str,
+    /// The plugin package (`udf-plugin-<plugin>`).
+    plugin: &'static str,
+    /// The function's name in the library.
+    function: &'static str,
+    path: CallPath,
+    /// The arguments, over the benchmark table's columns.
+    args: &'static str,
+    /// Issue 25's target for isolated / in-process.
+    target: f64,
+    /// isolated / in-process before issue 25's work.
+    today: &'static str,
+}
+
+impl Pair {
+    fn expr(&self, isolated: bool) -> String {
+        let side = if isolated { "iso" } else { "local" };
+        format!("{}_{side}{}", self.id, self.args)
     }
-    let mut samples = vec![Vec::new(); variants.len()];
-    for _ in 0..rounds {
-        for (i, (_, expr)) in variants.iter().enumerate() {
-            let plan = explain_analyze(&ctx, &query(expr)).await.expect("query");
-            samples[i].push(projection_elapsed_compute(&plan).expect("metric"));
+}
+
+/// The operator-level pairs: issue 25's three kinds of function (and toolbox's tuned
+/// `repeat_text`, the function of issue 14's measurements).
+const PAIRS: [Pair; 5] = [
+    Pair {
+        id: "sq",
+        label: "plain `#[udf]` `sq(i64) -> i64` (`x * x`), batch path",
+        plugin: "plain",
+        function: "sq",
+        path: CallPath::Batch,
+        args: "(x)",
+        target: 1.3,
+        today: "6.2–6.7× (issue 25)",
+    },
+    Pair {
+        id: "bang",
+        label: "plain `#[udf]` `bang(&str) -> String` (`format!`), batch path",
+        plugin: "plain",
+        function: "bang",
+        path: CallPath::Batch,
+        args: "(name)",
+        target: 1.2,
+        today: "1.9–2.5× (issue 25)",
+    },
+    Pair {
+        id: "rev",
+        label: "plain `#[udf]` `rev(&str) -> String` (`chars().rev()`), batch path",
+        plugin: "plain",
+        function: "rev",
+        path: CallPath::Batch,
+        args: "(name)",
+        target: 1.2,
+        today: "1.9–2.5× (issue 25)",
+    },
+    Pair {
+        id: "repeat_text",
+        label: "toolbox `repeat_text` (`&mut String` output), batch path",
+        plugin: "toolbox",
+        function: "repeat_text",
+        path: CallPath::Batch,
+        args: "(name, 3)",
+        target: 1.2,
+        today: "1.59–2.03× (issue 14)",
+    },
+    Pair {
+        id: "v1_repeat",
+        label: "seed-contract v1 `repeat`, row loop in the worker",
+        plugin: "repeat",
+        function: "repeat",
+        path: CallPath::Row,
+        args: "(name, 3)",
+        target: 1.1,
+        today: "1.5–1.6× (issue 25)",
+    },
+];
+
+/// The whole result column of `SELECT <expr> AS y FROM t`, in one array.
+async fn column(ctx: &SessionContext, expr: &str) -> ArrayRef {
+    let batches = ctx
+        .sql(&query(expr))
+        .await
+        .expect("plan")
+        .collect()
+        .await
+        .expect("query");
+    let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(0).as_ref()).collect();
+    concat(&arrays).expect("concat")
+}
+
+/// `f(a[r], b[r])` for every round `r`.
+fn per_round(a: &[f64], b: &[f64], f: impl Fn(f64, f64) -> f64) -> Vec<f64> {
+    assert_eq!(a.len(), b.len(), "one sample of each side per round");
+    a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+}
+
+/// `min–max` of `values`, each formatted by `f`.
+fn range(values: &[f64], f: impl Fn(f64) -> String) -> String {
+    if values.is_empty() {
+        return "—".into();
+    }
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{}–{}", f(min), f(max))
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok { "yes" } else { "**no**" }
+}
+
+async fn operator_level(rounds: usize) {
+    // One partition, so that the rows come back in order for the check and one worker serves.
+    let ctx = session(1);
+    let isolated = limits(1);
+    for pair in &PAIRS {
+        let library = PluginLibrary::load(plugin(pair.plugin)).expect("load plugin");
+        let local = format!("{}_local", pair.id);
+        let iso = format!("{}_iso", pair.id);
+        register(&ctx, &library, pair.function, &local, pair.path, None);
+        register(
+            &ctx,
+            &library,
+            pair.function,
+            &iso,
+            pair.path,
+            Some(&isolated),
+        );
+    }
+    // The check doubles as the warm-up (it starts the workers and sizes the output buffers).
+    for pair in &PAIRS {
+        let want = column(&ctx, &pair.expr(false)).await;
+        let got = column(&ctx, &pair.expr(true)).await;
+        assert!(
+            got.as_ref() == want.as_ref(),
+            "{}: the isolated result differs from the in-process one",
+            pair.id
+        );
+    }
+    // Per pair: elapsed_compute in nanoseconds, one sample per round of each side.
+    let mut local = vec![Vec::with_capacity(rounds); PAIRS.len()];
+    let mut iso = vec![Vec::with_capacity(rounds); PAIRS.len()];
+    for round in 0..rounds {
+        for (p, pair) in PAIRS.iter().enumerate() {
+            // Back to back, alternating which side goes first.
+            let first_isolated = round % 2 == 1;
+            for isolated in [first_isolated, !first_isolated] {
+                let plan = explain_analyze(&ctx, &query(&pair.expr(isolated)))
+                    .await
+                    .expect("query");
+                let nanos = projection_elapsed_compute(&plan).expect("metric");
+                if isolated {
+                    iso[p].push(nanos);
+                } else {
+                    local[p].push(nanos);
+                }
+            }
         }
     }
-    let ms = |i: usize| median(&samples[i]).expect("samples") / 1e6;
-    println!("operator level, elapsed_compute of ProjectionExec, 1 partition, median of {rounds}:");
-    for (i, (label, expr)) in variants.iter().enumerate() {
-        println!("  {label:<18} {expr:<24} {:>9.2} ms", ms(i));
-    }
+    drop(ctx);
+
+    let batches = ROWS / BATCH;
     println!(
-        "  isolated / in-process: batch {:.2}x (+{:.1} µs per batch), v1 row {:.2}x",
-        ms(1) / ms(0),
-        (ms(1) - ms(0)) * 1e3 / (crate::ROWS / crate::BATCH) as f64,
-        ms(3) / ms(2)
+        "Operator level: `elapsed_compute` of the ProjectionExec, 1 partition, isolated = pool of \
+         1 worker; median of {rounds} rounds, ms; {ROWS} rows in {batches} batches of {BATCH}. \
+         Ratios and transport: median over the rounds of the ratio or difference within the \
+         round (in-process and isolated back to back, alternating which goes first); range: \
+         min–max of the per-round ratios."
     );
+    println!();
+    println!(
+        "| function | expression | in-process | isolated | isolated / in-process | range \
+         | target | met | before | transport per batch |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---|---:|---:|");
+    for (p, pair) in PAIRS.iter().enumerate() {
+        let ratios = per_round(&iso[p], &local[p], |i, l| i / l);
+        let ratio = median(&ratios).expect("samples");
+        let transport = median(&per_round(&iso[p], &local[p], |i, l| {
+            (i - l) / batches as f64 / 1e3
+        }))
+        .expect("samples");
+        println!(
+            "| {} | `{}{}` | {:.2} | {:.2} | **{ratio:.2}×** | {} | ≤ {:.1}× | {} | {} \
+             | {transport:+.1} µs |",
+            pair.label,
+            pair.function,
+            pair.args,
+            median(&local[p]).expect("samples") / 1e6,
+            median(&iso[p]).expect("samples") / 1e6,
+            range(&ratios, |r| format!("{r:.2}×")),
+            pair.target,
+            met(ratio <= pair.target),
+            pair.today,
+        );
+    }
+    println!();
 }
 
 async fn cold_pool(rounds: usize) {
@@ -101,7 +277,14 @@ async fn cold_pool(rounds: usize) {
         let ctx = SessionContext::new();
         let t = Instant::now();
         // A new pool every round: the last one went with the previous session.
-        register(&ctx, &toolbox, "repeat_text", "rep", Some(&limits(1)));
+        register(
+            &ctx,
+            &toolbox,
+            "repeat_text",
+            "rep",
+            CallPath::Batch,
+            Some(&limits(1)),
+        );
         register_ms.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
         ctx.sql(sql)
@@ -129,15 +312,23 @@ async fn cold_pool(rounds: usize) {
             "workers left after the session was dropped"
         );
     }
-    let ms = |v: &[f64]| median(v).unwrap() * 1e3;
+    let ms = |v: &[f64]| median(v).expect("samples") * 1e3;
     let w = ms(&warm);
-    println!("new pool, 4-row query, medians of {rounds}:");
+    println!("New pool (toolbox `repeat_text`, pool of 1), 4-row query, medians of {rounds}, ms:");
+    println!();
+    println!("| measure | ms |");
+    println!("|---|---:|");
     println!(
-        "  registration (pool + first worker) {:.3} ms; first query {:.3} ms (+{:.3} ms over warm); warm {w:.3} ms",
-        ms(&register_ms),
+        "| registration of an isolated function (new pool + first worker) | {:.3} |",
+        ms(&register_ms)
+    );
+    println!(
+        "| first query after registration | {:.3} (+{:.3} over warm) |",
         ms(&first),
         ms(&first) - w
     );
+    println!("| warm 4-row query | {w:.3} |");
+    println!();
 }
 
 fn wait_no_workers(limit: Duration) -> bool {
@@ -151,48 +342,109 @@ fn wait_no_workers(limit: Duration) -> bool {
     false
 }
 
+/// Wall time of the whole query, in seconds; checks that it returned every row.
+async fn wall(ctx: &SessionContext, sql: &str) -> f64 {
+    let t = Instant::now();
+    let batches = ctx
+        .sql(sql)
+        .await
+        .expect("plan")
+        .collect()
+        .await
+        .expect("query");
+    let secs = t.elapsed().as_secs_f64();
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, ROWS, "{sql}");
+    secs
+}
+
+/// Below this in-process speedup − 1 the scaling criterion is noise divided by noise.
+const MIN_IN_PROCESS_GAIN: f64 = 0.05;
+
 async fn partitions(rounds: usize) {
     let toolbox = PluginLibrary::load(plugin("toolbox")).expect("toolbox");
-    // [isolated, in-process] × [1, 2 partitions]
-    let mut walls = [[0.0; 2]; 2];
-    for (p, parts) in [1, 2].into_iter().enumerate() {
-        let ctx = session(parts);
-        register(&ctx, &toolbox, "repeat_text", "rep_iso", Some(&limits(2)));
-        register(&ctx, &toolbox, "repeat_text", "rep_local", None);
-        for (v, expr) in ["rep_iso(name, 3)", "rep_local(name, 3)"]
-            .into_iter()
-            .enumerate()
-        {
-            let sql = query(expr);
-            ctx.sql(&sql)
-                .await
-                .unwrap()
-                .collect()
-                .await
-                .expect("warm-up");
-            let mut w = Vec::new();
-            for _ in 0..rounds {
-                let t = Instant::now();
-                let batches = ctx.sql(&sql).await.unwrap().collect().await.expect("query");
-                w.push(t.elapsed().as_secs_f64());
-                let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-                assert_eq!(rows, crate::ROWS);
-            }
-            walls[v][p] = median(&w).unwrap();
+    // Sessions with the table in 1 and in 2 partitions; both use the same pool of 2 workers
+    // (the pool is shared by library and limits).
+    let contexts = [session(1), session(2)];
+    for ctx in &contexts {
+        register(
+            ctx,
+            &toolbox,
+            "repeat_text",
+            "rep_iso",
+            CallPath::Batch,
+            Some(&limits(2)),
+        );
+        register(
+            ctx,
+            &toolbox,
+            "repeat_text",
+            "rep_local",
+            CallPath::Batch,
+            None,
+        );
+    }
+    let sqls = [query("rep_iso(name, 3)"), query("rep_local(name, 3)")];
+    // (variant: isolated / in-process, partitions: 1 / 2)
+    let combos = [(0, 0), (0, 1), (1, 0), (1, 1)];
+    // Warm up (the 2-partition query starts the pool's second worker).
+    for &(v, p) in &combos {
+        wall(&contexts[p], &sqls[v]).await;
+    }
+    // walls[v][p]: one wall time per round.
+    let mut walls: [[Vec<f64>; 2]; 2] = Default::default();
+    for round in 0..rounds {
+        // The four back to back, starting each round at another one.
+        for k in 0..combos.len() {
+            let (v, p) = combos[(k + round) % combos.len()];
+            let secs = wall(&contexts[p], &sqls[v]).await;
+            walls[v][p].push(secs);
         }
     }
-    println!("partitions, wall time of the whole query, median of {rounds}:");
+    drop(contexts);
+
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "Partitions: wall time of `SELECT repeat(name, 3) AS y FROM t` (toolbox `repeat_text`, \
+         batch path), table in 1 and in 2 partitions, median of {rounds} rounds, ms; speedup: \
+         median of the per-round speedups (the four queries back to back in every round); \
+         {cpus} CPUs available."
+    );
+    println!();
+    println!("| variant | 1 partition | 2 partitions | 1 → 2 partitions | range |");
+    println!("|---|---:|---:|---:|---:|");
+    let mut speedup = [0.0; 2];
     for (v, label) in ["isolated (pool of 2)", "in-process"]
         .into_iter()
         .enumerate()
     {
+        let speedups = per_round(&walls[v][0], &walls[v][1], |one, two| one / two);
+        speedup[v] = median(&speedups).expect("samples");
         println!(
-            "  {label:<21} 1 partition {:.1} ms, 2 partitions {:.1} ms: {:.2}x faster",
-            walls[v][0] * 1e3,
-            walls[v][1] * 1e3,
-            walls[v][0] / walls[v][1]
+            "| {label} | {:.1} | {:.1} | {:.2}× | {} |",
+            median(&walls[v][0]).expect("samples") * 1e3,
+            median(&walls[v][1]).expect("samples") * 1e3,
+            speedup[v],
+            range(&speedups, |s| format!("{s:.2}×")),
         );
     }
+    println!();
+    let [isolated, in_process] = speedup;
+    let gain = in_process - 1.0;
+    let criterion = if gain >= MIN_IN_PROCESS_GAIN {
+        let c = (isolated - 1.0) / gain;
+        format!("**{c:.2}** | ≥ 0.9 | {}", met(c >= 0.9))
+    } else {
+        format!(
+            "— (in-process speeds up only {in_process:.2}×, below {:.2}×: not measurable) \
+             | ≥ 0.9 | —",
+            1.0 + MIN_IN_PROCESS_GAIN
+        )
+    };
+    println!("| scaling criterion | value | target | met |");
+    println!("|---|---:|---:|---|");
+    println!("| (isolated speedup − 1) / (in-process speedup − 1) | {criterion} |");
+    println!();
 }
 
 /// Runs the three measurements.
@@ -200,20 +452,35 @@ pub fn main() {
     let mut rounds = 9;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        if arg == "--rounds" {
-            rounds = args
-                .next()
-                .and_then(|v| v.parse().ok())
-                .expect("--rounds N");
+        match arg.as_str() {
+            "--rounds" => {
+                rounds = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n: &usize| n > 0)
+                    .unwrap_or_else(|| {
+                        eprintln!("isobench: --rounds takes a positive number");
+                        std::process::exit(2)
+                    });
+            }
+            _ => {
+                eprintln!("usage: isobench [--rounds N]");
+                std::process::exit(2)
+            }
         }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
+    let started = Instant::now();
     runtime.block_on(async {
         operator_level(rounds).await;
         cold_pool(rounds * 3).await;
         partitions(rounds).await;
     });
+    eprintln!(
+        "isobench: {rounds} rounds took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
 }

@@ -285,8 +285,8 @@ impl PluginUdf {
             })
             .collect::<Result<Vec<_>>>()?;
         let array = match &self.pool {
-            Some(pool) => blocking(|| {
-                pool.call(
+            Some(pool) => pool
+                .call(
                     &self.function,
                     self.call_path,
                     &arrays,
@@ -294,12 +294,11 @@ impl PluginUdf {
                     &self.return_type,
                     cancel,
                 )
-            })
-            .map_err(|fault| {
-                DataFusionError::Execution(
-                    fault.describe(&self.sql_name, self.function.library().path()),
-                )
-            })?,
+                .map_err(|fault| {
+                    DataFusionError::Execution(
+                        fault.describe(&self.sql_name, self.function.library().path()),
+                    )
+                })?,
             None => match self.call_path {
                 CallPath::Batch => self.function.call_batch(&arrays, rows),
                 CallPath::Row => self.function.call_rows(&arrays, rows),
@@ -307,19 +306,6 @@ impl PluginUdf {
             .map_err(|e| self.call_error(e))?,
         };
         result_value(array, all_scalar)
-    }
-}
-
-/// Runs `wait` (a wait on a worker process) where tokio allows it to block: on a multi-threaded
-/// runtime the worker thread hands its other tasks to another thread meanwhile, so a long
-/// isolated call does not starve timers, signals or other queries.
-fn blocking<T>(wait: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(wait)
-        }
-        _ => wait(),
     }
 }
 

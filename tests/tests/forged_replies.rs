@@ -1,7 +1,8 @@
-//! Worker replies are untrusted bytes (issue 24, items 1 and 2): a plugin runs inside its worker
-//! and can write its own answer to the worker's channel. The fixture `tests/fixtures/c/forge.c`
-//! does exactly that, as an attacker would: it finds the channel among its descriptors, writes a
-//! reply frame the test prepared (a file whose path is its first argument) and waits to be
+//! Worker replies are untrusted bytes (issue 24, items 1 and 2; issue 25's shared regions): a
+//! plugin runs inside its worker and can write its own answer where the worker answers, the
+//! shared output region. The fixture `tests/fixtures/c/forge.c` does exactly that, as an
+//! attacker would: it finds the regions in its `/proc/self/maps`, writes a reply frame the test
+//! prepared (a file whose path is its first argument), publishes it as the reply, and waits to be
 //! killed. Every forged reply must be a "malformed reply" error naming the function and the
 //! library, the forging worker killed and replaced, and the next query answered:
 //!
@@ -10,6 +11,10 @@
 //! * well-formed replies the in-process path refuses: a NULL from a v1 function, a value in a
 //!   STRICT row, a decimal over its precision (also as a list item), a result of another type,
 //!   a dictionary-encoded result;
+//! * replies that do not fit the region: a length past the region's end, a frame whose buffers
+//!   lie past its own end (in bytes the region holds from elsewhere);
+//! * a worker that overwrites its replies after publishing them, tries to shrink its regions, or
+//!   grows them to 1 TiB;
 //! * and mutated replies thrown at the decoder with a fixed seed, under an address-space limit
 //!   (`udf_engine::isolation::fuzz_worker_replies`).
 #![forbid(unsafe_code)]
@@ -21,7 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::arrow::array::{
-    ArrayRef, Decimal128Array, DictionaryArray, Int64Array, ListArray, RecordBatch, StringArray,
+    Array, ArrayRef, Decimal128Array, DictionaryArray, Int64Array, ListArray, RecordBatch,
+    StringArray,
 };
 use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
 use datafusion::arrow::datatypes::{DataType, Field, Int32Type, Schema};
@@ -364,7 +370,130 @@ async fn forged_values_the_in_process_rules_refuse_are_refused() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3. Mutated replies, under an address-space limit.
+// 3. The shared regions (issue 25).
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_that_do_not_fit_the_shared_region_are_refused() {
+    let _serial = WORKERS.lock().await;
+    let library = forge_library();
+    let ctx = session();
+    let _registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
+    let ok_sql = "SELECT ok(x) AS v FROM t";
+    let ok_rows: &[&[&str]] = &[&["2"], &["NULL"], &["4"]];
+    let text: ArrayRef = Arc::new(StringArray::from(vec![Some("a"), None, Some("c")]));
+    let honest = result_frame(&ipc_stream(&text, IpcWriteOptions::default()));
+    // A header claiming 64 MiB (a VARCHAR result may be that long) in a region of 1 MiB.
+    let mut past_region = honest.clone();
+    past_region[4..8].copy_from_slice(&(64u32 << 20).to_le_bytes());
+    // A header 64 bytes short of the stream: the batch's buffers lie past the frame, in bytes
+    // the region holds (written there by the forger, as another call's reply would be).
+    let mut short = honest.clone();
+    let body = u32::from_le_bytes(short[4..8].try_into().unwrap());
+    short[4..8].copy_from_slice(&(body - 64).to_le_bytes());
+    for (name, bytes, says) in [
+        (
+            "past-region",
+            past_region,
+            "past the end of the shared region",
+        ),
+        ("short", short, "a body of"),
+    ] {
+        let file = frame_file(&format!("{name}.frame"), &bytes);
+        let sql = format!("SELECT forge_text('{}', x) AS v FROM t", file.display());
+        refused(&ctx, &library, "forge_text", &sql, says, ok_sql, ok_rows).await;
+    }
+}
+
+/// A worker whose plugin overwrites every reply right after the worker published it: each query
+/// is answered right (the host copied the reply before the overwrite) or refused as malformed
+/// (it copied the overwrite), never answered wrong, and the host serves the next query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_overwrites_its_replies_never_gives_a_wrong_answer() {
+    let _serial = WORKERS.lock().await;
+    let library = forge_library();
+    let ctx = session();
+    let _registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
+    let (mut right, mut refused) = (0, 0);
+    for _ in 0..20 {
+        match query(&ctx, "SELECT scribble(x) AS v FROM u").await {
+            Ok(batches) => {
+                let values: Vec<i64> = batches
+                    .iter()
+                    .flat_map(|b| {
+                        let column = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                        assert_eq!(column.null_count(), 0);
+                        column.values().to_vec()
+                    })
+                    .collect();
+                assert_eq!(values, [2, 3, 4], "an answer is the right one");
+                right += 1;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains("plugin function scribble") && e.contains("malformed reply"),
+                    "{e}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused > 0,
+        "the overwrites were seen ({right} right answers)"
+    );
+    // The scribbling worker may still be alive (its last answer was copied in time): its next
+    // reply is refused, and the one after comes from a new worker.
+    let ok_sql = "SELECT ok(x) AS v FROM u";
+    if let Err(e) = query(&ctx, ok_sql).await {
+        assert!(e.to_string().contains("malformed reply"), "{e}");
+    }
+    assert_eq!(rows(&ctx, ok_sql).await, expect(&[&["2"], &["3"], &["4"]]));
+}
+
+/// This process's address space, in KiB (`VmSize`).
+fn vm_size_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmSize:"))
+        .expect("VmSize in /proc/self/status");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The regions are sealed against shrinking: a plugin's `ftruncate(fd, 0)` on them fails with
+/// EPERM (the kernel's answer, returned by the function). Growing them to 1 TiB succeeds, and the
+/// host maps no more of them than replies take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cannot_shrink_its_regions_and_growing_them_costs_the_host_nothing() {
+    let _serial = WORKERS.lock().await;
+    let library = forge_library();
+    let ctx = session();
+    let _registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
+    let eperm = libc::EPERM.to_string();
+    assert_eq!(
+        rows(&ctx, "SELECT truncate_regions(x) AS v FROM u").await,
+        expect(&[&[&eperm], &[&eperm], &[&eperm]])
+    );
+    let before = vm_size_kib();
+    assert_eq!(
+        rows(&ctx, "SELECT grow_regions(x) AS v FROM u").await,
+        expect(&[&["2"], &["3"], &["4"]])
+    );
+    assert_eq!(
+        rows(&ctx, "SELECT ok(x) AS v FROM u").await,
+        expect(&[&["2"], &["3"], &["4"]])
+    );
+    let grown = vm_size_kib().saturating_sub(before);
+    assert!(
+        grown < 1 << 20,
+        "the host's address space grew by {grown} KiB"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Mutated replies, under an address-space limit.
 // ---------------------------------------------------------------------------------------------
 
 /// The environment variable that makes this test binary run the fuzzer itself (in the child

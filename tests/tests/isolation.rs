@@ -272,8 +272,13 @@ fn assert_contained(pid: u32) {
         .collect();
     assert_eq!(
         fds,
-        [0, 1, 2, 3],
-        "worker {pid} holds exactly its channel and 0, 1, 2: {targets:?}"
+        [0, 1, 2, 3, 4, 5],
+        "worker {pid} holds exactly 0, 1, 2, its channel and its two shared regions: {targets:?}"
+    );
+    assert_eq!(
+        targets[4..],
+        ["/memfd:udfsql-in (deleted)", "/memfd:udfsql-out (deleted)"],
+        "worker {pid}: fds 4 and 5 are the shared regions its host sent"
     );
     for (fd, target) in targets.iter().enumerate().take(2) {
         assert_eq!(target, "/dev/null", "worker {pid}: fd {fd} is /dev/null");

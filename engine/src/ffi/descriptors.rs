@@ -3,7 +3,7 @@
 //! closed, so that the plugin the worker loads sees nothing of its host but the channel.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 /// The descriptor the channel lives on in a worker.
@@ -40,23 +40,15 @@ pub(crate) fn take_channel_from_stdin() -> std::io::Result<UnixStream> {
     }
 }
 
-/// Writes `data` to the stream socket `channel` with `MSG_NOSIGNAL`: a worker that died makes it
-/// fail with `EPIPE` instead of raising `SIGPIPE` in the host (which kills a host program that
-/// has not ignored it; Rust programs ignore it by default, programs that embed the engine may not).
-pub(crate) fn send_nosignal(channel: &UnixStream, data: &[u8]) -> std::io::Result<usize> {
-    // SAFETY: `data` is a valid, initialised byte slice for the whole call and `send` only reads
-    // `data.len()` bytes from it; the descriptor is borrowed from a live `UnixStream`.
-    let sent = unsafe {
-        libc::send(
-            channel.as_raw_fd(),
-            data.as_ptr().cast(),
-            data.len(),
-            libc::MSG_NOSIGNAL,
-        )
-    };
-    if sent < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(sent as usize)
+/// The device and inode of what descriptor `fd` refers to now, or `None` when it is closed: the
+/// worker compares its channel's after each call, since the plugin can close (or replace) it.
+pub(crate) fn identity(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    // SAFETY: `fstat` writes a `stat` into the zeroed local; the descriptor number is only read.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd.as_raw_fd(), &mut st) != 0 {
+            return None;
+        }
+        Some((st.st_dev, st.st_ino))
     }
 }

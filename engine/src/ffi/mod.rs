@@ -29,6 +29,7 @@ mod arrow_result;
 mod batch;
 pub(crate) mod descriptors;
 mod metadata;
+pub(crate) mod shm;
 use metadata::{validate_function, validate_metadata};
 mod images;
 pub use images::FileIdentity;

@@ -16,6 +16,7 @@
 mod cancel;
 mod pool;
 mod protocol;
+mod shared;
 mod worker;
 
 use std::collections::HashMap;
@@ -154,4 +155,17 @@ pub fn pool_for(
     // dropped (and its registry entry with it).
     pool.start_first().map_err(|fault| fault.reason())?;
     Ok(pool)
+}
+
+/// Runs `wait` (a wait on a worker process) where tokio allows it to block: on a multi-threaded
+/// runtime the worker thread hands its other tasks to another thread meanwhile, so a long
+/// isolated call does not starve timers, signals or other queries.
+pub(crate) fn blocking<T>(wait: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    }
 }

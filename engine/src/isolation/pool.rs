@@ -1,10 +1,13 @@
 //! The host side: worker processes for one library, started on demand up to the pool's size,
 //! each used by one call at a time.
 //!
-//! A call takes an idle worker (or starts one, or waits for one), sends one request, and waits
-//! for the reply in `poll` on three descriptors: the channel, the worker's pidfd (readable when
-//! the process ends, even if a child it forked keeps the channel open) and the query's
-//! [`CallCancel`] event. A reply is read with the same deadline. Whatever goes wrong — the
+//! A call takes an idle worker (or starts one, or waits for one), writes one request into the
+//! worker's shared input region and waits for the reply in its output region (see `shared`):
+//! first spinning on the reply's sequence word for up to [`HOST_SPIN`], then in `poll` on the
+//! channel (the worker's doorbell), the worker's pidfd (readable when the process ends, even if
+//! a child it forked keeps the channel open), its stderr and the query's [`CallCancel`] event.
+//! Only the `poll` wait hands the tokio thread's other work away (`block_in_place`); a fast
+//! reply costs no thread switch. Whatever goes wrong — the
 //! worker dies, answers garbage, runs past the call's time limit, or the query is cancelled —
 //! the worker's process group is killed and the worker reaped before the error is returned; the
 //! next call starts a new one. The pool's lock is held only to take or return a worker.
@@ -30,6 +33,7 @@ use rustix::process::{Pid, PidfdFlags, Signal, kill_process_group, pidfd_open};
 use super::WorkerLimits;
 use super::cancel::CallCancel;
 use super::protocol::{self, HEADER, Reply};
+use super::shared::{BELL, HOST_SPIN, HostRegions, spin_until};
 use crate::ffi::PluginFunction;
 use crate::trust::Sha256Digest;
 use crate::udf::CallPath;
@@ -379,14 +383,16 @@ impl WorkerPool {
                 state.live += 1;
                 drop(state);
                 drop(dead);
-                return Worker::start(&self.spec).inspect_err(|_| self.release_slot());
+                return super::blocking(|| Worker::start(&self.spec))
+                    .inspect_err(|_| self.release_slot());
             }
             // Every worker is busy: wait for one, looking at the cancellation now and then.
-            state = self
-                .available
-                .wait_timeout(state, Duration::from_millis(50))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            state = super::blocking(|| {
+                self.available
+                    .wait_timeout(state, Duration::from_millis(50))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            });
         }
     }
 
@@ -427,15 +433,16 @@ fn live() -> &'static Mutex<BTreeSet<u32>> {
 struct Worker {
     child: Child,
     pid: Pid,
-    /// Non-blocking; every wait is a `poll` with the call's deadline.
+    /// Non-blocking; every wait is a `poll` with the call's deadline. After the ready message
+    /// it carries only doorbell bytes.
     channel: UnixStream,
+    /// The shared regions calls and replies cross in.
+    regions: HostRegions,
     pidfd: OwnedFd,
     /// The read end of the worker's stderr (non-blocking), drained while calls wait.
     stderr: Option<OwnedFd>,
     /// The last [`STDERR_TAIL`] bytes read from it.
     stderr_tail: Vec<u8>,
-    /// The request and reply buffer, reused.
-    buf: Vec<u8>,
     /// Set once the process has been reaped.
     status: Option<ExitStatus>,
 }
@@ -458,6 +465,11 @@ impl Worker {
     fn start(spec: &WorkerSpec) -> Result<Worker, Fault> {
         let (host, child_end) = UnixStream::pair()
             .map_err(|e| Fault::Start(format!("cannot create a socket pair: {e}")))?;
+        let regions = HostRegions::create()
+            .map_err(|e| Fault::Start(format!("cannot create the shared regions: {e}")))?;
+        regions
+            .send(&host)
+            .map_err(|e| Fault::Start(format!("cannot send the shared regions: {e}")))?;
         let mut command = Command::new(&spec.program);
         command
             .env_clear()
@@ -501,10 +513,10 @@ impl Worker {
             child,
             pid,
             channel: host,
+            regions,
             pidfd,
             stderr,
             stderr_tail: Vec::new(),
-            buf: Vec::new(),
             status: None,
         };
         worker
@@ -554,17 +566,27 @@ impl Worker {
         cancel: Option<&CallCancel>,
     ) -> Result<ArrayRef, Fault> {
         let deadline = Instant::now() + spec.call_timeout;
-        let mut request = std::mem::take(&mut self.buf);
-        protocol::encode_call(&mut request, function.index(), path, args, rows)
+        self.regions
+            .write_call(function.index(), path, args, rows)
             .map_err(|e| Fault::Plugin(format!("cannot send the arguments to the worker: {e}")))?;
-        let written = self.write_all(&request, deadline, cancel, spec);
-        self.buf = request;
-        match written {
+        let seq = match self.regions.publish(&self.channel) {
+            Ok(seq) => seq,
+            Err(_) => return Err(self.gone(deadline, spec)),
+        };
+        match self
+            .await_reply(seq, deadline, cancel, spec)
+            .and_then(|()| self.drain_doorbell())
+        {
             Ok(()) => {}
             Err(Stop::Fault(f)) => return Err(f),
             Err(Stop::Closed) => return Err(self.gone(deadline, spec)),
         }
-        match self.read_reply(Some((returns, rows)), deadline, cancel, spec)? {
+        let expect = (returns, rows);
+        let reply = match self.regions.take_reply(expect) {
+            Ok(body) => protocol::decode_reply(&body, Some(expect)),
+            Err(e) => Err(e),
+        };
+        match reply.map_err(|e| self.malformed(e))? {
             Reply::Result(array) => {
                 // The rules run on the host too: the worker runs them before it answers, but a
                 // plugin can write its own answer to the channel.
@@ -583,6 +605,63 @@ impl Worker {
             }
             Reply::Error(message) => Err(Fault::Plugin(message)),
             Reply::Ready(_) => Err(self.malformed("a ready message in reply to a call".into())),
+        }
+    }
+
+    /// Waits until the worker publishes the reply to request `seq`: spinning first, then asleep
+    /// in `poll` (woken by the worker's doorbell) where tokio allows a thread to block.
+    fn await_reply(
+        &mut self,
+        seq: u64,
+        deadline: Instant,
+        cancel: Option<&CallCancel>,
+        spec: &WorkerSpec,
+    ) -> Result<(), Stop> {
+        let regions = &self.regions;
+        let stop = || regions.replied(seq) || cancel.is_some_and(CallCancel::is_cancelled);
+        if spin_until(HOST_SPIN, stop) && self.regions.replied(seq) {
+            return Ok(());
+        }
+        super::blocking(|| {
+            loop {
+                self.regions.set_sleeping(true);
+                if self.regions.replied(seq) {
+                    self.regions.set_sleeping(false);
+                    return Ok(());
+                }
+                let woken = self.wait(PollFlags::IN, deadline, cancel, spec);
+                self.regions.set_sleeping(false);
+                woken?;
+                self.drain_doorbell()?;
+                if self.regions.replied(seq) {
+                    return Ok(());
+                }
+            }
+        })
+    }
+
+    /// Reads the bytes waiting on the channel (without blocking): doorbells, or garbage a plugin
+    /// wrote there (then the worker is killed as a forger). Also run after every reply, so that a
+    /// write to the channel fails the call it was made in.
+    fn drain_doorbell(&mut self) -> Result<(), Stop> {
+        let mut bells = [0u8; 256];
+        loop {
+            match (&self.channel).read(&mut bells) {
+                Ok(0) => return Err(Stop::Closed),
+                Ok(n) => {
+                    if let Some(&garbage) = bells[..n].iter().find(|&&b| b != BELL) {
+                        return Err(Stop::Fault(self.malformed(format!(
+                            "a byte 0x{garbage:02x} on the channel, which carries only doorbells"
+                        ))));
+                    }
+                    if n < bells.len() {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(Stop::Closed),
+            }
         }
     }
 
@@ -671,23 +750,6 @@ impl Worker {
             }
             buf = &mut std::mem::take(&mut buf)[n..];
             Ok(buf.is_empty())
-        })
-    }
-
-    fn write_all(
-        &mut self,
-        mut data: &[u8],
-        deadline: Instant,
-        cancel: Option<&CallCancel>,
-        spec: &WorkerSpec,
-    ) -> Result<(), Stop> {
-        self.drive(PollFlags::OUT, deadline, cancel, spec, |channel| {
-            let n = crate::ffi::descriptors::send_nosignal(channel, data)?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            data = &data[n..];
-            Ok(data.is_empty())
         })
     }
 

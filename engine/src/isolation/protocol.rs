@@ -27,6 +27,7 @@
 //! in-process rules (`PluginFunction::check_received_result`). [`fuzz_worker_replies`] throws
 //! mutated replies at the decoder.
 
+use std::io::Write;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use datafusion::arrow::ipc::reader::StreamDecoder;
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::ipc::{self, MessageHeader, MetadataVersion, root_as_message};
 
+use crate::ffi::shm::RegionWriter;
 use crate::types::arrow::MAX_DEPTH;
 use crate::types::fuzz::Rng;
 use crate::udf::CallPath;
@@ -75,21 +77,64 @@ pub(crate) const MAGIC: [u8; 4] = *b"udfw";
 /// The frame header: magic and body length.
 pub(crate) const HEADER: usize = 8;
 
+/// Where a frame is encoded: a byte vector (the channel, tests), or a shared region (calls and
+/// replies, written in place).
+pub(crate) trait Sink: Write {
+    /// Starts over, empty.
+    fn reset(&mut self);
+    /// Bytes written so far.
+    fn written(&self) -> usize;
+    /// Overwrites bytes written before, at `at`.
+    fn patch(&mut self, at: usize, bytes: &[u8]) -> Result<(), String>;
+}
+
+impl Sink for Vec<u8> {
+    fn reset(&mut self) {
+        self.clear();
+    }
+    fn written(&self) -> usize {
+        self.len()
+    }
+    fn patch(&mut self, at: usize, bytes: &[u8]) -> Result<(), String> {
+        self.get_mut(at..at + bytes.len())
+            .ok_or("a patch past what was written")?
+            .copy_from_slice(bytes);
+        Ok(())
+    }
+}
+
+impl Sink for RegionWriter<'_> {
+    fn reset(&mut self) {
+        RegionWriter::reset(self);
+    }
+    fn written(&self) -> usize {
+        RegionWriter::written(self)
+    }
+    fn patch(&mut self, at: usize, bytes: &[u8]) -> Result<(), String> {
+        RegionWriter::patch(self, at, bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// Appends `bytes` to a frame.
+fn put<S: Sink>(out: &mut S, bytes: &[u8]) -> Result<(), String> {
+    out.write_all(bytes)
+        .map_err(|e| format!("cannot write a message: {e}"))
+}
+
 /// Starts a frame of `kind` in `out` (cleared); [`finish_frame`] writes its length.
-pub(crate) fn start_frame(out: &mut Vec<u8>, kind: u8) {
-    out.clear();
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&[0, 0, 0, 0, kind]);
+pub(crate) fn start_frame<S: Sink>(out: &mut S, kind: u8) -> Result<(), String> {
+    out.reset();
+    put(out, &MAGIC)?;
+    put(out, &[0, 0, 0, 0, kind])
 }
 
 /// Writes the length of the frame in `out`.
-pub(crate) fn finish_frame(out: &mut [u8]) -> Result<(), String> {
-    let body = out.len() - HEADER;
+pub(crate) fn finish_frame<S: Sink>(out: &mut S) -> Result<(), String> {
+    let body = out.written() - HEADER;
     if body > MAX_FRAME {
         return Err(format!("a message of {body} bytes is over the 2 GiB limit"));
     }
-    out[4..HEADER].copy_from_slice(&(body as u32).to_le_bytes());
-    Ok(())
+    out.patch(4, &(body as u32).to_le_bytes())
 }
 
 /// The body length in a frame header, or why the header is not one.
@@ -106,13 +151,13 @@ pub(crate) fn body_len(header: &[u8; HEADER]) -> Result<usize, String> {
 
 /// Pads the frame in `out` so that the next byte of its body starts at a multiple of 8, where
 /// IPC buffers can be used in place.
-fn pad_to_8(out: &mut Vec<u8>) {
-    let body = out.len() - HEADER;
-    out.resize(out.len() + (8 - body % 8) % 8, 0);
+fn pad_to_8<S: Sink>(out: &mut S) -> Result<(), String> {
+    let body = out.written() - HEADER;
+    put(out, &[0u8; 8][..(8 - body % 8) % 8])
 }
 
 /// Appends `array` as an IPC stream of one column.
-fn put_array(out: &mut Vec<u8>, array: &ArrayRef) -> Result<(), ArrowError> {
+fn put_array<S: Sink>(out: &mut S, array: &ArrayRef) -> Result<(), ArrowError> {
     let schema = Arc::new(Schema::new(vec![Field::new(
         "v",
         array.data_type().clone(),
@@ -126,29 +171,32 @@ fn put_array(out: &mut Vec<u8>, array: &ArrayRef) -> Result<(), ArrowError> {
 
 /// A call request for `function` over `args` (arrays with their "one value for every row"
 /// flags) and `rows` rows.
-pub(crate) fn encode_call(
-    out: &mut Vec<u8>,
+pub(crate) fn encode_call<S: Sink>(
+    out: &mut S,
     function: usize,
     path: CallPath,
     args: &[(ArrayRef, bool)],
     rows: usize,
 ) -> Result<(), String> {
-    start_frame(out, CALL);
-    out.extend_from_slice(&(function as u32).to_le_bytes());
-    out.push(match path {
-        CallPath::Row => 0,
-        CallPath::Batch => 1,
-    });
-    out.extend_from_slice(&(rows as u64).to_le_bytes());
-    out.extend_from_slice(&(args.len() as u16).to_le_bytes());
+    start_frame(out, CALL)?;
+    put(out, &(function as u32).to_le_bytes())?;
+    put(
+        out,
+        &[match path {
+            CallPath::Row => 0,
+            CallPath::Batch => 1,
+        }],
+    )?;
+    put(out, &(rows as u64).to_le_bytes())?;
+    put(out, &(args.len() as u16).to_le_bytes())?;
     for (i, (array, constant)) in args.iter().enumerate() {
-        out.extend_from_slice(&[u8::from(*constant), 0, 0, 0]);
-        let at = out.len();
-        out.extend_from_slice(&[0; 4]);
+        put(out, &[u8::from(*constant), 0, 0, 0])?;
+        let at = out.written();
+        put(out, &[0; 4])?;
         put_array(out, array).map_err(|e| format!("argument {}: {e}", i + 1))?;
-        let len = out.len() - at - 4;
-        out[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
-        pad_to_8(out);
+        let len = out.written() - at - 4;
+        out.patch(at, &(len as u32).to_le_bytes())?;
+        pad_to_8(out)?;
     }
     finish_frame(out)
 }
@@ -865,30 +913,30 @@ pub(crate) fn max_reply_len(expect: Option<(&DataType, usize)>) -> usize {
 }
 
 /// A result frame.
-pub(crate) fn encode_result(out: &mut Vec<u8>, array: &ArrayRef) -> Result<(), String> {
-    start_frame(out, RESULT);
-    pad_to_8(out);
+pub(crate) fn encode_result<S: Sink>(out: &mut S, array: &ArrayRef) -> Result<(), String> {
+    start_frame(out, RESULT)?;
+    pad_to_8(out)?;
     put_array(out, array).map_err(|e| format!("cannot encode the result: {e}"))?;
     finish_frame(out)
 }
 
 /// An error frame.
-pub(crate) fn encode_error(out: &mut Vec<u8>, message: &str) {
-    start_frame(out, ERROR);
+pub(crate) fn encode_error<S: Sink>(out: &mut S, message: &str) -> Result<(), String> {
+    start_frame(out, ERROR)?;
     // Messages are short; cut one that is not, on a character boundary.
     let mut end = message.len().min(MAX_ERROR_MESSAGE);
     while !message.is_char_boundary(end) {
         end -= 1;
     }
-    out.extend_from_slice(&message.as_bytes()[..end]);
-    finish_frame(out).expect("an error message is far below the frame limit");
+    put(out, &message.as_bytes()[..end])?;
+    finish_frame(out)
 }
 
 /// A ready frame.
-pub(crate) fn encode_ready(out: &mut Vec<u8>, functions: usize) {
-    start_frame(out, READY);
-    out.extend_from_slice(&(functions as u32).to_le_bytes());
-    finish_frame(out).expect("five bytes");
+pub(crate) fn encode_ready<S: Sink>(out: &mut S, functions: usize) -> Result<(), String> {
+    start_frame(out, READY)?;
+    put(out, &(functions as u32).to_le_bytes())?;
+    finish_frame(out)
 }
 
 /// What a worker answered.

@@ -11,16 +11,18 @@
 //!
 //! [`call_rows`]: PluginFunction::call_rows
 
-use std::io::{Read, Write};
+use std::io::Write;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use datafusion::arrow::buffer::Buffer;
 use rustix::process::{Resource, Rlimit, Signal};
 
-use super::protocol::{self, CALL, HEADER};
+use super::protocol::{self, CALL};
+use super::shared::WorkerRegions;
 use crate::ffi::PluginLibrary;
+use crate::ffi::descriptors::identity;
 use crate::trust::Sha256Digest;
 use crate::udf::CallPath;
 
@@ -91,23 +93,29 @@ pub fn worker_main() -> ExitCode {
     };
     let mut out = Vec::new();
     if let Err(e) = contain(&options) {
-        protocol::encode_error(&mut out, &format!("cannot set up the worker process: {e}"));
-        let _ = channel.write_all(&out);
+        // The host learns of the failure from the exit status if the message cannot be sent.
+        if protocol::encode_error(&mut out, &format!("cannot set up the worker process: {e}"))
+            .is_ok()
+        {
+            let _ = channel.write_all(&out);
+        }
         return ExitCode::from(EXIT_SETUP);
     }
     let library = match PluginLibrary::load_pinned(&options.library, Some(&options.sha256)) {
         Ok(library) => library,
         Err(e) => {
-            protocol::encode_error(&mut out, &e.to_string());
-            let _ = channel.write_all(&out);
+            if protocol::encode_error(&mut out, &e.to_string()).is_ok() {
+                let _ = channel.write_all(&out);
+            }
             return ExitCode::from(EXIT_SETUP);
         }
     };
-    protocol::encode_ready(&mut out, library.functions().len());
-    if channel.write_all(&out).is_err() {
+    if protocol::encode_ready(&mut out, library.functions().len()).is_err()
+        || channel.write_all(&out).is_err()
+    {
         channel_lost();
     }
-    serve(&library, &mut channel, &mut out)
+    serve(&library, &mut channel)
 }
 
 /// The containment the worker applies to itself before loading any plugin code.
@@ -142,21 +150,24 @@ fn contain(options: &Options) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Answers requests until the host closes the channel.
-fn serve(
-    library: &std::sync::Arc<PluginLibrary>,
-    channel: &mut UnixStream,
-    out: &mut Vec<u8>,
-) -> ExitCode {
+/// Answers requests until the host closes the channel: each request is read from the input
+/// region the host sent, and its reply written into the output region (see `shared`).
+fn serve(library: &std::sync::Arc<PluginLibrary>, channel: &mut UnixStream) -> ExitCode {
     let functions: Vec<_> = (0..library.functions().len())
         .map(|i| library.function(i).expect("index within the library"))
         .collect();
+    let mut regions = match WorkerRegions::receive(channel) {
+        Ok(regions) => regions,
+        Err(_) => channel_lost(),
+    };
+    let channel_identity = identity(channel.as_fd());
     loop {
-        let body = match read_frame(channel) {
+        let body = match regions.next_call(channel) {
             Ok(Some(body)) => body,
             Ok(None) => return ExitCode::SUCCESS,
             Err(_) => channel_lost(),
         };
+        let mut out = regions.reply();
         let answered = match body.as_slice().first() {
             Some(&CALL) => protocol::decode_call(&body).and_then(|call| {
                 let function = functions
@@ -166,35 +177,29 @@ fn serve(
                     CallPath::Batch => function.call_batch(&call.args, call.rows),
                     CallPath::Row => function.call_rows(&call.args, call.rows),
                 };
+                drop(call);
                 match result {
-                    Ok(array) => protocol::encode_result(out, &array),
-                    Err(e) => {
-                        protocol::encode_error(out, &e.to_string());
-                        Ok(())
-                    }
+                    Ok(array) => protocol::encode_result(&mut out, &array),
+                    Err(e) => protocol::encode_error(&mut out, &e.to_string()),
                 }
             }),
             _ => Err("not a call request".to_string()),
         };
-        if let Err(e) = answered {
-            protocol::encode_error(out, &format!("the worker refused the request: {e}"));
+        drop(body);
+        // The plugin may have closed (or replaced) the channel during the call: the worker
+        // cannot be woken any more, so it ends now and the host reports its exit status.
+        if identity(channel.as_fd()) != channel_identity {
+            channel_lost();
         }
-        if channel.write_all(out).is_err() {
+        if let Err(e) = answered {
+            let refused =
+                protocol::encode_error(&mut out, &format!("the worker refused the request: {e}"));
+            if refused.is_err() {
+                channel_lost();
+            }
+        }
+        if regions.publish(channel).is_err() {
             channel_lost();
         }
     }
-}
-
-/// One frame's body, or `None` at a clean end of the channel.
-fn read_frame(channel: &mut UnixStream) -> std::io::Result<Option<Buffer>> {
-    let mut header = [0u8; HEADER];
-    match channel.read_exact(&mut header) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let len = protocol::body_len(&header).map_err(std::io::Error::other)?;
-    let mut body = vec![0u8; len];
-    channel.read_exact(&mut body)?;
-    Ok(Some(Buffer::from(body)))
 }

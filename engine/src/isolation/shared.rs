@@ -1,0 +1,283 @@
+//! The data path of worker calls: shared memory, with the channel as a doorbell.
+//!
+//! Each worker has two regions the host creates (see [`crate::ffi::shm`]) and sends it once,
+//! right after starting it (a setup message with the two descriptors attached):
+//!
+//! * **input**, written by the host: a page of control words, then the call request at
+//!   [`CALL_AT`] (the frame `protocol::encode_call` writes, encoded straight into the region).
+//!   The worker decodes the arguments where they lie, without a copy.
+//! * **output**, written by the worker: the reply frame at offset 0 (a result or an error,
+//!   encoded straight into the region; the worker grows it when a result needs more room).
+//!
+//! One call is one request and one reply. The host publishes a request by storing its sequence
+//! number in `REQ_SEQ`; the worker publishes the reply by storing the same number in `REP_SEQ`.
+//! Each side first waits for the other by spinning on the word (briefly busy, then yielding the
+//! CPU), and only then goes to sleep: it sets its `*_SLEEPING` word, looks once more, and waits
+//! on the channel; the other side, after publishing, writes one byte to the channel when it sees
+//! the sleeping word set (the store-then-load pairs on both sides are sequentially consistent,
+//! so one of the two always sees the other). A sleeping host waits with `poll` on the channel,
+//! the worker's pidfd, its stderr and the query's cancellation, as before.
+//!
+//! What the host trusts of this: nothing. The worker may write the control words and the output
+//! region at any time, grow the output region to any size, and keep writing after it replied.
+//! The host reads the reply's length from a copy of its header, refuses a length over what the
+//! call can return ([`protocol::max_reply_len`]) or past the end of the region's file, copies the
+//! body out once into memory of its own, and decodes and checks only that copy (the same checks
+//! as before: `protocol::decode_reply`, then the in-process result rules). Regions cannot shrink
+//! (sealed), so no copy can fault.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::ArrayRef;
+use datafusion::arrow::buffer::Buffer;
+use datafusion::arrow::datatypes::DataType;
+
+use super::protocol::{self, HEADER, MAGIC};
+use crate::ffi::shm::{self, Region, RegionWriter};
+use crate::udf::CallPath;
+
+/// Control words in the input region's first page, each on its own cache line.
+const REQ_SEQ: usize = 0;
+const REP_SEQ: usize = 64;
+const WORKER_SLEEPING: usize = 128;
+const HOST_SLEEPING: usize = 192;
+
+/// Where the call request starts in the input region.
+const CALL_AT: usize = 4096;
+
+/// The regions' first size (pages are only used once written).
+const INITIAL_INPUT: usize = CALL_AT + (1 << 20);
+const INITIAL_OUTPUT: usize = 1 << 20;
+
+/// The one byte either side writes to the channel after the setup: a doorbell. Any other byte
+/// from a worker is garbage (its plugin wrote to the channel), and the reply is refused.
+pub(crate) const BELL: u8 = 0x07;
+
+/// The setup message: a frame of kind `M` with no more body, the two descriptors attached.
+const SETUP: [u8; HEADER + 1] = [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], 1, 0, 0, 0, b'M'];
+
+/// How a side waits for the other before it goes to sleep: busy for `busy`, then yielding the
+/// CPU between looks until `total`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Spin {
+    pub busy: Duration,
+    pub total: Duration,
+}
+
+/// The host waiting for a reply.
+pub(crate) const HOST_SPIN: Spin = Spin {
+    busy: Duration::from_micros(20),
+    total: Duration::from_micros(200),
+};
+
+/// The worker waiting for the next request (calls of one query follow each other closely).
+const WORKER_SPIN: Spin = Spin {
+    busy: Duration::from_micros(20),
+    total: Duration::from_millis(1),
+};
+
+/// Spins until `done` or the spin is over; whether `done` answered true.
+pub(crate) fn spin_until(spin: Spin, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    let mut looks = 0u32;
+    loop {
+        if done() {
+            return true;
+        }
+        looks = looks.wrapping_add(1);
+        if looks % 16 != 0 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let spent = start.elapsed();
+        if spent >= spin.total {
+            return false;
+        }
+        if spent >= spin.busy {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// The host's side of one worker's regions.
+#[derive(Debug)]
+pub(crate) struct HostRegions {
+    input: Region,
+    output: Region,
+    /// The last request's sequence number.
+    seq: u64,
+}
+
+impl HostRegions {
+    pub(crate) fn create() -> std::io::Result<HostRegions> {
+        Ok(HostRegions {
+            input: Region::create("udfsql-in", INITIAL_INPUT)?,
+            output: Region::create("udfsql-out", INITIAL_OUTPUT)?,
+            seq: 0,
+        })
+    }
+
+    /// Sends the regions to the worker on `channel`.
+    pub(crate) fn send(&self, channel: &UnixStream) -> std::io::Result<()> {
+        shm::send_with_fds(channel, &SETUP, &[self.input.fd(), self.output.fd()])
+    }
+
+    /// Writes a call request into the input region.
+    pub(crate) fn write_call(
+        &mut self,
+        function: usize,
+        path: CallPath,
+        args: &[(ArrayRef, bool)],
+        rows: usize,
+    ) -> Result<(), String> {
+        let mut out = RegionWriter::new(&mut self.input, CALL_AT);
+        protocol::encode_call(&mut out, function, path, args, rows)
+    }
+
+    /// Publishes the request written last, ringing the worker if it sleeps; its sequence
+    /// number. Fails when the channel is broken (the worker is gone).
+    pub(crate) fn publish(&mut self, channel: &UnixStream) -> std::io::Result<u64> {
+        self.seq += 1;
+        self.input.word(REQ_SEQ).store(self.seq, SeqCst);
+        if self.input.word(WORKER_SLEEPING).load(SeqCst) != 0 {
+            shm::ring(channel, BELL)?;
+        }
+        Ok(self.seq)
+    }
+
+    /// Whether the worker says it answered request `seq`.
+    pub(crate) fn replied(&self, seq: u64) -> bool {
+        self.input.word(REP_SEQ).load(SeqCst) == seq
+    }
+
+    /// Tells the worker to ring (or not) when it replies.
+    pub(crate) fn set_sleeping(&self, sleeping: bool) {
+        self.input
+            .word(HOST_SLEEPING)
+            .store(u64::from(sleeping), SeqCst);
+    }
+
+    /// A copy of the reply's body, of at most what a call expecting `expect` (type and rows)
+    /// can receive; why not, when the header is not one or the body is not all in the region.
+    pub(crate) fn take_reply(&mut self, expect: (&DataType, usize)) -> Result<Buffer, String> {
+        let mut header = [0u8; HEADER];
+        if !self.output.read_into(0, &mut header) {
+            return Err("the shared region is smaller than a message header".to_string());
+        }
+        let len = protocol::body_len(&header)?;
+        let max = protocol::max_reply_len(Some(expect));
+        if len > max {
+            let (t, rows) = expect;
+            return Err(format!(
+                "a message of {len} bytes, more than a result of {rows} rows of {t} takes (at \
+                 most {max} bytes)"
+            ));
+        }
+        let end = HEADER + len;
+        let mapped = self
+            .output
+            .map_written(end)
+            .map_err(|e| format!("cannot map the shared region: {e}"))?;
+        if !mapped {
+            return Err(format!(
+                "a message of {len} bytes past the end of the shared region ({} bytes)",
+                self.output.file_len().unwrap_or(0)
+            ));
+        }
+        let body = self
+            .output
+            .copy_out(HEADER, len)
+            .ok_or("a message past the end of the shared region")?;
+        Ok(Buffer::from(body))
+    }
+}
+
+/// The worker's side of its regions.
+#[derive(Debug)]
+pub(crate) struct WorkerRegions {
+    input: Region,
+    output: Region,
+    /// The request being answered.
+    seq: u64,
+}
+
+impl WorkerRegions {
+    /// Receives the regions from the host (the first message after the ready message).
+    pub(crate) fn receive(channel: &UnixStream) -> std::io::Result<WorkerRegions> {
+        let mut setup = [0u8; SETUP.len()];
+        let [input, output] = shm::receive_with_fds::<2>(channel, &mut setup)?;
+        if setup != SETUP {
+            return Err(std::io::Error::other("not a setup message"));
+        }
+        Ok(WorkerRegions {
+            input: Region::open(input)?,
+            output: Region::open(output)?,
+            seq: 0,
+        })
+    }
+
+    /// Waits for the next request and returns its body, used in place; `None` when the host
+    /// closed the channel.
+    pub(crate) fn next_call(
+        &mut self,
+        mut channel: &UnixStream,
+    ) -> std::io::Result<Option<Buffer>> {
+        let seq = self.seq;
+        loop {
+            if spin_until(WORKER_SPIN, || self.input.word(REQ_SEQ).load(SeqCst) != seq) {
+                break;
+            }
+            self.input.word(WORKER_SLEEPING).store(1, SeqCst);
+            if self.input.word(REQ_SEQ).load(SeqCst) != seq {
+                self.input.word(WORKER_SLEEPING).store(0, SeqCst);
+                break;
+            }
+            let mut bell = [0u8; 64];
+            let read = loop {
+                match channel.read(&mut bell) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    other => break other,
+                }
+            };
+            self.input.word(WORKER_SLEEPING).store(0, SeqCst);
+            if read? == 0 {
+                return Ok(None);
+            }
+        }
+        self.seq = self.input.word(REQ_SEQ).load(SeqCst);
+        let mut header = [0u8; HEADER];
+        if !self.input.map_written(CALL_AT + HEADER)? || !self.input.read_into(CALL_AT, &mut header)
+        {
+            return Err(std::io::Error::other(
+                "a request past the end of the region",
+            ));
+        }
+        let len = protocol::body_len(&header).map_err(std::io::Error::other)?;
+        if !self.input.map_written(CALL_AT + HEADER + len)? {
+            return Err(std::io::Error::other(
+                "a request past the end of the region",
+            ));
+        }
+        self.input
+            .buffer(CALL_AT + HEADER, len)
+            .map(Some)
+            .ok_or_else(|| std::io::Error::other("a request past the end of the region"))
+    }
+
+    /// Where the reply to the current request is written.
+    pub(crate) fn reply(&mut self) -> RegionWriter<'_> {
+        RegionWriter::new(&mut self.output, 0)
+    }
+
+    /// Publishes the reply written, ringing the host if it sleeps.
+    pub(crate) fn publish(&mut self, channel: &UnixStream) -> std::io::Result<()> {
+        self.input.word(REP_SEQ).store(self.seq, SeqCst);
+        if self.input.word(HOST_SLEEPING).load(SeqCst) != 0 {
+            shm::ring(channel, BELL)?;
+        }
+        Ok(())
+    }
+}
