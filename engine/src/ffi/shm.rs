@@ -128,7 +128,7 @@ impl Region {
         let file = File::from(fd);
         let len = usize::try_from(file.metadata()?.len())
             .ok()
-            .filter(|&len| len >= PAGE && len <= MAX_REGION)
+            .filter(|len| (PAGE..=MAX_REGION).contains(len))
             .ok_or_else(|| std::io::Error::other("a shared region of an unexpected size"))?;
         let mapping = Arc::new(Mapping::new(&file, len)?);
         Ok(Region { file, mapping })
@@ -189,7 +189,7 @@ impl Region {
 
     /// The control word at `offset` (a multiple of 8 within the first page).
     pub(crate) fn word(&self, offset: usize) -> &AtomicU64 {
-        assert!(offset % 8 == 0 && offset + 8 <= PAGE.min(self.mapping.len));
+        assert!(offset.is_multiple_of(8) && offset + 8 <= PAGE.min(self.mapping.len));
         // SAFETY: in bounds and aligned (the mapping is page-aligned) per the assertion; the
         // memory lives as long as `self.mapping`, which the returned borrow of `self` outlives.
         // Another process may write the word at any time: it is only ever accessed atomically.

@@ -5,7 +5,8 @@
 //!   workers ([`Isolation::Process`]) with [`WorkerLimits`].
 //! * Workers are the `udfsql-worker` program (found next to the running program, or configured)
 //!   that maps the same file, pinned by the digest the host computed, and answers one request
-//!   per batch with the host's own call code (see `worker`).
+//!   per batch with the host's own call code (see `worker`); requests and replies cross in
+//!   shared memory, with the channel as a doorbell (see `shared`).
 //! * [`WorkerPool`]s are shared by every isolated function of a library with the same limits;
 //!   the last function dropped kills and reaps its workers.
 //! * [`CallCancel`] cancels the isolated calls of one query at once.

@@ -1,18 +1,22 @@
 //! The messages between the host and a worker process.
 //!
 //! Every message is a frame: the magic bytes `udfw`, a little-endian `u32` body length, then the
-//! body, whose first byte is its kind. Arrays cross as Arrow IPC streams of one column (one per argument, one for the
-//! result); one call is one request and one reply, whatever the number of rows.
+//! body, whose first byte is its kind. Arrays cross as Arrow IPC streams of one column (one per
+//! argument, one for the result); one call is one request and one reply, whatever the number of
+//! rows. The ready message (and an error before it) crosses the channel; the setup message
+//! carries the two shared regions; calls and replies are written into those regions (see
+//! `shared`), encoded in place through a [`Sink`].
 //!
-//! | kind | direction      | body after the kind byte                                          |
-//! |------|----------------|--------------------------------------------------------------------|
-//! | `H`  | worker → host  | `u32` number of functions: the library loaded, the worker is ready |
-//! | `C`  | host → worker  | `u32` function, `u8` path (0 row, 1 batch), `u64` rows, `u16` n, n × (`u8` constant flag, 3 zero bytes, `u32` length, IPC stream, zeros to a multiple of 8) |
-//! | `R`  | worker → host  | 7 zero bytes, IPC stream of the result column                      |
+//! | kind | direction      | where   | body after the kind byte                                   |
+//! |------|----------------|---------|-------------------------------------------------------------|
+//! | `H`  | worker → host  | channel | `u32` number of functions: the library loaded, the worker is ready |
+//! | `M`  | host → worker  | channel | nothing; the input and output regions attached (`SCM_RIGHTS`) |
+//! | `C`  | host → worker  | input region | `u32` function, `u8` path (0 row, 1 batch), `u64` rows, `u16` n, n × (`u8` constant flag, 3 zero bytes, `u32` length, IPC stream, zeros to a multiple of 8) |
+//! | `R`  | worker → host  | output region | 7 zero bytes, IPC stream of the result column           |
+//! | `E`  | worker → host  | either  | UTF-8 message: the call (or the load) failed the way it fails in-process |
 //!
 //! The header of a call is 16 bytes, so every IPC stream starts at a multiple of 8 in the body
 //! and its buffers are used where they lie, without a copy.
-//! | `E`  | worker → host  | UTF-8 message: the call (or the load) failed the way it fails in-process |
 //!
 //! Everything a worker sends is untrusted (the plugin shares its process and can write to the
 //! channel). Before arrow's decoder sees an IPC stream, [`decode_array`] walks its messages

@@ -88,7 +88,7 @@ pub(crate) fn spin_until(spin: Spin, mut done: impl FnMut() -> bool) -> bool {
             return true;
         }
         looks = looks.wrapping_add(1);
-        if looks % 16 != 0 {
+        if !looks.is_multiple_of(16) {
             std::hint::spin_loop();
             continue;
         }

@@ -1,6 +1,8 @@
 //! The worker process: loads one library, pinned by the digest its host computed, and answers
 //! call requests with the same [`PluginFunction::call_batch`] / [`call_rows`] code the host uses
-//! in-process, so results and errors are the same in both modes.
+//! in-process, so results and errors are the same in both modes. Requests and replies cross in
+//! the two shared regions the host sends after the ready message (see `shared`); the channel is
+//! then only a doorbell.
 //!
 //! Started by the host as `udfsql-worker --parent PID [--memory-mib N] LIBRARY SHA256` with the
 //! channel on standard input, an empty environment and its own process group. Before it loads the
