@@ -434,3 +434,79 @@ pub(crate) fn receive_with_fds<const N: usize>(
     <[OwnedFd; N]>::try_from(fds)
         .map_err(|fds| std::io::Error::other(format!("{} descriptors instead of {N}", fds.len())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A second mapping of the same file, as the other process has it.
+    fn peer(region: &Region) -> Region {
+        Region::open(region.fd().try_clone_to_owned().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_region_cannot_shrink_and_grows_for_both_sides() {
+        let mut host = Region::create("udfsql-test", 10).unwrap();
+        assert_eq!(host.file_len().unwrap(), PAGE);
+        // Sealed against shrinking and against further seals.
+        let file = File::from(host.fd().try_clone_to_owned().unwrap());
+        let shrink = file.set_len(0).unwrap_err();
+        assert_eq!(shrink.raw_os_error(), Some(libc::EPERM));
+        let mut worker = peer(&host);
+        host.write_at(100, b"hello").unwrap();
+        let mut seen = [0u8; 5];
+        assert!(worker.read_into(100, &mut seen));
+        assert_eq!(&seen, b"hello");
+        // Past the mapping: refused, nothing copied.
+        assert!(!worker.read_into(PAGE - 2, &mut seen));
+        assert!(worker.copy_out(PAGE, 1).is_none());
+        assert!(worker.buffer(usize::MAX, 2).is_none());
+        // The host grows it; the worker maps what the file holds, never more.
+        host.write_at(3 * PAGE, b"far").unwrap();
+        assert!(host.file_len().unwrap() >= 3 * PAGE + 3);
+        assert!(worker.map_written(3 * PAGE + 3).unwrap());
+        assert_eq!(worker.copy_out(3 * PAGE, 3).unwrap(), b"far");
+        assert!(!worker.map_written(64 * PAGE).unwrap());
+        assert!(!worker.map_written(MAX_REGION + 1).unwrap());
+    }
+
+    #[test]
+    fn buffers_keep_their_mapping_across_growth() {
+        let mut host = Region::create("udfsql-test", PAGE).unwrap();
+        host.write_at(0, &[7u8; 64]).unwrap();
+        let mut worker = peer(&host);
+        let buffer = worker.buffer(0, 64).unwrap();
+        host.write_at(8 * PAGE, &[1]).unwrap();
+        assert!(worker.map_written(8 * PAGE + 1).unwrap());
+        // The old mapping lives as long as the buffer made from it.
+        assert_eq!(buffer.as_slice(), &[7u8; 64]);
+    }
+
+    #[test]
+    fn control_words_are_shared() {
+        let host = Region::create("udfsql-test", PAGE).unwrap();
+        let worker = peer(&host);
+        host.word(64).store(42, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            worker.word(64).load(std::sync::atomic::Ordering::SeqCst),
+            42
+        );
+    }
+
+    #[test]
+    fn descriptors_cross_a_socket() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let region = Region::create("udfsql-test", PAGE).unwrap();
+        region.word(0).store(9, std::sync::atomic::Ordering::SeqCst);
+        send_with_fds(&a, b"hi", &[region.fd(), region.fd()]).unwrap();
+        let mut got = [0u8; 2];
+        let [x, y] = receive_with_fds::<2>(&b, &mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        let (x, y) = (Region::open(x).unwrap(), Region::open(y).unwrap());
+        assert_eq!(x.word(0).load(std::sync::atomic::Ordering::SeqCst), 9);
+        assert_eq!(y.word(0).load(std::sync::atomic::Ordering::SeqCst), 9);
+        // Without descriptors: an error, not a hang or a panic.
+        std::io::Write::write_all(&mut &a, b"no").unwrap();
+        assert!(receive_with_fds::<2>(&b, &mut got).is_err());
+    }
+}
