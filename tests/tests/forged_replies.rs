@@ -452,6 +452,27 @@ async fn a_worker_that_overwrites_its_replies_never_gives_a_wrong_answer() {
     assert_eq!(rows(&ctx, ok_sql).await, expect(&[&["2"], &["3"], &["4"]]));
 }
 
+/// A worker that floods the channel with doorbell bytes (4096 where one per reply is rung): the
+/// call is refused as malformed after one bounded read, not looped on, and the next query is
+/// answered by a new worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_flooding_its_doorbell_is_refused() {
+    let _serial = WORKERS.lock().await;
+    let library = forge_library();
+    let ctx = session();
+    let _registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
+    refused(
+        &ctx,
+        &library,
+        "flood_bells",
+        "SELECT flood_bells(x) AS v FROM u",
+        "doorbells on the channel",
+        "SELECT ok(x) AS v FROM u",
+        &[&["2"], &["3"], &["4"]],
+    )
+    .await;
+}
+
 /// This process's address space, in KiB (`VmSize`).
 fn vm_size_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

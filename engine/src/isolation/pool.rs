@@ -589,7 +589,7 @@ impl Worker {
         match reply.map_err(|e| self.malformed(e))? {
             Reply::Result(array) => {
                 // The rules run on the host too: the worker runs them before it answers, but a
-                // plugin can write its own answer to the channel.
+                // plugin can write its own answer into the output region.
                 let checked = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     function
                         .signature()
@@ -640,29 +640,32 @@ impl Worker {
         })
     }
 
-    /// Reads the bytes waiting on the channel (without blocking): doorbells, or garbage a plugin
-    /// wrote there (then the worker is killed as a forger). Also run after every reply, so that a
-    /// write to the channel fails the call it was made in.
+    /// Reads the bytes waiting on the channel (one non-blocking read): doorbells, or garbage a
+    /// plugin wrote there (then the worker is killed as a forger). Also run after every reply, so
+    /// that a write to the channel fails the call it was made in. An honest worker rings at most
+    /// once per reply, so a full buffer of doorbells is a flood, refused the same way: the host
+    /// never loops on what a worker keeps writing.
     fn drain_doorbell(&mut self) -> Result<(), Stop> {
         let mut bells = [0u8; 256];
-        loop {
+        let n = loop {
             match (&self.channel).read(&mut bells) {
-                Ok(0) => return Err(Stop::Closed),
-                Ok(n) => {
-                    if let Some(&garbage) = bells[..n].iter().find(|&&b| b != BELL) {
-                        return Err(Stop::Fault(self.malformed(format!(
-                            "a byte 0x{garbage:02x} on the channel, which carries only doorbells"
-                        ))));
-                    }
-                    if n < bells.len() {
-                        return Ok(());
-                    }
-                }
+                Ok(n) => break n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => return Err(Stop::Closed),
             }
+        };
+        if n == 0 {
+            return Err(Stop::Closed);
         }
+        let fault = if let Some(&garbage) = bells[..n].iter().find(|&&b| b != BELL) {
+            format!("a byte 0x{garbage:02x} on the channel, which carries only doorbells")
+        } else if n == bells.len() {
+            format!("{n} or more doorbells on the channel, where one per reply is rung")
+        } else {
+            return Ok(());
+        };
+        Err(Stop::Fault(self.malformed(fault)))
     }
 
     fn read_reply(
