@@ -200,15 +200,20 @@ struct Outcomes {
 }
 
 /// Loads `race.path` pinned to A in this process while `how` swaps it, until both outcomes were
-/// seen often enough (or time runs out): every load runs A's code or is refused.
+/// seen often enough and the file was swapped often enough (or time runs out): every load runs
+/// A's code or is refused. (An in-place swap rewrites the whole file, so on a slow machine the
+/// loads can see both outcomes before the swapper made many swaps; the loop waits for both.)
 fn pinned_loads_under(race: &Race, how: Swap) -> Outcomes {
     let swapper = Swapper::start(race, how, Duration::ZERO);
     let mut seen = Outcomes::default();
     let start = Instant::now();
     let mut loads = 0;
-    while loads < 2000
+    while loads < 5000
         && start.elapsed() < Duration::from_secs(15)
-        && (loads < 300 || seen.a_ran < 50 || seen.refused < 50)
+        && (loads < 300
+            || seen.a_ran < 50
+            || seen.refused < 50
+            || swapper.swaps.load(Ordering::Relaxed) <= 100)
     {
         loads += 1;
         match PluginLibrary::load_pinned(&race.path, Some(&race.pin)) {
