@@ -19,9 +19,11 @@
 //!    per-round speedups, and issue 25's criterion is
 //!    (isolated speedup − 1) / (in-process speedup − 1) ≥ 0.9.
 //!
-//! `cargo run --release -p udf-benches --bin isobench [-- --rounds N]` (default 9 rounds).
+//! `cargo run --release -p udf-benches --bin isobench [-- --rounds N] [--only ID]` (default 9
+//! rounds; `--only sq` measures one function at operator level and nothing else, for profiling).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Array, ArrayRef};
@@ -179,11 +181,16 @@ fn met(ok: bool) -> &'static str {
     if ok { "yes" } else { "**no**" }
 }
 
-async fn operator_level(rounds: usize) {
+async fn operator_level(rounds: usize, only: Option<&str>) {
+    let pairs: Vec<Pair> = PAIRS
+        .iter()
+        .filter(|p| only.is_none_or(|id| p.id == id))
+        .copied()
+        .collect();
     // One partition, so that the rows come back in order for the check and one worker serves.
     let ctx = session(1);
     let isolated = limits(1);
-    for pair in &PAIRS {
+    for pair in &pairs {
         let library = PluginLibrary::load(plugin(pair.plugin)).expect("load plugin");
         let local = format!("{}_local", pair.id);
         let iso = format!("{}_iso", pair.id);
@@ -198,7 +205,7 @@ async fn operator_level(rounds: usize) {
         );
     }
     // The check doubles as the warm-up (it starts the workers and sizes the output buffers).
-    for pair in &PAIRS {
+    for pair in &pairs {
         let want = column(&ctx, &pair.expr(false)).await;
         let got = column(&ctx, &pair.expr(true)).await;
         assert!(
@@ -208,10 +215,10 @@ async fn operator_level(rounds: usize) {
         );
     }
     // Per pair: elapsed_compute in nanoseconds, one sample per round of each side.
-    let mut local = vec![Vec::with_capacity(rounds); PAIRS.len()];
-    let mut iso = vec![Vec::with_capacity(rounds); PAIRS.len()];
+    let mut local = vec![Vec::with_capacity(rounds); pairs.len()];
+    let mut iso = vec![Vec::with_capacity(rounds); pairs.len()];
     for round in 0..rounds {
-        for (p, pair) in PAIRS.iter().enumerate() {
+        for (p, pair) in pairs.iter().enumerate() {
             // Back to back, alternating which side goes first.
             let first_isolated = round % 2 == 1;
             for isolated in [first_isolated, !first_isolated] {
@@ -243,7 +250,7 @@ async fn operator_level(rounds: usize) {
          | target | met | before | transport per batch |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|---|---:|---:|");
-    for (p, pair) in PAIRS.iter().enumerate() {
+    for (p, pair) in pairs.iter().enumerate() {
         let ratios = per_round(&iso[p], &local[p], |i, l| i / l);
         let ratio = median(&ratios).expect("samples");
         let transport = median(&per_round(&iso[p], &local[p], |i, l| {
@@ -264,6 +271,18 @@ async fn operator_level(rounds: usize) {
             pair.today,
         );
     }
+    println!();
+    let (one, both, in_place) = transport_floor(rounds);
+    println!(
+        "The floor of a worker on another CPU, without a process, IPC or checks (`x * x` over \
+         the same column in 8192-row batches, µs per batch, median of {rounds} rounds): one \
+         thread {one:.1}; a second thread computing, arguments copied in and the result copied \
+         out {both:.1} (+{:.1}, {:.2}×); the result read in place {in_place:.1} (+{:.1}, {:.2}×).",
+        both - one,
+        both / one,
+        in_place - one,
+        in_place / one
+    );
     println!();
 }
 
@@ -450,6 +469,7 @@ async fn partitions(rounds: usize) {
 /// Runs the three measurements.
 pub fn main() {
     let mut rounds = 9;
+    let mut only = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -463,8 +483,9 @@ pub fn main() {
                         std::process::exit(2)
                     });
             }
+            "--only" => only = args.next(),
             _ => {
-                eprintln!("usage: isobench [--rounds N]");
+                eprintln!("usage: isobench [--rounds N] [--only ID]");
                 std::process::exit(2)
             }
         }
@@ -475,12 +496,106 @@ pub fn main() {
         .expect("runtime");
     let started = Instant::now();
     runtime.block_on(async {
-        operator_level(rounds).await;
-        cold_pool(rounds * 3).await;
-        partitions(rounds).await;
+        operator_level(rounds, only.as_deref()).await;
+        if only.is_none() {
+            cold_pool(rounds * 3).await;
+            partitions(rounds).await;
+        }
     });
     eprintln!(
         "isobench: {rounds} rounds took {:.0} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// One side's hand-off slot in [`transport_floor`]: a column and the number of the call it holds.
+struct Slot {
+    seq: AtomicU64,
+    column: Mutex<Vec<i64>>,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            seq: AtomicU64::new(0),
+            column: Mutex::new(vec![0; BATCH]),
+        }
+    }
+
+    fn await_seq(&self, seq: u64) {
+        while self.seq.load(Ordering::Acquire) != seq {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// The floor of any transport that runs the function on another CPU, measured on this machine
+/// without a worker process, IPC or checks: `x * x` over the benchmark table's `x` column, one
+/// 8192-row batch at a time, (a) in one thread, and (b) with a second thread computing, the
+/// calling thread copying each batch into a buffer the other thread reads (the arguments must
+/// be copied into memory the worker can see), spinning until the other thread has written the
+/// result into its own buffer, and copying the result out (the untrusted worker's memory cannot
+/// be handed to the query). Returns the medians over `rounds` of µs per batch: (one thread,
+/// two threads with both copies, two threads reading the result in place).
+fn transport_floor(rounds: usize) -> (f64, f64, f64) {
+    let source: Vec<i64> = (0..ROWS as i64).map(|i| i % 1000 - 500).collect();
+    let batches = ROWS / BATCH;
+    let square = |x: &[i64], out: &mut [i64]| {
+        for (o, v) in out.iter_mut().zip(x) {
+            *o = v.wrapping_mul(*v);
+        }
+    };
+    let (request, reply) = (Arc::new(Slot::new()), Arc::new(Slot::new()));
+    let calls = (rounds * 2 * batches) as u64;
+    let worker = {
+        let (request, reply) = (Arc::clone(&request), Arc::clone(&reply));
+        std::thread::spawn(move || {
+            for seq in 1..=calls {
+                request.await_seq(seq);
+                {
+                    let args = request.column.lock().expect("args");
+                    let mut result = reply.column.lock().expect("result");
+                    square(&args, &mut result);
+                }
+                reply.seq.store(seq, Ordering::Release);
+            }
+        })
+    };
+    let mut seq = 0;
+    let mut across = |copy_out: bool| {
+        let start = Instant::now();
+        let mut checksum = 0i64;
+        for chunk in source.chunks(BATCH) {
+            seq += 1;
+            request.column.lock().expect("args").copy_from_slice(chunk);
+            request.seq.store(seq, Ordering::Release);
+            reply.await_seq(seq);
+            let result = reply.column.lock().expect("result");
+            if copy_out {
+                let owned: Vec<i64> = result.clone();
+                checksum = checksum.wrapping_add(owned[seq as usize % BATCH]);
+            } else {
+                checksum = checksum.wrapping_add(result[seq as usize % BATCH]);
+            }
+        }
+        std::hint::black_box(checksum);
+        start.elapsed().as_secs_f64() * 1e6 / batches as f64
+    };
+    let (mut one, mut both, mut in_place) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        both.push(across(true));
+        in_place.push(across(false));
+        let start = Instant::now();
+        let mut checksum = 0i64;
+        for chunk in source.chunks(BATCH) {
+            let mut out = vec![0i64; BATCH];
+            square(chunk, &mut out);
+            checksum = checksum.wrapping_add(out[chunk.len() / 2]);
+        }
+        std::hint::black_box(checksum);
+        one.push(start.elapsed().as_secs_f64() * 1e6 / batches as f64);
+    }
+    worker.join().expect("the floor's worker thread");
+    let m = |v: &[f64]| median(v).expect("samples");
+    (m(&one), m(&both), m(&in_place))
 }
