@@ -19,6 +19,7 @@
 
 #![deny(unsafe_code)]
 
+mod call_path;
 mod catalog;
 mod ddl;
 mod error;
@@ -27,19 +28,19 @@ mod explain;
 mod ffi;
 pub mod isolation;
 pub mod json;
+mod loader;
 mod plugin_dir;
 mod register;
 mod trust;
 pub mod types;
 mod udf;
 
+pub use call_path::CallPath;
 pub use catalog::{
     PluginFunctionInfo, PluginFunctionsTable, plugin_functions, plugin_functions_of,
     register_plugin_functions_table,
 };
-pub use ddl::{
-    DdlError, LibraryTarget, PluginFunctionFactory, PluginLoader, execute_statement, install, sql,
-};
+pub use ddl::{DdlError, LibraryTarget, PluginFunctionFactory, execute_statement, install, sql};
 pub use error::{CallError, CallErrorKind, LoadError, MetadataError, TypePosition};
 pub use explain::{PluginQueryPlanner, install_explain, plugin_calls_line};
 pub use ffi::{
@@ -47,6 +48,7 @@ pub use ffi::{
     PluginFunction, PluginLibrary, open_regular_file,
 };
 pub use isolation::{CallCancel, Isolation, WorkerLimits, WorkerPool, live_worker_pids};
+pub use loader::PluginLoader;
 pub use plugin_dir::{PluginDirError, trusted_libraries_in};
 pub use register::{
     Registration, SessionContextExt, libraries_in, register_function, register_library,
@@ -55,4 +57,4 @@ pub use register::{
 pub use trust::{
     DigestParseError, InsecurePath, Sha256Digest, check_not_writable_by_others, judge,
 };
-pub use udf::{CallPath, PluginUdf};
+pub use udf::PluginUdf;

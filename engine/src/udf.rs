@@ -15,6 +15,7 @@ use datafusion::logical_expr::{
     ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
 };
 
+use crate::call_path::CallPath;
 use crate::ffi::{DeclaredVolatility, PluginFunction};
 use crate::isolation::{CallCancel, WorkerPool};
 use crate::types::ValueType;
@@ -32,24 +33,6 @@ pub struct PluginUdf {
     call_path: CallPath,
     /// The worker pool that evaluates the function, when it is isolated.
     pool: Option<Arc<WorkerPool>>,
-}
-
-/// How a plugin function is called.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CallPath {
-    /// Once per row, through the row entrypoint.
-    Row,
-    /// Once per batch, through the batch entrypoint (Arrow C Data Interface).
-    Batch,
-}
-
-impl std::fmt::Display for CallPath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            CallPath::Row => "row",
-            CallPath::Batch => "batch",
-        })
-    }
 }
 
 impl PluginUdf {

@@ -297,7 +297,8 @@ impl SealedCopy {
         // The loader's messages name the copy; they are about the library.
         let library = dlopen2::raw::Library::open_with_flags(&name, Some(flags)).map_err(|e| {
             open_error(
-                super::dl_message(e).replace(&*name.to_string_lossy(), &path.display().to_string()),
+                super::library::dl_message(e)
+                    .replace(&*name.to_string_lossy(), &path.display().to_string()),
             )
         })?;
         drop(memfd);

@@ -299,7 +299,7 @@ pub(crate) fn manifests(seed: u64, cases: u64) -> Result<Report, Failure> {
             // read), names of `NAME_ROOM` bytes (longer than the reader accepts), type strings
             // NUL-terminated or longer than the reader's bound, and an `arrow_types` entry per
             // function in room.
-            unsafe { super::super::check_manifest(version, manifest) }
+            unsafe { crate::ffi::manifest::check_manifest(version, manifest) }
         }));
         match outcome {
             Err(_) => {

@@ -34,9 +34,9 @@ use super::WorkerLimits;
 use super::cancel::CallCancel;
 use super::protocol::{self, HEADER, Reply};
 use super::shared::{BELL, HOST_SPIN, HostRegions, spin_until};
+use crate::call_path::CallPath;
 use crate::ffi::PluginFunction;
 use crate::trust::Sha256Digest;
-use crate::udf::CallPath;
 
 /// How long a worker that closed its channel gets to exit on its own before it is killed (so
 /// that its own exit status, not our kill, is what the error reports).

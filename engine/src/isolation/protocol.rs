@@ -44,10 +44,10 @@ use datafusion::arrow::ipc::reader::StreamDecoder;
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::ipc::{self, MessageHeader, MetadataVersion, root_as_message};
 
+use crate::call_path::CallPath;
 use crate::ffi::shm::RegionWriter;
 use crate::types::arrow::MAX_DEPTH;
 use crate::types::fuzz::Rng;
-use crate::udf::CallPath;
 
 /// The kind byte of a ready message.
 pub(crate) const READY: u8 = b'H';

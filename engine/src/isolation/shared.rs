@@ -36,8 +36,8 @@ use datafusion::arrow::buffer::Buffer;
 use datafusion::arrow::datatypes::DataType;
 
 use super::protocol::{self, HEADER, MAGIC};
+use crate::call_path::CallPath;
 use crate::ffi::shm::{self, Region, RegionWriter};
-use crate::udf::CallPath;
 
 /// Control words in the input region's first page, each on its own cache line.
 const REQ_SEQ: usize = 0;

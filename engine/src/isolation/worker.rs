@@ -23,10 +23,10 @@ use rustix::process::{Resource, Rlimit, Signal};
 
 use super::protocol::{self, CALL};
 use super::shared::WorkerRegions;
+use crate::call_path::CallPath;
 use crate::ffi::PluginLibrary;
 use crate::ffi::descriptors::identity;
 use crate::trust::Sha256Digest;
-use crate::udf::CallPath;
 
 /// Exit status: the command line is wrong.
 const EXIT_USAGE: u8 = 64;

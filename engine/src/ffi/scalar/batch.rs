@@ -683,7 +683,7 @@ fn check_result_array(
 /// The schemas of a function's declared argument types, exported once when its library is
 /// loaded and lent to every batch call (the ABI lends them for the call: the plugin reads them
 /// and never releases or changes them).
-pub(super) struct ArgSchemas(Box<[FFI_ArrowSchema]>);
+pub(in crate::ffi) struct ArgSchemas(Box<[FFI_ArrowSchema]>);
 
 // SAFETY: the schemas are never written after `ArgSchemas::new` and only ever passed to plugins
 // as `const` pointers (the ABI borrows them read-only for a call), so sharing them between
@@ -692,7 +692,7 @@ unsafe impl Sync for ArgSchemas {}
 
 impl ArgSchemas {
     /// The canonical schemas of `signature`'s arguments; `None` if one cannot be exported.
-    pub(super) fn new(signature: &FunctionSignature) -> Option<ArgSchemas> {
+    pub(in crate::ffi) fn new(signature: &FunctionSignature) -> Option<ArgSchemas> {
         signature
             .arg_types
             .iter()

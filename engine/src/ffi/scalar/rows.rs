@@ -34,10 +34,9 @@ use udf_abi::v2::{
     self, ReleaseBytes, RowEntrypoint, UdfBytes, UdfOwnedBytes, UdfScalar, UdfType, UdfValue,
 };
 
-use super::{
-    EntrypointFn, Entrypoints, PluginFunction, RESULT_OK, RawPayload, RawResult, check_status,
-};
+use super::{Entrypoints, PluginFunction, check_status};
 use crate::error::CallError;
+use crate::ffi::{EntrypointFn, RESULT_OK, RawPayload, RawResult};
 use crate::types::{TIMESTAMP_TZ, arrow_type};
 
 /// Rows whose arguments are laid out at once: small enough that the argument array stays in

@@ -1,0 +1,370 @@
+//! Loading a library: the file opened once and copied into a sealed memory file (`images`),
+//! `dlopen` of that copy, the ABI handshake (v1 seed contract or v2), and the manifest read into
+//! [`FunctionSignature`]s (see [`super::manifest`]). [`PluginLibrary`] holds what was loaded.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use udf_abi::v2::{self, BatchEntrypoint, ReleaseBytes, RowEntrypoint, UdfAbiVersion, UdfManifest};
+
+use super::manifest::{FunctionSignature, read_manifest};
+use super::metadata::validate_metadata;
+use super::scalar::{ArgSchemas, PluginFunction};
+use super::{EntrypointFn, MetadataFn, images};
+use crate::error::{LoadError, MetadataError};
+use crate::trust::Sha256Digest;
+
+/// The ABI a library was built against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Abi {
+    /// The seed contract: one function, row at a time, `plugin_metadata` / `plugin_entrypoint`.
+    V1,
+    /// The versioned ABI: `udfsql_abi_version` / `udfsql_manifest`.
+    V2 {
+        /// The library's minor version.
+        minor: u32,
+    },
+}
+
+impl std::fmt::Display for Abi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Abi::V1 => f.write_str("v1"),
+            Abi::V2 { minor } => write!(f, "v2.{minor}"),
+        }
+    }
+}
+
+pub(super) enum Entrypoints {
+    V1(EntrypointFn),
+    V2 {
+        release: ReleaseBytes,
+        /// Per function: its row entrypoint; `None` for a function that runs in batches only.
+        rows: Vec<Option<RowEntrypoint>>,
+        batches: Vec<Option<BatchEntrypoint>>,
+    },
+}
+
+/// A loaded plugin library with validated metadata.
+///
+/// The library stays loaded as long as this value lives, and is unloaded (`dlclose`) when it
+/// drops. Everything that can call into the library holds an `Arc<PluginLibrary>`: every
+/// registered UDF and running query (through [`PluginFunction`]), returned error messages
+/// (`PluginBytes`), and every array a batch entrypoint produced (its `release` callback is
+/// plugin code).
+pub struct PluginLibrary {
+    pub(super) path: PathBuf,
+    sha256: Sha256Digest,
+    abi: Abi,
+    pub(super) functions: Vec<FunctionSignature>,
+    pub(super) entrypoints: Entrypoints,
+    /// Per function: its arguments' canonical schemas, exported once for every batch call.
+    pub(super) arg_schemas: Vec<Option<ArgSchemas>>,
+    /// Per function: the bytes per row its last row-path batch wrote to a string or binary
+    /// result, so that the next batch sizes its values buffer once.
+    pub(super) row_bytes_per_row: Box<[std::sync::atomic::AtomicUsize]>,
+    /// The `dlopen` handle: dropping it unloads the library, after the fields above.
+    _handle: dlopen2::raw::Library,
+}
+
+impl std::fmt::Debug for PluginLibrary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginLibrary")
+            .field("path", &self.path)
+            .field("sha256", &self.sha256)
+            .field("abi", &self.abi)
+            .field("functions", &self.functions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The effective user id of this process (the trust policy compares file owners with it).
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail (POSIX).
+    unsafe { libc::geteuid() }
+}
+
+/// Opens `path` for reading only if it is a regular file: a FIFO would block `open` (and every
+/// later load waiting on it), a device or directory is never a library. The type is checked
+/// before opening and again on the open handle, which is opened non-blocking.
+pub fn open_regular_file(path: &Path) -> Result<std::fs::File, LoadError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let describe = |t: std::fs::FileType| -> Option<&'static str> {
+        Some(if t.is_file() {
+            return None;
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_block_device() || t.is_char_device() {
+            "a device"
+        } else {
+            "not a file"
+        })
+    };
+    let read_error = |source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let not_regular = |kind| LoadError::NotARegularFile {
+        path: path.to_path_buf(),
+        kind,
+    };
+    let metadata = std::fs::metadata(path).map_err(read_error)?;
+    if let Some(kind) = describe(metadata.file_type()) {
+        return Err(not_regular(kind));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(read_error)?;
+    let metadata = file.metadata().map_err(read_error)?;
+    if let Some(kind) = describe(metadata.file_type()) {
+        return Err(not_regular(kind));
+    }
+    Ok(file)
+}
+
+type VersionFn = unsafe extern "C" fn() -> UdfAbiVersion;
+type ManifestFn = unsafe extern "C" fn() -> *const UdfManifest;
+
+impl PluginLibrary {
+    /// Loads the shared library at `path`, resolves its symbols and validates its metadata.
+    ///
+    /// A library exporting `udfsql_abi_version` is ABI v2: the handshake is checked before any
+    /// other symbol is resolved, and a library built for another major version is refused. A
+    /// library without it is a v1 (seed contract) library.
+    ///
+    /// The path is made absolute first, so a bare file name never searches the system's library
+    /// directories. Symbols are bound immediately (`RTLD_NOW`): a library with an unresolved
+    /// dependency fails here rather than at its first call.
+    ///
+    /// Loading runs the library's initialisers: load only code you trust.
+    pub fn load(path: impl AsRef<Path>) -> Result<Arc<PluginLibrary>, LoadError> {
+        Self::load_pinned(path, None)
+    }
+
+    /// Like [`load`](Self::load), but when `pin` is given the file's SHA-256 digest must equal it;
+    /// it is checked before the library is mapped, so a library that differs never runs.
+    ///
+    /// The file is opened once and copied into a sealed memory file; the digest is the copy's and
+    /// `dlopen` maps that copy, so a file renamed over the path or rewritten in place during the
+    /// load cannot run. A process holds one library per path: while it holds one, a load of the
+    /// same path compares the file now there with it (device, inode, size, times; the digest when
+    /// they differ) and gives the same library for the same bytes, and
+    /// [`LoadError::StaleImage`] for other bytes (a fresh load once the old one is dropped).
+    pub fn load_pinned(
+        path: impl AsRef<Path>,
+        pin: Option<&Sha256Digest>,
+    ) -> Result<Arc<PluginLibrary>, LoadError> {
+        let given = path.as_ref();
+        let path = std::fs::canonicalize(given).map_err(|source| LoadError::NotFound {
+            path: given.to_path_buf(),
+            source,
+        })?;
+        // One open from hash to map (see `images`): the file is opened once and copied into a
+        // sealed memory file; its digest is the copy's, and `dlopen` maps that copy.
+        let read_error = |source: std::io::Error| LoadError::Read {
+            path: path.clone(),
+            source,
+        };
+        let file = open_regular_file(&path)?;
+        let before = file.metadata().map_err(read_error)?;
+        let identity = images::FileIdentity::of(&before);
+        // The library this process holds for the path, if any: the file now at the path is
+        // compared with it, so that a replaced file never gets the old code.
+        let held = images::held(&path);
+        if let Some((library, file_then)) = &held
+            && *file_then == identity
+        {
+            crate::trust::check_pin(&path, pin, library.sha256())?;
+            return Ok(Arc::clone(library));
+        }
+        let copy = images::SealedCopy::of(&path, &file)?;
+        let after = file.metadata().map_err(read_error)?;
+        if images::FileIdentity::of(&after) != identity {
+            return Err(LoadError::ChangedWhileLoading { path });
+        }
+        drop(file);
+        let sha256 = *copy.sha256();
+        crate::trust::check_pin(&path, pin, &sha256)?;
+        if let Some((library, _)) = held {
+            if *library.sha256() == sha256 {
+                images::refresh(&path, &library, identity);
+                return Ok(library);
+            }
+            return Err(images::stale(&path, &library, &sha256));
+        }
+        let (library, mapped) = copy.map(&path, libc::RTLD_NOW | libc::RTLD_LOCAL)?;
+        // SAFETY: `udfsql_abi_version` is declared by ABI v2 as `UdfAbiVersion (void)`, a struct
+        // of plain integers that is valid for any bits.
+        let version: Result<VersionFn, _> = unsafe { library.symbol(v2::SYMBOL_ABI_VERSION) };
+        // Before any code of the library is called by the host: the image `dlopen` returned must
+        // be the sealed copy that was hashed.
+        // SAFETY: only the address is used, to find the mapping it lies in; never called here.
+        let metadata: Result<MetadataFn, _> = unsafe { library.symbol(udf_abi::SYMBOL_METADATA) };
+        let probe = match (&version, &metadata) {
+            (Ok(f), _) => Some(*f as usize),
+            (_, Ok(f)) => Some(*f as usize),
+            _ => None,
+        };
+        if let Some(address) = probe {
+            mapped.check(&path, address)?;
+        }
+        let (abi, functions, entrypoints) = match version {
+            Ok(version) => match Self::load_v2(&path, &library, version)? {
+                Some(v2) => v2,
+                None => Self::load_v1(&path, &library)?,
+            },
+            Err(_) => Self::load_v1(&path, &library)?,
+        };
+        tracing::info!(
+            path = %path.display(),
+            sha256 = %sha256,
+            abi = %abi,
+            functions = %functions
+                .iter()
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+            "loaded plugin library"
+        );
+        let arg_schemas = functions.iter().map(ArgSchemas::new).collect();
+        let row_bytes_per_row = functions
+            .iter()
+            .map(|_| std::sync::atomic::AtomicUsize::new(0))
+            .collect();
+        let library = Arc::new(PluginLibrary {
+            path: path.clone(),
+            sha256,
+            abi,
+            functions,
+            entrypoints,
+            arg_schemas,
+            row_bytes_per_row,
+            _handle: library,
+        });
+        images::record(&path, library, identity)
+    }
+
+    fn load_v1(
+        path: &Path,
+        library: &dlopen2::raw::Library,
+    ) -> Result<(Abi, Vec<FunctionSignature>, Entrypoints), LoadError> {
+        // SAFETY: `plugin_metadata` is declared by the v1 ABI as `PluginMetadata (void)`; we read
+        // the answer through `RawMetadata`, which has the same layout and accepts any tag.
+        let metadata: MetadataFn = unsafe { library.symbol(udf_abi::SYMBOL_METADATA) }
+            .map_err(|e| missing_symbol(path, udf_abi::SYMBOL_METADATA, e))?;
+        // SAFETY: `plugin_entrypoint` is declared by the v1 ABI with exactly this signature; the
+        // result is read through `RawResult`, which accepts any tag.
+        let entrypoint: EntrypointFn = unsafe { library.symbol(udf_abi::SYMBOL_ENTRYPOINT) }
+            .map_err(|e| missing_symbol(path, udf_abi::SYMBOL_ENTRYPOINT, e))?;
+        // SAFETY: the function pointer comes from the library, which is alive; the v1 ABI says it
+        // takes no arguments.
+        let raw = unsafe { metadata() };
+        let signature = validate_metadata(&raw).map_err(|reason| LoadError::InvalidMetadata {
+            path: path.to_path_buf(),
+            symbol: udf_abi::SYMBOL_METADATA,
+            reason,
+        })?;
+        Ok((Abi::V1, vec![signature], Entrypoints::V1(entrypoint)))
+    }
+
+    /// Loads a v2 library; `None` for a library whose manifest is empty but which exports the v1
+    /// symbols: a v1 plugin written against the `udf-abi` crate carries that crate's (empty) v2
+    /// exports, and is loaded as v1.
+    #[allow(clippy::type_complexity)]
+    fn load_v2(
+        path: &Path,
+        library: &dlopen2::raw::Library,
+        version: VersionFn,
+    ) -> Result<Option<(Abi, Vec<FunctionSignature>, Entrypoints)>, LoadError> {
+        // SAFETY: resolved from the live library; ABI v2 declares it as taking no arguments.
+        let found = unsafe { version() };
+        if found.major != v2::ABI_MAJOR {
+            return Err(LoadError::AbiMismatch {
+                path: path.to_path_buf(),
+                found_major: found.major,
+                found_minor: found.minor,
+                expected_major: v2::ABI_MAJOR,
+            });
+        }
+        let invalid = |reason| LoadError::InvalidMetadata {
+            path: path.to_path_buf(),
+            symbol: v2::SYMBOL_MANIFEST,
+            reason,
+        };
+        // Libraries of ABI 2.0 and 2.1 have the shorter manifest: read what the library has, up
+        // to what this host knows, and leave the rest zero (a null `arrow_types`).
+        if found.manifest_size < v2::MANIFEST_SIZE_2_0 {
+            return Err(invalid(MetadataError::ManifestTooSmall {
+                found: found.manifest_size,
+                expected: v2::MANIFEST_SIZE_2_0,
+            }));
+        }
+        // SAFETY: ABI v2 declares `udfsql_manifest` as `const UdfManifest *(void)`.
+        let manifest: ManifestFn = unsafe { library.symbol(v2::SYMBOL_MANIFEST) }
+            .map_err(|e| missing_symbol(path, v2::SYMBOL_MANIFEST, e))?;
+        // SAFETY: resolved from the live library; takes no arguments.
+        let manifest = unsafe { manifest() };
+        let has_v1 = || {
+            // SAFETY: only looked up, never called here; the type is irrelevant for a lookup.
+            let v1: Result<MetadataFn, _> = unsafe { library.symbol(udf_abi::SYMBOL_METADATA) };
+            v1.is_ok()
+        };
+        // SAFETY: `manifest` is what the library's `udfsql_manifest` returned, and `found` its
+        // handshake: ABI v2 promises what `read_manifest` requires of them.
+        unsafe { read_manifest(found, manifest, &has_v1) }.map_err(invalid)
+    }
+    /// The canonical path the library was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The SHA-256 digest of the file that was loaded.
+    pub fn sha256(&self) -> &Sha256Digest {
+        &self.sha256
+    }
+
+    /// The ABI the library speaks.
+    pub fn abi(&self) -> Abi {
+        self.abi
+    }
+
+    /// The functions the library provides.
+    pub fn functions(&self) -> &[FunctionSignature] {
+        &self.functions
+    }
+
+    /// A callable handle to function `index` of [`functions`](Self::functions).
+    pub fn function(self: &Arc<Self>, index: usize) -> Option<PluginFunction> {
+        (index < self.functions.len()).then(|| PluginFunction::new(Arc::clone(self), index))
+    }
+
+    /// A callable handle to the function the library calls `name`.
+    pub fn function_named(self: &Arc<Self>, name: &str) -> Option<PluginFunction> {
+        let index = self.functions.iter().position(|f| f.name == name)?;
+        self.function(index)
+    }
+}
+
+pub(super) fn dl_message(e: dlopen2::Error) -> String {
+    match e {
+        dlopen2::Error::OpeningLibraryError(io) | dlopen2::Error::SymbolGettingError(io) => {
+            io.to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
+fn missing_symbol(path: &Path, symbol: &'static str, e: dlopen2::Error) -> LoadError {
+    LoadError::MissingSymbol {
+        path: path.to_path_buf(),
+        symbol,
+        message: dl_message(e),
+    }
+}
