@@ -25,6 +25,7 @@ pub mod scalar;
 
 // The paths `#[udf]`'s generated code uses, kept where they were before scalar functions got
 // their own module.
+pub use manifest::{udfsql_abi_version, udfsql_manifest};
 pub use scalar::{
     FromUdfValue, IntoUdfResult, IntoUnitResult, UdfArgType, UdfReturnType, argument_error, arrow,
     batch, call_row, finish, values, written,

@@ -1207,7 +1207,10 @@ mod tests {
             "{error}"
         );
         assert!(error.ends_with(')') && !error.contains('\n'), "{error}");
-        assert!(error.contains("udf-abi/src/export/scalar/batch.rs:"), "{error}");
+        assert!(
+            error.contains("udf-abi/src/export/scalar/batch.rs:"),
+            "{error}"
+        );
 
         // The sentinel under a NULL bit is never seen: no panic, NULL there.
         let out = batch_of(&with_nulls(&[Some(1), None, Some(3)]), Some(&fast), &slow);
