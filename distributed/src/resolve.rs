@@ -193,7 +193,7 @@ impl Resolver {
             // a slow load must not hold up the decoding of other tasks.
             None => match self.load(spec) {
                 Ok(udf) => {
-                    let udf = Arc::new(ScalarUDF::new_from_impl(udf));
+                    let udf = Arc::new(udf.into_scalar_udf());
                     let evicted = self
                         .caches
                         .lock()

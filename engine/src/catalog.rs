@@ -16,8 +16,6 @@ use datafusion::logical_expr::{Expr, ScalarUDF, Volatility};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 
-use crate::udf::PluginUdf;
-
 /// One plugin function registered in a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginFunctionInfo {
@@ -52,7 +50,7 @@ pub fn plugin_functions_of(functions: &HashMap<String, Arc<ScalarUDF>>) -> Vec<P
     let mut out: Vec<PluginFunctionInfo> = functions
         .iter()
         .filter_map(|(name, udf)| {
-            let plugin = udf.inner().downcast_ref::<PluginUdf>()?;
+            let plugin = crate::async_udf::plugin_udf_of(udf)?;
             let sig = plugin.function().signature();
             Some(PluginFunctionInfo {
                 sql_name: name.clone(),
@@ -61,7 +59,7 @@ pub fn plugin_functions_of(functions: &HashMap<String, Arc<ScalarUDF>>) -> Vec<P
                 library: plugin.function().library().path().display().to_string(),
                 abi: plugin.function().library().abi().to_string(),
                 volatility: volatility_name(plugin.volatility()).to_string(),
-                call_path: plugin.call_path().to_string(),
+                call_path: plugin.path_name(),
                 isolation: plugin.isolation_mode().to_string(),
             })
         })

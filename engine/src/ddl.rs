@@ -214,9 +214,7 @@ impl PluginFunctionFactory {
                 .map_err(|e| DdlError::Interrupted(e.to_string()))??,
             Err(_) => load()?,
         };
-        let udf = Arc::new(ScalarUDF::new_from_impl(
-            prepared.finish(stmt, &library, pool)?,
-        ));
+        let udf = Arc::new(prepared.finish(stmt, &library, pool)?.into_scalar_udf());
         if let Some(live) = live.or_else(|| self.session.as_ref().and_then(Weak::upgrade)) {
             let mut state = live.write();
             if !stmt.or_replace && state.scalar_functions().contains_key(udf.name()) {

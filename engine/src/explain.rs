@@ -19,8 +19,6 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::explain::ExplainExec;
 use datafusion::prelude::SessionContext;
 
-use crate::udf::PluginUdf;
-
 /// A [`QueryPlanner`] that plans through `inner` and, for `EXPLAIN`, appends to the final
 /// physical plan a line for every plugin function of the query, with its call path, library and
 /// ABI:
@@ -89,7 +87,7 @@ pub fn plugin_calls_line(plan: &LogicalPlan) -> Result<Option<String>> {
         node.apply_expressions(|expr| {
             expr.apply(|e| {
                 if let Expr::ScalarFunction(f) = e
-                    && let Some(udf) = f.func.inner().downcast_ref::<PluginUdf>()
+                    && let Some(udf) = crate::async_udf::plugin_udf_of(&f.func)
                 {
                     let library = udf.function().library();
                     let file = library.path().file_name().map_or_else(
@@ -108,7 +106,7 @@ pub fn plugin_calls_line(plan: &LogicalPlan) -> Result<Option<String>> {
                         f.func.name().to_string(),
                         format!(
                             "{} path{isolation}, {file} (ABI {})",
-                            udf.call_path(),
+                            udf.path_name(),
                             library.abi()
                         ),
                     );

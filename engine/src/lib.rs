@@ -19,6 +19,7 @@
 
 #![deny(unsafe_code)]
 
+mod async_udf;
 mod call_path;
 mod catalog;
 mod ddl;
@@ -35,6 +36,7 @@ mod trust;
 pub mod types;
 mod udf;
 
+pub use async_udf::{AsyncLimits, DEFAULT_CALL_TIMEOUT, PluginUdfRef, plugin_udf_of};
 pub use call_path::CallPath;
 pub use catalog::{
     PluginFunctionInfo, PluginFunctionsTable, plugin_functions, plugin_functions_of,
@@ -43,6 +45,10 @@ pub use catalog::{
 pub use ddl::{DdlError, LibraryTarget, PluginFunctionFactory, execute_statement, install, sql};
 pub use error::{CallError, CallErrorKind, LoadError, MetadataError, TypePosition};
 pub use explain::{PluginQueryPlanner, install_explain, plugin_calls_line};
+pub use ffi::async_fn::{
+    AsyncDefaults, DEFAULT_CHUNK_ROWS, DEFAULT_MAX_IN_FLIGHT, PendingCall, outstanding_calls,
+    stray_completions,
+};
 pub use ffi::{
     Abi, DeclaredVolatility, FileIdentity, FunctionSignature, MAX_FUNCTIONS, MAX_NAME_LEN,
     PluginFunction, PluginLibrary, open_regular_file,

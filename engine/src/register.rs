@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use datafusion::logical_expr::{ScalarUDF, Volatility};
+use datafusion::logical_expr::Volatility;
 use datafusion::prelude::SessionContext;
 
 use crate::error::LoadError;
@@ -172,7 +172,7 @@ pub fn register_udf(ctx: &SessionContext, udf: PluginUdf) -> Registration {
         isolation = udf.isolation_mode(),
         "registered plugin function"
     );
-    ctx.register_udf(ScalarUDF::new_from_impl(udf));
+    ctx.register_udf(udf.into_scalar_udf());
     registration
 }
 

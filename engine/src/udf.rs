@@ -12,9 +12,11 @@ use datafusion::arrow::array::ArrayRef;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
 use datafusion::common::{DataFusionError, Result, ScalarValue, exec_err, plan_err};
 use datafusion::logical_expr::{
-    ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
+    ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+    Volatility,
 };
 
+use crate::async_udf::AsyncLimits;
 use crate::call_path::CallPath;
 use crate::ffi::{DeclaredVolatility, PluginFunction};
 use crate::isolation::{CallCancel, WorkerPool};
@@ -33,6 +35,8 @@ pub struct PluginUdf {
     call_path: CallPath,
     /// The worker pool that evaluates the function, when it is isolated.
     pool: Option<Arc<WorkerPool>>,
+    /// How the calls of an asynchronous function run; `None` for a synchronous one.
+    async_limits: Option<AsyncLimits>,
 }
 
 impl PluginUdf {
@@ -54,8 +58,16 @@ impl PluginUdf {
         volatility: Volatility,
     ) -> Self {
         let sig = function.signature();
+        let async_limits = function.async_defaults().map(AsyncLimits::from_defaults);
         let signature = if sig.arg_types.is_empty() {
             Signature::nullary(volatility)
+        } else if async_limits.is_some() {
+            // DataFusion's wrapper of asynchronous UDFs does not pass `coerce_types` on: the
+            // declared types are exact, and the planner casts to them where it can.
+            Signature::exact(
+                sig.arg_types.iter().map(|t| t.arrow_type()).collect(),
+                volatility,
+            )
         } else {
             Signature::user_defined(volatility)
         };
@@ -72,6 +84,40 @@ impl PluginUdf {
             return_type,
             call_path,
             pool: None,
+            async_limits,
+        }
+    }
+
+    /// How an asynchronous function's calls run; `None` for a synchronous function.
+    pub fn async_limits(&self) -> Option<&AsyncLimits> {
+        self.async_limits.as_ref()
+    }
+
+    /// An asynchronous function with other limits (a synchronous one is returned unchanged).
+    pub fn with_async_limits(mut self, limits: AsyncLimits) -> Self {
+        if self.async_limits.is_some() {
+            // Its own permits: the limit is per function.
+            self.async_limits = Some(AsyncLimits::new(
+                limits.max_in_flight,
+                limits.chunk_rows,
+                limits.call_timeout,
+            ));
+        }
+        self
+    }
+
+    /// The name the function is registered under.
+    pub fn sql_name(&self) -> &str {
+        &self.sql_name
+    }
+
+    /// The UDF DataFusion registers: through DataFusion's async UDF machinery for an
+    /// asynchronous function, as an ordinary scalar UDF otherwise.
+    pub fn into_scalar_udf(self) -> ScalarUDF {
+        if self.async_limits.is_some() {
+            crate::async_udf::async_scalar_udf(self)
+        } else {
+            ScalarUDF::new_from_impl(self)
         }
     }
 
@@ -113,6 +159,16 @@ impl PluginUdf {
     /// How the function is called.
     pub fn call_path(&self) -> CallPath {
         self.call_path
+    }
+
+    /// How the function is called, as `plugin_functions` and `EXPLAIN` say it: `row`, `batch`,
+    /// or `async` for an asynchronous function.
+    pub fn path_name(&self) -> String {
+        if self.async_limits.is_some() {
+            "async".to_string()
+        } else {
+            self.call_path.to_string()
+        }
     }
 
     /// The volatility the function was registered with.
@@ -244,29 +300,13 @@ impl PluginUdf {
         all_scalar: bool,
         cancel: Option<&CallCancel>,
     ) -> Result<ColumnarValue> {
-        let params = &self.function.signature().arg_types;
         // A function registered VOLATILE must be computed for every row, also where its
         // arguments are constants and the plugin's batch code (which may declare it immutable)
         // would compute them once: on the batch path its constant arguments cross as whole
         // columns. (The row path calls it for every row anyway.)
         let expand =
             self.call_path == CallPath::Batch && self.signature.volatility == Volatility::Volatile;
-        let arrays = args
-            .iter()
-            .zip(params)
-            .map(|(value, param)| {
-                Ok(match value {
-                    ColumnarValue::Array(array) => (expected_array(array, param)?, false),
-                    ColumnarValue::Scalar(scalar) if expand => (
-                        readable_scalar(scalar, param)?.to_array_of_size(rows)?,
-                        false,
-                    ),
-                    ColumnarValue::Scalar(scalar) => {
-                        (readable_scalar(scalar, param)?.to_array_of_size(1)?, true)
-                    }
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let arrays = self.argument_arrays(args, rows, expand)?;
         let array = match &self.pool {
             Some(pool) => pool
                 .call(
@@ -288,7 +328,43 @@ impl PluginUdf {
             }
             .map_err(|e| self.call_error(e))?,
         };
+        self.result_value(array, all_scalar)
+    }
+
+    /// Every argument as an array of a type the plugin reads: a scalar as a one-row array
+    /// flagged as such, or as `rows` rows when `expand`.
+    pub(crate) fn argument_arrays(
+        &self,
+        args: &[ColumnarValue],
+        rows: usize,
+        expand: bool,
+    ) -> Result<Vec<(ArrayRef, bool)>> {
+        let params = &self.function.signature().arg_types;
+        args.iter()
+            .zip(params)
+            .map(|(value, param)| {
+                Ok(match value {
+                    ColumnarValue::Array(array) => (expected_array(array, param)?, false),
+                    ColumnarValue::Scalar(scalar) if expand => (
+                        readable_scalar(scalar, param)?.to_array_of_size(rows)?,
+                        false,
+                    ),
+                    ColumnarValue::Scalar(scalar) => {
+                        (readable_scalar(scalar, param)?.to_array_of_size(1)?, true)
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+    }
+
+    /// The result of a call: one scalar when every argument was a scalar, else the array.
+    pub(crate) fn result_value(&self, array: ArrayRef, all_scalar: bool) -> Result<ColumnarValue> {
         result_value(array, all_scalar)
+    }
+
+    /// A result of no rows, of the declared type.
+    pub(crate) fn empty_result(&self) -> Result<ArrayRef> {
+        Ok(datafusion::arrow::array::new_empty_array(&self.return_type))
     }
 }
 

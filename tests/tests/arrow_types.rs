@@ -682,7 +682,7 @@ async fn an_abi_2_1_library_with_the_shorter_manifest_keeps_loading() {
     ctx.register_plugin(&path).unwrap();
     assert_eq!(rows(&ctx, "SELECT c_clamp(7, 1, 5)").await, [["5"]]);
     let current = PluginLibrary::load(plugin("arrow-types")).unwrap();
-    assert_eq!(current.abi(), Abi::V2 { minor: 2 });
+    assert_eq!(current.abi(), Abi::V2 { minor: 3 });
 }
 
 #[tokio::test]

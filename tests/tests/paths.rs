@@ -454,7 +454,7 @@ async fn explain_shows_the_call_path_of_each_plugin_function() {
         .unwrap()
         .to_string();
     let expected = format!(
-        "plugin functions:\n  sq_batch: batch path, {file} (ABI v2.2)\n  sq_row: row path, {file} (ABI v2.2)"
+        "plugin functions:\n  sq_batch: batch path, {file} (ABI v2.3)\n  sq_row: row path, {file} (ABI v2.3)"
     );
     // Each line sits in the plan column of the physical_plan row, in this order.
     let lines: Vec<&str> = text

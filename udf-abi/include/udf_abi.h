@@ -117,7 +117,7 @@ PluginResult plugin_entrypoint(const PluginValue *args, size_t args_len);
  * ============================================================================================ */
 
 #define UDF_ABI_MAJOR 2
-#define UDF_ABI_MINOR 2   /* 2.1 defines UdfFunction.call_batch; 2.2 appends
+#define UDF_ABI_MINOR 3   /* 2.3 appends UdfManifest.async_functions and .unload; 2.1 defines UdfFunction.call_batch; 2.2 appends
                              UdfManifest.arrow_types and allows batch-only functions */
 #define UDF_MANIFEST_SIZE_2_0 (4 * sizeof(size_t)) /* sizeof(UdfManifest) of ABI 2.0 and 2.1 */
 
@@ -280,12 +280,69 @@ typedef struct UdfArrowTypes {
     const char *return_format;      /* NULL or a type string */
 } UdfArrowTypes;
 
+/* ABI 2.3: asynchronous functions (I/O from SQL: lookups, HTTP, model calls).
+ *
+ * A function is asynchronous when its UdfAsyncFunction entry (in UdfManifest.async_functions,
+ * parallel to functions) has a non-NULL start. The host then calls only start and cancel for it,
+ * never call_row or call_batch (leave them NULL). It splits a batch into calls of at most
+ * chunk_rows rows, keeps at most max_in_flight calls of the function started and not completed,
+ * and assembles the results in row order (both are the host's settings; the values here are the
+ * library's defaults, 0 = the host's default).
+ *
+ * start(args, arg_schemas, arg_is_scalar, args_len, num_rows, completion, call, error):
+ *   begins one call and returns at once; it must not wait for I/O. The arguments are as for
+ *   UdfBatchEntrypoint (arrays MOVED to the plugin; schemas and flags valid only until start
+ *   returns: copy what the call needs later). `call` is the host's number for the call (for
+ *   cancel). Returns UDF_STATUS_OK when the call started: the plugin then calls
+ *   completion.complete(completion.context, status, out, out_schema, error) EXACTLY ONCE, from
+ *   any thread, at any time (even before start returns):
+ *     UDF_STATUS_OK:    *out / *out_schema hold num_rows rows of the declared return type,
+ *                       MOVED to the host (it copies them and sets their release to NULL);
+ *                       checked as a batch result. error: empty ({NULL, 0, 0}).
+ *     UDF_STATUS_ERROR: error is the message (released through release_bytes); out and
+ *                       out_schema may be NULL.
+ *   Returns UDF_STATUS_ERROR with *error set when the call could not start: then complete must
+ *   never be called for it.
+ * cancel(call): optional. The query was cancelled or the call's time limit passed: stop early
+ *   if you can. The plugin still calls complete exactly once for the call (any status); the host
+ *   releases that outcome unread. May come from any thread, also after the call completed.
+ * unload(): optional (UdfManifest.unload). Called once, after every call of the library
+ *   completed, right before the host unmaps the library: return only when none of the library's
+ *   threads runs any more.
+ *
+ * What the host does with a plugin that breaks these rules: a second complete for a call, or one
+ * for a call it never started, is released and reported (never read twice); a result of the
+ * wrong length, type or NULLs fails the query naming the function; a call that never completes
+ * fails the query at the call's time limit, and keeps the library mapped for the rest of the
+ * process (its threads may still run its code). complete never dereferences context: it is the
+ * host's number for the call, not a pointer the plugin could forge. */
+typedef struct UdfCompletion {
+    void *context; /* the host's; pass it back unchanged */
+    void (*complete)(void *context, int32_t status, struct ArrowArray *out,
+                     struct ArrowSchema *out_schema, UdfOwnedBytes error);
+} UdfCompletion;
+
+typedef int32_t (*UdfAsyncStart)(struct ArrowArray *args, const struct ArrowSchema *arg_schemas,
+                                 const uint8_t *arg_is_scalar, size_t args_len, size_t num_rows,
+                                 UdfCompletion completion, uint64_t call, UdfOwnedBytes *error);
+typedef void (*UdfAsyncCancel)(uint64_t call);
+typedef void (*UdfUnloadHook)(void);
+
+typedef struct UdfAsyncFunction {
+    UdfAsyncStart start;    /* NULL: the function is synchronous (the rest is ignored) */
+    UdfAsyncCancel cancel;  /* optional */
+    uint32_t max_in_flight; /* the library's default for calls in flight; 0 = the host's (64) */
+    uint32_t chunk_rows;    /* the library's default rows per call; 0 = the host's */
+} UdfAsyncFunction;
+
 typedef struct UdfManifest {
     size_t size;                   /* sizeof(UdfManifest) as built */
     const UdfFunction *functions;  /* functions_len entries; static */
     size_t functions_len;
     UdfReleaseBytes release_bytes; /* must not be NULL */
     const UdfArrowTypes *arrow_types; /* 2.2: functions_len entries parallel to functions, or NULL */
+    const UdfAsyncFunction *async_functions; /* 2.3: functions_len entries parallel, or NULL */
+    UdfUnloadHook unload;          /* 2.3: optional */
 } UdfManifest;
 
 UdfAbiVersion udfsql_abi_version(void);

@@ -40,10 +40,13 @@ pub const ABI_MAJOR: u32 = 2;
 /// The ABI minor version this crate describes. Minors add fields at the end of the manifest or
 /// give meaning to reserved ones: 2.1 defines [`UdfFunction::call_batch`], 2.2 appends
 /// [`UdfManifest::arrow_types`] (Arrow types declared by format strings) and lets a function
-/// with a batch entrypoint leave [`UdfFunction::call_row`] null.
-pub const ABI_MINOR: u32 = 2;
+/// with a batch entrypoint leave [`UdfFunction::call_row`] null, 2.3 appends
+/// [`UdfManifest::async_functions`] and [`UdfManifest::unload`] (asynchronous functions).
+pub const ABI_MINOR: u32 = 3;
 /// `sizeof(UdfManifest)` of ABI 2.0 and 2.1 (four pointer-sized fields): the least a host reads.
 pub const MANIFEST_SIZE_2_0: usize = 4 * std::mem::size_of::<usize>();
+/// `sizeof(UdfManifest)` of ABI 2.2 (five pointer-sized fields).
+pub const MANIFEST_SIZE_2_2: usize = 5 * std::mem::size_of::<usize>();
 /// The type tag of an argument or result declared by an Arrow type string in
 /// [`UdfManifest::arrow_types`] (ABI 2.2) instead of by a [`UdfType`]. A host of ABI 2.1 or
 /// older refuses it as an unknown tag.
@@ -312,6 +315,95 @@ pub type BatchEntrypoint = unsafe extern "C" fn(
     error: *mut UdfOwnedBytes,
 ) -> i32;
 
+/// How an asynchronous call reports its outcome (ABI 2.3): the plugin calls
+/// `complete(context, status, out, out_schema, error)` **exactly once** per started call, from
+/// any thread, at any time after `start` was entered (also before `start` returns).
+///
+/// * [`status::OK`]: `out` and `out_schema` point at the result array (`num_rows` rows of the
+///   declared return type) and its schema, **moved** to the host (it copies the structs and sets
+///   the plugin's `release` to null, as the C Data Interface's move semantics say); the host
+///   checks them as a batch result. `error` is ignored (pass an empty [`UdfOwnedBytes`]; a
+///   non-empty one is released).
+/// * [`status::ERROR`]: `error` is the message, released through `release_bytes`; `out` and
+///   `out_schema` may be null (an array passed anyway is released).
+///
+/// `context` is the host's and is passed back unchanged; the host never dereferences it as a
+/// pointer the plugin could have forged. `complete` returns promptly (it never waits for I/O or
+/// for the query).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct UdfCompletion {
+    /// Passed back unchanged.
+    pub context: *mut std::ffi::c_void,
+    /// The host's completion function; never null.
+    pub complete: Option<CompleteFn>,
+}
+
+/// The host's completion function (see [`UdfCompletion`]).
+pub type CompleteFn = unsafe extern "C" fn(
+    context: *mut std::ffi::c_void,
+    status: i32,
+    out: *mut FFI_ArrowArray,
+    out_schema: *mut FFI_ArrowSchema,
+    error: UdfOwnedBytes,
+);
+
+/// Starts one asynchronous call over whole columns (ABI 2.3) and returns without waiting for
+/// its outcome.
+///
+/// * `args`, `arg_schemas`, `arg_is_scalar`, `args_len`, `num_rows`: as for [`BatchEntrypoint`]
+///   (the arrays are moved to the plugin; the schemas and flags are valid only until `start`
+///   returns: copy what the call needs later).
+/// * `completion`: how the outcome is reported, exactly once, when `start` returns
+///   [`status::OK`].
+/// * `call`: the host's number for this call, passed to the cancel entrypoint.
+/// * `error`: the message when `start` returns [`status::ERROR`]: the call did not start, and
+///   `completion` must then never be called.
+///
+/// Must not block on I/O and must not unwind.
+pub type AsyncStart = unsafe extern "C" fn(
+    args: *mut FFI_ArrowArray,
+    arg_schemas: *const FFI_ArrowSchema,
+    arg_is_scalar: *const u8,
+    args_len: usize,
+    num_rows: usize,
+    completion: UdfCompletion,
+    call: u64,
+    error: *mut UdfOwnedBytes,
+) -> i32;
+
+/// Asks the plugin to stop call `call` early (ABI 2.3): the query was cancelled or the call's
+/// time limit passed. The plugin still completes the call exactly once (any status); the host
+/// ignores that outcome and releases what it carries. Called from any thread, possibly after the
+/// call completed (then it does nothing). Must not block and must not unwind.
+pub type AsyncCancel = unsafe extern "C" fn(call: u64);
+
+/// Stops the library's threads before the host unmaps it (ABI 2.3): called once, after every
+/// call of the library completed, right before `dlclose`. Must return only when no thread runs
+/// the library's code any more.
+pub type UnloadHook = unsafe extern "C" fn();
+
+/// The asynchronous side of one function (ABI 2.3), in [`UdfManifest::async_functions`],
+/// parallel to [`UdfManifest::functions`]. A function whose `start` is not null is
+/// **asynchronous**: the host calls only `start` (and `cancel`) for it, never `call_row` or
+/// `call_batch` (leave them null). `start` null: the function is synchronous and the other
+/// fields are ignored.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct UdfAsyncFunction {
+    /// Null for a synchronous function.
+    pub start: Option<AsyncStart>,
+    /// Optional: null when calls cannot be stopped early (the host then waits for their
+    /// completion in the background, holding the library mapped).
+    pub cancel: Option<AsyncCancel>,
+    /// The most calls of this function the plugin wants in flight at once; 0 lets the host
+    /// choose (its default). The host's setting, when given, wins.
+    pub max_in_flight: u32,
+    /// The most rows per call; 0 lets the host choose. The host splits a batch into calls of at
+    /// most this many rows and assembles their results in row order.
+    pub chunk_rows: u32,
+}
+
 /// One function of a v2 library. Everything it points to is static data of the plugin.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -403,6 +495,11 @@ pub struct UdfManifest {
     /// ABI 2.2: `functions_len` entries, parallel to `functions`, or null (no function declares
     /// an Arrow type). Read only from libraries of minor 2 or later whose manifest is this long.
     pub arrow_types: *const UdfArrowTypes,
+    /// ABI 2.3: `functions_len` entries, parallel to `functions`, or null (every function is
+    /// synchronous). Read only from libraries of minor 3 or later whose manifest is this long.
+    pub async_functions: *const UdfAsyncFunction,
+    /// ABI 2.3: optional; see [`UnloadHook`].
+    pub unload: Option<UnloadHook>,
 }
 
 /// A `DATE` for Rust plugins: days since 1970-01-01 (Arrow `Date32`).
@@ -543,9 +640,14 @@ mod tests {
         if std::mem::size_of::<usize>() == 8 {
             assert_eq!(std::mem::size_of::<UdfValue>(), 32);
             assert_eq!(std::mem::size_of::<UdfFunction>(), 72);
-            assert_eq!(std::mem::size_of::<UdfManifest>(), 40);
+            assert_eq!(std::mem::size_of::<UdfManifest>(), 56);
             assert_eq!(MANIFEST_SIZE_2_0, 32);
+            assert_eq!(MANIFEST_SIZE_2_2, 40);
             assert_eq!(std::mem::offset_of!(UdfManifest, arrow_types), 32);
+            assert_eq!(std::mem::offset_of!(UdfManifest, async_functions), 40);
+            assert_eq!(std::mem::offset_of!(UdfManifest, unload), 48);
+            assert_eq!(std::mem::size_of::<UdfAsyncFunction>(), 24);
+            assert_eq!(std::mem::size_of::<UdfCompletion>(), 16);
             assert_eq!(std::mem::size_of::<UdfArrowTypes>(), 16);
             assert_eq!(std::mem::size_of::<UdfAbiVersion>(), 16);
         }

@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use udf_abi::v2::{self, BatchEntrypoint, ReleaseBytes, RowEntrypoint, UdfAbiVersion, UdfManifest};
+use udf_abi::v2::{
+    self, AsyncCancel, AsyncStart, BatchEntrypoint, ReleaseBytes, RowEntrypoint, UdfAbiVersion,
+    UdfManifest, UnloadHook,
+};
 
 use super::manifest::{FunctionSignature, read_manifest};
 use super::metadata::validate_metadata;
@@ -43,7 +46,22 @@ pub(super) enum Entrypoints {
         /// Per function: its row entrypoint; `None` for a function that runs in batches only.
         rows: Vec<Option<RowEntrypoint>>,
         batches: Vec<Option<BatchEntrypoint>>,
+        /// Per function: its asynchronous entrypoints (ABI 2.3); `None` for a synchronous one.
+        asyncs: Vec<Option<AsyncEntrypoints>>,
+        /// Called before the library is unmapped (ABI 2.3).
+        unload: Option<UnloadHook>,
     },
+}
+
+/// An asynchronous function's entrypoints and defaults (ABI 2.3).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct AsyncEntrypoints {
+    pub(super) start: AsyncStart,
+    pub(super) cancel: Option<AsyncCancel>,
+    /// The library's default for calls in flight; 0 = the host's.
+    pub(super) max_in_flight: u32,
+    /// The library's default rows per call; 0 = the host's.
+    pub(super) chunk_rows: u32,
 }
 
 /// A loaded plugin library with validated metadata.
@@ -66,6 +84,23 @@ pub struct PluginLibrary {
     pub(super) row_bytes_per_row: Box<[std::sync::atomic::AtomicUsize]>,
     /// The `dlopen` handle: dropping it unloads the library, after the fields above.
     _handle: dlopen2::raw::Library,
+}
+
+impl Drop for PluginLibrary {
+    /// Runs the library's unload hook (ABI 2.3) before the handle drops and unmaps it. Every
+    /// call of the library holds the library (an outstanding asynchronous call too, until the
+    /// plugin completes it), so when this runs no call is outstanding.
+    fn drop(&mut self) {
+        if let Entrypoints::V2 {
+            unload: Some(unload),
+            ..
+        } = &self.entrypoints
+        {
+            // SAFETY: ABI 2.3 declares `unload` as `void (void)`, called once before the
+            // library is unmapped; the library is still mapped (the handle drops after this).
+            unsafe { unload() };
+        }
+    }
 }
 
 impl std::fmt::Debug for PluginLibrary {

@@ -5,7 +5,7 @@ use std::mem::size_of;
 
 use udf_abi::v2::{self, UdfAbiVersion, UdfFunction, UdfManifest};
 
-use super::library::{Abi, Entrypoints};
+use super::library::{Abi, AsyncEntrypoints, Entrypoints};
 use super::metadata::{self, validate_function};
 use crate::error::MetadataError;
 use crate::types::ValueType;
@@ -128,13 +128,18 @@ pub(super) unsafe fn read_manifest(
     }
     // `arrow_types` exists from ABI 2.2 on, in a manifest long enough to hold it. Its entries
     // are read below only for the functions that declare an Arrow type.
-    let arrow_types = if found.minor >= 2
-        && manifest.size >= size_of::<UdfManifest>()
-        && readable == size_of::<UdfManifest>()
-    {
+    let holds = |end: usize| manifest.size >= end && readable >= end;
+    let arrow_types = if found.minor >= 2 && holds(v2::MANIFEST_SIZE_2_2) {
         manifest.arrow_types
     } else {
         std::ptr::null()
+    };
+    // `async_functions` and `unload` exist from ABI 2.3 on, in a manifest long enough to hold
+    // them.
+    let (async_functions, unload) = if found.minor >= 3 && holds(size_of::<UdfManifest>()) {
+        (manifest.async_functions, manifest.unload)
+    } else {
+        (std::ptr::null(), None)
     };
     let release = manifest.release_bytes.ok_or(MetadataError::NullRelease)?;
     let len = manifest.functions_len;
@@ -162,7 +167,22 @@ pub(super) unsafe fn read_manifest(
     let mut functions = Vec::with_capacity(len);
     let mut rows = Vec::with_capacity(len);
     let mut batches = Vec::with_capacity(len);
+    let mut asyncs = Vec::with_capacity(len);
     for (i, entry) in entries.iter().enumerate() {
+        let asynchronous = if async_functions.is_null() {
+            None
+        } else {
+            // SAFETY: non-null, and the caller promises (ABI 2.3) that `async_functions` holds
+            // `functions_len` (bounded above) entries parallel to `functions`; `UdfAsyncFunction`
+            // is two optional function pointers and two integers, valid for any bits.
+            let entry = unsafe { async_functions.add(i).read() };
+            entry.start.map(|start| AsyncEntrypoints {
+                start,
+                cancel: entry.cancel,
+                max_in_flight: entry.max_in_flight,
+                chunk_rows: entry.chunk_rows,
+            })
+        };
         // Read only when the function's tags say it has an Arrow type.
         let arrow = || {
             (!arrow_types.is_null()).then(|| {
@@ -175,8 +195,17 @@ pub(super) unsafe fn read_manifest(
         };
         // `call_batch` is reserved (null) in ABI 2.0 and defined from 2.1 on.
         let batch = entry.call_batch.filter(|_| found.minor >= 1);
-        let (signature, row) = validate_function(entry, &arrow, batch.is_some(), found.minor)?;
+        let has_batch = batch.is_some() || asynchronous.is_some();
+        let (signature, row) = validate_function(entry, &arrow, has_batch, found.minor)?;
+        // An asynchronous function is called only through `start`: whatever its row and batch
+        // entries say is never called.
+        let (row, batch) = if asynchronous.is_some() {
+            (None, None)
+        } else {
+            (row, batch)
+        };
         batches.push(batch);
+        asyncs.push(asynchronous);
         if functions
             .iter()
             .any(|f: &FunctionSignature| f.name == signature.name)
@@ -195,6 +224,8 @@ pub(super) unsafe fn read_manifest(
             release,
             rows,
             batches,
+            asyncs,
+            unload,
         },
     )))
 }

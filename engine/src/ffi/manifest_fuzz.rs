@@ -137,6 +137,8 @@ impl Fixture {
                 functions_len: count,
                 release_bytes: Some(fixture_release),
                 arrow_types: fx.arrow.as_ptr(),
+                async_functions: std::ptr::null(),
+                unload: None,
             };
             2
         ];

@@ -8,6 +8,8 @@
 //! * [`scalar`]: calling a scalar function ([`PluginFunction`]) over Arrow arrays, row by row
 //!   (`scalar::rows`) or a batch at a time (`scalar::batch`), with the rules every result passes
 //!   (`scalar::arrow_result`). Later function kinds get their own module beside it;
+//! * [`async_fn`]: asynchronous functions (ABI 2.3): starting a call, the completion a plugin
+//!   calls from any thread, cancel;
 //! * `shm` and `descriptors`: the shared memory and file descriptors of process isolation.
 //!
 //! Everything a v1 plugin hands back is read through layout-identical "raw" mirrors of the
@@ -23,6 +25,7 @@ use std::mem::{align_of, offset_of, size_of};
 
 use udf_abi::{PluginMetadata, PluginResult, PluginType, PluginValue};
 
+pub mod async_fn;
 pub(crate) mod descriptors;
 mod images;
 mod library;

@@ -206,6 +206,9 @@ pub extern "C" fn udfsql_manifest() -> *const UdfManifest {
             functions_len: FUNCTIONS.len(),
             release_bytes: Some(release_bytes),
             arrow_types,
+            // No asynchronous functions from `#[udf]` yet.
+            async_functions: std::ptr::null(),
+            unload: None,
         })
     });
     &manifest.0

@@ -70,6 +70,42 @@ impl PluginFunction {
             },
             Entrypoints::V1(_) => return Err(CallError::NoBatchEntrypoint),
         };
+        let mut call = self.export_arguments(args, num_rows)?;
+        let mut out = FFI_ArrowArray::empty();
+        let mut out_schema = FFI_ArrowSchema::empty();
+        let mut error = UdfOwnedBytes::EMPTY;
+        // SAFETY: the entrypoint belongs to `self.library`, alive while we hold the Arc. The
+        // arrays, schemas and flags are `args.len()` valid C Data Interface structs of the
+        // declared types and row counts (checked by `export_arguments`), and stay alive and
+        // unmoved during the call; the plugin may move the arrays out (it leaves released ones,
+        // which drop as no-ops; arrays it left in place are released when `call` drops); `out`,
+        // `out_schema` and `error` are valid for writes.
+        let status = unsafe {
+            entrypoint(
+                call.arrays.as_mut_slice().as_mut_ptr(),
+                call.schemas(),
+                call.scalar_flags.as_slice().as_ptr(),
+                args.len(),
+                num_rows,
+                &mut out,
+                &mut out_schema,
+                &mut error,
+            )
+        };
+        drop(call);
+        // From here on, `out` and `out_schema` are released (through the plugin's callbacks) on
+        // every return path, while `self` still holds the library.
+        check_status(status, error, release, &self.library)?;
+        self.import_batch_result(out, out_schema, args, num_rows)
+    }
+
+    /// The C structs of a batch call's arguments (see [`ExportedArguments`]), after checking
+    /// the arguments against the signature.
+    pub(in crate::ffi) fn export_arguments<'a>(
+        &'a self,
+        args: &[(ArrayRef, bool)],
+        num_rows: usize,
+    ) -> Result<ExportedArguments<'a>, CallError> {
         let signature = self.signature();
         // The ABI promises the plugin arrays of the declared types, of `num_rows` rows (one for
         // a scalar).
@@ -94,49 +130,36 @@ impl PluginFunction {
         // The schemas of the declared types were exported when the library was loaded, those of
         // the other string and binary layouts (LargeUtf8, Utf8View, ...) once per process: the
         // plugin gets them, or bitwise copies of them that are never released.
-        let copies;
-        let exported;
-        let schemas: *const FFI_ArrowSchema = match &self.library.arg_schemas[self.index] {
-            Some(cached) if canonical => cached.0.as_ptr(),
-            Some(cached) => {
-                copies = lent_schemas(args, &cached.0);
-                // `ManuallyDrop` is `repr(transparent)`: the same layout as the schemas.
-                copies.as_slice().as_ptr().cast()
-            }
-            None => {
-                exported = args
-                    .iter()
+        let schemas = match &self.library.arg_schemas[self.index] {
+            Some(cached) if canonical => Schemas::Cached(cached.0.as_ptr()),
+            Some(cached) => Schemas::Copies(lent_schemas(args, &cached.0)),
+            None => Schemas::Owned(
+                args.iter()
                     .map(|(array, _)| FFI_ArrowSchema::try_from(array.data_type()))
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| CallError::HostBug(format!("cannot export an argument: {e}")))?;
-                exported.as_ptr()
-            }
+                    .map_err(|e| CallError::HostBug(format!("cannot export an argument: {e}")))?,
+            ),
         };
-        let mut out = FFI_ArrowArray::empty();
-        let mut out_schema = FFI_ArrowSchema::empty();
-        let mut error = UdfOwnedBytes::EMPTY;
-        // SAFETY: the entrypoint belongs to `self.library`, alive while we hold the Arc. The
-        // arrays, schemas and flags are `args.len()` valid C Data Interface structs of the
-        // declared types and row counts (checked above), and stay alive and unmoved during the
-        // call; the plugin may move the arrays out (it leaves released ones, which drop as
-        // no-ops; arrays it left in place are released when `arrays` drops); `out`,
-        // `out_schema` and `error` are valid for writes.
-        let status = unsafe {
-            entrypoint(
-                arrays.as_mut_slice().as_mut_ptr(),
-                schemas,
-                scalar_flags.as_slice().as_ptr(),
-                args.len(),
-                num_rows,
-                &mut out,
-                &mut out_schema,
-                &mut error,
-            )
+        let exported = ExportedArguments {
+            arrays,
+            scalar_flags,
+            schemas,
+            _function: std::marker::PhantomData,
         };
-        drop(arrays);
-        // From here on, `out` and `out_schema` are released (through the plugin's callbacks) on
-        // every return path, while `self` still holds the library.
-        check_status(status, error, release, &self.library)?;
+        Ok(exported)
+    }
+
+    /// Checks and imports what a batch call (or an asynchronous call's completion) handed over
+    /// as its result, and applies the NULL rules (see [`call_batch`](Self::call_batch)).
+    /// `out` and `out_schema` are released on every path.
+    pub(in crate::ffi) fn import_batch_result(
+        &self,
+        out: FFI_ArrowArray,
+        out_schema: FFI_ArrowSchema,
+        args: &[(ArrayRef, bool)],
+        num_rows: usize,
+    ) -> Result<ArrayRef, CallError> {
+        let signature = self.signature();
         let return_type = match &signature.return_type {
             ValueType::Tag(t) => *t,
             ValueType::Arrow(declared) => {
@@ -174,6 +197,42 @@ impl PluginFunction {
     }
 }
 
+/// The C structs of one batch call's arguments: the arrays (moved to the plugin during the
+/// call; those it leaves in place are released when this drops), the scalar flags, and the
+/// schemas, valid while this lives (pointers into it are taken at the call, never before a move).
+pub(in crate::ffi) struct ExportedArguments<'a> {
+    pub(in crate::ffi) arrays: Slots<FFI_ArrowArray>,
+    pub(in crate::ffi) scalar_flags: Slots<u8>,
+    schemas: Schemas,
+    /// The cached schemas belong to the function's library.
+    _function: std::marker::PhantomData<&'a PluginFunction>,
+}
+
+/// Where a call's argument schemas are.
+// The copies stay inline on purpose: no allocation per call for the usual argument counts.
+#[allow(clippy::large_enum_variant)]
+enum Schemas {
+    /// The library's schemas of the declared types, exported when it was loaded.
+    Cached(*const FFI_ArrowSchema),
+    /// Bitwise copies of them and of the process's schemas of other string and binary layouts
+    /// (never released).
+    Copies(Slots<ManuallyDrop<FFI_ArrowSchema>>),
+    /// Exported for this call.
+    Owned(Vec<FFI_ArrowSchema>),
+}
+
+impl ExportedArguments<'_> {
+    /// The schemas, one per argument: valid while `self` is neither moved nor dropped.
+    pub(in crate::ffi) fn schemas(&self) -> *const FFI_ArrowSchema {
+        match &self.schemas {
+            Schemas::Cached(schemas) => *schemas,
+            // `ManuallyDrop` is `repr(transparent)`: the same layout as the schemas.
+            Schemas::Copies(copies) => copies.as_slice().as_ptr().cast(),
+            Schemas::Owned(owned) => owned.as_ptr(),
+        }
+    }
+}
+
 /// The message of a caught panic.
 pub(super) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
@@ -184,7 +243,7 @@ pub(super) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// A value that fills a slot before it is written: a released (empty) struct, or zero.
-trait Empty {
+pub(in crate::ffi) trait Empty {
     const EMPTY: Self;
 }
 
@@ -225,7 +284,7 @@ impl Empty for ManuallyDrop<FFI_ArrowSchema> {
 
 /// Up to [`INLINE_ARGS`] values on the stack, more on the heap: the per-call argument structs,
 /// without an allocation for the usual argument counts.
-enum Slots<T> {
+pub(in crate::ffi) enum Slots<T> {
     Inline([T; INLINE_ARGS], usize),
     Heap(Vec<T>),
 }
@@ -240,14 +299,14 @@ impl<T: Empty> Slots<T> {
         }
     }
 
-    fn as_slice(&self) -> &[T] {
+    pub(in crate::ffi) fn as_slice(&self) -> &[T] {
         match self {
             Slots::Inline(values, len) => &values[..*len],
             Slots::Heap(values) => values,
         }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [T] {
+    pub(in crate::ffi) fn as_mut_slice(&mut self) -> &mut [T] {
         match self {
             Slots::Inline(values, len) => &mut values[..*len],
             Slots::Heap(values) => values,

@@ -132,7 +132,7 @@ fn check_status(
 }
 
 /// Takes ownership of v2 bytes, to be released through `release` of `library`.
-fn take_v2_bytes(
+pub(in crate::ffi) fn take_v2_bytes(
     bytes: UdfOwnedBytes,
     release: ReleaseBytes,
     library: &Arc<PluginLibrary>,

@@ -1,0 +1,224 @@
+//! Asynchronous plugin functions (ABI 2.3) in DataFusion: a [`PluginUdf`] whose function is
+//! asynchronous is registered through DataFusion's async UDF machinery (`AsyncScalarUDF`,
+//! planned into `AsyncFuncExec` for projections and filters), and evaluates a batch as calls of
+//! at most `chunk_rows` rows, at most `max_in_flight` of them started and not completed at once
+//! for the function (across queries and partitions), each within the call's time limit, results
+//! assembled in row order.
+
+#![forbid(unsafe_code)]
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{Array, ArrayRef};
+use datafusion::arrow::compute::concat;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::logical_expr::async_udf::{AsyncScalarUDF, AsyncScalarUDFImpl};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Volatility,
+};
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::Semaphore;
+
+use crate::ffi::async_fn::{AsyncDefaults, DEFAULT_CHUNK_ROWS, DEFAULT_MAX_IN_FLIGHT};
+use crate::udf::PluginUdf;
+
+/// The host's default time limit for one asynchronous call.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the host runs an asynchronous function's calls.
+#[derive(Debug, Clone)]
+pub struct AsyncLimits {
+    /// The most calls started and not completed at once, for this function.
+    pub max_in_flight: usize,
+    /// The most rows per call.
+    pub chunk_rows: usize,
+    /// The time limit of one call; past it the query fails and the plugin is asked to cancel.
+    pub call_timeout: Duration,
+    /// `max_in_flight` permits, shared by every query and partition using the function.
+    pub(crate) permits: Arc<Semaphore>,
+}
+
+impl AsyncLimits {
+    /// The library's defaults where it declares them, else the host's.
+    pub fn from_defaults(defaults: AsyncDefaults) -> AsyncLimits {
+        let or = |v: u32, d: usize| if v == 0 { d } else { v as usize };
+        AsyncLimits::new(
+            or(defaults.max_in_flight, DEFAULT_MAX_IN_FLIGHT),
+            or(defaults.chunk_rows, DEFAULT_CHUNK_ROWS),
+            DEFAULT_CALL_TIMEOUT,
+        )
+    }
+
+    /// Limits with these values (each at least 1).
+    pub fn new(max_in_flight: usize, chunk_rows: usize, call_timeout: Duration) -> AsyncLimits {
+        let max_in_flight = max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+        AsyncLimits {
+            max_in_flight,
+            chunk_rows: chunk_rows.max(1),
+            call_timeout,
+            permits: Arc::new(Semaphore::new(max_in_flight)),
+        }
+    }
+}
+
+#[async_trait]
+impl AsyncScalarUDFImpl for PluginUdf {
+    fn ideal_batch_size(&self) -> Option<usize> {
+        None
+    }
+
+    async fn invoke_async_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let Some(limits) = self.async_limits() else {
+            return Err(DataFusionError::Internal(format!(
+                "{} is not an asynchronous function",
+                self.sql_name()
+            )));
+        };
+        if self.worker_pool().is_some() {
+            return Err(DataFusionError::NotImplemented(format!(
+                "plugin function {} ({}): asynchronous functions do not run isolated yet",
+                self.sql_name(),
+                self.function().library().path().display()
+            )));
+        }
+        let all_scalar = args
+            .args
+            .iter()
+            .all(|a| matches!(a, ColumnarValue::Scalar(_)))
+            && self.volatility() != Volatility::Volatile;
+        let rows = if all_scalar { 1 } else { args.number_rows };
+        // Asynchronous calls get whole columns: constants expanded, so that every chunk is a
+        // slice of the same arrays.
+        let arrays = self.argument_arrays(&args.args, rows, true)?;
+        let chunks: Vec<(usize, usize)> = (0..rows)
+            .step_by(limits.chunk_rows)
+            .map(|start| (start, limits.chunk_rows.min(rows - start)))
+            .collect();
+        let results: Vec<ArrayRef> = futures::stream::iter(chunks)
+            .map(|(offset, len)| {
+                let arrays = &arrays;
+                let limits = &limits;
+                async move { self.call_chunk(arrays, offset, len, limits).await }
+            })
+            .buffered(limits.max_in_flight)
+            .try_collect()
+            .await?;
+        let array = match results.as_slice() {
+            [] => self.empty_result()?,
+            [one] => Arc::clone(one),
+            many => {
+                let parts: Vec<&dyn Array> = many.iter().map(|a| a.as_ref()).collect();
+                concat(&parts)?
+            }
+        };
+        self.result_value(array, all_scalar)
+    }
+}
+
+impl PluginUdf {
+    /// One call over rows `offset..offset + len`, within the in-flight limit and the time limit.
+    async fn call_chunk(
+        &self,
+        arrays: &[(ArrayRef, bool)],
+        offset: usize,
+        len: usize,
+        limits: &AsyncLimits,
+    ) -> Result<ArrayRef> {
+        let chunk: Vec<(ArrayRef, bool)> = arrays
+            .iter()
+            .map(|(a, scalar)| (a.slice(offset, len), *scalar))
+            .collect();
+        let _permit = limits
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| DataFusionError::Internal(format!("in-flight limit: {e}")))?;
+        let function = self.function();
+        let pending = function
+            .start_async(&chunk, len)
+            .map_err(|e| self.call_error_at(e, offset, len))?;
+        match tokio::time::timeout(limits.call_timeout, pending.finish(function, &chunk, len)).await
+        {
+            Ok(result) => result.map_err(|e| self.call_error_at(e, offset, len)),
+            // Dropping the pending call asks the plugin to cancel it.
+            Err(_) => Err(DataFusionError::Execution(format!(
+                "plugin function {} ({}): rows {}..{} did not complete within the call's time \
+                 limit of {} ms",
+                self.sql_name(),
+                function.library().path().display(),
+                offset,
+                offset + len,
+                limits.call_timeout.as_millis()
+            ))),
+        }
+    }
+
+    fn call_error_at(
+        &self,
+        e: crate::error::CallError,
+        offset: usize,
+        len: usize,
+    ) -> DataFusionError {
+        DataFusionError::Execution(format!(
+            "plugin function {} ({}), rows {}..{}: {e}",
+            self.sql_name(),
+            self.function().library().path().display(),
+            offset,
+            offset + len
+        ))
+    }
+}
+
+/// The asynchronous plugin UDFs registered so far (weakly): DataFusion's `AsyncScalarUDF` does
+/// not give its inner UDF back, so `plugin_functions` and `EXPLAIN` find a plugin UDF behind it
+/// here, by the address of the signature it hands out (its inner UDF's own field).
+static ASYNC_UDFS: Mutex<Vec<Weak<PluginUdf>>> = Mutex::new(Vec::new());
+
+/// `udf` through DataFusion's async UDF machinery, remembered for [`plugin_udf_of`].
+pub(crate) fn async_scalar_udf(udf: PluginUdf) -> ScalarUDF {
+    let udf = Arc::new(udf);
+    let mut known = ASYNC_UDFS.lock().unwrap_or_else(|e| e.into_inner());
+    known.retain(|w| w.strong_count() > 0);
+    known.push(Arc::downgrade(&udf));
+    drop(known);
+    AsyncScalarUDF::new(udf).into_scalar_udf()
+}
+
+/// A plugin UDF behind a registered scalar UDF: itself, or the one inside DataFusion's wrapper
+/// of an asynchronous function.
+#[derive(Debug)]
+pub enum PluginUdfRef<'a> {
+    /// A synchronous plugin UDF.
+    Borrowed(&'a PluginUdf),
+    /// An asynchronous one.
+    Shared(Arc<PluginUdf>),
+}
+
+impl std::ops::Deref for PluginUdfRef<'_> {
+    type Target = PluginUdf;
+
+    fn deref(&self) -> &PluginUdf {
+        match self {
+            PluginUdfRef::Borrowed(udf) => udf,
+            PluginUdfRef::Shared(udf) => udf,
+        }
+    }
+}
+
+/// The plugin UDF `udf` is, if it is one (synchronous or asynchronous).
+pub fn plugin_udf_of(udf: &ScalarUDF) -> Option<PluginUdfRef<'_>> {
+    if let Some(plugin) = udf.inner().downcast_ref::<PluginUdf>() {
+        return Some(PluginUdfRef::Borrowed(plugin));
+    }
+    udf.inner().downcast_ref::<AsyncScalarUDF>()?;
+    let signature = udf.signature();
+    ASYNC_UDFS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(Weak::upgrade)
+        .find(|p| std::ptr::eq(ScalarUDFImpl::signature(p.as_ref()), signature))
+        .map(PluginUdfRef::Shared)
+}

@@ -1,0 +1,295 @@
+//! Asynchronous plugin functions (ABI 2.3), in-process: a C library (`tests/fixtures/c/
+//! async_ops.c`) whose functions compute on their own threads and complete from there. Observed
+//! at the plugin: how many calls were in flight, cancels received, result arrays released.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::array::{Array, Int64Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::datasource::MemTable;
+use datafusion::logical_expr::Volatility;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use udf_engine::{AsyncLimits, PluginLibrary, PluginUdf};
+use udf_tests::c_library;
+
+/// The calls of these tests share the library's counters: one test at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn library() -> Arc<PluginLibrary> {
+    PluginLibrary::load(c_library("async_ops", "async_ops.c", &[])).expect("load async_ops")
+}
+
+/// A one-partition session with `t(x)` = 0..rows, and every function of `library` registered
+/// (the asynchronous ones with `limits`, when given).
+fn session(library: &Arc<PluginLibrary>, rows: i64, limits: Option<AsyncLimits>) -> SessionContext {
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+    let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+    let x = Int64Array::from_iter_values(0..rows);
+    let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(x)]).unwrap();
+    let table = MemTable::try_new(schema, vec![vec![batch]]).unwrap();
+    ctx.register_table("t", Arc::new(table)).unwrap();
+    for (index, signature) in library.functions().iter().enumerate() {
+        let function = library.function(index).unwrap();
+        let mut udf = PluginUdf::new(&signature.name, function, Volatility::Volatile);
+        if let Some(limits) = &limits {
+            udf = udf.with_async_limits(limits.clone());
+        }
+        udf_engine::register_udf(&ctx, udf);
+    }
+    ctx
+}
+
+async fn column(ctx: &SessionContext, sql: &str) -> Result<Vec<i64>, String> {
+    let batches = ctx
+        .sql(sql)
+        .await
+        .map_err(|e| e.to_string())?
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(batches
+        .iter()
+        .flat_map(|b| {
+            let c = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            assert_eq!(c.null_count(), 0);
+            c.values().to_vec()
+        })
+        .collect())
+}
+
+async fn stat(ctx: &SessionContext, k: i64) -> i64 {
+    column(ctx, &format!("SELECT async_stats({k})"))
+        .await
+        .unwrap()[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_come_back_in_row_order_with_the_in_flight_limit_reached_not_passed() {
+    let _serial = SERIAL.lock().await;
+    let library = library();
+    assert!(
+        library
+            .function_named("slow_double")
+            .unwrap()
+            .async_defaults()
+            .is_some()
+    );
+    assert!(
+        library
+            .function_named("async_stats")
+            .unwrap()
+            .async_defaults()
+            .is_none()
+    );
+    for (limit, rows) in [(None, 300), (Some(8), 40)] {
+        let limits = limit.map(|n| AsyncLimits::new(n, 1, Duration::from_secs(30)));
+        let ctx = session(&library, rows, limits);
+        stat(&ctx, 1).await;
+        stat(&ctx, 5000 + 20).await; // every call waits 20 ms on its own thread
+        let got = column(&ctx, "SELECT slow_double(x) FROM t").await.unwrap();
+        let want: Vec<i64> = (0..rows).map(|x| 2 * x).collect();
+        assert_eq!(got, want, "results in row order");
+        let most = stat(&ctx, 0).await;
+        let expected = limit.unwrap_or(udf_engine::DEFAULT_MAX_IN_FLIGHT) as i64;
+        assert_eq!(
+            most, expected,
+            "calls in flight at most, and reaching, the limit"
+        );
+        assert_eq!(stat(&ctx, 2).await, 0, "no call left in flight");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_of_rows_per_call_keep_row_order() {
+    let _serial = SERIAL.lock().await;
+    let library = library();
+    let ctx = session(
+        &library,
+        1000,
+        Some(AsyncLimits::new(4, 37, Duration::from_secs(30))),
+    );
+    stat(&ctx, 5000).await;
+    let got = column(&ctx, "SELECT slow_double(x) FROM t WHERE x % 3 <> 1")
+        .await
+        .unwrap();
+    let want: Vec<i64> = (0..1000).filter(|x| x % 3 != 1).map(|x| 2 * x).collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_the_function_the_library_and_the_rows_and_the_session_goes_on() {
+    let _serial = SERIAL.lock().await;
+    let library = library();
+    let ctx = session(&library, 3, None);
+    stat(&ctx, 5000).await;
+    let path = library.path().display().to_string();
+    for (function, says) in [
+        ("fail_rows", "lookup failed for 0"),
+        ("start_refuses", "start_refuses: no capacity"),
+        ("wrong_length", "the result has 2 rows, 1 expected"),
+    ] {
+        let e = column(&ctx, &format!("SELECT {function}(x) FROM t"))
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains(&format!("plugin function {function}")) && e.contains(&path),
+            "{e}"
+        );
+        assert!(e.contains("rows 0..1"), "{e}");
+        assert!(e.contains(says), "{function}: {e}");
+        let ok = column(&ctx, "SELECT slow_double(x) FROM t").await.unwrap();
+        assert_eq!(ok, [0, 2, 4]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_never_completes_fails_at_its_time_limit_and_is_cancelled() {
+    let _serial = SERIAL.lock().await;
+    let library = library();
+    let ctx = session(
+        &library,
+        5,
+        Some(AsyncLimits::new(64, 1, Duration::from_millis(200))),
+    );
+    stat(&ctx, 1).await;
+    let e = column(&ctx, "SELECT never_complete(x) FROM t")
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("plugin function never_complete") && e.contains("time limit of 200 ms"),
+        "{e}"
+    );
+    // The plugin heard of it: it was cancelled, and completed the call then.
+    assert!(stat(&ctx, 3).await >= 1, "a cancel reached the plugin");
+    assert_eq!(stat(&ctx, 2).await, 0, "the plugin holds no call any more");
+    assert_eq!(
+        udf_engine::outstanding_calls(),
+        0,
+        "the host holds no call any more"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_completion_is_released_unread() {
+    let _serial = SERIAL.lock().await;
+    let library = library();
+    let ctx = session(&library, 10, None);
+    stat(&ctx, 5000).await;
+    stat(&ctx, 1).await;
+    let stray = udf_engine::stray_completions();
+    let got = column(&ctx, "SELECT complete_twice(x) FROM t")
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        (0..10).map(|x| 2 * x).collect::<Vec<_>>(),
+        "the first completion counts"
+    );
+    // Each call completed twice; the second completions may still be arriving.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while udf_engine::stray_completions() < stray + 10 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(udf_engine::stray_completions() >= stray + 10);
+    // Every array the plugin handed over was released: the 10 second ones unread, the 10 first
+    // ones once the query's result was dropped.
+    assert_eq!(stat(&ctx, 4).await, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unload_hook_runs_when_the_library_is_dropped_after_its_calls() {
+    let _serial = SERIAL.lock().await;
+    let marker =
+        udf_tests::fixture_dir().join(format!("async_unload_{}.marker", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let path = c_library(
+        "async_ops_marked",
+        "async_ops.c",
+        &[&format!("UNLOAD_MARKER=\"{}\"", marker.display())],
+    );
+    // Several rounds: the last reference to the library must be dropped on a host thread, never
+    // inside a completion on the plugin's thread (where the unload hook would wait for itself).
+    for round in 0..5 {
+        let _ = std::fs::remove_file(&marker);
+        {
+            let library = PluginLibrary::load(&path).unwrap();
+            let ctx = session(&library, 20, None);
+            stat(&ctx, 5000 + round).await;
+            let got = column(&ctx, "SELECT slow_double(x) FROM t").await.unwrap();
+            assert_eq!(got.len(), 20);
+            assert!(!marker.exists(), "not unloaded while in use");
+        }
+        assert!(
+            marker.exists(),
+            "round {round}: the unload hook ran when the library was dropped"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "unloaded\n");
+}
+
+/// Through the `udfsql` binary, as a user runs it: the library's functions loaded with
+/// `--plugin`, and one created with `CREATE FUNCTION` from a plugin directory; both answer in
+/// row order, in a filter too, and an error leaves the session running.
+#[test]
+fn the_shell_loads_and_creates_asynchronous_functions() {
+    let library = c_library("async_ops", "async_ops.c", &[]);
+    let dir = tempfile::Builder::new()
+        .prefix("async-")
+        .tempdir_in(udf_tests::fixture_dir())
+        .unwrap();
+    udf_tests::set_mode(dir.path(), 0o755);
+    let copy = dir.path().join("libasync_ops.so");
+    std::fs::copy(&library, &copy).unwrap();
+    udf_tests::set_mode(&copy, 0o755);
+    let out = std::process::Command::new(udf_tests::udfsql())
+        .arg("--plugin")
+        .arg(&library)
+        .arg("--plugin-dir")
+        .arg(dir.path())
+        .args(["--format", "csv"])
+        .args([
+            "-c",
+            "SELECT slow_double(v) AS d FROM (VALUES (1), (2), (3)) AS t(v)",
+        ])
+        .args(["-c", "SELECT fail_rows(v) FROM (VALUES (7)) AS t(v)"])
+        .args([
+            "-c",
+            "CREATE FUNCTION twice_later(BIGINT) RETURNS BIGINT LANGUAGE plugin \
+             AS 'libasync_ops.so#slow_double'",
+        ])
+        .args([
+            "-c",
+            "SELECT v, twice_later(v) AS d FROM (VALUES (5), (6), (7)) AS t(v) \
+             WHERE twice_later(v) > 10 ORDER BY v",
+        ])
+        .args([
+            "-c",
+            "SELECT name, call_path FROM plugin_functions \
+             WHERE name IN ('slow_double', 'twice_later', 'async_stats') ORDER BY name",
+        ])
+        .args([
+            "-c",
+            "EXPLAIN SELECT twice_later(v) FROM (VALUES (1)) AS t(v)",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("name,call_path\nasync_stats,row\nslow_double,async\ntwice_later,async\n"),
+        "asynchronous functions are listed: {stdout}"
+    );
+    assert!(
+        stdout.contains("twice_later: async path, libasync_ops.so (ABI v2.3)"),
+        "EXPLAIN names the asynchronous path: {stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("d\n2\n4\n6\n"), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("plugin function fail_rows") && stderr.contains("lookup failed for 7"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("v,d\n6,12\n7,14\n"), "{stdout}\n{stderr}");
+}
