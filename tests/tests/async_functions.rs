@@ -87,7 +87,9 @@ async fn results_come_back_in_row_order_with_the_in_flight_limit_reached_not_pas
         let limits = limit.map(|n| AsyncLimits::new(n, 1, Duration::from_secs(30)));
         let ctx = session(&library, rows, limits);
         stat(&ctx, 1).await;
-        stat(&ctx, 5000 + 20).await; // every call waits 20 ms on its own thread
+        // Every call waits 100 ms on its own thread: far longer than starting the calls of one
+        // wave takes, also on a loaded machine, so that the limit is reached.
+        stat(&ctx, 5000 + 100).await;
         let got = column(&ctx, "SELECT slow_double(x) FROM t").await.unwrap();
         let want: Vec<i64> = (0..rows).map(|x| 2 * x).collect();
         assert_eq!(got, want, "results in row order");
