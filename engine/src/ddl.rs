@@ -301,7 +301,26 @@ impl Prepared {
             isolated = pool.is_some(),
             "CREATE FUNCTION from plugin library"
         );
-        let udf = PluginUdf::new(name, function, volatility);
+        let mut udf = PluginUdf::new(name.clone(), function, volatility);
+        if target.max_in_flight.is_some()
+            || target.chunk_rows.is_some()
+            || target.call_timeout.is_some()
+        {
+            let Some(limits) = udf.async_limits().cloned() else {
+                return Err(DdlError::BadTarget {
+                    function: name,
+                    target: stmt_target(stmt),
+                    reason: "max_in_flight, chunk_rows and call_timeout apply to asynchronous \
+                             functions only, and this function is synchronous"
+                        .to_string(),
+                });
+            };
+            udf = udf.with_async_limits(crate::AsyncLimits::new(
+                target.max_in_flight.unwrap_or(limits.max_in_flight),
+                target.chunk_rows.unwrap_or(limits.chunk_rows),
+                target.call_timeout.unwrap_or(limits.call_timeout),
+            ));
+        }
         Ok(match pool {
             Some(pool) => udf.with_worker_pool(pool),
             None => udf,
@@ -323,6 +342,47 @@ pub struct LibraryTarget {
     pub sha256: Option<Sha256Digest>,
     /// `#isolation=process` (`Some(true)`) or `#isolation=none` (`Some(false)`), if given.
     pub isolate: Option<bool>,
+    /// `#max_in_flight=N` (asynchronous functions): the most calls started and not completed.
+    pub max_in_flight: Option<usize>,
+    /// `#chunk_rows=N` (asynchronous functions): the most rows per call.
+    pub chunk_rows: Option<usize>,
+    /// `#call_timeout=250ms` or `=30s` (asynchronous functions): the time limit of one call.
+    pub call_timeout: Option<std::time::Duration>,
+}
+
+/// The most calls in flight `#max_in_flight=` accepts.
+const MAX_IN_FLIGHT_OPTION: usize = 65_536;
+/// The most rows per call `#chunk_rows=` accepts.
+const MAX_CHUNK_ROWS_OPTION: usize = 1 << 20;
+/// The longest `#call_timeout=`: a day.
+const MAX_CALL_TIMEOUT_OPTION: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// A count option between 1 and `max`.
+fn count_option(key: &str, value: &str, max: usize) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{key}={value}: expected a whole number from 1 to {max}"
+        )),
+    }
+}
+
+/// `250ms` or `30s`, from 1 ms to a day.
+fn duration_option(key: &str, value: &str) -> Result<std::time::Duration, String> {
+    let lower = value.to_ascii_lowercase();
+    let parsed = if let Some(ms) = lower.strip_suffix("ms") {
+        ms.parse::<u64>().ok().map(std::time::Duration::from_millis)
+    } else if let Some(secs) = lower.strip_suffix('s') {
+        secs.parse::<u64>().ok().map(std::time::Duration::from_secs)
+    } else {
+        None
+    };
+    match parsed {
+        Some(d) if !d.is_zero() && d <= MAX_CALL_TIMEOUT_OPTION => Ok(d),
+        _ => Err(format!(
+            "{key}={value}: expected a time from 1ms to 86400s, with its unit (250ms, 30s)"
+        )),
+    }
 }
 
 impl LibraryTarget {
@@ -339,6 +399,9 @@ impl LibraryTarget {
             function: None,
             sha256: None,
             isolate: None,
+            max_in_flight: None,
+            chunk_rows: None,
+            call_timeout: None,
         };
         for part in parts {
             if let Some((key, value)) = part.split_once('=') {
@@ -357,10 +420,31 @@ impl LibraryTarget {
                     });
                     continue;
                 }
+                let twice = |k: &str| Err(format!("{k} is given twice"));
+                match key.to_ascii_lowercase().as_str() {
+                    "max_in_flight" if target.max_in_flight.is_some() => return twice(key),
+                    "max_in_flight" => {
+                        target.max_in_flight =
+                            Some(count_option(key, value, MAX_IN_FLIGHT_OPTION)?);
+                        continue;
+                    }
+                    "chunk_rows" if target.chunk_rows.is_some() => return twice(key),
+                    "chunk_rows" => {
+                        target.chunk_rows = Some(count_option(key, value, MAX_CHUNK_ROWS_OPTION)?);
+                        continue;
+                    }
+                    "call_timeout" if target.call_timeout.is_some() => return twice(key),
+                    "call_timeout" => {
+                        target.call_timeout = Some(duration_option(key, value)?);
+                        continue;
+                    }
+                    _ => {}
+                }
                 if !key.eq_ignore_ascii_case("sha256") {
                     return Err(format!(
-                        "unknown option '{key}' (after '#' come a function name, sha256=<digest> \
-                         and isolation=process|none)"
+                        "unknown option '{key}' (after '#' come a function name, sha256=<digest>, \
+                         isolation=process|none, and for asynchronous functions max_in_flight=N, \
+                         chunk_rows=N and call_timeout=250ms|30s)"
                     ));
                 }
                 if target.sha256.is_some() {
@@ -376,6 +460,19 @@ impl LibraryTarget {
             }
         }
         Ok(target)
+    }
+}
+
+/// The text of `AS '...'` in `stmt`, for error messages.
+fn stmt_target(stmt: &CreateFunction) -> String {
+    match &stmt.params.function_body {
+        Some(Expr::Literal(
+            ScalarValue::Utf8(Some(p))
+            | ScalarValue::LargeUtf8(Some(p))
+            | ScalarValue::Utf8View(Some(p)),
+            _,
+        )) => p.clone(),
+        _ => String::new(),
     }
 }
 
@@ -596,6 +693,21 @@ mod tests {
     const HEX: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
 
     #[test]
+    fn asynchronous_options_parse_with_units_and_bounds() {
+        let t = LibraryTarget::parse(
+            "lib.so#call_timeout=250ms#f#MAX_IN_FLIGHT=256#chunk_rows=8#isolation=none",
+        )
+        .unwrap();
+        assert_eq!(t.function.as_deref(), Some("f"));
+        assert_eq!(t.max_in_flight, Some(256));
+        assert_eq!(t.chunk_rows, Some(8));
+        assert_eq!(t.call_timeout, Some(std::time::Duration::from_millis(250)));
+        let t = LibraryTarget::parse("lib.so#call_timeout=30s").unwrap();
+        assert_eq!(t.call_timeout, Some(std::time::Duration::from_secs(30)));
+        assert_eq!(t.max_in_flight, None);
+    }
+
+    #[test]
     fn targets_parse_in_any_order() {
         let t = LibraryTarget::parse("lib.so").unwrap();
         assert_eq!(
@@ -629,6 +741,22 @@ mod tests {
             (
                 format!("lib.so#sha256={HEX}#sha256={HEX}"),
                 "sha256 is given twice",
+            ),
+            ("lib.so#max_in_flight=0".to_string(), "from 1 to 65536"),
+            ("lib.so#max_in_flight=65537".to_string(), "from 1 to 65536"),
+            (
+                "lib.so#chunk_rows=x".to_string(),
+                "chunk_rows=x: expected a whole number",
+            ),
+            ("lib.so#call_timeout=30".to_string(), "with its unit"),
+            ("lib.so#call_timeout=0ms".to_string(), "from 1ms to 86400s"),
+            (
+                "lib.so#call_timeout=86401s".to_string(),
+                "from 1ms to 86400s",
+            ),
+            (
+                "lib.so#max_in_flight=2#max_in_flight=3".to_string(),
+                "max_in_flight is given twice",
             ),
         ] {
             let e = LibraryTarget::parse(&text).unwrap_err();

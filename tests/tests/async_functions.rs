@@ -275,6 +275,18 @@ fn the_shell_loads_and_creates_asynchronous_functions() {
             "-c",
             "EXPLAIN SELECT twice_later(v) FROM (VALUES (1)) AS t(v)",
         ])
+        .args([
+            "-c",
+            "CREATE FUNCTION stuck(BIGINT) RETURNS BIGINT LANGUAGE plugin \
+             AS 'libasync_ops.so#never_complete#call_timeout=300ms#max_in_flight=2#chunk_rows=4'",
+        ])
+        .args(["-c", "SELECT stuck(v) FROM (VALUES (1), (2)) AS t(v)"])
+        .args([
+            "-c",
+            "CREATE FUNCTION stats_limited(BIGINT) RETURNS BIGINT LANGUAGE plugin \
+             AS 'libasync_ops.so#async_stats#max_in_flight=2'",
+        ])
+        .args(["-c", "SELECT 'after' AS s"])
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
@@ -294,4 +306,16 @@ fn the_shell_loads_and_creates_asynchronous_functions() {
         "{stderr}"
     );
     assert!(stdout.contains("v,d\n6,12\n7,14\n"), "{stdout}\n{stderr}");
+    // Limits from SQL: the call time limit of `#call_timeout=` applies.
+    assert!(
+        stderr.contains("plugin function stuck") && stderr.contains("time limit of 300 ms"),
+        "{stderr}"
+    );
+    // Async options on a synchronous function are refused, naming them; the session goes on.
+    assert!(
+        stderr.contains("CREATE FUNCTION stats_limited")
+            && stderr.contains("apply to asynchronous functions only"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("s\nafter\n"), "{stdout}");
 }
