@@ -26,6 +26,12 @@ use crate::udf::PluginUdf;
 
 /// The host's default time limit for one asynchronous call.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most calls in flight a function may have, whoever asks (the library, SQL, the API).
+pub const MAX_IN_FLIGHT: usize = 65_536;
+/// The most rows per call, whoever asks.
+pub const MAX_CHUNK_ROWS: usize = 1 << 20;
+/// The longest call time limit, whoever asks: a day.
+pub const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(86_400);
 
 /// How the host runs an asynchronous function's calls.
 #[derive(Debug, Clone)]
@@ -51,13 +57,15 @@ impl AsyncLimits {
         )
     }
 
-    /// Limits with these values (each at least 1).
+    /// Limits with these values, each brought within 1 ..= [`MAX_IN_FLIGHT`],
+    /// [`MAX_CHUNK_ROWS`] and 1 ms ..= [`MAX_CALL_TIMEOUT`] (a library's manifest may say any
+    /// `u32`).
     pub fn new(max_in_flight: usize, chunk_rows: usize, call_timeout: Duration) -> AsyncLimits {
-        let max_in_flight = max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+        let max_in_flight = max_in_flight.clamp(1, MAX_IN_FLIGHT);
         AsyncLimits {
             max_in_flight,
-            chunk_rows: chunk_rows.max(1),
-            call_timeout,
+            chunk_rows: chunk_rows.clamp(1, MAX_CHUNK_ROWS),
+            call_timeout: call_timeout.clamp(Duration::from_millis(1), MAX_CALL_TIMEOUT),
             permits: Arc::new(Semaphore::new(max_in_flight)),
         }
     }

@@ -350,13 +350,6 @@ pub struct LibraryTarget {
     pub call_timeout: Option<std::time::Duration>,
 }
 
-/// The most calls in flight `#max_in_flight=` accepts.
-const MAX_IN_FLIGHT_OPTION: usize = 65_536;
-/// The most rows per call `#chunk_rows=` accepts.
-const MAX_CHUNK_ROWS_OPTION: usize = 1 << 20;
-/// The longest `#call_timeout=`: a day.
-const MAX_CALL_TIMEOUT_OPTION: std::time::Duration = std::time::Duration::from_secs(86_400);
-
 /// A count option between 1 and `max`.
 fn count_option(key: &str, value: &str, max: usize) -> Result<usize, String> {
     match value.parse::<usize>() {
@@ -378,7 +371,7 @@ fn duration_option(key: &str, value: &str) -> Result<std::time::Duration, String
         None
     };
     match parsed {
-        Some(d) if !d.is_zero() && d <= MAX_CALL_TIMEOUT_OPTION => Ok(d),
+        Some(d) if !d.is_zero() && d <= crate::async_udf::MAX_CALL_TIMEOUT => Ok(d),
         _ => Err(format!(
             "{key}={value}: expected a time from 1ms to 86400s, with its unit (250ms, 30s)"
         )),
@@ -425,12 +418,13 @@ impl LibraryTarget {
                     "max_in_flight" if target.max_in_flight.is_some() => return twice(key),
                     "max_in_flight" => {
                         target.max_in_flight =
-                            Some(count_option(key, value, MAX_IN_FLIGHT_OPTION)?);
+                            Some(count_option(key, value, crate::async_udf::MAX_IN_FLIGHT)?);
                         continue;
                     }
                     "chunk_rows" if target.chunk_rows.is_some() => return twice(key),
                     "chunk_rows" => {
-                        target.chunk_rows = Some(count_option(key, value, MAX_CHUNK_ROWS_OPTION)?);
+                        target.chunk_rows =
+                            Some(count_option(key, value, crate::async_udf::MAX_CHUNK_ROWS)?);
                         continue;
                     }
                     "call_timeout" if target.call_timeout.is_some() => return twice(key),

@@ -36,7 +36,10 @@ mod trust;
 pub mod types;
 mod udf;
 
-pub use async_udf::{AsyncLimits, DEFAULT_CALL_TIMEOUT, PluginUdfRef, plugin_udf_of};
+pub use async_udf::{
+    AsyncLimits, DEFAULT_CALL_TIMEOUT, MAX_CALL_TIMEOUT, MAX_CHUNK_ROWS, MAX_IN_FLIGHT,
+    PluginUdfRef, plugin_udf_of,
+};
 pub use call_path::CallPath;
 pub use catalog::{
     PluginFunctionInfo, PluginFunctionsTable, plugin_functions, plugin_functions_of,

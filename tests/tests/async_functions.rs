@@ -319,3 +319,36 @@ fn the_shell_loads_and_creates_asynchronous_functions() {
     );
     assert!(stdout.contains("s\nafter\n"), "{stdout}");
 }
+
+/// NULLs on the asynchronous path follow the STRICT rule as on the batch path: a row whose
+/// argument (declared not to take NULL) is NULL is NULL, whatever the plugin computed there;
+/// the other rows are computed, in chunks that are slices of the column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn null_arguments_give_null_rows_in_every_chunk() {
+    let _serial = SERIAL.lock().await;
+    let library = library();
+    for chunk in [1, 3, 64] {
+        let ctx = session(
+            &library,
+            10,
+            Some(AsyncLimits::new(4, chunk, Duration::from_secs(30))),
+        );
+        stat(&ctx, 5000).await;
+        let batches = ctx
+            .sql("SELECT slow_double(CASE WHEN x % 2 = 0 THEN x END) AS d FROM t")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let got: Vec<Option<i64>> = batches
+            .iter()
+            .flat_map(|b| {
+                let c = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                c.iter().collect::<Vec<_>>()
+            })
+            .collect();
+        let want: Vec<Option<i64>> = (0..10).map(|x| (x % 2 == 0).then_some(2 * x)).collect();
+        assert_eq!(got, want, "chunks of {chunk} rows");
+    }
+}

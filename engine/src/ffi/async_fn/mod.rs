@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 use udf_abi::v2::{self, ReleaseBytes, UdfCompletion, UdfOwnedBytes};
 
 use super::library::{AsyncEntrypoints, Entrypoints, PluginLibrary};
-use super::scalar::{PluginFunction, take_v2_bytes};
+use super::scalar::{PluginFunction, check_status, take_v2_bytes};
 use crate::error::CallError;
 
 /// The host's default for an asynchronous function's calls in flight.
@@ -320,16 +320,10 @@ impl PluginFunction {
             });
         }
         // Not started: the plugin must not complete it; a completion that comes anyway is a
-        // stray one.
+        // stray one. The status and message read as a batch call's are.
         CALLS.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-        let message = (!error.ptr.is_null() || error.len > 0)
-            .then(|| take_v2_bytes(error, release, &library))
-            .transpose()?
-            .map(|b| String::from_utf8_lossy(b.as_bytes()).into_owned());
-        Err(match (status, message) {
-            (v2::status::ERROR, Some(message)) => CallError::Plugin(message),
-            (v2::status::ERROR, None) => CallError::NullErrorMessage,
-            (other, _) => CallError::InvalidStatus(other),
-        })
+        Err(check_status(status, error, release, &library)
+            .err()
+            .unwrap_or_else(|| CallError::HostBug("a start that failed with status OK".into())))
     }
 }

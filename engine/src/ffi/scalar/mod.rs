@@ -110,7 +110,7 @@ unsafe fn take_v1_string(ptr: *const c_char) -> Result<PluginBytes, CallError> {
 
 /// Reads a v2 entrypoint's status and error message: `Ok` for OK (a message beside it is released
 /// and ignored), the plugin's message for ERROR, and an error for any other status.
-fn check_status(
+pub(in crate::ffi) fn check_status(
     status: i32,
     error: UdfOwnedBytes,
     release: ReleaseBytes,
