@@ -33,6 +33,10 @@ pub const MAX_CHUNK_ROWS: usize = 1 << 20;
 /// The longest call time limit, whoever asks: a day.
 pub const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(86_400);
 
+/// How many chunk futures of one batch exist at once, per call in flight: completed calls wait
+/// in this window for the calls before them (results are assembled in row order).
+const ORDER_WINDOW: usize = 4;
+
 /// How the host runs an asynchronous function's calls.
 #[derive(Debug, Clone)]
 pub struct AsyncLimits {
@@ -110,7 +114,10 @@ impl AsyncScalarUDFImpl for PluginUdf {
                 let limits = &limits;
                 async move { self.call_chunk(arrays, offset, len, limits).await }
             })
-            .buffered(limits.max_in_flight)
+            // The permits bound the calls in flight; the window of chunk futures is wider, so
+            // that calls that completed early (waiting for the ones before them, to keep row
+            // order) do not keep the next calls from starting.
+            .buffered(limits.max_in_flight.saturating_mul(ORDER_WINDOW))
             .try_collect()
             .await?;
         let array = match results.as_slice() {

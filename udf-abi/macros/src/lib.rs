@@ -47,6 +47,44 @@ struct Options {
     vectorized: bool,
     /// `returns = "..."`: the result's Arrow type string (vectorised functions).
     returns: Option<syn::LitStr>,
+    /// `async`: an asynchronous function (`async fn`).
+    is_async: bool,
+    /// `max_in_flight = N`: the calls in flight an asynchronous function asks for (0: the
+    /// host's default).
+    max_in_flight: u32,
+    /// `chunk_rows = N`: the rows per call an asynchronous function asks for (0: the host's).
+    chunk_rows: u32,
+}
+
+/// Takes the `async` keyword out of the attribute's comma-separated list (it is not a path, so
+/// `syn::Meta` cannot parse it); whether it was there.
+fn take_async(attr: TokenStream2) -> (TokenStream2, bool) {
+    let mut segments: Vec<Vec<proc_macro2::TokenTree>> = vec![Vec::new()];
+    for token in attr {
+        match &token {
+            proc_macro2::TokenTree::Punct(p) if p.as_char() == ',' => segments.push(Vec::new()),
+            _ => segments
+                .last_mut()
+                .expect("one segment at least")
+                .push(token),
+        }
+    }
+    let mut is_async = false;
+    let mut rest = TokenStream2::new();
+    for segment in segments {
+        if matches!(segment.as_slice(), [proc_macro2::TokenTree::Ident(i)] if i == "async") {
+            is_async = true;
+            continue;
+        }
+        if segment.is_empty() {
+            continue;
+        }
+        if !rest.is_empty() {
+            rest.extend(quote! { , });
+        }
+        rest.extend(segment);
+    }
+    (rest, is_async)
 }
 
 fn parse_options(attr: TokenStream2) -> Result<Options, Error> {
@@ -55,7 +93,12 @@ fn parse_options(attr: TokenStream2) -> Result<Options, Error> {
         volatility: 0,
         vectorized: false,
         returns: None,
+        is_async: false,
+        max_in_flight: 0,
+        chunk_rows: 0,
     };
+    let (attr, is_async) = take_async(attr);
+    options.is_async = is_async;
     let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(attr)?;
     for meta in metas {
         if let Meta::Path(path) = &meta
@@ -70,6 +113,21 @@ fn parse_options(attr: TokenStream2) -> Result<Options, Error> {
                 "expected `name = \"...\"` or `volatility = \"immutable\" | \"stable\" | \"volatile\"`",
             ));
         };
+        if nv.path.is_ident("max_in_flight") || nv.path.is_ident("chunk_rows") {
+            let Expr::Lit(ExprLit {
+                lit: Lit::Int(n), ..
+            }) = &nv.value
+            else {
+                return Err(Error::new_spanned(&nv.value, "expected a whole number"));
+            };
+            let n: u32 = n.base10_parse()?;
+            if nv.path.is_ident("max_in_flight") {
+                options.max_in_flight = n;
+            } else {
+                options.chunk_rows = n;
+            }
+            continue;
+        }
         let Expr::Lit(ExprLit {
             lit: Lit::Str(value),
             ..
@@ -106,10 +164,24 @@ fn parse_options(attr: TokenStream2) -> Result<Options, Error> {
         } else {
             return Err(Error::new_spanned(
                 &nv.path,
-                "unknown option: `#[udf]` takes `name`, `volatility`, `vectorized` and \
-                 `returns`",
+                "unknown option: `#[udf]` takes `name`, `volatility`, `vectorized`, `returns`, \
+                 and for `async` functions `max_in_flight` and `chunk_rows`",
             ));
         }
+    }
+    if !options.is_async && (options.max_in_flight != 0 || options.chunk_rows != 0) {
+        return Err(Error::new(
+            Span::call_site(),
+            "`max_in_flight` and `chunk_rows` are limits of asynchronous functions: add `async` \
+             (`#[udf(async, ...)]` on an `async fn`)",
+        ));
+    }
+    if options.is_async && options.vectorized {
+        return Err(Error::new(
+            Span::call_site(),
+            "`#[udf(async)]` functions are row by row (one future per row); `vectorized` is not \
+             supported with `async`",
+        ));
     }
     if options.returns.is_some() && !options.vectorized {
         return Err(Error::new(
@@ -150,7 +222,10 @@ fn c_string(value: &syn::LitStr) -> TokenStream2 {
 /// 64 arguments.
 fn check_signature(sig: &syn::Signature) -> Result<(), Error> {
     if let Some(t) = &sig.asyncness {
-        return Err(Error::new_spanned(t, "#[udf] functions cannot be async"));
+        return Err(Error::new_spanned(
+            t,
+            "an `async fn` needs `#[udf(async)]` (an asynchronous function)",
+        ));
     }
     if let Some(t) = &sig.unsafety {
         return Err(Error::new_spanned(t, "#[udf] functions cannot be unsafe"));
@@ -177,6 +252,172 @@ fn check_signature(sig: &syn::Signature) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+/// `#[udf(async)]`: an `async fn` over the tagged types, one future per row; the generated start
+/// entrypoint reads each row's arguments as the batch path does (NULL under the STRICT rule gives
+/// NULL without a call) and awaits the function.
+fn expand_async(options: Options, function: ItemFn) -> Result<TokenStream2, Error> {
+    let sig = &function.sig;
+    if sig.asyncness.is_none() {
+        return Err(Error::new_spanned(
+            sig.fn_token,
+            "`#[udf(async)]` goes on an `async fn`",
+        ));
+    }
+    let mut plain = sig.clone();
+    plain.asyncness = None;
+    check_signature(&plain)?;
+    let mut arg_types = Vec::new();
+    for input in &sig.inputs {
+        match input {
+            FnArg::Receiver(r) => {
+                return Err(Error::new_spanned(r, "#[udf] functions cannot take self"));
+            }
+            FnArg::Typed(pat) => {
+                if is_string_out(&pat.ty) {
+                    return Err(Error::new_spanned(
+                        &pat.ty,
+                        "`#[udf(async)]` functions return their result (an output parameter \
+                         `&mut String` cannot live across an await)",
+                    ));
+                }
+                check_nullable(&pat.ty, true).map_err(|e| {
+                    Error::new(
+                        e.span(),
+                        format!("{e} (`#[udf(async)]` takes the types of row-by-row `#[udf]`)"),
+                    )
+                })?;
+                arg_types.push((*pat.ty).clone());
+            }
+        }
+    }
+    let return_type: Type = match &sig.output {
+        ReturnType::Default => {
+            return Err(Error::new_spanned(
+                &sig.ident,
+                "#[udf] functions must return a value (a SQL function has a result)",
+            ));
+        }
+        ReturnType::Type(_, t) => {
+            check_return(t)?;
+            (**t).clone()
+        }
+    };
+    let ident = &sig.ident;
+    let sql_name = options.name.unwrap_or_else(|| ident.unraw().to_string());
+    let volatility = options.volatility;
+    let max_in_flight = options.max_in_flight;
+    let chunk_rows = options.chunk_rows;
+    let count = arg_types.len();
+    let static_types: Vec<Type> = arg_types
+        .iter()
+        .map(|t| {
+            let mut t = t.clone();
+            StaticLifetimes.visit_type_mut(&mut t);
+            t
+        })
+        .collect();
+    let mut static_return = return_type.clone();
+    StaticLifetimes.visit_type_mut(&mut static_return);
+    let names: Vec<_> = (0..count).map(|i| format_ident!("__udf_arg{i}")).collect();
+    let reads = arg_types
+        .iter()
+        .zip(&names)
+        .enumerate()
+        .map(|(i, (ty, name))| {
+            quote_spanned! {ty.span()=>
+                let ::std::option::Option::Some(#name) =
+                    <#ty as ::udf_abi::export::batch::BatchArg>::read(&__udf_cols[#i], __udf_row)
+                        .map_err(|e| ::udf_abi::export::argument_error(#i, e))?
+                else {
+                    return ::std::result::Result::Ok(::std::option::Option::None);
+                };
+            }
+        });
+    let start_entry = format_ident!("__udf_async_start_{}", ident);
+    let ret = quote! {
+        <<#static_return as ::udf_abi::export::IntoUdfResult>::Value
+            as ::udf_abi::export::UdfReturnType>
+    };
+    Ok(quote! {
+        #function
+
+        const _: () = {
+            const _: () = ::udf_abi::export::async_fn::require_async_feature::<()>();
+            static __UDF_ARG_TYPES: [u32; #count] =
+                [#(<#static_types as ::udf_abi::export::UdfArgType>::TYPE.tag()),*];
+            static __UDF_ARG_KINDS: [::udf_abi::v2::UdfType; #count] =
+                [#(<#static_types as ::udf_abi::export::UdfArgType>::TYPE),*];
+            static __UDF_ARG_NULLABLE: [u8; #count] =
+                [#(<#static_types as ::udf_abi::export::UdfArgType>::NULLABLE as u8),*];
+            static __UDF_BYTES_PER_ROW: ::udf_abi::export::batch::BytesPerRow =
+                ::udf_abi::export::batch::BytesPerRow::new(0);
+
+            #[allow(clippy::too_many_arguments)]
+            unsafe extern "C" fn #start_entry(
+                args: *mut ::udf_abi::v2::FFI_ArrowArray,
+                schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
+                is_scalar: *const u8,
+                args_len: usize,
+                num_rows: usize,
+                completion: ::udf_abi::v2::UdfCompletion,
+                call: u64,
+                error: *mut ::udf_abi::v2::UdfOwnedBytes,
+            ) -> i32 {
+                // SAFETY: the host calls this entrypoint with the guarantees of
+                // `udf_abi::export::async_fn::start`.
+                unsafe {
+                    ::udf_abi::export::async_fn::start(
+                        args,
+                        schemas,
+                        is_scalar,
+                        args_len,
+                        &__UDF_ARG_KINDS,
+                        #ret::TYPE,
+                        num_rows,
+                        completion,
+                        call,
+                        error,
+                        &__UDF_BYTES_PER_ROW,
+                        |__udf_cols: ::std::sync::Arc<
+                            ::std::vec::Vec<::udf_abi::export::batch::Column>,
+                        >,
+                         __udf_row: usize| async move {
+                            #(#reads)*
+                            ::std::result::Result::Ok::<_, ::std::string::String>(
+                                ::std::option::Option::Some(#ident(#(#names),*).await),
+                            )
+                        },
+                    )
+                }
+            }
+
+            #[::udf_abi::export::linkme::distributed_slice(::udf_abi::export::FUNCTIONS)]
+            #[linkme(crate = ::udf_abi::export::linkme)]
+            static __UDF_FUNCTION: ::udf_abi::export::ExportedFunction =
+                ::udf_abi::export::ExportedFunction::asynchronous(
+                    #sql_name,
+                    &__UDF_ARG_TYPES,
+                    &__UDF_ARG_NULLABLE,
+                    #ret::TYPE,
+                    #ret::NULLABLE,
+                    #volatility,
+                );
+
+            #[::udf_abi::export::linkme::distributed_slice(
+                ::udf_abi::export::async_fn::ASYNC_FUNCTIONS
+            )]
+            #[linkme(crate = ::udf_abi::export::linkme)]
+            static __UDF_ASYNC: ::udf_abi::export::async_fn::ExportedAsync =
+                ::udf_abi::export::async_fn::ExportedAsync::new(
+                    #sql_name,
+                    #start_entry,
+                    #max_in_flight,
+                    #chunk_rows,
+                );
+        };
+    })
 }
 
 /// `#[udf(vectorized)]`: a function over arrow-rs arrays. Each parameter is `&A` for an array type
@@ -931,6 +1172,9 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
     let function: ItemFn = syn::parse2(item)?;
     if options.vectorized {
         return expand_vectorized(options, function);
+    }
+    if options.is_async {
+        return expand_async(options, function);
     }
     // A type beyond the tagged ones (i8, u32, Decimal, Vec<T>, structs, ...): the function is
     // exported with Arrow types (ABI 2.2) and its row loop runs over Arrow columns.

@@ -22,6 +22,61 @@ static ARROW_TYPES_STORAGE: ArrowTypesStorage = ArrowTypesStorage(std::cell::Uns
     [NO_ARROW_TYPES; crate::MAX_FUNCTIONS],
 ));
 
+/// The manifest's `async_functions` array: static storage as `ARROW_TYPES_STORAGE`.
+struct AsyncStorage(std::cell::UnsafeCell<[UdfAsyncFunction; crate::MAX_FUNCTIONS]>);
+
+// SAFETY: as for `ArrowTypesStorage`: written once inside the manifest's `OnceLock`
+// initialisation, read only afterwards.
+unsafe impl Sync for AsyncStorage {}
+
+/// A synchronous function's entry.
+const SYNCHRONOUS: UdfAsyncFunction = UdfAsyncFunction {
+    start: None,
+    cancel: None,
+    max_in_flight: 0,
+    chunk_rows: 0,
+};
+
+static ASYNC_STORAGE: AsyncStorage = AsyncStorage(std::cell::UnsafeCell::new(
+    [SYNCHRONOUS; crate::MAX_FUNCTIONS],
+));
+
+/// The manifest's `async_functions` (null when no function is asynchronous), laid out parallel
+/// to [`FUNCTIONS`] from [`ASYNC_FUNCTIONS`](super::async_fn::ASYNC_FUNCTIONS).
+///
+/// # Safety
+///
+/// Only inside the manifest's `OnceLock` initialisation (the storage's one writer).
+unsafe fn async_functions() -> *const UdfAsyncFunction {
+    use super::async_fn::ASYNC_FUNCTIONS;
+    if ASYNC_FUNCTIONS.is_empty() {
+        return std::ptr::null();
+    }
+    // SAFETY: the caller's promise: nothing else reads or writes the storage now.
+    let storage = unsafe { &mut *ASYNC_STORAGE.0.get() };
+    for (slot, function) in storage.iter_mut().zip(FUNCTIONS.iter()) {
+        let name = name_bytes(function.0.name);
+        if let Some(entry) = ASYNC_FUNCTIONS.iter().find(|a| a.name.as_bytes() == name) {
+            *slot = entry.function;
+        }
+    }
+    ASYNC_STORAGE
+        .0
+        .get()
+        .cast::<UdfAsyncFunction>()
+        .cast_const()
+}
+
+/// The unload hook: the one that stops the runtime of `#[udf(async)]` functions, when the
+/// library has any.
+fn unload_hook() -> Option<crate::v2::UnloadHook> {
+    #[cfg(feature = "async")]
+    if !super::async_fn::ASYNC_FUNCTIONS.is_empty() {
+        return Some(super::async_fn::udfsql_unload);
+    }
+    None
+}
+
 /// Bytes for the type strings computed from Rust types, and the pointer arrays of their
 /// arguments: static storage, written once with the manifest (as `ARROW_TYPES_STORAGE`).
 pub const COMPUTED_BYTES: usize = 1 << 16;
@@ -206,9 +261,9 @@ pub extern "C" fn udfsql_manifest() -> *const UdfManifest {
             functions_len: FUNCTIONS.len(),
             release_bytes: Some(release_bytes),
             arrow_types,
-            // No asynchronous functions from `#[udf]` yet.
-            async_functions: std::ptr::null(),
-            unload: None,
+            // SAFETY: inside the `OnceLock` initialisation, the storage's one writer.
+            async_functions: unsafe { async_functions() },
+            unload: unload_hook(),
         })
     });
     &manifest.0

@@ -16,10 +16,11 @@ pub use linkme;
 
 use crate::v2::{
     BatchEntrypoint, Date, FFI_ArrowArray, FFI_ArrowSchema, RowEntrypoint, Timestamp,
-    UdfAbiVersion, UdfArrowTypes, UdfBytes, UdfFunction, UdfManifest, UdfOwnedBytes, UdfScalar,
-    UdfType, UdfValue, status,
+    UdfAbiVersion, UdfArrowTypes, UdfAsyncFunction, UdfBytes, UdfFunction, UdfManifest,
+    UdfOwnedBytes, UdfScalar, UdfType, UdfValue, status,
 };
 
+pub mod async_fn;
 pub mod manifest;
 pub mod scalar;
 

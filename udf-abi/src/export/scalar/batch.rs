@@ -22,7 +22,7 @@ use arrow_schema::{DataType, TimeUnit};
 
 use super::*;
 
-pub(super) const MISMATCH: &str = "result type does not match the output column";
+pub(crate) const MISMATCH: &str = "result type does not match the output column";
 
 /// One imported argument column, downcast once per batch (not per row); `scalar` columns
 /// have one row standing for all.
@@ -196,7 +196,7 @@ pub enum Output {
 }
 
 impl Output {
-    fn new(t: UdfType, rows: usize, bytes: usize) -> Output {
+    pub(crate) fn new(t: UdfType, rows: usize, bytes: usize) -> Output {
         match t {
             UdfType::Bool => Output::Bool(BooleanBuilder::with_capacity(rows)),
             UdfType::Int64 => Output::Int64(Int64Builder::with_capacity(rows)),
@@ -214,7 +214,7 @@ impl Output {
     }
 
     /// The bytes written so far to a string or binary output.
-    fn value_bytes(&self) -> Option<usize> {
+    pub(crate) fn value_bytes(&self) -> Option<usize> {
         match self {
             Output::Utf8(b) => Some(b.values_slice().len()),
             Output::Binary(b) => Some(b.values_slice().len()),
@@ -238,7 +238,7 @@ impl Output {
         }
     }
 
-    fn finish(self) -> ArrayRef {
+    pub(crate) fn finish(self) -> ArrayRef {
         match self {
             Output::Bool(mut b) => Arc::new(b.finish()),
             Output::Int64(mut b) => Arc::new(b.finish()),
@@ -525,7 +525,7 @@ pub(super) fn c_format(t: UdfType) -> &'static CStr {
 /// The Arrow type of `t` (`Timestamp` is microseconds in UTC). Built per call, not cached in a
 /// static: a plugin can be unloaded, and a `Timestamp`'s time zone (an allocation) kept in one
 /// of its statics would leak at every `dlclose`.
-pub(super) fn arrow_type(t: UdfType) -> DataType {
+pub(crate) fn arrow_type(t: UdfType) -> DataType {
     match t {
         UdfType::Bool => DataType::Boolean,
         UdfType::Int64 => DataType::Int64,
@@ -570,7 +570,7 @@ unsafe fn import_argument(
 
 /// The result schema: the declared type's format, from static memory, so exporting it
 /// allocates nothing and its release callback only marks it released.
-fn result_schema(t: UdfType) -> FFI_ArrowSchema {
+pub(crate) fn result_schema(t: UdfType) -> FFI_ArrowSchema {
     FFI_ArrowSchema {
         format: c_format(t).as_ptr(),
         name: std::ptr::null(),
@@ -647,7 +647,7 @@ fn data_buffers(array: &ArrayRef, t: UdfType) -> Option<(usize, [*const c_void; 
 /// makes four): the array and its buffer pointers in one box. A validity bitmap whose bit
 /// offset differs from the values' (a NULL mask shared with a sliced argument) goes through
 /// arrow's exporter, which realigns it.
-fn export_result(array: ArrayRef, t: UdfType) -> FFI_ArrowArray {
+pub(crate) fn export_result(array: ArrayRef, t: UdfType) -> FFI_ArrowArray {
     let Some((offset, [first, second], data_buffers)) = data_buffers(&array, t) else {
         return FFI_ArrowArray::new(&array.to_data());
     };
@@ -699,6 +699,62 @@ unsafe extern "C" fn release_result(array: *mut FFI_ArrowArray) {
     array.release = None;
 }
 
+/// Imports the argument arrays of a batch or asynchronous call (of the declared `arg_types`),
+/// each checked to have `num_rows` rows (one for a scalar).
+///
+/// # Safety
+///
+/// `args`, `schemas` and `is_scalar` must hold `args_len` valid arrays, schemas and flags, as
+/// the host passes them to a [`BatchEntrypoint`](crate::v2::BatchEntrypoint); the arrays are
+/// moved out.
+pub(crate) unsafe fn import_columns(
+    args: *mut FFI_ArrowArray,
+    schemas: *const FFI_ArrowSchema,
+    is_scalar: *const u8,
+    args_len: usize,
+    arg_types: &[UdfType],
+    num_rows: usize,
+) -> Result<Vec<Column>, String> {
+    let expected = arg_types.len();
+    if args_len != expected {
+        return Err(format!("expected {expected} arguments, got {args_len}"));
+    }
+    if args_len > 0 && (args.is_null() || schemas.is_null() || is_scalar.is_null()) {
+        return Err("null argument arrays".to_string());
+    }
+    let mut columns = Vec::with_capacity(args_len);
+    for (i, &declared) in arg_types.iter().enumerate() {
+        // SAFETY: `i < args_len`, and the host passes that many arrays, schemas and
+        // flags. `from_raw` moves the array out, leaving a released one behind, which is
+        // the C Data Interface's move semantics the ABI prescribes.
+        let (array, schema, scalar) = unsafe {
+            (
+                FFI_ArrowArray::from_raw(args.add(i)),
+                &*schemas.add(i),
+                *is_scalar.add(i) != 0,
+            )
+        };
+        // SAFETY: the host exports valid arrays described by these schemas.
+        let data = unsafe { import_argument(array, schema, declared) }
+            .map_err(|e| format!("argument {}: {e}", i + 1))?;
+        let array = make_array(data);
+        let enough = if scalar {
+            !array.is_empty()
+        } else {
+            array.len() >= num_rows
+        };
+        if !enough {
+            return Err(format!(
+                "argument {} has {} rows, {num_rows} expected",
+                i + 1,
+                array.len()
+            ));
+        }
+        columns.push(Column::new(array, scalar));
+    }
+    Ok(columns)
+}
+
 /// The body of every generated batch entrypoint: imports the arguments (of the declared
 /// `arg_types`), runs `fast` (a vectorised kernel, if the function has one) or else `slow`
 /// (the row loop) inside `catch_unwind`, and exports the result (of the declared
@@ -728,43 +784,9 @@ pub unsafe fn call_batch(
     }
     install_quiet_panic_hook();
     let result = catch_unwind(AssertUnwindSafe(|| {
-        let expected = arg_types.len();
-        if args_len != expected {
-            return Err(format!("expected {expected} arguments, got {args_len}"));
-        }
-        if args_len > 0 && (args.is_null() || schemas.is_null() || is_scalar.is_null()) {
-            return Err("null argument arrays".to_string());
-        }
-        let mut columns = Vec::with_capacity(args_len);
-        for (i, &declared) in arg_types.iter().enumerate() {
-            // SAFETY: `i < args_len`, and the host passes that many arrays, schemas and
-            // flags. `from_raw` moves the array out, leaving a released one behind, which is
-            // the C Data Interface's move semantics the ABI prescribes.
-            let (array, schema, scalar) = unsafe {
-                (
-                    FFI_ArrowArray::from_raw(args.add(i)),
-                    &*schemas.add(i),
-                    *is_scalar.add(i) != 0,
-                )
-            };
-            // SAFETY: the host exports valid arrays described by these schemas.
-            let data = unsafe { import_argument(array, schema, declared) }
-                .map_err(|e| format!("argument {}: {e}", i + 1))?;
-            let array = make_array(data);
-            let enough = if scalar {
-                !array.is_empty()
-            } else {
-                array.len() >= num_rows
-            };
-            if !enough {
-                return Err(format!(
-                    "argument {} has {} rows, {num_rows} expected",
-                    i + 1,
-                    array.len()
-                ));
-            }
-            columns.push(Column::new(array, scalar));
-        }
+        // SAFETY: the caller's promise, passed on.
+        let columns =
+            unsafe { import_columns(args, schemas, is_scalar, args_len, arg_types, num_rows) }?;
         // The kernel calls the function on valid rows only, as the row loop does, so a
         // panic in it is the function's panic, reported like one in the row loop (never
         // retried there, which would call the function again on the rows before it).

@@ -1,0 +1,94 @@
+//! Asynchronous example functions (`#[udf(async)]`, ABI 2.3): HTTP from SQL.
+//!
+//! * `http_get(url)` — the body of a `GET` as text. An error names the URL when the request
+//!   fails, the status is not 2xx, the body is over [`MAX_BODY`] bytes or not UTF-8, or the
+//!   request takes longer than [`TIMEOUT`].
+//! * `http_get_json(url, pointer)` — the value at a JSON pointer (RFC 6901, e.g. `/city/name`)
+//!   in the JSON body: a string as itself, any other value as JSON text, NULL when the pointer
+//!   finds nothing. The same limits; a body that is not JSON is an error.
+//!
+//! Plain HTTP only (this example is built without TLS). The host decides how many requests
+//! are in flight (64 by default, `#max_in_flight=N` from SQL) and how long a call may take
+//! (`#call_timeout=`); [`TIMEOUT`] is this library's own bound per request.
+//!
+//! ```sql
+//! CREATE FUNCTION http_get LANGUAGE plugin AS 'libudf_plugin_http.so#http_get#max_in_flight=128';
+//! SELECT id, http_get_json('http://127.0.0.1:8080/users/' || id, '/name') FROM t;
+//! ```
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use udf_abi::udf;
+
+/// The largest body a function reads, in bytes.
+pub const MAX_BODY: usize = 1 << 20;
+/// The longest a request may take, connection included.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+thread_local! {
+    /// One client (and connection pool) per thread of the library's runtime: dropped when the
+    /// runtime's threads end, at unload, so nothing outlives the library.
+    static CLIENT: Result<reqwest::Client, String> = reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .no_proxy()
+        .build()
+        .map_err(|e| format!("cannot make an HTTP client: {e}"));
+}
+
+fn client() -> Result<reqwest::Client, String> {
+    CLIENT.with(Clone::clone)
+}
+
+/// The body of a successful `GET url`, at most [`MAX_BODY`] bytes.
+async fn fetch(url: &str) -> Result<Vec<u8>, String> {
+    let mut response = client()?
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("GET {url}: HTTP {status}"));
+    }
+    if let Some(len) = response.content_length()
+        && len > MAX_BODY as u64
+    {
+        return Err(format!(
+            "GET {url}: a body of {len} bytes, over the {MAX_BODY}-byte limit"
+        ));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?
+    {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(format!(
+                "GET {url}: the body is over the {MAX_BODY}-byte limit"
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `http_get(url)`: the body of `GET url` as text.
+#[udf(async, volatility = "volatile")]
+async fn http_get(url: &str) -> Result<String, String> {
+    let body = fetch(url).await?;
+    String::from_utf8(body).map_err(|e| format!("GET {url}: the body is not UTF-8: {e}"))
+}
+
+/// `http_get_json(url, pointer)`: the value at `pointer` in the JSON body of `GET url`.
+#[udf(async, volatility = "volatile")]
+async fn http_get_json(url: &str, pointer: &str) -> Result<Option<String>, String> {
+    let body = fetch(url).await?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| format!("GET {url}: not JSON: {e}"))?;
+    Ok(json.pointer(pointer).map(|value| match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }))
+}
