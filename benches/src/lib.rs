@@ -4,6 +4,7 @@
 //! `datafusion-ffi` peer of the plain plugin (`dffi`).
 #![deny(unsafe_code)]
 
+pub mod asyncbench;
 #[allow(unsafe_code)] // `dlopen` of the datafusion-ffi peer: its symbols, called with their types
 pub mod dffi;
 pub mod distbench;
@@ -137,6 +138,7 @@ pub fn built(package: &str) -> PathBuf {
             "repeat",
             "str-len",
             "arrow-types",
+            "http",
         ] {
             cmd.args(["-p", &format!("udf-plugin-{p}")]);
         }

@@ -18,18 +18,18 @@ use datafusion::physical_expr_common::physical_expr::proto_encode::PhysicalExprE
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion_proto::logical_plan::LogicalExtensionCodec;
 use datafusion_proto::physical_plan::{PhysicalExtensionCodec, PhysicalProtoConverterExtension};
-use udf_engine::PluginUdf;
 
 use crate::resolve::{RemotePluginUdf, Resolver};
 use crate::spec::PluginSpec;
 
 /// Writes `udf`'s spec when it is a plugin function; `false` when it is not one.
 fn encode_plugin(udf: &ScalarUDF, buf: &mut Vec<u8>) -> Result<bool> {
-    if let Some(plugin) = udf.inner().downcast_ref::<PluginUdf>() {
-        PluginSpec::of(plugin)?.encode(buf)?;
+    // Synchronous or asynchronous (inside DataFusion's wrapper) alike.
+    if let Some(plugin) = udf_engine::plugin_udf_of(udf) {
+        PluginSpec::of(&plugin)?.encode(buf)?;
         return Ok(true);
     }
-    if let Some(remote) = udf.inner().downcast_ref::<RemotePluginUdf>() {
+    if let Some(remote) = RemotePluginUdf::of(udf) {
         remote.spec().encode(buf)?;
         return Ok(true);
     }

@@ -58,6 +58,7 @@ fn seeds() -> Vec<Vec<u8>> {
         call_path: "row".into(),
         return_type: "u".into(),
         isolation: None,
+        asynchronous: None,
     };
     let variants = [
         base.clone(),
@@ -92,6 +93,20 @@ fn seeds() -> Vec<Vec<u8>> {
             arguments: 0,
             volatility: "volatile".into(),
             return_type: "d:12,2".into(),
+            ..base.clone()
+        },
+        PluginSpec {
+            sql_name: "http_get".into(),
+            function: "http_get".into(),
+            abi: "v2.3".into(),
+            signature: "http_get(String) -> String".into(),
+            arguments: 1,
+            call_path: "batch".into(),
+            asynchronous: Some(crate::spec::AsyncSpec {
+                max_in_flight: 64,
+                chunk_rows: 1,
+                call_timeout_ms: 30_000,
+            }),
             ..base.clone()
         },
         PluginSpec {

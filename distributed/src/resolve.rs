@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
 use datafusion::common::{DataFusionError, Result};
+use datafusion::logical_expr::async_udf::{AsyncScalarUDF, AsyncScalarUDFImpl};
 use datafusion::logical_expr::{
     ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
 };
@@ -175,10 +176,9 @@ impl Resolver {
                     ))
                 })?;
             }
-            return Ok(Arc::new(ScalarUDF::new_from_impl(RemotePluginUdf::new(
-                spec.clone(),
-                None,
-            )?)));
+            return Ok(Arc::new(
+                RemotePluginUdf::new(spec.clone(), None)?.into_scalar_udf(),
+            ));
         }
         let remembered = {
             let mut caches = self.caches.lock();
@@ -227,10 +227,9 @@ impl Resolver {
                 }
             },
         };
-        Ok(Arc::new(ScalarUDF::new_from_impl(RemotePluginUdf::new(
-            spec.clone(),
-            Some(message),
-        )?)))
+        Ok(Arc::new(
+            RemotePluginUdf::new(spec.clone(), Some(message))?.into_scalar_udf(),
+        ))
     }
 
     /// The library file `spec` names in the plugin directories (under udfsql's rules for them),
@@ -338,6 +337,27 @@ impl Resolver {
                 spec.function
             ));
         }
+        match (udf.async_limits().is_some(), spec.async_limits()) {
+            (true, Some(limits)) => udf = udf.with_async_limits(limits),
+            (false, None) => {}
+            (is_async, _) => {
+                return Err(format!(
+                    "library {} declares {} {}, but the client planned it as {}",
+                    found.display(),
+                    if is_async {
+                        "an asynchronous"
+                    } else {
+                        "a synchronous"
+                    },
+                    spec.function,
+                    if is_async {
+                        "synchronous"
+                    } else {
+                        "asynchronous"
+                    },
+                ));
+            }
+        }
         let limits = match &self.floor {
             Some(floor) => floor.limits_for(spec.isolation.as_ref(), self.target_partitions),
             None => spec.worker_limits(),
@@ -392,6 +412,10 @@ impl RemotePluginUdf {
         let volatility = spec.volatility()?;
         let signature = if spec.arguments == 0 {
             Signature::nullary(volatility)
+        } else if spec.asynchronous.is_some() {
+            // DataFusion's wrapper of asynchronous UDFs does not pass `coerce_types` on: any
+            // types, as the client coerced them.
+            Signature::any(spec.arguments, volatility)
         } else {
             Signature::user_defined(volatility)
         };
@@ -406,6 +430,67 @@ impl RemotePluginUdf {
     /// What the plan says about the function.
     pub fn spec(&self) -> &PluginSpec {
         &self.spec
+    }
+
+    /// As a DataFusion UDF: through DataFusion's async UDF machinery when the function is
+    /// asynchronous (so that the plan keeps its `AsyncFuncExec`), remembered for [`Self::of`].
+    pub fn into_scalar_udf(self) -> ScalarUDF {
+        if self.spec.asynchronous.is_none() {
+            return ScalarUDF::new_from_impl(self);
+        }
+        let udf = Arc::new(self);
+        let mut known = REMOTE_ASYNC.lock();
+        known.retain(|w| w.strong_count() > 0);
+        known.push(Arc::downgrade(&udf));
+        drop(known);
+        AsyncScalarUDF::new(udf).into_scalar_udf()
+    }
+
+    /// The remote plugin function `udf` is, if it is one: itself, or the one inside DataFusion's
+    /// wrapper of an asynchronous function (which does not give it back: found here by the
+    /// address of the signature the wrapper hands out, its inner UDF's own field).
+    pub fn of(udf: &ScalarUDF) -> Option<RemoteRef<'_>> {
+        if let Some(remote) = udf.inner().downcast_ref::<RemotePluginUdf>() {
+            return Some(RemoteRef::Borrowed(remote));
+        }
+        udf.inner().downcast_ref::<AsyncScalarUDF>()?;
+        let signature = udf.signature();
+        REMOTE_ASYNC
+            .lock()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|r| std::ptr::eq(&r.signature, signature))
+            .map(RemoteRef::Shared)
+    }
+}
+
+/// The asynchronous remote plugin UDFs made so far (weakly), for [`RemotePluginUdf::of`].
+static REMOTE_ASYNC: Mutex<Vec<std::sync::Weak<RemotePluginUdf>>> = Mutex::new(Vec::new());
+
+/// A remote plugin UDF found behind a registered UDF.
+#[derive(Debug)]
+pub enum RemoteRef<'a> {
+    /// A synchronous one.
+    Borrowed(&'a RemotePluginUdf),
+    /// An asynchronous one, out of DataFusion's wrapper.
+    Shared(Arc<RemotePluginUdf>),
+}
+
+impl std::ops::Deref for RemoteRef<'_> {
+    type Target = RemotePluginUdf;
+
+    fn deref(&self) -> &RemotePluginUdf {
+        match self {
+            RemoteRef::Borrowed(r) => r,
+            RemoteRef::Shared(r) => r,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl AsyncScalarUDFImpl for RemotePluginUdf {
+    async fn invoke_async_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        self.invoke_with_args(args)
     }
 }
 

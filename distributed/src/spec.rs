@@ -24,7 +24,7 @@ pub const MAX_SPEC_BYTES: usize = 64 * 1024;
 pub const MAX_JSON_DEPTH: usize = 4;
 
 /// The fields of a spec, in the order they are written.
-const FIELDS: [&str; 11] = [
+const FIELDS: [&str; 12] = [
     "sql_name",
     "library",
     "sha256",
@@ -36,6 +36,7 @@ const FIELDS: [&str; 11] = [
     "call_path",
     "return_type",
     "isolation",
+    "asynchronous",
 ];
 
 /// The longest library file name (Linux's `NAME_MAX`).
@@ -80,6 +81,23 @@ pub struct PluginSpec {
     pub return_type: String,
     /// Process isolation, when the client evaluates it in worker processes.
     pub isolation: Option<IsolationSpec>,
+    /// The limits of an asynchronous function (ABI 2.3); `None` for a synchronous one. Absent
+    /// from the JSON of a synchronous function, so that its bytes stay as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asynchronous: Option<AsyncSpec>,
+}
+
+/// How an asynchronous function's calls run (its `AsyncLimits`): the same on every executor as
+/// where the client planned (each executor keeps its own in-flight count).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AsyncSpec {
+    /// The most calls of the function in flight at once.
+    pub max_in_flight: usize,
+    /// The most rows per call.
+    pub chunk_rows: usize,
+    /// The time limit of one call, in milliseconds.
+    pub call_timeout_ms: u64,
 }
 
 /// The worker limits of an isolated function.
@@ -138,6 +156,11 @@ impl PluginSpec {
                 workers: limits.workers,
             }
         });
+        let asynchronous = udf.async_limits().map(|limits| AsyncSpec {
+            max_in_flight: limits.max_in_flight,
+            chunk_rows: limits.chunk_rows,
+            call_timeout_ms: u64::try_from(limits.call_timeout.as_millis()).unwrap_or(u64::MAX),
+        });
         Ok(PluginSpec {
             sql_name: udf.name().to_string(),
             library: file.to_string(),
@@ -155,6 +178,7 @@ impl PluginSpec {
                 udf_abi::type_string::type_string(&t).unwrap_or_else(|| t.to_string())
             },
             isolation,
+            asynchronous,
         })
     }
 
@@ -251,6 +275,15 @@ impl PluginSpec {
                     )
                 })?),
             },
+            asynchronous: match fields.remove("asynchronous") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(value) => Some(serde_json::from_value(value).map_err(|e| {
+                    format!(
+                        "has a field asynchronous that cannot be read ({})",
+                        shorten_to(&e.to_string(), 300)
+                    )
+                })?),
+            },
         })
     }
 
@@ -326,6 +359,37 @@ impl PluginSpec {
                 _ => {}
             }
         }
+        if let Some(asynchronous) = &self.asynchronous {
+            let bounds: [(&str, u64, u64); 3] = [
+                (
+                    "calls in flight",
+                    asynchronous.max_in_flight as u64,
+                    udf_engine::MAX_IN_FLIGHT as u64,
+                ),
+                (
+                    "rows per call",
+                    asynchronous.chunk_rows as u64,
+                    udf_engine::MAX_CHUNK_ROWS as u64,
+                ),
+                (
+                    "milliseconds per call",
+                    asynchronous.call_timeout_ms,
+                    udf_engine::MAX_CALL_TIMEOUT.as_millis() as u64,
+                ),
+            ];
+            for (what, value, max) in bounds {
+                if value == 0 || value > max {
+                    return Err(refuse(format!(
+                        "asks for {value} {what} of an asynchronous function (1 to {max})"
+                    )));
+                }
+            }
+            if self.isolation.is_some() {
+                return Err(refuse(
+                    "asks for an isolated asynchronous function (not supported yet)".to_string(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -391,6 +455,17 @@ impl PluginSpec {
             memory_mib: i.memory_mib,
             workers: i.workers,
             worker_program: None,
+        })
+    }
+
+    /// The limits of an asynchronous function.
+    pub fn async_limits(&self) -> Option<udf_engine::AsyncLimits> {
+        self.asynchronous.as_ref().map(|a| {
+            udf_engine::AsyncLimits::new(
+                a.max_in_flight,
+                a.chunk_rows,
+                Duration::from_millis(a.call_timeout_ms),
+            )
         })
     }
 
@@ -485,7 +560,35 @@ mod tests {
                 memory_mib: None,
                 workers: Some(2),
             }),
+            asynchronous: None,
         }
+    }
+
+    fn asynchronous(max_in_flight: usize, chunk_rows: usize, call_timeout_ms: u64) -> AsyncSpec {
+        AsyncSpec {
+            max_in_flight,
+            chunk_rows,
+            call_timeout_ms,
+        }
+    }
+
+    #[test]
+    fn asynchronous_limits_round_trip_and_a_synchronous_spec_has_no_such_field() {
+        let mut buf = Vec::new();
+        spec().encode(&mut buf).unwrap();
+        assert!(!String::from_utf8_lossy(&buf).contains("asynchronous"));
+        let mut async_spec = spec();
+        async_spec.isolation = None;
+        async_spec.asynchronous = Some(asynchronous(256, 8, 250));
+        let mut buf = Vec::new();
+        async_spec.encode(&mut buf).unwrap();
+        let back = PluginSpec::decode("my_repeat", &buf).unwrap().unwrap();
+        assert_eq!(back, async_spec);
+        let limits = back.async_limits().unwrap();
+        assert_eq!(
+            (limits.max_in_flight, limits.chunk_rows, limits.call_timeout),
+            (256, 8, Duration::from_millis(250))
+        );
     }
 
     #[test]
@@ -604,6 +707,28 @@ mod tests {
             (
                 Box::new(|s| s.isolation.as_mut().unwrap().workers = Some(1 << 20)),
                 "workers per library, at most 1024",
+            ),
+            (
+                Box::new(|s| s.asynchronous = Some(asynchronous(0, 1, 1000))),
+                "asks for 0 calls in flight",
+            ),
+            (
+                Box::new(|s| {
+                    s.isolation = None;
+                    s.asynchronous = Some(asynchronous(64, 1 << 30, 1000));
+                }),
+                "rows per call of an asynchronous function (1 to 1048576)",
+            ),
+            (
+                Box::new(|s| {
+                    s.isolation = None;
+                    s.asynchronous = Some(asynchronous(64, 1, u64::MAX));
+                }),
+                "milliseconds per call",
+            ),
+            (
+                Box::new(|s| s.asynchronous = Some(asynchronous(64, 1, 1000))),
+                "isolated asynchronous function",
             ),
         ];
         for (change, expected) in cases {

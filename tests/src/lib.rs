@@ -8,6 +8,8 @@
 //! included), so the build reuses the test build's artifacts instead of compiling a second set.
 #![forbid(unsafe_code)]
 
+pub mod http_server;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -352,3 +352,21 @@ async fn null_arguments_give_null_rows_in_every_chunk() {
         assert_eq!(got, want, "chunks of {chunk} rows");
     }
 }
+
+/// The ABI lets a plugin complete a call inside `start`, on the host's thread (before `start`
+/// returns): the host takes that outcome as any other, in chunks of every size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_completed_inside_start_is_taken() {
+    let _serial = SERIAL.lock().await;
+    let library = library();
+    for chunk in [1, 7, 1000] {
+        let limits = AsyncLimits::new(4, chunk, Duration::from_secs(30));
+        let ctx = session(&library, 300, Some(limits));
+        let got = column(&ctx, "SELECT now_double(x) FROM t").await.unwrap();
+        assert_eq!(
+            got,
+            (0..300).map(|x| 2 * x).collect::<Vec<_>>(),
+            "chunk {chunk}"
+        );
+    }
+}

@@ -304,6 +304,64 @@ async fn plugin_queries_run_on_ballista_executors_as_locally() {
     ] {
         assert_eq!(rows(&remote, sql).await, rows(&local, sql).await, "{sql}");
     }
+    // An asynchronous function (`#[udf(async)]`, the http example) created on the client with
+    // its limits: the plan carries them, the executors run its calls (AsyncFuncExec) against a
+    // server here, and the answers are the local ones, in a projection and in a filter.
+    let server = udf_tests::http_server::Server::start().await;
+    for dir in executor_dirs.iter().chain([&client_plugins]) {
+        let dst = dir.join(library_file("http"));
+        std::fs::copy(plugin("http"), &dst).expect("copy the http library");
+        set_mode(&dst, 0o644);
+    }
+    let create = format!(
+        "CREATE FUNCTION get_url(VARCHAR) RETURNS VARCHAR LANGUAGE plugin \
+         AS '{}#http_get#max_in_flight=3#chunk_rows=2#call_timeout=20s'",
+        library_file("http")
+    );
+    for ctx in [&local, &remote] {
+        ctx.sql(&create).await.unwrap().collect().await.unwrap();
+    }
+    let url = format!(
+        "'{}' || CAST(x AS VARCHAR) || '?delay_ms=20'",
+        server.url("/echo/n")
+    );
+    for sql in [
+        format!("SELECT x, get_url({url}) AS f FROM p ORDER BY x NULLS FIRST, f NULLS FIRST"),
+        format!("SELECT count(*) AS n FROM p WHERE get_url({url}) LIKE 'n%'"),
+    ] {
+        let expected = rows(&local, &sql).await;
+        assert!(!expected.is_empty(), "{sql}: {expected:?}");
+        assert_eq!(rows(&remote, &sql).await, expected, "{sql}");
+    }
+    let plan = rows(&remote, &format!("EXPLAIN SELECT get_url({url}) FROM p")).await;
+    let distributed = plan
+        .iter()
+        .find(|r| r[0] == "distributed_plan")
+        .map(|r| r[1].clone())
+        .unwrap_or_default();
+    assert!(
+        distributed.contains("AsyncFuncExec"),
+        "the cluster runs the asynchronous calls in an AsyncFuncExec:\n{distributed}"
+    );
+    let most = server
+        .seen
+        .max_in_flight
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=2 * 3 * 2).contains(&most),
+        "at most 3 calls of 2 rows in flight per executor (2 executors): {most}"
+    );
+    let http_maps: usize = cluster
+        .executors
+        .iter()
+        .zip(&executor_dirs)
+        .map(|(e, dir)| {
+            let library = dir.join(library_file("http")).display().to_string();
+            usize::from(mapped_under(e.pid(), dir).contains(&library))
+        })
+        .sum();
+    assert!(http_maps > 0, "no executor mapped the http library");
+
     let isolated: usize = cluster
         .executors
         .iter()
