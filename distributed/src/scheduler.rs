@@ -133,6 +133,16 @@ async fn run(args: Args) -> Result<()> {
         &resolver,
     ))));
     config.override_physical_codec = Some(Arc::new(PluginPhysicalCodec::ballista(resolver)));
+    // Ballista's session, with udfsql's rule that moves asynchronous calls out of GROUP BY,
+    // ORDER BY and window expressions (the scheduler makes the physical plan).
+    config.override_session_builder = Some(Arc::new(|session_config| {
+        let state = ballista_core::utils::default_session_builder(session_config)?;
+        Ok(
+            datafusion::execution::SessionStateBuilder::new_from_existing(state)
+                .with_optimizer_rule(udf_engine::async_placement_rule())
+                .build(),
+        )
+    }));
     let cluster = BallistaCluster::new_from_config(&config).await?;
     tracing::info!(%addr, plugin_dirs = ?args.plugin_dirs, "udfsql-scheduler starting");
     tokio::select! {

@@ -569,6 +569,7 @@ impl FunctionFactory for PluginFunctionFactory {
 /// `EXPLAIN` ([`install_explain`](crate::install_explain)).
 pub fn install(ctx: &SessionContext, loader: Arc<PluginLoader>) -> Result<()> {
     crate::explain::install_explain(ctx);
+    crate::async_plan::install(ctx);
     let factory = Arc::new(PluginFunctionFactory {
         loader,
         session: Some(Arc::downgrade(&ctx.state_ref())),

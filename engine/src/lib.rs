@@ -19,6 +19,8 @@
 
 #![deny(unsafe_code)]
 
+mod async_plan;
+pub use async_plan::async_placement_rule;
 mod async_udf;
 mod call_path;
 mod catalog;

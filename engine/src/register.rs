@@ -172,6 +172,9 @@ pub fn register_udf(ctx: &SessionContext, udf: PluginUdf) -> Registration {
         isolation = udf.isolation_mode(),
         "registered plugin function"
     );
+    if udf.async_limits().is_some() {
+        crate::async_plan::install(ctx);
+    }
     ctx.register_udf(udf.into_scalar_udf());
     registration
 }

@@ -370,3 +370,50 @@ async fn a_call_completed_inside_start_is_taken() {
         );
     }
 }
+
+/// Asynchronous calls wherever SQL puts an expression: projections, filters and aggregate
+/// arguments (DataFusion's `AsyncFuncExec`), and also `GROUP BY` keys, `ORDER BY` keys, window
+/// functions, `HAVING`, joins and `CASE` (udfsql's optimizer rule computes the calls in a
+/// projection below): every answer equals the same query with the builtin `2 * x`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asynchronous_calls_work_in_every_clause() {
+    let _serial = SERIAL.lock().await;
+    let library = library();
+    let ctx = session(
+        &library,
+        40,
+        Some(AsyncLimits::new(8, 3, Duration::from_secs(30))),
+    );
+    let queries = [
+        "SELECT x, slow_double(x) AS d FROM t WHERE slow_double(x) % 3 = 0 ORDER BY x",
+        "SELECT sum(slow_double(x)) AS s, max(slow_double(x) + 1) AS m FROM t",
+        "SELECT slow_double(x) % 7 AS k, count(*) AS n FROM t GROUP BY slow_double(x) % 7 ORDER BY k",
+        "SELECT x % 5 AS k, count(*) AS n FROM t GROUP BY x % 5 HAVING sum(slow_double(x)) > 150 ORDER BY k",
+        "SELECT x FROM t ORDER BY slow_double(x) % 9 DESC, x LIMIT 7",
+        "SELECT x, sum(x) OVER (ORDER BY slow_double(x) % 11, x) AS s FROM t ORDER BY x",
+        "SELECT x, sum(slow_double(x)) OVER (PARTITION BY slow_double(x) % 4) AS s, \
+         row_number() OVER (ORDER BY slow_double(x) DESC) AS r FROM t ORDER BY x",
+        "SELECT a.x AS l, b.x AS r FROM t a JOIN t b ON slow_double(a.x) = b.x ORDER BY l",
+        "SELECT x, CASE WHEN x > 20 THEN slow_double(x) ELSE -1 END AS c FROM t ORDER BY x",
+        "SELECT DISTINCT slow_double(x) % 6 AS k FROM t ORDER BY k",
+    ];
+    for sql in queries {
+        let reference = sql.replace("slow_double(", "(2 * ");
+        let batches = |q: String| {
+            let ctx = ctx.clone();
+            async move {
+                let frame = ctx.sql(&q).await.map_err(|e| format!("{q}: {e}"))?;
+                let batches = frame.collect().await.map_err(|e| format!("{q}: {e}"))?;
+                Ok::<_, String>(
+                    datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+                        .unwrap()
+                        .to_string(),
+                )
+            }
+        };
+        let want = batches(reference).await.unwrap();
+        let got = batches(sql.to_string()).await.unwrap();
+        assert_eq!(got, want, "{sql}");
+        assert!(want.lines().count() > 4, "{sql} gives rows: {want}");
+    }
+}

@@ -328,6 +328,13 @@ async fn plugin_queries_run_on_ballista_executors_as_locally() {
     for sql in [
         format!("SELECT x, get_url({url}) AS f FROM p ORDER BY x NULLS FIRST, f NULLS FIRST"),
         format!("SELECT count(*) AS n FROM p WHERE get_url({url}) LIKE 'n%'"),
+        // Where DataFusion does not run asynchronous calls itself: udfsql's optimizer rule (in
+        // the scheduler's session too) computes them in a projection below.
+        format!(
+            "SELECT length(get_url({url})) AS k, count(*) AS n FROM p \
+             GROUP BY length(get_url({url})) ORDER BY k NULLS FIRST"
+        ),
+        format!("SELECT x FROM p ORDER BY get_url({url}) DESC NULLS LAST, x LIMIT 5"),
     ] {
         let expected = rows(&local, &sql).await;
         assert!(!expected.is_empty(), "{sql}: {expected:?}");
