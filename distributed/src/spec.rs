@@ -81,7 +81,8 @@ pub struct PluginSpec {
     pub return_type: String,
     /// Process isolation, when the client evaluates it in worker processes.
     pub isolation: Option<IsolationSpec>,
-    /// The limits of an asynchronous function (ABI 2.3); `None` for a synchronous one. Absent
+    /// The limits of an asynchronous function (ABI 2.3; also isolated: the workers make the
+    /// calls); `None` for a synchronous one. Absent
     /// from the JSON of a synchronous function, so that its bytes stay as they were.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asynchronous: Option<AsyncSpec>,
@@ -383,11 +384,6 @@ impl PluginSpec {
                         "asks for {value} {what} of an asynchronous function (1 to {max})"
                     )));
                 }
-            }
-            if self.isolation.is_some() {
-                return Err(refuse(
-                    "asks for an isolated asynchronous function (not supported yet)".to_string(),
-                ));
             }
         }
         Ok(())
@@ -725,10 +721,6 @@ mod tests {
                     s.asynchronous = Some(asynchronous(64, 1, u64::MAX));
                 }),
                 "milliseconds per call",
-            ),
-            (
-                Box::new(|s| s.asynchronous = Some(asynchronous(64, 1, 1000))),
-                "isolated asynchronous function",
             ),
         ];
         for (change, expected) in cases {

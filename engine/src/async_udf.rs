@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, ArrayRef};
 use datafusion::arrow::compute::concat;
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::logical_expr::async_udf::{AsyncScalarUDF, AsyncScalarUDFImpl};
 use datafusion::logical_expr::{
@@ -21,6 +22,7 @@ use datafusion::logical_expr::{
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 
+use crate::ffi::PluginFunction;
 use crate::ffi::async_fn::{AsyncDefaults, DEFAULT_CHUNK_ROWS, DEFAULT_MAX_IN_FLIGHT};
 use crate::udf::PluginUdf;
 
@@ -88,13 +90,6 @@ impl AsyncScalarUDFImpl for PluginUdf {
                 self.sql_name()
             )));
         };
-        if self.worker_pool().is_some() {
-            return Err(DataFusionError::NotImplemented(format!(
-                "plugin function {} ({}): asynchronous functions do not run isolated yet",
-                self.sql_name(),
-                self.function().library().path().display()
-            )));
-        }
         let all_scalar = args
             .args
             .iter()
@@ -104,85 +99,135 @@ impl AsyncScalarUDFImpl for PluginUdf {
         // Asynchronous calls get whole columns: constants expanded, so that every chunk is a
         // slice of the same arrays.
         let arrays = self.argument_arrays(&args.args, rows, true)?;
-        let chunks: Vec<(usize, usize)> = (0..rows)
-            .step_by(limits.chunk_rows)
-            .map(|start| (start, limits.chunk_rows.min(rows - start)))
-            .collect();
-        let results: Vec<ArrayRef> = futures::stream::iter(chunks)
-            .map(|(offset, len)| {
-                let arrays = &arrays;
-                let limits = &limits;
-                async move { self.call_chunk(arrays, offset, len, limits).await }
-            })
-            // The permits bound the calls in flight; the window of chunk futures is wider, so
-            // that calls that completed early (waiting for the ones before them, to keep row
-            // order) do not keep the next calls from starting.
-            .buffered(limits.max_in_flight.saturating_mul(ORDER_WINDOW))
-            .try_collect()
-            .await?;
-        let array = match results.as_slice() {
-            [] => self.empty_result()?,
-            [one] => Arc::clone(one),
-            many => {
-                let parts: Vec<&dyn Array> = many.iter().map(|a| a.as_ref()).collect();
-                concat(&parts)?
+        let function = self.function();
+        let array = match self.worker_pool() {
+            // Isolated: the worker makes the calls, with the same limits, and answers the whole
+            // batch (a worker's call time limit bounds the batch).
+            Some(pool) => {
+                let cancel = crate::isolation::CallCancel::of(&args.config_options);
+                pool.call_async(
+                    function,
+                    &arrays,
+                    rows,
+                    self.declared_return_type(),
+                    limits,
+                    cancel,
+                )
+                .map_err(|fault| {
+                    DataFusionError::Execution(
+                        fault.describe(self.sql_name(), function.library().path()),
+                    )
+                })?
             }
+            None => call_in_chunks(function, &arrays, rows, self.declared_return_type(), limits)
+                .await
+                .map_err(|failure| {
+                    DataFusionError::Execution(format!(
+                        "plugin function {} ({}), {failure}",
+                        self.sql_name(),
+                        function.library().path().display(),
+                    ))
+                })?,
         };
         self.result_value(array, all_scalar)
     }
 }
 
-impl PluginUdf {
-    /// One call over rows `offset..offset + len`, within the in-flight limit and the time limit.
-    async fn call_chunk(
-        &self,
-        arrays: &[(ArrayRef, bool)],
-        offset: usize,
-        len: usize,
-        limits: &AsyncLimits,
-    ) -> Result<ArrayRef> {
-        let chunk: Vec<(ArrayRef, bool)> = arrays
-            .iter()
-            .map(|(a, scalar)| (a.slice(offset, len), *scalar))
-            .collect();
-        let _permit = limits
-            .permits
-            .acquire()
-            .await
-            .map_err(|e| DataFusionError::Internal(format!("in-flight limit: {e}")))?;
-        let function = self.function();
-        let pending = function
-            .start_async(&chunk, len)
-            .map_err(|e| self.call_error_at(e, offset, len))?;
-        match tokio::time::timeout(limits.call_timeout, pending.finish(function, &chunk, len)).await
-        {
-            Ok(result) => result.map_err(|e| self.call_error_at(e, offset, len)),
-            // Dropping the pending call asks the plugin to cancel it.
-            Err(_) => Err(DataFusionError::Execution(format!(
-                "plugin function {} ({}): rows {}..{} did not complete within the call's time \
-                 limit of {} ms",
-                self.sql_name(),
-                function.library().path().display(),
-                offset,
-                offset + len,
-                limits.call_timeout.as_millis()
-            ))),
+/// Why an asynchronous call of a batch failed: the rows of the call, and what happened.
+#[derive(Debug)]
+pub(crate) struct ChunkFailure {
+    offset: usize,
+    len: usize,
+    what: ChunkError,
+}
+
+#[derive(Debug)]
+enum ChunkError {
+    Call(crate::error::CallError),
+    Timeout(Duration),
+    Limit(String),
+    Assemble(String),
+}
+
+impl std::fmt::Display for ChunkFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (start, end) = (self.offset, self.offset + self.len);
+        match &self.what {
+            ChunkError::Call(e) => write!(f, "rows {start}..{end}: {e}"),
+            ChunkError::Timeout(limit) => write!(
+                f,
+                "rows {start}..{end} did not complete within the call's time limit of {} ms",
+                limit.as_millis()
+            ),
+            ChunkError::Limit(e) => write!(f, "rows {start}..{end}: in-flight limit: {e}"),
+            ChunkError::Assemble(e) => write!(f, "rows {start}..{end}: cannot assemble: {e}"),
         }
     }
+}
 
-    fn call_error_at(
-        &self,
-        e: crate::error::CallError,
-        offset: usize,
-        len: usize,
-    ) -> DataFusionError {
-        DataFusionError::Execution(format!(
-            "plugin function {} ({}), rows {}..{}: {e}",
-            self.sql_name(),
-            self.function().library().path().display(),
-            offset,
-            offset + len
-        ))
+/// Evaluates `function` (asynchronous) over `rows` rows of `arrays` as `limits` says: calls of
+/// at most `chunk_rows` rows, at most `max_in_flight` of them started and not completed at once
+/// (the permits, shared by everything that uses `limits`), each within the call time limit,
+/// the results in row order. In-process, and in a worker process for an isolated function.
+pub(crate) async fn call_in_chunks(
+    function: &PluginFunction,
+    arrays: &[(ArrayRef, bool)],
+    rows: usize,
+    return_type: &DataType,
+    limits: &AsyncLimits,
+) -> std::result::Result<ArrayRef, ChunkFailure> {
+    let chunks: Vec<(usize, usize)> = (0..rows)
+        .step_by(limits.chunk_rows)
+        .map(|start| (start, limits.chunk_rows.min(rows - start)))
+        .collect();
+    let results: Vec<ArrayRef> = futures::stream::iter(chunks)
+        .map(|(offset, len)| call_chunk(function, arrays, offset, len, limits))
+        // The permits bound the calls in flight; the window of chunk futures is wider, so that
+        // calls that completed early (waiting for the ones before them, to keep row order) do
+        // not keep the next calls from starting.
+        .buffered(limits.max_in_flight.saturating_mul(ORDER_WINDOW))
+        .try_collect()
+        .await?;
+    let fail = |what| ChunkFailure {
+        offset: 0,
+        len: rows,
+        what,
+    };
+    match results.as_slice() {
+        [] => Ok(datafusion::arrow::array::new_empty_array(return_type)),
+        [one] => Ok(Arc::clone(one)),
+        many => {
+            let parts: Vec<&dyn Array> = many.iter().map(|a| a.as_ref()).collect();
+            concat(&parts).map_err(|e| fail(ChunkError::Assemble(e.to_string())))
+        }
+    }
+}
+
+/// One call over rows `offset..offset + len`, within the in-flight limit and the time limit.
+async fn call_chunk(
+    function: &PluginFunction,
+    arrays: &[(ArrayRef, bool)],
+    offset: usize,
+    len: usize,
+    limits: &AsyncLimits,
+) -> std::result::Result<ArrayRef, ChunkFailure> {
+    let fail = |what| ChunkFailure { offset, len, what };
+    let chunk: Vec<(ArrayRef, bool)> = arrays
+        .iter()
+        .map(|(a, scalar)| (a.slice(offset, len), *scalar))
+        .collect();
+    let _permit = limits
+        .permits
+        .acquire()
+        .await
+        .map_err(|e| fail(ChunkError::Limit(e.to_string())))?;
+    let pending = function
+        .start_async(&chunk, len)
+        .map_err(|e| fail(ChunkError::Call(e)))?;
+    match tokio::time::timeout(limits.call_timeout, pending.finish(function, &chunk, len)).await {
+        Ok(result) => result.map_err(|e| fail(ChunkError::Call(e))),
+        // Dropping the pending call asks the plugin to cancel it.
+        Err(_) => Err(fail(ChunkError::Timeout(limits.call_timeout))),
     }
 }
 

@@ -362,9 +362,9 @@ impl PluginUdf {
         result_value(array, all_scalar)
     }
 
-    /// A result of no rows, of the declared type.
-    pub(crate) fn empty_result(&self) -> Result<ArrayRef> {
-        Ok(datafusion::arrow::array::new_empty_array(&self.return_type))
+    /// The result type the function is declared with.
+    pub(crate) fn declared_return_type(&self) -> &DataType {
+        &self.return_type
     }
 }
 

@@ -417,3 +417,106 @@ async fn asynchronous_calls_work_in_every_clause() {
         assert!(want.lines().count() > 4, "{sql} gives rows: {want}");
     }
 }
+
+/// An isolated asynchronous function: the worker process makes the calls with the function's
+/// limits (chunks, calls in flight, each call's time limit) and answers each batch; results
+/// in row order, the limit observed in the worker (reached, not passed), a call past its time
+/// limit fails naming it, and a plugin thread that aborts the worker fails the query while
+/// the host lives and a new worker answers the next query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_asynchronous_functions_run_their_calls_in_the_worker() {
+    let _serial = SERIAL.lock().await;
+    let library = library();
+    let limits = udf_engine::WorkerLimits {
+        call_timeout: Duration::from_secs(20),
+        memory_mib: None,
+        workers: Some(1),
+        worker_program: Some(udf_tests::udfsql_worker()),
+    };
+    let pool = udf_engine::isolation::pool_for(&library, &limits, 1).unwrap();
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+    let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)]));
+    let x: Int64Array = (0..100).map(|v| (v % 9 != 4).then_some(v)).collect();
+    let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(x)]).unwrap();
+    ctx.register_table(
+        "t",
+        Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap()),
+    )
+    .unwrap();
+    for (name, async_limits) in [
+        (
+            "slow_double",
+            AsyncLimits::new(8, 3, Duration::from_secs(10)),
+        ),
+        (
+            "never_complete",
+            AsyncLimits::new(2, 1, Duration::from_millis(300)),
+        ),
+        (
+            "crash_async",
+            AsyncLimits::new(2, 1, Duration::from_secs(10)),
+        ),
+        (
+            "async_stats",
+            AsyncLimits::new(1, 1, Duration::from_secs(1)),
+        ),
+    ] {
+        let function = library.function_named(name).unwrap();
+        let udf = PluginUdf::new(name, function, Volatility::Volatile)
+            .with_async_limits(async_limits)
+            .with_worker_pool(Arc::clone(&pool));
+        assert_eq!(udf.isolation_mode(), "process");
+        udf_engine::register_udf(&ctx, udf);
+    }
+    let query = |sql: &'static str| {
+        let ctx = ctx.clone();
+        async move {
+            let batches = ctx
+                .sql(sql)
+                .await
+                .map_err(|e| e.to_string())?
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<Vec<Option<i64>>, String>(
+                batches
+                    .iter()
+                    .flat_map(|b| {
+                        let c = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                        c.iter().collect::<Vec<_>>()
+                    })
+                    .collect(),
+            )
+        }
+    };
+    query("SELECT async_stats(1)").await.unwrap();
+    query("SELECT async_stats(5040)").await.unwrap();
+    let got = query("SELECT slow_double(x) FROM t").await.unwrap();
+    let want: Vec<Option<i64>> = (0..100).map(|v| (v % 9 != 4).then_some(2 * v)).collect();
+    assert_eq!(got, want, "row order and NULLs through the worker");
+    assert_eq!(
+        query("SELECT async_stats(0)").await.unwrap(),
+        vec![Some(8)],
+        "the worker had 8 calls in flight at most, and reached it"
+    );
+    let e = query("SELECT never_complete(x) FROM t").await.unwrap_err();
+    assert!(
+        e.contains("plugin function never_complete") && e.contains("time limit of 300 ms"),
+        "{e}"
+    );
+    let before = udf_engine::isolation::live_worker_pids();
+    let e = query("SELECT crash_async(x) FROM t").await.unwrap_err();
+    assert!(
+        e.contains("plugin function crash_async") && e.contains("SIGABRT"),
+        "{e}"
+    );
+    let after_crash = udf_engine::isolation::live_worker_pids();
+    assert!(
+        before.iter().any(|pid| !after_crash.contains(pid)),
+        "the crashed worker is gone: {before:?} -> {after_crash:?}"
+    );
+    let got = query("SELECT slow_double(x) FROM t WHERE x < 5")
+        .await
+        .unwrap();
+    assert_eq!(got, vec![Some(0), Some(2), Some(4), Some(6)]);
+}

@@ -34,6 +34,7 @@ use super::WorkerLimits;
 use super::cancel::CallCancel;
 use super::protocol::{self, HEADER, Reply};
 use super::shared::{BELL, HOST_SPIN, HostRegions, spin_until};
+use crate::async_udf::AsyncLimits;
 use crate::call_path::CallPath;
 use crate::ffi::PluginFunction;
 use crate::trust::Sha256Digest;
@@ -289,8 +290,54 @@ impl WorkerPool {
         returns: &DataType,
         cancel: Option<&CallCancel>,
     ) -> Result<ArrayRef, Fault> {
+        self.call_route(function, path, None, args, rows, returns, cancel)
+    }
+
+    /// Calls the asynchronous `function` over a whole batch in a worker, which makes the calls
+    /// as `limits` says (chunks, calls in flight, each call's time limit) and answers the batch;
+    /// the pool's call time limit bounds the whole batch.
+    pub(crate) fn call_async(
+        self: &Arc<Self>,
+        function: &PluginFunction,
+        args: &[(ArrayRef, bool)],
+        rows: usize,
+        returns: &DataType,
+        limits: &AsyncLimits,
+        cancel: Option<&CallCancel>,
+    ) -> Result<ArrayRef, Fault> {
+        self.call_route(
+            function,
+            CallPath::Batch,
+            Some(limits),
+            args,
+            rows,
+            returns,
+            cancel,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn call_route(
+        self: &Arc<Self>,
+        function: &PluginFunction,
+        path: CallPath,
+        asynchronous: Option<&AsyncLimits>,
+        args: &[(ArrayRef, bool)],
+        rows: usize,
+        returns: &DataType,
+        cancel: Option<&CallCancel>,
+    ) -> Result<ArrayRef, Fault> {
         let mut worker = self.checkout(cancel)?;
-        let result = worker.call(&self.spec, function, path, args, rows, returns, cancel);
+        let result = worker.call(
+            &self.spec,
+            function,
+            path,
+            asynchronous,
+            args,
+            rows,
+            returns,
+            cancel,
+        );
         match result {
             Ok(array) => {
                 self.checkin(worker);
@@ -560,6 +607,7 @@ impl Worker {
         spec: &WorkerSpec,
         function: &PluginFunction,
         path: CallPath,
+        asynchronous: Option<&AsyncLimits>,
         args: &[(ArrayRef, bool)],
         rows: usize,
         returns: &DataType,
@@ -567,7 +615,7 @@ impl Worker {
     ) -> Result<ArrayRef, Fault> {
         let deadline = Instant::now() + spec.call_timeout;
         self.regions
-            .write_call(function.index(), path, args, rows)
+            .write_call(function.index(), path, asynchronous, args, rows)
             .map_err(|e| Fault::Plugin(format!("cannot send the arguments to the worker: {e}")))?;
         let seq = match self.regions.publish(&self.channel) {
             Ok(seq) => seq,

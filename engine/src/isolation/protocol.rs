@@ -44,6 +44,7 @@ use datafusion::arrow::ipc::reader::StreamDecoder;
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::ipc::{self, MessageHeader, MetadataVersion, root_as_message};
 
+use crate::async_udf::AsyncLimits;
 use crate::call_path::CallPath;
 use crate::ffi::shm::RegionWriter;
 use crate::types::arrow::MAX_DEPTH;
@@ -179,18 +180,29 @@ pub(crate) fn encode_call<S: Sink>(
     out: &mut S,
     function: usize,
     path: CallPath,
+    asynchronous: Option<&AsyncLimits>,
     args: &[(ArrayRef, bool)],
     rows: usize,
 ) -> Result<(), String> {
     start_frame(out, CALL)?;
     put(out, &(function as u32).to_le_bytes())?;
-    put(
-        out,
-        &[match path {
-            CallPath::Row => 0,
-            CallPath::Batch => 1,
-        }],
-    )?;
+    match asynchronous {
+        // An asynchronous function's calls, made by the worker with these limits.
+        Some(limits) => {
+            put(out, &[ASYNC_PATH])?;
+            put(out, &(limits.max_in_flight as u32).to_le_bytes())?;
+            put(out, &(limits.chunk_rows as u32).to_le_bytes())?;
+            let ms = u64::try_from(limits.call_timeout.as_millis()).unwrap_or(u64::MAX);
+            put(out, &ms.to_le_bytes())?;
+        }
+        None => put(
+            out,
+            &[match path {
+                CallPath::Row => 0,
+                CallPath::Batch => 1,
+            }],
+        )?,
+    }
     put(out, &(rows as u64).to_le_bytes())?;
     put(out, &(args.len() as u16).to_le_bytes())?;
     for (i, (array, constant)) in args.iter().enumerate() {
@@ -205,11 +217,16 @@ pub(crate) fn encode_call<S: Sink>(
     finish_frame(out)
 }
 
+/// The path byte of a call of an asynchronous function (its limits follow).
+const ASYNC_PATH: u8 = 2;
+
 /// A decoded call request.
 #[derive(Debug)]
 pub(crate) struct Call {
     pub function: usize,
     pub path: CallPath,
+    /// The limits of an asynchronous function's calls (the worker makes them).
+    pub asynchronous: Option<AsyncLimits>,
     pub rows: usize,
     pub args: Vec<(ArrayRef, bool)>,
 }
@@ -255,9 +272,22 @@ pub(crate) fn decode_call(body: &Buffer) -> Result<Call, String> {
     let bytes = body.as_slice();
     let mut cursor = Cursor(&bytes[1..]);
     let function = cursor.u32()? as usize;
+    let mut asynchronous = None;
     let path = match cursor.u8()? {
         0 => CallPath::Row,
         1 => CallPath::Batch,
+        ASYNC_PATH => {
+            let max_in_flight = cursor.u32()? as usize;
+            let chunk_rows = cursor.u32()? as usize;
+            let ms = cursor.u64()?;
+            // Brought within the bounds every caller gets.
+            asynchronous = Some(AsyncLimits::new(
+                max_in_flight,
+                chunk_rows,
+                std::time::Duration::from_millis(ms),
+            ));
+            CallPath::Batch
+        }
         other => return Err(format!("unknown call path {other}")),
     };
     let rows = usize::try_from(cursor.u64()?)
@@ -285,6 +315,7 @@ pub(crate) fn decode_call(body: &Buffer) -> Result<Call, String> {
     Ok(Call {
         function,
         path,
+        asynchronous,
         rows,
         args,
     })
@@ -1180,7 +1211,7 @@ fn fuzz_seeds() -> Vec<Seed> {
     ] {
         let rows = args[0].0.len();
         let mut out = Vec::new();
-        if encode_call(&mut out, 1, CallPath::Batch, &args, rows).is_ok() {
+        if encode_call(&mut out, 1, CallPath::Batch, None, &args, rows).is_ok() {
             seeds.push(Seed {
                 body: out[HEADER..].to_vec(),
                 result: None,
@@ -1404,6 +1435,7 @@ mod tests {
             &mut out,
             7,
             CallPath::Batch,
+            None,
             &[(sliced.clone(), false), (constant.clone(), true)],
             3,
         )

@@ -36,6 +36,7 @@ use datafusion::arrow::buffer::Buffer;
 use datafusion::arrow::datatypes::DataType;
 
 use super::protocol::{self, HEADER, MAGIC};
+use crate::async_udf::AsyncLimits;
 use crate::call_path::CallPath;
 use crate::ffi::shm::{self, Region, RegionWriter};
 
@@ -130,11 +131,12 @@ impl HostRegions {
         &mut self,
         function: usize,
         path: CallPath,
+        asynchronous: Option<&AsyncLimits>,
         args: &[(ArrayRef, bool)],
         rows: usize,
     ) -> Result<(), String> {
         let mut out = RegionWriter::new(&mut self.input, CALL_AT);
-        protocol::encode_call(&mut out, function, path, args, rows)
+        protocol::encode_call(&mut out, function, path, asynchronous, args, rows)
     }
 
     /// Publishes the request written last, ringing the worker if it sleeps; its sequence

@@ -152,6 +152,35 @@ fn contain(options: &Options) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The calls of an asynchronous function over a batch, made here as the host would make them
+/// in-process (`async_udf::call_in_chunks`: chunks, calls in flight, each call's time limit), on
+/// a current-thread Tokio runtime of the worker's own (the plugin completes its calls from its
+/// threads; the runtime only waits).
+fn call_async(
+    function: &crate::ffi::PluginFunction,
+    args: &[(datafusion::arrow::array::ArrayRef, bool)],
+    rows: usize,
+    limits: &crate::async_udf::AsyncLimits,
+) -> Result<datafusion::arrow::array::ArrayRef, String> {
+    static RUNTIME: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    let runtime = RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .map_err(|e| format!("cannot start the worker's runtime: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)?;
+    let returns = function.signature().return_type.arrow_type();
+    runtime
+        .block_on(crate::async_udf::call_in_chunks(
+            function, args, rows, &returns, limits,
+        ))
+        .map_err(|failure| failure.to_string())
+}
+
 /// Answers requests until the host closes the channel: each request is read from the input
 /// region the host sent, and its reply written into the output region (see `shared`).
 fn serve(library: &std::sync::Arc<PluginLibrary>, channel: &mut UnixStream) -> ExitCode {
@@ -175,14 +204,19 @@ fn serve(library: &std::sync::Arc<PluginLibrary>, channel: &mut UnixStream) -> E
                 let function = functions
                     .get(call.function)
                     .ok_or_else(|| format!("no function #{} in the library", call.function))?;
-                let result = match call.path {
-                    CallPath::Batch => function.call_batch(&call.args, call.rows),
-                    CallPath::Row => function.call_rows(&call.args, call.rows),
+                let result = match (&call.asynchronous, call.path) {
+                    (Some(limits), _) => call_async(function, &call.args, call.rows, limits),
+                    (None, CallPath::Batch) => function
+                        .call_batch(&call.args, call.rows)
+                        .map_err(|e| e.to_string()),
+                    (None, CallPath::Row) => function
+                        .call_rows(&call.args, call.rows)
+                        .map_err(|e| e.to_string()),
                 };
                 drop(call);
                 match result {
                     Ok(array) => protocol::encode_result(&mut out, &array),
-                    Err(e) => protocol::encode_error(&mut out, &e.to_string()),
+                    Err(e) => protocol::encode_error(&mut out, &e),
                 }
             }),
             _ => Err("not a call request".to_string()),
