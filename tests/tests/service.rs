@@ -967,3 +967,55 @@ async fn queries_over_the_concurrency_limit_are_refused_at_once() {
     drop(c);
     server.stop().await;
 }
+
+/// An asynchronous function (`udf-plugins/http`) served with the service's defaults (process
+/// isolation: the worker makes the calls): answers from a local HTTP server, in row order, and
+/// an error naming the function and the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asynchronous_functions_are_served_isolated() {
+    let web = udf_tests::http_server::Server::start().await;
+    let plugins = tempfile::Builder::new()
+        .prefix("service-async-")
+        .tempdir_in(udf_tests::fixture_dir())
+        .unwrap();
+    udf_tests::set_mode(plugins.path(), 0o755);
+    let library = udf_tests::plugin("http");
+    let copy = plugins.path().join(library.file_name().unwrap());
+    std::fs::copy(&library, &copy).unwrap();
+    udf_tests::set_mode(&copy, 0o644);
+    let dir = plugins.path().to_path_buf();
+    let server = Server::start(|config| config.plugin_dirs = vec![dir]).await;
+    let client = reqwest::Client::new();
+    let sql = format!(
+        "SELECT v, http_get('{}' || v || '?delay_ms=30') AS body FROM (VALUES ('a'), ('b'), \
+         ('c'), ('d')) AS t(v) ORDER BY v",
+        web.url("/echo/")
+    );
+    let (status, rows) = post_sql(&client, &server, &sql).await;
+    assert_eq!(status, 200, "{rows}");
+    assert_eq!(
+        rows,
+        json!([
+            {"v": "a", "body": "a"},
+            {"v": "b", "body": "b"},
+            {"v": "c", "body": "c"},
+            {"v": "d", "body": "d"}
+        ])
+    );
+    assert!(
+        web.seen
+            .max_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 2
+    );
+    let missing = web.url("/status/404");
+    let (status, error) =
+        post_sql(&client, &server, &format!("SELECT http_get('{missing}')")).await;
+    assert_ne!(status, 200);
+    let message = error.to_string();
+    assert!(
+        message.contains("http_get") && message.contains("HTTP 404"),
+        "{message}"
+    );
+    server.stop().await;
+}
