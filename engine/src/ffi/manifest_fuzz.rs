@@ -1,5 +1,6 @@
 //! The manifest half of [`crate::types::fuzz`]: manifests built in memory, mutated field by
-//! field, and read by the host's manifest reader. It lives here because building a manifest
+//! field (the ABI 2.3 asynchronous entries and unload hook included), and read by the host's
+//! manifest reader. It lives here because building a manifest
 //! and handing its pointer to the reader is `unsafe`, which the host keeps inside `ffi`.
 
 use std::ffi::c_char;
@@ -38,6 +39,24 @@ unsafe extern "C" fn fixture_batch(
 
 unsafe extern "C" fn fixture_release(_bytes: UdfOwnedBytes) {}
 
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn fixture_start(
+    _args: *mut FFI_ArrowArray,
+    _schemas: *const FFI_ArrowSchema,
+    _is_scalar: *const u8,
+    _args_len: usize,
+    _num_rows: usize,
+    _completion: v2::UdfCompletion,
+    _call: u64,
+    _error: *mut UdfOwnedBytes,
+) -> i32 {
+    v2::status::ERROR
+}
+
+unsafe extern "C" fn fixture_cancel(_call: u64) {}
+
+unsafe extern "C" fn fixture_unload() {}
+
 /// How many functions a fixture manifest has room for.
 const ROOM: usize = 6;
 /// Bytes of every name buffer: more than the longest name the host reads, so that any name
@@ -54,6 +73,8 @@ struct Fixture {
     formats: Vec<Vec<*const c_char>>,
     functions: Vec<UdfFunction>,
     arrow: Vec<UdfArrowTypes>,
+    /// ABI 2.3 entries, one per function in room.
+    asyncs: Vec<v2::UdfAsyncFunction>,
     /// The manifest and room after it (for a `manifest_size` larger than this host's struct).
     manifest: Vec<UdfManifest>,
 }
@@ -70,6 +91,7 @@ impl Fixture {
             formats: Vec::new(),
             functions: Vec::new(),
             arrow: Vec::new(),
+            asyncs: Vec::new(),
             manifest: Vec::new(),
         };
         for f in 0..ROOM {
@@ -123,6 +145,20 @@ impl Fixture {
                 arg_formats: std::ptr::null(),
                 return_format,
             });
+            // About one function in three asynchronous, with limits of every size.
+            let asynchronous = rng.one_in(3);
+            fx.asyncs.push(v2::UdfAsyncFunction {
+                start: asynchronous.then_some(fixture_start as v2::AsyncStart),
+                cancel: (asynchronous && !rng.one_in(4))
+                    .then_some(fixture_cancel as v2::AsyncCancel),
+                max_in_flight: *rng.pick(&[0, 1, 64, u32::MAX]),
+                chunk_rows: *rng.pick(&[0, 1, 1000, u32::MAX]),
+            });
+            if asynchronous && rng.one_in(2) {
+                let function = fx.functions.last_mut().expect("just pushed");
+                function.call_row = None;
+                function.call_batch = None;
+            }
         }
         for f in 0..ROOM {
             fx.functions[f].name.ptr = fx.names[f].as_ptr();
@@ -137,8 +173,8 @@ impl Fixture {
                 functions_len: count,
                 release_bytes: Some(fixture_release),
                 arrow_types: fx.arrow.as_ptr(),
-                async_functions: std::ptr::null(),
-                unload: None,
+                async_functions: fx.asyncs.as_ptr(),
+                unload: rng.one_in(2).then_some(fixture_unload as v2::UnloadHook),
             };
             2
         ];
@@ -177,7 +213,7 @@ impl Fixture {
             1 << 40,
         ];
         let too_many_args = [udf_abi::MAX_ARGS + 1, usize::MAX, 1 << 40, 100_000];
-        match rng.below(22) {
+        match rng.below(25) {
             0 => version.minor = *rng.pick(&[0, 1, 2, 3, 99, u32::MAX]),
             1 => {
                 version.manifest_size = *rng.pick(&[
@@ -238,6 +274,27 @@ impl Fixture {
                 3 => self.arrow[f].arg_formats = std::ptr::null(),
                 _ => self.arrow[f].return_format = std::ptr::null(),
             },
+            21 => self.manifest[0].async_functions = std::ptr::null(),
+            22 => {
+                let entry = &mut self.asyncs[f];
+                match rng.below(4) {
+                    0 => entry.start = Some(fixture_start as v2::AsyncStart),
+                    1 => entry.start = None,
+                    2 => entry.cancel = None,
+                    _ => {
+                        entry.max_in_flight = rng.next_u64() as u32;
+                        entry.chunk_rows = rng.next_u64() as u32;
+                    }
+                }
+            }
+            23 => {
+                // Asynchronous, with synchronous entrypoints too (or none at all).
+                self.asyncs[f].start = Some(fixture_start as v2::AsyncStart);
+                if rng.one_in(2) {
+                    self.functions[f].call_row = None;
+                    self.functions[f].call_batch = None;
+                }
+            }
             19 | 20 => {
                 // A type string mutated byte by byte, at an argument or the result.
                 let mut bytes = random_type_string(rng).into_bytes();
