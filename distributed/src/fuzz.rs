@@ -106,6 +106,7 @@ fn seeds() -> Vec<Vec<u8>> {
                 max_in_flight: 64,
                 chunk_rows: 1,
                 call_timeout_ms: 30_000,
+                retries: 3,
             }),
             ..base.clone()
         },

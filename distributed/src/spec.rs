@@ -99,6 +99,9 @@ pub struct AsyncSpec {
     pub chunk_rows: usize,
     /// The time limit of one call, in milliseconds.
     pub call_timeout_ms: u64,
+    /// How many times a call that failed temporarily is started again (absent: none).
+    #[serde(default)]
+    pub retries: u32,
 }
 
 /// The worker limits of an isolated function.
@@ -161,6 +164,7 @@ impl PluginSpec {
             max_in_flight: limits.max_in_flight,
             chunk_rows: limits.chunk_rows,
             call_timeout_ms: u64::try_from(limits.call_timeout.as_millis()).unwrap_or(u64::MAX),
+            retries: limits.retries,
         });
         Ok(PluginSpec {
             sql_name: udf.name().to_string(),
@@ -378,6 +382,13 @@ impl PluginSpec {
                     udf_engine::MAX_CALL_TIMEOUT.as_millis() as u64,
                 ),
             ];
+            if asynchronous.retries > udf_engine::MAX_RETRIES {
+                return Err(refuse(format!(
+                    "asks for {} retries of an asynchronous function (at most {})",
+                    asynchronous.retries,
+                    udf_engine::MAX_RETRIES
+                )));
+            }
             for (what, value, max) in bounds {
                 if value == 0 || value > max {
                     return Err(refuse(format!(
@@ -462,6 +473,7 @@ impl PluginSpec {
                 a.chunk_rows,
                 Duration::from_millis(a.call_timeout_ms),
             )
+            .with_retries(a.retries)
         })
     }
 
@@ -565,6 +577,7 @@ mod tests {
             max_in_flight,
             chunk_rows,
             call_timeout_ms,
+            retries: 2,
         }
     }
 

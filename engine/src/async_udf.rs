@@ -34,6 +34,13 @@ pub const MAX_IN_FLIGHT: usize = 65_536;
 pub const MAX_CHUNK_ROWS: usize = 1 << 20;
 /// The longest call time limit, whoever asks: a day.
 pub const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(86_400);
+/// The most times a call that failed temporarily (`RETRY`) is started again, whoever asks.
+pub const MAX_RETRIES: u32 = 10;
+/// The wait before the first retry of a call; it doubles for each next one, up to
+/// [`MAX_RETRY_WAIT`].
+pub const FIRST_RETRY_WAIT: Duration = Duration::from_millis(20);
+/// The longest wait before a retry.
+pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(1);
 
 /// How many chunk futures of one batch exist at once, per call in flight: completed calls wait
 /// in this window for the calls before them (results are assembled in row order).
@@ -48,6 +55,10 @@ pub struct AsyncLimits {
     pub chunk_rows: usize,
     /// The time limit of one call; past it the query fails and the plugin is asked to cancel.
     pub call_timeout: Duration,
+    /// How many times a call that failed temporarily (completed with `RETRY`) is started
+    /// again, after 20 ms, 40 ms, ... (at most 1 s) without holding its in-flight permit; 0 by
+    /// default: a temporary failure fails the query like any error.
+    pub retries: u32,
     /// `max_in_flight` permits, shared by every query and partition using the function.
     pub(crate) permits: Arc<Semaphore>,
 }
@@ -72,8 +83,15 @@ impl AsyncLimits {
             max_in_flight,
             chunk_rows: chunk_rows.clamp(1, MAX_CHUNK_ROWS),
             call_timeout: call_timeout.clamp(Duration::from_millis(1), MAX_CALL_TIMEOUT),
+            retries: 0,
             permits: Arc::new(Semaphore::new(max_in_flight)),
         }
+    }
+
+    /// The same limits with `retries` retries of temporary failures (at most [`MAX_RETRIES`]).
+    pub fn with_retries(mut self, retries: u32) -> AsyncLimits {
+        self.retries = retries.min(MAX_RETRIES);
+        self
     }
 }
 
@@ -147,6 +165,8 @@ enum ChunkError {
     Timeout(Duration),
     Limit(String),
     Assemble(String),
+    /// Still a temporary failure after this many retries.
+    GaveUp(String, u32),
 }
 
 impl std::fmt::Display for ChunkFailure {
@@ -161,6 +181,16 @@ impl std::fmt::Display for ChunkFailure {
             ),
             ChunkError::Limit(e) => write!(f, "rows {start}..{end}: in-flight limit: {e}"),
             ChunkError::Assemble(e) => write!(f, "rows {start}..{end}: cannot assemble: {e}"),
+            ChunkError::GaveUp(e, 0) => write!(
+                f,
+                "rows {start}..{end}: {e} (a temporary failure; the function has no retries: \
+                 #retries=N)"
+            ),
+            ChunkError::GaveUp(e, n) => write!(
+                f,
+                "rows {start}..{end}: {e} (a temporary failure, still after {n} {})",
+                if *n == 1 { "retry" } else { "retries" }
+            ),
         }
     }
 }
@@ -216,19 +246,34 @@ async fn call_chunk(
         .iter()
         .map(|(a, scalar)| (a.slice(offset, len), *scalar))
         .collect();
-    let _permit = limits
-        .permits
-        .acquire()
-        .await
-        .map_err(|e| fail(ChunkError::Limit(e.to_string())))?;
-    let pending = function
-        .start_async(&chunk, len)
-        .map_err(|e| fail(ChunkError::Call(e)))?;
-    match tokio::time::timeout(limits.call_timeout, pending.finish(function, &chunk, len)).await {
-        Ok(result) => result.map_err(|e| fail(ChunkError::Call(e))),
-        // Dropping the pending call asks the plugin to cancel it.
-        Err(_) => Err(fail(ChunkError::Timeout(limits.call_timeout))),
+    let mut wait = FIRST_RETRY_WAIT;
+    for attempt in 0.. {
+        let permit = limits
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| fail(ChunkError::Limit(e.to_string())))?;
+        let pending = function
+            .start_async(&chunk, len)
+            .map_err(|e| fail(ChunkError::Call(e)))?;
+        let outcome =
+            tokio::time::timeout(limits.call_timeout, pending.finish(function, &chunk, len)).await;
+        drop(permit);
+        match outcome {
+            Ok(Ok(array)) => return Ok(array),
+            Ok(Err(crate::error::CallError::Retryable(message))) => {
+                if attempt >= limits.retries {
+                    return Err(fail(ChunkError::GaveUp(message, limits.retries)));
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(MAX_RETRY_WAIT);
+            }
+            Ok(Err(e)) => return Err(fail(ChunkError::Call(e))),
+            // Dropping the pending call asked the plugin to cancel it.
+            Err(_) => return Err(fail(ChunkError::Timeout(limits.call_timeout))),
+        }
     }
+    unreachable!("the loop returns")
 }
 
 /// The asynchronous plugin UDFs registered so far (weakly): DataFusion's `AsyncScalarUDF` does

@@ -305,21 +305,25 @@ impl Prepared {
         if target.max_in_flight.is_some()
             || target.chunk_rows.is_some()
             || target.call_timeout.is_some()
+            || target.retries.is_some()
         {
             let Some(limits) = udf.async_limits().cloned() else {
                 return Err(DdlError::BadTarget {
                     function: name,
                     target: stmt_target(stmt),
-                    reason: "max_in_flight, chunk_rows and call_timeout apply to asynchronous \
-                             functions only, and this function is synchronous"
+                    reason: "max_in_flight, chunk_rows, call_timeout and retries apply to \
+                             asynchronous functions only, and this function is synchronous"
                         .to_string(),
                 });
             };
-            udf = udf.with_async_limits(crate::AsyncLimits::new(
-                target.max_in_flight.unwrap_or(limits.max_in_flight),
-                target.chunk_rows.unwrap_or(limits.chunk_rows),
-                target.call_timeout.unwrap_or(limits.call_timeout),
-            ));
+            udf = udf.with_async_limits(
+                crate::AsyncLimits::new(
+                    target.max_in_flight.unwrap_or(limits.max_in_flight),
+                    target.chunk_rows.unwrap_or(limits.chunk_rows),
+                    target.call_timeout.unwrap_or(limits.call_timeout),
+                )
+                .with_retries(target.retries.unwrap_or(limits.retries)),
+            );
         }
         Ok(match pool {
             Some(pool) => udf.with_worker_pool(pool),
@@ -348,6 +352,9 @@ pub struct LibraryTarget {
     pub chunk_rows: Option<usize>,
     /// `#call_timeout=250ms` or `=30s` (asynchronous functions): the time limit of one call.
     pub call_timeout: Option<std::time::Duration>,
+    /// `#retries=N` (asynchronous functions): how many times a call that failed temporarily is
+    /// started again (0 to 10).
+    pub retries: Option<u32>,
 }
 
 /// A count option between 1 and `max`.
@@ -395,6 +402,7 @@ impl LibraryTarget {
             max_in_flight: None,
             chunk_rows: None,
             call_timeout: None,
+            retries: None,
         };
         for part in parts {
             if let Some((key, value)) = part.split_once('=') {
@@ -432,13 +440,26 @@ impl LibraryTarget {
                         target.call_timeout = Some(duration_option(key, value)?);
                         continue;
                     }
+                    "retries" if target.retries.is_some() => return twice(key),
+                    "retries" => {
+                        let max = crate::async_udf::MAX_RETRIES;
+                        target.retries =
+                            Some(value.parse::<u32>().ok().filter(|n| *n <= max).ok_or_else(
+                                || {
+                                    format!(
+                                        "{key}={value}: expected a whole number from 0 to {max}"
+                                    )
+                                },
+                            )?);
+                        continue;
+                    }
                     _ => {}
                 }
                 if !key.eq_ignore_ascii_case("sha256") {
                     return Err(format!(
                         "unknown option '{key}' (after '#' come a function name, sha256=<digest>, \
                          isolation=process|none, and for asynchronous functions max_in_flight=N, \
-                         chunk_rows=N and call_timeout=250ms|30s)"
+                         chunk_rows=N, call_timeout=250ms|30s and retries=N)"
                     ));
                 }
                 if target.sha256.is_some() {
@@ -700,6 +721,20 @@ mod tests {
         let t = LibraryTarget::parse("lib.so#call_timeout=30s").unwrap();
         assert_eq!(t.call_timeout, Some(std::time::Duration::from_secs(30)));
         assert_eq!(t.max_in_flight, None);
+        assert_eq!(t.retries, None);
+        for (n, want) in [("0", Some(0)), ("3", Some(3)), ("10", Some(10))] {
+            let t = LibraryTarget::parse(&format!("lib.so#retries={n}")).unwrap();
+            assert_eq!(t.retries, want);
+        }
+        for bad in ["lib.so#retries=11", "lib.so#retries=-1", "lib.so#retries=x"] {
+            let e = LibraryTarget::parse(bad).unwrap_err();
+            assert!(
+                e.contains("expected a whole number from 0 to 10"),
+                "{bad}: {e}"
+            );
+        }
+        let e = LibraryTarget::parse("lib.so#retries=1#retries=2").unwrap_err();
+        assert!(e.contains("given twice"), "{e}");
     }
 
     #[test]

@@ -310,6 +310,9 @@ pub enum CallError {
     /// The plugin returned `PluginResult::Err` with this message.
     #[error("{0}")]
     Plugin(String),
+    /// An asynchronous call completed with `RETRY`: a temporary failure, with its message.
+    #[error("{0} (a temporary failure)")]
+    Retryable(String),
     /// The plugin returned an error without a message (a null pointer).
     #[error("the plugin reported an error without a message (null error pointer)")]
     NullErrorMessage,
@@ -443,7 +446,9 @@ impl CallError {
     /// The class of this error.
     pub fn kind(&self) -> CallErrorKind {
         match self {
-            CallError::Plugin(_) | CallError::NullErrorMessage => CallErrorKind::Plugin,
+            CallError::Plugin(_) | CallError::Retryable(_) | CallError::NullErrorMessage => {
+                CallErrorKind::Plugin
+            }
             CallError::UnexpectedNull | CallError::UndeclaredNulls { .. } => {
                 CallErrorKind::UndeclaredNull
             }

@@ -40,7 +40,7 @@ mod udf;
 
 pub use async_udf::{
     AsyncLimits, DEFAULT_CALL_TIMEOUT, MAX_CALL_TIMEOUT, MAX_CHUNK_ROWS, MAX_IN_FLIGHT,
-    PluginUdfRef, plugin_udf_of,
+    MAX_RETRIES, PluginUdfRef, plugin_udf_of,
 };
 pub use call_path::CallPath;
 pub use catalog::{

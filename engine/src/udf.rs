@@ -97,11 +97,10 @@ impl PluginUdf {
     pub fn with_async_limits(mut self, limits: AsyncLimits) -> Self {
         if self.async_limits.is_some() {
             // Its own permits: the limit is per function.
-            self.async_limits = Some(AsyncLimits::new(
-                limits.max_in_flight,
-                limits.chunk_rows,
-                limits.call_timeout,
-            ));
+            self.async_limits = Some(
+                AsyncLimits::new(limits.max_in_flight, limits.chunk_rows, limits.call_timeout)
+                    .with_retries(limits.retries),
+            );
         }
         self
     }

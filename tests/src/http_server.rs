@@ -19,6 +19,8 @@ pub struct Seen {
     pub max_in_flight: AtomicUsize,
     /// Requests whose client closed the connection before the answer.
     pub abandoned: AtomicUsize,
+    /// Requests per `/flaky/KEY`.
+    pub attempts: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// A request being answered: counted in flight while it lives.
@@ -45,6 +47,7 @@ impl Drop for InFlight {
 ///   when the client closes the connection);
 /// * `/json/ID` — `{"id": ID, "name": "user-ID", "address": {"city": "cID"}, "n": 2*ID}`;
 /// * `/status/CODE` — an empty answer with that status;
+/// * `/flaky/KEY?fail=N` — 503 to the first `N` requests for `KEY`, then `KEY`;
 /// * `/big` — 2 MiB of `x`;
 /// * `/bytes` — a body that is not UTF-8.
 #[derive(Debug)]
@@ -128,6 +131,23 @@ async fn answer(mut stream: TcpStream, seen: Arc<Seen>) {
             id * 2
         );
         ("200 OK", json.into_bytes())
+    } else if let Some(key) = path.strip_prefix("/flaky/") {
+        let fail = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("fail="))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        let attempt = {
+            let mut attempts = seen.attempts.lock().unwrap();
+            let n = attempts.entry(key.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        if attempt <= fail {
+            ("503 Service Unavailable", Vec::new())
+        } else {
+            ("200 OK", key.as_bytes().to_vec())
+        }
     } else if let Some(code) = path.strip_prefix("/status/") {
         match code {
             "404" => ("404 Not Found", Vec::new()),

@@ -349,3 +349,69 @@ async fn a_dropped_library_stops_its_runtime_and_is_unmapped() {
     }
     std::fs::remove_file(&copy).ok();
 }
+
+/// Temporary failures (`udf_abi::Retryable`: HTTP 503 here) are retried as the function's
+/// `retries` say, and only those: the server counts the attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_failures_are_retried_as_many_times_as_allowed() {
+    let _serial = SERIAL.lock().await;
+    let server = Server::start().await;
+    let library = http_library();
+    let limits =
+        |retries| Some(AsyncLimits::new(4, 1, Duration::from_secs(30)).with_retries(retries));
+    // Each row fails twice, then answers: three retries are enough.
+    let ctx = session(
+        &library,
+        6,
+        |id| Some(server.url(&format!("/flaky/a{id}?fail=2"))),
+        limits(3),
+    );
+    let got = strings(&ctx, "SELECT http_get(url) FROM t").await.unwrap();
+    assert_eq!(
+        got,
+        (0..6).map(|id| Some(format!("a{id}"))).collect::<Vec<_>>()
+    );
+    assert_eq!(server.seen.requests.load(SeqCst), 18, "3 attempts per row");
+    // One retry is not enough: the error says so, with the last failure.
+    let ctx = session(
+        &library,
+        1,
+        |id| Some(server.url(&format!("/flaky/b{id}?fail=2"))),
+        limits(1),
+    );
+    let error = strings(&ctx, "SELECT http_get(url) FROM t")
+        .await
+        .unwrap_err();
+    assert!(
+        error.contains("plugin function http_get")
+            && error.contains("HTTP 503")
+            && error.contains("still after 1 retry"),
+        "{error}"
+    );
+    // Without retries (the default), a temporary failure fails at once, saying how to retry;
+    // an error that is not temporary is never retried.
+    let before = server.seen.requests.load(SeqCst);
+    let ctx = session(
+        &library,
+        1,
+        |id| Some(server.url(&format!("/flaky/c{id}?fail=1"))),
+        None,
+    );
+    let error = strings(&ctx, "SELECT http_get(url) FROM t")
+        .await
+        .unwrap_err();
+    assert!(error.contains("has no retries: #retries=N"), "{error}");
+    let ctx = session(&library, 1, |_| Some(server.url("/status/404")), limits(5));
+    let error = strings(&ctx, "SELECT http_get(url) FROM t")
+        .await
+        .unwrap_err();
+    assert!(
+        error.contains("HTTP 404") && !error.contains("retr"),
+        "{error}"
+    );
+    assert_eq!(
+        server.seen.requests.load(SeqCst),
+        before + 2,
+        "one attempt each"
+    );
+}

@@ -177,6 +177,7 @@ typedef enum UdfType {
 
 #define UDF_STATUS_OK 0            /* *out holds the result */
 #define UDF_STATUS_ERROR 1         /* *error holds a UTF-8 message */
+#define UDF_STATUS_RETRY 2         /* 2.3, async completions only: a temporary failure */
 
 typedef struct UdfAbiVersion {
     uint32_t major;                /* UDF_ABI_MAJOR the library was built with */
@@ -301,6 +302,9 @@ typedef struct UdfArrowTypes {
  *                       checked as a batch result. error: empty ({NULL, 0, 0}).
  *     UDF_STATUS_ERROR: error is the message (released through release_bytes); out and
  *                       out_schema may be NULL.
+ *     UDF_STATUS_RETRY: as UDF_STATUS_ERROR, for a temporary failure: the host starts the
+ *                       same rows again after a short wait when the function's retries allow
+ *                       it (#retries=N from SQL; none by default), else fails the query.
  *   Returns UDF_STATUS_ERROR with *error set when the call could not start: then complete must
  *   never be called for it.
  * cancel(call): optional. The query was cancelled or the call's time limit passed: stop early

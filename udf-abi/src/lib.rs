@@ -148,6 +148,27 @@ pub use {arrow_array, arrow_buffer, arrow_schema};
 
 use std::ffi::c_char;
 
+/// The error of a `#[udf(async)]` function for a **temporary** failure (a timeout, a refused
+/// connection, HTTP 503): the call completes with `RETRY`, and the host starts it again after a
+/// short wait when the function's retries allow it (`#retries=N` from SQL; none by default),
+/// else the query fails with the message. Use it as the error type, or convert into it:
+///
+/// ```text
+/// #[udf(async)]
+/// async fn lookup(key: &str) -> Result<String, Retryable<String>> { ... Err(Retryable(msg)) }
+/// ```
+///
+/// Its `Display` starts with a marker the SDK recognises (and removes): format the inner error
+/// (`.0`) for anything else. From a synchronous function it is an ordinary error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retryable<E>(pub E);
+
+impl<E: std::fmt::Display> std::fmt::Display for Retryable<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", export::RETRY_MARK, self.0)
+    }
+}
+
 /// Name of the v1 metadata symbol: `PluginMetadata plugin_metadata(void)`.
 pub const SYMBOL_METADATA: &str = "plugin_metadata";
 /// Name of the v1 row entrypoint symbol:

@@ -265,6 +265,11 @@ pub mod status {
     pub const OK: i32 = 0;
     /// `*error` holds a UTF-8 message (released through `release_bytes`).
     pub const ERROR: i32 = 1;
+    /// ABI 2.3, asynchronous completions only: a temporary failure (a timeout, a refused
+    /// connection, HTTP 503). `error` is the message, as for [`ERROR`]; the host starts the call
+    /// again when the function's retries allow it (`#retries=N`, none by default), else fails
+    /// the query with the message. Anywhere else it is an invalid status.
+    pub const RETRY: i32 = 2;
 }
 
 /// Evaluates a function for one row.
@@ -326,6 +331,8 @@ pub type BatchEntrypoint = unsafe extern "C" fn(
 ///   non-empty one is released).
 /// * [`status::ERROR`]: `error` is the message, released through `release_bytes`; `out` and
 ///   `out_schema` may be null (an array passed anyway is released).
+/// * [`status::RETRY`]: as `ERROR`, for a temporary failure the host may retry (a new `start`
+///   of the same rows, after a short wait) when the function's retries allow it.
 ///
 /// `context` is the host's and is passed back unchanged; the host never dereferences it as a
 /// pointer the plugin could have forged. `complete` returns promptly (it never waits for I/O or

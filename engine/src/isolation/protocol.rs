@@ -194,6 +194,7 @@ pub(crate) fn encode_call<S: Sink>(
             put(out, &(limits.chunk_rows as u32).to_le_bytes())?;
             let ms = u64::try_from(limits.call_timeout.as_millis()).unwrap_or(u64::MAX);
             put(out, &ms.to_le_bytes())?;
+            put(out, &limits.retries.to_le_bytes())?;
         }
         None => put(
             out,
@@ -280,12 +281,16 @@ pub(crate) fn decode_call(body: &Buffer) -> Result<Call, String> {
             let max_in_flight = cursor.u32()? as usize;
             let chunk_rows = cursor.u32()? as usize;
             let ms = cursor.u64()?;
+            let retries = cursor.u32()?;
             // Brought within the bounds every caller gets.
-            asynchronous = Some(AsyncLimits::new(
-                max_in_flight,
-                chunk_rows,
-                std::time::Duration::from_millis(ms),
-            ));
+            asynchronous = Some(
+                AsyncLimits::new(
+                    max_in_flight,
+                    chunk_rows,
+                    std::time::Duration::from_millis(ms),
+                )
+                .with_retries(retries),
+            );
             CallPath::Batch
         }
         other => return Err(format!("unknown call path {other}")),

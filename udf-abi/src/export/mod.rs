@@ -240,6 +240,18 @@ fn panicked(panic: Box<dyn std::any::Any + Send>) -> String {
     format!("panicked: {}", panic_message(panic.as_ref()))
 }
 
+/// What [`Retryable`](crate::Retryable)'s `Display` starts with: the SDK completes an
+/// asynchronous call whose error message starts with it with `RETRY` (and removes it).
+pub const RETRY_MARK: &str = "\u{1}udf-retry\u{1}";
+
+/// `message` without the retry marker, and whether it had one.
+pub(crate) fn take_retry_mark(message: String) -> (String, bool) {
+    match message.strip_prefix(RETRY_MARK) {
+        Some(rest) => (rest.to_string(), true),
+        None => (message, false),
+    }
+}
+
 /// Hands an error message to the host through `error`, and returns the ERROR status.
 ///
 /// # Safety
@@ -248,6 +260,8 @@ fn panicked(panic: Box<dyn std::any::Any + Send>) -> String {
 #[cold]
 #[inline(never)]
 unsafe fn write_error(error: *mut UdfOwnedBytes, message: String) -> i32 {
+    // A synchronous call has no retries: a retryable error is an ordinary one.
+    let (message, _) = take_retry_mark(message);
     // SAFETY: the caller's promise.
     unsafe { error.write(owned_bytes(message.into_bytes())) };
     status::ERROR
@@ -296,6 +310,27 @@ mod tests {
         assert!(!std::mem::needs_drop::<
             std::cell::Cell<Option<PanicLocation>>,
         >());
+    }
+
+    #[test]
+    fn a_retryable_error_of_a_synchronous_call_is_an_ordinary_error() {
+        let mut out = UdfValue::NULL;
+        let mut error = UdfOwnedBytes::EMPTY;
+        // SAFETY: no arguments; `out` and `error` are valid for writes.
+        let status = unsafe {
+            call_row(std::ptr::null(), 0, 0, &mut out, &mut error, |_| {
+                Err::<UdfValue, String>(crate::Retryable("busy").to_string())
+            })
+        };
+        assert_eq!(status, status::ERROR);
+        // SAFETY: bytes made by `owned_bytes`, taken back once.
+        let bytes = unsafe { Vec::from_raw_parts(error.ptr, error.len, error.capacity) };
+        assert_eq!(String::from_utf8(bytes).unwrap(), "busy");
+        assert_eq!(
+            take_retry_mark(crate::Retryable(7).to_string()),
+            ("7".to_string(), true)
+        );
+        assert_eq!(take_retry_mark("7".into()), ("7".to_string(), false));
     }
 
     #[test]

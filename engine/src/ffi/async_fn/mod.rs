@@ -222,6 +222,10 @@ impl PendingCall {
                 Some(message) => CallError::Plugin(message),
                 None => CallError::NullErrorMessage,
             }),
+            v2::status::RETRY => Err(match outcome.message? {
+                Some(message) => CallError::Retryable(message),
+                None => CallError::NullErrorMessage,
+            }),
             other => Err(CallError::InvalidStatus(other)),
         }
     }

@@ -283,11 +283,17 @@ fn complete(completion: UdfCompletion, result: Result<ArrayRef, String>, t: UdfT
             };
         }
         Err(message) => {
+            let (message, retryable) = super::take_retry_mark(message);
+            let status = if retryable {
+                status::RETRY
+            } else {
+                status::ERROR
+            };
             // SAFETY: as above; the message is released by the host through `release_bytes`.
             unsafe {
                 complete(
                     completion.context,
-                    status::ERROR,
+                    status,
                     std::ptr::null_mut(),
                     std::ptr::null_mut(),
                     owned_bytes(message.into_bytes()),
