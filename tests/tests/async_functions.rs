@@ -520,3 +520,65 @@ async fn isolated_asynchronous_functions_run_their_calls_in_the_worker() {
         .unwrap();
     assert_eq!(got, vec![Some(0), Some(2), Some(4), Some(6)]);
 }
+
+/// The C example with a thread pool (`tests/fixtures/c/async_pool.c`): the library's own limits
+/// are the defaults, its temporary failure is retried, NULL rows stay NULL, an error names the
+/// value, and dropping the library joins its threads (the unload hook).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_c_thread_pool_example_answers_and_retries() {
+    let _serial = SERIAL.lock().await;
+    let library = PluginLibrary::load(c_library("async_pool", "async_pool.c", &[])).unwrap();
+    let defaults = library
+        .function_named("pool_lookup")
+        .unwrap()
+        .async_defaults()
+        .unwrap();
+    assert_eq!((defaults.max_in_flight, defaults.chunk_rows), (16, 8));
+    let defaults = AsyncLimits::from_defaults(defaults);
+    assert_eq!((defaults.max_in_flight, defaults.chunk_rows), (16, 8));
+    let ctx = session(&library, 100, Some(defaults.with_retries(1)));
+    let got = column(&ctx, "SELECT pool_lookup(x) FROM t").await.unwrap();
+    assert_eq!(
+        got,
+        (0..100).map(|x| 10 * x).collect::<Vec<_>>(),
+        "13 retried"
+    );
+    let batches = ctx
+        .sql("SELECT pool_lookup(CASE WHEN x % 3 = 0 THEN NULL ELSE x END) AS v FROM t")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let values: Vec<Option<i64>> = batches
+        .iter()
+        .flat_map(|b| {
+            let c = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            c.iter().collect::<Vec<_>>()
+        })
+        .collect();
+    let want: Vec<Option<i64>> = (0..100).map(|x| (x % 3 != 0).then_some(10 * x)).collect();
+    assert_eq!(values, want);
+    let e = column(&ctx, "SELECT pool_lookup(x - 50) FROM t")
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("plugin function pool_lookup") && e.contains("no entry for -"),
+        "{e}"
+    );
+    // Unmapped once dropped: the unload hook returned, so the pool's threads were joined.
+    let path = library.path().to_string_lossy().into_owned();
+    drop(ctx);
+    drop(library);
+    let mapped = || {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(&path))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while mapped() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!mapped(), "{path} is unmapped after its unload hook");
+}

@@ -415,3 +415,39 @@ async fn temporary_failures_are_retried_as_many_times_as_allowed() {
         "one attempt each"
     );
 }
+
+/// A query dropped by its caller (what Ctrl-C in the shell and the service's time limit do)
+/// cancels its outstanding calls: the plugin's requests are closed at the server at once, long
+/// before their answers would come, and the library can be dropped afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_query_closes_its_requests_at_the_server() {
+    let _serial = SERIAL.lock().await;
+    let server = Server::start().await;
+    let library = http_library();
+    let ctx = session(
+        &library,
+        6,
+        |id| Some(server.url(&format!("/echo/{id}?delay_ms=30000"))),
+        Some(AsyncLimits::new(4, 1, Duration::from_secs(60))),
+    );
+    let started = Instant::now();
+    let query = strings(&ctx, "SELECT http_get(url) FROM t");
+    let outcome = tokio::time::timeout(Duration::from_millis(500), query).await;
+    assert!(outcome.is_err(), "the query is still waiting after 500 ms");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.seen.abandoned.load(SeqCst) < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        server.seen.abandoned.load(SeqCst),
+        4,
+        "the 4 requests in flight were closed (requests seen: {})",
+        server.seen.requests.load(SeqCst)
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert_eq!(
+        server.seen.requests.load(SeqCst),
+        4,
+        "no call started after the drop"
+    );
+}
