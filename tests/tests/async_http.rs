@@ -451,3 +451,39 @@ async fn a_dropped_query_closes_its_requests_at_the_server() {
         "no call started after the drop"
     );
 }
+
+/// The vectorised form (`#[udf(async, vectorized)]`, `http_status`): whole columns per call
+/// (the library asks for 64 rows per call), the requests of a call sent at once, NULLs kept,
+/// answers in row order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vectorised_form_takes_whole_columns() {
+    let _serial = SERIAL.lock().await;
+    let server = Server::start().await;
+    let library = http_library();
+    let function = library.function_named("http_status").unwrap();
+    let defaults = function.async_defaults().unwrap();
+    assert_eq!((defaults.max_in_flight, defaults.chunk_rows), (0, 64));
+    let path = |id: i64| match id % 4 {
+        0 => Some(format!("/echo/v{id}?delay_ms=150")),
+        1 => Some("/status/404?delay_ms=150".to_string()),
+        2 => Some("/status/503?delay_ms=150".to_string()),
+        _ => None,
+    };
+    let ctx = session(&library, 100, |id| path(id).map(|p| server.url(&p)), None);
+    let got = strings(&ctx, "SELECT http_status(url) FROM t").await.unwrap();
+    let want: Vec<Option<String>> = (0..100)
+        .map(|id| match id % 4 {
+            0 => Some("200".to_string()),
+            1 => Some("404".to_string()),
+            2 => Some("503".to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(server.seen.requests.load(SeqCst), 75, "no request for a NULL");
+    assert_eq!(
+        server.seen.max_in_flight.load(SeqCst),
+        75,
+        "two calls (64 + 36 rows), every request of both at once"
+    );
+}

@@ -176,13 +176,6 @@ fn parse_options(attr: TokenStream2) -> Result<Options, Error> {
              (`#[udf(async, ...)]` on an `async fn`)",
         ));
     }
-    if options.is_async && options.vectorized {
-        return Err(Error::new(
-            Span::call_site(),
-            "`#[udf(async)]` functions are row by row (one future per row); `vectorized` is not \
-             supported with `async`",
-        ));
-    }
     if options.returns.is_some() && !options.vectorized {
         return Err(Error::new(
             Span::call_site(),
@@ -426,7 +419,19 @@ fn expand_async(options: Options, function: ItemFn) -> Result<TokenStream2, Erro
 /// is an array type or `Result<A, E: Display>`, with `returns = "..."` where needed.
 fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStream2, Error> {
     let sig = &mut function.sig;
-    check_signature(sig)?;
+    if options.is_async {
+        if sig.asyncness.is_none() {
+            return Err(Error::new_spanned(
+                sig.fn_token,
+                "`#[udf(async)]` goes on an `async fn`",
+            ));
+        }
+        let mut plain = sig.clone();
+        plain.asyncness = None;
+        check_signature(&plain)?;
+    } else {
+        check_signature(sig)?;
+    }
     let ident = sig.ident.clone();
     let mut arrays: Vec<Type> = Vec::new();
     let mut formats: Vec<TokenStream2> = Vec::new();
@@ -498,6 +503,101 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
     let indices: Vec<usize> = (0..count).collect();
     let names: Vec<_> = (0..count).map(|i| format_ident!("__udf_arg{i}")).collect();
     let batch_entry = format_ident!("__udf_batch_{}", ident);
+    if options.is_async {
+        let start_entry = format_ident!("__udf_async_start_{}", ident);
+        let max_in_flight = options.max_in_flight;
+        let chunk_rows = options.chunk_rows;
+        return Ok(quote! {
+            #function
+
+            const _: () = {
+                const _: () = ::udf_abi::export::async_fn::require_async_feature::<()>();
+                const __UDF_ARG_CSTRS: [&::std::ffi::CStr; #count] = [#(#formats),*];
+                const __UDF_RETURN_CSTR: &::std::ffi::CStr = #return_format;
+                static __UDF_ARG_TYPES: [u32; #count] = [::udf_abi::v2::TYPE_ARROW; #count];
+                static __UDF_ARG_NULLABLE: [u8; #count] = [1; #count];
+                static __UDF_ARG_FORMATS: [::udf_abi::export::arrow::TypeString; #count] =
+                    [#(::udf_abi::export::arrow::TypeString::new(__UDF_ARG_CSTRS[#indices])),*];
+                static __UDF_RETURN_FORMAT: ::udf_abi::export::arrow::TypeString =
+                    ::udf_abi::export::arrow::TypeString::new(__UDF_RETURN_CSTR);
+
+                fn __udf_types() -> ::udf_abi::export::arrow::DeclaredTypes {
+                    ::udf_abi::export::arrow::declared_types(&__UDF_ARG_CSTRS, __UDF_RETURN_CSTR)
+                }
+
+                #[allow(clippy::too_many_arguments)]
+                unsafe extern "C" fn #start_entry(
+                    args: *mut ::udf_abi::v2::FFI_ArrowArray,
+                    _schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
+                    is_scalar: *const u8,
+                    args_len: usize,
+                    num_rows: usize,
+                    completion: ::udf_abi::v2::UdfCompletion,
+                    call: u64,
+                    error: *mut ::udf_abi::v2::UdfOwnedBytes,
+                ) -> i32 {
+                    // SAFETY: the host calls this entrypoint with the guarantees of
+                    // `udf_abi::export::async_fn::start_vectorized`.
+                    unsafe {
+                        ::udf_abi::export::async_fn::start_vectorized(
+                            args,
+                            is_scalar,
+                            args_len,
+                            num_rows,
+                            completion,
+                            call,
+                            error,
+                            __udf_types,
+                            |__udf_cols: ::std::sync::Arc<
+                                ::std::vec::Vec<::udf_abi::export::arrow::ArrayRef>,
+                            >,
+                             _: usize| async move {
+                                #(
+                                    let #names = ::udf_abi::export::arrow::argument::<#arrays>(
+                                        &__udf_cols, #indices,
+                                    )?;
+                                )*
+                                ::udf_abi::export::arrow::IntoArrayResult::into_array_result(
+                                    #ident(#(#names),*).await,
+                                )
+                            },
+                        )
+                    }
+                }
+
+                #[::udf_abi::export::linkme::distributed_slice(::udf_abi::export::FUNCTIONS)]
+                #[linkme(crate = ::udf_abi::export::linkme)]
+                static __UDF_FUNCTION: ::udf_abi::export::ExportedFunction =
+                    ::udf_abi::export::ExportedFunction::asynchronous_arrow(
+                        #sql_name,
+                        &__UDF_ARG_TYPES,
+                        &__UDF_ARG_NULLABLE,
+                        #volatility,
+                    );
+
+                #[::udf_abi::export::linkme::distributed_slice(::udf_abi::export::ARROW_TYPES)]
+                #[linkme(crate = ::udf_abi::export::linkme)]
+                static __UDF_ARROW_TYPES: ::udf_abi::export::ExportedArrowTypes =
+                    ::udf_abi::export::ExportedArrowTypes::new(
+                        #sql_name,
+                        &__UDF_ARG_FORMATS,
+                        &__UDF_RETURN_FORMAT,
+                    );
+
+                #[::udf_abi::export::linkme::distributed_slice(
+                    ::udf_abi::export::async_fn::ASYNC_FUNCTIONS
+                )]
+                #[linkme(crate = ::udf_abi::export::linkme)]
+                static __UDF_ASYNC: ::udf_abi::export::async_fn::ExportedAsync =
+                    ::udf_abi::export::async_fn::ExportedAsync::new(
+                        #sql_name,
+                        #start_entry,
+                        #max_in_flight,
+                        #chunk_rows,
+                    );
+            };
+        });
+    }
     Ok(quote! {
         #function
 

@@ -6,6 +6,8 @@
 //! * `http_get_json(url, pointer)` — the value at a JSON pointer (RFC 6901, e.g. `/city/name`)
 //!   in the JSON body: a string as itself, any other value as JSON text, NULL when the pointer
 //!   finds nothing. The same limits; a body that is not JSON is an error.
+//! * `http_status(url)` — the HTTP status code of a `GET` (NULL for a NULL url): the vectorised
+//!   form (`#[udf(async, vectorized)]`), one call per 64 rows, whose requests it sends at once.
 //!
 //! A temporary failure (a refused or reset connection, a request past [`TIMEOUT`], HTTP 429, 502,
 //! 503 or 504) is [`Retryable`]: the host starts the call again when the function has retries
@@ -122,4 +124,29 @@ async fn http_get_json(url: &str, pointer: &str) -> Result<Option<String>, Error
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     }))
+}
+
+/// `http_status(url)`: the status code of `GET url`, over a whole column per call.
+#[udf(async, vectorized, volatility = "volatile", chunk_rows = 64)]
+async fn http_status(
+    urls: &udf_abi::arrow_array::StringArray,
+) -> Result<udf_abi::arrow_array::Int32Array, Error> {
+    let client = client()?;
+    let requests = urls.iter().map(|url| {
+        let client = client.clone();
+        async move {
+            let Some(url) = url else {
+                return Ok(None);
+            };
+            let response = client
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| request_error(url, &e))?;
+            Ok(Some(i32::from(response.status().as_u16())))
+        }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    let statuses: Vec<Option<i32>> = statuses.into_iter().collect::<Result<_, Error>>()?;
+    Ok(statuses.into())
 }

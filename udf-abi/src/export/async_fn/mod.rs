@@ -57,6 +57,31 @@ impl ExportedAsync {
 }
 
 impl ExportedFunction {
+    /// The descriptor of an asynchronous function over Arrow types (`#[udf(async,
+    /// vectorized)]`): its types in its [`ExportedArrowTypes`](super::ExportedArrowTypes)
+    /// entry, every argument taking NULLs, the result possibly NULL.
+    pub const fn asynchronous_arrow(
+        name: &'static str,
+        arg_types: &'static [u32],
+        arg_nullable: &'static [u8],
+        volatility: u32,
+    ) -> ExportedFunction {
+        ExportedFunction(crate::v2::UdfFunction {
+            name: UdfBytes {
+                ptr: name.as_ptr(),
+                len: name.len(),
+            },
+            arg_types: arg_types.as_ptr(),
+            arg_nullable: arg_nullable.as_ptr(),
+            args_len: arg_types.len(),
+            return_type: crate::v2::TYPE_ARROW,
+            return_nullable: 1,
+            volatility,
+            call_row: None,
+            call_batch: None,
+        })
+    }
+
     /// The descriptor of an asynchronous function: no row or batch entrypoint (the host calls
     /// the start entrypoint of its [`ExportedAsync`] entry).
     pub const fn asynchronous(
@@ -102,6 +127,16 @@ impl AsyncFeature for () {}
 /// A compile-time check the generated code makes: fails to compile without the `async` feature,
 /// with a message that says so.
 pub const fn require_async_feature<T: AsyncFeature>() {}
+
+/// The result type a call's column must have: a tagged type (row-by-row `#[udf(async)]`) or an
+/// Arrow type (`#[udf(async, vectorized)]`).
+#[derive(Debug, Clone)]
+pub enum Declared {
+    /// A tagged type.
+    Tagged(UdfType),
+    /// An Arrow type.
+    Arrow(arrow_schema::DataType),
+}
 
 /// A call's future: the assembled result column, or the error that fails the call.
 pub type CallFuture = std::pin::Pin<Box<dyn Future<Output = Result<ArrayRef, String>> + Send>>;
@@ -165,7 +200,69 @@ where
         // SAFETY: as above.
         Err(panic) => return unsafe { write_error(error, panicked(panic)) },
     };
-    match submit(call, future, completion, return_type) {
+    match submit(call, future, completion, Declared::Tagged(return_type)) {
+        Ok(()) => status::OK,
+        // SAFETY: as above.
+        Err(message) => unsafe { write_error(error, message) },
+    }
+}
+
+/// The body of every start entrypoint `#[udf(async, vectorized)]` generates: imports the
+/// arguments (of the Arrow types `types` declares, constants repeated to the call's rows), makes
+/// the call's future (`f(columns, rows)`, its result checked against the declared type and the
+/// rows) and hands it to the library's runtime; as [`start`] otherwise.
+///
+/// # Safety
+///
+/// As for [`start`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn start_vectorized<F, Fut>(
+    args: *mut FFI_ArrowArray,
+    is_scalar: *const u8,
+    args_len: usize,
+    num_rows: usize,
+    completion: UdfCompletion,
+    call: u64,
+    error: *mut UdfOwnedBytes,
+    types: fn() -> crate::export::arrow::DeclaredTypes,
+    f: F,
+) -> i32
+where
+    F: FnOnce(Arc<Vec<ArrayRef>>, usize) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<ArrayRef, String>> + Send + 'static,
+{
+    if error.is_null() {
+        return status::ERROR;
+    }
+    install_quiet_panic_hook();
+    let prepared = catch_unwind(AssertUnwindSafe(
+        || -> Result<(CallFuture, arrow_schema::DataType), String> {
+            if completion.complete.is_none() {
+                return Err("the host passed no completion function".to_string());
+            }
+            let (arg_types, return_type) = types()?;
+            // SAFETY: the caller's promise, passed on.
+            let columns = Arc::new(unsafe {
+                crate::export::arrow::import_columns(args, is_scalar, args_len, num_rows, arg_types)
+            }?);
+            let t = return_type.clone();
+            let future: CallFuture = Box::pin(async move {
+                let array = f(columns, num_rows).await?;
+                crate::export::arrow::check_result(&array, &t, num_rows)?;
+                Ok(array)
+            });
+            Ok((future, return_type))
+        },
+    ));
+    let (future, return_type) = match prepared {
+        Ok(Ok(prepared)) => prepared,
+        // SAFETY: `error` is non-null (checked above) and valid for writes (the caller's
+        // promise).
+        Ok(Err(message)) => return unsafe { write_error(error, message) },
+        // SAFETY: as above.
+        Err(panic) => return unsafe { write_error(error, panicked(panic)) },
+    };
+    match submit(call, future, completion, Declared::Arrow(return_type)) {
         Ok(()) => status::OK,
         // SAFETY: as above.
         Err(message) => unsafe { write_error(error, message) },
@@ -217,7 +314,7 @@ where
 }
 
 #[cfg(not(feature = "async"))]
-fn submit(_: u64, _: CallFuture, _: UdfCompletion, _: UdfType) -> Result<(), String> {
+fn submit(_: u64, _: CallFuture, _: UdfCompletion, _: Declared) -> Result<(), String> {
     Err("udf-abi was built without its `async` feature".to_string())
 }
 
@@ -246,12 +343,47 @@ pub unsafe extern "C" fn udfsql_unload() {
     runtime::stop();
 }
 
+/// [`complete`] for an Arrow type `t`: the column exported as arrow-rs exports it.
+#[cfg_attr(not(feature = "async"), allow(dead_code))]
+fn complete_arrow(
+    completion: UdfCompletion,
+    result: Result<ArrayRef, String>,
+    t: &arrow_schema::DataType,
+) {
+    let exported = result.and_then(|array| {
+        let schema = FFI_ArrowSchema::try_from(t).map_err(|e| e.to_string())?;
+        Ok((FFI_ArrowArray::new(&array.to_data()), schema))
+    });
+    match exported {
+        Ok((mut out, mut out_schema)) => {
+            if let Some(complete) = completion.complete {
+                // SAFETY: as in `complete`: the host's completion, once, with valid arrays it
+                // moves out (what it leaves is released when they drop here).
+                unsafe {
+                    complete(
+                        completion.context,
+                        status::OK,
+                        &mut out,
+                        &mut out_schema,
+                        UdfOwnedBytes::EMPTY,
+                    )
+                };
+            }
+        }
+        Err(message) => complete(completion, Err(message), Declared::Tagged(UdfType::Int64)),
+    }
+}
+
 /// Hands an outcome to the host's completion: the column (of the declared type `t`, moved to
 /// the host) or the error message.
 #[cfg_attr(not(feature = "async"), allow(dead_code))]
-fn complete(completion: UdfCompletion, result: Result<ArrayRef, String>, t: UdfType) {
+fn complete(completion: UdfCompletion, result: Result<ArrayRef, String>, t: Declared) {
     let Some(complete) = completion.complete else {
         return;
+    };
+    let t = match t {
+        Declared::Tagged(t) => t,
+        Declared::Arrow(t) => return complete_arrow(completion, result, &t),
     };
     let declared = batch::arrow_type(t);
     let result = result.and_then(|array| {

@@ -22,11 +22,11 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use futures_util::FutureExt;
 use futures_util::future::{AbortHandle, AbortRegistration, Abortable};
 
-use super::{CallFuture, complete};
+use super::{CallFuture, Declared, complete};
 use std::panic::AssertUnwindSafe;
 
 use crate::export::panicked;
-use crate::v2::{UdfCompletion, UdfType};
+use crate::v2::UdfCompletion;
 
 /// A completion to call from a thread of the runtime.
 struct Completion(UdfCompletion);
@@ -41,7 +41,7 @@ struct Started {
     future: CallFuture,
     registration: AbortRegistration,
     completion: Completion,
-    return_type: UdfType,
+    return_type: Declared,
 }
 
 enum Job {
@@ -76,7 +76,7 @@ pub(super) fn submit(
     call: u64,
     future: CallFuture,
     completion: UdfCompletion,
-    return_type: UdfType,
+    return_type: Declared,
 ) -> Result<(), String> {
     let mut shared = shared();
     if shared.thread.is_none() {
@@ -226,7 +226,7 @@ fn finish(
     call: u64,
     completion: Completion,
     result: Result<arrow_array::ArrayRef, String>,
-    return_type: UdfType,
+    return_type: Declared,
 ) {
     shared().calls.remove(&call);
     complete(completion.0, result, return_type);

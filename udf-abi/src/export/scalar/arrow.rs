@@ -173,6 +173,78 @@ pub fn declared_types(arg_formats: &[&CStr], return_format: &CStr) -> DeclaredTy
     Ok((args, declared(return_format)?))
 }
 
+/// Imports the argument arrays of a function with Arrow types (of the declared `arg_types`),
+/// constants repeated to `num_rows` rows.
+///
+/// # Safety
+///
+/// `args` and `is_scalar` must hold `args_len` arrays and flags as the host passes them to a
+/// [`BatchEntrypoint`](crate::v2::BatchEntrypoint), each array of its declared type; the arrays
+/// are moved out.
+pub(crate) unsafe fn import_columns(
+    args: *mut FFI_ArrowArray,
+    is_scalar: *const u8,
+    args_len: usize,
+    num_rows: usize,
+    arg_types: Vec<DataType>,
+) -> Result<Vec<ArrayRef>, String> {
+    if args_len != arg_types.len() {
+        return Err(format!(
+            "expected {} arguments, got {args_len}",
+            arg_types.len()
+        ));
+    }
+    if args_len > 0 && (args.is_null() || is_scalar.is_null()) {
+        return Err("null argument arrays".to_string());
+    }
+    let mut columns = Vec::with_capacity(args_len);
+    for (i, t) in arg_types.into_iter().enumerate() {
+        // SAFETY: `i < args_len`, and the host passes that many arrays and flags; `from_raw`
+        // moves the array out (the C Data Interface's move semantics the ABI prescribes).
+        let (array, scalar) = unsafe {
+            (
+                FFI_ArrowArray::from_raw(args.add(i)),
+                *is_scalar.add(i) != 0,
+            )
+        };
+        // SAFETY: ABI 2.2 says an argument of an Arrow type is an array of exactly that type.
+        let data = unsafe { from_ffi_and_data_type(array, t) }
+            .map_err(|e| format!("argument {}: {e}", i + 1))?;
+        let array = make_array(data);
+        let needed = if scalar { 1 } else { num_rows };
+        if array.len() < needed {
+            return Err(format!(
+                "argument {} has {} rows, {needed} expected",
+                i + 1,
+                array.len()
+            ));
+        }
+        columns.push(if scalar && num_rows != 1 {
+            repeat(&array, num_rows).map_err(|e| format!("argument {}: {e}", i + 1))?
+        } else {
+            array.slice(0, num_rows)
+        });
+    }
+    Ok(columns)
+}
+
+/// Whether a vectorised function's result is of its declared type `t` and has `num_rows` rows.
+pub(crate) fn check_result(array: &ArrayRef, t: &DataType, num_rows: usize) -> Result<(), String> {
+    if !array.data_type().equals_datatype(t) {
+        return Err(format!(
+            "the function returned an array of type {}, it declares {t}",
+            array.data_type()
+        ));
+    }
+    if array.len() != num_rows {
+        return Err(format!(
+            "the function returned {} rows for a batch of {num_rows}",
+            array.len()
+        ));
+    }
+    Ok(())
+}
+
 /// The body of every generated batch entrypoint of a function with Arrow types: `types` are its
 /// declared argument and result types (`declared_types`, or the Rust types' `data_type()`s), and
 /// `kernel` computes the result column from the argument columns and the number of rows.
@@ -199,57 +271,11 @@ pub unsafe fn call_vectorized(
     install_quiet_panic_hook();
     let result = catch_unwind(AssertUnwindSafe(|| {
         let (arg_types, return_type) = types()?;
-        if args_len != arg_types.len() {
-            return Err(format!(
-                "expected {} arguments, got {args_len}",
-                arg_types.len()
-            ));
-        }
-        if args_len > 0 && (args.is_null() || is_scalar.is_null()) {
-            return Err("null argument arrays".to_string());
-        }
-        let mut columns = Vec::with_capacity(args_len);
-        for (i, t) in arg_types.into_iter().enumerate() {
-            // SAFETY: `i < args_len`, and the host passes that many arrays and flags; `from_raw`
-            // moves the array out (the C Data Interface's move semantics the ABI prescribes).
-            let (array, scalar) = unsafe {
-                (
-                    FFI_ArrowArray::from_raw(args.add(i)),
-                    *is_scalar.add(i) != 0,
-                )
-            };
-            // SAFETY: ABI 2.2 says an argument of an Arrow type is an array of exactly that type.
-            let data = unsafe { from_ffi_and_data_type(array, t) }
-                .map_err(|e| format!("argument {}: {e}", i + 1))?;
-            let array = make_array(data);
-            let needed = if scalar { 1 } else { num_rows };
-            if array.len() < needed {
-                return Err(format!(
-                    "argument {} has {} rows, {needed} expected",
-                    i + 1,
-                    array.len()
-                ));
-            }
-            columns.push(if scalar && num_rows != 1 {
-                repeat(&array, num_rows).map_err(|e| format!("argument {}: {e}", i + 1))?
-            } else {
-                array.slice(0, num_rows)
-            });
-        }
+        // SAFETY: the caller's promise, passed on.
+        let columns = unsafe { import_columns(args, is_scalar, args_len, num_rows, arg_types) }?;
         let array = kernel(&columns, num_rows)?;
         let t = return_type;
-        if !array.data_type().equals_datatype(&t) {
-            return Err(format!(
-                "the function returned an array of type {}, it declares {t}",
-                array.data_type()
-            ));
-        }
-        if array.len() != num_rows {
-            return Err(format!(
-                "the function returned {} rows for a batch of {num_rows}",
-                array.len()
-            ));
-        }
+        check_result(&array, &t, num_rows)?;
         let schema = FFI_ArrowSchema::try_from(&t).map_err(|e| e.to_string())?;
         Ok((FFI_ArrowArray::new(&array.to_data()), schema))
     }));
