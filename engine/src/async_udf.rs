@@ -147,7 +147,16 @@ impl AsyncScalarUDFImpl for PluginUdf {
                     ))
                 })?,
         };
-        self.result_value(array, all_scalar)
+        if all_scalar {
+            // Constant arguments: one call, its value repeated to the batch's rows.
+            // DataFusion's `AsyncFuncExec` turns a scalar result into a one-row column, which
+            // would not match the batch.
+            let value = datafusion::common::ScalarValue::try_from_array(&array, 0)?;
+            return Ok(ColumnarValue::Array(
+                value.to_array_of_size(args.number_rows)?,
+            ));
+        }
+        Ok(ColumnarValue::Array(array))
     }
 }
 

@@ -582,3 +582,44 @@ async fn the_c_thread_pool_example_answers_and_retries() {
     }
     assert!(!mapped(), "{path} is unmapped after its unload hook");
 }
+
+/// An immutable asynchronous function (`sq_async` of the plain example, `#[udf(async)]`) with
+/// constant arguments: called once per batch, its value on every row (DataFusion cannot fold
+/// it at planning: the call stays in the plan), beside calls over a column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constant_arguments_of_an_immutable_asynchronous_function() {
+    let _serial = SERIAL.lock().await;
+    let plain = PluginLibrary::load(udf_tests::plugin("plain")).unwrap();
+    let ctx = session(&plain, 0, None);
+    let ctx = {
+        // `session` registered plain's functions VOLATILE; this one immutable, as declared.
+        let function = plain.function_named("sq_async").unwrap();
+        udf_engine::register_udf(
+            &ctx,
+            PluginUdf::new("sq_async", function, Volatility::Immutable),
+        );
+        ctx
+    };
+    let sql = "SELECT sq_async(3) AS a, sq_async(x) AS b, sq_async(x) + sq_async(-2) AS c \
+               FROM (VALUES (2), (5), (7)) AS t(x) ORDER BY x";
+    let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+    let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+        .unwrap()
+        .to_string();
+    let want = "+---+----+----+\n\
+                | a | b  | c  |\n\
+                +---+----+----+\n\
+                | 9 | 4  | 8  |\n\
+                | 9 | 25 | 29 |\n\
+                | 9 | 49 | 53 |\n\
+                +---+----+----+";
+    assert_eq!(text, want);
+    let filtered = column(
+        &ctx,
+        "SELECT x FROM (VALUES (2), (5), (7)) AS t(x) WHERE sq_async(x) > sq_async(4) \
+         ORDER BY sq_async(x) + sq_async(1)",
+    )
+    .await
+    .unwrap();
+    assert_eq!(filtered, vec![5, 7]);
+}

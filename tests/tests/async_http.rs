@@ -470,7 +470,9 @@ async fn the_vectorised_form_takes_whole_columns() {
         _ => None,
     };
     let ctx = session(&library, 100, |id| path(id).map(|p| server.url(&p)), None);
-    let got = strings(&ctx, "SELECT http_status(url) FROM t").await.unwrap();
+    let got = strings(&ctx, "SELECT http_status(url) FROM t")
+        .await
+        .unwrap();
     let want: Vec<Option<String>> = (0..100)
         .map(|id| match id % 4 {
             0 => Some("200".to_string()),
@@ -480,7 +482,11 @@ async fn the_vectorised_form_takes_whole_columns() {
         })
         .collect();
     assert_eq!(got, want);
-    assert_eq!(server.seen.requests.load(SeqCst), 75, "no request for a NULL");
+    assert_eq!(
+        server.seen.requests.load(SeqCst),
+        75,
+        "no request for a NULL"
+    );
     assert_eq!(
         server.seen.max_in_flight.load(SeqCst),
         75,
