@@ -8,6 +8,7 @@
 //!    another (as DataFusion's documentation example does), and with the batch's rows awaited 64
 //!    at a time (`buffered(64)`). Wall time of the whole query, median of the rounds; the
 //!    sequential peer runs over the first 200 rows only and is scaled to 2,000 (40 s otherwise).
+//!    Also `http_get` isolated: one worker process makes the calls.
 //!    The server counts the requests in flight.
 //! 2. **Cost per call, nothing to wait for**: 100,000 rows, one row per call: `now_double` (a C
 //!    function that completes inside `start`, on the host's thread: what the host itself costs
@@ -316,11 +317,36 @@ async fn io(rounds: usize) {
         "get_256",
         Some(AsyncLimits::new(256, 1, timeout)),
     );
+    // The same, isolated: one worker process makes the calls (pool of 1).
+    let pool = udf_engine::isolation::pool_for(
+        &http,
+        &udf_engine::WorkerLimits {
+            call_timeout: timeout,
+            memory_mib: None,
+            workers: Some(1),
+            worker_program: None,
+        },
+        1,
+    )
+    .expect("a worker for the http plugin");
+    let isolated = PluginUdf::new(
+        "get_64_isolated",
+        http.function_named("http_get").expect("http_get"),
+        Volatility::Volatile,
+    )
+    .with_async_limits(AsyncLimits::new(64, 1, timeout))
+    .with_worker_pool(pool);
+    udf_engine::register_udf(&ctx, isolated);
     register_peer(&ctx, "df_sequential", 1);
     register_peer(&ctx, "df_buffered_64", 64);
     let want: Vec<Option<String>> = (0..IO_ROWS).map(|id| Some(id.to_string())).collect();
-    let cases: [(&str, &str, i64); 4] = [
+    let cases: [(&str, &str, i64); 5] = [
         ("udfsql `http_get`, 64 in flight", "get_64", IO_ROWS),
+        (
+            "udfsql `http_get`, 64 in flight, isolated (one worker process)",
+            "get_64_isolated",
+            IO_ROWS,
+        ),
         ("udfsql `http_get`, 256 in flight", "get_256", IO_ROWS),
         (
             "DataFusion async UDF, rows one after another",
