@@ -490,7 +490,7 @@ async fn isolated_asynchronous_functions_run_their_calls_in_the_worker() {
         }
     };
     query("SELECT async_stats(1)").await.unwrap();
-    query("SELECT async_stats(5040)").await.unwrap();
+    query("SELECT async_stats(5100)").await.unwrap();
     let got = query("SELECT slow_double(x) FROM t").await.unwrap();
     let want: Vec<Option<i64>> = (0..100).map(|v| (v % 9 != 4).then_some(2 * v)).collect();
     assert_eq!(got, want, "row order and NULLs through the worker");

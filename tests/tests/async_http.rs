@@ -86,7 +86,7 @@ async fn answers_come_in_row_order_with_nulls_and_the_server_sees_the_in_flight_
             .is_some(),
         "http_get is asynchronous"
     );
-    let url = |id: i64| (id % 7 != 3).then(|| server.url(&format!("/echo/r{id}?delay_ms=150")));
+    let url = |id: i64| (id % 7 != 3).then(|| server.url(&format!("/echo/r{id}?delay_ms=250")));
     let limits = AsyncLimits::new(8, 1, Duration::from_secs(30));
     let ctx = session(&library, 64, url, Some(limits));
     let got = strings(&ctx, "SELECT http_get(url) FROM t").await.unwrap();
@@ -109,7 +109,7 @@ async fn answers_come_in_row_order_with_nulls_and_the_server_sees_the_in_flight_
     // The host's default (64) with the library's defaults; chunks of 5 rows per call (the rows
     // of a call run concurrently in the plugin).
     let server = Server::start().await;
-    let url = |id: i64| Some(server.url(&format!("/echo/d{id}?delay_ms=150")));
+    let url = |id: i64| Some(server.url(&format!("/echo/d{id}?delay_ms=300")));
     let ctx = session(&library, 200, url, None);
     let got = strings(&ctx, "SELECT http_get(url) FROM t").await.unwrap();
     assert_eq!(
@@ -120,7 +120,7 @@ async fn answers_come_in_row_order_with_nulls_and_the_server_sees_the_in_flight_
     );
     assert_eq!(server.seen.max_in_flight.load(SeqCst), 64);
     let server = Server::start().await;
-    let url = |id: i64| Some(server.url(&format!("/echo/c{id}?delay_ms=100")));
+    let url = |id: i64| Some(server.url(&format!("/echo/c{id}?delay_ms=250")));
     let ctx = session(
         &library,
         40,
@@ -464,9 +464,9 @@ async fn the_vectorised_form_takes_whole_columns() {
     let defaults = function.async_defaults().unwrap();
     assert_eq!((defaults.max_in_flight, defaults.chunk_rows), (0, 64));
     let path = |id: i64| match id % 4 {
-        0 => Some(format!("/echo/v{id}?delay_ms=150")),
-        1 => Some("/status/404?delay_ms=150".to_string()),
-        2 => Some("/status/503?delay_ms=150".to_string()),
+        0 => Some(format!("/echo/v{id}?delay_ms=300")),
+        1 => Some("/status/404?delay_ms=300".to_string()),
+        2 => Some("/status/503?delay_ms=300".to_string()),
         _ => None,
     };
     let ctx = session(&library, 100, |id| path(id).map(|p| server.url(&p)), None);
