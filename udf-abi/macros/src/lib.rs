@@ -247,6 +247,34 @@ fn check_signature(sig: &syn::Signature) -> Result<(), Error> {
     Ok(())
 }
 
+/// `types` with every elided or named lifetime made `'static` (for the generated statics).
+fn with_static_lifetimes(types: &[Type]) -> Vec<Type> {
+    types
+        .iter()
+        .map(|t| {
+            let mut t = t.clone();
+            StaticLifetimes.visit_type_mut(&mut t);
+            t
+        })
+        .collect()
+}
+
+/// The statics the row-by-row and asynchronous forms over the tagged types share: the
+/// arguments' tags, kinds and NULL flags, and the bytes per row of the last string result.
+fn tagged_statics(static_types: &[Type]) -> TokenStream2 {
+    let count = static_types.len();
+    quote! {
+        static __UDF_ARG_TYPES: [u32; #count] =
+            [#(<#static_types as ::udf_abi::export::UdfArgType>::TYPE.tag()),*];
+        static __UDF_ARG_KINDS: [::udf_abi::v2::UdfType; #count] =
+            [#(<#static_types as ::udf_abi::export::UdfArgType>::TYPE),*];
+        static __UDF_ARG_NULLABLE: [u8; #count] =
+            [#(<#static_types as ::udf_abi::export::UdfArgType>::NULLABLE as u8),*];
+        static __UDF_BYTES_PER_ROW: ::udf_abi::export::batch::BytesPerRow =
+            ::udf_abi::export::batch::BytesPerRow::new(0);
+    }
+}
+
 /// `#[udf(async)]`: an `async fn` over the tagged types, one future per row; the generated start
 /// entrypoint reads each row's arguments as the batch path does (NULL under the STRICT rule gives
 /// NULL without a call) and awaits the function.
@@ -303,14 +331,8 @@ fn expand_async(options: Options, function: ItemFn) -> Result<TokenStream2, Erro
     let max_in_flight = options.max_in_flight;
     let chunk_rows = options.chunk_rows;
     let count = arg_types.len();
-    let static_types: Vec<Type> = arg_types
-        .iter()
-        .map(|t| {
-            let mut t = t.clone();
-            StaticLifetimes.visit_type_mut(&mut t);
-            t
-        })
-        .collect();
+    let static_types = with_static_lifetimes(&arg_types);
+    let tagged_statics = tagged_statics(&static_types);
     let mut static_return = return_type.clone();
     StaticLifetimes.visit_type_mut(&mut static_return);
     let names: Vec<_> = (0..count).map(|i| format_ident!("__udf_arg{i}")).collect();
@@ -338,14 +360,7 @@ fn expand_async(options: Options, function: ItemFn) -> Result<TokenStream2, Erro
 
         const _: () = {
             const _: () = ::udf_abi::export::async_fn::require_async_feature::<()>();
-            static __UDF_ARG_TYPES: [u32; #count] =
-                [#(<#static_types as ::udf_abi::export::UdfArgType>::TYPE.tag()),*];
-            static __UDF_ARG_KINDS: [::udf_abi::v2::UdfType; #count] =
-                [#(<#static_types as ::udf_abi::export::UdfArgType>::TYPE),*];
-            static __UDF_ARG_NULLABLE: [u8; #count] =
-                [#(<#static_types as ::udf_abi::export::UdfArgType>::NULLABLE as u8),*];
-            static __UDF_BYTES_PER_ROW: ::udf_abi::export::batch::BytesPerRow =
-                ::udf_abi::export::batch::BytesPerRow::new(0);
+            #tagged_statics
 
             #[allow(clippy::too_many_arguments)]
             unsafe extern "C" fn #start_entry(
@@ -503,6 +518,27 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
     let indices: Vec<usize> = (0..count).collect();
     let names: Vec<_> = (0..count).map(|i| format_ident!("__udf_arg{i}")).collect();
     let batch_entry = format_ident!("__udf_batch_{}", ident);
+    // The type strings and their registration: the same for the batch and the asynchronous form.
+    let statics = quote! {
+        const __UDF_ARG_CSTRS: [&::std::ffi::CStr; #count] = [#(#formats),*];
+        const __UDF_RETURN_CSTR: &::std::ffi::CStr = #return_format;
+        static __UDF_ARG_TYPES: [u32; #count] = [::udf_abi::v2::TYPE_ARROW; #count];
+        static __UDF_ARG_NULLABLE: [u8; #count] = [1; #count];
+        static __UDF_ARG_FORMATS: [::udf_abi::export::arrow::TypeString; #count] =
+            [#(::udf_abi::export::arrow::TypeString::new(__UDF_ARG_CSTRS[#indices])),*];
+        static __UDF_RETURN_FORMAT: ::udf_abi::export::arrow::TypeString =
+            ::udf_abi::export::arrow::TypeString::new(__UDF_RETURN_CSTR);
+    };
+    let arrow_types = quote! {
+        #[::udf_abi::export::linkme::distributed_slice(::udf_abi::export::ARROW_TYPES)]
+        #[linkme(crate = ::udf_abi::export::linkme)]
+        static __UDF_ARROW_TYPES: ::udf_abi::export::ExportedArrowTypes =
+            ::udf_abi::export::ExportedArrowTypes::new(
+                #sql_name,
+                &__UDF_ARG_FORMATS,
+                &__UDF_RETURN_FORMAT,
+            );
+    };
     if options.is_async {
         let start_entry = format_ident!("__udf_async_start_{}", ident);
         let max_in_flight = options.max_in_flight;
@@ -512,14 +548,7 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
 
             const _: () = {
                 const _: () = ::udf_abi::export::async_fn::require_async_feature::<()>();
-                const __UDF_ARG_CSTRS: [&::std::ffi::CStr; #count] = [#(#formats),*];
-                const __UDF_RETURN_CSTR: &::std::ffi::CStr = #return_format;
-                static __UDF_ARG_TYPES: [u32; #count] = [::udf_abi::v2::TYPE_ARROW; #count];
-                static __UDF_ARG_NULLABLE: [u8; #count] = [1; #count];
-                static __UDF_ARG_FORMATS: [::udf_abi::export::arrow::TypeString; #count] =
-                    [#(::udf_abi::export::arrow::TypeString::new(__UDF_ARG_CSTRS[#indices])),*];
-                static __UDF_RETURN_FORMAT: ::udf_abi::export::arrow::TypeString =
-                    ::udf_abi::export::arrow::TypeString::new(__UDF_RETURN_CSTR);
+                #statics
 
                 fn __udf_types() -> ::udf_abi::export::arrow::DeclaredTypes {
                     ::udf_abi::export::arrow::declared_types(&__UDF_ARG_CSTRS, __UDF_RETURN_CSTR)
@@ -575,14 +604,7 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
                         #volatility,
                     );
 
-                #[::udf_abi::export::linkme::distributed_slice(::udf_abi::export::ARROW_TYPES)]
-                #[linkme(crate = ::udf_abi::export::linkme)]
-                static __UDF_ARROW_TYPES: ::udf_abi::export::ExportedArrowTypes =
-                    ::udf_abi::export::ExportedArrowTypes::new(
-                        #sql_name,
-                        &__UDF_ARG_FORMATS,
-                        &__UDF_RETURN_FORMAT,
-                    );
+                #arrow_types
 
                 #[::udf_abi::export::linkme::distributed_slice(
                     ::udf_abi::export::async_fn::ASYNC_FUNCTIONS
@@ -602,14 +624,7 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
         #function
 
         const _: () = {
-            const __UDF_ARG_CSTRS: [&::std::ffi::CStr; #count] = [#(#formats),*];
-            const __UDF_RETURN_CSTR: &::std::ffi::CStr = #return_format;
-            static __UDF_ARG_TYPES: [u32; #count] = [::udf_abi::v2::TYPE_ARROW; #count];
-            static __UDF_ARG_NULLABLE: [u8; #count] = [1; #count];
-            static __UDF_ARG_FORMATS: [::udf_abi::export::arrow::TypeString; #count] =
-                [#(::udf_abi::export::arrow::TypeString::new(__UDF_ARG_CSTRS[#indices])),*];
-            static __UDF_RETURN_FORMAT: ::udf_abi::export::arrow::TypeString =
-                ::udf_abi::export::arrow::TypeString::new(__UDF_RETURN_CSTR);
+            #statics
 
             unsafe extern "C" fn #batch_entry(
                 args: *mut ::udf_abi::v2::FFI_ArrowArray,
@@ -662,14 +677,7 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
                     #batch_entry,
                 );
 
-            #[::udf_abi::export::linkme::distributed_slice(::udf_abi::export::ARROW_TYPES)]
-            #[linkme(crate = ::udf_abi::export::linkme)]
-            static __UDF_ARROW_TYPES: ::udf_abi::export::ExportedArrowTypes =
-                ::udf_abi::export::ExportedArrowTypes::new(
-                    #sql_name,
-                    &__UDF_ARG_FORMATS,
-                    &__UDF_RETURN_FORMAT,
-                );
+            #arrow_types
         };
     })
 }
@@ -706,14 +714,7 @@ fn expand_arrow_rows(options: Options, function: ItemFn) -> Result<TokenStream2,
     };
     let mut ret = (**ret).clone();
     StaticLifetimes.visit_type_mut(&mut ret);
-    let static_types: Vec<Type> = arg_types
-        .iter()
-        .map(|t| {
-            let mut t = t.clone();
-            StaticLifetimes.visit_type_mut(&mut t);
-            t
-        })
-        .collect();
+    let static_types = with_static_lifetimes(&arg_types);
     let ident = &sig.ident;
     let sql_name = options.name.unwrap_or_else(|| ident.unraw().to_string());
     let volatility = options.volatility;
@@ -1341,14 +1342,8 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
     let sql_name = options.name.unwrap_or_else(|| ident.unraw().to_string());
     let volatility = options.volatility;
     let count = arg_types.len();
-    let static_types: Vec<Type> = arg_types
-        .iter()
-        .map(|t| {
-            let mut t = t.clone();
-            StaticLifetimes.visit_type_mut(&mut t);
-            t
-        })
-        .collect();
+    let static_types = with_static_lifetimes(&arg_types);
+    let tagged_statics = tagged_statics(&static_types);
     let mut static_return = return_type.clone();
     StaticLifetimes.visit_type_mut(&mut static_return);
     let names: Vec<_> = (0..count).map(|i| format_ident!("__udf_arg{i}")).collect();
@@ -1407,14 +1402,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
         #function
 
         const _: () = {
-            static __UDF_ARG_TYPES: [u32; #count] =
-                [#(<#static_types as ::udf_abi::export::UdfArgType>::TYPE.tag()),*];
-            static __UDF_ARG_KINDS: [::udf_abi::v2::UdfType; #count] =
-                [#(<#static_types as ::udf_abi::export::UdfArgType>::TYPE),*];
-            static __UDF_ARG_NULLABLE: [u8; #count] =
-                [#(<#static_types as ::udf_abi::export::UdfArgType>::NULLABLE as u8),*];
-            static __UDF_BYTES_PER_ROW: ::udf_abi::export::batch::BytesPerRow =
-                ::udf_abi::export::batch::BytesPerRow::new(0);
+            #tagged_statics
 
             unsafe extern "C" fn #entry(
                 args: *const ::udf_abi::v2::UdfValue,

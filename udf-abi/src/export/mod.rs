@@ -77,6 +77,31 @@ impl ExportedFunction {
         call_row: RowEntrypoint,
         call_batch: BatchEntrypoint,
     ) -> ExportedFunction {
+        ExportedFunction::descriptor(
+            name,
+            arg_types,
+            arg_nullable,
+            return_type.tag(),
+            return_nullable,
+            volatility,
+            Some(call_row),
+            Some(call_batch),
+        )
+    }
+
+    /// The one place a descriptor is laid out, for every function kind: `name` and the type
+    /// arrays are statics of the library, taken apart into pointers and lengths.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) const fn descriptor(
+        name: &'static str,
+        arg_types: &'static [u32],
+        arg_nullable: &'static [u8],
+        return_type: u32,
+        return_nullable: bool,
+        volatility: u32,
+        call_row: Option<RowEntrypoint>,
+        call_batch: Option<BatchEntrypoint>,
+    ) -> ExportedFunction {
         ExportedFunction(UdfFunction {
             name: UdfBytes {
                 ptr: name.as_ptr(),
@@ -85,11 +110,11 @@ impl ExportedFunction {
             arg_types: arg_types.as_ptr(),
             arg_nullable: arg_nullable.as_ptr(),
             args_len: arg_types.len(),
-            return_type: return_type.tag(),
+            return_type,
             return_nullable: return_nullable as u8,
             volatility,
-            call_row: Some(call_row),
-            call_batch: Some(call_batch),
+            call_row,
+            call_batch,
         })
     }
 }

@@ -66,20 +66,16 @@ impl ExportedFunction {
         arg_nullable: &'static [u8],
         volatility: u32,
     ) -> ExportedFunction {
-        ExportedFunction(crate::v2::UdfFunction {
-            name: UdfBytes {
-                ptr: name.as_ptr(),
-                len: name.len(),
-            },
-            arg_types: arg_types.as_ptr(),
-            arg_nullable: arg_nullable.as_ptr(),
-            args_len: arg_types.len(),
-            return_type: crate::v2::TYPE_ARROW,
-            return_nullable: 1,
+        ExportedFunction::descriptor(
+            name,
+            arg_types,
+            arg_nullable,
+            crate::v2::TYPE_ARROW,
+            true,
             volatility,
-            call_row: None,
-            call_batch: None,
-        })
+            None,
+            None,
+        )
     }
 
     /// The descriptor of an asynchronous function: no row or batch entrypoint (the host calls
@@ -92,20 +88,16 @@ impl ExportedFunction {
         return_nullable: bool,
         volatility: u32,
     ) -> ExportedFunction {
-        ExportedFunction(crate::v2::UdfFunction {
-            name: UdfBytes {
-                ptr: name.as_ptr(),
-                len: name.len(),
-            },
-            arg_types: arg_types.as_ptr(),
-            arg_nullable: arg_nullable.as_ptr(),
-            args_len: arg_types.len(),
-            return_type: return_type.tag(),
-            return_nullable: return_nullable as u8,
+        ExportedFunction::descriptor(
+            name,
+            arg_types,
+            arg_nullable,
+            return_type.tag(),
+            return_nullable,
             volatility,
-            call_row: None,
-            call_batch: None,
-        })
+            None,
+            None,
+        )
     }
 }
 
@@ -172,35 +164,54 @@ where
     F: Fn(Arc<Vec<Column>>, usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Option<R>, String>> + Send + 'static,
 {
-    if error.is_null() {
-        return status::ERROR;
-    }
-    install_quiet_panic_hook();
-    let prepared = catch_unwind(AssertUnwindSafe(|| -> Result<CallFuture, String> {
-        if completion.complete.is_none() {
-            return Err("the host passed no completion function".to_string());
-        }
+    let prepare = || {
         // SAFETY: the caller's promise, passed on.
         let columns = Arc::new(unsafe {
             batch::import_columns(args, schemas, is_scalar, args_len, arg_types, num_rows)
         }?);
-        Ok(Box::pin(call_future(
-            columns,
-            num_rows,
-            return_type,
-            bytes_per_row,
-            row,
-        )))
+        let future = call_future(columns, num_rows, return_type, bytes_per_row, row);
+        Ok((
+            Box::pin(future) as CallFuture,
+            Declared::Tagged(return_type),
+        ))
+    };
+    // SAFETY: the caller's promise, passed on.
+    unsafe { start_with(error, completion, call, prepare) }
+}
+
+/// What both start entrypoints share: the checks of what the host passed, `prepare` (which
+/// imports the arguments and makes the call's future) inside `catch_unwind`, and the future
+/// handed to the library's runtime; an error at any step returns `ERROR` with the message, and
+/// the completion is then never called.
+///
+/// # Safety
+///
+/// `error` must be null or valid for writes.
+unsafe fn start_with(
+    error: *mut UdfOwnedBytes,
+    completion: UdfCompletion,
+    call: u64,
+    prepare: impl FnOnce() -> Result<(CallFuture, Declared), String>,
+) -> i32 {
+    if error.is_null() {
+        return status::ERROR;
+    }
+    install_quiet_panic_hook();
+    let prepared = catch_unwind(AssertUnwindSafe(|| {
+        if completion.complete.is_none() {
+            return Err("the host passed no completion function".to_string());
+        }
+        prepare()
     }));
-    let future = match prepared {
-        Ok(Ok(future)) => future,
+    let (future, declared) = match prepared {
+        Ok(Ok(prepared)) => prepared,
         // SAFETY: `error` is non-null (checked above) and valid for writes (the caller's
         // promise).
         Ok(Err(message)) => return unsafe { write_error(error, message) },
         // SAFETY: as above.
         Err(panic) => return unsafe { write_error(error, panicked(panic)) },
     };
-    match submit(call, future, completion, Declared::Tagged(return_type)) {
+    match submit(call, future, completion, declared) {
         Ok(()) => status::OK,
         // SAFETY: as above.
         Err(message) => unsafe { write_error(error, message) },
@@ -231,42 +242,22 @@ where
     F: FnOnce(Arc<Vec<ArrayRef>>, usize) -> Fut + Send + 'static,
     Fut: Future<Output = Result<ArrayRef, String>> + Send + 'static,
 {
-    if error.is_null() {
-        return status::ERROR;
-    }
-    install_quiet_panic_hook();
-    let prepared = catch_unwind(AssertUnwindSafe(
-        || -> Result<(CallFuture, arrow_schema::DataType), String> {
-            if completion.complete.is_none() {
-                return Err("the host passed no completion function".to_string());
-            }
-            let (arg_types, return_type) = types()?;
-            // SAFETY: the caller's promise, passed on.
-            let columns = Arc::new(unsafe {
-                crate::export::arrow::import_columns(args, is_scalar, args_len, num_rows, arg_types)
-            }?);
-            let t = return_type.clone();
-            let future: CallFuture = Box::pin(async move {
-                let array = f(columns, num_rows).await?;
-                crate::export::arrow::check_result(&array, &t, num_rows)?;
-                Ok(array)
-            });
-            Ok((future, return_type))
-        },
-    ));
-    let (future, return_type) = match prepared {
-        Ok(Ok(prepared)) => prepared,
-        // SAFETY: `error` is non-null (checked above) and valid for writes (the caller's
-        // promise).
-        Ok(Err(message)) => return unsafe { write_error(error, message) },
-        // SAFETY: as above.
-        Err(panic) => return unsafe { write_error(error, panicked(panic)) },
+    let prepare = || {
+        let (arg_types, return_type) = types()?;
+        // SAFETY: the caller's promise, passed on.
+        let columns = Arc::new(unsafe {
+            crate::export::arrow::import_columns(args, is_scalar, args_len, num_rows, arg_types)
+        }?);
+        let t = return_type.clone();
+        let future: CallFuture = Box::pin(async move {
+            let array = f(columns, num_rows).await?;
+            crate::export::arrow::check_result(&array, &t, num_rows)?;
+            Ok(array)
+        });
+        Ok((future, Declared::Arrow(return_type)))
     };
-    match submit(call, future, completion, Declared::Arrow(return_type)) {
-        Ok(()) => status::OK,
-        // SAFETY: as above.
-        Err(message) => unsafe { write_error(error, message) },
-    }
+    // SAFETY: the caller's promise, passed on.
+    unsafe { start_with(error, completion, call, prepare) }
 }
 
 /// The future of one call: every row's future at once, then the column in row order.
@@ -343,64 +334,38 @@ pub unsafe extern "C" fn udfsql_unload() {
     runtime::stop();
 }
 
-/// [`complete`] for an Arrow type `t`: the column exported as arrow-rs exports it.
-#[cfg_attr(not(feature = "async"), allow(dead_code))]
-fn complete_arrow(
-    completion: UdfCompletion,
-    result: Result<ArrayRef, String>,
-    t: &arrow_schema::DataType,
-) {
-    let exported = result.and_then(|array| {
-        let schema = FFI_ArrowSchema::try_from(t).map_err(|e| e.to_string())?;
-        Ok((FFI_ArrowArray::new(&array.to_data()), schema))
-    });
-    match exported {
-        Ok((mut out, mut out_schema)) => {
-            if let Some(complete) = completion.complete {
-                // SAFETY: as in `complete`: the host's completion, once, with valid arrays it
-                // moves out (what it leaves is released when they drop here).
-                unsafe {
-                    complete(
-                        completion.context,
-                        status::OK,
-                        &mut out,
-                        &mut out_schema,
-                        UdfOwnedBytes::EMPTY,
-                    )
-                };
+/// The result column exported for the host: of the declared type `t`, checked here (an array of
+/// another type would be read by the host through a schema that does not describe it).
+fn export(array: ArrayRef, t: &Declared) -> Result<(FFI_ArrowArray, FFI_ArrowSchema), String> {
+    match t {
+        Declared::Tagged(t) => {
+            let declared = batch::arrow_type(*t);
+            if *array.data_type() != declared {
+                return Err(format!(
+                    "{}: the result is of type {}, {declared} declared",
+                    batch::MISMATCH,
+                    array.data_type()
+                ));
             }
+            Ok((batch::export_result(array, *t), batch::result_schema(*t)))
         }
-        Err(message) => complete(completion, Err(message), Declared::Tagged(UdfType::Int64)),
+        // `start_vectorized`'s future checked the type and the rows.
+        Declared::Arrow(t) => {
+            let schema = FFI_ArrowSchema::try_from(t).map_err(|e| e.to_string())?;
+            Ok((FFI_ArrowArray::new(&array.to_data()), schema))
+        }
     }
 }
 
 /// Hands an outcome to the host's completion: the column (of the declared type `t`, moved to
-/// the host) or the error message.
+/// the host), or the error message (`RETRY` for a [`Retryable`](crate::Retryable) one).
 #[cfg_attr(not(feature = "async"), allow(dead_code))]
 fn complete(completion: UdfCompletion, result: Result<ArrayRef, String>, t: Declared) {
     let Some(complete) = completion.complete else {
         return;
     };
-    let t = match t {
-        Declared::Tagged(t) => t,
-        Declared::Arrow(t) => return complete_arrow(completion, result, &t),
-    };
-    let declared = batch::arrow_type(t);
-    let result = result.and_then(|array| {
-        if *array.data_type() == declared {
-            Ok(array)
-        } else {
-            Err(format!(
-                "{}: the result is of type {}, {declared} declared",
-                batch::MISMATCH,
-                array.data_type()
-            ))
-        }
-    });
-    match result {
-        Ok(array) => {
-            let mut out = batch::export_result(array, t);
-            let mut out_schema = batch::result_schema(t);
+    match result.and_then(|array| export(array, &t)) {
+        Ok((mut out, mut out_schema)) => {
             // SAFETY: the host's completion, called once for this call with the context it
             // gave; `out` and `out_schema` are valid arrays it moves out (what it leaves is
             // released when they drop here).

@@ -320,20 +320,16 @@ impl super::ExportedFunction {
         volatility: u32,
         call_batch: crate::v2::BatchEntrypoint,
     ) -> super::ExportedFunction {
-        super::ExportedFunction(crate::v2::UdfFunction {
-            name: crate::v2::UdfBytes {
-                ptr: name.as_ptr(),
-                len: name.len(),
-            },
-            arg_types: arg_types.as_ptr(),
-            arg_nullable: arg_nullable.as_ptr(),
-            args_len: arg_types.len(),
-            return_type: crate::v2::TYPE_ARROW,
-            return_nullable: 1,
+        super::ExportedFunction::descriptor(
+            name,
+            arg_types,
+            arg_nullable,
+            crate::v2::TYPE_ARROW,
+            true,
             volatility,
-            call_row: None,
-            call_batch: Some(call_batch),
-        })
+            None,
+            Some(call_batch),
+        )
     }
 }
 
