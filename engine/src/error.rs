@@ -259,6 +259,14 @@ pub enum MetadataError {
         /// What is wrong.
         reason: String,
     },
+    /// An aggregate function's entry (ABI 2.4) that is missing something or malformed.
+    #[error("aggregate function `{function}`: {reason}")]
+    BadAggregate {
+        /// The function's name.
+        function: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A flag byte that is neither 0 nor 1, or an unknown volatility.
     #[error("function `{function}`: {field} has invalid value {value}")]
     InvalidField {

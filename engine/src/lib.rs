@@ -36,6 +36,7 @@ mod plugin_dir;
 mod register;
 mod trust;
 pub mod types;
+mod udaf;
 mod udf;
 
 pub use async_udf::{
@@ -50,6 +51,9 @@ pub use catalog::{
 pub use ddl::{DdlError, LibraryTarget, PluginFunctionFactory, execute_statement, install, sql};
 pub use error::{CallError, CallErrorKind, LoadError, MetadataError, TypePosition};
 pub use explain::{PluginQueryPlanner, install_explain, plugin_calls_line};
+pub use ffi::aggregate::{
+    AggregateSignature, Emit, Feed, MAX_AGGREGATES, PluginAccumulator, PluginAggregate,
+};
 pub use ffi::async_fn::{
     AsyncDefaults, DEFAULT_CHUNK_ROWS, DEFAULT_MAX_IN_FLIGHT, PendingCall, outstanding_calls,
     stray_completions,
@@ -62,10 +66,12 @@ pub use isolation::{CallCancel, Isolation, WorkerLimits, WorkerPool, live_worker
 pub use loader::PluginLoader;
 pub use plugin_dir::{PluginDirError, trusted_libraries_in};
 pub use register::{
-    Registration, SessionContextExt, libraries_in, register_function, register_library,
-    register_library_with, register_plugin, register_plugin_with, register_udf,
+    Registration, SessionContextExt, libraries_in, register_aggregates, register_function,
+    register_library, register_library_with, register_plugin, register_plugin_with, register_udaf,
+    register_udf,
 };
 pub use trust::{
     DigestParseError, InsecurePath, Sha256Digest, check_not_writable_by_others, judge,
 };
+pub use udaf::{PluginUdaf, plugin_udaf_of};
 pub use udf::PluginUdf;

@@ -78,6 +78,7 @@ pub fn register_plugin_with(
 
 /// Registers every function of an already loaded library under its own name.
 pub fn register_library(ctx: &SessionContext, library: &Arc<PluginLibrary>) -> Vec<Registration> {
+    register_aggregates(ctx, library);
     (0..library.functions().len())
         .filter_map(|i| library.function(i))
         .map(|function| {
@@ -95,6 +96,22 @@ pub fn register_library_with(
     isolation: &Isolation,
 ) -> Result<Vec<Registration>, LoadError> {
     let pool = worker_pool(library, isolation, ctx.copied_config().target_partitions())?;
+    match isolation {
+        Isolation::InProcess => {
+            register_aggregates(ctx, library);
+        }
+        Isolation::Process(_) if !library.aggregates().is_empty() => {
+            // Not yet: aggregates run their accumulators in the host only. Registering them
+            // in-process would run the plugin's code in a host that asked for isolation.
+            tracing::warn!(
+                library = %library.path().display(),
+                aggregates = library.aggregates().len(),
+                "the library's aggregate functions are not registered: process isolation does \
+                 not run aggregates yet"
+            );
+        }
+        Isolation::Process(_) => {}
+    }
     Ok((0..library.functions().len())
         .filter_map(|i| library.function(i))
         .map(|function| {
@@ -180,6 +197,43 @@ pub fn register_udf(ctx: &SessionContext, udf: PluginUdf) -> Registration {
 }
 
 /// Registration as methods on [`SessionContext`].
+/// Registers every aggregate function of `library` (ABI 2.4) in `ctx` under its own name, in
+/// this process; returns their names.
+pub fn register_aggregates(ctx: &SessionContext, library: &Arc<PluginLibrary>) -> Vec<String> {
+    (0..library.aggregates().len())
+        .filter_map(|i| library.aggregate(i))
+        .map(|function| {
+            let name = function.signature().name.clone();
+            register_udaf(ctx, crate::udaf::PluginUdaf::new(name.clone(), function));
+            name
+        })
+        .collect()
+}
+
+/// Registers one plugin aggregate function in `ctx`.
+pub fn register_udaf(ctx: &SessionContext, udaf: crate::udaf::PluginUdaf) {
+    use datafusion::logical_expr::AggregateUDFImpl;
+    let replaced = ctx
+        .state_ref()
+        .read()
+        .aggregate_functions()
+        .contains_key(udaf.name());
+    if replaced {
+        tracing::warn!(
+            function = udaf.name(),
+            library = %udaf.function().library().path().display(),
+            "plugin aggregate replaces an existing aggregate of the same name in this session"
+        );
+    }
+    tracing::info!(
+        function = udaf.name(),
+        signature = %udaf.function().signature().display_as(udaf.name()),
+        library = %udaf.function().library().path().display(),
+        "registered plugin aggregate"
+    );
+    ctx.register_udaf(udaf.into_aggregate_udf());
+}
+
 pub trait SessionContextExt {
     /// See [`register_plugin`].
     fn register_plugin(&self, path: impl AsRef<Path>) -> Result<Vec<Registration>, LoadError>;

@@ -135,12 +135,13 @@
 //! the host, whatever arrow-rs the host was built with.
 #![deny(unsafe_code)]
 
+pub mod aggregate;
 pub mod export;
 pub mod type_string;
 pub mod types;
 pub mod v2;
 
-pub use udf_abi_macros::{UdfStruct, udf};
+pub use udf_abi_macros::{UdfStruct, udaf, udf};
 pub use v2::{Date, Timestamp};
 /// The arrow-rs crates `#[udf(vectorized)]` functions are written with (the plugin's own copy:
 /// only the Arrow C Data Interface crosses to the host, whatever arrow-rs the host uses).

@@ -41,12 +41,15 @@ pub const ABI_MAJOR: u32 = 2;
 /// give meaning to reserved ones: 2.1 defines [`UdfFunction::call_batch`], 2.2 appends
 /// [`UdfManifest::arrow_types`] (Arrow types declared by format strings) and lets a function
 /// with a batch entrypoint leave [`UdfFunction::call_row`] null, 2.3 appends
-/// [`UdfManifest::async_functions`] and [`UdfManifest::unload`] (asynchronous functions).
-pub const ABI_MINOR: u32 = 3;
+/// [`UdfManifest::async_functions`] and [`UdfManifest::unload`] (asynchronous functions), 2.4
+/// appends [`UdfManifest::aggregates`] (aggregate functions, usable as window functions).
+pub const ABI_MINOR: u32 = 4;
 /// `sizeof(UdfManifest)` of ABI 2.0 and 2.1 (four pointer-sized fields): the least a host reads.
 pub const MANIFEST_SIZE_2_0: usize = 4 * std::mem::size_of::<usize>();
 /// `sizeof(UdfManifest)` of ABI 2.2 (five pointer-sized fields).
 pub const MANIFEST_SIZE_2_2: usize = 5 * std::mem::size_of::<usize>();
+/// `sizeof(UdfManifest)` of ABI 2.3 (seven pointer-sized fields).
+pub const MANIFEST_SIZE_2_3: usize = 7 * std::mem::size_of::<usize>();
 /// The type tag of an argument or result declared by an Arrow type string in
 /// [`UdfManifest::arrow_types`] (ABI 2.2) instead of by a [`UdfType`]. A host of ABI 2.1 or
 /// older refuses it as an unknown tag.
@@ -507,6 +510,132 @@ pub struct UdfManifest {
     pub async_functions: *const UdfAsyncFunction,
     /// ABI 2.3: optional; see [`UnloadHook`].
     pub unload: Option<UnloadHook>,
+    /// ABI 2.4: `aggregates_len` aggregate functions, or null when `aggregates_len` is 0. A
+    /// library may list aggregates and no scalar function (`functions_len` 0). Names are unique
+    /// across both lists. Read only from libraries of minor 4 or later whose manifest is this
+    /// long.
+    pub aggregates: *const UdfAggregateFunction,
+    /// ABI 2.4: the number of aggregate functions, at most [`MAX_AGGREGATES`].
+    pub aggregates_len: usize,
+}
+
+/// The most aggregate functions a manifest may list (ABI 2.4).
+pub const MAX_AGGREGATES: usize = 1024;
+/// The most state fields an aggregate may declare (ABI 2.4).
+pub const MAX_STATE_FIELDS: usize = 64;
+
+/// What [`AggregateEmit`] hands over (ABI 2.4).
+pub mod emit {
+    /// Every group's value, **keeping** the groups: the accumulator goes on as before. Used by
+    /// window frames and single-group aggregation, which may ask again after more rows.
+    pub const PEEK: u32 = 0;
+    /// Every group's value, then every group is dropped (the next update starts with none).
+    pub const TAKE_ALL: u32 = 1;
+    /// The first `first` groups' values, then those groups are dropped and the others are
+    /// renumbered from 0 (group `first` becomes 0), as DataFusion's `EmitTo::First`.
+    pub const TAKE_FIRST: u32 = 2;
+}
+
+/// Creates an accumulator (ABI 2.4): an opaque object of the plugin holding the state of any
+/// number of groups, none at first. Returns null and writes `error` when it cannot.
+pub type AggregateCreate = unsafe extern "C" fn(error: *mut UdfOwnedBytes) -> *mut std::ffi::c_void;
+
+/// Feeds rows to an accumulator (ABI 2.4): `update`, `merge` and `retract` share this shape.
+///
+/// * `acc`: made by `create`, not yet destroyed. The host never calls two entrypoints on the
+///   same accumulator at once (different accumulators may be used from different threads).
+/// * `args`, `arg_schemas`, `args_len`, `num_rows`: the columns, as for [`BatchEntrypoint`]
+///   (the arrays are **moved** to the plugin; the schemas are lent for the call): for `update`
+///   and `retract` the arguments, of exactly the declared argument types; for `merge` the state
+///   fields, of exactly the declared state types (partial states the same library made with
+///   `state`, maybe in another process). Every column has `num_rows` rows. NULL arguments are
+///   passed as they are: the plugin decides (SQL aggregates usually skip them).
+/// * `group_indices`: `num_rows` group numbers, each below `total_groups`, or null: every row
+///   belongs to group 0 (then `total_groups` is 1).
+/// * `filter`: null (every row counts) or `num_rows` bytes, 1 for a row that counts and 0 for
+///   one to skip (`FILTER (WHERE ...)`).
+/// * `total_groups`: the number of groups after this call; it only grows between emits, and
+///   groups the accumulator has not seen start empty.
+/// * `error`: the message when the entrypoint returns [`status::ERROR`] (the query fails).
+///
+/// `retract` removes rows an earlier `update` added (sliding window frames). Must not unwind.
+pub type AggregateUpdate = unsafe extern "C" fn(
+    acc: *mut std::ffi::c_void,
+    args: *mut FFI_ArrowArray,
+    arg_schemas: *const FFI_ArrowSchema,
+    args_len: usize,
+    num_rows: usize,
+    group_indices: *const usize,
+    filter: *const u8,
+    total_groups: usize,
+    error: *mut UdfOwnedBytes,
+) -> i32;
+
+/// Hands over groups' results (`evaluate`) or partial states (`state`) (ABI 2.4), as one array
+/// moved to the host: for `evaluate` of the declared result type, for `state` a struct array
+/// (`+s`) whose fields are the declared state fields, in order, with their names. Its length is
+/// the number of groups asked for: every group (`mode` [`emit::PEEK`] or [`emit::TAKE_ALL`]:
+/// the largest `total_groups` given since the last emit that dropped them) or `first`
+/// ([`emit::TAKE_FIRST`]). The host validates it whole (type, length, every buffer level,
+/// UTF-8, nested lengths) before using it. Must not unwind.
+pub type AggregateEmit = unsafe extern "C" fn(
+    acc: *mut std::ffi::c_void,
+    mode: u32,
+    first: usize,
+    out: *mut FFI_ArrowArray,
+    out_schema: *mut FFI_ArrowSchema,
+    error: *mut UdfOwnedBytes,
+) -> i32;
+
+/// The bytes an accumulator holds (ABI 2.4), for the host's memory accounting; it should grow
+/// with the groups and the values it keeps. Must not unwind.
+pub type AggregateSize = unsafe extern "C" fn(acc: *mut std::ffi::c_void) -> usize;
+
+/// Frees an accumulator (ABI 2.4); called once per accumulator, after its last use.
+pub type AggregateDestroy = unsafe extern "C" fn(acc: *mut std::ffi::c_void);
+
+/// One aggregate function of a library (ABI 2.4), in [`UdfManifest::aggregates`]. Every type
+/// is an Arrow type string, as in [`UdfArrowTypes`]; everything pointed to is static data of the
+/// plugin. Callable from SQL as an aggregate (`GROUP BY`, `FILTER`, `DISTINCT`) and as a window
+/// function (`OVER (...)`; frames that slide need `retract`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct UdfAggregateFunction {
+    /// The SQL name: UTF-8, not empty, unique within the library (scalar functions included).
+    pub name: UdfBytes,
+    /// `args_len` NUL-terminated type strings; null only when `args_len` is 0.
+    pub arg_formats: *const *const std::ffi::c_char,
+    /// The number of arguments, at most [`MAX_ARGS`](crate::MAX_ARGS).
+    pub args_len: usize,
+    /// `state_len` NUL-terminated field names (UTF-8, unique, 1..=256 bytes).
+    pub state_names: *const *const std::ffi::c_char,
+    /// `state_len` NUL-terminated type strings: the partial state of one group, as a row of
+    /// these columns (every field nullable).
+    pub state_formats: *const *const std::ffi::c_char,
+    /// The number of state fields, 1..=[`MAX_STATE_FIELDS`].
+    pub state_len: usize,
+    /// The result's type string (the result is nullable: an empty group may give NULL).
+    pub return_format: *const std::ffi::c_char,
+    /// One of the [`volatility`] tags.
+    pub volatility: u32,
+    /// Reserved: 0.
+    pub flags: u32,
+    /// Never null.
+    pub create: Option<AggregateCreate>,
+    /// Never null.
+    pub update: Option<AggregateUpdate>,
+    /// Never null.
+    pub merge: Option<AggregateUpdate>,
+    /// Null when rows cannot be removed (then sliding window frames are refused).
+    pub retract: Option<AggregateUpdate>,
+    /// Never null.
+    pub evaluate: Option<AggregateEmit>,
+    /// Never null.
+    pub state: Option<AggregateEmit>,
+    /// Null when the accumulator does not report its size (the host then counts the groups).
+    pub size: Option<AggregateSize>,
+    /// Never null.
+    pub destroy: Option<AggregateDestroy>,
 }
 
 /// A `DATE` for Rust plugins: days since 1970-01-01 (Arrow `Date32`).
@@ -647,7 +776,10 @@ mod tests {
         if std::mem::size_of::<usize>() == 8 {
             assert_eq!(std::mem::size_of::<UdfValue>(), 32);
             assert_eq!(std::mem::size_of::<UdfFunction>(), 72);
-            assert_eq!(std::mem::size_of::<UdfManifest>(), 56);
+            assert_eq!(std::mem::size_of::<UdfManifest>(), 72);
+            assert_eq!(MANIFEST_SIZE_2_3, 56);
+            assert_eq!(std::mem::offset_of!(UdfManifest, aggregates), 56);
+            assert_eq!(std::mem::size_of::<UdfAggregateFunction>(), 136);
             assert_eq!(MANIFEST_SIZE_2_0, 32);
             assert_eq!(MANIFEST_SIZE_2_2, 40);
             assert_eq!(std::mem::offset_of!(UdfManifest, arrow_types), 32);

@@ -50,6 +50,8 @@ pub(super) enum Entrypoints {
         asyncs: Vec<Option<AsyncEntrypoints>>,
         /// Called before the library is unmapped (ABI 2.3).
         unload: Option<UnloadHook>,
+        /// ABI 2.4: the aggregate functions.
+        aggregates: Vec<super::aggregate::LoadedAggregate>,
     },
 }
 
@@ -381,6 +383,31 @@ impl PluginLibrary {
     }
 
     /// A callable handle to the function the library calls `name`.
+    /// The library's aggregate functions (ABI 2.4), in manifest order.
+    pub fn aggregates(&self) -> Vec<&super::aggregate::AggregateSignature> {
+        match &self.entrypoints {
+            Entrypoints::V2 { aggregates, .. } => {
+                aggregates.iter().map(|a| a.signature()).collect()
+            }
+            Entrypoints::V1(_) => Vec::new(),
+        }
+    }
+
+    /// Aggregate function `index` of the library.
+    pub fn aggregate(self: &Arc<Self>, index: usize) -> Option<super::aggregate::PluginAggregate> {
+        (index < self.aggregates().len())
+            .then(|| super::aggregate::PluginAggregate::new(Arc::clone(self), index))
+    }
+
+    /// The aggregate function the library names `name`.
+    pub fn aggregate_named(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Option<super::aggregate::PluginAggregate> {
+        let index = self.aggregates().iter().position(|a| a.name == name)?;
+        self.aggregate(index)
+    }
+
     pub fn function_named(self: &Arc<Self>, name: &str) -> Option<PluginFunction> {
         let index = self.functions.iter().position(|f| f.name == name)?;
         self.function(index)

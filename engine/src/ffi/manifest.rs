@@ -136,20 +136,31 @@ pub(super) unsafe fn read_manifest(
     };
     // `async_functions` and `unload` exist from ABI 2.3 on, in a manifest long enough to hold
     // them.
-    let (async_functions, unload) = if found.minor >= 3 && holds(size_of::<UdfManifest>()) {
+    let (async_functions, unload) = if found.minor >= 3 && holds(v2::MANIFEST_SIZE_2_3) {
         (manifest.async_functions, manifest.unload)
     } else {
         (std::ptr::null(), None)
     };
+    // `aggregates` exists from ABI 2.4 on, in a manifest long enough to hold it.
+    let (aggregates, aggregates_len) = if found.minor >= 4 && holds(size_of::<UdfManifest>()) {
+        (manifest.aggregates, manifest.aggregates_len)
+    } else {
+        (std::ptr::null(), 0)
+    };
     let release = manifest.release_bytes.ok_or(MetadataError::NullRelease)?;
     let len = manifest.functions_len;
-    if len == 0 {
+    if len == 0 && aggregates_len == 0 {
         if has_v1() {
             return Ok(None);
         }
         return Err(MetadataError::NoFunctions);
     }
-    let entries: &[UdfFunction] = if manifest.functions.is_null() {
+    // SAFETY: the caller's promise (ABI 2.4) that `aggregates` holds `aggregates_len` entries,
+    // which `read_aggregates` bounds before reading.
+    let aggregates = unsafe { super::aggregate::read_aggregates(aggregates, aggregates_len) }?;
+    let entries: &[UdfFunction] = if len == 0 {
+        &[]
+    } else if manifest.functions.is_null() {
         return Err(MetadataError::BadFunctionList {
             len,
             pointer: "a null pointer",
@@ -217,6 +228,14 @@ pub(super) unsafe fn read_manifest(
         functions.push(signature);
         rows.push(row);
     }
+    if let Some(a) = aggregates
+        .iter()
+        .find(|a| functions.iter().any(|f| f.name == a.signature().name))
+    {
+        return Err(MetadataError::DuplicateName {
+            function: a.signature().name.clone(),
+        });
+    }
     Ok(Some((
         Abi::V2 { minor: found.minor },
         functions,
@@ -226,6 +245,7 @@ pub(super) unsafe fn read_manifest(
             batches,
             asyncs,
             unload,
+            aggregates,
         },
     )))
 }

@@ -175,6 +175,8 @@ impl Fixture {
                 arrow_types: fx.arrow.as_ptr(),
                 async_functions: fx.asyncs.as_ptr(),
                 unload: rng.one_in(2).then_some(fixture_unload as v2::UnloadHook),
+                aggregates: std::ptr::null(),
+                aggregates_len: 0,
             };
             2
         ];

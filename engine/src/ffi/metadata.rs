@@ -294,7 +294,7 @@ const LIBRARY_MESSAGE: &str = "!";
 
 /// The text of a non-null Arrow type string (ABI 2.2): NUL-terminated within
 /// [`v2::MAX_TYPE_STRING_LEN`] bytes, UTF-8.
-fn read_type_string<'a>(format: *const c_char) -> Result<&'a str, String> {
+pub(super) fn read_type_string<'a>(format: *const c_char) -> Result<&'a str, String> {
     if format.is_null() {
         return Err("the Arrow type string is a null pointer".to_string());
     }

@@ -8,6 +8,8 @@
 //! * [`scalar`]: calling a scalar function ([`PluginFunction`]) over Arrow arrays, row by row
 //!   (`scalar::rows`) or a batch at a time (`scalar::batch`), with the rules every result passes
 //!   (`scalar::arrow_result`). Later function kinds get their own module beside it;
+//! * [`aggregate`]: aggregate functions (ABI 2.4): reading their entries, one accumulator of
+//!   the plugin behind a safe interface;
 //! * [`async_fn`]: asynchronous functions (ABI 2.3): starting a call, the completion a plugin
 //!   calls from any thread, cancel;
 //! * `shm` and `descriptors`: the shared memory and file descriptors of process isolation.
@@ -25,6 +27,7 @@ use std::mem::{align_of, offset_of, size_of};
 
 use udf_abi::{PluginMetadata, PluginResult, PluginType, PluginValue};
 
+pub mod aggregate;
 pub mod async_fn;
 pub(crate) mod descriptors;
 mod images;

@@ -18,6 +18,110 @@ use syn::{
     Token, Type,
 };
 
+/// Exports an aggregate function (ABI 2.4) from an `impl Aggregate for Type` block. See
+/// `udf_abi::aggregate`.
+///
+/// ```text
+/// #[udaf(name = "my_sum")]
+/// impl Aggregate for MySum { ... }
+/// ```
+///
+/// Without `name`, the SQL name is the type's name in snake case (`GeoMean` -> `geo_mean`).
+#[proc_macro_attribute]
+pub fn udaf(attr: TokenStream, item: TokenStream) -> TokenStream {
+    match expand_udaf(attr.into(), item.into()) {
+        Ok(tokens) => tokens.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+fn expand_udaf(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error> {
+    let block: syn::ItemImpl = syn::parse2(item)?;
+    let names_aggregate = block
+        .trait_
+        .as_ref()
+        .and_then(|(_, path, _)| path.segments.last())
+        .is_some_and(|s| s.ident == "Aggregate");
+    if !names_aggregate {
+        return Err(Error::new(
+            block.span(),
+            "#[udaf] goes on an `impl Aggregate for Type { ... }` block",
+        ));
+    }
+    if !block.generics.params.is_empty() {
+        return Err(Error::new(
+            block.generics.span(),
+            "#[udaf] exports one concrete type: the impl cannot be generic",
+        ));
+    }
+    let mut name = None;
+    let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(attr)?;
+    for meta in metas {
+        match &meta {
+            Meta::NameValue(nv) if nv.path.is_ident("name") => match &nv.value {
+                Expr::Lit(ExprLit {
+                    lit: Lit::Str(value),
+                    ..
+                }) if !value.value().is_empty() => name = Some(value.value()),
+                other => {
+                    return Err(Error::new(other.span(), "expected `name = \"...\"`"));
+                }
+            },
+            other => return Err(Error::new(other.span(), "expected `name = \"...\"`")),
+        }
+    }
+    let ty = &block.self_ty;
+    let name = match name {
+        Some(name) => name,
+        None => match &**ty {
+            Type::Path(p) if p.qself.is_none() => {
+                let ident = &p
+                    .path
+                    .segments
+                    .last()
+                    .ok_or_else(|| Error::new(ty.span(), "no type name"))?
+                    .ident;
+                snake_case(&ident.unraw().to_string())
+            }
+            _ => {
+                return Err(Error::new(
+                    ty.span(),
+                    "name the function: #[udaf(name = \"...\")]",
+                ));
+            }
+        },
+    };
+    Ok(quote! {
+        #block
+        const _: () = {
+            #[::udf_abi::export::linkme::distributed_slice(::udf_abi::export::aggregate::AGGREGATES)]
+            #[linkme(crate = ::udf_abi::export::linkme)]
+            static UDAF: ::udf_abi::export::aggregate::ExportedAggregate =
+                ::udf_abi::export::aggregate::ExportedAggregate::of::<#ty>(#name);
+        };
+    })
+}
+
+/// `GeoMean` -> `geo_mean`, `HLLCount` -> `hll_count`.
+fn snake_case(name: &str) -> String {
+    let chars: Vec<char> = name.chars().collect();
+    let mut out = String::new();
+    for (i, &c) in chars.iter().enumerate() {
+        if c.is_uppercase() {
+            let after_lower =
+                i > 0 && (chars[i - 1].is_lowercase() || chars[i - 1].is_ascii_digit());
+            let before_lower = i > 0 && chars.get(i + 1).is_some_and(|n| n.is_lowercase());
+            if after_lower || (before_lower && chars[i - 1].is_uppercase()) {
+                out.push('_');
+            }
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Exports a function as an ABI v2 plugin function. See the `udf-abi` crate documentation.
 ///
 /// ```text

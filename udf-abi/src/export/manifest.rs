@@ -214,6 +214,181 @@ unsafe fn undeclared(message: &str, used: &mut Used) -> UdfArrowTypes {
     }
 }
 
+/// The manifest's `aggregates` array: static storage as `ARROW_TYPES_STORAGE`.
+struct AggregateStorage(std::cell::UnsafeCell<[UdfAggregateFunction; MAX_AGGREGATES]>);
+
+// SAFETY: as for `ArrowTypesStorage`: written once inside the manifest's `OnceLock`
+// initialisation, read only afterwards.
+unsafe impl Sync for AggregateStorage {}
+
+const NO_AGGREGATE: UdfAggregateFunction = UdfAggregateFunction {
+    name: UdfBytes {
+        ptr: std::ptr::null(),
+        len: 0,
+    },
+    arg_formats: std::ptr::null(),
+    args_len: 0,
+    state_names: std::ptr::null(),
+    state_formats: std::ptr::null(),
+    state_len: 0,
+    return_format: std::ptr::null(),
+    volatility: crate::v2::volatility::IMMUTABLE,
+    flags: 0,
+    create: None,
+    update: None,
+    merge: None,
+    retract: None,
+    evaluate: None,
+    state: None,
+    size: None,
+    destroy: None,
+};
+
+static AGGREGATE_STORAGE: AggregateStorage =
+    AggregateStorage(std::cell::UnsafeCell::new([NO_AGGREGATE; MAX_AGGREGATES]));
+
+/// Writes `strings` as NUL-terminated strings into the computed storage and their pointers
+/// into its pointer array, after what `used` says is taken; returns the first pointer's place.
+///
+/// # Safety
+///
+/// Only inside the manifest's `OnceLock` initialisation (the storage's one writer).
+unsafe fn store_strings(
+    strings: &[String],
+    used: &mut Used,
+) -> Result<*const *const std::ffi::c_char, String> {
+    if let Some(s) = strings.iter().find(|s| s.as_bytes().contains(&0)) {
+        return Err(format!("the type string or name {s:?} holds a NUL byte"));
+    }
+    let needed: usize = strings.iter().map(|s| s.len() + 1).sum();
+    if used.bytes + needed > COMPUTED_BYTES || used.pointers + strings.len() > COMPUTED_POINTERS {
+        return Err(format!(
+            "udf-abi's static storage for type strings ({COMPUTED_BYTES} bytes, \
+             {COMPUTED_POINTERS} pointers for the whole library) is full (split the library)"
+        ));
+    }
+    // SAFETY: the caller's promise: nothing else reads or writes the storage now.
+    let (bytes, pointers) = unsafe {
+        (
+            &mut *COMPUTED_STORAGE.bytes.get(),
+            &mut *COMPUTED_STORAGE.pointers.get(),
+        )
+    };
+    let first = used.pointers;
+    for s in strings {
+        let start = used.bytes;
+        bytes[start..start + s.len()].copy_from_slice(s.as_bytes());
+        bytes[start + s.len()] = 0;
+        used.bytes += s.len() + 1;
+        pointers[used.pointers] = bytes[start..].as_ptr().cast::<std::ffi::c_char>();
+        used.pointers += 1;
+    }
+    Ok(pointers[first..].as_ptr())
+}
+
+/// The manifest entry of one `#[udaf]` function.
+///
+/// # Safety
+///
+/// Only inside the manifest's `OnceLock` initialisation (the storage's one writer).
+unsafe fn aggregate_entry(
+    function: &super::aggregate::ExportedAggregate,
+    used: &mut Used,
+) -> UdfAggregateFunction {
+    let name = UdfBytes {
+        ptr: function.name.as_ptr(),
+        len: function.name.len(),
+    };
+    let mut declared = || -> Result<UdfAggregateFunction, String> {
+        let types = catch_unwind(function.types)
+            .map_err(|_| "describing the Rust types panicked".to_string())?;
+        let format = |what: String, t: &arrow_schema::DataType| {
+            crate::type_string::type_string(t)
+                .ok_or_else(|| format!("{what} has the Arrow type {t}, which has no type string"))
+        };
+        let args = (types.args.iter().enumerate())
+            .map(|(i, t)| format(format!("argument {}", i + 1), t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let state = (types.state.iter().enumerate())
+            .map(|(i, t)| format(format!("state field s{i}"), t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let names: Vec<String> = (0..state.len()).map(|i| format!("s{i}")).collect();
+        let output = format("the result".to_string(), &types.output)?;
+        // SAFETY: the caller's promise, passed on.
+        let (arg_formats, state_names, state_formats, return_format) = unsafe {
+            (
+                store_strings(&args, used)?,
+                store_strings(&names, used)?,
+                store_strings(&state, used)?,
+                *store_strings(&[output], used)?,
+            )
+        };
+        Ok(UdfAggregateFunction {
+            name,
+            arg_formats,
+            args_len: args.len(),
+            state_names,
+            state_formats,
+            state_len: state.len(),
+            return_format,
+            volatility: crate::v2::volatility::IMMUTABLE,
+            flags: 0,
+            create: Some(function.create),
+            update: Some(function.update),
+            merge: Some(function.merge),
+            retract: function.retract,
+            evaluate: Some(function.evaluate),
+            state: Some(function.state),
+            size: Some(function.size),
+            destroy: Some(function.destroy),
+        })
+    };
+    match declared() {
+        Ok(entry) => entry,
+        Err(message) => UdfAggregateFunction {
+            name,
+            // SAFETY: the caller's promise, passed on.
+            return_format: unsafe { undeclared(&message, used) }.return_format,
+            ..NO_AGGREGATE
+        },
+    }
+}
+
+/// The manifest's `aggregates` and `aggregates_len`.
+///
+/// # Safety
+///
+/// Only inside the manifest's `OnceLock` initialisation (the storage's one writer).
+unsafe fn aggregates(used: &mut Used) -> (*const UdfAggregateFunction, usize) {
+    use super::aggregate::AGGREGATES;
+    if AGGREGATES.is_empty() {
+        return (std::ptr::null(), 0);
+    }
+    // SAFETY: the caller's promise: nothing else reads or writes the storage now.
+    let storage = unsafe { &mut *AGGREGATE_STORAGE.0.get() };
+    for (slot, function) in storage.iter_mut().zip(AGGREGATES.iter()) {
+        // SAFETY: the caller's promise, passed on.
+        *slot = unsafe { aggregate_entry(function, used) };
+    }
+    if AGGREGATES.len() > MAX_AGGREGATES {
+        let message = format!(
+            "the library has {} aggregate functions, more than the {MAX_AGGREGATES} of ABI 2.4",
+            AGGREGATES.len()
+        );
+        // SAFETY: the caller's promise, passed on.
+        storage[MAX_AGGREGATES - 1].return_format =
+            unsafe { undeclared(&message, used) }.return_format;
+    }
+    (
+        AGGREGATE_STORAGE
+            .0
+            .get()
+            .cast::<UdfAggregateFunction>()
+            .cast_const(),
+        AGGREGATES.len().min(MAX_AGGREGATES),
+    )
+}
+
 /// The ABI v2 handshake.
 #[unsafe(no_mangle)]
 pub extern "C" fn udfsql_abi_version() -> UdfAbiVersion {
@@ -225,13 +400,13 @@ pub extern "C" fn udfsql_abi_version() -> UdfAbiVersion {
 pub extern "C" fn udfsql_manifest() -> *const UdfManifest {
     static MANIFEST: OnceLock<Manifest> = OnceLock::new();
     let manifest = MANIFEST.get_or_init(|| {
+        let mut used = Used::default();
         let arrow_types = if ARROW_TYPES.is_empty() {
             std::ptr::null()
         } else {
             // SAFETY: the one write, inside the `OnceLock` initialisation: nothing reads the
             // storage before the manifest that points at it is published.
             let storage = unsafe { &mut *ARROW_TYPES_STORAGE.0.get() };
-            let mut used = Used::default();
             for (slot, function) in storage.iter_mut().zip(FUNCTIONS.iter()) {
                 let name = name_bytes(function.0.name);
                 let Some(arrow) = ARROW_TYPES.iter().find(|a| a.name.as_bytes() == name) else {
@@ -254,6 +429,8 @@ pub extern "C" fn udfsql_manifest() -> *const UdfManifest {
                 .cast::<UdfArrowTypes>()
                 .cast_const()
         };
+        // SAFETY: inside the `OnceLock` initialisation, the storage's one writer.
+        let (aggregates, aggregates_len) = unsafe { aggregates(&mut used) };
         Manifest(UdfManifest {
             size: std::mem::size_of::<UdfManifest>(),
             // `ExportedFunction` is `repr(transparent)` over `UdfFunction`.
@@ -264,6 +441,8 @@ pub extern "C" fn udfsql_manifest() -> *const UdfManifest {
             // SAFETY: inside the `OnceLock` initialisation, the storage's one writer.
             async_functions: unsafe { async_functions() },
             unload: unload_hook(),
+            aggregates,
+            aggregates_len,
         })
     });
     &manifest.0

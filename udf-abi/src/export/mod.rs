@@ -3,7 +3,8 @@
 //! This is the plugin side's one module with `unsafe` code: the two exported ABI v2 symbols and
 //! the manifest they describe ([`manifest`]), the release function, panics turned into errors
 //! (here, shared by every function kind), and per function kind the wrappers that turn raw
-//! arguments into safe values ([`scalar`]: the row and batch entrypoints). Everything else a
+//! arguments into safe values ([`scalar`]: the row and batch entrypoints; [`aggregate`]: the
+//! accumulators of `#[udaf]`; [`async_fn`]: `#[udf(async)]`). Everything else a
 //! plugin author sees is safe Rust.
 #![allow(unsafe_code)]
 #![doc(hidden)]
@@ -15,11 +16,12 @@ use std::sync::OnceLock;
 pub use linkme;
 
 use crate::v2::{
-    BatchEntrypoint, Date, FFI_ArrowArray, FFI_ArrowSchema, RowEntrypoint, Timestamp,
-    UdfAbiVersion, UdfArrowTypes, UdfAsyncFunction, UdfBytes, UdfFunction, UdfManifest,
-    UdfOwnedBytes, UdfScalar, UdfType, UdfValue, status,
+    BatchEntrypoint, Date, FFI_ArrowArray, FFI_ArrowSchema, MAX_AGGREGATES, RowEntrypoint,
+    Timestamp, UdfAbiVersion, UdfAggregateFunction, UdfArrowTypes, UdfAsyncFunction, UdfBytes,
+    UdfFunction, UdfManifest, UdfOwnedBytes, UdfScalar, UdfType, UdfValue, status,
 };
 
+pub mod aggregate;
 pub mod async_fn;
 pub mod manifest;
 pub mod scalar;

@@ -520,7 +520,7 @@ pub(super) fn check_decimals(data: &ArrayData) -> Result<(), CallError> {
 
 /// Checks, imports and validates a result of the declared Arrow type `declared`. `out` and
 /// `out_schema` are released on every path (through the plugin's callbacks).
-pub(super) fn import_result(
+pub(in crate::ffi) fn import_result(
     out: FFI_ArrowArray,
     out_schema: FFI_ArrowSchema,
     declared: &DataType,

@@ -759,6 +759,22 @@ impl ArgSchemas {
             .collect::<Option<Vec<_>>>()
             .map(|schemas| ArgSchemas(schemas.into_boxed_slice()))
     }
+
+    /// The schemas of `types`; `None` if one cannot be exported.
+    pub(in crate::ffi) fn of_types<'a>(
+        types: impl IntoIterator<Item = &'a DataType>,
+    ) -> Option<ArgSchemas> {
+        types
+            .into_iter()
+            .map(|t| FFI_ArrowSchema::try_from(t).ok())
+            .collect::<Option<Vec<_>>>()
+            .map(|schemas| ArgSchemas(schemas.into_boxed_slice()))
+    }
+
+    /// The first schema, lent for a call (the ABI's `arg_schemas`).
+    pub(in crate::ffi) fn as_ptr(&self) -> *const FFI_ArrowSchema {
+        self.0.as_ptr()
+    }
 }
 
 /// What the NULL rules ask of a result (see [`null_rules`]).

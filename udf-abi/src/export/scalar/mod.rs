@@ -384,7 +384,7 @@ pub unsafe fn call_row(
 /// # Safety
 ///
 /// `out`, `out_schema` and `error` must be non-null and valid for writes.
-unsafe fn write_batch_outcome(
+pub(in crate::export) unsafe fn write_batch_outcome(
     result: std::thread::Result<Result<(FFI_ArrowArray, FFI_ArrowSchema), String>>,
     out: *mut FFI_ArrowArray,
     out_schema: *mut FFI_ArrowSchema,

@@ -1,0 +1,494 @@
+//! Plugin aggregate functions in DataFusion: [`PluginUdaf`] is an `AggregateUDFImpl` whose
+//! accumulators are the plugin's (ABI 2.4). GROUP BY runs through DataFusion's fast path, a
+//! grouped accumulator that updates many groups per call; aggregation without groups, and
+//! window frames, through a one-group accumulator (with `retract` for frames that slide).
+//! Partial states are the plugin's declared state fields, so they travel between partitions as
+//! ordinary columns.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, new_empty_array};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
+use datafusion::common::{DataFusionError, Result, ScalarValue, not_impl_err, plan_err};
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature, Volatility,
+};
+
+use crate::error::CallError;
+use crate::ffi::DeclaredVolatility;
+use crate::ffi::aggregate::{Emit, Feed, PluginAccumulator, PluginAggregate};
+
+/// A plugin aggregate function under its SQL name.
+#[derive(Debug, Clone)]
+pub struct PluginUdaf {
+    sql_name: String,
+    function: PluginAggregate,
+    signature: Signature,
+}
+
+impl PluginUdaf {
+    /// The function `function` of a loaded library, called `sql_name` in SQL.
+    pub fn new(sql_name: impl Into<String>, function: PluginAggregate) -> PluginUdaf {
+        let volatility = match function.signature().volatility {
+            DeclaredVolatility::Immutable => Volatility::Immutable,
+            DeclaredVolatility::Stable => Volatility::Stable,
+            DeclaredVolatility::Volatile => Volatility::Volatile,
+        };
+        PluginUdaf {
+            sql_name: sql_name.into(),
+            function,
+            signature: Signature::user_defined(volatility),
+        }
+    }
+
+    /// The plugin function.
+    pub fn function(&self) -> &PluginAggregate {
+        &self.function
+    }
+
+    /// As a DataFusion aggregate function.
+    pub fn into_aggregate_udf(self) -> AggregateUDF {
+        AggregateUDF::new_from_impl(self)
+    }
+
+    fn sql_signature(&self) -> String {
+        self.function.signature().display_as(&self.sql_name)
+    }
+
+    fn call_error(&self, e: CallError) -> DataFusionError {
+        DataFusionError::Execution(format!(
+            "plugin aggregate {} (library {}) failed: {e}",
+            self.sql_name,
+            self.function.library().path().display()
+        ))
+    }
+
+    fn new_accumulator(&self) -> Result<PluginAccumulator> {
+        self.function.accumulator().map_err(|e| self.call_error(e))
+    }
+}
+
+impl PartialEq for PluginUdaf {
+    fn eq(&self, other: &Self) -> bool {
+        self.sql_name == other.sql_name
+            && Arc::ptr_eq(self.function.library(), other.function.library())
+            && self.function.signature() == other.function.signature()
+    }
+}
+
+impl Eq for PluginUdaf {}
+
+impl Hash for PluginUdaf {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.sql_name.hash(state);
+        self.function.library().path().hash(state);
+        self.function.signature().hash(state);
+    }
+}
+
+impl AggregateUDFImpl for PluginUdaf {
+    fn name(&self) -> &str {
+        &self.sql_name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(self.function.signature().return_type.clone())
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        let params = &self.function.signature().arg_types;
+        if arg_types.len() != params.len() {
+            return plan_err!(
+                "aggregate {} takes {} argument{}, got {}",
+                self.sql_signature(),
+                params.len(),
+                if params.len() == 1 { "" } else { "s" },
+                arg_types.len()
+            );
+        }
+        params
+            .iter()
+            .zip(arg_types)
+            .enumerate()
+            .map(
+                |(i, (param, actual))| match crate::types::arrow::coerce(param, actual) {
+                    Some(t) => Ok(t),
+                    None => plan_err!(
+                        "aggregate {}: argument {} has type {actual}, expected {}",
+                        self.sql_signature(),
+                        i + 1,
+                        crate::types::arrow::sql_name(param)
+                    ),
+                },
+            )
+            .collect()
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        if args.is_distinct {
+            // The distinct argument rows seen so far: one list per argument.
+            return Ok(self
+                .function
+                .signature()
+                .arg_types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let item = Arc::new(Field::new("item", t.clone(), true));
+                    Arc::new(Field::new(
+                        format!("{}[distinct_{i}]", args.name),
+                        DataType::List(item),
+                        true,
+                    ))
+                })
+                .collect());
+        }
+        // Named after the call, as DataFusion's own aggregates name theirs, so that two calls
+        // of one function in a query have distinct state columns.
+        Ok(self
+            .function
+            .signature()
+            .state_fields
+            .iter()
+            .map(|f| {
+                Arc::new(Field::new(
+                    format!("{}[{}]", args.name, f.name()),
+                    f.data_type().clone(),
+                    true,
+                ))
+            })
+            .collect())
+    }
+
+    fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        if args.is_distinct {
+            return Ok(Box::new(Distinct {
+                udaf: self.clone(),
+                rows: std::collections::HashSet::new(),
+            }));
+        }
+        let mut acc = self.new_accumulator()?;
+        // One group, there from the start: an aggregate of no rows still has its value.
+        acc.feed(Feed::Update, &self.empty_arguments(), Some(&[]), None, 1)
+            .map_err(|e| self.call_error(e))?;
+        Ok(Box::new(OneGroup {
+            udaf: self.clone(),
+            acc,
+        }))
+    }
+
+    fn groups_accumulator_supported(&self, args: AccumulatorArgs) -> bool {
+        !args.is_distinct
+    }
+
+    fn create_groups_accumulator(
+        &self,
+        args: AccumulatorArgs,
+    ) -> Result<Box<dyn GroupsAccumulator>> {
+        if args.is_distinct {
+            return not_impl_err!(
+                "plugin aggregate {}: DISTINCT runs in one group",
+                self.sql_name
+            );
+        }
+        let acc = self.new_accumulator()?;
+        Ok(Box::new(ManyGroups {
+            udaf: self.clone(),
+            acc,
+        }))
+    }
+}
+
+impl PluginUdaf {
+    /// Zero-row columns of the argument types.
+    fn empty_arguments(&self) -> Vec<ArrayRef> {
+        self.function
+            .signature()
+            .arg_types
+            .iter()
+            .map(new_empty_array)
+            .collect()
+    }
+}
+
+/// The grouped accumulator (GROUP BY).
+struct ManyGroups {
+    udaf: PluginUdaf,
+    acc: PluginAccumulator,
+}
+
+impl std::fmt::Debug for ManyGroups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManyGroups")
+            .field("acc", &self.acc)
+            .finish()
+    }
+}
+
+fn emit_of(emit_to: EmitTo) -> Emit {
+    match emit_to {
+        EmitTo::All => Emit::TakeAll,
+        EmitTo::First(n) => Emit::TakeFirst(n),
+    }
+}
+
+/// The columns of a struct array of partial states.
+fn state_columns(state: ArrayRef) -> Vec<ArrayRef> {
+    state.as_struct().columns().to_vec()
+}
+
+impl GroupsAccumulator for ManyGroups {
+    fn update_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        opt_filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+    ) -> Result<()> {
+        self.acc
+            .feed(
+                Feed::Update,
+                values,
+                Some(group_indices),
+                opt_filter,
+                total_num_groups,
+            )
+            .map_err(|e| self.udaf.call_error(e))
+    }
+
+    fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
+        self.acc
+            .emit(false, emit_of(emit_to))
+            .map_err(|e| self.udaf.call_error(e))
+    }
+
+    fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
+        self.acc
+            .emit(true, emit_of(emit_to))
+            .map(state_columns)
+            .map_err(|e| self.udaf.call_error(e))
+    }
+
+    fn merge_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        total_num_groups: usize,
+    ) -> Result<()> {
+        self.acc
+            .feed(
+                Feed::Merge,
+                values,
+                Some(group_indices),
+                None,
+                total_num_groups,
+            )
+            .map_err(|e| self.udaf.call_error(e))
+    }
+
+    /// Each row as its own group, through a fresh accumulator of the plugin. Correct but not
+    /// cheap, so not offered to DataFusion's skipping of partial aggregation
+    /// (`supports_convert_to_state` stays false).
+    fn convert_to_state(
+        &self,
+        values: &[ArrayRef],
+        opt_filter: Option<&BooleanArray>,
+    ) -> Result<Vec<ArrayRef>> {
+        let rows = values.first().map_or(0, |v| v.len());
+        let groups: Vec<usize> = (0..rows).collect();
+        let mut acc = self
+            .udaf
+            .function
+            .accumulator()
+            .map_err(|e| self.udaf.call_error(e))?;
+        acc.feed(Feed::Update, values, Some(&groups), opt_filter, rows)
+            .and_then(|()| acc.emit(true, Emit::TakeAll))
+            .map(state_columns)
+            .map_err(|e| self.udaf.call_error(e))
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of::<Self>() + self.acc.size()
+    }
+}
+
+/// The one-group accumulator (no GROUP BY, window frames).
+struct OneGroup {
+    udaf: PluginUdaf,
+    acc: PluginAccumulator,
+}
+
+impl std::fmt::Debug for OneGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OneGroup").field("acc", &self.acc).finish()
+    }
+}
+
+impl OneGroup {
+    fn feed(&mut self, feed: Feed, values: &[ArrayRef]) -> Result<()> {
+        let rows = values.first().map_or(0, |v| v.len());
+        // With no argument columns the row count cannot be read off a column: zeros say it.
+        let zeros;
+        let groups = if values.is_empty() {
+            zeros = vec![0usize; rows];
+            Some(zeros.as_slice())
+        } else {
+            None
+        };
+        self.acc
+            .feed(feed, values, groups, None, 1)
+            .map_err(|e| self.udaf.call_error(e))
+    }
+}
+
+impl Accumulator for OneGroup {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        self.feed(Feed::Update, values)
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        let result = self
+            .acc
+            .emit(false, Emit::Peek)
+            .map_err(|e| self.udaf.call_error(e))?;
+        ScalarValue::try_from_array(&result, 0)
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of::<Self>() + self.acc.size()
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        let state = self
+            .acc
+            .emit(true, Emit::Peek)
+            .map_err(|e| self.udaf.call_error(e))?;
+        state_columns(state)
+            .iter()
+            .map(|c| ScalarValue::try_from_array(c, 0))
+            .collect()
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        self.feed(Feed::Merge, states)
+    }
+
+    fn retract_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        self.feed(Feed::Retract, values)
+    }
+
+    fn supports_retract_batch(&self) -> bool {
+        self.udaf.function.signature().retracts
+    }
+}
+
+/// `f(DISTINCT ...)`: the distinct argument rows are kept in the host (the partial state is
+/// one list per argument), and the plugin's accumulator sees each once when the value is asked.
+struct Distinct {
+    udaf: PluginUdaf,
+    rows: std::collections::HashSet<Vec<ScalarValue>>,
+}
+
+impl std::fmt::Debug for Distinct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Distinct")
+            .field("rows", &self.rows.len())
+            .finish()
+    }
+}
+
+impl Distinct {
+    /// The distinct rows as columns of the argument types.
+    fn columns(&self) -> Result<Vec<ArrayRef>> {
+        let types = &self.udaf.function.signature().arg_types;
+        types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if self.rows.is_empty() {
+                    return Ok(new_empty_array(t));
+                }
+                ScalarValue::iter_to_array(self.rows.iter().map(|r| r[i].clone()))
+            })
+            .collect()
+    }
+}
+
+impl Accumulator for Distinct {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let rows = values.first().map_or(0, |v| v.len());
+        for row in 0..rows {
+            let key = values
+                .iter()
+                .map(|v| ScalarValue::try_from_array(v, row))
+                .collect::<Result<Vec<_>>>()?;
+            self.rows.insert(key);
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        let mut acc = self.udaf.new_accumulator()?;
+        let columns = self.columns()?;
+        let result = if self.rows.is_empty() || columns.is_empty() {
+            acc.feed(Feed::Update, &columns, Some(&[]), None, 1)
+        } else {
+            acc.feed(Feed::Update, &columns, None, None, 1)
+        }
+        .and_then(|()| acc.emit(false, Emit::Peek))
+        .map_err(|e| self.udaf.call_error(e))?;
+        ScalarValue::try_from_array(&result, 0)
+    }
+
+    fn size(&self) -> usize {
+        let values: usize = self
+            .rows
+            .iter()
+            .flat_map(|r| r.iter().map(ScalarValue::size))
+            .sum();
+        std::mem::size_of::<Self>() + values
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        self.columns()?
+            .into_iter()
+            .map(|column| {
+                let list = datafusion::common::utils::SingleRowListArrayBuilder::new(column)
+                    .with_nullable(true)
+                    .build_list_scalar();
+                Ok(list)
+            })
+            .collect()
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        let lists: Vec<_> = states.iter().map(|s| s.as_list::<i32>()).collect();
+        let rows = lists.first().map_or(0, |l| l.len());
+        for row in 0..rows {
+            if lists.iter().any(|l| l.is_null(row)) {
+                continue;
+            }
+            let items: Vec<ArrayRef> = lists.iter().map(|l| l.value(row)).collect();
+            let n = items.first().map_or(0, |i| i.len());
+            if items.iter().any(|i| i.len() != n) {
+                return datafusion::common::internal_err!(
+                    "the DISTINCT state of {} has lists of different lengths",
+                    self.udaf.sql_name
+                );
+            }
+            self.update_batch(&items)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `udaf` is a plugin aggregate, and which.
+pub fn plugin_udaf_of(udaf: &AggregateUDF) -> Option<&PluginUdaf> {
+    udaf.inner().downcast_ref::<PluginUdaf>()
+}

@@ -1,0 +1,280 @@
+//! Plugin aggregate functions (ABI 2.4) in-process: the example library `udf-plugins/stats`
+//! (`#[udaf]`) against DataFusion's builtins over random inputs, partitionings and batch sizes,
+//! with GROUP BY of low and high cardinality, FILTER, windows with sliding frames, and the
+//! errors for what is not supported.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Float64Array, Int64Array, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use udf_engine::PluginLibrary;
+use udf_tests::{plugin, query_error, rows};
+
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// `t(i, g, x, d, s)`: `i` the row number, `g` one of `groups` groups, `x` a BIGINT with NULLs
+/// (some extreme), `d` a DOUBLE, `s` a string; split into batches of `batch` rows.
+fn table(rng: &mut Rng, rows: usize, groups: u64, batch: usize) -> MemTable {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("i", DataType::Int64, false),
+        Field::new("g", DataType::Int64, false),
+        Field::new("x", DataType::Int64, true),
+        Field::new("d", DataType::Float64, true),
+        Field::new("s", DataType::Utf8, true),
+    ]));
+    let mut batches = Vec::new();
+    let mut start = 0;
+    while start < rows {
+        let n = batch.min(rows - start);
+        let i = Int64Array::from_iter_values((start..start + n).map(|v| v as i64));
+        let g = Int64Array::from_iter_values((0..n).map(|_| rng.below(groups.max(1)) as i64));
+        let x = Int64Array::from_iter((0..n).map(|_| match rng.below(20) {
+            0 => None,
+            1 => Some(i64::MAX - rng.below(3) as i64),
+            _ => Some(rng.below(2001) as i64 - 1000),
+        }));
+        let d = Float64Array::from_iter((0..n).map(|_| match rng.below(10) {
+            0 => None,
+            _ => Some((rng.below(10_000) as f64) / 100.0 + 0.01),
+        }));
+        let s = StringArray::from_iter((0..n).map(|_| match rng.below(10) {
+            0 => None,
+            _ => Some(format!("v{}", rng.below(500))),
+        }));
+        let columns: Vec<Arc<dyn datafusion::arrow::array::Array>> = vec![
+            Arc::new(i),
+            Arc::new(g),
+            Arc::new(x),
+            Arc::new(d),
+            Arc::new(s),
+        ];
+        batches.push(RecordBatch::try_new(Arc::clone(&schema), columns).unwrap());
+        start += n;
+    }
+    // Spread the batches over up to four partitions.
+    let mut partitions = vec![Vec::new(); 4.min(batches.len().max(1))];
+    for (k, b) in batches.into_iter().enumerate() {
+        let p = k % partitions.len();
+        partitions[p].push(b);
+    }
+    MemTable::try_new(schema, partitions).unwrap()
+}
+
+fn session(partitions: usize, batch_size: usize) -> SessionContext {
+    let config = SessionConfig::new()
+        .with_target_partitions(partitions)
+        .with_batch_size(batch_size);
+    let ctx = SessionContext::new_with_config(config);
+    let library = PluginLibrary::load(plugin("stats")).expect("load the stats plugin");
+    let mut names = udf_engine::register_aggregates(&ctx, &library);
+    names.sort();
+    assert_eq!(
+        names,
+        ["geo_mean", "hll_count", "median_exact", "my_sum"].map(String::from),
+        "the library's aggregates"
+    );
+    ctx
+}
+
+#[tokio::test]
+async fn my_sum_equals_builtin_sum_on_random_inputs_partitionings_and_groupings() {
+    let mut rng = Rng(0x5EED_2026_1203);
+    for case in 0..24 {
+        let n_rows = [0, 1, 5, 300, 5000][case % 5];
+        let groups = [1, 7, 1000, 100_000][rng.below(4) as usize];
+        let partitions = 1 + rng.below(4) as usize;
+        let batch = [1, 37, 1024, 8192][rng.below(4) as usize];
+        let ctx = session(partitions, batch);
+        ctx.register_table("t", Arc::new(table(&mut rng, n_rows, groups, batch)))
+            .unwrap();
+        let what = format!(
+            "case {case}: {n_rows} rows, {groups} groups, {partitions} partitions, batches of {batch}"
+        );
+        for sql in [
+            "SELECT g, my_sum(x), sum(x) FROM t GROUP BY g ORDER BY g",
+            "SELECT my_sum(x), sum(x) FROM t",
+            "SELECT g, my_sum(x) FILTER (WHERE x > 0), sum(x) FILTER (WHERE x > 0) FROM t GROUP BY g ORDER BY g",
+            "SELECT g % 3, my_sum(x + 1), sum(x + 1) FROM t WHERE d > 10 GROUP BY g % 3 ORDER BY 1",
+            "SELECT g % 5, my_sum(DISTINCT x % 7), sum(DISTINCT x % 7) FROM t GROUP BY g % 5 ORDER BY 1",
+        ] {
+            let result = rows(&ctx, sql).await;
+            for row in &result {
+                let n = row.len();
+                assert_eq!(row[n - 2], row[n - 1], "{what}: {sql}: {row:?}");
+            }
+            if sql.contains("GROUP BY g ORDER") {
+                let groups_seen = rows(&ctx, "SELECT count(DISTINCT g) FROM t").await;
+                let expected: usize = groups_seen[0][0].parse().unwrap();
+                assert_eq!(result.len(), expected, "{what}: {sql}: one row per group");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn empty_and_all_null_inputs_give_null_and_one_row_without_group_by() {
+    let ctx = session(2, 8192);
+    ctx.sql("CREATE TABLE e (x BIGINT, d DOUBLE, s VARCHAR)")
+        .await
+        .unwrap();
+    ctx.sql("CREATE TABLE n (x BIGINT, d DOUBLE, s VARCHAR) AS VALUES (NULL, NULL, NULL), (NULL, NULL, NULL)")
+        .await
+        .unwrap();
+    for t in ["e", "n"] {
+        let sql = format!(
+            "SELECT my_sum(x), sum(x), geo_mean(d), median_exact(d), median(d), hll_count(s) FROM {t}"
+        );
+        assert_eq!(
+            rows(&ctx, &sql).await,
+            vec![vec!["NULL", "NULL", "NULL", "NULL", "NULL", "0"]],
+            "{t}"
+        );
+        let grouped = format!("SELECT x, my_sum(x) FROM {t} GROUP BY x");
+        let expected: Vec<Vec<String>> = if t == "e" {
+            vec![]
+        } else {
+            vec![vec!["NULL".into(), "NULL".into()]]
+        };
+        assert_eq!(rows(&ctx, &grouped).await, expected, "{t}");
+    }
+}
+
+#[tokio::test]
+async fn geo_mean_median_and_hll_agree_with_builtins() {
+    let mut rng = Rng(42);
+    let ctx = session(3, 512);
+    ctx.register_table("t", Arc::new(table(&mut rng, 20_000, 13, 512)))
+        .unwrap();
+    let result = rows(
+        &ctx,
+        "SELECT g, geo_mean(d), exp(avg(ln(d))), median_exact(d), median(d), hll_count(s), \
+         count(DISTINCT s) FROM t GROUP BY g ORDER BY g",
+    )
+    .await;
+    assert_eq!(result.len(), 13);
+    for row in &result {
+        let f = |i: usize| row[i].parse::<f64>().unwrap();
+        assert!((f(1) - f(2)).abs() <= 1e-9 * f(2), "geo_mean {row:?}");
+        assert_eq!(row[3], row[4], "median_exact equals median: {row:?}");
+        let (estimate, exact) = (f(5), f(6));
+        assert!(
+            (estimate - exact).abs() <= 0.05 * exact,
+            "hll_count within 5%: {row:?}"
+        );
+    }
+    // A large number of distinct values, across partitions (states merged).
+    ctx.sql(
+        "CREATE TABLE big AS SELECT CAST(value AS VARCHAR) AS s FROM generate_series(1, 200000)",
+    )
+    .await
+    .unwrap();
+    let estimate: f64 = rows(&ctx, "SELECT hll_count(s) FROM big").await[0][0]
+        .parse()
+        .unwrap();
+    assert!(
+        (estimate - 200_000.0).abs() <= 0.05 * 200_000.0,
+        "hll_count of 200000 distinct values: {estimate}"
+    );
+}
+
+#[tokio::test]
+async fn window_frames_slide_with_retract_and_refuse_without_it() {
+    let mut rng = Rng(7);
+    let ctx = session(2, 100);
+    ctx.register_table("t", Arc::new(table(&mut rng, 3000, 5, 100)))
+        .unwrap();
+    for frame in [
+        "ROWS BETWEEN 2 PRECEDING AND CURRENT ROW",
+        "ROWS BETWEEN 10 PRECEDING AND 5 FOLLOWING",
+        "ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW",
+        "RANGE BETWEEN 3 PRECEDING AND 3 FOLLOWING",
+    ] {
+        let sql = format!(
+            "SELECT i, my_sum(x) OVER (PARTITION BY g ORDER BY i {frame}), \
+             sum(x) OVER (PARTITION BY g ORDER BY i {frame}) FROM t ORDER BY i"
+        );
+        let result = rows(&ctx, &sql).await;
+        assert_eq!(result.len(), 3000, "{frame}");
+        for row in &result {
+            assert_eq!(row[1], row[2], "{frame}: {row:?}");
+        }
+    }
+    // A growing frame needs no retract.
+    let growing = rows(
+        &ctx,
+        "SELECT i, median_exact(d) OVER (ORDER BY i ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW), \
+         median(d) OVER (ORDER BY i ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) FROM t \
+         WHERE i < 300 ORDER BY i",
+    )
+    .await;
+    assert_eq!(growing.len(), 300);
+    for row in &growing {
+        assert_eq!(row[1], row[2], "{row:?}");
+    }
+    // A sliding frame over an aggregate without retract: a clear error.
+    let error = query_error(
+        &ctx,
+        "SELECT geo_mean(d) OVER (ORDER BY i ROWS BETWEEN 2 PRECEDING AND CURRENT ROW) FROM t",
+    )
+    .await;
+    assert!(
+        error.contains("geo_mean") || error.contains("retract"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn unsupported_uses_and_bad_arguments_are_clear_errors() {
+    let ctx = session(2, 8192);
+    ctx.sql("CREATE TABLE t (x BIGINT, s VARCHAR) AS VALUES (1, 'a'), (2, 'b'), (2, 'b')")
+        .await
+        .unwrap();
+    // DISTINCT: over one column DataFusion's optimizer groups by it first; over two the host
+    // keeps the distinct rows and the plugin aggregates each once.
+    for sql in [
+        "SELECT my_sum(DISTINCT x) FROM t",
+        "SELECT my_sum(DISTINCT x), hll_count(DISTINCT s) FROM t",
+        "SELECT my_sum(DISTINCT x), hll_count(DISTINCT s), my_sum(x) FROM t",
+    ] {
+        let builtin = sql
+            .replace("my_sum", "sum")
+            .replace("hll_count(DISTINCT s)", "count(DISTINCT s)");
+        assert_eq!(rows(&ctx, sql).await, rows(&ctx, &builtin).await, "{sql}");
+    }
+    let error = query_error(&ctx, "SELECT my_sum(s) FROM t").await;
+    assert!(
+        error.contains("my_sum") && error.contains("argument 1"),
+        "{error}"
+    );
+    let error = query_error(&ctx, "SELECT my_sum(x, x) FROM t").await;
+    assert!(
+        error.contains("my_sum") && error.contains("1 argument"),
+        "{error}"
+    );
+    // The session goes on.
+    assert_eq!(
+        rows(&ctx, "SELECT my_sum(x), hll_count(s) FROM t").await,
+        vec![vec!["5", "2"]]
+    );
+    // Casts of the same family are accepted (INT into BIGINT).
+    assert_eq!(
+        rows(&ctx, "SELECT my_sum(CAST(x AS INT)) FROM t").await,
+        vec![vec!["5"]]
+    );
+}

@@ -1,0 +1,270 @@
+//! The entrypoints of `#[udaf]` aggregate functions (ABI 2.4): one set of `extern "C"` functions
+//! per [`Aggregate`] type, over the SDK's [`Groups`] accumulator, and the descriptors the
+//! manifest lists them from.
+
+use std::ffi::c_void;
+
+use arrow_array::ffi::from_ffi;
+use arrow_array::{ArrayRef, make_array};
+
+use super::*;
+use crate::aggregate::{AggArgs, Aggregate, Emit, Feed, Groups, Rows};
+use crate::v2::{
+    AggregateCreate, AggregateDestroy, AggregateEmit, AggregateSize, AggregateUpdate, emit,
+};
+
+/// The Arrow types of an aggregate function, as its Rust types say them.
+#[derive(Debug)]
+pub struct AggregateTypes {
+    /// The arguments.
+    pub args: Vec<arrow_schema::DataType>,
+    /// The state fields (named `s0`, `s1`, ...).
+    pub state: Vec<arrow_schema::DataType>,
+    /// The result.
+    pub output: arrow_schema::DataType,
+}
+
+/// One `#[udaf]` function of the library, in [`AGGREGATES`].
+#[derive(Debug)]
+pub struct ExportedAggregate {
+    /// The SQL name.
+    pub name: &'static str,
+    /// Its types, computed when the manifest is built.
+    pub types: fn() -> AggregateTypes,
+    pub(crate) create: AggregateCreate,
+    pub(crate) update: AggregateUpdate,
+    pub(crate) merge: AggregateUpdate,
+    pub(crate) retract: Option<AggregateUpdate>,
+    pub(crate) evaluate: AggregateEmit,
+    pub(crate) state: AggregateEmit,
+    pub(crate) size: AggregateSize,
+    pub(crate) destroy: AggregateDestroy,
+}
+
+impl ExportedAggregate {
+    /// The descriptor of the aggregate `A` under `name`.
+    pub const fn of<A: Aggregate>(name: &'static str) -> ExportedAggregate {
+        ExportedAggregate {
+            name,
+            types: types::<A>,
+            create: create::<A>,
+            update: update::<A>,
+            merge: merge::<A>,
+            retract: if A::RETRACTS {
+                Some(retract::<A>)
+            } else {
+                None
+            },
+            evaluate: evaluate::<A>,
+            state: state::<A>,
+            size: size::<A>,
+            destroy: destroy::<A>,
+        }
+    }
+}
+
+/// Every `#[udaf]` function of the library.
+#[linkme::distributed_slice]
+pub static AGGREGATES: [ExportedAggregate];
+
+fn types<A: Aggregate>() -> AggregateTypes {
+    AggregateTypes {
+        args: A::Input::data_types(),
+        state: A::State::data_types(),
+        output: <A::Output as crate::aggregate::AggValue>::data_type(),
+    }
+}
+
+unsafe extern "C" fn create<A: Aggregate>(error: *mut UdfOwnedBytes) -> *mut c_void {
+    let _ = error;
+    Box::into_raw(Box::new(Groups::<A>::default())).cast()
+}
+
+unsafe extern "C" fn destroy<A: Aggregate>(acc: *mut c_void) {
+    if acc.is_null() {
+        return;
+    }
+    // SAFETY: made by `create::<A>` (the same `A`: the host calls one function's entrypoints on
+    // the accumulators of its own `create`), destroyed once.
+    let groups = unsafe { Box::from_raw(acc.cast::<Groups<A>>()) };
+    // A panicking `Drop` of the plugin's type must not unwind into the host.
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(groups)));
+}
+
+unsafe extern "C" fn size<A: Aggregate>(acc: *mut c_void) -> usize {
+    if acc.is_null() {
+        return 0;
+    }
+    // SAFETY: made by `create::<A>`, not destroyed, not used by another call now (ABI 2.4).
+    let groups = unsafe { &*acc.cast::<Groups<A>>() };
+    groups.size()
+}
+
+macro_rules! feed_entrypoint {
+    ($name:ident, $feed:expr) => {
+        #[allow(clippy::too_many_arguments)]
+        unsafe extern "C" fn $name<A: Aggregate>(
+            acc: *mut c_void,
+            args: *mut FFI_ArrowArray,
+            schemas: *const FFI_ArrowSchema,
+            args_len: usize,
+            num_rows: usize,
+            group_indices: *const usize,
+            filter: *const u8,
+            total_groups: usize,
+            error: *mut UdfOwnedBytes,
+        ) -> i32 {
+            // SAFETY: the host's promises of `AggregateUpdate`, passed on.
+            unsafe {
+                feed::<A>(
+                    $feed,
+                    acc,
+                    args,
+                    schemas,
+                    args_len,
+                    num_rows,
+                    group_indices,
+                    filter,
+                    total_groups,
+                    error,
+                )
+            }
+        }
+    };
+}
+
+feed_entrypoint!(update, Feed::Update);
+feed_entrypoint!(merge, Feed::Merge);
+feed_entrypoint!(retract, Feed::Retract);
+
+/// The body of `update`, `merge` and `retract`.
+///
+/// # Safety
+///
+/// [`AggregateUpdate`]'s contract: `acc` from `create::<A>`, `args_len` arrays and schemas,
+/// `num_rows` group numbers (or null) and filter bytes (or null), `error` valid for writes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn feed<A: Aggregate>(
+    feed: Feed,
+    acc: *mut c_void,
+    args: *mut FFI_ArrowArray,
+    schemas: *const FFI_ArrowSchema,
+    args_len: usize,
+    num_rows: usize,
+    group_indices: *const usize,
+    filter: *const u8,
+    total_groups: usize,
+    error: *mut UdfOwnedBytes,
+) -> i32 {
+    if acc.is_null() || error.is_null() || (args_len > 0 && (args.is_null() || schemas.is_null())) {
+        return status::ERROR;
+    }
+    install_quiet_panic_hook();
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(args_len);
+        for i in 0..args_len {
+            // SAFETY: `i < args_len` arrays and schemas, as the host passes them; `from_raw`
+            // moves the array out (the C Data Interface's move semantics the ABI prescribes).
+            let (array, schema) =
+                unsafe { (FFI_ArrowArray::from_raw(args.add(i)), &*schemas.add(i)) };
+            // SAFETY: the host exports valid arrays described by their schemas.
+            let data =
+                unsafe { from_ffi(array, schema) }.map_err(|e| format!("column {}: {e}", i + 1))?;
+            columns.push(make_array(data));
+        }
+        // SAFETY: the host passes `num_rows` group numbers and filter flags when non-null.
+        let (groups, filter) = unsafe {
+            (
+                (!group_indices.is_null())
+                    .then(|| std::slice::from_raw_parts(group_indices, num_rows)),
+                (!filter.is_null()).then(|| std::slice::from_raw_parts(filter, num_rows)),
+            )
+        };
+        let total_groups = if groups.is_none() {
+            total_groups.max(1)
+        } else {
+            total_groups
+        };
+        // SAFETY: made by `create::<A>`, not destroyed, used by no other call now (ABI 2.4).
+        let groups_state = unsafe { &mut *acc.cast::<Groups<A>>() };
+        groups_state.feed(
+            feed,
+            &columns,
+            Rows {
+                len: num_rows,
+                groups,
+                filter,
+                total_groups,
+            },
+        )
+    }));
+    let message = match result {
+        Ok(Ok(())) => return status::OK,
+        Ok(Err(message)) => message,
+        Err(panic) => panicked(panic),
+    };
+    // SAFETY: checked non-null above; the host's promise that it is valid for writes.
+    unsafe { write_error(error, message) }
+}
+
+fn emit_of(mode: u32, first: usize) -> Result<Emit, String> {
+    match mode {
+        emit::PEEK => Ok(Emit::Peek),
+        emit::TAKE_ALL => Ok(Emit::TakeAll),
+        emit::TAKE_FIRST => Ok(Emit::TakeFirst(first)),
+        other => Err(format!("unknown emit mode {other}")),
+    }
+}
+
+/// The body of `evaluate` and `state`.
+///
+/// # Safety
+///
+/// [`AggregateEmit`]'s contract.
+unsafe fn emit_with<A: Aggregate>(
+    acc: *mut c_void,
+    mode: u32,
+    first: usize,
+    out: *mut FFI_ArrowArray,
+    out_schema: *mut FFI_ArrowSchema,
+    error: *mut UdfOwnedBytes,
+    what: fn(&mut Groups<A>, Emit) -> Result<ArrayRef, String>,
+) -> i32 {
+    if acc.is_null() || out.is_null() || out_schema.is_null() || error.is_null() {
+        return status::ERROR;
+    }
+    install_quiet_panic_hook();
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: made by `create::<A>`, not destroyed, used by no other call now (ABI 2.4).
+        let groups = unsafe { &mut *acc.cast::<Groups<A>>() };
+        let array = what(groups, emit_of(mode, first)?)?;
+        let schema = FFI_ArrowSchema::try_from(array.data_type()).map_err(|e| e.to_string())?;
+        Ok((FFI_ArrowArray::new(&array.to_data()), schema))
+    }));
+    // SAFETY: checked non-null above; valid for writes by the host's promise.
+    unsafe { super::scalar::write_batch_outcome(result, out, out_schema, error) }
+}
+
+unsafe extern "C" fn evaluate<A: Aggregate>(
+    acc: *mut c_void,
+    mode: u32,
+    first: usize,
+    out: *mut FFI_ArrowArray,
+    out_schema: *mut FFI_ArrowSchema,
+    error: *mut UdfOwnedBytes,
+) -> i32 {
+    // SAFETY: the host's promises of `AggregateEmit`, passed on.
+    unsafe { emit_with::<A>(acc, mode, first, out, out_schema, error, Groups::evaluate) }
+}
+
+unsafe extern "C" fn state<A: Aggregate>(
+    acc: *mut c_void,
+    mode: u32,
+    first: usize,
+    out: *mut FFI_ArrowArray,
+    out_schema: *mut FFI_ArrowSchema,
+    error: *mut UdfOwnedBytes,
+) -> i32 {
+    // SAFETY: the host's promises of `AggregateEmit`, passed on.
+    unsafe { emit_with::<A>(acc, mode, first, out, out_schema, error, Groups::state) }
+}
