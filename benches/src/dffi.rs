@@ -63,3 +63,22 @@ pub fn register(ctx: &SessionContext) {
         ctx.register_udf(udf);
     }
 }
+
+/// `udfsql_dffi_agg_<f>`: a new `FFI_AggregateUDF`, owned by the caller.
+type UdafFn = extern "C" fn() -> datafusion_ffi::udaf::FFI_AggregateUDF;
+
+/// Registers the peer's aggregate `my_sum_dffi` in `ctx`.
+pub fn register_aggregates(ctx: &SessionContext) {
+    use datafusion::logical_expr::{AggregateUDF, AggregateUDFImpl};
+    let library = library();
+    // SAFETY: the peer defines `udfsql_dffi_agg_my_sum` as
+    // `extern "C" fn() -> FFI_AggregateUDF` of this `datafusion-ffi` version (checked by
+    // `library`); the library is never closed.
+    let make: UdafFn = unsafe { library.symbol("udfsql_dffi_agg_my_sum") }
+        .unwrap_or_else(|e| panic!("udfsql_dffi_agg_my_sum: {e}"));
+    let ffi = make();
+    let udaf: Arc<dyn AggregateUDFImpl> = (&ffi).into();
+    let udaf = AggregateUDF::new_from_shared_impl(udaf);
+    assert_eq!(udaf.name(), "my_sum_dffi");
+    ctx.register_udaf(udaf);
+}

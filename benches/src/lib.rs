@@ -4,6 +4,7 @@
 //! `datafusion-ffi` peer of the plain plugin (`dffi`).
 #![deny(unsafe_code)]
 
+pub mod aggbench;
 pub mod asyncbench;
 #[allow(unsafe_code)] // `dlopen` of the datafusion-ffi peer: its symbols, called with their types
 pub mod dffi;
@@ -139,6 +140,7 @@ pub fn built(package: &str) -> PathBuf {
             "str-len",
             "arrow-types",
             "http",
+            "stats",
         ] {
             cmd.args(["-p", &format!("udf-plugin-{p}")]);
         }

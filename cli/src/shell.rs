@@ -65,7 +65,7 @@ pub const HELP: &str = "\
 Statements end with ';' and may span lines. Meta commands:
   \\?              this help
   \\q              quit (or Ctrl-D)
-  \\df             plugin functions: SQL name, signature, library, ABI, isolation
+  \\df             plugin functions: SQL name, kind, signature, library, ABI, isolation
   \\d              tables;  \\d NAME  columns of table NAME
   \\load FILE      load a plugin library and register its functions
   \\format F       output format: table, csv or json
@@ -352,7 +352,7 @@ impl Shell {
                 self.load_library(&PathBuf::from(&arg))?;
             }
             "\\df" => {
-                let sql = "SELECT name, signature, library, abi, volatility, call_path, isolation FROM plugin_functions";
+                let sql = "SELECT name, kind, signature, library, abi, volatility, call_path, isolation FROM plugin_functions";
                 self.run_sql(sql, out)?;
             }
             "\\d" if arg.is_empty() => {

@@ -36,9 +36,44 @@ fn encode_plugin(udf: &ScalarUDF, buf: &mut Vec<u8>) -> Result<bool> {
     Ok(false)
 }
 
+/// Writes `udaf`'s spec when it is a plugin aggregate; `false` when it is not one.
+fn encode_aggregate(udaf: &AggregateUDF, buf: &mut Vec<u8>) -> Result<bool> {
+    if let Some(plugin) = udf_engine::plugin_udaf_of(udaf) {
+        PluginSpec::of_aggregate(plugin)?.encode(buf)?;
+        return Ok(true);
+    }
+    if let Some(remote) = crate::aggregate::RemotePluginUdaf::of(udaf) {
+        remote.spec().encode(buf)?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// The plugin aggregate in `buf`, if it holds one.
+fn decode_aggregate(
+    resolver: &Resolver,
+    name: &str,
+    buf: &[u8],
+) -> Result<Option<Arc<AggregateUDF>>> {
+    match PluginSpec::decode(name, buf)? {
+        Some(spec) if spec.aggregate.is_some() => resolver.resolve_aggregate(&spec).map(Some),
+        Some(spec) => Err(datafusion::common::DataFusionError::Plan(format!(
+            "plugin function {}: the plan carries a scalar function where an aggregate is used",
+            crate::spec::shorten(&spec.sql_name)
+        ))),
+        None => Ok(None),
+    }
+}
+
 /// The plugin function in `buf`, if it holds one.
 fn decode_plugin(resolver: &Resolver, name: &str, buf: &[u8]) -> Result<Option<Arc<ScalarUDF>>> {
     match PluginSpec::decode(name, buf)? {
+        Some(spec) if spec.aggregate.is_some() => {
+            Err(datafusion::common::DataFusionError::Plan(format!(
+                "plugin function {}: the plan carries an aggregate where a scalar function is used",
+                crate::spec::shorten(&spec.sql_name)
+            )))
+        }
         Some(spec) => resolver.resolve(&spec).map(Some),
         None => Ok(None),
     }
@@ -147,10 +182,16 @@ impl LogicalExtensionCodec for PluginLogicalCodec {
     }
 
     fn try_decode_udaf(&self, name: &str, buf: &[u8]) -> Result<Arc<AggregateUDF>> {
-        self.inner.try_decode_udaf(name, buf)
+        match decode_aggregate(&self.resolver, name, buf)? {
+            Some(udaf) => Ok(udaf),
+            None => self.inner.try_decode_udaf(name, buf),
+        }
     }
 
     fn try_encode_udaf(&self, node: &AggregateUDF, buf: &mut Vec<u8>) -> Result<()> {
+        if encode_aggregate(node, buf)? {
+            return Ok(());
+        }
         self.inner.try_encode_udaf(node, buf)
     }
 
@@ -254,10 +295,16 @@ impl PhysicalExtensionCodec for PluginPhysicalCodec {
     }
 
     fn try_decode_udaf(&self, name: &str, buf: &[u8]) -> Result<Arc<AggregateUDF>> {
-        self.inner.try_decode_udaf(name, buf)
+        match decode_aggregate(&self.resolver, name, buf)? {
+            Some(udaf) => Ok(udaf),
+            None => self.inner.try_decode_udaf(name, buf),
+        }
     }
 
     fn try_encode_udaf(&self, node: &AggregateUDF, buf: &mut Vec<u8>) -> Result<()> {
+        if encode_aggregate(node, buf)? {
+            return Ok(());
+        }
         self.inner.try_encode_udaf(node, buf)
     }
 

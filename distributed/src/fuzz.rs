@@ -59,6 +59,7 @@ fn seeds() -> Vec<Vec<u8>> {
         return_type: "u".into(),
         isolation: None,
         asynchronous: None,
+        aggregate: None,
     };
     let variants = [
         base.clone(),
@@ -107,6 +108,22 @@ fn seeds() -> Vec<Vec<u8>> {
                 chunk_rows: 1,
                 call_timeout_ms: 30_000,
                 retries: 3,
+            }),
+            ..base.clone()
+        },
+        PluginSpec {
+            sql_name: "geo_mean".into(),
+            function: "geo_mean".into(),
+            abi: "v2.4".into(),
+            signature:
+                "geo_mean(DOUBLE) -> DOUBLE [aggregate; state: s0 DOUBLE, s1 BIGINT UNSIGNED]"
+                    .into(),
+            arguments: 1,
+            call_path: "batch".into(),
+            return_type: "g".into(),
+            aggregate: Some(crate::spec::AggregateSpec {
+                state_names: vec!["s0".into(), "s1".into()],
+                state_types: vec!["g".into(), "+l<L>".into()],
             }),
             ..base.clone()
         },

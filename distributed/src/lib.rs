@@ -16,6 +16,7 @@
 //!   on 127.0.0.1 (tests, benchmarks, trying it on one machine).
 #![forbid(unsafe_code)]
 
+mod aggregate;
 pub mod cache;
 mod client;
 mod codec;
@@ -26,13 +27,14 @@ mod resolve;
 pub mod scheduler;
 mod spec;
 
+pub use aggregate::RemotePluginUdaf;
 pub use client::{CONNECT_TIMEOUT, connect, session};
 pub use codec::{PluginLogicalCodec, PluginPhysicalCodec};
 pub use local::{ClusterOptions, ExecutorSpec, LocalCluster};
 pub use resolve::{
     DEFAULT_FAILURE_TTL, DEFAULT_FUNCTION_CACHE, IsolationFloor, RemotePluginUdf, Resolver, Role,
 };
-pub use spec::{IsolationSpec, MAGIC, MAX_SPEC_BYTES, PluginSpec};
+pub use spec::{AggregateSpec, IsolationSpec, MAGIC, MAX_SPEC_BYTES, PluginSpec};
 
 /// Logs to standard error, filtered by `$RUST_LOG` if set, else by `default` (`info`, ...).
 pub fn init_logging(default: &str) {

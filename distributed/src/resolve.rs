@@ -79,9 +79,11 @@ type HashedFile = (PathBuf, FileIdentity);
 
 /// What a node keeps between decodes, each bounded.
 #[derive(Debug)]
-struct Caches {
+pub(crate) struct Caches {
     /// Functions loaded (executors), most recently used kept.
     loaded: Lru<PluginSpec, Arc<ScalarUDF>>,
+    /// Aggregate functions loaded (executors), most recently used kept.
+    pub(crate) aggregates: Lru<PluginSpec, Arc<datafusion::logical_expr::AggregateUDF>>,
     /// Why a function could not be loaded, for a short time.
     failed: FailureCache<PluginSpec>,
     /// Digests of the files the scheduler checked.
@@ -92,6 +94,7 @@ impl Caches {
     fn new(capacity: usize, failure_ttl: Duration) -> Caches {
         Caches {
             loaded: Lru::new(capacity),
+            aggregates: Lru::new(capacity),
             failed: FailureCache::new(capacity, failure_ttl),
             digests: Lru::new(capacity),
         }
@@ -115,14 +118,14 @@ pub enum Role {
 #[derive(Debug)]
 pub struct Resolver {
     node: String,
-    role: Role,
-    loader: Arc<PluginLoader>,
+    pub(crate) role: Role,
+    pub(crate) loader: Arc<PluginLoader>,
     target_partitions: usize,
     /// What this node insists on (executors); `None`: the plan decides (clients).
-    floor: Option<IsolationFloor>,
+    pub(crate) floor: Option<IsolationFloor>,
     /// Functions loaded, failures and digests, by spec and file: a plan is decoded once per task,
     /// a library is hashed and mapped once while it stays in the cache.
-    caches: Mutex<Caches>,
+    pub(crate) caches: Mutex<Caches>,
 }
 
 impl Resolver {
@@ -157,7 +160,10 @@ impl Resolver {
     /// The number of loaded functions held, and of failures remembered (some may have expired).
     pub fn cached(&self) -> (usize, usize) {
         let caches = self.caches.lock();
-        (caches.loaded.len(), caches.failed.len())
+        (
+            caches.loaded.len() + caches.aggregates.len(),
+            caches.failed.len(),
+        )
     }
 
     /// The node this resolver names in its errors.
@@ -234,7 +240,10 @@ impl Resolver {
 
     /// The library file `spec` names in the plugin directories (under udfsql's rules for them),
     /// and the pin.
-    fn find(&self, spec: &PluginSpec) -> std::result::Result<(PathBuf, Sha256Digest), String> {
+    pub(crate) fn find(
+        &self,
+        spec: &PluginSpec,
+    ) -> std::result::Result<(PathBuf, Sha256Digest), String> {
         let file = Path::new(&spec.library);
         let is_file_name = file.file_name().is_some_and(|n| n == file.as_os_str());
         if !is_file_name {
@@ -274,7 +283,7 @@ impl Resolver {
     /// Only a regular file is opened, without blocking (a FIFO or device in the directory is
     /// refused, never waited on), and its digest is kept for as long as the file keeps its
     /// path, device, inode, size, modification and change times.
-    fn check_file(&self, spec: &PluginSpec) -> std::result::Result<(), String> {
+    pub(crate) fn check_file(&self, spec: &PluginSpec) -> std::result::Result<(), String> {
         let (path, pin) = self.find(spec)?;
         let file = udf_engine::open_regular_file(&path).map_err(|e| e.to_string())?;
         let metadata = file
@@ -379,7 +388,7 @@ impl Resolver {
 }
 
 /// The error for a library whose digest is not the client's.
-fn mismatch(path: &Path, actual: &Sha256Digest, spec: &PluginSpec) -> String {
+pub(crate) fn mismatch(path: &Path, actual: &Sha256Digest, spec: &PluginSpec) -> String {
     format!(
         "its library {} has SHA-256 {actual}, but the client planned with SHA-256 {}; every \
          node needs the same file as the client",

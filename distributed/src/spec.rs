@@ -24,7 +24,7 @@ pub const MAX_SPEC_BYTES: usize = 64 * 1024;
 pub const MAX_JSON_DEPTH: usize = 4;
 
 /// The fields of a spec, in the order they are written.
-const FIELDS: [&str; 12] = [
+const FIELDS: [&str; 13] = [
     "sql_name",
     "library",
     "sha256",
@@ -37,6 +37,7 @@ const FIELDS: [&str; 12] = [
     "return_type",
     "isolation",
     "asynchronous",
+    "aggregate",
 ];
 
 /// The longest library file name (Linux's `NAME_MAX`).
@@ -86,6 +87,21 @@ pub struct PluginSpec {
     /// from the JSON of a synchronous function, so that its bytes stay as they were.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asynchronous: Option<AsyncSpec>,
+    /// The partial state of an aggregate function (ABI 2.4); `None` for a scalar one (absent
+    /// from its JSON). `arguments`, `return_type`, `signature` and `volatility` describe the
+    /// aggregate as for a scalar function; `call_path` is `batch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<AggregateSpec>,
+}
+
+/// The state fields of an aggregate function: names and ABI type strings, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateSpec {
+    /// The field names.
+    pub state_names: Vec<String>,
+    /// The field types (type strings).
+    pub state_types: Vec<String>,
 }
 
 /// How an asynchronous function's calls run (its `AsyncLimits`): the same on every executor as
@@ -184,7 +200,112 @@ impl PluginSpec {
             },
             isolation,
             asynchronous,
+            aggregate: None,
         })
+    }
+
+    /// The spec of a registered plugin aggregate function.
+    pub fn of_aggregate(udaf: &udf_engine::PluginUdaf) -> Result<PluginSpec> {
+        use datafusion::logical_expr::AggregateUDFImpl;
+        let function = udaf.function();
+        let library = function.library();
+        let sig = function.signature();
+        let file = library
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                DataFusionError::Plan(format!(
+                    "plugin aggregate {}: its library path {} has no file name in UTF-8",
+                    udaf.name(),
+                    library.path().display()
+                ))
+            })?;
+        let type_string = |t: &DataType| {
+            udf_abi::type_string::type_string(t).ok_or_else(|| {
+                DataFusionError::Plan(format!(
+                    "plugin aggregate {}: the type {t} has no type string",
+                    udaf.name()
+                ))
+            })
+        };
+        let volatility = VOLATILITIES
+            .iter()
+            .find(|(v, _)| *v == udaf.signature().volatility)
+            .map_or("immutable", |(_, name)| name);
+        Ok(PluginSpec {
+            sql_name: udaf.name().to_string(),
+            library: file.to_string(),
+            sha256: library.sha256().to_string(),
+            function: sig.name.clone(),
+            abi: library.abi().to_string(),
+            signature: sig.to_string(),
+            arguments: sig.arg_types.len(),
+            volatility: volatility.to_string(),
+            call_path: "batch".to_string(),
+            return_type: type_string(&sig.return_type)?,
+            isolation: None,
+            asynchronous: None,
+            aggregate: Some(AggregateSpec {
+                state_names: sig.state_fields.iter().map(|f| f.name().clone()).collect(),
+                state_types: sig
+                    .state_fields
+                    .iter()
+                    .map(|f| type_string(f.data_type()))
+                    .collect::<Result<_>>()?,
+            }),
+        })
+    }
+
+    /// The state fields of an aggregate's spec, read back into Arrow fields.
+    pub fn state_fields(&self) -> Result<Vec<datafusion::arrow::datatypes::Field>> {
+        let Some(aggregate) = &self.aggregate else {
+            return Ok(Vec::new());
+        };
+        let refuse = |reason: String| {
+            DataFusionError::Plan(format!(
+                "plugin aggregate {}: the plan's description of it {reason}",
+                shorten(&self.sql_name)
+            ))
+        };
+        let n = aggregate.state_names.len();
+        if n == 0 || n > udf_abi::v2::MAX_STATE_FIELDS || aggregate.state_types.len() != n {
+            return Err(refuse(format!(
+                "has {n} state field names and {} types (1 to {} of each)",
+                aggregate.state_types.len(),
+                udf_abi::v2::MAX_STATE_FIELDS
+            )));
+        }
+        aggregate
+            .state_names
+            .iter()
+            .zip(&aggregate.state_types)
+            .map(|(name, t)| {
+                if name.is_empty() || name.len() > 256 || name.contains('\0') {
+                    return Err(refuse(format!(
+                        "has a state field name {:?}",
+                        shorten(name)
+                    )));
+                }
+                if t.len() > MAX_RETURN_TYPE_LEN {
+                    return Err(refuse(format!(
+                        "has a state type of {} bytes (at most {MAX_RETURN_TYPE_LEN})",
+                        t.len()
+                    )));
+                }
+                let data_type = udf_abi::type_string::parse(t).map_err(|e| {
+                    refuse(format!(
+                        "has a state type {:?} that cannot be read: {e}",
+                        shorten(t)
+                    ))
+                })?;
+                Ok(datafusion::arrow::datatypes::Field::new(
+                    name.as_str(),
+                    data_type,
+                    true,
+                ))
+            })
+            .collect()
     }
 
     /// The spec as bytes: [`MAGIC`] and JSON.
@@ -289,6 +410,15 @@ impl PluginSpec {
                     )
                 })?),
             },
+            aggregate: match fields.remove("aggregate") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(value) => Some(serde_json::from_value(value).map_err(|e| {
+                    format!(
+                        "has a field aggregate that cannot be read ({})",
+                        shorten_to(&e.to_string(), 300)
+                    )
+                })?),
+            },
         })
     }
 
@@ -345,6 +475,14 @@ impl PluginSpec {
         self.volatility()?;
         self.call_path()?;
         self.return_data_type()?;
+        if self.aggregate.is_some() {
+            self.state_fields()?;
+            if self.asynchronous.is_some() || self.isolation.is_some() {
+                return Err(refuse(
+                    "describes an aggregate as asynchronous or isolated".to_string(),
+                ));
+            }
+        }
         if let Some(isolation) = &self.isolation {
             if isolation.call_timeout_ms == 0 {
                 return Err(refuse("asks for a call time limit of 0 ms".to_string()));
@@ -569,6 +707,7 @@ mod tests {
                 workers: Some(2),
             }),
             asynchronous: None,
+            aggregate: None,
         }
     }
 

@@ -12,7 +12,7 @@ use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::Result;
 use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
-use datafusion::logical_expr::{Expr, ScalarUDF, Volatility};
+use datafusion::logical_expr::{AggregateUDF, Expr, ScalarUDF, Volatility};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 
@@ -35,6 +35,8 @@ pub struct PluginFunctionInfo {
     pub call_path: String,
     /// `process` (evaluated by worker processes) or `none` (in this process).
     pub isolation: String,
+    /// `scalar`, `async` (ABI 2.3) or `aggregate` (ABI 2.4).
+    pub kind: String,
 }
 
 fn volatility_name(v: Volatility) -> &'static str {
@@ -61,6 +63,12 @@ pub fn plugin_functions_of(functions: &HashMap<String, Arc<ScalarUDF>>) -> Vec<P
                 volatility: volatility_name(plugin.volatility()).to_string(),
                 call_path: plugin.path_name(),
                 isolation: plugin.isolation_mode().to_string(),
+                kind: if plugin.async_limits().is_some() {
+                    "async"
+                } else {
+                    "scalar"
+                }
+                .to_string(),
             })
         })
         .collect();
@@ -68,9 +76,51 @@ pub fn plugin_functions_of(functions: &HashMap<String, Arc<ScalarUDF>>) -> Vec<P
     out
 }
 
-/// The plugin functions registered in `ctx`, sorted by SQL name.
+/// The plugin aggregates among `functions` (a session's aggregate functions).
+pub fn plugin_aggregates_of(
+    functions: &HashMap<String, Arc<AggregateUDF>>,
+) -> Vec<PluginFunctionInfo> {
+    functions
+        .iter()
+        .filter_map(|(name, udaf)| {
+            let plugin = crate::udaf::plugin_udaf_of(udaf)?;
+            let sig = plugin.function().signature();
+            let volatility = match sig.volatility {
+                crate::ffi::DeclaredVolatility::Immutable => Volatility::Immutable,
+                crate::ffi::DeclaredVolatility::Stable => Volatility::Stable,
+                crate::ffi::DeclaredVolatility::Volatile => Volatility::Volatile,
+            };
+            Some(PluginFunctionInfo {
+                sql_name: name.clone(),
+                signature: sig.display_as(name),
+                library_name: sig.name.clone(),
+                library: plugin.function().library().path().display().to_string(),
+                abi: plugin.function().library().abi().to_string(),
+                volatility: volatility_name(volatility).to_string(),
+                call_path: "batch".to_string(),
+                isolation: "none".to_string(),
+                kind: "aggregate".to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The plugin functions of both maps (scalar and aggregate), sorted by SQL name.
+fn plugin_functions_in(
+    scalars: &HashMap<String, Arc<ScalarUDF>>,
+    aggregates: &HashMap<String, Arc<AggregateUDF>>,
+) -> Vec<PluginFunctionInfo> {
+    let mut out = plugin_functions_of(scalars);
+    out.extend(plugin_aggregates_of(aggregates));
+    out.sort_by(|a, b| a.sql_name.cmp(&b.sql_name).then(a.kind.cmp(&b.kind)));
+    out
+}
+
+/// The plugin functions registered in `ctx` (scalar and aggregate), sorted by SQL name.
 pub fn plugin_functions(ctx: &SessionContext) -> Vec<PluginFunctionInfo> {
-    plugin_functions_of(ctx.state_ref().read().scalar_functions())
+    let state = ctx.state_ref();
+    let state = state.read();
+    plugin_functions_in(state.scalar_functions(), state.aggregate_functions())
 }
 
 /// The `plugin_functions` table: one row per plugin function of the querying session.
@@ -81,7 +131,7 @@ pub struct PluginFunctionsTable {
 
 impl PluginFunctionsTable {
     /// The table's columns: `name, signature, library_function, library, abi, volatility,
-    /// call_path, isolation`.
+    /// call_path, isolation, kind`.
     pub fn new() -> Self {
         let field = |name| Field::new(name, DataType::Utf8, false);
         PluginFunctionsTable {
@@ -94,6 +144,7 @@ impl PluginFunctionsTable {
                 field("volatility"),
                 field("call_path"),
                 field("isolation"),
+                field("kind"),
             ])),
         }
     }
@@ -122,7 +173,7 @@ impl TableProvider for PluginFunctionsTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let infos = plugin_functions_of(state.scalar_functions());
+        let infos = plugin_functions_in(state.scalar_functions(), state.aggregate_functions());
         let column = |f: fn(&PluginFunctionInfo) -> &str| -> ArrayRef {
             Arc::new(StringArray::from_iter_values(infos.iter().map(f)))
         };
@@ -137,6 +188,7 @@ impl TableProvider for PluginFunctionsTable {
                 column(|i| &i.volatility),
                 column(|i| &i.call_path),
                 column(|i| &i.isolation),
+                column(|i| &i.kind),
             ],
         )?;
         Ok(MemorySourceConfig::try_new_exec(

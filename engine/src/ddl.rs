@@ -14,7 +14,7 @@ use datafusion::common::{DataFusionError, Result, ScalarValue};
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::FunctionRegistry;
 use datafusion::execution::context::{FunctionFactory, RegisterFunction, SessionState};
-use datafusion::logical_expr::{CreateFunction, Expr, ScalarUDF};
+use datafusion::logical_expr::{AggregateUDF, CreateFunction, Expr, ScalarUDF};
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatement;
 
@@ -189,9 +189,13 @@ impl PluginFunctionFactory {
         stmt: &CreateFunction,
         rule: NameRule,
         live: Option<Arc<RwLock<SessionState>>>,
-    ) -> Result<Arc<ScalarUDF>, DdlError> {
+    ) -> Result<Created, DdlError> {
         let prepared = self.prepare(state, stmt, rule)?;
-        if !stmt.or_replace && state.scalar_functions().contains_key(&prepared.name) {
+        let taken = |state: &SessionState, name: &str| {
+            state.scalar_functions().contains_key(name)
+                || state.aggregate_functions().contains_key(name)
+        };
+        if !stmt.or_replace && taken(state, &prepared.name) {
             return Err(DdlError::AlreadyExists {
                 function: prepared.name,
             });
@@ -202,31 +206,66 @@ impl PluginFunctionFactory {
         let partitions = state.config().target_partitions();
         let load = move || -> Result<_, DdlError> {
             let library = loader.load_from_sql(&target.path, target.sha256.as_ref())?;
-            let pool = crate::register::worker_pool(&library, &isolation, partitions)?;
-            Ok((library, pool))
+            // A library of aggregates only starts no worker: aggregates run in this process.
+            let pool = if library.functions().is_empty() {
+                None
+            } else {
+                crate::register::worker_pool(&library, &isolation, partitions)?
+            };
+            Ok((library, pool, isolation))
         };
         // Hashing, `dlopen` and starting an isolated library's first worker block: keep them off
         // the async executor's threads.
-        let (library, pool) = match tokio::runtime::Handle::try_current() {
+        let (library, pool, isolation) = match tokio::runtime::Handle::try_current() {
             Ok(handle) => handle
                 .spawn_blocking(load)
                 .await
                 .map_err(|e| DdlError::Interrupted(e.to_string()))??,
             Err(_) => load()?,
         };
-        let udf = Arc::new(prepared.finish(stmt, &library, pool)?.into_scalar_udf());
+        let created = match pick_function(
+            &library,
+            &prepared.name,
+            prepared.target.function.as_deref(),
+        ) {
+            Ok(_) => Created::Scalar(Arc::new(
+                prepared.finish(stmt, &library, pool)?.into_scalar_udf(),
+            )),
+            Err(no_scalar) => {
+                let wanted = prepared.target.function.as_deref();
+                let Some(aggregate) = pick_aggregate(&library, &prepared.name, wanted) else {
+                    return Err(no_scalar);
+                };
+                let isolated = matches!(isolation, crate::Isolation::Process(_));
+                Created::Aggregate(Arc::new(
+                    prepared
+                        .finish_aggregate(stmt, aggregate, isolated)?
+                        .into_aggregate_udf(),
+                ))
+            }
+        };
         if let Some(live) = live.or_else(|| self.session.as_ref().and_then(Weak::upgrade)) {
             let mut state = live.write();
-            if !stmt.or_replace && state.scalar_functions().contains_key(udf.name()) {
+            if !stmt.or_replace && taken(&state, created.name()) {
                 return Err(DdlError::AlreadyExists {
-                    function: udf.name().to_string(),
+                    function: created.name().to_string(),
                 });
             }
-            state
-                .register_udf(Arc::clone(&udf))
-                .map_err(|e| DdlError::Interrupted(e.to_string()))?;
+            let interrupted = |e: DataFusionError| DdlError::Interrupted(e.to_string());
+            // One function per name: OR REPLACE of a scalar function by an aggregate (or back)
+            // removes the other kind.
+            match &created {
+                Created::Scalar(udf) => {
+                    state.deregister_udaf(udf.name()).map_err(interrupted)?;
+                    state.register_udf(Arc::clone(udf)).map_err(interrupted)?;
+                }
+                Created::Aggregate(udaf) => {
+                    state.deregister_udf(udaf.name()).map_err(interrupted)?;
+                    state.register_udaf(Arc::clone(udaf)).map_err(interrupted)?;
+                }
+            }
         }
-        Ok(udf)
+        Ok(created)
     }
 
     /// Everything that needs no file access: the name, the language, the target.
@@ -330,6 +369,95 @@ impl Prepared {
             None => udf,
         })
     }
+
+    /// The aggregate function of `CREATE FUNCTION ... AS 'lib.so#aggregate'` (ABI 2.4).
+    fn finish_aggregate(
+        self,
+        stmt: &CreateFunction,
+        function: crate::ffi::aggregate::PluginAggregate,
+        isolated: bool,
+    ) -> Result<crate::udaf::PluginUdaf, DdlError> {
+        let Prepared { name, target } = self;
+        let refuse = |reason: &str| DdlError::BadTarget {
+            function: name.clone(),
+            target: stmt_target(stmt),
+            reason: reason.to_string(),
+        };
+        if target.max_in_flight.is_some()
+            || target.chunk_rows.is_some()
+            || target.call_timeout.is_some()
+            || target.retries.is_some()
+        {
+            return Err(refuse(
+                "max_in_flight, chunk_rows, call_timeout and retries apply to asynchronous \
+                 functions only, and this is an aggregate function",
+            ));
+        }
+        if isolated {
+            return Err(refuse(
+                "aggregate functions do not run in worker processes yet: add #isolation=none to \
+                 run this one in the server's process",
+            ));
+        }
+        let sig = function.signature();
+        let args_ok = stmt.args.as_ref().is_none_or(|args| {
+            args.len() == sig.arg_types.len()
+                && args
+                    .iter()
+                    .zip(&sig.arg_types)
+                    .all(|(a, t)| crate::types::arrow::declared_matches(&a.data_type, t))
+        });
+        let return_ok = stmt
+            .return_type
+            .as_ref()
+            .is_none_or(|t| crate::types::arrow::declared_matches(t, &sig.return_type));
+        if !(args_ok && return_ok) {
+            return Err(refuse(&format!(
+                "the declared types differ from the library's aggregate {}",
+                sig.display_as(&sig.name)
+            )));
+        }
+        tracing::info!(
+            function = %name,
+            signature = %sig,
+            library = %function.library().path().display(),
+            pinned = target.sha256.is_some(),
+            "CREATE FUNCTION (aggregate) from plugin library"
+        );
+        Ok(crate::udaf::PluginUdaf::new(name, function))
+    }
+}
+
+/// What `CREATE FUNCTION ... LANGUAGE plugin` made.
+#[derive(Debug, Clone)]
+enum Created {
+    Scalar(Arc<ScalarUDF>),
+    Aggregate(Arc<AggregateUDF>),
+}
+
+impl Created {
+    fn name(&self) -> &str {
+        match self {
+            Created::Scalar(udf) => udf.name(),
+            Created::Aggregate(udaf) => udaf.name(),
+        }
+    }
+}
+
+/// The aggregate `wanted` (or, without it, the library's only function when it is an aggregate,
+/// else the one called `sql_name`).
+fn pick_aggregate(
+    library: &Arc<PluginLibrary>,
+    sql_name: &str,
+    wanted: Option<&str>,
+) -> Option<crate::ffi::aggregate::PluginAggregate> {
+    let aggregates = library.aggregates();
+    let index = match wanted {
+        Some(name) => aggregates.iter().position(|a| a.name == name),
+        None if aggregates.len() == 1 && library.functions().is_empty() => Some(0),
+        None => aggregates.iter().position(|a| a.name == sql_name),
+    }?;
+    library.aggregate(index)
 }
 
 /// What `AS '...'` names: a library, then optionally, each after a `#`, one of its functions and a
@@ -512,6 +640,7 @@ fn pick_function(
             available: functions
                 .iter()
                 .map(|f| f.to_string())
+                .chain(library.aggregates().iter().map(|a| a.to_string()))
                 .collect::<Vec<_>>()
                 .join("; "),
         })
@@ -576,12 +705,15 @@ impl FunctionFactory for PluginFunctionFactory {
         state: &SessionState,
         statement: CreateFunction,
     ) -> Result<RegisterFunction> {
-        let udf = self
+        let created = self
             .create_and_register(state, &statement, NameRule::Normalize, None)
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         // DataFusion registers it (again: the same function) when this returns.
-        Ok(RegisterFunction::Scalar(udf))
+        Ok(match created {
+            Created::Scalar(udf) => RegisterFunction::Scalar(udf),
+            Created::Aggregate(udaf) => RegisterFunction::Aggregate(udaf),
+        })
     }
 }
 

@@ -412,6 +412,7 @@ async fn functions(State(state): State<AppState>) -> Response {
         abi: String,
         volatility: String,
         isolation: String,
+        kind: String,
     }
     let list: Vec<Function> = udf_engine::plugin_functions(&state.ctx)
         .into_iter()
@@ -422,6 +423,7 @@ async fn functions(State(state): State<AppState>) -> Response {
             abi: f.abi,
             volatility: f.volatility,
             isolation: f.isolation,
+            kind: f.kind,
         })
         .collect();
     Json(list).into_response()

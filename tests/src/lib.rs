@@ -100,7 +100,7 @@ pub fn example_plugin_dir() -> &'static Path {
 /// The example plugin packages (without the `udf-plugin-` prefix): `repeat` is the hand-written
 /// v1 seed example, the others use `#[udf]` (ABI v2); `toolbox` has many functions;
 /// `arrow-types` has `#[udf(vectorized)]` functions over Arrow types (ABI 2.2, batch only).
-pub const EXAMPLE_PLUGINS: [&str; 9] = [
+pub const EXAMPLE_PLUGINS: [&str; 10] = [
     "repeat",
     "square",
     "safe-div",
@@ -110,6 +110,7 @@ pub const EXAMPLE_PLUGINS: [&str; 9] = [
     "choose",
     "toolbox",
     "arrow-types",
+    "stats",
 ];
 
 /// `target/udf-fixtures`: where tests put the libraries they make.

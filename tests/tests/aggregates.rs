@@ -278,3 +278,143 @@ async fn unsupported_uses_and_bad_arguments_are_clear_errors() {
         vec![vec!["5"]]
     );
 }
+
+/// The C example `tests/fixtures/c/aggregates.c`, as it is (`None`) or misbehaving in one way.
+fn c_aggregates(case: Option<&str>) -> std::path::PathBuf {
+    match case {
+        None => udf_tests::c_library("aggregates", "aggregates.c", &[]),
+        Some(case) => udf_tests::c_library(
+            &format!("aggregates_{}", case.to_lowercase()),
+            "aggregates.c",
+            &[case],
+        ),
+    }
+}
+
+/// A session with the C library's `c_sum` (and `t` as in `table`).
+fn c_session(case: Option<&str>, partitions: usize, batch: usize) -> SessionContext {
+    let config = SessionConfig::new()
+        .with_target_partitions(partitions)
+        .with_batch_size(batch);
+    let ctx = SessionContext::new_with_config(config);
+    let library = PluginLibrary::load(c_aggregates(case)).expect("load the C aggregate");
+    assert!(
+        library.functions().is_empty(),
+        "a library of aggregates only"
+    );
+    assert_eq!(
+        udf_engine::register_aggregates(&ctx, &library),
+        vec!["c_sum".to_string()]
+    );
+    ctx
+}
+
+#[tokio::test]
+async fn a_c_aggregate_equals_builtin_sum_grouped_merged_and_windowed() {
+    let mut rng = Rng(99);
+    for (partitions, batch, groups) in [(1, 8192, 1), (3, 37, 50), (4, 1000, 100_000)] {
+        let ctx = c_session(None, partitions, batch);
+        ctx.register_table("t", Arc::new(table(&mut rng, 4000, groups, batch)))
+            .unwrap();
+        for sql in [
+            "SELECT g, c_sum(x), sum(x) FROM t GROUP BY g ORDER BY g",
+            "SELECT c_sum(x), sum(x) FROM t",
+            "SELECT g % 4, c_sum(x) FILTER (WHERE d < 50), sum(x) FILTER (WHERE d < 50) FROM t GROUP BY g % 4 ORDER BY 1",
+            "SELECT i, c_sum(x) OVER (PARTITION BY g % 3 ORDER BY i ROWS BETWEEN 4 PRECEDING AND 1 FOLLOWING), \
+             sum(x) OVER (PARTITION BY g % 3 ORDER BY i ROWS BETWEEN 4 PRECEDING AND 1 FOLLOWING) FROM t ORDER BY i",
+        ] {
+            let result = rows(&ctx, sql).await;
+            assert!(!result.is_empty(), "{sql}");
+            for row in &result {
+                let n = row.len();
+                assert_eq!(
+                    row[n - 2],
+                    row[n - 1],
+                    "{partitions}/{batch}/{groups}: {sql}: {row:?}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn what_a_c_aggregate_returns_is_checked_and_errors_name_the_function() {
+    // Results and states that do not match what the function declares fail the query with an
+    // error naming the function and the library; the session goes on.
+    for (case, grouped_only, expected) in [
+        ("SHORT_STATE", true, "rows"),
+        ("SHORT_RESULT", false, "rows"),
+        ("WRONG_TYPE", false, "type"),
+        ("NULL_BUFFER", false, "null"),
+        ("ONE_FIELD", true, "field"),
+        ("RELEASED", false, "released"),
+        ("UPDATE_ERROR", false, "c_sum refuses these rows"),
+        ("CREATE_NULL", false, "cannot create an accumulator today"),
+    ] {
+        let ctx = c_session(Some(case), 2, 64);
+        ctx.sql("CREATE TABLE t AS SELECT value AS x, value % 5 AS g FROM generate_series(1, 500)")
+            .await
+            .unwrap();
+        // Two partitions and GROUP BY: partial states cross to the final phase.
+        let sql = if grouped_only {
+            "SELECT g, c_sum(x) FROM t GROUP BY g"
+        } else {
+            "SELECT g, c_sum(x) FROM t GROUP BY g ORDER BY g"
+        };
+        let error = query_error(&ctx, sql).await;
+        assert!(
+            error.contains("c_sum")
+                && error.contains("aggregates_")
+                && error.to_lowercase().contains(expected),
+            "{case}: {error}"
+        );
+        assert_eq!(
+            rows(&ctx, "SELECT count(*) FROM t").await,
+            vec![vec!["500"]],
+            "{case}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_accumulator_that_lies_about_its_size_meets_the_memory_limit() {
+    use datafusion::execution::memory_pool::GreedyMemoryPool;
+    use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(GreedyMemoryPool::new(64 << 20)))
+        .build_arc()
+        .unwrap();
+    let ctx =
+        SessionContext::new_with_config_rt(SessionConfig::new().with_target_partitions(2), runtime);
+    let library = PluginLibrary::load(c_aggregates(Some("HUGE_SIZE"))).unwrap();
+    udf_engine::register_aggregates(&ctx, &library);
+    ctx.sql("CREATE TABLE t AS SELECT value AS x, value % 5 AS g FROM generate_series(1, 500)")
+        .await
+        .unwrap();
+    let error = query_error(&ctx, "SELECT g, c_sum(x) FROM t GROUP BY g").await;
+    assert!(
+        error.contains("Resources exhausted") || error.contains("memory"),
+        "{error}"
+    );
+    assert_eq!(
+        rows(&ctx, "SELECT sum(x) FROM t").await,
+        vec![vec!["125250"]]
+    );
+}
+
+#[tokio::test]
+async fn malformed_aggregate_entries_are_refused_at_load_naming_what_is_wrong() {
+    for (case, expected) in [
+        ("NULL_EVALUATE", "evaluate entrypoint is null"),
+        ("BAD_STATE_TYPE", "state field rows"),
+        ("NO_STATE", "0 state fields"),
+    ] {
+        let error = PluginLibrary::load(c_aggregates(Some(case)))
+            .expect_err(case)
+            .to_string();
+        assert!(
+            error.contains("c_sum") && error.contains(expected),
+            "{case}: {error}"
+        );
+    }
+}

@@ -145,6 +145,17 @@ const SAME_ANSWERS: &[&str] = &[
             midpoint(named_struct('x', d, 'y', d), named_struct('x', 1.0, 'y', 2.0)) AS m, \
             list_total([d, d]) AS lt, sum_ints([x, NULL]) AS si \
      FROM p ORDER BY x NULLS FIRST, name NULLS FIRST, d",
+    // Aggregates (ABI 2.4, udf-plugins/stats): partial states made on the executors, shuffled
+    // as columns, merged in the final phase; GROUP BY of low and high cardinality, no GROUP BY,
+    // FILTER, and a sliding window frame.
+    "SELECT flag, my_sum(x) AS s, sum(x) AS b, median_exact(d) AS m, hll_count(name) AS h, \
+            round(geo_mean(d), 9) AS g \
+     FROM p GROUP BY flag ORDER BY flag NULLS FIRST",
+    "SELECT x % 37 AS k, my_sum(x) AS s, median_exact(d) AS m, hll_count(name) AS h \
+     FROM p GROUP BY x % 37 ORDER BY k NULLS FIRST",
+    "SELECT my_sum(x) AS s, my_sum(x) FILTER (WHERE flag) AS f, median_exact(d) AS m FROM c",
+    "SELECT d, my_sum(x) OVER (ORDER BY d ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) AS w \
+     FROM p ORDER BY d",
 ];
 
 /// The libraries mapped by process `pid` whose path is under `dir`.
@@ -276,6 +287,18 @@ async fn plugin_queries_run_on_ballista_executors_as_locally() {
         );
         assert!(mapped_under(executor.pid(), &client_plugins).is_empty());
     }
+    // The aggregates ran their accumulators on the executors, from their own copies.
+    assert!(
+        cluster
+            .executors
+            .iter()
+            .zip(&executor_dirs)
+            .any(|(executor, plugins)| {
+                let stats = plugins.join(library_file("stats")).display().to_string();
+                mapped_under(executor.pid(), plugins).contains(&stats)
+            }),
+        "no executor mapped the stats library"
+    );
     // The scheduler never maps plugin code.
     assert!(mapped_under(cluster.scheduler.pid(), root).is_empty());
 

@@ -117,8 +117,10 @@ PluginResult plugin_entrypoint(const PluginValue *args, size_t args_len);
  * ============================================================================================ */
 
 #define UDF_ABI_MAJOR 2
-#define UDF_ABI_MINOR 3   /* 2.3 appends UdfManifest.async_functions and .unload; 2.1 defines UdfFunction.call_batch; 2.2 appends
-                             UdfManifest.arrow_types and allows batch-only functions */
+#define UDF_ABI_MINOR 4   /* 2.4 appends UdfManifest.aggregates and .aggregates_len; 2.3 appends
+                             UdfManifest.async_functions and .unload; 2.1 defines UdfFunction.call_batch;
+                             2.2 appends UdfManifest.arrow_types and allows batch-only functions */
+#define UDF_MANIFEST_SIZE_2_3 (7 * sizeof(size_t)) /* sizeof(UdfManifest) of ABI 2.3 */
 #define UDF_MANIFEST_SIZE_2_0 (4 * sizeof(size_t)) /* sizeof(UdfManifest) of ABI 2.0 and 2.1 */
 
 /* The Arrow C Data Interface (https://arrow.apache.org/docs/format/CDataInterface.html), for the
@@ -339,6 +341,76 @@ typedef struct UdfAsyncFunction {
     uint32_t chunk_rows;    /* the library's default rows per call; 0 = the host's */
 } UdfAsyncFunction;
 
+/* ============================================================================================
+ * Aggregate functions (ABI 2.4): usable with GROUP BY, FILTER (WHERE ...), DISTINCT, and as
+ * window functions (OVER (...); frames that slide need `retract`). Every type is an Arrow type
+ * string (see UdfArrowTypes). One accumulator holds the state of any number of groups, numbered
+ * from 0; the host never calls two entrypoints on the same accumulator at once (different
+ * accumulators may be used from different threads).
+ *
+ *   create(error)                      -> a new accumulator with no groups, or NULL + *error
+ *   update(acc, args, schemas, args_len, num_rows, group_indices, filter, total_groups, error)
+ *       args: args_len arrays of the declared argument types, num_rows rows each, MOVED to the
+ *       plugin (take them, or leave them: the host releases what is left); schemas lent.
+ *       group_indices: num_rows group numbers < total_groups, or NULL: every row in group 0
+ *       (then total_groups is 1). filter: NULL or num_rows bytes, 1 = the row counts.
+ *       total_groups only grows between emits; new groups start empty. NULLs are passed as
+ *       they are: the plugin decides (SQL aggregates usually skip them).
+ *   merge(...)   same shape; the columns are the declared state fields (partial states made by
+ *                `state` of the same function, maybe in another process)
+ *   retract(...) optional, same shape: removes rows an earlier update added (sliding frames)
+ *   evaluate(acc, mode, first, out, out_schema, error)
+ *                one array of the result type, one row per group asked for
+ *   state(acc, mode, first, out, out_schema, error)
+ *                one struct array ("+s") whose fields are the state fields, in order, by name
+ *       mode UDF_EMIT_PEEK: every group, kept; UDF_EMIT_TAKE_ALL: every group, then none are
+ *       left; UDF_EMIT_TAKE_FIRST: the first `first` groups, then the others are renumbered from
+ *       0. "Every group" is the largest total_groups given since the last emit that dropped them.
+ *   size(acc)    optional: the bytes the accumulator holds (for the host's memory accounting)
+ *   destroy(acc) once per accumulator
+ *
+ * The host validates every array it receives (type, length, buffers at every level, UTF-8)
+ * before using it. Entrypoints return UDF_STATUS_OK or UDF_STATUS_ERROR and must not unwind.
+ * Prefer designated initializers (.name = ..., .create = ...) for UdfAggregateFunction and
+ * UdfManifest: later minors append fields.
+ * ============================================================================================ */
+#define UDF_EMIT_PEEK 0
+#define UDF_EMIT_TAKE_ALL 1
+#define UDF_EMIT_TAKE_FIRST 2
+#define UDF_MAX_AGGREGATES 1024
+#define UDF_MAX_STATE_FIELDS 64
+
+typedef void *(*UdfAggregateCreate)(UdfOwnedBytes *error);
+typedef int32_t (*UdfAggregateUpdate)(void *acc, struct ArrowArray *args,
+                                      const struct ArrowSchema *arg_schemas, size_t args_len,
+                                      size_t num_rows, const size_t *group_indices,
+                                      const uint8_t *filter, size_t total_groups,
+                                      UdfOwnedBytes *error);
+typedef int32_t (*UdfAggregateEmit)(void *acc, uint32_t mode, size_t first, struct ArrowArray *out,
+                                    struct ArrowSchema *out_schema, UdfOwnedBytes *error);
+typedef size_t (*UdfAggregateSize)(void *acc);
+typedef void (*UdfAggregateDestroy)(void *acc);
+
+typedef struct UdfAggregateFunction {
+    UdfBytes name;                   /* SQL name, unique in the library (scalars included) */
+    const char *const *arg_formats;  /* args_len type strings; NULL only when args_len is 0 */
+    size_t args_len;                 /* at most UDF_ABI_MAX_ARGS */
+    const char *const *state_names;  /* state_len field names (1..=256 bytes, no : ; < >) */
+    const char *const *state_formats; /* state_len type strings */
+    size_t state_len;                /* 1..=UDF_MAX_STATE_FIELDS */
+    const char *return_format;       /* the result's type string (the result is nullable) */
+    uint32_t volatility;             /* UDF_VOLATILITY_* */
+    uint32_t flags;                  /* reserved: 0 */
+    UdfAggregateCreate create;       /* required */
+    UdfAggregateUpdate update;       /* required */
+    UdfAggregateUpdate merge;        /* required */
+    UdfAggregateUpdate retract;      /* optional: NULL refuses sliding window frames */
+    UdfAggregateEmit evaluate;       /* required */
+    UdfAggregateEmit state;          /* required */
+    UdfAggregateSize size;           /* optional */
+    UdfAggregateDestroy destroy;     /* required */
+} UdfAggregateFunction;
+
 typedef struct UdfManifest {
     size_t size;                   /* sizeof(UdfManifest) as built */
     const UdfFunction *functions;  /* functions_len entries; static */
@@ -347,6 +419,8 @@ typedef struct UdfManifest {
     const UdfArrowTypes *arrow_types; /* 2.2: functions_len entries parallel to functions, or NULL */
     const UdfAsyncFunction *async_functions; /* 2.3: functions_len entries parallel, or NULL */
     UdfUnloadHook unload;          /* 2.3: optional */
+    const UdfAggregateFunction *aggregates; /* 2.4: aggregates_len entries, or NULL */
+    size_t aggregates_len;         /* 2.4: at most UDF_MAX_AGGREGATES; functions_len may be 0 */
 } UdfManifest;
 
 UdfAbiVersion udfsql_abi_version(void);

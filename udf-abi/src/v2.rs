@@ -780,6 +780,8 @@ mod tests {
             assert_eq!(MANIFEST_SIZE_2_3, 56);
             assert_eq!(std::mem::offset_of!(UdfManifest, aggregates), 56);
             assert_eq!(std::mem::size_of::<UdfAggregateFunction>(), 136);
+            assert_eq!(std::mem::offset_of!(UdfAggregateFunction, create), 72);
+            assert_eq!(std::mem::offset_of!(UdfAggregateFunction, destroy), 128);
             assert_eq!(MANIFEST_SIZE_2_0, 32);
             assert_eq!(MANIFEST_SIZE_2_2, 40);
             assert_eq!(std::mem::offset_of!(UdfManifest, arrow_types), 32);

@@ -11,19 +11,26 @@
 //! configuration options converted on every call).
 //!
 //! Exports (each `extern "C" fn() -> FFI_ScalarUDF`, a new value the caller owns and drops):
-//! `udfsql_dffi_sq`, `udfsql_dffi_bang`, `udfsql_dffi_rev`, `udfsql_dffi_shout_plain`; and
+//! `udfsql_dffi_sq`, `udfsql_dffi_bang`, `udfsql_dffi_rev`, `udfsql_dffi_shout_plain`; the
+//! aggregate `udfsql_dffi_agg_my_sum` (`extern "C" fn() -> FFI_AggregateUDF`), the twin of the
+//! stats plugin's `my_sum`; and
 //! `udfsql_dffi_version`, the major version of `datafusion-ffi` this library was built with.
 #![deny(unsafe_code)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, StringBuilder};
-use datafusion::arrow::datatypes::{DataType, Int64Type};
-use datafusion::common::{Result, exec_err};
-use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, StringArray, StringBuilder,
 };
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Int64Type};
+use datafusion::common::{Result, ScalarValue, exec_err};
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, EmitTo, GroupsAccumulator,
+    ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use datafusion_ffi::udaf::FFI_AggregateUDF;
 use datafusion_ffi::udf::FFI_ScalarUDF;
 
 // The plugin bodies, exactly as in `udf-plugins/plain/src/lib.rs` (`sq` wrapping, as the host's
@@ -203,4 +210,162 @@ pub extern "C" fn udfsql_dffi_rev() -> FFI_ScalarUDF {
 #[unsafe(no_mangle)]
 pub extern "C" fn udfsql_dffi_shout_plain() -> FFI_ScalarUDF {
     Peer::udf("shout_plain_dffi", Kind::ShoutPlain)
+}
+
+/// The twin of the stats plugin's `my_sum` as an ordinary DataFusion aggregate: one `i64` and a
+/// row count per group in a grouped accumulator (and a one-group accumulator for no GROUP BY).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct MySum {
+    signature: Signature,
+}
+
+/// Sums and row counts per group.
+#[derive(Debug, Default)]
+struct MySumGroups {
+    sums: Vec<i64>,
+    rows: Vec<u64>,
+}
+
+impl MySumGroups {
+    fn add(
+        &mut self,
+        values: &ArrayRef,
+        groups: &[usize],
+        filter: Option<&BooleanArray>,
+        total: usize,
+    ) -> Result<()> {
+        self.sums.resize(total, 0);
+        self.rows.resize(total, 0);
+        let values = values.as_primitive::<Int64Type>();
+        for (row, &g) in groups.iter().enumerate() {
+            if values.is_null(row) || filter.is_some_and(|f| !f.is_valid(row) || !f.value(row)) {
+                continue;
+            }
+            self.sums[g] = self.sums[g].wrapping_add(values.value(row));
+            self.rows[g] += 1;
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, emit_to: EmitTo) -> Int64Array {
+        let sums = emit_to.take_needed(&mut self.sums);
+        let rows = emit_to.take_needed(&mut self.rows);
+        sums.into_iter()
+            .zip(rows)
+            .map(|(s, r)| (r > 0).then_some(s))
+            .collect()
+    }
+}
+
+impl GroupsAccumulator for MySumGroups {
+    fn update_batch(
+        &mut self,
+        values: &[ArrayRef],
+        groups: &[usize],
+        filter: Option<&BooleanArray>,
+        total: usize,
+    ) -> Result<()> {
+        self.add(&values[0], groups, filter, total)
+    }
+    fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
+        Ok(Arc::new(self.take(emit_to)))
+    }
+    fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
+        Ok(vec![Arc::new(self.take(emit_to))])
+    }
+    fn merge_batch(&mut self, values: &[ArrayRef], groups: &[usize], total: usize) -> Result<()> {
+        self.add(&values[0], groups, None, total)
+    }
+    fn convert_to_state(
+        &self,
+        values: &[ArrayRef],
+        filter: Option<&BooleanArray>,
+    ) -> Result<Vec<ArrayRef>> {
+        let mut one = MySumGroups::default();
+        let groups: Vec<usize> = (0..values[0].len()).collect();
+        one.add(&values[0], &groups, filter, groups.len())?;
+        Ok(vec![Arc::new(one.take(EmitTo::All))])
+    }
+    fn size(&self) -> usize {
+        self.sums.capacity() * 8 + self.rows.capacity() * 8
+    }
+}
+
+/// The one-group accumulator.
+#[derive(Debug, Default)]
+struct MySumOne(MySumGroups);
+
+impl Accumulator for MySumOne {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let groups = vec![0; values[0].len()];
+        self.0.add(&values[0], &groups, None, 1)
+    }
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        let rows = self.0.rows.first().copied().unwrap_or(0);
+        Ok(ScalarValue::Int64((rows > 0).then(|| self.0.sums[0])))
+    }
+    fn size(&self) -> usize {
+        std::mem::size_of::<Self>() + self.0.size()
+    }
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        Ok(vec![self.evaluate()?])
+    }
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        self.update_batch(states)
+    }
+    fn retract_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let values = values[0].as_primitive::<Int64Type>();
+        self.0.sums.resize(1, 0);
+        self.0.rows.resize(1, 0);
+        for row in 0..values.len() {
+            if values.is_valid(row) {
+                self.0.sums[0] = self.0.sums[0].wrapping_sub(values.value(row));
+                self.0.rows[0] -= 1;
+            }
+        }
+        Ok(())
+    }
+    fn supports_retract_batch(&self) -> bool {
+        true
+    }
+}
+
+impl AggregateUDFImpl for MySum {
+    fn name(&self) -> &str {
+        "my_sum_dffi"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Int64)
+    }
+    fn accumulator(&self, _: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        Ok(Box::new(MySumOne::default()))
+    }
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        Ok(vec![Arc::new(Field::new(
+            format!("{}[sum]", args.name),
+            DataType::Int64,
+            true,
+        ))])
+    }
+    fn groups_accumulator_supported(&self, _: AccumulatorArgs) -> bool {
+        true
+    }
+    fn create_groups_accumulator(&self, _: AccumulatorArgs) -> Result<Box<dyn GroupsAccumulator>> {
+        Ok(Box::new(MySumGroups::default()))
+    }
+}
+
+/// `my_sum_dffi(x: Int64) -> Int64`, an `FFI_AggregateUDF`.
+// SAFETY (of the unmangled symbol): as for `udfsql_dffi_sq`; the host declares it as
+// `extern "C" fn() -> FFI_AggregateUDF` of the same `datafusion-ffi` major version.
+#[allow(unsafe_code)]
+#[unsafe(no_mangle)]
+pub extern "C" fn udfsql_dffi_agg_my_sum() -> FFI_AggregateUDF {
+    let udaf = MySum {
+        signature: Signature::exact(vec![DataType::Int64], Volatility::Immutable),
+    };
+    FFI_AggregateUDF::from(Arc::new(AggregateUDF::new_from_impl(udaf)))
 }

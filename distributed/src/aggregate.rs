@@ -1,0 +1,194 @@
+//! Plugin aggregate functions (ABI 2.4) in distributed plans: a plan carries an aggregate as its
+//! [`PluginSpec`] (with the state fields), the scheduler plans with it without loading
+//! anything ([`RemotePluginUdaf`]), and executors load the library pinned by the client's digest
+//! and run the accumulators; partial states travel between the phases as ordinary columns.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
+use datafusion::common::{DataFusionError, Result};
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::{Accumulator, AggregateUDF, AggregateUDFImpl, Signature};
+use udf_engine::{LoadError, PluginUdaf};
+
+use crate::resolve::{Resolver, Role, mismatch};
+use crate::spec::PluginSpec;
+
+/// A plugin aggregate known by its [`PluginSpec`] only: on the scheduler, and on an executor
+/// that could not load it (an accumulator fails with the reason).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct RemotePluginUdaf {
+    spec: PluginSpec,
+    signature: Signature,
+    return_type: DataType,
+    state: Vec<Field>,
+    unavailable: Option<String>,
+}
+
+impl RemotePluginUdaf {
+    fn new(spec: PluginSpec, unavailable: Option<String>) -> Result<RemotePluginUdaf> {
+        let return_type = spec.return_data_type()?;
+        let volatility = spec.volatility()?;
+        let state = spec.state_fields()?;
+        Ok(RemotePluginUdaf {
+            signature: Signature::any(spec.arguments, volatility),
+            spec,
+            return_type,
+            state,
+            unavailable,
+        })
+    }
+
+    /// What the plan says about the function.
+    pub fn spec(&self) -> &PluginSpec {
+        &self.spec
+    }
+
+    /// The remote plugin aggregate `udaf` is, if it is one.
+    pub fn of(udaf: &AggregateUDF) -> Option<&RemotePluginUdaf> {
+        udaf.inner().downcast_ref::<RemotePluginUdaf>()
+    }
+}
+
+impl AggregateUDFImpl for RemotePluginUdaf {
+    fn name(&self) -> &str {
+        &self.spec.sql_name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(self.return_type.clone())
+    }
+
+    /// The same names as [`PluginUdaf`]'s, so that the phases planned here match the
+    /// executors' accumulators.
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        if args.is_distinct {
+            return Ok((0..self.spec.arguments)
+                .zip(args.input_fields)
+                .map(|(i, f)| {
+                    let item = Arc::new(Field::new("item", f.data_type().clone(), true));
+                    Arc::new(Field::new(
+                        format!("{}[distinct_{i}]", args.name),
+                        DataType::List(item),
+                        true,
+                    ))
+                })
+                .collect());
+        }
+        Ok(self
+            .state
+            .iter()
+            .map(|f| {
+                Arc::new(Field::new(
+                    format!("{}[{}]", args.name, f.name()),
+                    f.data_type().clone(),
+                    true,
+                ))
+            })
+            .collect())
+    }
+
+    fn groups_accumulator_supported(&self, args: AccumulatorArgs) -> bool {
+        !args.is_distinct
+    }
+
+    fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        Err(DataFusionError::Execution(self.unavailable.clone().unwrap_or_else(|| {
+            format!(
+                "plugin aggregate {} ({}) is evaluated by executors, not where the plan is only \
+                 scheduled",
+                self.spec.sql_name, self.spec.library
+            )
+        })))
+    }
+}
+
+impl Resolver {
+    /// The aggregate `spec` describes, as this node runs it: planned with the spec on the
+    /// scheduler, loaded pinned on executors (or, when it cannot be, one that fails its query
+    /// with the reason).
+    pub fn resolve_aggregate(&self, spec: &PluginSpec) -> Result<Arc<AggregateUDF>> {
+        if self.role == Role::Plan {
+            if !self.loader.plugin_dirs().is_empty() {
+                self.check_file(spec).map_err(|reason| {
+                    DataFusionError::Plan(format!(
+                        "plugin aggregate {} cannot run on {}: {reason}",
+                        spec.sql_name,
+                        self.node()
+                    ))
+                })?;
+            }
+            return Ok(Arc::new(AggregateUDF::new_from_impl(
+                RemotePluginUdaf::new(spec.clone(), None)?,
+            )));
+        }
+        if let Some(udaf) = self.caches.lock().aggregates.get(spec) {
+            return Ok(Arc::clone(udaf));
+        }
+        // Loaded outside the lock, as scalar functions are; kept (bounded, least recently used
+        // dropped first) so that a plan decoded per task maps the library once.
+        match self.load_aggregate(spec) {
+            Ok(udaf) => {
+                let udaf = Arc::new(udaf.into_aggregate_udf());
+                self.caches
+                    .lock()
+                    .aggregates
+                    .insert(spec.clone(), Arc::clone(&udaf));
+                Ok(udaf)
+            }
+            Err(reason) => {
+                let message = format!(
+                    "plugin aggregate {} cannot run on {}: {reason}",
+                    crate::spec::shorten(&spec.sql_name),
+                    self.node()
+                );
+                tracing::warn!(function = %crate::spec::shorten(&spec.sql_name), "{message}");
+                Ok(Arc::new(AggregateUDF::new_from_impl(
+                    RemotePluginUdaf::new(spec.clone(), Some(message))?,
+                )))
+            }
+        }
+    }
+
+    /// Loads `spec`'s library pinned and checks that the aggregate is the one the client
+    /// planned with.
+    fn load_aggregate(&self, spec: &PluginSpec) -> std::result::Result<PluginUdaf, String> {
+        if self.floor.as_ref().is_some_and(|f| f.isolate) {
+            return Err(
+                "this executor isolates every plugin function, and aggregates do not run in \
+                 worker processes yet"
+                    .to_string(),
+            );
+        }
+        let (path, pin) = self.find(spec)?;
+        let library = self
+            .loader
+            .load_pinned(&path, Some(&pin))
+            .map_err(|e| match e {
+                LoadError::DigestMismatch { path, actual, .. } => mismatch(&path, &actual, spec),
+                other => other.to_string(),
+            })?;
+        let function = library.aggregate_named(&spec.function).ok_or_else(|| {
+            format!(
+                "library {} has no aggregate function {}",
+                path.display(),
+                spec.function
+            )
+        })?;
+        let signature = function.signature().to_string();
+        if signature != spec.signature || library.abi().to_string() != spec.abi {
+            return Err(format!(
+                "library {} declares {signature} (ABI {}), but the client planned with {} (ABI {})",
+                path.display(),
+                library.abi(),
+                spec.signature,
+                spec.abi
+            ));
+        }
+        Ok(PluginUdaf::new(&spec.sql_name, function))
+    }
+}
