@@ -157,13 +157,6 @@ impl Resolver {
     /// Loads `spec`'s library pinned and checks that the aggregate is the one the client
     /// planned with.
     fn load_aggregate(&self, spec: &PluginSpec) -> std::result::Result<PluginUdaf, String> {
-        if self.floor.as_ref().is_some_and(|f| f.isolate) {
-            return Err(
-                "this executor isolates every plugin function, and aggregates do not run in \
-                 worker processes yet"
-                    .to_string(),
-            );
-        }
         let (path, pin) = self.find(spec)?;
         let library = self
             .loader
@@ -189,6 +182,21 @@ impl Resolver {
                 spec.abi
             ));
         }
-        Ok(PluginUdaf::new(&spec.sql_name, function))
+        let udaf = PluginUdaf::new(&spec.sql_name, function);
+        // Isolated as the plan asks, or as this executor insists (its workers then hold the
+        // accumulators).
+        let limits = match &self.floor {
+            Some(floor) => floor.limits_for(spec.isolation.as_ref(), self.target_partitions),
+            None => spec.worker_limits(),
+        };
+        Ok(match limits {
+            Some(limits) => {
+                let pool =
+                    udf_engine::isolation::pool_for(&library, &limits, self.target_partitions)
+                        .map_err(|reason| format!("cannot start its isolated workers: {reason}"))?;
+                udaf.with_worker_pool(pool)
+            }
+            None => udaf,
+        })
     }
 }

@@ -120,7 +120,7 @@ pub struct Resolver {
     node: String,
     pub(crate) role: Role,
     pub(crate) loader: Arc<PluginLoader>,
-    target_partitions: usize,
+    pub(crate) target_partitions: usize,
     /// What this node insists on (executors); `None`: the plan decides (clients).
     pub(crate) floor: Option<IsolationFloor>,
     /// Functions loaded, failures and digests, by spec and file: a plan is decoded once per task,

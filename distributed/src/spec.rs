@@ -132,6 +132,18 @@ pub struct IsolationSpec {
     pub workers: Option<usize>,
 }
 
+impl IsolationSpec {
+    /// The limits of `pool`, as a plan carries them.
+    fn of(pool: &udf_engine::WorkerPool) -> IsolationSpec {
+        let limits = pool.limits();
+        IsolationSpec {
+            call_timeout_ms: u64::try_from(limits.call_timeout.as_millis()).unwrap_or(u64::MAX),
+            memory_mib: limits.memory_mib,
+            workers: limits.workers,
+        }
+    }
+}
+
 /// The volatility names a spec uses, in one table.
 const VOLATILITIES: [(Volatility, &str); 3] = [
     (Volatility::Immutable, "immutable"),
@@ -168,14 +180,7 @@ impl PluginSpec {
             .iter()
             .find(|(p, _)| *p == udf.call_path())
             .map_or("batch", |(_, name)| name);
-        let isolation = udf.worker_pool().map(|pool| {
-            let limits = pool.limits();
-            IsolationSpec {
-                call_timeout_ms: u64::try_from(limits.call_timeout.as_millis()).unwrap_or(u64::MAX),
-                memory_mib: limits.memory_mib,
-                workers: limits.workers,
-            }
-        });
+        let isolation = udf.worker_pool().map(|pool| IsolationSpec::of(pool));
         let asynchronous = udf.async_limits().map(|limits| AsyncSpec {
             max_in_flight: limits.max_in_flight,
             chunk_rows: limits.chunk_rows,
@@ -244,7 +249,7 @@ impl PluginSpec {
             volatility: volatility.to_string(),
             call_path: "batch".to_string(),
             return_type: type_string(&sig.return_type)?,
-            isolation: None,
+            isolation: udaf.worker_pool().map(|pool| IsolationSpec::of(pool)),
             asynchronous: None,
             aggregate: Some(AggregateSpec {
                 state_names: sig.state_fields.iter().map(|f| f.name().clone()).collect(),
@@ -264,7 +269,7 @@ impl PluginSpec {
         };
         let refuse = |reason: String| {
             DataFusionError::Plan(format!(
-                "plugin aggregate {}: the plan's description of it {reason}",
+                "plugin function {}: the plan's description of it {reason}",
                 shorten(&self.sql_name)
             ))
         };
@@ -477,10 +482,8 @@ impl PluginSpec {
         self.return_data_type()?;
         if self.aggregate.is_some() {
             self.state_fields()?;
-            if self.asynchronous.is_some() || self.isolation.is_some() {
-                return Err(refuse(
-                    "describes an aggregate as asynchronous or isolated".to_string(),
-                ));
+            if self.asynchronous.is_some() {
+                return Err(refuse("describes an aggregate as asynchronous".to_string()));
             }
         }
         if let Some(isolation) = &self.isolation {

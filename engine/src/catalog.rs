@@ -98,7 +98,12 @@ pub fn plugin_aggregates_of(
                 abi: plugin.function().library().abi().to_string(),
                 volatility: volatility_name(volatility).to_string(),
                 call_path: "batch".to_string(),
-                isolation: "none".to_string(),
+                isolation: if plugin.worker_pool().is_some() {
+                    "process"
+                } else {
+                    "none"
+                }
+                .to_string(),
                 kind: "aggregate".to_string(),
             })
         })

@@ -206,17 +206,12 @@ impl PluginFunctionFactory {
         let partitions = state.config().target_partitions();
         let load = move || -> Result<_, DdlError> {
             let library = loader.load_from_sql(&target.path, target.sha256.as_ref())?;
-            // A library of aggregates only starts no worker: aggregates run in this process.
-            let pool = if library.functions().is_empty() {
-                None
-            } else {
-                crate::register::worker_pool(&library, &isolation, partitions)?
-            };
-            Ok((library, pool, isolation))
+            let pool = crate::register::worker_pool(&library, &isolation, partitions)?;
+            Ok((library, pool))
         };
         // Hashing, `dlopen` and starting an isolated library's first worker block: keep them off
         // the async executor's threads.
-        let (library, pool, isolation) = match tokio::runtime::Handle::try_current() {
+        let (library, pool) = match tokio::runtime::Handle::try_current() {
             Ok(handle) => handle
                 .spawn_blocking(load)
                 .await
@@ -236,10 +231,9 @@ impl PluginFunctionFactory {
                 let Some(aggregate) = pick_aggregate(&library, &prepared.name, wanted) else {
                     return Err(no_scalar);
                 };
-                let isolated = matches!(isolation, crate::Isolation::Process(_));
                 Created::Aggregate(Arc::new(
                     prepared
-                        .finish_aggregate(stmt, aggregate, isolated)?
+                        .finish_aggregate(stmt, aggregate, pool)?
                         .into_aggregate_udf(),
                 ))
             }
@@ -375,7 +369,7 @@ impl Prepared {
         self,
         stmt: &CreateFunction,
         function: crate::ffi::aggregate::PluginAggregate,
-        isolated: bool,
+        pool: Option<Arc<WorkerPool>>,
     ) -> Result<crate::udaf::PluginUdaf, DdlError> {
         let Prepared { name, target } = self;
         let refuse = |reason: &str| DdlError::BadTarget {
@@ -391,12 +385,6 @@ impl Prepared {
             return Err(refuse(
                 "max_in_flight, chunk_rows, call_timeout and retries apply to asynchronous \
                  functions only, and this is an aggregate function",
-            ));
-        }
-        if isolated {
-            return Err(refuse(
-                "aggregate functions do not run in worker processes yet: add #isolation=none to \
-                 run this one in the server's process",
             ));
         }
         let sig = function.signature();
@@ -422,9 +410,14 @@ impl Prepared {
             signature = %sig,
             library = %function.library().path().display(),
             pinned = target.sha256.is_some(),
+            isolated = pool.is_some(),
             "CREATE FUNCTION (aggregate) from plugin library"
         );
-        Ok(crate::udaf::PluginUdaf::new(name, function))
+        let udaf = crate::udaf::PluginUdaf::new(name, function);
+        Ok(match pool {
+            Some(pool) => udaf.with_worker_pool(pool),
+            None => udaf,
+        })
     }
 }
 

@@ -96,22 +96,9 @@ pub fn register_library_with(
     isolation: &Isolation,
 ) -> Result<Vec<Registration>, LoadError> {
     let pool = worker_pool(library, isolation, ctx.copied_config().target_partitions())?;
-    match isolation {
-        Isolation::InProcess => {
-            register_aggregates(ctx, library);
-        }
-        Isolation::Process(_) if !library.aggregates().is_empty() => {
-            // Not yet: aggregates run their accumulators in the host only. Registering them
-            // in-process would run the plugin's code in a host that asked for isolation.
-            tracing::warn!(
-                library = %library.path().display(),
-                aggregates = library.aggregates().len(),
-                "the library's aggregate functions are not registered: process isolation does \
-                 not run aggregates yet"
-            );
-        }
-        Isolation::Process(_) => {}
-    }
+    // Aggregates run their accumulators where the library's functions run: in this process, or
+    // in the same pool's workers.
+    register_aggregates_in(ctx, library, pool.as_ref());
     Ok((0..library.functions().len())
         .filter_map(|i| library.function(i))
         .map(|function| {
@@ -200,11 +187,25 @@ pub fn register_udf(ctx: &SessionContext, udf: PluginUdf) -> Registration {
 /// Registers every aggregate function of `library` (ABI 2.4) in `ctx` under its own name, in
 /// this process; returns their names.
 pub fn register_aggregates(ctx: &SessionContext, library: &Arc<PluginLibrary>) -> Vec<String> {
+    register_aggregates_in(ctx, library, None)
+}
+
+/// Registers every aggregate of `library` with its accumulators in `pool` (isolated) or in this
+/// process (`None`); returns their names.
+fn register_aggregates_in(
+    ctx: &SessionContext,
+    library: &Arc<PluginLibrary>,
+    pool: Option<&Arc<WorkerPool>>,
+) -> Vec<String> {
     (0..library.aggregates().len())
         .filter_map(|i| library.aggregate(i))
         .map(|function| {
             let name = function.signature().name.clone();
-            register_udaf(ctx, crate::udaf::PluginUdaf::new(name.clone(), function));
+            let mut udaf = crate::udaf::PluginUdaf::new(name.clone(), function);
+            if let Some(pool) = pool {
+                udaf = udaf.with_worker_pool(Arc::clone(pool));
+            }
+            register_udaf(ctx, udaf);
             name
         })
         .collect()
@@ -229,6 +230,7 @@ pub fn register_udaf(ctx: &SessionContext, udaf: crate::udaf::PluginUdaf) {
         function = udaf.name(),
         signature = %udaf.function().signature().display_as(udaf.name()),
         library = %udaf.function().library().path().display(),
+        isolation = if udaf.worker_pool().is_some() { "process" } else { "none" },
         "registered plugin aggregate"
     );
     ctx.register_udaf(udaf.into_aggregate_udf());

@@ -19,6 +19,60 @@ use datafusion::logical_expr::{
 use crate::error::CallError;
 use crate::ffi::DeclaredVolatility;
 use crate::ffi::aggregate::{Emit, Feed, PluginAccumulator, PluginAggregate};
+use crate::isolation::WorkerPool;
+use crate::isolation::aggregate::IsolatedAccumulator;
+
+/// An accumulator of a plugin aggregate, in this process or in a worker process.
+trait Accumulate: Send + Sync + std::fmt::Debug {
+    fn feed(
+        &mut self,
+        feed: Feed,
+        columns: &[ArrayRef],
+        group_indices: Option<&[usize]>,
+        filter: Option<&BooleanArray>,
+        total_groups: usize,
+    ) -> std::result::Result<(), CallError>;
+    fn emit(&mut self, state: bool, emit: Emit) -> std::result::Result<ArrayRef, CallError>;
+    fn size(&self) -> usize;
+}
+
+impl Accumulate for PluginAccumulator {
+    fn feed(
+        &mut self,
+        feed: Feed,
+        columns: &[ArrayRef],
+        group_indices: Option<&[usize]>,
+        filter: Option<&BooleanArray>,
+        total_groups: usize,
+    ) -> std::result::Result<(), CallError> {
+        PluginAccumulator::feed(self, feed, columns, group_indices, filter, total_groups)
+    }
+    fn emit(&mut self, state: bool, emit: Emit) -> std::result::Result<ArrayRef, CallError> {
+        PluginAccumulator::emit(self, state, emit)
+    }
+    fn size(&self) -> usize {
+        PluginAccumulator::size(self)
+    }
+}
+
+impl Accumulate for IsolatedAccumulator {
+    fn feed(
+        &mut self,
+        feed: Feed,
+        columns: &[ArrayRef],
+        group_indices: Option<&[usize]>,
+        filter: Option<&BooleanArray>,
+        total_groups: usize,
+    ) -> std::result::Result<(), CallError> {
+        IsolatedAccumulator::feed(self, feed, columns, group_indices, filter, total_groups)
+    }
+    fn emit(&mut self, state: bool, emit: Emit) -> std::result::Result<ArrayRef, CallError> {
+        IsolatedAccumulator::emit(self, state, emit)
+    }
+    fn size(&self) -> usize {
+        IsolatedAccumulator::size(self)
+    }
+}
 
 /// A plugin aggregate function under its SQL name.
 #[derive(Debug, Clone)]
@@ -26,6 +80,8 @@ pub struct PluginUdaf {
     sql_name: String,
     function: PluginAggregate,
     signature: Signature,
+    /// The workers that run its accumulators (process isolation), or none: in this process.
+    pool: Option<Arc<WorkerPool>>,
 }
 
 impl PluginUdaf {
@@ -40,7 +96,19 @@ impl PluginUdaf {
             sql_name: sql_name.into(),
             function,
             signature: Signature::user_defined(volatility),
+            pool: None,
         }
+    }
+
+    /// The aggregate with its accumulators in `pool`'s worker processes (of its library).
+    pub fn with_worker_pool(mut self, pool: Arc<WorkerPool>) -> PluginUdaf {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// The pool its accumulators run in, when isolated.
+    pub fn worker_pool(&self) -> Option<&Arc<WorkerPool>> {
+        self.pool.as_ref()
     }
 
     /// The plugin function.
@@ -65,8 +133,16 @@ impl PluginUdaf {
         ))
     }
 
-    fn new_accumulator(&self) -> Result<PluginAccumulator> {
-        self.function.accumulator().map_err(|e| self.call_error(e))
+    fn new_accumulator(&self) -> Result<Box<dyn Accumulate>> {
+        match &self.pool {
+            Some(pool) => IsolatedAccumulator::create(pool, &self.function)
+                .map(|acc| Box::new(acc) as Box<dyn Accumulate>),
+            None => self
+                .function
+                .accumulator()
+                .map(|acc| Box::new(acc) as Box<dyn Accumulate>),
+        }
+        .map_err(|e| self.call_error(e))
     }
 }
 
@@ -75,6 +151,7 @@ impl PartialEq for PluginUdaf {
         self.sql_name == other.sql_name
             && Arc::ptr_eq(self.function.library(), other.function.library())
             && self.function.signature() == other.function.signature()
+            && self.pool.as_ref().map(Arc::as_ptr) == other.pool.as_ref().map(Arc::as_ptr)
     }
 }
 
@@ -220,7 +297,7 @@ impl PluginUdaf {
 /// The grouped accumulator (GROUP BY).
 struct ManyGroups {
     udaf: PluginUdaf,
-    acc: PluginAccumulator,
+    acc: Box<dyn Accumulate>,
 }
 
 impl std::fmt::Debug for ManyGroups {
@@ -302,11 +379,7 @@ impl GroupsAccumulator for ManyGroups {
     ) -> Result<Vec<ArrayRef>> {
         let rows = values.first().map_or(0, |v| v.len());
         let groups: Vec<usize> = (0..rows).collect();
-        let mut acc = self
-            .udaf
-            .function
-            .accumulator()
-            .map_err(|e| self.udaf.call_error(e))?;
+        let mut acc = self.udaf.new_accumulator()?;
         acc.feed(Feed::Update, values, Some(&groups), opt_filter, rows)
             .and_then(|()| acc.emit(true, Emit::TakeAll))
             .map(state_columns)
@@ -321,7 +394,7 @@ impl GroupsAccumulator for ManyGroups {
 /// The one-group accumulator (no GROUP BY, window frames).
 struct OneGroup {
     udaf: PluginUdaf,
-    acc: PluginAccumulator,
+    acc: Box<dyn Accumulate>,
 }
 
 impl std::fmt::Debug for OneGroup {

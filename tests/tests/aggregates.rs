@@ -418,3 +418,83 @@ async fn malformed_aggregate_entries_are_refused_at_load_naming_what_is_wrong() 
         );
     }
 }
+
+/// Process isolation for the pool of a library (one or two workers).
+fn isolation(workers: usize) -> udf_engine::Isolation {
+    udf_engine::Isolation::Process(udf_engine::WorkerLimits {
+        call_timeout: std::time::Duration::from_secs(30),
+        memory_mib: None,
+        workers: Some(workers),
+        worker_program: Some(udf_tests::udfsql_worker()),
+    })
+}
+
+/// Whether a live worker process of this process maps a file named like `path`'s.
+fn a_worker_maps(path: &std::path::Path) -> bool {
+    let name = path.file_name().unwrap().to_string_lossy().to_string();
+    udf_engine::live_worker_pids().iter().any(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .is_ok_and(|maps| maps.lines().any(|l| l.contains(&name)))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_aggregates_answer_as_in_process_with_their_state_in_workers() {
+    let mut rng = Rng(2024);
+    let config = SessionConfig::new()
+        .with_target_partitions(3)
+        .with_batch_size(256);
+    let ctx = SessionContext::new_with_config(config);
+    let library = PluginLibrary::load(plugin("stats")).unwrap();
+    udf_engine::register_library_with(&ctx, &library, &isolation(2)).unwrap();
+    udf_engine::register_plugin_functions_table(&ctx).unwrap();
+    assert_eq!(
+        rows(
+            &ctx,
+            "SELECT DISTINCT kind, isolation FROM plugin_functions"
+        )
+        .await,
+        vec![vec!["aggregate", "process"]]
+    );
+    ctx.register_table("t", Arc::new(table(&mut rng, 3000, 40, 256)))
+        .unwrap();
+    for sql in [
+        "SELECT g, my_sum(x), sum(x) FROM t GROUP BY g ORDER BY g",
+        "SELECT my_sum(x) FILTER (WHERE d > 20), sum(x) FILTER (WHERE d > 20) FROM t",
+        "SELECT g % 4, median_exact(d), median(d) FROM t GROUP BY g % 4 ORDER BY 1",
+        "SELECT g % 3, my_sum(DISTINCT x % 5), sum(DISTINCT x % 5) FROM t GROUP BY g % 3 ORDER BY 1",
+        "SELECT i, my_sum(x) OVER (ORDER BY i ROWS BETWEEN 3 PRECEDING AND CURRENT ROW), \
+         sum(x) OVER (ORDER BY i ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) FROM t ORDER BY i",
+    ] {
+        let result = rows(&ctx, sql).await;
+        assert!(!result.is_empty(), "{sql}");
+        for row in &result {
+            let n = row.len();
+            assert_eq!(row[n - 2], row[n - 1], "{sql}: {row:?}");
+        }
+    }
+    assert!(
+        a_worker_maps(&plugin("stats")),
+        "a worker process holds the stats library"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_in_an_isolated_accumulator_fails_the_query_and_the_host_lives() {
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(2));
+    let library = PluginLibrary::load(c_aggregates(Some("CRASH_ON_13"))).unwrap();
+    udf_engine::register_library_with(&ctx, &library, &isolation(1)).unwrap();
+    ctx.sql("CREATE TABLE t AS SELECT value AS x, value % 3 AS g FROM generate_series(1, 20)")
+        .await
+        .unwrap();
+    let error = query_error(&ctx, "SELECT g, c_sum(x) FROM t GROUP BY g").await;
+    assert!(
+        error.contains("c_sum") && error.contains("SIGABRT"),
+        "the worker's death by SIGABRT is the query's error: {error}"
+    );
+    // The host goes on, with a new worker.
+    assert_eq!(
+        rows(&ctx, "SELECT c_sum(x) FROM t WHERE x <> 13").await,
+        vec![vec!["197"]]
+    );
+}

@@ -682,7 +682,25 @@ async fn an_abi_2_1_library_with_the_shorter_manifest_keeps_loading() {
     ctx.register_plugin(&path).unwrap();
     assert_eq!(rows(&ctx, "SELECT c_clamp(7, 1, 5)").await, [["5"]]);
     let current = PluginLibrary::load(plugin("arrow-types")).unwrap();
-    assert_eq!(current.abi(), Abi::V2 { minor: 3 });
+    assert_eq!(
+        current.abi(),
+        Abi::V2 {
+            minor: udf_abi::v2::ABI_MINOR
+        }
+    );
+}
+
+/// A library built against ABI 2.3 (a manifest without 2.4's aggregates, ending where its
+/// memory ends) loads and runs: the host reads no field the library's minor does not have.
+#[tokio::test]
+async fn an_abi_2_3_library_loads_without_its_manifest_being_read_past_its_end() {
+    let path = c_library("c_plugin_v2_abi_2_3", "c_plugin_v2.c", &["ABI_2_3"]);
+    let library = PluginLibrary::load(&path).unwrap();
+    assert_eq!(library.abi(), Abi::V2 { minor: 3 });
+    assert!(library.aggregates().is_empty());
+    let ctx = SessionContext::new();
+    ctx.register_plugin(&path).unwrap();
+    assert_eq!(rows(&ctx, "SELECT c_clamp(7, 1, 5)").await, [["5"]]);
 }
 
 #[tokio::test]

@@ -296,7 +296,10 @@ fn the_shell_loads_and_creates_asynchronous_functions() {
         "asynchronous functions are listed: {stdout}"
     );
     assert!(
-        stdout.contains("twice_later: async path, libasync_ops.so (ABI v2.3)"),
+        stdout.contains(&format!(
+            "twice_later: async path, libasync_ops.so (ABI v2.{})",
+            udf_abi::v2::ABI_MINOR
+        )),
         "EXPLAIN names the asynchronous path: {stdout}"
     );
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -344,7 +344,7 @@ fn every_load_is_logged_with_path_digest_abi_and_functions() {
     for part in [
         format!("path={}", square.display()),
         format!("sha256={}", udf_tests::sha256sum(&square)),
-        "abi=v2.3".to_string(),
+        format!("abi=v2.{}", udf_abi::v2::ABI_MINOR),
         "functions=square(Int) -> Int".to_string(),
     ] {
         assert!(line.contains(&part), "{part} missing from: {line}");

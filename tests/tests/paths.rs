@@ -453,8 +453,9 @@ async fn explain_shows_the_call_path_of_each_plugin_function() {
         .to_str()
         .unwrap()
         .to_string();
+    let m = udf_abi::v2::ABI_MINOR;
     let expected = format!(
-        "plugin functions:\n  sq_batch: batch path, {file} (ABI v2.3)\n  sq_row: row path, {file} (ABI v2.3)"
+        "plugin functions:\n  sq_batch: batch path, {file} (ABI v2.{m})\n  sq_row: row path, {file} (ABI v2.{m})"
     );
     // Each line sits in the plan column of the physical_plan row, in this order.
     let lines: Vec<&str> = text

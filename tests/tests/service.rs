@@ -83,7 +83,7 @@ async fn health_functions_and_queries() {
         .find(|f| f["name"] == "square")
         .expect("square is served");
     assert_eq!(square["signature"], "square(Int) -> Int");
-    assert_eq!(square["abi"], "v2.3");
+    assert_eq!(square["abi"], format!("v2.{}", udf_abi::v2::ABI_MINOR));
     assert!(
         square["library"]
             .as_str()

@@ -397,6 +397,11 @@ impl PluginAggregate {
         }
     }
 
+    /// The function's place in its library's list of aggregates.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
     /// What the function declares.
     pub fn signature(&self) -> &AggregateSignature {
         &self.loaded().signature

@@ -44,6 +44,14 @@ pub(crate) use manifest::fuzz_manifests;
 pub use manifest::{DeclaredVolatility, FunctionSignature, MAX_FUNCTIONS};
 pub use scalar::PluginFunction;
 
+/// The value rules every result meets (arrow's full validation, decimal precision at every
+/// level), for an array that came from a worker process.
+pub(crate) fn check_received_array(
+    array: &datafusion::arrow::array::ArrayRef,
+) -> Result<(), crate::error::CallError> {
+    scalar::batch::check_result_data(&array.to_data())
+}
+
 /// The longest function name read from metadata, in bytes (without the NUL).
 pub const MAX_NAME_LEN: usize = 4096;
 

@@ -14,6 +14,7 @@
 //! What isolation does not cover: the library is also loaded by the host, which reads its
 //! metadata (and runs its initialisers) to plan queries; only function calls run in workers.
 
+pub(crate) mod aggregate;
 mod cancel;
 mod pool;
 mod protocol;

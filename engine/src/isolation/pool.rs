@@ -247,7 +247,13 @@ struct PoolState {
     idle: Vec<Worker>,
     /// Workers that exist: idle, busy, or starting.
     live: usize,
+    /// The numbers of the workers that have started and not been discarded (idle or busy): an
+    /// aggregate's accumulator lives in one of them.
+    started: std::collections::BTreeSet<u64>,
 }
+
+/// Numbers workers, so that an aggregate request can go to the one holding its accumulator.
+static NEXT_WORKER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl WorkerPool {
     pub(crate) fn new(spec: WorkerSpec) -> WorkerPool {
@@ -355,6 +361,73 @@ impl WorkerPool {
         }
     }
 
+    /// Sends an aggregate request (ABI 2.4) to worker `to`, the one holding the accumulator, or
+    /// to any (`None`: creating one); the reply, and the number of the worker that answered.
+    /// `expect` is the result an emit must return (type and rows), `None` for an
+    /// acknowledgement. A worker that faults is discarded (its accumulators with it).
+    pub(crate) fn aggregate(
+        self: &Arc<Self>,
+        to: Option<u64>,
+        op: &super::protocol::AggregateOp,
+        expect: Option<(&DataType, usize)>,
+    ) -> Result<(u64, Reply), Fault> {
+        let mut worker = match to {
+            Some(id) => self.checkout_worker(id)?,
+            None => self.checkout(None)?,
+        };
+        let id = worker.id;
+        match worker.request(&self.spec, op, expect) {
+            Ok(reply) => {
+                self.checkin(worker);
+                Ok((id, reply))
+            }
+            Err(Fault::Plugin(message)) => {
+                self.checkin(worker);
+                Err(Fault::Plugin(message))
+            }
+            Err(fault) => {
+                self.discard(worker);
+                self.warm();
+                Err(fault)
+            }
+        }
+    }
+
+    /// Worker `id` once it is idle, or an error when it is gone.
+    fn checkout_worker(&self, id: u64) -> Result<Worker, Fault> {
+        let gone = || {
+            Fault::Plugin(
+                "the worker process holding this aggregate's state is gone (it faulted in an \
+                 earlier request)"
+                    .to_string(),
+            )
+        };
+        let mut state = self.lock();
+        loop {
+            if let Some(i) = state.idle.iter().position(|w| w.id == id) {
+                let mut worker = state.idle.swap_remove(i);
+                if worker.is_alive() {
+                    return Ok(worker);
+                }
+                state.live -= 1;
+                state.started.remove(&id);
+                drop(state);
+                drop(worker);
+                self.available.notify_one();
+                return Err(gone());
+            }
+            if !state.started.contains(&id) {
+                return Err(gone());
+            }
+            state = super::blocking(|| {
+                self.available
+                    .wait_timeout(state, Duration::from_millis(50))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            });
+        }
+    }
+
     /// Starts the pool's first worker and waits until it is ready: a pool is created when a
     /// function is registered, which then fails at once if the worker cannot run (no program,
     /// a library the worker refuses), and the first query finds a worker waiting.
@@ -424,6 +497,7 @@ impl WorkerPool {
                 // It died between calls (killed from outside, or a thread the plugin left
                 // behind crashed it): replace it.
                 state.live -= 1;
+                state.started.remove(&worker.id);
                 dead.push(worker);
             }
             if state.live < self.spec.size {
@@ -444,11 +518,16 @@ impl WorkerPool {
     }
 
     fn checkin(&self, worker: Worker) {
-        self.lock().idle.push(worker);
-        self.available.notify_one();
+        let mut state = self.lock();
+        state.started.insert(worker.id);
+        state.idle.push(worker);
+        drop(state);
+        // Every waiter: one may wait for this very worker (an aggregate's).
+        self.available.notify_all();
     }
 
     fn discard(&self, worker: Worker) {
+        self.lock().started.remove(&worker.id);
         drop(worker);
         self.release_slot();
     }
@@ -492,6 +571,8 @@ struct Worker {
     stderr_tail: Vec<u8>,
     /// Set once the process has been reaped.
     status: Option<ExitStatus>,
+    /// This worker's number in the process (see [`NEXT_WORKER`]).
+    id: u64,
 }
 
 /// Why waiting on a worker stopped.
@@ -565,6 +646,7 @@ impl Worker {
             stderr,
             stderr_tail: Vec::new(),
             status: None,
+            id: NEXT_WORKER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         worker
             .channel
@@ -583,7 +665,9 @@ impl Worker {
                 spec.functions
             ))),
             Ok(Reply::Error(message)) => Err(Fault::Load(message)),
-            Ok(Reply::Result(_)) => Err(Fault::Malformed("a result before any call".into())),
+            Ok(Reply::Result(_) | Reply::Ack(_)) => {
+                Err(Fault::Malformed("a result before any call".into()))
+            }
             Err(Fault::Exited(code, stderr)) => Err(Fault::Start(format!(
                 "the worker exited with status {code} before it was ready{}",
                 said(&stderr)
@@ -653,6 +737,45 @@ impl Worker {
             }
             Reply::Error(message) => Err(Fault::Plugin(message)),
             Reply::Ready(_) => Err(self.malformed("a ready message in reply to a call".into())),
+            Reply::Ack(_) => Err(self.malformed("an acknowledgement in reply to a call".into())),
+        }
+    }
+
+    /// Sends an aggregate request and reads its reply: a result of `expect`'s type and rows, an
+    /// acknowledgement (`expect` `None`), or the plugin's error.
+    fn request(
+        &mut self,
+        spec: &WorkerSpec,
+        op: &super::protocol::AggregateOp,
+        expect: Option<(&DataType, usize)>,
+    ) -> Result<Reply, Fault> {
+        let deadline = Instant::now() + spec.call_timeout;
+        self.regions
+            .write_aggregate(op)
+            .map_err(|e| Fault::Plugin(format!("cannot send the request to the worker: {e}")))?;
+        let seq = match self.regions.publish(&self.channel) {
+            Ok(seq) => seq,
+            Err(_) => return Err(self.gone(deadline, spec)),
+        };
+        match self
+            .await_reply(seq, deadline, None, spec)
+            .and_then(|()| self.drain_doorbell())
+        {
+            Ok(()) => {}
+            Err(Stop::Fault(f)) => return Err(f),
+            Err(Stop::Closed) => return Err(self.gone(deadline, spec)),
+        }
+        let reply = match self.regions.take_reply_of(expect) {
+            Ok(body) => protocol::decode_reply(&body, expect),
+            Err(e) => Err(e),
+        };
+        match reply.map_err(|e| self.malformed(e))? {
+            Reply::Error(message) => Err(Fault::Plugin(message)),
+            Reply::Ready(_) => Err(self.malformed("a ready message in reply to a request".into())),
+            Reply::Ack(_) if expect.is_some() => {
+                Err(self.malformed("an acknowledgement where a result was asked for".into()))
+            }
+            reply => Ok(reply),
         }
     }
 

@@ -14,6 +14,8 @@
 //! | `C`  | host → worker  | input region | `u32` function, `u8` path (0 row, 1 batch), `u64` rows, `u16` n, n × (`u8` constant flag, 3 zero bytes, `u32` length, IPC stream, zeros to a multiple of 8) |
 //! | `R`  | worker → host  | output region | 7 zero bytes, IPC stream of the result column           |
 //! | `E`  | worker → host  | either  | UTF-8 message: the call (or the load) failed the way it fails in-process |
+//! | `A`  | host → worker  | input region | an aggregate request (ABI 2.4, [`AggregateOp`]): `u8` op, 3 zero bytes, `u32` function or accumulator, then per op: feed: `u8` feed kind, `u8` has groups, `u8` has filter, 5 zero bytes, `u64` rows, `u64` total groups, `u16` n, 6 zero bytes, rows × `u64` group numbers, rows filter bytes and zeros to a multiple of 8, n columns as a call's arguments; emit: `u8` state, `u8` mode, 6 zero bytes, `u64` first |
+//! | `K`  | worker → host  | output region | 7 zero bytes, `u64`: an accumulator's number (create), its size in bytes (feed), 0 (destroy) |
 //!
 //! The header of a call is 16 bytes, so every IPC stream starts at a multiple of 8 in the body
 //! and its buffers are used where they lie, without a copy.
@@ -58,6 +60,10 @@ pub(crate) const CALL: u8 = b'C';
 pub(crate) const RESULT: u8 = b'R';
 /// The kind byte of an error.
 pub(crate) const ERROR: u8 = b'E';
+/// The kind byte of an aggregate request.
+pub(crate) const AGGREGATE: u8 = b'A';
+/// The kind byte of an acknowledgement carrying a number.
+pub(crate) const ACK: u8 = b'K';
 
 /// The largest frame either side accepts (a result column over 2 GiB is refused in-process too).
 pub(crate) const MAX_FRAME: usize = i32::MAX as usize;
@@ -979,6 +985,234 @@ pub(crate) fn encode_ready<S: Sink>(out: &mut S, functions: usize) -> Result<(),
     finish_frame(out)
 }
 
+/// An acknowledgement frame carrying `value`.
+pub(crate) fn encode_ack<S: Sink>(out: &mut S, value: u64) -> Result<(), String> {
+    start_frame(out, ACK)?;
+    put(out, &[0; 7])?;
+    put(out, &value.to_le_bytes())?;
+    finish_frame(out)
+}
+
+/// What an aggregate request asks of a worker (ABI 2.4): its accumulators live in the worker,
+/// numbered by it.
+#[derive(Debug)]
+pub(crate) enum AggregateOp {
+    /// A new accumulator of aggregate `function`; acknowledged with its number.
+    Create { function: usize },
+    /// Rows (or partial states) into accumulator `acc`; acknowledged with its size.
+    Feed {
+        acc: u32,
+        feed: crate::ffi::aggregate::Feed,
+        rows: usize,
+        groups: Option<Vec<usize>>,
+        filter: Option<datafusion::arrow::array::BooleanArray>,
+        total_groups: usize,
+        columns: Vec<ArrayRef>,
+    },
+    /// Results (or partial states) of accumulator `acc`; answered with a result.
+    Emit {
+        acc: u32,
+        state: bool,
+        emit: crate::ffi::aggregate::Emit,
+    },
+    /// Frees accumulator `acc`; acknowledged.
+    Destroy { acc: u32 },
+}
+
+/// The most groups one aggregate request may name (the group numbers are `u64` on the wire).
+const MAX_GROUPS: usize = i32::MAX as usize;
+
+/// An aggregate request frame.
+pub(crate) fn encode_aggregate<S: Sink>(out: &mut S, op: &AggregateOp) -> Result<(), String> {
+    use crate::ffi::aggregate::{Emit, Feed};
+    start_frame(out, AGGREGATE)?;
+    match op {
+        AggregateOp::Create { function } => {
+            put(out, &[0, 0, 0, 0])?;
+            put(out, &(*function as u32).to_le_bytes())?;
+        }
+        AggregateOp::Feed {
+            acc,
+            feed,
+            rows,
+            groups,
+            filter,
+            total_groups,
+            columns,
+        } => {
+            put(out, &[1, 0, 0, 0])?;
+            put(out, &acc.to_le_bytes())?;
+            let kind = match feed {
+                Feed::Update => 0,
+                Feed::Retract => 1,
+                Feed::Merge => 2,
+            };
+            put(
+                out,
+                &[
+                    kind,
+                    u8::from(groups.is_some()),
+                    u8::from(filter.is_some()),
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+            )?;
+            put(out, &(*rows as u64).to_le_bytes())?;
+            put(out, &(*total_groups as u64).to_le_bytes())?;
+            put(out, &(columns.len() as u16).to_le_bytes())?;
+            put(out, &[0; 6])?;
+            // Group numbers and streams start at a multiple of 8 in the body.
+            pad_to_8(out)?;
+            if let Some(groups) = groups {
+                for &g in groups.iter().take(*rows) {
+                    put(out, &(g as u64).to_le_bytes())?;
+                }
+            }
+            if let Some(filter) = filter {
+                use datafusion::arrow::array::Array;
+                let bytes: Vec<u8> = (0..*rows)
+                    .map(|i| u8::from(filter.is_valid(i) && filter.value(i)))
+                    .collect();
+                put(out, &bytes)?;
+                pad_to_8(out)?;
+            }
+            for (i, column) in columns.iter().enumerate() {
+                put(out, &[0, 0, 0, 0])?;
+                let at = out.written();
+                put(out, &[0; 4])?;
+                put_array(out, column).map_err(|e| format!("column {}: {e}", i + 1))?;
+                let len = out.written() - at - 4;
+                out.patch(at, &(len as u32).to_le_bytes())?;
+                pad_to_8(out)?;
+            }
+        }
+        AggregateOp::Emit { acc, state, emit } => {
+            put(out, &[2, 0, 0, 0])?;
+            put(out, &acc.to_le_bytes())?;
+            let (mode, first) = match emit {
+                Emit::Peek => (0, 0),
+                Emit::TakeAll => (1, 0),
+                Emit::TakeFirst(n) => (2, *n),
+            };
+            put(out, &[u8::from(*state), mode, 0, 0, 0, 0, 0, 0])?;
+            put(out, &(first as u64).to_le_bytes())?;
+        }
+        AggregateOp::Destroy { acc } => {
+            put(out, &[3, 0, 0, 0])?;
+            put(out, &acc.to_le_bytes())?;
+        }
+    }
+    finish_frame(out)
+}
+
+/// Decodes an aggregate request body (the worker's side: the host is trusted, but nothing read
+/// here can make the worker read out of bounds or allocate more than the body holds).
+pub(crate) fn decode_aggregate(body: &Buffer) -> Result<AggregateOp, String> {
+    use crate::ffi::aggregate::{Emit, Feed};
+    let bytes = body.as_slice();
+    let mut cursor = Cursor(&bytes[1..]);
+    let op = cursor.u8()?;
+    cursor.take(3)?;
+    let number = cursor.u32()?;
+    match op {
+        0 => Ok(AggregateOp::Create {
+            function: number as usize,
+        }),
+        1 => {
+            let head = cursor.take(8)?;
+            let feed = match head[0] {
+                0 => Feed::Update,
+                1 => Feed::Retract,
+                2 => Feed::Merge,
+                other => return Err(format!("unknown feed kind {other}")),
+            };
+            let (has_groups, has_filter) = (head[1] != 0, head[2] != 0);
+            let rows = usize::try_from(cursor.u64()?)
+                .ok()
+                .filter(|&r| r <= MAX_CALL_ROWS)
+                .ok_or("an aggregate request over more rows than a column holds")?;
+            let total_groups = usize::try_from(cursor.u64()?)
+                .ok()
+                .filter(|&g| g <= MAX_GROUPS)
+                .ok_or("an aggregate request over too many groups")?;
+            let n = cursor.u16()?;
+            cursor.take(6)?;
+            let at = bytes.len() - cursor.0.len();
+            cursor.take((8 - at % 8) % 8)?;
+            let groups = if has_groups {
+                let raw = cursor.take(rows.checked_mul(8).ok_or("too many group numbers")?)?;
+                let groups: Vec<usize> = raw
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize)
+                    .collect();
+                if groups.iter().any(|&g| g >= total_groups) {
+                    return Err("a group number not below the total".to_string());
+                }
+                Some(groups)
+            } else {
+                None
+            };
+            let filter = if has_filter {
+                let raw = cursor.take(rows)?;
+                let at = bytes.len() - cursor.0.len();
+                cursor.take((8 - at % 8) % 8)?;
+                Some(datafusion::arrow::array::BooleanArray::from_iter(
+                    raw.iter().map(|&b| Some(b != 0)),
+                ))
+            } else {
+                None
+            };
+            let mut columns = Vec::with_capacity(
+                usize::from(n).min(udf_abi::v2::MAX_STATE_FIELDS.max(udf_abi::MAX_ARGS)),
+            );
+            for i in 0..n {
+                cursor.take(4)?;
+                let len = cursor.u32()? as usize;
+                let start = bytes.len() - cursor.0.len();
+                cursor.take(len)?;
+                let end = start + len;
+                cursor.take((8 - end % 8) % 8)?;
+                let expect = Expect {
+                    data_type: None,
+                    rows,
+                };
+                let array = decode_array(&body.slice_with_length(start, len), expect)
+                    .map_err(|e| format!("column {}: {e}", i + 1))?;
+                columns.push(array);
+            }
+            Ok(AggregateOp::Feed {
+                acc: number,
+                feed,
+                rows,
+                groups,
+                filter,
+                total_groups,
+                columns,
+            })
+        }
+        2 => {
+            let head = cursor.take(8)?;
+            let first = usize::try_from(cursor.u64()?).map_err(|e| e.to_string())?;
+            let emit = match head[1] {
+                0 => Emit::Peek,
+                1 => Emit::TakeAll,
+                2 => Emit::TakeFirst(first),
+                other => return Err(format!("unknown emit mode {other}")),
+            };
+            Ok(AggregateOp::Emit {
+                acc: number,
+                state: head[0] != 0,
+                emit,
+            })
+        }
+        3 => Ok(AggregateOp::Destroy { acc: number }),
+        other => Err(format!("unknown aggregate request {other}")),
+    }
+}
+
 /// What a worker answered.
 #[derive(Debug)]
 pub(crate) enum Reply {
@@ -988,6 +1222,8 @@ pub(crate) enum Reply {
     Result(ArrayRef),
     /// The call or the load failed, with the message the in-process path gives.
     Error(String),
+    /// An aggregate request done, with its number (see [`ACK`]).
+    Ack(u64),
 }
 
 /// Decodes a reply body and checks a result against what the call must return: `data_type`
@@ -1014,6 +1250,14 @@ fn decode_reply_inner(body: &Buffer, expect: Option<(&DataType, usize)>) -> Resu
         Some(&ERROR) => Ok(Reply::Error(
             String::from_utf8_lossy(&bytes[1..]).into_owned(),
         )),
+        Some(&ACK) => {
+            if bytes.len() != 16 || bytes[1..8] != [0; 7] {
+                return Err("an acknowledgement that is not 16 bytes".to_string());
+            }
+            Ok(Reply::Ack(u64::from_le_bytes(
+                bytes[8..16].try_into().expect("8 bytes"),
+            )))
+        }
         Some(&RESULT) => {
             if bytes.len() < 8 || bytes[1..8] != [0; 7] {
                 return Err("a result message without its padding".to_string());

@@ -139,6 +139,12 @@ impl HostRegions {
         protocol::encode_call(&mut out, function, path, asynchronous, args, rows)
     }
 
+    /// Writes an aggregate request into the input region.
+    pub(crate) fn write_aggregate(&mut self, op: &protocol::AggregateOp) -> Result<(), String> {
+        let mut out = RegionWriter::new(&mut self.input, CALL_AT);
+        protocol::encode_aggregate(&mut out, op)
+    }
+
     /// Publishes the request written last, ringing the worker if it sleeps; its sequence
     /// number. Fails when the channel is broken (the worker is gone).
     pub(crate) fn publish(&mut self, channel: &UnixStream) -> std::io::Result<u64> {
@@ -165,18 +171,29 @@ impl HostRegions {
     /// A copy of the reply's body, of at most what a call expecting `expect` (type and rows)
     /// can receive; why not, when the header is not one or the body is not all in the region.
     pub(crate) fn take_reply(&mut self, expect: (&DataType, usize)) -> Result<Buffer, String> {
+        self.take_reply_of(Some(expect))
+    }
+
+    /// [`take_reply`](Self::take_reply) of a request that expects a result (`Some`) or only an
+    /// acknowledgement or error (`None`).
+    pub(crate) fn take_reply_of(
+        &mut self,
+        expect: Option<(&DataType, usize)>,
+    ) -> Result<Buffer, String> {
         let mut header = [0u8; HEADER];
         if !self.output.read_into(0, &mut header) {
             return Err("the shared region is smaller than a message header".to_string());
         }
         let len = protocol::body_len(&header)?;
-        let max = protocol::max_reply_len(Some(expect));
+        let max = protocol::max_reply_len(expect);
         if len > max {
-            let (t, rows) = expect;
-            return Err(format!(
-                "a message of {len} bytes, more than a result of {rows} rows of {t} takes (at \
-                 most {max} bytes)"
-            ));
+            return Err(match expect {
+                Some((t, rows)) => format!(
+                    "a message of {len} bytes, more than a result of {rows} rows of {t} takes \
+                     (at most {max} bytes)"
+                ),
+                None => format!("a message of {len} bytes where at most {max} were expected"),
+            });
         }
         let end = HEADER + len;
         let mapped = self

@@ -21,7 +21,7 @@ use std::process::ExitCode;
 
 use rustix::process::{Resource, Rlimit, Signal};
 
-use super::protocol::{self, CALL};
+use super::protocol::{self, AGGREGATE, CALL};
 use super::shared::WorkerRegions;
 use crate::call_path::CallPath;
 use crate::ffi::PluginLibrary;
@@ -187,6 +187,7 @@ fn serve(library: &std::sync::Arc<PluginLibrary>, channel: &mut UnixStream) -> E
     let functions: Vec<_> = (0..library.functions().len())
         .map(|i| library.function(i).expect("index within the library"))
         .collect();
+    let mut aggregates = super::aggregate::WorkerAccumulators::new(library);
     let mut regions = match WorkerRegions::receive(channel) {
         Ok(regions) => regions,
         Err(_) => channel_lost(),
@@ -219,6 +220,9 @@ fn serve(library: &std::sync::Arc<PluginLibrary>, channel: &mut UnixStream) -> E
                     Err(e) => protocol::encode_error(&mut out, &e),
                 }
             }),
+            Some(&AGGREGATE) => {
+                protocol::decode_aggregate(&body).and_then(|op| aggregates.answer(op, &mut out))
+            }
             _ => Err("not a call request".to_string()),
         };
         drop(body);

@@ -879,7 +879,7 @@ fn check_null_rules(
 
 /// The value rules every result meets, whichever path made it: arrow's full validation (with a
 /// faster, equivalent UTF-8 check for `Utf8`), then decimal precision at every level.
-pub(super) fn check_result_data(data: &ArrayData) -> Result<(), CallError> {
+pub(in crate::ffi) fn check_result_data(data: &ArrayData) -> Result<(), CallError> {
     validate_result(data).map_err(CallError::InvalidResult)?;
     super::arrow_result::check_decimals(data)
 }
