@@ -6,6 +6,10 @@
 //! * **GROUP BY**: `SELECT g, f(x) FROM t GROUP BY g` over 4,194,304 rows (batches of 8192, two
 //!   partitions) with 10 and with 1,000,000 groups: the `elapsed_compute` of every
 //!   `AggregateExec` of the plan (partial and final phases) summed, from `EXPLAIN ANALYZE`.
+//! * `my_sum_vec`: the same sum in the SDK's expert form (`GroupsAggregate`: a column at a
+//!   time over vectors of sums and counts), through the same ABI.
+//! * The same `my_sum` isolated (`my_sum_iso`: accumulators in worker processes, one per
+//!   partition) in the GROUP BY cases.
 //! * **Sliding window**: `SELECT f(x) OVER (ORDER BY i ROWS BETWEEN 100 PRECEDING AND CURRENT
 //!   ROW)` over 1,048,576 rows: the `elapsed_compute` of the `BoundedWindowAggExec`.
 //!
@@ -66,6 +70,20 @@ fn session(table: MemTable, partitions: usize) -> Result<SessionContext> {
         .map_err(|e| DataFusionError::External(Box::new(e)))?;
     udf_engine::register_aggregates(&ctx, &library);
     crate::dffi::register_aggregates(&ctx);
+    // The same aggregate isolated: its accumulators in worker processes (one per partition).
+    let limits = udf_engine::WorkerLimits {
+        workers: Some(partitions),
+        ..udf_engine::WorkerLimits::default()
+    };
+    let pool = udf_engine::isolation::pool_for(&library, &limits, partitions)
+        .map_err(DataFusionError::Execution)?;
+    let my_sum = library
+        .aggregate_named("my_sum")
+        .ok_or_else(|| DataFusionError::Execution("no my_sum in the stats library".into()))?;
+    udf_engine::register_udaf(
+        &ctx,
+        udf_engine::PluginUdaf::new("my_sum_iso", my_sum).with_worker_pool(pool),
+    );
     Ok(ctx)
 }
 
@@ -85,8 +103,8 @@ fn elapsed_of(plan: &str, operator: &str) -> Result<f64> {
     total.ok_or_else(|| DataFusionError::Execution(format!("no {operator} in:\n{plan}")))
 }
 
-/// The aggregate variants, the builtin first.
-const VARIANTS: [&str; 3] = ["sum", "my_sum", "my_sum_dffi"];
+/// The aggregate variants, the builtin first; the isolated one last.
+const VARIANTS: [&str; 5] = ["sum", "my_sum", "my_sum_vec", "my_sum_dffi", "my_sum_iso"];
 
 struct Case {
     title: String,
@@ -94,11 +112,14 @@ struct Case {
     sql: fn(&str) -> String,
     operator: &'static str,
     target: &'static str,
+    /// How many of [`VARIANTS`] it measures (a sliding window calls the accumulator per row:
+    /// isolated, that is a round trip to the worker per row, not measured).
+    variants: usize,
 }
 
 async fn check(case: &Case) -> Result<()> {
     let builtin = case.ctx.sql(&(case.sql)("sum")).await?.collect().await?;
-    for f in &VARIANTS[1..] {
+    for f in &VARIANTS[1..case.variants] {
         let other = case.ctx.sql(&(case.sql)(f)).await?.collect().await?;
         let a = datafusion::arrow::compute::concat_batches(&builtin[0].schema(), &builtin)?;
         let b = datafusion::arrow::compute::concat_batches(&other[0].schema(), &other)?;
@@ -150,6 +171,7 @@ async fn run(rounds: usize) -> Result<()> {
             sql: |f| format!("SELECT g, {f}(x) AS s FROM t GROUP BY g ORDER BY g"),
             operator: "AggregateExec",
             target,
+            variants: VARIANTS.len(),
         });
     }
     cases.push(Case {
@@ -163,14 +185,15 @@ async fn run(rounds: usize) -> Result<()> {
         },
         operator: "BoundedWindowAggExec",
         target: "(none set)",
+        variants: 4,
     });
     println!("# aggbench: {rounds} rounds, release build\n");
     for case in &cases {
         check(case).await?;
-        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); case.variants];
         for round in 0..rounds {
-            for k in 0..VARIANTS.len() {
-                let v = (round + k) % VARIANTS.len();
+            for k in 0..case.variants {
+                let v = (round + k) % case.variants;
                 let plan = explain_analyze(&case.ctx, &(case.sql)(VARIANTS[v])).await?;
                 samples[v].push(elapsed_of(&plan, case.operator)?);
             }
@@ -178,7 +201,7 @@ async fn run(rounds: usize) -> Result<()> {
         println!("## {} (`{}` elapsed_compute)\n", case.title, case.operator);
         println!("| aggregate | median ms | ratio to sum (median, range) | target |");
         println!("|---|---:|---:|---|");
-        for (v, name) in VARIANTS.iter().enumerate() {
+        for (v, name) in VARIANTS.iter().enumerate().take(case.variants) {
             let ratios: Vec<f64> = samples[v]
                 .iter()
                 .zip(&samples[0])

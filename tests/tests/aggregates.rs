@@ -86,7 +86,14 @@ fn session(partitions: usize, batch_size: usize) -> SessionContext {
     names.sort();
     assert_eq!(
         names,
-        ["geo_mean", "hll_count", "median_exact", "my_sum"].map(String::from),
+        [
+            "geo_mean",
+            "hll_count",
+            "median_exact",
+            "my_sum",
+            "my_sum_vec"
+        ]
+        .map(String::from),
         "the library's aggregates"
     );
     ctx
@@ -108,7 +115,9 @@ async fn my_sum_equals_builtin_sum_on_random_inputs_partitionings_and_groupings(
         );
         for sql in [
             "SELECT g, my_sum(x), sum(x) FROM t GROUP BY g ORDER BY g",
+            "SELECT g, my_sum_vec(x), sum(x) FROM t GROUP BY g ORDER BY g",
             "SELECT my_sum(x), sum(x) FROM t",
+            "SELECT my_sum_vec(x) FILTER (WHERE d > 30), sum(x) FILTER (WHERE d > 30) FROM t",
             "SELECT g, my_sum(x) FILTER (WHERE x > 0), sum(x) FILTER (WHERE x > 0) FROM t GROUP BY g ORDER BY g",
             "SELECT g % 3, my_sum(x + 1), sum(x + 1) FROM t WHERE d > 10 GROUP BY g % 3 ORDER BY 1",
             "SELECT g % 5, my_sum(DISTINCT x % 7), sum(DISTINCT x % 7) FROM t GROUP BY g % 5 ORDER BY 1",
@@ -207,12 +216,14 @@ async fn window_frames_slide_with_retract_and_refuse_without_it() {
     ] {
         let sql = format!(
             "SELECT i, my_sum(x) OVER (PARTITION BY g ORDER BY i {frame}), \
+             my_sum_vec(x) OVER (PARTITION BY g ORDER BY i {frame}), \
              sum(x) OVER (PARTITION BY g ORDER BY i {frame}) FROM t ORDER BY i"
         );
         let result = rows(&ctx, &sql).await;
         assert_eq!(result.len(), 3000, "{frame}");
         for row in &result {
-            assert_eq!(row[1], row[2], "{frame}: {row:?}");
+            assert_eq!(row[1], row[3], "{frame}: {row:?}");
+            assert_eq!(row[2], row[3], "{frame}: {row:?}");
         }
     }
     // A growing frame needs no retract.

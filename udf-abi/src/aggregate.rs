@@ -39,6 +39,11 @@
 //! }
 //! ```
 //!
+//! **Expert form**: [`GroupsAggregate`] is the whole accumulator over Arrow columns (every group
+//! at once, as DataFusion's own grouped accumulators are written): `#[udaf]` on an `impl
+//! GroupsAggregate for Type` exports it the same way. Use it when a per-row call is too slow or
+//! the state is better kept column-wise.
+//!
 //! Values map to Arrow as for `#[udf]`: `bool`, `i32`, `i64`, `u64`, `f32`, `f64`, `String`
 //! (Utf8), `Vec<u8>` (Binary), `Vec<T>` (a List of `T`); `Option<T>` receives and gives NULLs.
 //! An input of a type that is not an `Option` skips rows where it is NULL (as SQL's `sum`
@@ -397,6 +402,152 @@ pub enum Emit {
     TakeAll,
     /// The first N groups, dropped.
     TakeFirst(usize),
+}
+
+/// The expert form of an aggregate: one value of this type is a whole accumulator, holding the
+/// state of every group, fed and emitted as Arrow columns (see the module documentation).
+pub trait GroupsAggregate: Default + Send + 'static {
+    /// The argument types.
+    fn arg_types() -> Vec<DataType>;
+    /// The state fields' types (named `s0`, `s1`, ...).
+    fn state_types() -> Vec<DataType>;
+    /// The result type.
+    fn return_type() -> DataType;
+    /// Whether [`retract`](Self::retract) is implemented (sliding window frames).
+    const RETRACTS: bool = false;
+    /// Adds rows: `columns` of [`arg_types`](Self::arg_types), `rows` says which rows count and
+    /// in which groups (the number of groups only grows between emits).
+    fn update(&mut self, columns: &[ArrayRef], rows: Rows<'_>) -> Result<(), String>;
+    /// Removes rows an earlier update added.
+    fn retract(&mut self, columns: &[ArrayRef], rows: Rows<'_>) -> Result<(), String> {
+        let _ = (columns, rows);
+        Err("this aggregate function cannot remove rows".to_string())
+    }
+    /// Adds partial states: `states` of [`state_types`](Self::state_types).
+    fn merge(&mut self, states: &[ArrayRef], rows: Rows<'_>) -> Result<(), String>;
+    /// The results of the groups `emit` covers (dropping them unless it peeks).
+    fn evaluate(&mut self, emit: Emit) -> Result<ArrayRef, String>;
+    /// The partial states of the groups `emit` covers, one column per state field.
+    fn state(&mut self, emit: Emit) -> Result<Vec<ArrayRef>, String>;
+    /// The bytes the accumulator holds.
+    fn size(&self) -> usize;
+}
+
+/// The number of groups an emit covers out of `groups`, or why it cannot.
+pub fn emitted_groups(emit: Emit, groups: usize) -> Result<usize, String> {
+    match emit {
+        Emit::Peek | Emit::TakeAll => Ok(groups),
+        Emit::TakeFirst(n) if n <= groups => Ok(n),
+        Emit::TakeFirst(n) => Err(format!("cannot emit {n} of {groups} groups")),
+    }
+}
+
+/// One accumulator as the entrypoints drive it: the SDK's [`Groups`] of a per-group
+/// [`Aggregate`], or an expert [`GroupsAggregate`] (wrapped in [`Vectorized`]).
+pub trait GroupedState: Default + Send + 'static {
+    /// Whether rows can be removed.
+    const RETRACTS: bool;
+    /// The Arrow types: arguments, state fields, result.
+    fn types() -> (Vec<DataType>, Vec<DataType>, DataType);
+    /// Update, retract or merge.
+    fn feed(&mut self, feed: Feed, columns: &[ArrayRef], rows: Rows<'_>) -> Result<(), String>;
+    /// Results.
+    fn evaluate(&mut self, emit: Emit) -> Result<ArrayRef, String>;
+    /// Partial states, as a struct array of the state fields.
+    fn state(&mut self, emit: Emit) -> Result<ArrayRef, String>;
+    /// Bytes held.
+    fn size(&self) -> usize;
+}
+
+impl<A: Aggregate> GroupedState for Groups<A> {
+    const RETRACTS: bool = A::RETRACTS;
+    fn types() -> (Vec<DataType>, Vec<DataType>, DataType) {
+        (
+            A::Input::data_types(),
+            A::State::data_types(),
+            <A::Output as AggValue>::data_type(),
+        )
+    }
+    fn feed(&mut self, feed: Feed, columns: &[ArrayRef], rows: Rows<'_>) -> Result<(), String> {
+        Groups::feed(self, feed, columns, rows)
+    }
+    fn evaluate(&mut self, emit: Emit) -> Result<ArrayRef, String> {
+        Groups::evaluate(self, emit)
+    }
+    fn state(&mut self, emit: Emit) -> Result<ArrayRef, String> {
+        Groups::state(self, emit)
+    }
+    fn size(&self) -> usize {
+        Groups::size(self)
+    }
+}
+
+/// An expert [`GroupsAggregate`] as the entrypoints drive it: the checks every accumulator
+/// gets (column counts and rows, emits within the groups), the state as a struct array.
+#[derive(Debug, Default)]
+pub struct Vectorized<G> {
+    inner: G,
+}
+
+impl<G: GroupsAggregate> GroupedState for Vectorized<G> {
+    const RETRACTS: bool = G::RETRACTS;
+    fn types() -> (Vec<DataType>, Vec<DataType>, DataType) {
+        (G::arg_types(), G::state_types(), G::return_type())
+    }
+    fn feed(&mut self, feed: Feed, columns: &[ArrayRef], rows: Rows<'_>) -> Result<(), String> {
+        let declared = match feed {
+            Feed::Merge => G::state_types(),
+            Feed::Update | Feed::Retract => G::arg_types(),
+        };
+        if columns.len() != declared.len() {
+            return Err(format!(
+                "expected {} columns, got {}",
+                declared.len(),
+                columns.len()
+            ));
+        }
+        for (i, (c, t)) in columns.iter().zip(&declared).enumerate() {
+            if c.data_type() != t || c.len() < rows.len {
+                return Err(format!(
+                    "column {} is {} of {} rows, {t} of {} expected",
+                    i + 1,
+                    c.data_type(),
+                    c.len(),
+                    rows.len
+                ));
+            }
+        }
+        if rows
+            .groups
+            .is_some_and(|g| g.len() < rows.len || g.iter().any(|&i| i >= rows.total_groups))
+            || rows.filter.is_some_and(|f| f.len() < rows.len)
+        {
+            return Err("group numbers or filter flags that do not fit the rows".to_string());
+        }
+        match feed {
+            Feed::Update => self.inner.update(columns, rows),
+            Feed::Retract => self.inner.retract(columns, rows),
+            Feed::Merge => self.inner.merge(columns, rows),
+        }
+    }
+    fn evaluate(&mut self, emit: Emit) -> Result<ArrayRef, String> {
+        self.inner.evaluate(emit)
+    }
+    fn state(&mut self, emit: Emit) -> Result<ArrayRef, String> {
+        let columns = self.inner.state(emit)?;
+        let len = columns.first().map_or(0, |c| c.len());
+        let fields: Fields = G::state_types()
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| Field::new(format!("s{i}"), t, true))
+            .collect();
+        StructArray::try_new_with_length(fields, columns, None, len)
+            .map(|a| Arc::new(a) as ArrayRef)
+            .map_err(|e| format!("cannot build the state: {e}"))
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
 }
 
 /// One accumulator: the state of every group, and the bytes their heaps hold.

@@ -37,17 +37,22 @@ pub fn udaf(attr: TokenStream, item: TokenStream) -> TokenStream {
 
 fn expand_udaf(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error> {
     let block: syn::ItemImpl = syn::parse2(item)?;
-    let names_aggregate = block
+    let trait_name = block
         .trait_
         .as_ref()
         .and_then(|(_, path, _)| path.segments.last())
-        .is_some_and(|s| s.ident == "Aggregate");
-    if !names_aggregate {
-        return Err(Error::new(
-            block.span(),
-            "#[udaf] goes on an `impl Aggregate for Type { ... }` block",
-        ));
-    }
+        .map(|s| s.ident.to_string());
+    let constructor = match trait_name.as_deref() {
+        Some("Aggregate") => quote!(of),
+        Some("GroupsAggregate") => quote!(grouped),
+        _ => {
+            return Err(Error::new(
+                block.span(),
+                "#[udaf] goes on an `impl Aggregate for Type { ... }` (or `impl GroupsAggregate \
+                 for Type`) block",
+            ));
+        }
+    };
     if !block.generics.params.is_empty() {
         return Err(Error::new(
             block.generics.span(),
@@ -97,7 +102,7 @@ fn expand_udaf(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, E
             #[::udf_abi::export::linkme::distributed_slice(::udf_abi::export::aggregate::AGGREGATES)]
             #[linkme(crate = ::udf_abi::export::linkme)]
             static UDAF: ::udf_abi::export::aggregate::ExportedAggregate =
-                ::udf_abi::export::aggregate::ExportedAggregate::of::<#ty>(#name);
+                ::udf_abi::export::aggregate::ExportedAggregate::#constructor::<#ty>(#name);
         };
     })
 }

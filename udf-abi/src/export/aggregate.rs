@@ -8,7 +8,9 @@ use arrow_array::ffi::from_ffi;
 use arrow_array::{ArrayRef, make_array};
 
 use super::*;
-use crate::aggregate::{AggArgs, Aggregate, Emit, Feed, Groups, Rows};
+use crate::aggregate::{
+    Aggregate, Emit, Feed, GroupedState, Groups, GroupsAggregate, Rows, Vectorized,
+};
 use crate::v2::{
     AggregateCreate, AggregateDestroy, AggregateEmit, AggregateSize, AggregateUpdate, emit,
 };
@@ -44,21 +46,31 @@ pub struct ExportedAggregate {
 impl ExportedAggregate {
     /// The descriptor of the aggregate `A` under `name`.
     pub const fn of<A: Aggregate>(name: &'static str) -> ExportedAggregate {
+        Self::with::<Groups<A>>(name)
+    }
+
+    /// The descriptor of the expert aggregate `G` under `name`.
+    pub const fn grouped<G: GroupsAggregate>(name: &'static str) -> ExportedAggregate {
+        Self::with::<Vectorized<G>>(name)
+    }
+
+    /// The descriptor of accumulators of type `S`.
+    const fn with<S: GroupedState>(name: &'static str) -> ExportedAggregate {
         ExportedAggregate {
             name,
-            types: types::<A>,
-            create: create::<A>,
-            update: update::<A>,
-            merge: merge::<A>,
-            retract: if A::RETRACTS {
-                Some(retract::<A>)
+            types: types::<S>,
+            create: create::<S>,
+            update: update::<S>,
+            merge: merge::<S>,
+            retract: if S::RETRACTS {
+                Some(retract::<S>)
             } else {
                 None
             },
-            evaluate: evaluate::<A>,
-            state: state::<A>,
-            size: size::<A>,
-            destroy: destroy::<A>,
+            evaluate: evaluate::<S>,
+            state: state::<S>,
+            size: size::<S>,
+            destroy: destroy::<S>,
         }
     }
 }
@@ -67,43 +79,44 @@ impl ExportedAggregate {
 #[linkme::distributed_slice]
 pub static AGGREGATES: [ExportedAggregate];
 
-fn types<A: Aggregate>() -> AggregateTypes {
+fn types<S: GroupedState>() -> AggregateTypes {
+    let (args, state, output) = S::types();
     AggregateTypes {
-        args: A::Input::data_types(),
-        state: A::State::data_types(),
-        output: <A::Output as crate::aggregate::AggValue>::data_type(),
+        args,
+        state,
+        output,
     }
 }
 
-unsafe extern "C" fn create<A: Aggregate>(error: *mut UdfOwnedBytes) -> *mut c_void {
+unsafe extern "C" fn create<S: GroupedState>(error: *mut UdfOwnedBytes) -> *mut c_void {
     let _ = error;
-    Box::into_raw(Box::new(Groups::<A>::default())).cast()
+    Box::into_raw(Box::new(S::default())).cast()
 }
 
-unsafe extern "C" fn destroy<A: Aggregate>(acc: *mut c_void) {
+unsafe extern "C" fn destroy<S: GroupedState>(acc: *mut c_void) {
     if acc.is_null() {
         return;
     }
-    // SAFETY: made by `create::<A>` (the same `A`: the host calls one function's entrypoints on
+    // SAFETY: made by `create::<S>` (the same `S`: the host calls one function's entrypoints on
     // the accumulators of its own `create`), destroyed once.
-    let groups = unsafe { Box::from_raw(acc.cast::<Groups<A>>()) };
+    let groups = unsafe { Box::from_raw(acc.cast::<S>()) };
     // A panicking `Drop` of the plugin's type must not unwind into the host.
     let _ = catch_unwind(AssertUnwindSafe(move || drop(groups)));
 }
 
-unsafe extern "C" fn size<A: Aggregate>(acc: *mut c_void) -> usize {
+unsafe extern "C" fn size<S: GroupedState>(acc: *mut c_void) -> usize {
     if acc.is_null() {
         return 0;
     }
-    // SAFETY: made by `create::<A>`, not destroyed, not used by another call now (ABI 2.4).
-    let groups = unsafe { &*acc.cast::<Groups<A>>() };
+    // SAFETY: made by `create::<S>`, not destroyed, not used by another call now (ABI 2.4).
+    let groups = unsafe { &*acc.cast::<S>() };
     groups.size()
 }
 
 macro_rules! feed_entrypoint {
     ($name:ident, $feed:expr) => {
         #[allow(clippy::too_many_arguments)]
-        unsafe extern "C" fn $name<A: Aggregate>(
+        unsafe extern "C" fn $name<S: GroupedState>(
             acc: *mut c_void,
             args: *mut FFI_ArrowArray,
             schemas: *const FFI_ArrowSchema,
@@ -116,7 +129,7 @@ macro_rules! feed_entrypoint {
         ) -> i32 {
             // SAFETY: the host's promises of `AggregateUpdate`, passed on.
             unsafe {
-                feed::<A>(
+                feed::<S>(
                     $feed,
                     acc,
                     args,
@@ -141,10 +154,10 @@ feed_entrypoint!(retract, Feed::Retract);
 ///
 /// # Safety
 ///
-/// [`AggregateUpdate`]'s contract: `acc` from `create::<A>`, `args_len` arrays and schemas,
+/// [`AggregateUpdate`]'s contract: `acc` from `create::<S>`, `args_len` arrays and schemas,
 /// `num_rows` group numbers (or null) and filter bytes (or null), `error` valid for writes.
 #[allow(clippy::too_many_arguments)]
-unsafe fn feed<A: Aggregate>(
+unsafe fn feed<S: GroupedState>(
     feed: Feed,
     acc: *mut c_void,
     args: *mut FFI_ArrowArray,
@@ -185,8 +198,8 @@ unsafe fn feed<A: Aggregate>(
         } else {
             total_groups
         };
-        // SAFETY: made by `create::<A>`, not destroyed, used by no other call now (ABI 2.4).
-        let groups_state = unsafe { &mut *acc.cast::<Groups<A>>() };
+        // SAFETY: made by `create::<S>`, not destroyed, used by no other call now (ABI 2.4).
+        let groups_state = unsafe { &mut *acc.cast::<S>() };
         groups_state.feed(
             feed,
             &columns,
@@ -221,22 +234,22 @@ fn emit_of(mode: u32, first: usize) -> Result<Emit, String> {
 /// # Safety
 ///
 /// [`AggregateEmit`]'s contract.
-unsafe fn emit_with<A: Aggregate>(
+unsafe fn emit_with<S: GroupedState>(
     acc: *mut c_void,
     mode: u32,
     first: usize,
     out: *mut FFI_ArrowArray,
     out_schema: *mut FFI_ArrowSchema,
     error: *mut UdfOwnedBytes,
-    what: fn(&mut Groups<A>, Emit) -> Result<ArrayRef, String>,
+    what: fn(&mut S, Emit) -> Result<ArrayRef, String>,
 ) -> i32 {
     if acc.is_null() || out.is_null() || out_schema.is_null() || error.is_null() {
         return status::ERROR;
     }
     install_quiet_panic_hook();
     let result = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: made by `create::<A>`, not destroyed, used by no other call now (ABI 2.4).
-        let groups = unsafe { &mut *acc.cast::<Groups<A>>() };
+        // SAFETY: made by `create::<S>`, not destroyed, used by no other call now (ABI 2.4).
+        let groups = unsafe { &mut *acc.cast::<S>() };
         let array = what(groups, emit_of(mode, first)?)?;
         let schema = FFI_ArrowSchema::try_from(array.data_type()).map_err(|e| e.to_string())?;
         Ok((FFI_ArrowArray::new(&array.to_data()), schema))
@@ -245,7 +258,7 @@ unsafe fn emit_with<A: Aggregate>(
     unsafe { super::scalar::write_batch_outcome(result, out, out_schema, error) }
 }
 
-unsafe extern "C" fn evaluate<A: Aggregate>(
+unsafe extern "C" fn evaluate<S: GroupedState>(
     acc: *mut c_void,
     mode: u32,
     first: usize,
@@ -254,10 +267,10 @@ unsafe extern "C" fn evaluate<A: Aggregate>(
     error: *mut UdfOwnedBytes,
 ) -> i32 {
     // SAFETY: the host's promises of `AggregateEmit`, passed on.
-    unsafe { emit_with::<A>(acc, mode, first, out, out_schema, error, Groups::evaluate) }
+    unsafe { emit_with::<S>(acc, mode, first, out, out_schema, error, S::evaluate) }
 }
 
-unsafe extern "C" fn state<A: Aggregate>(
+unsafe extern "C" fn state<S: GroupedState>(
     acc: *mut c_void,
     mode: u32,
     first: usize,
@@ -266,5 +279,5 @@ unsafe extern "C" fn state<A: Aggregate>(
     error: *mut UdfOwnedBytes,
 ) -> i32 {
     // SAFETY: the host's promises of `AggregateEmit`, passed on.
-    unsafe { emit_with::<A>(acc, mode, first, out, out_schema, error, Groups::state) }
+    unsafe { emit_with::<S>(acc, mode, first, out, out_schema, error, S::state) }
 }

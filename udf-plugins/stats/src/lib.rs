@@ -7,8 +7,16 @@
 //! * `median_exact(DOUBLE) -> DOUBLE`: the exact median; the state is the list of values.
 //! * `hll_count(VARCHAR) -> BIGINT`: the number of distinct values, estimated by HyperLogLog
 //!   with 4096 registers (a standard error of about 1.6%); the state is the registers.
+//! * `my_sum_vec(BIGINT) -> BIGINT`: `my_sum` in the expert form ([`GroupsAggregate`]): the sums
+//!   and row counts of every group in two vectors, updated a column at a time.
 
-use udf_abi::aggregate::Aggregate;
+use std::sync::Arc;
+
+use udf_abi::aggregate::{Aggregate, Emit, GroupsAggregate, Rows, emitted_groups};
+use udf_abi::arrow_array::cast::AsArray;
+use udf_abi::arrow_array::types::Int64Type;
+use udf_abi::arrow_array::{Array, ArrayRef, Int64Array, UInt64Array};
+use udf_abi::arrow_schema::DataType;
 use udf_abi::udaf;
 
 /// The sum of the non-NULL values.
@@ -201,5 +209,104 @@ impl Aggregate for HllCount {
     }
     fn heap_size(&self) -> usize {
         self.registers.capacity()
+    }
+}
+
+/// `my_sum` written in the expert form: every group's sum and row count in two vectors.
+#[derive(Default)]
+struct MySumVec {
+    sums: Vec<i64>,
+    rows: Vec<u64>,
+}
+
+impl MySumVec {
+    /// Adds (`sign` 1) or removes (-1) the values of `column` per `rows`; `counts` are the rows
+    /// each value stands for (a merge's partial states), or one each.
+    fn add(
+        &mut self,
+        column: &ArrayRef,
+        counts: Option<&ArrayRef>,
+        rows: Rows<'_>,
+        sign: i64,
+    ) -> Result<(), String> {
+        if self.sums.len() < rows.total_groups {
+            self.sums.resize(rows.total_groups, 0);
+            self.rows.resize(rows.total_groups, 0);
+        }
+        let values = column
+            .as_primitive_opt::<Int64Type>()
+            .ok_or("a BIGINT column expected")?;
+        let counts = match counts {
+            Some(c) => Some(
+                c.as_primitive_opt::<udf_abi::arrow_array::types::UInt64Type>()
+                    .ok_or("a row count column expected")?,
+            ),
+            None => None,
+        };
+        let raw = values.values();
+        for row in 0..rows.len {
+            if values.is_null(row) || rows.filter.is_some_and(|f| f[row] == 0) {
+                continue;
+            }
+            let g = rows.groups.map_or(0, |g| g[row]);
+            self.sums[g] = self.sums[g].wrapping_add(sign.wrapping_mul(raw[row]));
+            let n = counts.map_or(1, |c| c.value(row));
+            self.rows[g] = if sign > 0 {
+                self.rows[g] + n
+            } else {
+                self.rows[g] - n
+            };
+        }
+        Ok(())
+    }
+
+    /// The first `n` groups' sums (NULL without rows) and row counts, dropped unless peeking.
+    fn take(&mut self, emit: Emit) -> Result<(Int64Array, UInt64Array), String> {
+        let n = emitted_groups(emit, self.sums.len())?;
+        let sums: Int64Array = self.sums[..n]
+            .iter()
+            .zip(&self.rows[..n])
+            .map(|(&s, &r)| (r > 0).then_some(s))
+            .collect();
+        let rows = UInt64Array::from(self.rows[..n].to_vec());
+        if emit != Emit::Peek {
+            self.sums.drain(..n);
+            self.rows.drain(..n);
+        }
+        Ok((sums, rows))
+    }
+}
+
+#[udaf(name = "my_sum_vec")]
+impl GroupsAggregate for MySumVec {
+    fn arg_types() -> Vec<DataType> {
+        vec![DataType::Int64]
+    }
+    fn state_types() -> Vec<DataType> {
+        vec![DataType::Int64, DataType::UInt64]
+    }
+    fn return_type() -> DataType {
+        DataType::Int64
+    }
+    const RETRACTS: bool = true;
+
+    fn update(&mut self, columns: &[ArrayRef], rows: Rows<'_>) -> Result<(), String> {
+        self.add(&columns[0], None, rows, 1)
+    }
+    fn retract(&mut self, columns: &[ArrayRef], rows: Rows<'_>) -> Result<(), String> {
+        self.add(&columns[0], None, rows, -1)
+    }
+    fn merge(&mut self, states: &[ArrayRef], rows: Rows<'_>) -> Result<(), String> {
+        self.add(&states[0], Some(&states[1]), rows, 1)
+    }
+    fn evaluate(&mut self, emit: Emit) -> Result<ArrayRef, String> {
+        Ok(Arc::new(self.take(emit)?.0))
+    }
+    fn state(&mut self, emit: Emit) -> Result<Vec<ArrayRef>, String> {
+        let (sums, rows) = self.take(emit)?;
+        Ok(vec![Arc::new(sums), Arc::new(rows)])
+    }
+    fn size(&self) -> usize {
+        (self.sums.capacity() + self.rows.capacity()) * 8
     }
 }
