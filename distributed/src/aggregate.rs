@@ -96,6 +96,11 @@ impl AggregateUDFImpl for RemotePluginUdaf {
         !args.is_distinct
     }
 
+    /// As [`PluginUdaf`]'s: plugin aggregates see no ordering.
+    fn order_sensitivity(&self) -> datafusion::logical_expr::utils::AggregateOrderSensitivity {
+        datafusion::logical_expr::utils::AggregateOrderSensitivity::Insensitive
+    }
+
     fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
         Err(DataFusionError::Execution(self.unavailable.clone().unwrap_or_else(|| {
             format!(

@@ -86,6 +86,20 @@ pub fn plugin_calls_line(plan: &LogicalPlan) -> Result<Option<String>> {
     plan.apply_with_subqueries(|node| {
         node.apply_expressions(|expr| {
             expr.apply(|e| {
+                let udaf = match e {
+                    Expr::AggregateFunction(f) => Some(f.func.as_ref()),
+                    Expr::WindowFunction(w) => match &w.fun {
+                        datafusion::logical_expr::WindowFunctionDefinition::AggregateUDF(f) => {
+                            Some(f.as_ref())
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if let Some(udaf) = udaf.and_then(crate::udaf::plugin_udaf_of) {
+                    use datafusion::logical_expr::AggregateUDFImpl;
+                    found.insert(udaf.name().to_string(), aggregate_line(udaf));
+                }
                 if let Expr::ScalarFunction(f) = e
                     && let Some(udf) = crate::async_udf::plugin_udf_of(&f.func)
                 {
@@ -94,14 +108,7 @@ pub fn plugin_calls_line(plan: &LogicalPlan) -> Result<Option<String>> {
                         || library.path().display().to_string(),
                         |n| n.to_string_lossy().into_owned(),
                     );
-                    let isolation = match udf.worker_pool() {
-                        Some(pool) => format!(
-                            ", isolated in worker processes (pool of {}, call time limit {} s)",
-                            pool.size(),
-                            pool.call_timeout().as_secs_f64()
-                        ),
-                        None => String::new(),
-                    };
+                    let isolation = isolation_text(udf.worker_pool());
                     found.insert(
                         f.func.name().to_string(),
                         format!(
@@ -123,6 +130,37 @@ pub fn plugin_calls_line(plan: &LogicalPlan) -> Result<Option<String>> {
         .map(|(name, how)| format!("  {name}: {how}"))
         .collect();
     Ok(Some(format!("plugin functions:\n{}\n", calls.join("\n"))))
+}
+
+/// `, isolated in worker processes (pool of N, call time limit T s)`, or nothing in-process.
+fn isolation_text(pool: Option<&Arc<crate::isolation::WorkerPool>>) -> String {
+    match pool {
+        Some(pool) => format!(
+            ", isolated in worker processes (pool of {}, call time limit {} s)",
+            pool.size(),
+            pool.call_timeout().as_secs_f64()
+        ),
+        None => String::new(),
+    }
+}
+
+/// How a plugin aggregate is called: `aggregate, isolated ..., lib.so (ABI v2.4)`.
+fn aggregate_line(udaf: &crate::udaf::PluginUdaf) -> String {
+    let library = udaf.function().library();
+    let file = library.path().file_name().map_or_else(
+        || library.path().display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let isolation = isolation_text(udaf.worker_pool());
+    format!(
+        "aggregate{isolation}{}, {file} (ABI {})",
+        if udaf.function().signature().retracts {
+            " (retracts)"
+        } else {
+            ""
+        },
+        library.abi()
+    )
 }
 
 /// Makes `ctx`'s EXPLAIN show plugin calls (see [`PluginQueryPlanner`]), keeping the planner

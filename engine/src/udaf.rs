@@ -264,6 +264,12 @@ impl AggregateUDFImpl for PluginUdaf {
         !args.is_distinct
     }
 
+    /// A plugin aggregate sees no ordering (the ABI passes it none): an `ORDER BY` inside the
+    /// call is dropped, not passed as extra arguments.
+    fn order_sensitivity(&self) -> datafusion::logical_expr::utils::AggregateOrderSensitivity {
+        datafusion::logical_expr::utils::AggregateOrderSensitivity::Insensitive
+    }
+
     fn create_groups_accumulator(
         &self,
         args: AccumulatorArgs,

@@ -509,3 +509,54 @@ async fn a_crash_in_an_isolated_accumulator_fails_the_query_and_the_host_lives()
         vec![vec!["197"]]
     );
 }
+
+/// The `spill_count` of every `AggregateExec` line of an `EXPLAIN ANALYZE` text, summed.
+fn spills(plan: &[Vec<String>]) -> usize {
+    plan.iter()
+        .flat_map(|row| row.iter())
+        .flat_map(|cell| cell.lines())
+        .filter(|line| line.trim_start().starts_with("AggregateExec"))
+        .filter_map(|line| {
+            let (_, rest) = line.split_once("spill_count=")?;
+            rest.split([',', ']']).next()?.trim().parse::<usize>().ok()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouping_under_a_memory_limit_spills_the_plugin_states_and_still_equals_sum() {
+    use datafusion::execution::memory_pool::FairSpillPool;
+    use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(FairSpillPool::new(4 << 20)))
+        .build_arc()
+        .unwrap();
+    let config = SessionConfig::new()
+        .with_target_partitions(2)
+        .with_batch_size(4096);
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    let library = PluginLibrary::load(plugin("stats")).unwrap();
+    udf_engine::register_aggregates(&ctx, &library);
+    ctx.sql(
+        "CREATE TABLE t AS SELECT value AS x, (value * 7919) % 100003 AS g \
+         FROM generate_series(1, 400000)",
+    )
+    .await
+    .unwrap();
+    let plan = rows(
+        &ctx,
+        "EXPLAIN ANALYZE SELECT g, my_sum(x) FROM t GROUP BY g",
+    )
+    .await;
+    assert!(
+        spills(&plan) > 0,
+        "the aggregation spilled (the plugin's states written out and merged back): {plan:?}"
+    );
+    // Sorted here: a sort under this limit would need more memory than the aggregation.
+    let mut mine = rows(&ctx, "SELECT g, my_sum(x) FROM t GROUP BY g").await;
+    let mut builtin = rows(&ctx, "SELECT g, sum(x) FROM t GROUP BY g").await;
+    mine.sort();
+    builtin.sort();
+    assert_eq!(mine.len(), 100_003);
+    assert_eq!(mine, builtin);
+}
