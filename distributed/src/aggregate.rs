@@ -9,9 +9,9 @@ use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
 use datafusion::common::{DataFusionError, Result};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{Accumulator, AggregateUDF, AggregateUDFImpl, Signature};
-use udf_engine::{LoadError, PluginUdaf};
+use udf_engine::PluginUdaf;
 
-use crate::resolve::{Resolver, Role, mismatch};
+use crate::resolve::{Resolver, Role, same_as_planned};
 use crate::spec::PluginSpec;
 
 /// A plugin aggregate known by its [`PluginSpec`] only: on the scheduler, and on an executor
@@ -66,30 +66,17 @@ impl AggregateUDFImpl for RemotePluginUdaf {
     /// The same names as [`PluginUdaf`]'s, so that the phases planned here match the
     /// executors' accumulators.
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
-        if args.is_distinct {
-            return Ok((0..self.spec.arguments)
-                .zip(args.input_fields)
-                .map(|(i, f)| {
-                    let item = Arc::new(Field::new("item", f.data_type().clone(), true));
-                    Arc::new(Field::new(
-                        format!("{}[distinct_{i}]", args.name),
-                        DataType::List(item),
-                        true,
-                    ))
-                })
-                .collect());
-        }
-        Ok(self
-            .state
+        let arg_types: Vec<DataType> = args
+            .input_fields
             .iter()
-            .map(|f| {
-                Arc::new(Field::new(
-                    format!("{}[{}]", args.name, f.name()),
-                    f.data_type().clone(),
-                    true,
-                ))
-            })
-            .collect())
+            .map(|f| f.data_type().clone())
+            .collect();
+        Ok(udf_engine::call_state_fields(
+            args.name,
+            args.is_distinct,
+            &arg_types,
+            &self.state,
+        ))
     }
 
     fn groups_accumulator_supported(&self, args: AccumulatorArgs) -> bool {
@@ -162,31 +149,15 @@ impl Resolver {
     /// Loads `spec`'s library pinned and checks that the aggregate is the one the client
     /// planned with.
     fn load_aggregate(&self, spec: &PluginSpec) -> std::result::Result<PluginUdaf, String> {
-        let (path, pin) = self.find(spec)?;
-        let library = self
-            .loader
-            .load_pinned(&path, Some(&pin))
-            .map_err(|e| match e {
-                LoadError::DigestMismatch { path, actual, .. } => mismatch(&path, &actual, spec),
-                other => other.to_string(),
-            })?;
+        let library = self.load_library(spec)?;
         let function = library.aggregate_named(&spec.function).ok_or_else(|| {
             format!(
                 "library {} has no aggregate function {}",
-                path.display(),
+                library.path().display(),
                 spec.function
             )
         })?;
-        let signature = function.signature().to_string();
-        if signature != spec.signature || library.abi().to_string() != spec.abi {
-            return Err(format!(
-                "library {} declares {signature} (ABI {}), but the client planned with {} (ABI {})",
-                path.display(),
-                library.abi(),
-                spec.signature,
-                spec.abi
-            ));
-        }
+        same_as_planned(&library, function.signature().to_string(), spec)?;
         let udaf = PluginUdaf::new(&spec.sql_name, function);
         // Isolated as the plan asks, or as this executor insists (its workers then hold the
         // accumulators).

@@ -309,32 +309,16 @@ impl Resolver {
     /// Loads `spec`'s library from the plugin directories with its digest as the pin, and checks
     /// that the function is the one the client planned with.
     fn load(&self, spec: &PluginSpec) -> std::result::Result<PluginUdf, String> {
-        let (path, pin) = self.find(spec)?;
-        let library = self
-            .loader
-            .load_pinned(&path, Some(&pin))
-            .map_err(|e| match e {
-                LoadError::DigestMismatch { path, actual, .. } => mismatch(&path, &actual, spec),
-                other => other.to_string(),
-            })?;
+        let library = self.load_library(spec)?;
         let found = library.path().to_path_buf();
         let function = library.function_named(&spec.function).ok_or_else(|| {
             format!(
                 "library {} has no function {}",
-                path.display(),
+                found.display(),
                 spec.function
             )
         })?;
-        let signature = function.signature().to_string();
-        if signature != spec.signature || library.abi().to_string() != spec.abi {
-            return Err(format!(
-                "library {} declares {signature} (ABI {}), but the client planned with {} (ABI {})",
-                found.display(),
-                library.abi(),
-                spec.signature,
-                spec.abi
-            ));
-        }
+        same_as_planned(&library, function.signature().to_string(), spec)?;
         let volatility = spec.volatility().map_err(|e| e.to_string())?;
         let call_path = spec.call_path().map_err(|e| e.to_string())?;
         let mut udf =
@@ -387,8 +371,43 @@ impl Resolver {
     }
 }
 
+impl Resolver {
+    /// The library `spec` names, from the plugin directories, pinned by the client's digest.
+    pub(crate) fn load_library(
+        &self,
+        spec: &PluginSpec,
+    ) -> std::result::Result<Arc<udf_engine::PluginLibrary>, String> {
+        let (path, pin) = self.find(spec)?;
+        self.loader
+            .load_pinned(&path, Some(&pin))
+            .map_err(|e| match e {
+                LoadError::DigestMismatch { path, actual, .. } => mismatch(&path, &actual, spec),
+                other => other.to_string(),
+            })
+    }
+}
+
+/// Whether the function `library` declares as `signature` (its text) is the one the client
+/// planned with (the same text, the same ABI).
+pub(crate) fn same_as_planned(
+    library: &udf_engine::PluginLibrary,
+    signature: String,
+    spec: &PluginSpec,
+) -> std::result::Result<(), String> {
+    if signature != spec.signature || library.abi().to_string() != spec.abi {
+        return Err(format!(
+            "library {} declares {signature} (ABI {}), but the client planned with {} (ABI {})",
+            library.path().display(),
+            library.abi(),
+            spec.signature,
+            spec.abi
+        ));
+    }
+    Ok(())
+}
+
 /// The error for a library whose digest is not the client's.
-pub(crate) fn mismatch(path: &Path, actual: &Sha256Digest, spec: &PluginSpec) -> String {
+fn mismatch(path: &Path, actual: &Sha256Digest, spec: &PluginSpec) -> String {
     format!(
         "its library {} has SHA-256 {actual}, but the client planned with SHA-256 {}; every \
          node needs the same file as the client",

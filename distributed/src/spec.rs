@@ -132,6 +132,22 @@ pub struct IsolationSpec {
     pub workers: Option<usize>,
 }
 
+/// The file name of `library` (of function `name`), which other nodes look up in their own
+/// plugin directories.
+fn library_file<'a>(library: &'a udf_engine::PluginLibrary, name: &str) -> Result<&'a str> {
+    library
+        .path()
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| {
+            DataFusionError::Plan(format!(
+                "plugin function {name}: its library path {} has no file name in UTF-8, so it \
+                 cannot be found on other nodes",
+                library.path().display()
+            ))
+        })
+}
+
 impl IsolationSpec {
     /// The limits of `pool`, as a plan carries them.
     fn of(pool: &udf_engine::WorkerPool) -> IsolationSpec {
@@ -160,18 +176,7 @@ impl PluginSpec {
         use datafusion::logical_expr::ScalarUDFImpl;
         let function = udf.function();
         let library = function.library();
-        let file = library
-            .path()
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| {
-                DataFusionError::Plan(format!(
-                    "plugin function {}: its library path {} has no file name in UTF-8, so it \
-                     cannot be found on other nodes",
-                    udf.name(),
-                    library.path().display()
-                ))
-            })?;
+        let file = library_file(library, udf.name())?;
         let volatility = VOLATILITIES
             .iter()
             .find(|(v, _)| *v == udf.volatility())
@@ -215,17 +220,7 @@ impl PluginSpec {
         let function = udaf.function();
         let library = function.library();
         let sig = function.signature();
-        let file = library
-            .path()
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| {
-                DataFusionError::Plan(format!(
-                    "plugin aggregate {}: its library path {} has no file name in UTF-8",
-                    udaf.name(),
-                    library.path().display()
-                ))
-            })?;
+        let file = library_file(library, udaf.name())?;
         let type_string = |t: &DataType| {
             udf_abi::type_string::type_string(t).ok_or_else(|| {
                 DataFusionError::Plan(format!(

@@ -85,11 +85,7 @@ pub fn plugin_aggregates_of(
         .filter_map(|(name, udaf)| {
             let plugin = crate::udaf::plugin_udaf_of(udaf)?;
             let sig = plugin.function().signature();
-            let volatility = match sig.volatility {
-                crate::ffi::DeclaredVolatility::Immutable => Volatility::Immutable,
-                crate::ffi::DeclaredVolatility::Stable => Volatility::Stable,
-                crate::ffi::DeclaredVolatility::Volatile => Volatility::Volatile,
-            };
+            let volatility = sig.volatility.volatility();
             Some(PluginFunctionInfo {
                 sql_name: name.clone(),
                 signature: sig.display_as(name),

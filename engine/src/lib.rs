@@ -73,5 +73,5 @@ pub use register::{
 pub use trust::{
     DigestParseError, InsecurePath, Sha256Digest, check_not_writable_by_others, judge,
 };
-pub use udaf::{PluginUdaf, plugin_udaf_of};
+pub use udaf::{PluginUdaf, call_state_fields, plugin_udaf_of};
 pub use udf::PluginUdf;

@@ -10,14 +10,13 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, new_empty_array};
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
-use datafusion::common::{DataFusionError, Result, ScalarValue, not_impl_err, plan_err};
+use datafusion::common::{DataFusionError, Result, ScalarValue, not_impl_err};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{
-    Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature, Volatility,
+    Accumulator, AggregateUDF, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature,
 };
 
 use crate::error::CallError;
-use crate::ffi::DeclaredVolatility;
 use crate::ffi::aggregate::{Emit, Feed, PluginAccumulator, PluginAggregate};
 use crate::isolation::WorkerPool;
 use crate::isolation::aggregate::IsolatedAccumulator;
@@ -87,11 +86,7 @@ pub struct PluginUdaf {
 impl PluginUdaf {
     /// The function `function` of a loaded library, called `sql_name` in SQL.
     pub fn new(sql_name: impl Into<String>, function: PluginAggregate) -> PluginUdaf {
-        let volatility = match function.signature().volatility {
-            DeclaredVolatility::Immutable => Volatility::Immutable,
-            DeclaredVolatility::Stable => Volatility::Stable,
-            DeclaredVolatility::Volatile => Volatility::Volatile,
-        };
+        let volatility = function.signature().volatility.volatility();
         PluginUdaf {
             sql_name: sql_name.into(),
             function,
@@ -179,68 +174,24 @@ impl AggregateUDFImpl for PluginUdaf {
     }
 
     fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
-        let params = &self.function.signature().arg_types;
-        if arg_types.len() != params.len() {
-            return plan_err!(
-                "aggregate {} takes {} argument{}, got {}",
-                self.sql_signature(),
-                params.len(),
-                if params.len() == 1 { "" } else { "s" },
-                arg_types.len()
-            );
-        }
-        params
-            .iter()
-            .zip(arg_types)
-            .enumerate()
-            .map(
-                |(i, (param, actual))| match crate::types::arrow::coerce(param, actual) {
-                    Some(t) => Ok(t),
-                    None => plan_err!(
-                        "aggregate {}: argument {} has type {actual}, expected {}",
-                        self.sql_signature(),
-                        i + 1,
-                        crate::types::arrow::sql_name(param)
-                    ),
-                },
-            )
-            .collect()
+        let params: Vec<crate::types::ValueType> = (self.function.signature().arg_types.iter())
+            .map(|t| crate::types::ValueType::Arrow(t.clone()))
+            .collect();
+        crate::types::coerce_arguments(
+            &format!("aggregate {}", self.sql_signature()),
+            &params,
+            arg_types,
+        )
     }
 
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
-        if args.is_distinct {
-            // The distinct argument rows seen so far: one list per argument.
-            return Ok(self
-                .function
-                .signature()
-                .arg_types
-                .iter()
-                .enumerate()
-                .map(|(i, t)| {
-                    let item = Arc::new(Field::new("item", t.clone(), true));
-                    Arc::new(Field::new(
-                        format!("{}[distinct_{i}]", args.name),
-                        DataType::List(item),
-                        true,
-                    ))
-                })
-                .collect());
-        }
-        // Named after the call, as DataFusion's own aggregates name theirs, so that two calls
-        // of one function in a query have distinct state columns.
-        Ok(self
-            .function
-            .signature()
-            .state_fields
-            .iter()
-            .map(|f| {
-                Arc::new(Field::new(
-                    format!("{}[{}]", args.name, f.name()),
-                    f.data_type().clone(),
-                    true,
-                ))
-            })
-            .collect())
+        let signature = self.function.signature();
+        Ok(call_state_fields(
+            args.name,
+            args.is_distinct,
+            &signature.arg_types,
+            signature.state_fields.iter().map(|f| f.as_ref()),
+        ))
     }
 
     fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
@@ -565,6 +516,43 @@ impl Accumulator for Distinct {
         }
         Ok(())
     }
+}
+
+/// The state columns of one call `call` (DataFusion's name of the call) of a plugin aggregate:
+/// its state fields named after the call, as DataFusion's own aggregates name theirs (so two
+/// calls of one function in a query have distinct state columns), or with `DISTINCT` the
+/// distinct argument rows seen so far, one list per argument of `arg_types`. The one naming of
+/// every place that plans plugin aggregates (here and the Ballista scheduler).
+pub fn call_state_fields<'a>(
+    call: &str,
+    distinct: bool,
+    arg_types: &[DataType],
+    state: impl IntoIterator<Item = &'a Field>,
+) -> Vec<FieldRef> {
+    if distinct {
+        return arg_types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let item = Arc::new(Field::new("item", t.clone(), true));
+                Arc::new(Field::new(
+                    format!("{call}[distinct_{i}]"),
+                    DataType::List(item),
+                    true,
+                ))
+            })
+            .collect();
+    }
+    state
+        .into_iter()
+        .map(|f| {
+            Arc::new(Field::new(
+                format!("{call}[{}]", f.name()),
+                f.data_type().clone(),
+                true,
+            ))
+        })
+        .collect()
 }
 
 /// Whether `udaf` is a plugin aggregate, and which.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::ArrayRef;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
-use datafusion::common::{DataFusionError, Result, ScalarValue, exec_err, plan_err};
+use datafusion::common::{DataFusionError, Result, ScalarValue, exec_err};
 use datafusion::logical_expr::{
     ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
     Volatility,
@@ -43,11 +43,10 @@ impl PluginUdf {
     /// The volatility a function declares (v2), or [`Volatility::Immutable`] for v1 functions,
     /// whose metadata cannot say.
     pub fn declared_volatility(function: &PluginFunction) -> Volatility {
-        match function.signature().volatility {
-            None | Some(DeclaredVolatility::Immutable) => Volatility::Immutable,
-            Some(DeclaredVolatility::Stable) => Volatility::Stable,
-            Some(DeclaredVolatility::Volatile) => Volatility::Volatile,
-        }
+        function
+            .signature()
+            .volatility
+            .map_or(Volatility::Immutable, DeclaredVolatility::volatility)
     }
 
     /// Wraps `function` under `sql_name` with the given volatility (see
@@ -239,30 +238,11 @@ impl ScalarUDFImpl for PluginUdf {
     }
 
     fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
-        let params = &self.function.signature().arg_types;
-        if arg_types.len() != params.len() {
-            return plan_err!(
-                "function {} takes {} argument{}, got {}",
-                self.sql_signature(),
-                params.len(),
-                if params.len() == 1 { "" } else { "s" },
-                arg_types.len()
-            );
-        }
-        params
-            .iter()
-            .zip(arg_types)
-            .enumerate()
-            .map(|(i, (param, actual))| match param.coerce(actual) {
-                Some(t) => Ok(t),
-                None => plan_err!(
-                    "function {}: argument {} has type {actual}, expected {}",
-                    self.sql_signature(),
-                    i + 1,
-                    param.accepted()
-                ),
-            })
-            .collect()
+        crate::types::coerce_arguments(
+            &format!("function {}", self.sql_signature()),
+            &self.function.signature().arg_types,
+            arg_types,
+        )
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {

@@ -560,3 +560,76 @@ async fn grouping_under_a_memory_limit_spills_the_plugin_states_and_still_equals
     assert_eq!(mine.len(), 100_003);
     assert_eq!(mine, builtin);
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `t(g, x)` from `rows`, cut into batches of `batch` rows dealt over `partitions`.
+    fn table_of(rows: &[(u8, Option<i64>)], partitions: usize, batch: usize) -> MemTable {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("g", DataType::Int64, false),
+            Field::new("x", DataType::Int64, true),
+        ]));
+        let mut parts = vec![Vec::new(); partitions];
+        for (k, chunk) in rows.chunks(batch.max(1)).enumerate() {
+            let g = Int64Array::from_iter_values(chunk.iter().map(|(g, _)| i64::from(*g)));
+            let x = Int64Array::from_iter(chunk.iter().map(|(_, x)| *x));
+            let columns: Vec<Arc<dyn datafusion::arrow::array::Array>> =
+                vec![Arc::new(g), Arc::new(x)];
+            parts[k % partitions].push(RecordBatch::try_new(Arc::clone(&schema), columns).unwrap());
+        }
+        MemTable::try_new(schema, parts).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 16, .. ProptestConfig::default() })]
+
+        /// `my_sum` and `my_sum_vec` equal the builtin `sum` and a reference computed here, per
+        /// group and in total, whatever the values (NULLs, extremes), groups, partitions and
+        /// batch sizes.
+        #[test]
+        fn my_sum_equals_builtin_sum(
+            rows in prop::collection::vec(
+                (0u8..12, prop::option::weighted(0.85, prop_oneof![any::<i64>(), -1000i64..1000])),
+                0..600,
+            ),
+            partitions in 1usize..=4,
+            batch in prop_oneof![Just(1usize), Just(7), Just(64), Just(1024)],
+        ) {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let ctx = session(partitions, batch);
+            ctx.register_table("t", Arc::new(table_of(&rows, partitions, batch))).unwrap();
+            let grouped = runtime.block_on(rows_of(
+                &ctx,
+                "SELECT g, my_sum(x), my_sum_vec(x), sum(x) FROM t GROUP BY g ORDER BY g",
+            ));
+            let mut reference: std::collections::BTreeMap<i64, Option<i64>> = Default::default();
+            for (g, x) in &rows {
+                let entry = reference.entry(i64::from(*g)).or_insert(None);
+                if let Some(x) = x {
+                    *entry = Some(entry.unwrap_or(0).wrapping_add(*x));
+                }
+            }
+            let expected: Vec<Vec<String>> = reference
+                .iter()
+                .map(|(g, s)| {
+                    let s = s.map_or("NULL".to_string(), |v| v.to_string());
+                    vec![g.to_string(), s.clone(), s.clone(), s]
+                })
+                .collect();
+            prop_assert_eq!(grouped, expected);
+            let total = runtime.block_on(rows_of(&ctx, "SELECT my_sum(x), my_sum_vec(x), sum(x) FROM t"));
+            prop_assert_eq!(&total[0][0], &total[0][2]);
+            prop_assert_eq!(&total[0][1], &total[0][2]);
+        }
+    }
+
+    async fn rows_of(ctx: &SessionContext, sql: &str) -> Vec<Vec<String>> {
+        rows(ctx, sql).await
+    }
+}

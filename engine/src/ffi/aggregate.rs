@@ -222,17 +222,12 @@ unsafe fn read_aggregate(entry: &UdfAggregateFunction) -> Result<LoadedAggregate
             value: entry.flags,
         });
     }
-    let volatility = match entry.volatility {
-        v2::volatility::IMMUTABLE => DeclaredVolatility::Immutable,
-        v2::volatility::STABLE => DeclaredVolatility::Stable,
-        v2::volatility::VOLATILE => DeclaredVolatility::Volatile,
-        other => {
-            return Err(MetadataError::InvalidField {
-                function: name,
-                field: "volatility",
-                value: other,
-            });
-        }
+    let Some(volatility) = DeclaredVolatility::from_tag(entry.volatility) else {
+        return Err(MetadataError::InvalidField {
+            function: name,
+            field: "volatility",
+            value: entry.volatility,
+        });
     };
     // SAFETY: counts bounded above; the ABI's promise of that many pointers.
     let (args, names, states) = unsafe {

@@ -24,6 +24,47 @@ pub enum DeclaredVolatility {
     Volatile,
 }
 
+impl DeclaredVolatility {
+    /// The ABI's volatility tags, the declared volatilities and DataFusion's, in one table.
+    const TABLE: [(
+        u32,
+        DeclaredVolatility,
+        datafusion::logical_expr::Volatility,
+    ); 3] = [
+        (
+            v2::volatility::IMMUTABLE,
+            DeclaredVolatility::Immutable,
+            datafusion::logical_expr::Volatility::Immutable,
+        ),
+        (
+            v2::volatility::STABLE,
+            DeclaredVolatility::Stable,
+            datafusion::logical_expr::Volatility::Stable,
+        ),
+        (
+            v2::volatility::VOLATILE,
+            DeclaredVolatility::Volatile,
+            datafusion::logical_expr::Volatility::Volatile,
+        ),
+    ];
+
+    /// The volatility an ABI tag declares, or `None` for a tag the ABI does not define.
+    pub fn from_tag(tag: u32) -> Option<DeclaredVolatility> {
+        Self::TABLE
+            .iter()
+            .find(|(t, ..)| *t == tag)
+            .map(|(_, d, _)| *d)
+    }
+
+    /// DataFusion's volatility of the same name.
+    pub fn volatility(self) -> datafusion::logical_expr::Volatility {
+        Self::TABLE
+            .iter()
+            .find(|(_, d, _)| *d == self)
+            .map_or(datafusion::logical_expr::Volatility::Volatile, |(.., v)| *v)
+    }
+}
+
 /// The validated signature of one function of a library.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FunctionSignature {

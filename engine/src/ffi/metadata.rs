@@ -187,17 +187,12 @@ pub(super) fn validate_function(
         return_format,
     )?;
     let return_nullable = flag(&name, "return_nullable", entry.return_nullable)?;
-    let volatility = match entry.volatility {
-        v2::volatility::IMMUTABLE => DeclaredVolatility::Immutable,
-        v2::volatility::STABLE => DeclaredVolatility::Stable,
-        v2::volatility::VOLATILE => DeclaredVolatility::Volatile,
-        other => {
-            return Err(MetadataError::InvalidField {
-                function: name,
-                field: "volatility",
-                value: other,
-            });
-        }
+    let Some(volatility) = DeclaredVolatility::from_tag(entry.volatility) else {
+        return Err(MetadataError::InvalidField {
+            function: name,
+            field: "volatility",
+            value: entry.volatility,
+        });
     };
     let signature = FunctionSignature {
         name,

@@ -701,24 +701,7 @@ impl Worker {
         self.regions
             .write_call(function.index(), path, asynchronous, args, rows)
             .map_err(|e| Fault::Plugin(format!("cannot send the arguments to the worker: {e}")))?;
-        let seq = match self.regions.publish(&self.channel) {
-            Ok(seq) => seq,
-            Err(_) => return Err(self.gone(deadline, spec)),
-        };
-        match self
-            .await_reply(seq, deadline, cancel, spec)
-            .and_then(|()| self.drain_doorbell())
-        {
-            Ok(()) => {}
-            Err(Stop::Fault(f)) => return Err(f),
-            Err(Stop::Closed) => return Err(self.gone(deadline, spec)),
-        }
-        let expect = (returns, rows);
-        let reply = match self.regions.take_reply(expect) {
-            Ok(body) => protocol::decode_reply(&body, Some(expect)),
-            Err(e) => Err(e),
-        };
-        match reply.map_err(|e| self.malformed(e))? {
+        match self.exchange(spec, deadline, cancel, Some((returns, rows)))? {
             Reply::Result(array) => {
                 // The rules run on the host too: the worker runs them before it answers, but a
                 // plugin can write its own answer into the output region.
@@ -753,23 +736,8 @@ impl Worker {
         self.regions
             .write_aggregate(op)
             .map_err(|e| Fault::Plugin(format!("cannot send the request to the worker: {e}")))?;
-        let seq = match self.regions.publish(&self.channel) {
-            Ok(seq) => seq,
-            Err(_) => return Err(self.gone(deadline, spec)),
-        };
-        match self
-            .await_reply(seq, deadline, None, spec)
-            .and_then(|()| self.drain_doorbell())
-        {
-            Ok(()) => {}
-            Err(Stop::Fault(f)) => return Err(f),
-            Err(Stop::Closed) => return Err(self.gone(deadline, spec)),
-        }
-        let reply = match self.regions.take_reply_of(expect) {
-            Ok(body) => protocol::decode_reply(&body, expect),
-            Err(e) => Err(e),
-        };
-        match reply.map_err(|e| self.malformed(e))? {
+        let reply = self.exchange(spec, deadline, None, expect);
+        match reply? {
             Reply::Error(message) => Err(Fault::Plugin(message)),
             Reply::Ready(_) => Err(self.malformed("a ready message in reply to a request".into())),
             Reply::Ack(_) if expect.is_some() => {
@@ -777,6 +745,35 @@ impl Worker {
             }
             reply => Ok(reply),
         }
+    }
+
+    /// Publishes the request written into the input region and reads the reply: a result of
+    /// `expect`'s type and rows, or (`expect` `None`) an acknowledgement or error; whatever else
+    /// kills the worker as a forger.
+    fn exchange(
+        &mut self,
+        spec: &WorkerSpec,
+        deadline: Instant,
+        cancel: Option<&CallCancel>,
+        expect: Option<(&DataType, usize)>,
+    ) -> Result<Reply, Fault> {
+        let seq = match self.regions.publish(&self.channel) {
+            Ok(seq) => seq,
+            Err(_) => return Err(self.gone(deadline, spec)),
+        };
+        match self
+            .await_reply(seq, deadline, cancel, spec)
+            .and_then(|()| self.drain_doorbell())
+        {
+            Ok(()) => {}
+            Err(Stop::Fault(f)) => return Err(f),
+            Err(Stop::Closed) => return Err(self.gone(deadline, spec)),
+        }
+        let reply = match self.regions.take_reply(expect) {
+            Ok(body) => protocol::decode_reply(&body, expect),
+            Err(e) => Err(e),
+        };
+        reply.map_err(|e| self.malformed(e))
     }
 
     /// Waits until the worker publishes the reply to request `seq`: spinning first, then asleep

@@ -180,6 +180,40 @@ fn put_array<S: Sink>(out: &mut S, array: &ArrayRef) -> Result<(), ArrowError> {
     writer.finish()
 }
 
+/// One column of a request: a flag byte, 3 zero bytes, the `u32` length of the IPC stream, the
+/// stream, zeros to a multiple of 8.
+fn put_column<S: Sink>(out: &mut S, flag: u8, array: &ArrayRef) -> Result<(), String> {
+    put(out, &[flag, 0, 0, 0])?;
+    let at = out.written();
+    put(out, &[0; 4])?;
+    put_array(out, array).map_err(|e| e.to_string())?;
+    let len = out.written() - at - 4;
+    out.patch(at, &(len as u32).to_le_bytes())?;
+    pad_to_8(out)
+}
+
+/// The next column of a request (see [`put_column`]) of `rows` rows: its flag byte and array.
+fn take_column(
+    cursor: &mut Cursor<'_>,
+    body: &Buffer,
+    rows_of: impl Fn(u8) -> usize,
+) -> Result<(u8, ArrayRef), String> {
+    let bytes = body.as_slice();
+    let flag = cursor.u8()?;
+    cursor.take(3)?;
+    let len = cursor.u32()? as usize;
+    let start = bytes.len() - cursor.0.len();
+    cursor.take(len)?;
+    let end = start + len;
+    cursor.take((8 - end % 8) % 8)?;
+    let expect = Expect {
+        data_type: None,
+        rows: rows_of(flag),
+    };
+    let array = decode_array(&body.slice_with_length(start, len), expect)?;
+    Ok((flag, array))
+}
+
 /// A call request for `function` over `args` (arrays with their "one value for every row"
 /// flags) and `rows` rows.
 pub(crate) fn encode_call<S: Sink>(
@@ -213,13 +247,8 @@ pub(crate) fn encode_call<S: Sink>(
     put(out, &(rows as u64).to_le_bytes())?;
     put(out, &(args.len() as u16).to_le_bytes())?;
     for (i, (array, constant)) in args.iter().enumerate() {
-        put(out, &[u8::from(*constant), 0, 0, 0])?;
-        let at = out.written();
-        put(out, &[0; 4])?;
-        put_array(out, array).map_err(|e| format!("argument {}: {e}", i + 1))?;
-        let len = out.written() - at - 4;
-        out.patch(at, &(len as u32).to_le_bytes())?;
-        pad_to_8(out)?;
+        put_column(out, u8::from(*constant), array)
+            .map_err(|e| format!("argument {}: {e}", i + 1))?;
     }
     finish_frame(out)
 }
@@ -308,20 +337,9 @@ pub(crate) fn decode_call(body: &Buffer) -> Result<Call, String> {
     let n = cursor.u16()?;
     let mut args = Vec::with_capacity(n as usize);
     for i in 0..n {
-        let constant = cursor.u8()? != 0;
-        cursor.take(3)?;
-        let len = cursor.u32()? as usize;
-        let start = bytes.len() - cursor.0.len();
-        cursor.take(len)?;
-        let end = start + len;
-        cursor.take((8 - end % 8) % 8)?;
-        let expect = Expect {
-            data_type: None,
-            rows: if constant { 1 } else { rows },
-        };
-        let array = decode_array(&body.slice_with_length(start, len), expect)
+        let (flag, array) = take_column(&mut cursor, body, |flag| if flag != 0 { 1 } else { rows })
             .map_err(|e| format!("argument {}: {e}", i + 1))?;
-        args.push((array, constant));
+        args.push((array, flag != 0));
     }
     Ok(Call {
         function,
@@ -1080,13 +1098,7 @@ pub(crate) fn encode_aggregate<S: Sink>(out: &mut S, op: &AggregateOp) -> Result
                 pad_to_8(out)?;
             }
             for (i, column) in columns.iter().enumerate() {
-                put(out, &[0, 0, 0, 0])?;
-                let at = out.written();
-                put(out, &[0; 4])?;
-                put_array(out, column).map_err(|e| format!("column {}: {e}", i + 1))?;
-                let len = out.written() - at - 4;
-                out.patch(at, &(len as u32).to_le_bytes())?;
-                pad_to_8(out)?;
+                put_column(out, 0, column).map_err(|e| format!("column {}: {e}", i + 1))?;
             }
         }
         AggregateOp::Emit { acc, state, emit } => {
@@ -1169,17 +1181,7 @@ pub(crate) fn decode_aggregate(body: &Buffer) -> Result<AggregateOp, String> {
                 usize::from(n).min(udf_abi::v2::MAX_STATE_FIELDS.max(udf_abi::MAX_ARGS)),
             );
             for i in 0..n {
-                cursor.take(4)?;
-                let len = cursor.u32()? as usize;
-                let start = bytes.len() - cursor.0.len();
-                cursor.take(len)?;
-                let end = start + len;
-                cursor.take((8 - end % 8) % 8)?;
-                let expect = Expect {
-                    data_type: None,
-                    rows,
-                };
-                let array = decode_array(&body.slice_with_length(start, len), expect)
+                let (_, array) = take_column(&mut cursor, body, |_| rows)
                     .map_err(|e| format!("column {}: {e}", i + 1))?;
                 columns.push(array);
             }

@@ -168,15 +168,10 @@ impl HostRegions {
             .store(u64::from(sleeping), SeqCst);
     }
 
-    /// A copy of the reply's body, of at most what a call expecting `expect` (type and rows)
-    /// can receive; why not, when the header is not one or the body is not all in the region.
-    pub(crate) fn take_reply(&mut self, expect: (&DataType, usize)) -> Result<Buffer, String> {
-        self.take_reply_of(Some(expect))
-    }
-
-    /// [`take_reply`](Self::take_reply) of a request that expects a result (`Some`) or only an
-    /// acknowledgement or error (`None`).
-    pub(crate) fn take_reply_of(
+    /// A copy of the reply's body, of at most what a request expecting `expect` can receive (a
+    /// result of that type and rows; `None`: an acknowledgement or an error); why not, when the
+    /// header is not one or the body is not all in the region.
+    pub(crate) fn take_reply(
         &mut self,
         expect: Option<(&DataType, usize)>,
     ) -> Result<Buffer, String> {

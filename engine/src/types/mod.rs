@@ -247,6 +247,37 @@ fn row(t: UdfType) -> &'static TypeRow {
     &TYPES[t.tag() as usize]
 }
 
+/// The types SQL arguments of `arg_types` are cast to for parameters `params`, or the plan error
+/// naming `what` (`function f(Int) -> Int`, `aggregate g(BIGINT) -> BIGINT [...]`): a wrong
+/// number of arguments, or the first argument a parameter refuses.
+pub(crate) fn coerce_arguments(
+    what: &str,
+    params: &[ValueType],
+    arg_types: &[DataType],
+) -> datafusion::common::Result<Vec<DataType>> {
+    if arg_types.len() != params.len() {
+        return datafusion::common::plan_err!(
+            "{what} takes {} argument{}, got {}",
+            params.len(),
+            if params.len() == 1 { "" } else { "s" },
+            arg_types.len()
+        );
+    }
+    params
+        .iter()
+        .zip(arg_types)
+        .enumerate()
+        .map(|(i, (param, actual))| match param.coerce(actual) {
+            Some(t) => Ok(t),
+            None => datafusion::common::plan_err!(
+                "{what}: argument {} has type {actual}, expected {}",
+                i + 1,
+                param.accepted()
+            ),
+        })
+        .collect()
+}
+
 /// The Arrow type a plugin type is exchanged as: Bool→Boolean, Int→Int64, UInt→UInt64,
 /// Double→Float64, String→Utf8, Int32→Int32, Float32→Float32, Binary→Binary, Date→Date32,
 /// Timestamp→Timestamp(µs, UTC).
