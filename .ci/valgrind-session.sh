@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A udfsql session under valgrind memcheck: load every example plugin, CREATE a function, call
-# every example function (v1 strings freed with free(), v2 results released to the plugin, batch
+# every example function (and the aggregates, below) (v1 strings freed with free(), v2 results released to the plugin, batch
 # arrays released through their callbacks), hit a plugin error and a panic, DROP. Fails on any
 # invalid read/write or a definite leak. Needs target/debug/udfsql and the plugins (built by
 # `cargo test --workspace`).
@@ -120,6 +120,51 @@ if [ "$refused" -lt 13 ] || [ "$(grep -c . "$work/arrow.csv")" -lt 8 ]; then
     echo "expected 13 refused nested results and the two queries' rows" >&2
     exit 1
 fi
+# Aggregates (ABI 2.4): the stats plugin's (#[udaf], per-group and expert forms) in GROUP BY,
+# without GROUP BY and in a sliding window, the C example, and the misbehaving C aggregates
+# (tests/fixtures/c/aggregates.c built with -D<CASE> by the tests): every state and result
+# imported, validated and released (or refused and released), every accumulator destroyed.
+aggregate_session() {
+    local name=$1
+    shift
+    set +e
+    UDFSQL_HISTORY=/dev/null valgrind --leak-check=full --errors-for-leak-kinds=definite \
+        --show-leak-kinds=definite --error-exitcode=3 \
+        target/debug/udfsql --format csv "$@" > "$work/$name.csv" 2> "$work/$name.log"
+    local code=$?
+    set -e
+    grep -E "definitely lost|ERROR SUMMARY" "$work/$name.log"
+    if [ "$code" -eq 3 ] || ! grep -q "ERROR SUMMARY: 0 errors" "$work/$name.log"; then
+        cat "$work/$name.log"
+        echo "valgrind found errors or definite leaks in the aggregate session $name" >&2
+        exit 1
+    fi
+}
+groups="(VALUES (1, 'a'), (2, 'b'), (3, 'a'), (NULL, NULL)) t(x, s)"
+aggregate_session stats --plugin "$work/libudf_plugin_stats.so" \
+    -c "SELECT x % 2 AS k, my_sum(x), my_sum_vec(x), geo_mean(CAST(x AS DOUBLE)), median_exact(CAST(x AS DOUBLE)), hll_count(s), my_sum(DISTINCT x) FROM $groups GROUP BY x % 2 ORDER BY k" \
+    -c "SELECT my_sum(x) OVER (ORDER BY x ROWS BETWEEN 1 PRECEDING AND CURRENT ROW), median_exact(CAST(x AS DOUBLE)) OVER (ORDER BY x) FROM $groups"
+if [ "$(grep -c . "$work/stats.csv")" -ne 9 ]; then
+    cat "$work/stats.csv" "$work/stats.log"
+    echo "expected the two aggregate queries' headers and rows (3 + 4)" >&2
+    exit 1
+fi
+for case in "" _short_state _short_result _wrong_type _null_buffer _one_field _released _update_error; do
+    library=target/udf-fixtures/libaggregates$case.so
+    if [ ! -f "$library" ]; then
+        echo "$library is missing: run cargo test --workspace first" >&2
+        exit 1
+    fi
+    aggregate_session "aggregates$case" --plugin "$library" \
+        -c "SELECT s, c_sum(x) FROM $groups GROUP BY s ORDER BY s"
+    if [ -n "$case" ] && ! grep -q "plugin aggregate c_sum" "$work/aggregates$case.log"; then
+        cat "$work/aggregates$case.log"
+        echo "the misbehaving aggregate$case was not refused with an error naming it" >&2
+        exit 1
+    fi
+done
+echo "aggregates: the stats plugin, the C example and 7 misbehaving C aggregates"
+
 # Not here: an isolated session. Valgrind 3.19 (Debian 12) does not implement pidfd_open
 # (syscall 434), which the host needs to watch its workers, so `udfsql --isolate` refuses to start
 # a worker under memcheck ("pidfd_open: Function not implemented").
