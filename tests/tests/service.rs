@@ -121,6 +121,48 @@ async fn health_functions_and_queries() {
     server.stop().await;
 }
 
+/// The plugin directory's aggregates (ABI 2.4) are served too, with the service's default
+/// process isolation: listed with their kind, their accumulators in worker processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_are_served_isolated() {
+    let server = Server::start(|_| {}).await;
+    let client = reqwest::Client::new();
+    let functions: Value = client
+        .get(server.url("/functions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let my_sum = functions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "my_sum")
+        .expect("my_sum is served");
+    assert_eq!(my_sum["kind"], "aggregate");
+    assert_eq!(my_sum["isolation"], "process");
+    let (status, rows) = post_sql(
+        &client,
+        &server,
+        "SELECT my_sum(age) AS s, median_exact(CAST(age AS DOUBLE)) AS m, sum(age) AS b FROM people",
+    )
+    .await;
+    assert_eq!(status, 200, "{rows}");
+    assert_eq!(rows, json!([{"s": 61, "m": 30.5, "b": 61}]));
+    let (status, rows) = post_sql(
+        &client,
+        &server,
+        "SELECT name, my_sum(age) OVER (ORDER BY name ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) AS w \
+         FROM people ORDER BY name",
+    )
+    .await;
+    assert_eq!(status, 200, "{rows}");
+    assert_eq!(rows, json!([{"name": "ann", "w": 34}, {"name": "bob", "w": 61}]));
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn arrow_ipc_stream_output() {
     let server = Server::start(|_| {}).await;
