@@ -159,7 +159,10 @@ async fn aggregates_are_served_isolated() {
     )
     .await;
     assert_eq!(status, 200, "{rows}");
-    assert_eq!(rows, json!([{"name": "ann", "w": 34}, {"name": "bob", "w": 61}]));
+    assert_eq!(
+        rows,
+        json!([{"name": "ann", "w": 34}, {"name": "bob", "w": 61}])
+    );
     server.stop().await;
 }
 
