@@ -199,6 +199,7 @@ impl AggregateUDFImpl for PluginUdaf {
             return Ok(Box::new(Distinct {
                 udaf: self.clone(),
                 rows: std::collections::HashSet::new(),
+                bytes: 0,
             }));
         }
         let mut acc = self.new_accumulator()?;
@@ -362,17 +363,8 @@ impl std::fmt::Debug for OneGroup {
 
 impl OneGroup {
     fn feed(&mut self, feed: Feed, values: &[ArrayRef]) -> Result<()> {
-        let rows = values.first().map_or(0, |v| v.len());
-        // With no argument columns the row count cannot be read off a column: zeros say it.
-        let zeros;
-        let groups = if values.is_empty() {
-            zeros = vec![0usize; rows];
-            Some(zeros.as_slice())
-        } else {
-            None
-        };
         self.acc
-            .feed(feed, values, groups, None, 1)
+            .feed(feed, values, None, None, 1)
             .map_err(|e| self.udaf.call_error(e))
     }
 }
@@ -423,6 +415,9 @@ impl Accumulator for OneGroup {
 struct Distinct {
     udaf: PluginUdaf,
     rows: std::collections::HashSet<Vec<ScalarValue>>,
+    /// The bytes of the values in `rows`, kept as they are inserted (DataFusion asks for the
+    /// size after every batch).
+    bytes: usize,
 }
 
 impl std::fmt::Debug for Distinct {
@@ -458,7 +453,10 @@ impl Accumulator for Distinct {
                 .iter()
                 .map(|v| ScalarValue::try_from_array(v, row))
                 .collect::<Result<Vec<_>>>()?;
-            self.rows.insert(key);
+            let bytes: usize = key.iter().map(ScalarValue::size).sum();
+            if self.rows.insert(key) {
+                self.bytes += bytes;
+            }
         }
         Ok(())
     }
@@ -477,12 +475,7 @@ impl Accumulator for Distinct {
     }
 
     fn size(&self) -> usize {
-        let values: usize = self
-            .rows
-            .iter()
-            .flat_map(|r| r.iter().map(ScalarValue::size))
-            .sum();
-        std::mem::size_of::<Self>() + values
+        std::mem::size_of::<Self>() + self.bytes
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {

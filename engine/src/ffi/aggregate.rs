@@ -450,6 +450,19 @@ pub enum Emit {
     TakeFirst(usize),
 }
 
+impl Emit {
+    /// The groups this emit covers of an accumulator of `groups`, or why it cannot.
+    pub fn rows(self, groups: usize) -> Result<usize, CallError> {
+        match self {
+            Emit::Peek | Emit::TakeAll => Ok(groups),
+            Emit::TakeFirst(n) if n <= groups => Ok(n),
+            Emit::TakeFirst(n) => Err(CallError::HostBug(format!(
+                "emit of {n} groups asked of an accumulator of {groups}"
+            ))),
+        }
+    }
+}
+
 /// One accumulator of a plugin aggregate, destroyed by its library when dropped.
 pub struct PluginAccumulator {
     function: PluginAggregate,
@@ -641,16 +654,11 @@ impl PluginAccumulator {
     /// of the groups `emit` covers, checked whole.
     pub fn emit(&mut self, state: bool, emit: Emit) -> Result<ArrayRef, CallError> {
         let loaded = self.function.loaded();
-        let (rows, mode, first) = match emit {
-            Emit::Peek => (self.groups, v2::emit::PEEK, 0),
-            Emit::TakeAll => (self.groups, v2::emit::TAKE_ALL, 0),
-            Emit::TakeFirst(n) if n <= self.groups => (n, v2::emit::TAKE_FIRST, n),
-            Emit::TakeFirst(n) => {
-                return Err(CallError::HostBug(format!(
-                    "emit of {n} groups asked of an accumulator of {}",
-                    self.groups
-                )));
-            }
+        let rows = emit.rows(self.groups)?;
+        let (mode, first) = match emit {
+            Emit::Peek => (v2::emit::PEEK, 0),
+            Emit::TakeAll => (v2::emit::TAKE_ALL, 0),
+            Emit::TakeFirst(n) => (v2::emit::TAKE_FIRST, n),
         };
         let (entrypoint, declared) = if state {
             (loaded.entry.state, loaded.signature.state_type())

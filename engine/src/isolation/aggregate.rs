@@ -234,16 +234,7 @@ impl IsolatedAccumulator {
 
     /// As [`PluginAccumulator::emit`], in the worker; the array is checked here whole.
     pub(crate) fn emit(&mut self, state: bool, emit: Emit) -> Result<ArrayRef, CallError> {
-        let rows = match emit {
-            Emit::Peek | Emit::TakeAll => self.groups,
-            Emit::TakeFirst(n) if n <= self.groups => n,
-            Emit::TakeFirst(n) => {
-                return Err(CallError::HostBug(format!(
-                    "emit of {n} groups asked of an accumulator of {}",
-                    self.groups
-                )));
-            }
-        };
+        let rows = emit.rows(self.groups)?;
         let signature = self.function.signature();
         let declared = if state {
             signature.state_type()

@@ -281,3 +281,100 @@ unsafe extern "C" fn state<S: GroupedState>(
     // SAFETY: the host's promises of `AggregateEmit`, passed on.
     unsafe { emit_with::<S>(acc, mode, first, out, out_schema, error, S::state) }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::Int64Array;
+
+    use super::*;
+
+    /// An aggregate whose update panics on 13 and whose result panics when the sum is 7.
+    #[derive(Default)]
+    struct Touchy(i64);
+
+    impl Aggregate for Touchy {
+        type Input = i64;
+        type State = i64;
+        type Output = i64;
+        fn update(&mut self, x: i64) {
+            assert_ne!(x, 13, "thirteen");
+            self.0 += x;
+        }
+        fn merge(&mut self, s: i64) {
+            self.0 += s;
+        }
+        fn state(&self) -> i64 {
+            self.0
+        }
+        fn finish(&self) -> i64 {
+            assert_ne!(self.0, 7, "seven");
+            self.0
+        }
+    }
+
+    /// The message of a failed call, released as the host releases it.
+    fn message(status: i32, error: UdfOwnedBytes) -> String {
+        assert_eq!(status, status::ERROR);
+        // SAFETY: the bytes of a message the entrypoint wrote, read then handed back once.
+        unsafe {
+            let text = String::from_utf8_lossy(std::slice::from_raw_parts(error.ptr, error.len))
+                .into_owned();
+            release_bytes(error);
+            text
+        }
+    }
+
+    /// Feeds `values` to `acc` through the update entrypoint, as the host does.
+    fn feed(acc: *mut c_void, values: Vec<i64>) -> (i32, UdfOwnedBytes) {
+        let array: ArrayRef = Arc::new(Int64Array::from(values));
+        let mut arrays = [FFI_ArrowArray::new(&array.to_data())];
+        let schemas = [FFI_ArrowSchema::try_from(array.data_type()).unwrap()];
+        let mut error = UdfOwnedBytes::EMPTY;
+        // SAFETY: one array and schema of the declared type, one group, a writable error.
+        let status = unsafe {
+            update::<Groups<Touchy>>(
+                acc,
+                arrays.as_mut_ptr(),
+                schemas.as_ptr(),
+                1,
+                array.len(),
+                std::ptr::null(),
+                std::ptr::null(),
+                1,
+                &mut error,
+            )
+        };
+        (status, error)
+    }
+
+    #[test]
+    fn panics_in_update_and_finish_are_errors_with_their_location() {
+        let mut error = UdfOwnedBytes::EMPTY;
+        // SAFETY: a writable error; the accumulator is destroyed below.
+        let acc = unsafe { create::<Groups<Touchy>>(&mut error) };
+        assert!(!acc.is_null());
+        let (status, error) = feed(acc, vec![1, 13]);
+        let text = message(status, error);
+        assert!(
+            text.starts_with("panicked: ")
+                && text.contains("thirteen")
+                && text.contains("aggregate.rs:"),
+            "{text}"
+        );
+        let (status, _) = feed(acc, vec![2, 4]);
+        assert_eq!(status, status::OK);
+        let mut out = FFI_ArrowArray::empty();
+        let mut out_schema = FFI_ArrowSchema::empty();
+        let mut error = UdfOwnedBytes::EMPTY;
+        // SAFETY: the accumulator of `create`, writable out, schema and error.
+        let status = unsafe {
+            evaluate::<Groups<Touchy>>(acc, emit::PEEK, 0, &mut out, &mut out_schema, &mut error)
+        };
+        let text = message(status, error);
+        assert!(text.contains("seven"), "{text}");
+        // SAFETY: made by `create` above, destroyed once.
+        unsafe { destroy::<Groups<Touchy>>(acc) };
+    }
+}
