@@ -75,14 +75,14 @@ enum Tail {
 /// A query's concurrency permit, given back by whoever is done first: the response (when it is
 /// dropped) or the query's task (at the time limit).
 #[derive(Debug, Clone)]
-struct SharedPermit(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+pub(crate) struct SharedPermit(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
 
 impl SharedPermit {
-    fn new(permit: OwnedSemaphorePermit) -> SharedPermit {
+    pub(crate) fn new(permit: OwnedSemaphorePermit) -> SharedPermit {
         SharedPermit(Arc::new(Mutex::new(Some(permit))))
     }
 
-    fn release(&self) {
+    pub(crate) fn release(&self) {
         let permit = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
         drop(permit);
     }
@@ -91,12 +91,12 @@ impl SharedPermit {
 /// Stops a query whose answer is not done when the request or its response ends: aborts its task
 /// (dropping its stream), cancels its isolated plugin calls, and gives its permit back at once.
 #[derive(Debug)]
-struct QueryGuard {
-    task: tokio::task::AbortHandle,
-    cancel: CallCancel,
+pub(crate) struct QueryGuard {
+    pub(crate) task: tokio::task::AbortHandle,
+    pub(crate) cancel: CallCancel,
     /// Set by the task when the query has ended (its answer handed on or failed).
-    ended: Arc<std::sync::atomic::AtomicBool>,
-    permit: SharedPermit,
+    pub(crate) ended: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) permit: SharedPermit,
 }
 
 impl Drop for QueryGuard {

@@ -52,8 +52,10 @@ use serde::{Deserialize, Serialize};
 use udf_engine::{CallCancel, Isolation, PluginLoader, WorkerLimits};
 
 mod answer;
+mod run;
 
 pub use answer::CHUNK_BYTES;
+pub use run::{MAX_PARAMETERS, Prepared, Running};
 
 /// The media type of Arrow IPC streams.
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";

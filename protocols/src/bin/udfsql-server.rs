@@ -1,4 +1,6 @@
-//! `udfsql-server`: SQL with plugin functions over HTTP. See the `udf_service` crate docs.
+//! `udfsql-server`: SQL with plugin functions over HTTP (the `udf_service` crate), and with
+//! `--pg-addr` / `--flight-addr` over the PostgreSQL wire protocol and Arrow Flight SQL (the
+//! `udf_protocols` crate), all over one session with one set of limits.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -8,9 +10,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use udf_engine::{Isolation, WorkerLimits};
+use udf_protocols::{TlsIdentity, Users};
 use udf_service::{AppState, Config, OutputFormat};
 
-/// Serve SQL with plugin functions over HTTP: POST /query, GET /functions, GET /health.
+/// Serve SQL with plugin functions over HTTP (POST /query, GET /functions, GET /health), and
+/// optionally over the PostgreSQL wire protocol and Arrow Flight SQL.
 #[derive(Debug, Parser)]
 #[command(name = "udfsql-server", version)]
 struct Args {
@@ -68,6 +72,26 @@ struct Args {
     /// Isolated calls: worker processes per library (default: the number of CPUs).
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
+    /// Also serve the PostgreSQL wire protocol on HOST:PORT (psql, JDBC, psycopg, ...).
+    #[arg(long, value_name = "HOST:PORT")]
+    pg_addr: Option<SocketAddr>,
+    /// Also serve Arrow Flight SQL on HOST:PORT (ADBC, JDBC Flight SQL, arrow-flight clients).
+    #[arg(long, value_name = "HOST:PORT")]
+    flight_addr: Option<SocketAddr>,
+    /// Users of the PostgreSQL (SCRAM-SHA-256) and Flight SQL (basic, then bearer token)
+    /// servers: one `name:password` per line, mode 600. Without it, those servers authenticate
+    /// nobody and must listen on a loopback address.
+    #[arg(long, value_name = "FILE")]
+    users_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM) for the PostgreSQL and Flight SQL servers; with --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the PostgreSQL and Flight SQL servers; with --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Most PostgreSQL connections at once; more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = udf_protocols::pg::DEFAULT_MAX_CONNECTIONS)]
+    pg_max_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -116,15 +140,98 @@ async fn main() -> anyhow::Result<()> {
             .max_concurrent_queries
             .unwrap_or_else(udf_service::default_max_concurrent_queries),
     };
+    let users = match &args.users_file {
+        Some(file) => Users::from_file(file)?,
+        None => Users::open(),
+    };
+    for (flag, addr) in [
+        ("--pg-addr", args.pg_addr),
+        ("--flight-addr", args.flight_addr),
+    ] {
+        if let Some(addr) = addr
+            && users.is_open()
+            && !addr.ip().is_loopback()
+        {
+            anyhow::bail!(
+                "{flag} {addr} is not a loopback address: give --users-file so that clients \
+                 authenticate (and --tls-cert/--tls-key so that passwords are not sent in clear)"
+            );
+        }
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsIdentity::from_files(cert, key)?),
+        _ => None,
+    };
     let state = AppState::new(config).await?;
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
-    tracing::info!(addr = %listener.local_addr()?, "udfsql-server listening");
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down: finishing requests in flight");
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} ({what})"))
     };
-    udf_service::serve(listener, udf_service::router(state), shutdown).await?;
+    let pg = match args.pg_addr {
+        Some(addr) => Some(bind(addr, "--pg-addr").await?),
+        None => None,
+    };
+    let flight = match args.flight_addr {
+        Some(addr) => Some(bind(addr, "--flight-addr").await?),
+        None => None,
+    };
+    tracing::info!(addr = %listener.local_addr()?, "udfsql-server listening");
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut stop = stop.clone();
+        async move {
+            stop.wait_for(|s| *s).await.ok();
+        }
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(listener) = pg {
+        udf_protocols::pg::install_pg_catalog(&state)?;
+        tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), authentication = !users.is_open(), "PostgreSQL server listening");
+        let options = udf_protocols::pg::PgOptions {
+            users: users.clone(),
+            tls: tls.clone(),
+            max_connections: args.pg_max_connections,
+        };
+        servers.spawn(udf_protocols::pg::serve(
+            state.clone(),
+            listener,
+            options,
+            stopped(),
+        ));
+    }
+    if let Some(listener) = flight {
+        tracing::info!(addr = %listener.local_addr()?, tls = tls.is_some(), authentication = !users.is_open(), "Flight SQL server listening");
+        let server = udf_protocols::flight::FlightSqlServer::new(state.clone(), users.clone());
+        servers.spawn(udf_protocols::flight::serve(
+            server,
+            listener,
+            tls.clone(),
+            stopped(),
+        ));
+    }
+    let http_stopped = stopped();
+    servers.spawn(async move {
+        udf_service::serve(listener, udf_service::router(state), http_stopped).await?;
+        Ok(())
+    });
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("shutting down: finishing requests in flight");
+            stop_tx.send(true).ok();
+        }
+        Some(ended) = servers.join_next() => {
+            // A server that ends on its own failed: stop the others and say why.
+            stop_tx.send(true).ok();
+            ended.context("a server task panicked")??;
+            anyhow::bail!("a server stopped on its own");
+        }
+    }
+    while let Some(ended) = servers.join_next().await {
+        ended.context("a server task panicked")??;
+    }
     Ok(())
 }
