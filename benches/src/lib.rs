@@ -13,6 +13,7 @@ pub mod isobench;
 pub mod nestedbench;
 pub mod opbench;
 pub mod plain;
+pub mod protobench;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

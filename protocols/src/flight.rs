@@ -812,7 +812,9 @@ impl FlightSqlService for FlightSqlServer {
         let principal = self.authorize(request.metadata())?;
         no_transaction(query.transaction_id.as_ref())?;
         check_sql(&query.query)?;
-        let prepared = self.state.prepare(&query.query).await.map_err(api_status)?;
+        // ADBC and JDBC drivers write parameters as `?`: numbered in order, as `$1`, `$2`, ...
+        let sql = udf_service::number_question_marks(&query.query).map_err(api_status)?;
+        let prepared = self.state.prepare(&sql).await.map_err(api_status)?;
         let parameter_schema = Schema::new(
             prepared
                 .parameters
@@ -832,7 +834,7 @@ impl FlightSqlService for FlightSqlServer {
         let handle = Bytes::from(random_hex::<HANDLE_RANDOM_BYTES>()?.into_bytes());
         let entry = PreparedEntry {
             owner: principal,
-            sql: Arc::from(query.query),
+            sql: Arc::from(sql),
             schema: prepared.schema,
             parameters: Arc::new(prepared.parameters),
             bound: None,

@@ -55,7 +55,7 @@ mod answer;
 mod run;
 
 pub use answer::CHUNK_BYTES;
-pub use run::{MAX_PARAMETERS, Prepared, Running};
+pub use run::{MAX_PARAMETERS, Prepared, Running, number_question_marks};
 
 /// The media type of Arrow IPC streams.
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";

@@ -147,6 +147,48 @@ fn infer_from_functions(plan: &LogicalPlan, parameters: &mut [Option<DataType>])
     .ok();
 }
 
+/// `sql` with its `?` parameters (as ADBC and JDBC drivers write them) numbered in order of
+/// appearance: `$1`, `$2`, … Strings, quoted names and comments are left alone (the SQL
+/// tokenizer tells them apart); SQL mixing `?` with `$N` is refused.
+pub fn number_question_marks(sql: &str) -> Result<String, ApiError> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    if !sql.contains('?') {
+        return Ok(sql.to_string());
+    }
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize()
+        .map_err(|e| ApiError::Query(format!("SQL error: {e}")))?;
+    let is_question = |t: &Token| matches!(t, Token::Placeholder(p) if p == "?");
+    if !tokens.iter().any(is_question) {
+        return Ok(sql.to_string());
+    }
+    if tokens
+        .iter()
+        .any(|t| matches!(t, Token::Placeholder(p) if p.starts_with('$')))
+    {
+        return Err(ApiError::Query(
+            "the statement mixes ? and $N parameters; use one kind".to_string(),
+        ));
+    }
+    let mut next = 0usize;
+    let mut out = String::with_capacity(sql.len() + 8);
+    for token in &tokens {
+        if is_question(token) {
+            next += 1;
+            if next > MAX_PARAMETERS {
+                return Err(ApiError::Query(format!(
+                    "the statement has more than {MAX_PARAMETERS} parameters"
+                )));
+            }
+            out.push_str(&format!("${next}"));
+        } else {
+            out.push_str(&token.to_string());
+        }
+    }
+    Ok(out)
+}
+
 /// What ordering `$N` names by number gives: `$1` first.
 fn parameter_number(name: &str) -> Option<usize> {
     name.strip_prefix('$')?.parse().ok()
@@ -357,4 +399,21 @@ async fn feed(
     drop(batches);
     tokio::time::sleep_until(feed.deadline).await;
     feed.permit.release();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn question_marks_are_numbered_outside_strings_and_comments() {
+        let number = |s: &str| number_question_marks(s).unwrap();
+        assert_eq!(number("SELECT 1"), "SELECT 1");
+        assert_eq!(number("SELECT ?, f(?)"), "SELECT $1, f($2)");
+        assert_eq!(
+            number("SELECT '?', \"a?\", ? -- why?\n/* ? */ + ?"),
+            "SELECT '?', \"a?\", $1 -- why?\n/* ? */ + $2"
+        );
+        assert!(number_question_marks("SELECT ?, $1").is_err());
+    }
 }

@@ -607,6 +607,24 @@ async fn flight_sql_clients_call_plugin_functions() {
         assert_eq!(k.value(0), times + 1);
     }
     prepared.close().await.unwrap();
+    // `?` parameters, as ADBC and JDBC drivers write them (a `?` in a string stays).
+    let mut prepared = client
+        .prepare("SELECT repeat(?, 2) || '?' AS r".to_string(), None)
+        .await
+        .unwrap();
+    prepared
+        .set_parameters(
+            RecordBatch::try_new(
+                Arc::new(Schema::new(vec![Field::new("$1", DataType::Utf8, true)])),
+                vec![Arc::new(StringArray::from(vec!["ok"]))],
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let info = prepared.execute().await.unwrap();
+    let batches = fetch(&mut client, info).await.unwrap();
+    assert_eq!(strings(&batches, 0), vec![Some("okok?".to_string())]);
+    prepared.close().await.unwrap();
 
     // Metadata.
     let info = client
