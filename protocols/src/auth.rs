@@ -44,6 +44,8 @@ pub(crate) struct User {
 #[derive(Clone, Default)]
 pub struct Users {
     users: Option<Arc<HashMap<String, User>>>,
+    /// The server's secret for the salts of unknown users (see [`Users::decoy_salt`]).
+    secret: [u8; 32],
 }
 
 impl std::fmt::Debug for Users {
@@ -58,7 +60,10 @@ impl std::fmt::Debug for Users {
 impl Users {
     /// No authentication: every client may connect (allowed on loopback only).
     pub fn open() -> Users {
-        Users { users: None }
+        Users {
+            users: None,
+            secret: [0; 32],
+        }
     }
 
     /// The users of `path` (see the module docs for its format and mode).
@@ -136,6 +141,7 @@ impl Users {
         }
         Ok(Users {
             users: Some(Arc::new(users)),
+            secret: random_bytes::<32>()?,
         })
     }
 
@@ -158,6 +164,17 @@ impl Users {
                 false
             }
         }
+    }
+
+    /// The SCRAM salt offered to `name` when no such user is listed: the same for the same name
+    /// on every attempt (a random one each time would tell which users exist), derived from a
+    /// secret drawn at start-up.
+    pub(crate) fn decoy_salt(&self, name: &str) -> Vec<u8> {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        hash.update(self.secret);
+        hash.update(name.as_bytes());
+        hash.finalize()[..16].to_vec()
     }
 
     /// The user `name`, when authentication is configured and it is listed.
@@ -259,6 +276,12 @@ mod tests {
         assert!(!users.check("carol", "s3cret"));
         assert!(!users.is_open());
         assert!(Users::open().check("anyone", ""));
+        assert_eq!(users.decoy_salt("mallory"), users.decoy_salt("mallory"));
+        assert_ne!(users.decoy_salt("mallory"), users.decoy_salt("mallorz"));
+        assert_eq!(
+            users.decoy_salt("x").len(),
+            users.get("alice").unwrap().salt.len()
+        );
         for (text, needle) in [
             ("alice", "expected name:password"),
             (":x", "user name"),

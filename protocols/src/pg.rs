@@ -239,14 +239,13 @@ impl AuthSource for UsersSource {
                 Some(user.salt.clone()),
                 user.salted_password.clone(),
             )),
-            // An unknown user goes through the exchange with a password nobody knows, so that
-            // the answer does not tell which users exist.
+            // An unknown user goes through the exchange with a password nobody knows and a salt
+            // as stable as a real user's, so that the answers do not tell which users exist.
             None => {
-                let salt = crate::auth::random_bytes::<16>()
-                    .map_err(|e| PgWireError::ApiError(e.into()))?;
+                let salt = self.0.decoy_salt(name);
                 let secret = crate::auth::random_bytes::<32>()
                     .map_err(|e| PgWireError::ApiError(e.into()))?;
-                Ok(Password::new(Some(salt.to_vec()), secret.to_vec()))
+                Ok(Password::new(Some(salt), secret.to_vec()))
             }
         }
     }
