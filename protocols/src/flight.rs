@@ -537,7 +537,12 @@ impl FlightSqlService for FlightSqlServer {
         let entry = self.prepared(&query.prepared_statement_handle, &principal)?;
         let params = entry.params()?;
         tracing::debug!(sql_bytes = entry.sql.len(), "Flight SQL prepared statement");
-        Ok(Response::new(self.run(&entry.sql, params).await?))
+        let running = self
+            .state
+            .run(&entry.sql, params)
+            .await
+            .map_err(api_status)?;
+        Ok(Response::new(stream_as(running, Some(&entry.schema))))
     }
 
     /// Lists the session's catalogs.
@@ -1152,8 +1157,40 @@ fn one_batch(schema: SchemaRef, batch: RecordBatch) -> DoGetStream {
 /// A running query's batches as a `DoGet` stream; its errors end the stream as statuses, and
 /// dropping the stream (the client went away) cancels the query.
 fn stream_running(running: Running) -> DoGetStream {
-    let schema = running.schema();
-    let batches = running.map(|item| item.map_err(|e| FlightError::Tonic(Box::new(api_status(e)))));
+    stream_as(running, None)
+}
+
+/// [`stream_running`], with the batches in `announced` (the schema a prepared statement
+/// announced) when they differ from it only in nullability: bound values can make a column
+/// that planning saw as nullable non-nullable, and clients (ADBC) refuse a stream whose schema
+/// differs from the announced one.
+fn stream_as(running: Running, announced: Option<&SchemaRef>) -> DoGetStream {
+    let actual = running.schema();
+    let schema = match announced {
+        Some(announced)
+            if announced.fields().len() == actual.fields().len()
+                && announced
+                    .fields()
+                    .iter()
+                    .zip(actual.fields())
+                    .all(|(a, b)| {
+                        a.name() == b.name()
+                            && a.data_type() == b.data_type()
+                            && (a.is_nullable() || !b.is_nullable())
+                    }) =>
+        {
+            Arc::clone(announced)
+        }
+        _ => actual,
+    };
+    let target = Arc::clone(&schema);
+    let batches = running.map(move |item| {
+        item.map_err(|e| FlightError::Tonic(Box::new(api_status(e))))
+            .and_then(|batch| {
+                RecordBatch::try_new(Arc::clone(&target), batch.columns().to_vec())
+                    .map_err(FlightError::Arrow)
+            })
+    });
     let data = FlightDataEncoderBuilder::new()
         .with_schema(schema)
         .build(batches)
