@@ -247,6 +247,12 @@ async fn postgres_clients_call_plugin_functions() {
         ];
         assert_eq!(got, want, "times = {times}");
     }
+    // A NULL parameter: the function's NULL rule, not an error.
+    let rows = client
+        .query("SELECT repeat($1, 2) AS r", &[&None::<String>])
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, Option<String>>(0), None);
     // The functions listing and pg_catalog.
     let names: Vec<String> = client
         .query("SELECT name FROM plugin_functions ORDER BY name", &[])
@@ -606,6 +612,24 @@ async fn flight_sql_clients_call_plugin_functions() {
             .as_primitive::<arrow::datatypes::Int64Type>();
         assert_eq!(k.value(0), times + 1);
     }
+    // Two rows of parameters for one execution: refused, naming the count.
+    let two = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("$1", DataType::Utf8, true),
+            Field::new("$2", DataType::Int64, true),
+        ])),
+        vec![
+            Arc::new(StringArray::from(vec!["a", "b"])),
+            Arc::new(Int64Array::from(vec![1, 2])),
+        ],
+    )
+    .unwrap();
+    prepared.set_parameters(two).unwrap();
+    let refused = match prepared.execute().await {
+        Err(e) => e.to_string(),
+        Ok(info) => fetch(&mut client, info).await.unwrap_err(),
+    };
+    assert!(refused.contains("row"), "{refused}");
     prepared.close().await.unwrap();
     // `?` parameters, as ADBC and JDBC drivers write them (a `?` in a string stays).
     let mut prepared = client
