@@ -23,6 +23,10 @@ pub struct PluginFunctionInfo {
     pub sql_name: String,
     /// The signature, in plugin types, under the SQL name: `my_repeat(String, UInt) -> String`.
     pub signature: String,
+    /// The argument types as SQL names them: `["VARCHAR", "BIGINT UNSIGNED"]`.
+    pub arguments: Vec<String>,
+    /// The result type as SQL names it.
+    pub result: String,
     /// The function's name inside the library.
     pub library_name: String,
     /// The library's canonical path.
@@ -57,6 +61,8 @@ pub fn plugin_functions_of(functions: &HashMap<String, Arc<ScalarUDF>>) -> Vec<P
             Some(PluginFunctionInfo {
                 sql_name: name.clone(),
                 signature: sig.display_as(name),
+                arguments: sig.sql_arguments(),
+                result: sig.sql_result(),
                 library_name: sig.name.clone(),
                 library: plugin.function().library().path().display().to_string(),
                 abi: plugin.function().library().abi().to_string(),
@@ -89,6 +95,8 @@ pub fn plugin_aggregates_of(
             Some(PluginFunctionInfo {
                 sql_name: name.clone(),
                 signature: sig.display_as(name),
+                arguments: sig.sql_arguments(),
+                result: sig.sql_result(),
                 library_name: sig.name.clone(),
                 library: plugin.function().library().path().display().to_string(),
                 abi: plugin.function().library().abi().to_string(),
@@ -107,7 +115,7 @@ pub fn plugin_aggregates_of(
 }
 
 /// The plugin functions of both maps (scalar and aggregate), sorted by SQL name.
-fn plugin_functions_in(
+pub fn plugin_functions_in(
     scalars: &HashMap<String, Arc<ScalarUDF>>,
     aggregates: &HashMap<String, Arc<AggregateUDF>>,
 ) -> Vec<PluginFunctionInfo> {

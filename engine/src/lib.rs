@@ -46,7 +46,7 @@ pub use async_udf::{
 pub use call_path::CallPath;
 pub use catalog::{
     PluginFunctionInfo, PluginFunctionsTable, plugin_aggregates_of, plugin_functions,
-    plugin_functions_of, register_plugin_functions_table,
+    plugin_functions_in, plugin_functions_of, register_plugin_functions_table,
 };
 pub use ddl::{DdlError, LibraryTarget, PluginFunctionFactory, execute_statement, install, sql};
 pub use error::{CallError, CallErrorKind, LoadError, MetadataError, TypePosition};

@@ -10,5 +10,6 @@
 pub mod auth;
 pub mod flight;
 pub mod pg;
+mod pg_proc;
 
 pub use auth::{TlsIdentity, Users};

@@ -81,7 +81,8 @@ pub fn install_pg_catalog(state: &AppState) -> anyhow::Result<()> {
         &catalog,
         datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
     )
-    .map_err(|e| anyhow::anyhow!("cannot install pg_catalog: {e}"))
+    .map_err(|e| anyhow::anyhow!("cannot install pg_catalog: {e}"))?;
+    crate::pg_proc::install(ctx, &catalog)
 }
 
 /// Serves the PostgreSQL protocol on `listener` until `shutdown` completes.

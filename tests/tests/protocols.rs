@@ -199,6 +199,41 @@ async fn simple(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Option<St
         .collect()
 }
 
+/// The query psql 15 sends for `\df` (from `psql -E`).
+const PSQL_DF: &str = r#"SELECT n.nspname as "Schema",
+  p.proname as "Name",
+  pg_catalog.pg_get_function_result(p.oid) as "Result data type",
+  pg_catalog.pg_get_function_arguments(p.oid) as "Argument data types",
+ CASE p.prokind
+  WHEN 'a' THEN 'agg'
+  WHEN 'w' THEN 'window'
+  WHEN 'p' THEN 'proc'
+  ELSE 'func'
+ END as "Type"
+FROM pg_catalog.pg_proc p
+     LEFT JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE pg_catalog.pg_function_is_visible(p.oid)
+      AND n.nspname <> 'pg_catalog'
+      AND n.nspname <> 'information_schema'
+ORDER BY 1, 2, 4;"#;
+
+/// The query psql 15 sends for `\df repeat`.
+const PSQL_DF_REPEAT: &str = r#"SELECT n.nspname as "Schema",
+  p.proname as "Name",
+  pg_catalog.pg_get_function_result(p.oid) as "Result data type",
+  pg_catalog.pg_get_function_arguments(p.oid) as "Argument data types",
+ CASE p.prokind
+  WHEN 'a' THEN 'agg'
+  WHEN 'w' THEN 'window'
+  WHEN 'p' THEN 'proc'
+  ELSE 'func'
+ END as "Type"
+FROM pg_catalog.pg_proc p
+     LEFT JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE p.proname OPERATOR(pg_catalog.~) '^(repeat)$' COLLATE pg_catalog.default
+  AND pg_catalog.pg_function_is_visible(p.oid)
+ORDER BY 1, 2, 4;"#;
+
 /// PostgreSQL: SCRAM, simple and extended protocol with parameters, the catalog, plugin errors
 /// and an aborting isolated plugin as error responses on a connection that goes on, refused
 /// statements, the result-rows limit, and 8 connections at once.
@@ -269,6 +304,38 @@ async fn postgres_clients_call_plugin_functions() {
     )
     .await;
     assert_eq!(tables, vec![vec![Some("plugin_functions".to_string())]]);
+    // psql's `\df` (the query psql 15 sends, from `psql -E`): every plugin function once, in
+    // the default schema, aggregates as "agg", with argument and result types.
+    let expected: Vec<Vec<Option<String>>> = simple(
+        &client,
+        "SELECT 'public', name, CASE kind WHEN 'aggregate' THEN 'agg' ELSE 'func' END \
+         FROM plugin_functions ORDER BY name",
+    )
+    .await;
+    let listed = simple(&client, PSQL_DF).await;
+    let mut names_kinds: Vec<Vec<Option<String>>> = listed
+        .iter()
+        .map(|row| vec![row[0].clone(), row[1].clone(), row[4].clone()])
+        .collect();
+    names_kinds.sort();
+    let mut expected = expected;
+    expected.sort();
+    assert_eq!(names_kinds, expected);
+    assert!(expected.iter().any(|r| r[2].as_deref() == Some("agg")));
+    let repeat: Vec<_> = listed
+        .iter()
+        .filter(|row| row[1].as_deref() == Some("repeat"))
+        .collect();
+    assert_eq!(repeat.len(), 1, "{listed:?}");
+    let (result, arguments) = (repeat[0][2].clone(), repeat[0][3].clone());
+    assert_eq!(result.as_deref(), Some("VARCHAR"), "{listed:?}");
+    assert_eq!(arguments.as_deref(), Some("VARCHAR, BIGINT UNSIGNED"));
+    // `\df repeat`: the pattern form lists PostgreSQL's builtin `repeat` (pg_catalog, types
+    // not described) and the plugin's.
+    let pattern = simple(&client, PSQL_DF_REPEAT).await;
+    let schemas: Vec<_> = pattern.iter().map(|r| r[0].clone().unwrap()).collect();
+    assert!(schemas.contains(&"public".to_string()), "{pattern:?}");
+    assert!(pattern.iter().all(|r| r[1].as_deref() == Some("repeat")));
     // What tools send at connect.
     client
         .batch_execute("SET extra_float_digits = 3; SET application_name = 'test'; BEGIN; COMMIT")

@@ -42,6 +42,19 @@ pub struct AggregateSignature {
 }
 
 impl AggregateSignature {
+    /// The argument types as SQL names them.
+    pub fn sql_arguments(&self) -> Vec<String> {
+        self.arg_types
+            .iter()
+            .map(crate::types::arrow::sql_name)
+            .collect()
+    }
+
+    /// The result type as SQL names it.
+    pub fn sql_result(&self) -> String {
+        crate::types::arrow::sql_name(&self.return_type)
+    }
+
     /// `name(Int64) -> Float64 [state: s0 Float64, s1 UInt64]`.
     pub fn display_as(&self, name: &str) -> String {
         let args: Vec<String> = self

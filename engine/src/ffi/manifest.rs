@@ -96,6 +96,19 @@ impl FunctionSignature {
         format!("{name}({}) -> {}{ret}", args.join(", "), self.return_type)
     }
 
+    /// The argument types as SQL names them: `["VARCHAR", "BIGINT UNSIGNED"]`.
+    pub fn sql_arguments(&self) -> Vec<String> {
+        self.arg_types
+            .iter()
+            .map(|t| crate::types::arrow::sql_name(&t.arrow_type()))
+            .collect()
+    }
+
+    /// The result type as SQL names it.
+    pub fn sql_result(&self) -> String {
+        crate::types::arrow::sql_name(&self.return_type.arrow_type())
+    }
+
     /// Whether a NULL argument always gives NULL without a call (no argument takes NULLs).
     pub fn is_strict(&self) -> bool {
         !self.arg_nullable.iter().any(|&n| n)
