@@ -46,6 +46,25 @@ struct Args {
     /// out of memory fails its query, and udfsql lives on.
     #[arg(long)]
     isolate: bool,
+    /// Let `CREATE FUNCTION name(a BIGINT) RETURNS BIGINT LANGUAGE rust AS $$ a * 2 $$` compile
+    /// functions written in SQL with this machine's cargo (off by default: compiled code is
+    /// native code running with your rights; --isolate applies to it as to any plugin).
+    #[arg(long)]
+    allow_compile: bool,
+    /// Where compiled functions are kept (default: $UDFSQL_CACHE_DIR, else
+    /// $XDG_CACHE_HOME/udfsql/compiled, else ~/.cache/udfsql/compiled).
+    #[arg(long, value_name = "DIR")]
+    compile_cache: Option<PathBuf>,
+    /// The udf-abi SDK compiled functions build against (default: $UDFSQL_SDK, else the
+    /// udf-abi of the source tree this program was built from).
+    #[arg(long, value_name = "DIR")]
+    sdk: Option<PathBuf>,
+    /// Compile functions with `cargo build --offline` (only dependencies already downloaded).
+    #[arg(long)]
+    offline: bool,
+    /// The longest one compilation may take, in seconds; it is stopped after.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    compile_timeout: u64,
     /// Isolated calls: the longest one call (one batch) may run before its worker is killed, in
     /// seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
@@ -173,6 +192,30 @@ fn example_plugins(dir: &Path, found: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
+/// How `--allow-compile` compiles functions written in SQL.
+fn compile_options(args: &Args) -> Result<udf_engine::compile::CompileOptions> {
+    let sdk = match (&args.sdk, std::env::var_os("UDFSQL_SDK")) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(dir)) => PathBuf::from(dir),
+        (None, None) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../udf-abi"),
+    };
+    let sdk = std::fs::canonicalize(&sdk).with_context(|| {
+        format!(
+            "--allow-compile: the udf-abi SDK {} (give --sdk DIR)",
+            sdk.display()
+        )
+    })?;
+    let cache = match &args.compile_cache {
+        Some(dir) => dir.clone(),
+        None => udf_engine::compile::CompileOptions::default_cache_dir()
+            .context("--allow-compile: no cache directory (give --compile-cache DIR)")?,
+    };
+    let mut options = udf_engine::compile::CompileOptions::new(sdk, cache);
+    options.offline = args.offline;
+    options.time_limit = std::time::Duration::from_secs(args.compile_timeout);
+    Ok(options)
+}
+
 fn run(args: Args) -> Result<bool> {
     let interactive =
         args.commands.is_empty() && args.files.is_empty() && std::io::stdin().is_terminal();
@@ -182,6 +225,9 @@ fn run(args: Args) -> Result<bool> {
     let mut loader = PluginLoader::new().with_worker_limits(limits.clone());
     if args.isolate {
         loader = loader.with_isolation(Isolation::Process(limits));
+    }
+    if args.allow_compile {
+        loader = loader.with_compile(compile_options(&args)?);
     }
     let mut libraries = args.plugins.clone();
     let mut dirs = args.plugin_dirs.clone();

@@ -82,9 +82,22 @@ pub enum DdlError {
     /// The statement could not finish: the blocking load task or the registration failed.
     #[error("CREATE FUNCTION could not finish: {0}")]
     Interrupted(String),
-    /// `LANGUAGE` is missing or not `plugin`.
+    /// `LANGUAGE rust` in a session that does not compile.
     #[error(
-        "CREATE FUNCTION {function}: unsupported language {language}; write LANGUAGE plugin AS 'library'"
+        "CREATE FUNCTION {function} LANGUAGE rust: compiling functions from SQL is off in this \
+         session (start udfsql with --allow-compile, or give the engine's PluginLoader \
+         CompileOptions); compiled code runs as native code with this process's rights"
+    )]
+    CompileDisabled {
+        /// The SQL name.
+        function: String,
+    },
+    /// A function written in SQL did not compile.
+    #[error(transparent)]
+    Compile(#[from] crate::compile::CompileError),
+    /// `LANGUAGE` is missing or not `plugin` or `rust`.
+    #[error(
+        "CREATE FUNCTION {function}: unsupported language {language}; write LANGUAGE plugin AS 'library' or LANGUAGE rust AS $$ body $$"
     )]
     Language {
         /// The SQL name.
@@ -204,8 +217,26 @@ impl PluginFunctionFactory {
         let target = prepared.target.clone();
         let isolation = self.loader.isolation_for(prepared.target.isolate);
         let partitions = state.config().target_partitions();
+        let source = prepared.source.clone();
         let load = move || -> Result<_, DdlError> {
-            let library = loader.load_from_sql(&target.path, target.sha256.as_ref())?;
+            let library = match (&source, loader.compile_options()) {
+                (Some(function), Some(options)) => {
+                    let compiled = crate::compile::compile(options, function)?;
+                    tracing::info!(
+                        function = %function.name,
+                        library = %compiled.library.display(),
+                        cached = compiled.cached,
+                        "compiled function written in SQL"
+                    );
+                    loader.load_pinned(&compiled.library, Some(&compiled.sha256))?
+                }
+                (Some(function), None) => {
+                    return Err(DdlError::CompileDisabled {
+                        function: function.name.clone(),
+                    });
+                }
+                (None, _) => loader.load_from_sql(&target.path, target.sha256.as_ref())?,
+            };
             let pool = crate::register::worker_pool(&library, &isolation, partitions)?;
             Ok((library, pool))
         };
@@ -279,6 +310,9 @@ impl PluginFunctionFactory {
         };
         match &stmt.params.language {
             Some(lang) if lang.value.eq_ignore_ascii_case("plugin") => {}
+            Some(lang) if lang.value.eq_ignore_ascii_case("rust") => {
+                return self.prepare_rust(stmt, name);
+            }
             other => {
                 return Err(DdlError::Language {
                     function: name,
@@ -301,7 +335,72 @@ impl PluginFunctionFactory {
             })?,
             _ => return Err(DdlError::MissingLibrary { function: name }),
         };
-        Ok(Prepared { name, target })
+        Ok(Prepared {
+            name,
+            target,
+            source: None,
+        })
+    }
+
+    /// `LANGUAGE rust AS $$ body $$`: the function to compile, loaded from the library it becomes.
+    fn prepare_rust(&self, stmt: &CreateFunction, name: String) -> Result<Prepared, DdlError> {
+        if self.loader.compile_options().is_none() {
+            return Err(DdlError::CompileDisabled { function: name });
+        }
+        let declaration = |reason: String| {
+            DdlError::Compile(crate::compile::CompileError::Declaration {
+                function: name.clone(),
+                reason,
+            })
+        };
+        let body = match &stmt.params.function_body {
+            Some(Expr::Literal(
+                ScalarValue::Utf8(Some(b))
+                | ScalarValue::LargeUtf8(Some(b))
+                | ScalarValue::Utf8View(Some(b)),
+                _,
+            )) => b.clone(),
+            _ => return Err(declaration("expected AS $$ body $$ (a string)".into())),
+        };
+        let Some(return_type) = stmt.return_type.clone() else {
+            return Err(declaration("RETURNS type is required".into()));
+        };
+        let mut args = Vec::new();
+        for (i, arg) in stmt.args.iter().flatten().enumerate() {
+            let Some(arg_name) = &arg.name else {
+                return Err(declaration(format!(
+                    "parameter {} needs a name (the body refers to it)",
+                    i + 1
+                )));
+            };
+            if arg.default_expr.is_some() {
+                return Err(declaration(format!(
+                    "parameter {} cannot have a default",
+                    arg_name.value
+                )));
+            }
+            args.push((arg_name.value.clone(), arg.data_type.clone()));
+        }
+        let target = LibraryTarget {
+            path: String::new(),
+            function: Some(name.clone()),
+            sha256: None,
+            isolate: None,
+            max_in_flight: None,
+            chunk_rows: None,
+            call_timeout: None,
+            retries: None,
+        };
+        Ok(Prepared {
+            source: Some(crate::compile::RustFunction {
+                name: name.clone(),
+                args,
+                return_type,
+                body,
+            }),
+            name,
+            target,
+        })
     }
 }
 
@@ -309,6 +408,8 @@ impl PluginFunctionFactory {
 struct Prepared {
     name: String,
     target: LibraryTarget,
+    /// The function to compile (`LANGUAGE rust`), instead of a library path.
+    source: Option<crate::compile::RustFunction>,
 }
 
 impl Prepared {
@@ -318,7 +419,7 @@ impl Prepared {
         library: &Arc<PluginLibrary>,
         pool: Option<Arc<WorkerPool>>,
     ) -> Result<PluginUdf, DdlError> {
-        let Prepared { name, target } = self;
+        let Prepared { name, target, .. } = self;
         let function = pick_function(library, &name, target.function.as_deref())?;
         check_declared_types(&name, stmt, &function)?;
         let volatility = stmt
@@ -371,7 +472,7 @@ impl Prepared {
         function: crate::ffi::aggregate::PluginAggregate,
         pool: Option<Arc<WorkerPool>>,
     ) -> Result<crate::udaf::PluginUdaf, DdlError> {
-        let Prepared { name, target } = self;
+        let Prepared { name, target, .. } = self;
         let refuse = |reason: &str| DdlError::BadTarget {
             function: name.clone(),
             target: stmt_target(stmt),

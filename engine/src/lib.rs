@@ -24,6 +24,7 @@ pub use async_plan::async_placement_rule;
 mod async_udf;
 mod call_path;
 mod catalog;
+pub mod compile;
 mod ddl;
 mod error;
 mod explain;

@@ -35,6 +35,7 @@ pub struct PluginLoader {
     libraries: Mutex<HashMap<PathBuf, Weak<PluginLibrary>>>,
     isolation: Isolation,
     worker_limits: WorkerLimits,
+    compile: Option<crate::compile::CompileOptions>,
 }
 
 impl PluginLoader {
@@ -107,6 +108,21 @@ impl PluginLoader {
             Some(true) => Isolation::Process(self.worker_limits.clone()),
             Some(false) => Isolation::InProcess,
         }
+    }
+
+    /// Lets `CREATE FUNCTION ... LANGUAGE rust` compile functions written in SQL with `options`
+    /// (off unless called: compiled code is native code with this process's rights).
+    pub fn with_compile(mut self, options: crate::compile::CompileOptions) -> Self {
+        self.compile = Some(options);
+        self
+    }
+
+    /// How functions written in SQL are compiled, if they may be.
+    pub fn compile_options(&self) -> Option<&crate::compile::CompileOptions> {
+        if self.sql_loading_disabled {
+            return None;
+        }
+        self.compile.as_ref()
     }
 
     /// Refuses every load from SQL, whatever the directories.

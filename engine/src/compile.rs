@@ -1,0 +1,669 @@
+//! Functions written in SQL: `CREATE FUNCTION ... LANGUAGE rust AS $$ body $$` compiled into an
+//! ordinary udfsql plugin with the `#[udf]` SDK.
+//!
+//! * **The body.** Either the function's body over the declared parameters (an expression or
+//!   statements ending in one, of the declared return type; NULL in gives NULL out, as for any
+//!   strict `#[udf]` function), or, when it starts with `fn` or `#[`, whole Rust items with the
+//!   function itself (`fn name(...) -> Option<T>` / `Result<T, String>` / Arrow types through
+//!   `#[udf(vectorized)]`...), whose signature must then match the declared SQL types (checked at
+//!   load, as for `LANGUAGE plugin`). Types map as `#[udf]` maps them: `BOOLEAN` `bool`, `INT`
+//!   `i32`, `BIGINT` `i64`, `BIGINT UNSIGNED` `u64`, `REAL` `f32`, `DOUBLE` `f64`, `VARCHAR`
+//!   `&str` (returns `String`), `BYTEA` `&[u8]` (returns `Vec<u8>`), `DATE` `udf_abi::Date`.
+//! * **Dependencies**: a comment block in the body starting with `[dependencies]`
+//!   (`/* [dependencies] regex = "1" */`), lines of Cargo's dependency table; no other table.
+//! * **The crate** is generated in `<cache>/crates/<hash>/` and built with `cargo build
+//!   --release` (with `--offline` when asked) into one target directory shared by every compiled
+//!   function, so a second function reuses the SDK's dependencies. `<hash>` is the SHA-256 of
+//!   everything that decides the library (the generated sources, the SDK's path and version, the
+//!   toolchain's `rustc -vV`): the same function is never compiled twice, a changed body is a new
+//!   library file (no stale image), and the library is loaded pinned to its digest.
+//! * **Limits**: the build is killed after the time limit (its whole process group), its output
+//!   is read up to a bound, and a library larger than the size limit is refused. Concurrent
+//!   compilations of the same function wait on one lock file and build once.
+//! * **Errors**: rustc's errors in the body, at the body's line and column.
+#![forbid(unsafe_code)]
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::datatypes::DataType;
+use sha2::{Digest, Sha256};
+
+use crate::trust::Sha256Digest;
+
+/// How functions written in SQL are compiled.
+#[derive(Debug, Clone)]
+pub struct CompileOptions {
+    /// The `udf-abi` crate (the SDK) the generated crates depend on.
+    pub sdk: PathBuf,
+    /// Where generated crates, the shared target directory and the libraries live.
+    pub cache_dir: PathBuf,
+    /// `cargo build --offline`: use only the dependencies already downloaded.
+    pub offline: bool,
+    /// The most time one build may take; it is killed after.
+    pub time_limit: Duration,
+    /// The largest library accepted.
+    pub max_library_bytes: u64,
+    /// The `cargo` program.
+    pub cargo: PathBuf,
+}
+
+/// The default build time limit.
+pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(600);
+/// The default largest library (256 MiB).
+pub const DEFAULT_MAX_LIBRARY_BYTES: u64 = 256 << 20;
+/// The most bytes of compiler output kept (the rest is read and dropped).
+const MAX_OUTPUT_BYTES: usize = 4 << 20;
+
+impl CompileOptions {
+    /// Options with the defaults: the SDK at `sdk`, the cache at `cache_dir`, online, 10 minutes,
+    /// 256 MiB, `cargo` from `$CARGO` or the `PATH`.
+    pub fn new(sdk: impl Into<PathBuf>, cache_dir: impl Into<PathBuf>) -> Self {
+        CompileOptions {
+            sdk: sdk.into(),
+            cache_dir: cache_dir.into(),
+            offline: false,
+            time_limit: DEFAULT_TIME_LIMIT,
+            max_library_bytes: DEFAULT_MAX_LIBRARY_BYTES,
+            cargo: std::env::var_os("CARGO")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("cargo")),
+        }
+    }
+
+    /// The cache directory of the current user: `$UDFSQL_CACHE_DIR`, else
+    /// `$XDG_CACHE_HOME/udfsql/compiled`, else `~/.cache/udfsql/compiled`.
+    pub fn default_cache_dir() -> Option<PathBuf> {
+        if let Some(dir) = std::env::var_os("UDFSQL_CACHE_DIR") {
+            return Some(PathBuf::from(dir));
+        }
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+        Some(base.join("udfsql").join("compiled"))
+    }
+}
+
+/// A function written in SQL, as the statement declares it.
+#[derive(Debug, Clone)]
+pub struct RustFunction {
+    /// The SQL name (also the Rust function's name).
+    pub name: String,
+    /// Parameter names and types.
+    pub args: Vec<(String, DataType)>,
+    /// The return type.
+    pub return_type: DataType,
+    /// The body between `$$`.
+    pub body: String,
+}
+
+/// A compiled function's library.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    /// The library file.
+    pub library: PathBuf,
+    /// Its SHA-256 digest (load it pinned).
+    pub sha256: Sha256Digest,
+    /// Whether it came from the cache (no build ran).
+    pub cached: bool,
+    /// The content hash naming it.
+    pub hash: String,
+}
+
+/// Why a function written in SQL was not compiled.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// The statement cannot become a Rust function.
+    #[error("CREATE FUNCTION {function} LANGUAGE rust: {reason}")]
+    Declaration {
+        /// The function.
+        function: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// rustc refused the body.
+    #[error("CREATE FUNCTION {function} LANGUAGE rust: the body does not compile:\n{errors}")]
+    Rustc {
+        /// The function.
+        function: String,
+        /// rustc's errors at the body's lines.
+        errors: String,
+    },
+    /// The build took longer than its limit and was killed.
+    #[error(
+        "CREATE FUNCTION {function} LANGUAGE rust: the build took longer than {limit:?} and was stopped"
+    )]
+    TimedOut {
+        /// The function.
+        function: String,
+        /// The limit.
+        limit: Duration,
+    },
+    /// The build failed for another reason (cargo, dependencies, the file system).
+    #[error("CREATE FUNCTION {function} LANGUAGE rust: {reason}")]
+    Build {
+        /// The function.
+        function: String,
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// One SQL type's Rust types: as an argument, as a result.
+const RUST_TYPES: &[(DataType, &str, &str)] = &[
+    (DataType::Boolean, "bool", "bool"),
+    (DataType::Int32, "i32", "i32"),
+    (DataType::Int64, "i64", "i64"),
+    (DataType::UInt64, "u64", "u64"),
+    (DataType::Float32, "f32", "f32"),
+    (DataType::Float64, "f64", "f64"),
+    (DataType::Utf8, "&str", "String"),
+    (DataType::Utf8View, "&str", "String"),
+    (DataType::LargeUtf8, "&str", "String"),
+    (DataType::Binary, "&[u8]", "Vec<u8>"),
+    (DataType::BinaryView, "&[u8]", "Vec<u8>"),
+    (DataType::LargeBinary, "&[u8]", "Vec<u8>"),
+    (DataType::Date32, "::udf_abi::Date", "::udf_abi::Date"),
+];
+
+fn rust_type(function: &str, t: &DataType, argument: bool) -> Result<&'static str, CompileError> {
+    RUST_TYPES
+        .iter()
+        .find(|(sql, _, _)| sql == t)
+        .map(|(_, arg, ret)| if argument { *arg } else { *ret })
+        .ok_or_else(|| CompileError::Declaration {
+            function: function.to_string(),
+            reason: format!(
+                "{} has no Rust type in the body form; write the whole function (`fn {function}(...)`) \
+                 with an Arrow type (`#[udf(vectorized)]`)",
+                crate::types::arrow::sql_name(t)
+            ),
+        })
+}
+
+/// The generated crate.
+#[derive(Debug)]
+struct Generated {
+    cargo_toml: String,
+    lib_rs: String,
+    /// Lines of `lib.rs` before the body's first line.
+    body_offset: usize,
+    crate_name_prefix: &'static str,
+}
+
+/// The `[dependencies]` lines of the body's dependency comment, if any.
+fn dependencies(function: &str, body: &str) -> Result<String, CompileError> {
+    let Some(start) = body.find("/*") else {
+        return Ok(String::new());
+    };
+    let rest = &body[start + 2..];
+    let Some(table) = rest.trim_start().strip_prefix("[dependencies]") else {
+        return Ok(String::new());
+    };
+    let Some(end) = table.find("*/") else {
+        return Err(CompileError::Declaration {
+            function: function.to_string(),
+            reason: "the [dependencies] comment is not closed".to_string(),
+        });
+    };
+    let table = &table[..end];
+    for line in table.lines() {
+        if line.trim_start().starts_with('[') {
+            return Err(CompileError::Declaration {
+                function: function.to_string(),
+                reason: format!(
+                    "the dependency comment may hold only [dependencies] lines, not `{}`",
+                    line.trim()
+                ),
+            });
+        }
+    }
+    Ok(table.trim().to_string())
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn generate(options: &CompileOptions, f: &RustFunction) -> Result<Generated, CompileError> {
+    let declaration = |reason: String| CompileError::Declaration {
+        function: f.name.clone(),
+        reason,
+    };
+    if !is_identifier(&f.name) {
+        return Err(declaration(
+            "the name must be a Rust identifier (letters, digits, _)".into(),
+        ));
+    }
+    let deps = dependencies(&f.name, &f.body)?;
+    let sdk = options.sdk.display().to_string();
+    if sdk.contains('"') || sdk.contains('\\') {
+        return Err(declaration(format!(
+            "the SDK path {sdk} cannot be written in Cargo.toml"
+        )));
+    }
+    let cargo_toml = format!(
+        "[package]\nname = \"udfsql-compiled\"\nversion = \"0.0.0\"\nedition = \"2024\"\n\
+         publish = false\n\n[lib]\ncrate-type = [\"cdylib\"]\npath = \"src/lib.rs\"\n\n\
+         [dependencies]\nudf-abi = {{ path = \"{sdk}\" }}\n{deps}\n\n[workspace]\n\n\
+         [profile.release]\npanic = \"unwind\"\n"
+    );
+    let mut lib_rs = String::from(
+        "// Generated by udfsql from CREATE FUNCTION ... LANGUAGE rust.\n\
+         #![allow(unused_imports, unused_braces, clippy::all)]\nuse udf_abi::*;\n",
+    );
+    let trimmed = f.body.trim_start();
+    let items =
+        trimmed.starts_with("fn ") || trimmed.starts_with("#[") || trimmed.starts_with("/*");
+    let items = items && !is_expression_after_comment(trimmed);
+    let body_offset;
+    if items {
+        if trimmed.starts_with("fn ") {
+            lib_rs.push_str("#[udf]\n");
+        }
+        body_offset = lib_rs.lines().count();
+        lib_rs.push_str(&f.body);
+        lib_rs.push('\n');
+    } else {
+        let mut params = Vec::new();
+        for (name, t) in &f.args {
+            if !is_identifier(name) {
+                return Err(declaration(format!(
+                    "parameter {name:?} must be named with a Rust identifier"
+                )));
+            }
+            params.push(format!("{name}: {}", rust_type(&f.name, t, true)?));
+        }
+        let ret = rust_type(&f.name, &f.return_type, false)?;
+        let _ = writeln!(
+            lib_rs,
+            "#[udf]\nfn {}({}) -> {ret} {{",
+            f.name,
+            params.join(", ")
+        );
+        body_offset = lib_rs.lines().count();
+        lib_rs.push_str(&f.body);
+        lib_rs.push_str("\n}\n");
+    }
+    Ok(Generated {
+        cargo_toml,
+        lib_rs,
+        body_offset,
+        crate_name_prefix: "udfsql_compiled",
+    })
+}
+
+/// Whether a body starting with a comment is an expression body (the comment holds only
+/// dependencies and what follows is not an item).
+fn is_expression_after_comment(body: &str) -> bool {
+    let Some(rest) = body.strip_prefix("/*") else {
+        return false;
+    };
+    let Some(end) = rest.find("*/") else {
+        return false;
+    };
+    let after = rest[end + 2..].trim_start();
+    !(after.starts_with("fn ") || after.starts_with("#["))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// `rustc -vV` of the toolchain cargo uses.
+fn toolchain(options: &CompileOptions) -> String {
+    let rustc = options
+        .cargo
+        .parent()
+        .map(|d| d.join("rustc"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("rustc"));
+    Command::new(rustc)
+        .arg("-vV")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// Compiles `f` (or finds it in the cache) and returns its library.
+pub fn compile(options: &CompileOptions, f: &RustFunction) -> Result<Compiled, CompileError> {
+    let generated = generate(options, f)?;
+    let build_err = |reason: String| CompileError::Build {
+        function: f.name.clone(),
+        reason,
+    };
+    let lock = std::fs::read_to_string(options.sdk.join("../Cargo.lock")).unwrap_or_default();
+    let mut hasher = Sha256::new();
+    for part in [
+        generated.cargo_toml.as_str(),
+        generated.lib_rs.as_str(),
+        &options.sdk.display().to_string(),
+        env!("CARGO_PKG_VERSION"),
+        &toolchain(options),
+        &lock,
+    ] {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let hash = hex(&hasher.finalize())[..32].to_string();
+    let crate_name = format!("{}_{hash}", generated.crate_name_prefix);
+    let cargo_toml = generated.cargo_toml.replace(
+        "name = \"udfsql-compiled\"",
+        &format!("name = \"{crate_name}\""),
+    );
+
+    let crates = options.cache_dir.join("crates");
+    let libs = options.cache_dir.join("lib");
+    for dir in [&crates, &libs] {
+        std::fs::create_dir_all(dir).map_err(|e| build_err(format!("{}: {e}", dir.display())))?;
+    }
+    let library = libs.join(format!("lib{crate_name}.so"));
+    let lock_path = crates.join(format!("{hash}.lock"));
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| build_err(format!("{}: {e}", lock_path.display())))?;
+    // One build per function at a time: the others wait here, then find the library.
+    lock_file
+        .lock()
+        .map_err(|e| build_err(format!("cannot lock {}: {e}", lock_path.display())))?;
+    if library.exists() {
+        return finish(options, f, library, hash, true);
+    }
+    let dir = crates.join(&hash);
+    std::fs::create_dir_all(dir.join("src")).map_err(|e| build_err(e.to_string()))?;
+    std::fs::write(dir.join("Cargo.toml"), cargo_toml).map_err(|e| build_err(e.to_string()))?;
+    std::fs::write(dir.join("src/lib.rs"), &generated.lib_rs)
+        .map_err(|e| build_err(e.to_string()))?;
+    if !lock.is_empty() {
+        std::fs::write(dir.join("Cargo.lock"), &lock).map_err(|e| build_err(e.to_string()))?;
+    }
+    let target = options.cache_dir.join("target");
+    let mut cmd = Command::new(&options.cargo);
+    cmd.current_dir(&dir)
+        .args(["build", "--release", "--lib", "--message-format=json"])
+        .arg("--target-dir")
+        .arg(&target)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if options.offline {
+        cmd.arg("--offline");
+    }
+    {
+        use std::os::unix::process::CommandExt;
+        // Its own process group, so that a build past its limit is stopped whole (rustc,
+        // build scripts).
+        cmd.process_group(0);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| build_err(format!("cannot run {}: {e}", options.cargo.display())))?;
+    let stdout = child.stdout.take().map(|out| {
+        std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            let mut kept = 0usize;
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if kept + line.len() <= MAX_OUTPUT_BYTES {
+                    kept += line.len();
+                    lines.push(line);
+                }
+            }
+            lines
+        })
+    });
+    let stderr = child.stderr.take().map(|err| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let mut reader = err.take(MAX_OUTPUT_BYTES as u64);
+            reader.read_to_end(&mut text).ok();
+            // Drain the rest so cargo never blocks on a full pipe.
+            std::io::copy(&mut reader.into_inner(), &mut std::io::sink()).ok();
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    });
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() > options.time_limit => {
+                kill_group(child.id());
+                child.wait().ok();
+                return Err(CompileError::TimedOut {
+                    function: f.name.clone(),
+                    limit: options.time_limit,
+                });
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(build_err(format!("waiting for cargo: {e}"))),
+        }
+    };
+    let messages = stdout.and_then(|h| h.join().ok()).unwrap_or_default();
+    let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+    if !status.success() {
+        let errors = rustc_errors(&messages, generated.body_offset);
+        if !errors.is_empty() {
+            return Err(CompileError::Rustc {
+                function: f.name.clone(),
+                errors,
+            });
+        }
+        let tail: String = stderr
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(build_err(format!("cargo build failed ({status}):\n{tail}")));
+    }
+    let built = messages
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .filter(|m| m["target"]["name"].as_str() == Some(crate_name.as_str()))
+        .flat_map(|m| {
+            m["filenames"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|v| v.as_str().map(PathBuf::from))
+        })
+        .find(|p| p.extension().is_some_and(|e| e == "so"))
+        .ok_or_else(|| build_err("cargo built no shared library".into()))?;
+    let size = std::fs::metadata(&built)
+        .map_err(|e| build_err(format!("{}: {e}", built.display())))?
+        .len();
+    if size > options.max_library_bytes {
+        return Err(build_err(format!(
+            "the library is {size} bytes, more than the limit of {}",
+            options.max_library_bytes
+        )));
+    }
+    // Into place under a temporary name, then renamed: a reader never sees half a library.
+    let partial = libs.join(format!(".{crate_name}.partial"));
+    std::fs::copy(&built, &partial).map_err(|e| build_err(e.to_string()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| build_err(e.to_string()))?;
+    }
+    std::fs::rename(&partial, &library).map_err(|e| build_err(e.to_string()))?;
+    finish(options, f, library, hash, false)
+}
+
+fn finish(
+    _options: &CompileOptions,
+    f: &RustFunction,
+    library: PathBuf,
+    hash: String,
+    cached: bool,
+) -> Result<Compiled, CompileError> {
+    let bytes = std::fs::read(&library).map_err(|e| CompileError::Build {
+        function: f.name.clone(),
+        reason: format!("{}: {e}", library.display()),
+    })?;
+    let digest = hex(&Sha256::digest(&bytes));
+    let sha256: Sha256Digest = digest.parse().map_err(|e| CompileError::Build {
+        function: f.name.clone(),
+        reason: format!("digest: {e}"),
+    })?;
+    Ok(Compiled {
+        library,
+        sha256,
+        cached,
+        hash,
+    })
+}
+
+/// Kills the process group `pgid` (cargo and the compilers it started).
+fn kill_group(pgid: u32) {
+    Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .ok();
+}
+
+/// rustc's errors from cargo's JSON messages, each at its line and column in the body (lines of
+/// `lib.rs` before the body: `body_offset`).
+fn rustc_errors(messages: &[String], body_offset: usize) -> String {
+    let mut out = String::new();
+    for message in messages
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-message")
+    {
+        let m = &message["message"];
+        if m["level"] != "error" {
+            continue;
+        }
+        let text = m["message"].as_str().unwrap_or("error");
+        if text.starts_with("aborting due to") {
+            continue;
+        }
+        let code = m["code"]["code"]
+            .as_str()
+            .map(|c| format!("[{c}]"))
+            .unwrap_or_default();
+        let primary = m["spans"]
+            .as_array()
+            .and_then(|spans| spans.iter().find(|s| s["is_primary"] == true));
+        let place = primary
+            .and_then(|s| {
+                let line = s["line_start"].as_u64()? as usize;
+                let column = s["column_start"].as_u64()?;
+                Some(if line > body_offset {
+                    format!("body line {}, column {column}", line - body_offset)
+                } else {
+                    format!("the declaration (generated line {line})")
+                })
+            })
+            .unwrap_or_else(|| "no position".to_string());
+        let label = primary
+            .and_then(|s| s["label"].as_str())
+            .map(|l| format!(" ({l})"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "error{code} at {place}: {text}{label}");
+    }
+    out.trim_end().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn function(body: &str) -> RustFunction {
+        RustFunction {
+            name: "twice".into(),
+            args: vec![("x".into(), DataType::Int64)],
+            return_type: DataType::Int64,
+            body: body.into(),
+        }
+    }
+
+    #[test]
+    fn expression_bodies_get_the_declared_signature() {
+        let options = CompileOptions::new("/sdk", "/cache");
+        let g = generate(&options, &function("x * 2")).unwrap();
+        assert!(
+            g.lib_rs
+                .contains("#[udf]\nfn twice(x: i64) -> i64 {\nx * 2\n}")
+        );
+        assert_eq!(g.lib_rs.lines().nth(g.body_offset), Some("x * 2"));
+        assert!(g.cargo_toml.contains("udf-abi = { path = \"/sdk\" }"));
+    }
+
+    #[test]
+    fn item_bodies_are_kept_whole() {
+        let options = CompileOptions::new("/sdk", "/cache");
+        let body = "fn twice(x: Option<i64>) -> Option<i64> { x.map(|x| x * 2) }";
+        let g = generate(&options, &function(body)).unwrap();
+        assert!(g.lib_rs.contains(&format!("#[udf]\n{body}")));
+        assert_eq!(g.lib_rs.lines().nth(g.body_offset), Some(body));
+    }
+
+    #[test]
+    fn dependency_comments_are_read_and_bounded() {
+        let body = "/* [dependencies]\nitoa = \"1\"\n*/\nx * 2";
+        assert_eq!(dependencies("f", body).unwrap(), "itoa = \"1\"");
+        let g = generate(&CompileOptions::new("/sdk", "/c"), &function(body)).unwrap();
+        assert!(g.cargo_toml.contains("itoa = \"1\""));
+        assert!(g.lib_rs.contains("fn twice(x: i64) -> i64"));
+        let sneaky = "/* [dependencies]\nitoa = \"1\"\n[build-dependencies]\nx = \"1\" */ x";
+        assert!(dependencies("f", sneaky).is_err());
+        assert!(dependencies("f", "/* [dependencies] x = \"1\"").is_err());
+    }
+
+    #[test]
+    fn unsupported_types_and_names_are_refused_with_the_reason() {
+        let options = CompileOptions::new("/sdk", "/c");
+        let mut f = function("x");
+        f.return_type = DataType::Int16;
+        let e = generate(&options, &f).unwrap_err().to_string();
+        assert!(e.contains("SMALLINT") && e.contains("twice"), "{e}");
+        let mut f = function("x");
+        f.name = "bad-name".into();
+        assert!(generate(&options, &f).is_err());
+        let mut f = function("x");
+        f.args[0].0 = "x y".into();
+        assert!(generate(&options, &f).is_err());
+    }
+
+    #[test]
+    fn rustc_errors_point_into_the_body() {
+        let message = serde_json::json!({
+            "reason": "compiler-message",
+            "message": {
+                "level": "error",
+                "message": "mismatched types",
+                "code": {"code": "E0308"},
+                "spans": [{"is_primary": true, "line_start": 7, "column_start": 5,
+                           "label": "expected `i64`, found `&str`"}]
+            }
+        })
+        .to_string();
+        let text = rustc_errors(&[message], 4);
+        assert_eq!(
+            text,
+            "error[E0308] at body line 3, column 5: mismatched types (expected `i64`, found `&str`)"
+        );
+    }
+}
