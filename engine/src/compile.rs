@@ -98,6 +98,9 @@ pub struct RustFunction {
     pub return_type: DataType,
     /// The body between `$$`.
     pub body: String,
+    /// Where the body starts in the statement (line and column, 1-based), when known: compile
+    /// errors are then given at the statement's lines too.
+    pub body_at: Option<(u64, u64)>,
 }
 
 /// A compiled function's library.
@@ -454,7 +457,7 @@ pub fn compile(options: &CompileOptions, f: &RustFunction) -> Result<Compiled, C
     let messages = stdout.and_then(|h| h.join().ok()).unwrap_or_default();
     let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
     if !status.success() {
-        let errors = rustc_errors(&messages, generated.body_offset);
+        let errors = rustc_errors(&messages, generated.body_offset, f.body_at);
         if !errors.is_empty() {
             return Err(CompileError::Rustc {
                 function: f.name.clone(),
@@ -544,7 +547,7 @@ fn kill_group(pgid: u32) {
 
 /// rustc's errors from cargo's JSON messages, each at its line and column in the body (lines of
 /// `lib.rs` before the body: `body_offset`).
-fn rustc_errors(messages: &[String], body_offset: usize) -> String {
+fn rustc_errors(messages: &[String], body_offset: usize, body_at: Option<(u64, u64)>) -> String {
     let mut out = String::new();
     for message in messages
         .iter()
@@ -571,7 +574,20 @@ fn rustc_errors(messages: &[String], body_offset: usize) -> String {
                 let line = s["line_start"].as_u64()? as usize;
                 let column = s["column_start"].as_u64()?;
                 Some(if line > body_offset {
-                    format!("body line {}, column {column}", line - body_offset)
+                    let n = (line - body_offset) as u64;
+                    match body_at {
+                        Some((first_line, first_column)) => {
+                            let (l, c) = if n == 1 {
+                                (first_line, first_column + column - 1)
+                            } else {
+                                (first_line + n - 1, column)
+                            };
+                            format!(
+                                "line {l}, column {c} of the statement (body line {n}, column {column})"
+                            )
+                        }
+                        None => format!("body line {n}, column {column}"),
+                    }
                 } else {
                     format!("the declaration (generated line {line})")
                 })
@@ -596,6 +612,7 @@ mod tests {
             args: vec![("x".into(), DataType::Int64)],
             return_type: DataType::Int64,
             body: body.into(),
+            body_at: None,
         }
     }
 
@@ -660,10 +677,24 @@ mod tests {
             }
         })
         .to_string();
-        let text = rustc_errors(&[message], 4);
+        let text = rustc_errors(std::slice::from_ref(&message), 4, None);
         assert_eq!(
             text,
             "error[E0308] at body line 3, column 5: mismatched types (expected `i64`, found `&str`)"
+        );
+        // The body starts at line 2, column 40 of the statement.
+        let text = rustc_errors(std::slice::from_ref(&message), 4, Some((2, 40)));
+        assert!(
+            text.starts_with(
+                "error[E0308] at line 4, column 5 of the statement (body line 3, column 5)"
+            ),
+            "{text}"
+        );
+        let first = message.replace("\"line_start\":7", "\"line_start\":5");
+        let text = rustc_errors(&[first], 4, Some((2, 40)));
+        assert!(
+            text.contains("line 2, column 44 of the statement (body line 1, column 5)"),
+            "{text}"
         );
     }
 }

@@ -202,8 +202,9 @@ impl PluginFunctionFactory {
         stmt: &CreateFunction,
         rule: NameRule,
         live: Option<Arc<RwLock<SessionState>>>,
+        body_at: Option<(u64, u64)>,
     ) -> Result<Created, DdlError> {
-        let prepared = self.prepare(state, stmt, rule)?;
+        let prepared = self.prepare(state, stmt, rule, body_at)?;
         let taken = |state: &SessionState, name: &str| {
             state.scalar_functions().contains_key(name)
                 || state.aggregate_functions().contains_key(name)
@@ -299,6 +300,7 @@ impl PluginFunctionFactory {
         state: &SessionState,
         stmt: &CreateFunction,
         rule: NameRule,
+        body_at: Option<(u64, u64)>,
     ) -> Result<Prepared, DdlError> {
         let name = if rule == NameRule::Normalize
             && state.config_options().sql_parser.enable_ident_normalization
@@ -311,7 +313,7 @@ impl PluginFunctionFactory {
         match &stmt.params.language {
             Some(lang) if lang.value.eq_ignore_ascii_case("plugin") => {}
             Some(lang) if lang.value.eq_ignore_ascii_case("rust") => {
-                return self.prepare_rust(stmt, name);
+                return self.prepare_rust(stmt, name, body_at);
             }
             other => {
                 return Err(DdlError::Language {
@@ -343,7 +345,12 @@ impl PluginFunctionFactory {
     }
 
     /// `LANGUAGE rust AS $$ body $$`: the function to compile, loaded from the library it becomes.
-    fn prepare_rust(&self, stmt: &CreateFunction, name: String) -> Result<Prepared, DdlError> {
+    fn prepare_rust(
+        &self,
+        stmt: &CreateFunction,
+        name: String,
+        body_at: Option<(u64, u64)>,
+    ) -> Result<Prepared, DdlError> {
         if self.loader.compile_options().is_none() {
             return Err(DdlError::CompileDisabled { function: name });
         }
@@ -397,6 +404,7 @@ impl PluginFunctionFactory {
                 args,
                 return_type,
                 body,
+                body_at,
             }),
             name,
             target,
@@ -800,7 +808,7 @@ impl FunctionFactory for PluginFunctionFactory {
         statement: CreateFunction,
     ) -> Result<RegisterFunction> {
         let created = self
-            .create_and_register(state, &statement, NameRule::Normalize, None)
+            .create_and_register(state, &statement, NameRule::Normalize, None, None)
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         // DataFusion registers it (again: the same function) when this returns.
@@ -856,11 +864,13 @@ pub async fn execute_statement(ctx: &SessionContext, statement: DfStatement) -> 
     let normalize = state.config_options().sql_parser.enable_ident_normalization;
     let mut statement = statement;
     let mut names_normalized = false;
+    let mut body_at = None;
     if let DfStatement::Statement(inner) = &mut statement {
         match inner.as_mut() {
             Statement::CreateFunction(create) => {
                 normalize_name(&mut create.name, normalize);
                 names_normalized = true;
+                body_at = dollar_body_start(create);
             }
             Statement::DropFunction(drop) => {
                 for desc in &mut drop.func_desc {
@@ -877,15 +887,20 @@ pub async fn execute_statement(ctx: &SessionContext, statement: DfStatement) -> 
                 .config()
                 .get_extension::<PluginFunctionFactory>()
                 .filter(|_| {
-                    create
-                        .params
-                        .language
-                        .as_ref()
-                        .is_some_and(|l| l.value.eq_ignore_ascii_case("plugin"))
+                    create.params.language.as_ref().is_some_and(|l| {
+                        l.value.eq_ignore_ascii_case("plugin")
+                            || l.value.eq_ignore_ascii_case("rust")
+                    })
                 });
             if let Some(factory) = factory {
                 factory
-                    .create_and_register(&state, create, NameRule::Exact, Some(ctx.state_ref()))
+                    .create_and_register(
+                        &state,
+                        create,
+                        NameRule::Exact,
+                        Some(ctx.state_ref()),
+                        body_at,
+                    )
                     .await
                     .map_err(|e| DataFusionError::External(Box::new(e)))?;
                 return Ok(DataFrame::new(
@@ -911,6 +926,32 @@ pub async fn execute_statement(ctx: &SessionContext, statement: DfStatement) -> 
 }
 
 /// Lower-cases the unquoted parts of a name, as DataFusion does for identifiers in calls.
+/// Where the body of `AS $$ body $$` (or `$tag$ body $tag$`) starts in the statement: line and
+/// column, 1-based, of its first character; `None` for another body or without a position.
+fn dollar_body_start(
+    create: &datafusion::sql::sqlparser::ast::CreateFunction,
+) -> Option<(u64, u64)> {
+    use datafusion::sql::sqlparser::ast::{CreateFunctionBody, Expr as SqlExpr, Value};
+    let body = match create.function_body.as_ref()? {
+        CreateFunctionBody::AsBeforeOptions { body, .. }
+        | CreateFunctionBody::AsAfterOptions(body) => body,
+        _ => return None,
+    };
+    let SqlExpr::Value(value) = body else {
+        return None;
+    };
+    let Value::DollarQuotedString(quoted) = &value.value else {
+        return None;
+    };
+    let start = value.span.start;
+    if start.line == 0 {
+        return None;
+    }
+    // `$` + tag + `$` before the body.
+    let opening = 2 + quoted.tag.as_ref().map_or(0, |t| t.chars().count() as u64);
+    Some((start.line, start.column + opening))
+}
+
 fn normalize_name(name: &mut datafusion::sql::sqlparser::ast::ObjectName, normalize: bool) {
     use datafusion::sql::sqlparser::ast::ObjectNamePart;
     if !normalize {

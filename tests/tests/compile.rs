@@ -141,6 +141,20 @@ async fn functions_written_in_sql_compile_load_and_cache() {
     );
     assert!(e.contains("body line 3, column"), "{e}");
     assert!(e.contains("E0277"), "{e}");
+    // Through the engine's statement path (the shell's), also at the statement's line and
+    // column: the body starts after `$$` on line 2 here.
+    let e = udf_engine::sql(
+        &ctx,
+        "CREATE FUNCTION broken2(x BIGINT)\nRETURNS BIGINT LANGUAGE rust AS $$ let y: i64 = \"no\";\n    x + y\n$$",
+    )
+    .await
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("line 2, column ") && e.contains("of the statement (body line 1, column "),
+        "{e}"
+    );
 
     // OR REPLACE with another body: the new code answers (a new library file, no stale image).
     query(
@@ -197,6 +211,7 @@ async fn functions_written_in_sql_compile_load_and_cache() {
         args: vec![("x".into(), DataType::Int64)],
         return_type: DataType::Int64,
         body: format!("x + 1 // {}", nonce()),
+        body_at: None,
     };
     let threads: Vec<_> = (0..2)
         .map(|_| {
@@ -221,6 +236,7 @@ async fn functions_written_in_sql_compile_load_and_cache() {
              #[udf]\nfn endless(x: i64) -> i64 {{ x + N as i64 }} // {}",
             nonce()
         ),
+        body_at: None,
     };
     let started = Instant::now();
     match compile(&short, &endless) {
