@@ -739,3 +739,43 @@ fn meta_commands_in_a_terminal() {
     let file = std::fs::read_to_string(&out_file).unwrap();
     assert!(file.contains("to the file"), "{file}");
 }
+
+/// `--allow-compile`: off without the flag (the error names it); with it, a function written in
+/// SQL is compiled (offline, into the test run's shared cache) and called, and a compile error
+/// names the statement's line and column.
+#[test]
+fn allow_compile_compiles_functions_written_in_sql() {
+    let cache = udf_tests::fixture_dir().join("compiled");
+    let cache = cache.to_str().unwrap();
+    let create = "CREATE FUNCTION cli_twice(x BIGINT) RETURNS BIGINT LANGUAGE rust AS $$ x * 2 $$";
+    let o = run(&["--format", "csv", "-c", create]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--allow-compile"), "{}", stderr(&o));
+    let compile = ["--allow-compile", "--offline", "--compile-cache", cache];
+    let mut args = compile.to_vec();
+    args.extend([
+        "--format",
+        "csv",
+        "-c",
+        create,
+        "-c",
+        "SELECT cli_twice(21) AS r",
+    ]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).ends_with("r\n42\n"), "{}", stdout(&o));
+    let mut args = compile.to_vec();
+    args.extend([
+        "-c",
+        "CREATE FUNCTION cli_bad(x BIGINT)\nRETURNS BIGINT LANGUAGE rust AS $$\n    x + \"a\"\n$$",
+    ]);
+    let o = run(&args);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("cli_bad")
+            && e.contains("line 3, column")
+            && e.contains("of the statement (body line 2, column"),
+        "{e}"
+    );
+}
