@@ -194,7 +194,6 @@ struct Generated {
     lib_rs: String,
     /// Lines of `lib.rs` before the body's first line.
     body_offset: usize,
-    crate_name_prefix: &'static str,
 }
 
 /// The `[dependencies]` lines of the body's dependency comment, if any.
@@ -299,7 +298,6 @@ fn generate(options: &CompileOptions, f: &RustFunction) -> Result<Generated, Com
         cargo_toml,
         lib_rs,
         body_offset,
-        crate_name_prefix: "udfsql_compiled",
     })
 }
 
@@ -359,7 +357,7 @@ pub fn compile(options: &CompileOptions, f: &RustFunction) -> Result<Compiled, C
         hasher.update(part.as_bytes());
     }
     let hash = hex(&hasher.finalize())[..32].to_string();
-    let crate_name = format!("{}_{hash}", generated.crate_name_prefix);
+    let crate_name = format!("udfsql_compiled_{hash}");
     let cargo_toml = generated.cargo_toml.replace(
         "name = \"udfsql-compiled\"",
         &format!("name = \"{crate_name}\""),
@@ -383,7 +381,7 @@ pub fn compile(options: &CompileOptions, f: &RustFunction) -> Result<Compiled, C
         .lock()
         .map_err(|e| build_err(format!("cannot lock {}: {e}", lock_path.display())))?;
     if library.exists() {
-        return finish(options, f, library, hash, true);
+        return finish(f, library, hash, true);
     }
     let dir = crates.join(&hash);
     std::fs::create_dir_all(dir.join("src")).map_err(|e| build_err(e.to_string()))?;
@@ -508,11 +506,10 @@ pub fn compile(options: &CompileOptions, f: &RustFunction) -> Result<Compiled, C
             .map_err(|e| build_err(e.to_string()))?;
     }
     std::fs::rename(&partial, &library).map_err(|e| build_err(e.to_string()))?;
-    finish(options, f, library, hash, false)
+    finish(f, library, hash, false)
 }
 
 fn finish(
-    _options: &CompileOptions,
     f: &RustFunction,
     library: PathBuf,
     hash: String,
