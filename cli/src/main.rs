@@ -38,7 +38,9 @@ struct Args {
     #[arg(long = "plugin-dir", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
     /// Demo mode: load the example plugins built next to this binary (target/debug), allow
-    /// CREATE FUNCTION from that directory, and create the demo table `t`.
+    /// CREATE FUNCTION from that directory, and create the demo table `t`. Interactively, with
+    /// cargo and the udf-abi SDK present, also compile the function `exclaim` written in SQL (in
+    /// the background, as --allow-compile --offline does; about a minute the first time).
     #[arg(long)]
     demo: bool,
     /// Evaluate the functions of the --plugin and --plugin-dir libraries (and of CREATE FUNCTION
@@ -114,6 +116,67 @@ enum Command {
         #[arg(value_name = "FILE", required = true)]
         files: Vec<PathBuf>,
     },
+    /// Copy the library of the function NAME, last compiled from SQL (CREATE FUNCTION ...
+    /// LANGUAGE rust) with the compile cache, into DIR (an executor's or server's plugin
+    /// directory), and print how to load it there.
+    ExportFunction {
+        /// The function's SQL name.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// The directory to copy it to (it must exist).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// The compile cache (default: $UDFSQL_CACHE_DIR, else $XDG_CACHE_HOME/udfsql/compiled,
+        /// else ~/.cache/udfsql/compiled).
+        #[arg(long, value_name = "DIR")]
+        compile_cache: Option<PathBuf>,
+    },
+}
+
+/// `udfsql export-function NAME DIR`: copies the library under its own file name (a temporary
+/// name, then renamed: a plugin directory never holds half a library), and prints its path,
+/// digest and a `CREATE FUNCTION` that loads it from a plugin directory.
+fn export_function(name: &str, dir: &Path, cache: Option<&Path>) -> Result<()> {
+    let cache = match cache {
+        Some(dir) => dir.to_path_buf(),
+        None => udf_engine::compile::CompileOptions::default_cache_dir()
+            .context("no compile cache directory (give --compile-cache DIR)")?,
+    };
+    let exported =
+        udf_engine::compile::exported_library(&cache, name).map_err(anyhow::Error::msg)?;
+    let library = &exported.library;
+    if !dir.is_dir() {
+        anyhow::bail!("{} is not a directory", dir.display());
+    }
+    let file_name = library
+        .file_name()
+        .context("the compiled library has no file name")?;
+    let target = dir.join(file_name);
+    let partial = dir.join(format!(
+        ".{}.{}.partial",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::copy(library, &partial)
+        .with_context(|| format!("cannot copy {} to {}", library.display(), dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("cannot set the mode of {}", partial.display()))?;
+    }
+    std::fs::rename(&partial, &target)
+        .with_context(|| format!("cannot rename {} into place", partial.display()))?;
+    let digest = udf_engine::Sha256Digest::of_file(&target)
+        .with_context(|| format!("cannot read {}", target.display()))?;
+    println!("{}", target.display());
+    println!("sha256 {digest}");
+    // OR REPLACE: a --plugin-dir session has registered the directory's functions already.
+    println!(
+        "CREATE OR REPLACE FUNCTION {name}{} LANGUAGE plugin AS '{}#{name}#sha256={digest}';",
+        exported.declaration,
+        file_name.to_string_lossy()
+    );
+    Ok(())
 }
 
 /// `udfsql hash FILE...`: one `<digest>  <path>` line per file; a file that cannot be read is
@@ -147,14 +210,33 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let args = Args::parse();
-    if let Some(Command::Hash { files }) = &args.command {
-        return if hash(files) {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        };
+    match &args.command {
+        Some(Command::Hash { files }) => {
+            return if hash(files) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        Some(Command::ExportFunction {
+            name,
+            dir,
+            compile_cache,
+        }) => {
+            return match export_function(name, dir, compile_cache.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: export-function {name}: {}", shell::report(&e));
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        None => {}
     }
-    match run(args) {
+    let result = run(args);
+    // A function still compiling (the demo's, in the background) is not left building.
+    udf_engine::compile::stop_running_builds();
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -213,6 +295,33 @@ fn compile_options(args: &Args) -> Result<udf_engine::compile::CompileOptions> {
     let mut options = udf_engine::compile::CompileOptions::new(sdk, cache);
     options.offline = args.offline;
     options.time_limit = std::time::Duration::from_secs(args.compile_timeout);
+    options.status = Some(udf_engine::compile::CompileStatus::new());
+    Ok(options)
+}
+
+/// The demo's function written in SQL.
+const DEMO_FUNCTION: &str = "CREATE FUNCTION exclaim(s VARCHAR) RETURNS VARCHAR LANGUAGE rust AS $$
+    format!(\"{}!\", s.to_uppercase())
+$$";
+
+/// The compile options of the demo (as `--allow-compile --offline`: the SDK's dependencies are
+/// those of this workspace, already downloaded), or why there are none: no cargo, no SDK.
+fn demo_compile_options(
+    args: &Args,
+) -> std::result::Result<udf_engine::compile::CompileOptions, String> {
+    let mut options = compile_options(args).map_err(|e| shell::report(&e))?;
+    options.offline = true;
+    let cargo = std::process::Command::new(&options.cargo)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !cargo.is_ok_and(|s| s.success()) {
+        return Err(format!(
+            "no cargo ({}) on this machine",
+            options.cargo.display()
+        ));
+    }
     Ok(options)
 }
 
@@ -226,9 +335,24 @@ fn run(args: Args) -> Result<bool> {
     if args.isolate {
         loader = loader.with_isolation(Isolation::Process(limits));
     }
+    // The demo compiles its function written in SQL in the interactive shell only, on this
+    // machine (not on a Ballista cluster), when a toolchain is present.
+    let mut demo_compile = None;
     if args.allow_compile {
         loader = loader.with_compile(compile_options(&args)?);
+    } else if args.demo && interactive && args.ballista.is_none() {
+        match demo_compile_options(&args) {
+            Ok(options) => {
+                loader = loader.with_compile(options);
+                demo_compile = Some(Ok(()));
+            }
+            Err(reason) => demo_compile = Some(Err(reason)),
+        }
     }
+    let demo_compile = demo_compile.or_else(|| {
+        (args.demo && interactive && args.allow_compile && args.ballista.is_none())
+            .then_some(Ok(()))
+    });
     let mut libraries = args.plugins.clone();
     let mut dirs = args.plugin_dirs.clone();
     if args.demo {
@@ -267,6 +391,23 @@ fn run(args: Args) -> Result<bool> {
     }
     if args.demo {
         shell.create_demo_table()?;
+    }
+    match demo_compile {
+        Some(Ok(())) => {
+            eprintln!(
+                "demo: compiling exclaim(s VARCHAR), written in Rust in SQL, in the background \
+                 (a minute the first time); then: SELECT exclaim(name) FROM t;"
+            );
+            shell.run_in_background(DEMO_FUNCTION, |error| {
+                if let Some(error) = error {
+                    eprintln!("\ndemo: exclaim was not created: {error}");
+                }
+            })?;
+        }
+        Some(Err(reason)) => {
+            eprintln!("demo: no function compiled from SQL: {reason}");
+        }
+        None => {}
     }
 
     let stdout = std::io::stdout();

@@ -103,6 +103,36 @@ impl Progress {
     }
 }
 
+impl Progress {
+    /// The line of a `CREATE FUNCTION ... LANGUAGE rust` being compiled: the elapsed time and
+    /// what the build is doing (crates built so far), drawn while the build reports something.
+    pub fn compiling(status: udf_engine::compile::CompileStatus) -> Progress {
+        let drawn = Arc::new(AtomicUsize::new(0));
+        let drawn_by_task = Arc::clone(&drawn);
+        let started = Instant::now();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(DELAY).await;
+            let mut tick = tokio::time::interval(EVERY);
+            loop {
+                tick.tick().await;
+                let now = status.now();
+                if now.is_empty() {
+                    continue;
+                }
+                let mut err = std::io::stderr().lock();
+                let _ = write!(
+                    err,
+                    "\r\x1b[2K{:.1} s, {now}",
+                    started.elapsed().as_secs_f64()
+                );
+                let _ = err.flush();
+                drawn_by_task.store(1, Ordering::Relaxed);
+            }
+        });
+        Progress { task, drawn }
+    }
+}
+
 impl Drop for Progress {
     fn drop(&mut self) {
         self.task.abort();

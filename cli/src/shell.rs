@@ -65,7 +65,8 @@ pub const HELP: &str = "\
 Statements end with ';' and may span lines. Meta commands:
   \\?              this help
   \\q              quit (or Ctrl-D)
-  \\df             plugin functions: SQL name, kind, signature, library, ABI, isolation
+  \\df             plugin functions: SQL name, kind, signature, library, ABI, isolation,
+                  language (plugin, or rust when written in SQL)
   \\d              tables;  \\d NAME  columns of table NAME
   \\load FILE      load a plugin library and register its functions
   \\format F       output format: table, csv or json
@@ -148,6 +149,26 @@ impl Shell {
         Ok(())
     }
 
+    /// Starts running `sql` (one statement) in the background and returns at once; `done` gets
+    /// its error, if any. Used for the demo's compiled function, which may take a minute to build
+    /// the first time: the shell is usable meanwhile and the function appears when built.
+    pub fn run_in_background(
+        &self,
+        sql: &str,
+        done: impl FnOnce(Option<String>) + Send + 'static,
+    ) -> Result<()> {
+        let mut statements = DFParser::parse_sql_with_dialect(sql, self.dialect().as_ref())?;
+        let statement = statements
+            .pop_front()
+            .context("run_in_background takes one statement")?;
+        let ctx = self.ctx.clone();
+        self.runtime.spawn(async move {
+            let result = udf_engine::execute_statement(&ctx, statement).await;
+            done(result.err().map(|e| report(&anyhow::Error::new(e))));
+        });
+        Ok(())
+    }
+
     /// Creates the demo table `t`.
     pub fn create_demo_table(&self) -> Result<()> {
         let sql = "CREATE TABLE t (name VARCHAR, x BIGINT, d DOUBLE, flag BOOLEAN) AS VALUES \
@@ -211,10 +232,20 @@ impl Shell {
         let cancel = udf_engine::CallCancel::new();
         cancel.install(self.ctx.state_ref().write().config_mut());
         let ctx = self.ctx.clone();
-        let progress = self.progress && !self.distributed && std::io::stderr().is_terminal();
+        let terminal = self.progress && std::io::stderr().is_terminal();
+        let progress = terminal && !self.distributed;
+        let compile_status = self
+            .loader
+            .compile_options()
+            .and_then(|o| o.status.clone())
+            .filter(|_| is_create_function(&statement));
+        let compile_line = compile_status.clone().filter(|_| terminal);
         let work = async move {
+            // The line of a function being compiled, for as long as the statement runs.
+            let _line = compile_line.map(crate::progress::Progress::compiling);
             // Plugin DDL names follow DataFusion's identifier rules (quoted keep their case).
             let df = udf_engine::execute_statement(&ctx, statement).await?;
+            drop(_line);
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
             if !progress {
                 return Ok::<_, DataFusionError>((schema, df.collect().await?));
@@ -232,6 +263,23 @@ impl Shell {
             }
             Ok((schema, batches))
         };
+        let result = self.run_cancellable(work, cancel).await;
+        if let Some(outcome) = compile_status.and_then(|s| s.take_outcome())
+            && result.is_ok()
+        {
+            eprintln!("{}", compile_note(&outcome));
+        }
+        result
+    }
+
+    /// Runs a statement's `work`; in interactive mode Ctrl-C cancels it (and `cancel`).
+    async fn run_cancellable<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = std::result::Result<T, DataFusionError>>
+        + Send
+        + 'static,
+        cancel: udf_engine::CallCancel,
+    ) -> Result<T> {
         let Some(sigint) = &self.sigint else {
             return Ok(work.await?);
         };
@@ -352,7 +400,8 @@ impl Shell {
                 self.load_library(&PathBuf::from(&arg))?;
             }
             "\\df" => {
-                let sql = "SELECT name, kind, signature, library, abi, volatility, call_path, isolation FROM plugin_functions";
+                let sql = "SELECT name, kind, signature, library, abi, volatility, call_path, isolation, \
+                           language FROM plugin_functions";
                 self.run_sql(sql, out)?;
             }
             "\\d" if arg.is_empty() => {
@@ -494,6 +543,30 @@ impl Shell {
         words.dedup();
         words
     }
+}
+
+/// Whether `statement` is a `CREATE FUNCTION`.
+fn is_create_function(statement: &datafusion::sql::parser::Statement) -> bool {
+    matches!(
+        statement,
+        datafusion::sql::parser::Statement::Statement(s)
+            if matches!(**s, datafusion::sql::sqlparser::ast::Statement::CreateFunction(_))
+    )
+}
+
+/// The note after a function written in SQL was created: compiled now, or from the cache.
+fn compile_note(outcome: &udf_engine::compile::Outcome) -> String {
+    let how = if outcome.cached {
+        "from the compile cache"
+    } else {
+        "compiled"
+    };
+    format!(
+        "note: {} {how} in {:.2} s ({})",
+        outcome.function,
+        outcome.elapsed.as_secs_f64(),
+        outcome.library.display()
+    )
 }
 
 /// One line for an error and its causes, without the repetitions DataFusion's wrapping produces

@@ -41,6 +41,15 @@ pub struct PluginFunctionInfo {
     pub isolation: String,
     /// `scalar`, `async` (ABI 2.3) or `aggregate` (ABI 2.4).
     pub kind: String,
+    /// `rust` for a function written in SQL (`CREATE FUNCTION ... LANGUAGE rust`), `plugin` for
+    /// one from a library.
+    pub language: String,
+    /// The Rust body of a function written in SQL.
+    pub source: Option<String>,
+}
+
+fn language_of(source: Option<&str>) -> String {
+    if source.is_some() { "rust" } else { "plugin" }.to_string()
 }
 
 fn volatility_name(v: Volatility) -> &'static str {
@@ -75,6 +84,8 @@ pub fn plugin_functions_of(functions: &HashMap<String, Arc<ScalarUDF>>) -> Vec<P
                     "scalar"
                 }
                 .to_string(),
+                language: language_of(plugin.rust_source()),
+                source: plugin.rust_source().map(str::to_string),
             })
         })
         .collect();
@@ -109,6 +120,8 @@ pub fn plugin_aggregates_of(
                 }
                 .to_string(),
                 kind: "aggregate".to_string(),
+                language: language_of(plugin.rust_source()),
+                source: plugin.rust_source().map(str::to_string),
             })
         })
         .collect()
@@ -138,23 +151,32 @@ pub struct PluginFunctionsTable {
     schema: SchemaRef,
 }
 
+/// The columns of `plugin_functions`, each with its value in a [`PluginFunctionInfo`].
+type Column = (&'static str, fn(&PluginFunctionInfo) -> &str);
+const COLUMNS: &[Column] = &[
+    ("name", |i| &i.sql_name),
+    ("signature", |i| &i.signature),
+    ("library_function", |i| &i.library_name),
+    ("library", |i| &i.library),
+    ("abi", |i| &i.abi),
+    ("volatility", |i| &i.volatility),
+    ("call_path", |i| &i.call_path),
+    ("isolation", |i| &i.isolation),
+    ("kind", |i| &i.kind),
+    ("language", |i| &i.language),
+];
+
 impl PluginFunctionsTable {
     /// The table's columns: `name, signature, library_function, library, abi, volatility,
-    /// call_path, isolation, kind`.
+    /// call_path, isolation, kind, language`.
     pub fn new() -> Self {
-        let field = |name| Field::new(name, DataType::Utf8, false);
         PluginFunctionsTable {
-            schema: Arc::new(Schema::new(vec![
-                field("name"),
-                field("signature"),
-                field("library_function"),
-                field("library"),
-                field("abi"),
-                field("volatility"),
-                field("call_path"),
-                field("isolation"),
-                field("kind"),
-            ])),
+            schema: Arc::new(Schema::new(
+                COLUMNS
+                    .iter()
+                    .map(|(name, _)| Field::new(*name, DataType::Utf8, false))
+                    .collect::<Vec<_>>(),
+            )),
         }
     }
 }
@@ -183,22 +205,14 @@ impl TableProvider for PluginFunctionsTable {
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let infos = plugin_functions_in(state.scalar_functions(), state.aggregate_functions());
-        let column = |f: fn(&PluginFunctionInfo) -> &str| -> ArrayRef {
-            Arc::new(StringArray::from_iter_values(infos.iter().map(f)))
-        };
         let batch = RecordBatch::try_new(
             Arc::clone(&self.schema),
-            vec![
-                column(|i| &i.sql_name),
-                column(|i| &i.signature),
-                column(|i| &i.library_name),
-                column(|i| &i.library),
-                column(|i| &i.abi),
-                column(|i| &i.volatility),
-                column(|i| &i.call_path),
-                column(|i| &i.isolation),
-                column(|i| &i.kind),
-            ],
+            COLUMNS
+                .iter()
+                .map(|(_, value)| -> ArrayRef {
+                    Arc::new(StringArray::from_iter_values(infos.iter().map(value)))
+                })
+                .collect(),
         )?;
         Ok(MemorySourceConfig::try_new_exec(
             &[vec![batch]],

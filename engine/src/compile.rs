@@ -25,8 +25,9 @@
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::datatypes::DataType;
@@ -49,6 +50,59 @@ pub struct CompileOptions {
     pub max_library_bytes: u64,
     /// The `cargo` program.
     pub cargo: PathBuf,
+    /// Where a build reports how far it got (the shell's progress line), if anywhere.
+    pub status: Option<CompileStatus>,
+}
+
+/// What a build is doing now, and what the last one gave: shared with whoever shows it (the
+/// shell's progress line and its note after `CREATE FUNCTION`).
+#[derive(Debug, Clone, Default)]
+pub struct CompileStatus(Arc<Mutex<StatusState>>);
+
+#[derive(Debug, Default)]
+struct StatusState {
+    now: String,
+    last: Option<Outcome>,
+}
+
+/// How a function written in SQL got its library.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The function.
+    pub function: String,
+    /// The library file.
+    pub library: PathBuf,
+    /// Whether it came from the cache (no build ran).
+    pub cached: bool,
+    /// How long finding or building it took.
+    pub elapsed: Duration,
+}
+
+impl CompileStatus {
+    /// A status nobody has written to yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// What the running build is doing (`""` when none runs).
+    pub fn now(&self) -> String {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).now.clone()
+    }
+
+    /// The outcome of the last compilation that succeeded since the previous call, taken.
+    pub fn take_outcome(&self) -> Option<Outcome> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).last.take()
+    }
+
+    fn set_now(&self, text: String) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).now = text;
+    }
+
+    fn finish(&self, outcome: Outcome) {
+        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        state.now.clear();
+        state.last = Some(outcome);
+    }
 }
 
 /// The default build time limit.
@@ -71,6 +125,7 @@ impl CompileOptions {
             cargo: std::env::var_os("CARGO")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("cargo")),
+            status: None,
         }
     }
 
@@ -101,6 +156,36 @@ pub struct RustFunction {
     /// Where the body starts in the statement (line and column, 1-based), when known: compile
     /// errors are then given at the statement's lines too.
     pub body_at: Option<(u64, u64)>,
+    /// Lines of the written body before `body` (its option lines, see [`split_options`]):
+    /// error positions count them.
+    pub skipped_lines: usize,
+}
+
+/// The option lines at the top of a body (`#isolation=process`: a `#` not followed by `[` or
+/// `!`, which no Rust item starts with), and the body after them with the count of lines before
+/// it. A body without option lines is returned whole (and 0).
+pub fn split_options(body: &str) -> (Vec<String>, &str, usize) {
+    let mut options = Vec::new();
+    let (mut offset, mut lines) = (0, 0);
+    let mut kept = (0, 0);
+    for line in body.split_inclusive('\n') {
+        let text = line.trim();
+        if text.starts_with('#') && !text.starts_with("#[") && !text.starts_with("#!") {
+            options.push(text.to_string());
+            offset += line.len();
+            lines += 1;
+            kept = (offset, lines);
+        } else if text.is_empty() {
+            offset += line.len();
+            lines += 1;
+        } else {
+            break;
+        }
+    }
+    if options.is_empty() {
+        return (options, body, 0);
+    }
+    (options, &body[kept.0..], kept.1)
 }
 
 /// A compiled function's library.
@@ -264,7 +349,7 @@ fn generate(options: &CompileOptions, f: &RustFunction) -> Result<Generated, Com
     let trimmed = f.body.trim_start();
     let items =
         trimmed.starts_with("fn ") || trimmed.starts_with("#[") || trimmed.starts_with("/*");
-    let items = items && !is_expression_after_comment(trimmed);
+    let items = (items && !is_expression_after_comment(trimmed)) || defines(&f.body, &f.name);
     let body_offset;
     if items {
         if trimmed.starts_with("fn ") {
@@ -298,6 +383,19 @@ fn generate(options: &CompileOptions, f: &RustFunction) -> Result<Generated, Com
         cargo_toml,
         lib_rs,
         body_offset,
+    })
+}
+
+/// Whether `body` defines the function `name` itself (`fn name(` or `fn name<`), whatever comes
+/// first (`use` lines, helper items): then it is written whole.
+fn defines(body: &str, name: &str) -> bool {
+    body.match_indices("fn ").any(|(at, _)| {
+        let before = body[..at].chars().next_back();
+        let rest = body[at + 3..].trim_start();
+        before.is_none_or(|c| !(c.is_alphanumeric() || c == '_'))
+            && rest.strip_prefix(name).is_some_and(|after| {
+                after.trim_start().starts_with('(') || after.trim_start().starts_with('<')
+            })
     })
 }
 
@@ -336,8 +434,123 @@ fn toolchain(options: &CompileOptions) -> String {
         .unwrap_or_default()
 }
 
-/// Compiles `f` (or finds it in the cache) and returns its library.
+/// Compiles `f` (or finds it in the cache) and returns its library; records it as the library of
+/// `f`'s name in the cache (for [`exported_library`]) and reports to the options' status.
 pub fn compile(options: &CompileOptions, f: &RustFunction) -> Result<Compiled, CompileError> {
+    let started = Instant::now();
+    let result = build(options, f);
+    match &result {
+        Ok(compiled) => {
+            if let Err(e) = record(&options.cache_dir, f, &compiled.library) {
+                tracing::warn!(function = %f.name, error = %e, "cannot record the compiled function");
+            }
+            if let Some(status) = &options.status {
+                status.finish(Outcome {
+                    function: f.name.clone(),
+                    library: compiled.library.clone(),
+                    cached: compiled.cached,
+                    elapsed: started.elapsed(),
+                });
+            }
+        }
+        Err(_) => {
+            if let Some(status) = &options.status {
+                status.set_now(String::new());
+            }
+        }
+    }
+    result
+}
+
+/// Where the library of the function last compiled under `name` is recorded.
+fn record_path(cache_dir: &Path, name: &str) -> PathBuf {
+    cache_dir.join("functions").join(name)
+}
+
+/// Records `library` as the one of the function `f` with its declaration (a temporary file
+/// renamed into place): its file name, then `(a BIGINT, ...) RETURNS T`.
+fn record(cache_dir: &Path, f: &RustFunction, library: &Path) -> std::io::Result<()> {
+    let path = record_path(cache_dir, &f.name);
+    let dir = cache_dir.join("functions");
+    std::fs::create_dir_all(&dir)?;
+    let file_name = library
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| std::io::Error::other("the library has no file name"))?;
+    let partial = dir.join(format!(".{}.{}.partial", f.name, std::process::id()));
+    std::fs::write(&partial, format!("{file_name}\n{}\n", declaration(f)))?;
+    std::fs::rename(&partial, path)
+}
+
+/// `(a BIGINT, b VARCHAR) RETURNS VARCHAR`: the declaration of `f` in SQL.
+fn declaration(f: &RustFunction) -> String {
+    let args: Vec<String> = f
+        .args
+        .iter()
+        .map(|(name, t)| format!("{name} {}", crate::types::arrow::sql_name(t)))
+        .collect();
+    format!(
+        "({}) RETURNS {}",
+        args.join(", "),
+        crate::types::arrow::sql_name(&f.return_type)
+    )
+}
+
+/// A compiled function as [`exported_library`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exported {
+    /// The library file in the cache.
+    pub library: PathBuf,
+    /// Its declaration in SQL: `(a BIGINT) RETURNS BIGINT`.
+    pub declaration: String,
+}
+
+/// The library of the function last compiled (or found in the cache) under `name` in the cache
+/// `cache_dir`, by any process, and its declaration: what `udfsql export-function` copies. The
+/// error says what is missing. (The record is read as untrusted text: one file name without a
+/// directory, and a bounded declaration.)
+pub fn exported_library(cache_dir: &Path, name: &str) -> Result<Exported, String> {
+    if !is_identifier(name) {
+        return Err(format!("{name:?} is not the name of a compiled function"));
+    }
+    let path = record_path(cache_dir, name);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "no function {name} was compiled with the cache {} ({}: {e})",
+            cache_dir.display(),
+            path.display()
+        )
+    })?;
+    let mut lines = text.lines();
+    let file = lines.next().unwrap_or_default().trim();
+    let declaration = lines.next().unwrap_or_default().trim().to_string();
+    let valid = file.starts_with("libudfsql_compiled_")
+        && file.ends_with(".so")
+        && !file.contains('/')
+        && file.len() < 128
+        && declaration.starts_with('(')
+        && declaration.len() < 4096
+        && !declaration.contains(';');
+    if !valid {
+        return Err(format!(
+            "{}: not a record of a compiled function",
+            path.display()
+        ));
+    }
+    let library = cache_dir.join("lib").join(file);
+    if !library.is_file() {
+        return Err(format!(
+            "the library of {name}, {}, is no longer in the cache",
+            library.display()
+        ));
+    }
+    Ok(Exported {
+        library,
+        declaration,
+    })
+}
+
+fn build(options: &CompileOptions, f: &RustFunction) -> Result<Compiled, CompileError> {
     let generated = generate(options, f)?;
     let build_err = |reason: String| CompileError::Build {
         function: f.name.clone(),
@@ -412,12 +625,25 @@ pub fn compile(options: &CompileOptions, f: &RustFunction) -> Result<Compiled, C
     let mut child = cmd
         .spawn()
         .map_err(|e| build_err(format!("cannot run {}: {e}", options.cargo.display())))?;
+    let _running = Running::start(child.id());
+    let status = options.status.clone();
+    let what = format!("compiling {}", f.name);
+    if let Some(status) = &status {
+        status.set_now(format!("{what}: cargo build"));
+    }
     let stdout = child.stdout.take().map(|out| {
         std::thread::spawn(move || {
             let mut lines = Vec::new();
             let mut kept = 0usize;
+            let mut built = 0usize;
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
+                if let Some(status) = &status
+                    && let Some(name) = artifact_name(&line)
+                {
+                    built += 1;
+                    status.set_now(format!("{what}: {built} crates built (last: {name})"));
+                }
                 if kept + line.len() <= MAX_OUTPUT_BYTES {
                     kept += line.len();
                     lines.push(line);
@@ -455,7 +681,7 @@ pub fn compile(options: &CompileOptions, f: &RustFunction) -> Result<Compiled, C
     let messages = stdout.and_then(|h| h.join().ok()).unwrap_or_default();
     let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
     if !status.success() {
-        let errors = rustc_errors(&messages, generated.body_offset, f.body_at);
+        let errors = rustc_errors(&messages, generated.body_offset, f.body_at, f.skipped_lines);
         if !errors.is_empty() {
             return Err(CompileError::Rustc {
                 function: f.name.clone(),
@@ -532,6 +758,49 @@ fn finish(
     })
 }
 
+/// The crate a cargo JSON message says was just built, if it says so.
+fn artifact_name(line: &str) -> Option<String> {
+    // Cheap test first: most lines are compiler messages.
+    if !line.contains("\"compiler-artifact\"") {
+        return None;
+    }
+    let message: serde_json::Value = serde_json::from_str(line).ok()?;
+    (message["reason"] == "compiler-artifact")
+        .then(|| message["target"]["name"].as_str().map(str::to_string))
+        .flatten()
+}
+
+/// The process groups of the builds running now, for [`stop_running_builds`].
+static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// A build in [`RUNNING`] until dropped.
+struct Running(u32);
+
+impl Running {
+    fn start(pgid: u32) -> Running {
+        RUNNING.lock().unwrap_or_else(|e| e.into_inner()).push(pgid);
+        Running(pgid)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|&p| p != self.0);
+    }
+}
+
+/// Kills every build this process started that is still running (a program that exits while a
+/// function compiles calls this, so that no cargo outlives it: builds run in process groups of
+/// their own, which signals to the program do not reach).
+pub fn stop_running_builds() {
+    for pgid in RUNNING.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        kill_group(pgid);
+    }
+}
+
 /// Kills the process group `pgid` (cargo and the compilers it started).
 fn kill_group(pgid: u32) {
     Command::new("kill")
@@ -544,7 +813,12 @@ fn kill_group(pgid: u32) {
 
 /// rustc's errors from cargo's JSON messages, each at its line and column in the body (lines of
 /// `lib.rs` before the body: `body_offset`).
-fn rustc_errors(messages: &[String], body_offset: usize, body_at: Option<(u64, u64)>) -> String {
+fn rustc_errors(
+    messages: &[String],
+    body_offset: usize,
+    body_at: Option<(u64, u64)>,
+    skipped_lines: usize,
+) -> String {
     let mut out = String::new();
     for message in messages
         .iter()
@@ -571,7 +845,7 @@ fn rustc_errors(messages: &[String], body_offset: usize, body_at: Option<(u64, u
                 let line = s["line_start"].as_u64()? as usize;
                 let column = s["column_start"].as_u64()?;
                 Some(if line > body_offset {
-                    let n = (line - body_offset) as u64;
+                    let n = (line - body_offset + skipped_lines) as u64;
                     match body_at {
                         Some((first_line, first_column)) => {
                             let (l, c) = if n == 1 {
@@ -610,6 +884,7 @@ mod tests {
             return_type: DataType::Int64,
             body: body.into(),
             body_at: None,
+            skipped_lines: 0,
         }
     }
 
@@ -632,6 +907,27 @@ mod tests {
         let g = generate(&options, &function(body)).unwrap();
         assert!(g.lib_rs.contains(&format!("#[udf]\n{body}")));
         assert_eq!(g.lib_rs.lines().nth(g.body_offset), Some(body));
+        // `use` lines first: still whole, since the body defines `twice` itself; a helper
+        // `fn twice_more` or a call of `twice` in an expression body does not count.
+        let body = "use std::fmt::Write;\n#[udf]\nfn twice(x: i64) -> i64 { x * 2 }";
+        let g = generate(&options, &function(body)).unwrap();
+        assert!(
+            !g.lib_rs.contains("fn twice(x: i64) -> i64 {\nuse"),
+            "{}",
+            g.lib_rs
+        );
+        assert!(g.lib_rs.ends_with(&format!("{body}\n")));
+        for expression in [
+            "use std::ops::Mul;\nx.mul(2)",
+            "if x > 9 { x } else { twice(x * 2) }",
+        ] {
+            let g = generate(&options, &function(expression)).unwrap();
+            assert!(
+                g.lib_rs.contains("fn twice(x: i64) -> i64 {\n"),
+                "{}",
+                g.lib_rs
+            );
+        }
     }
 
     #[test]
@@ -674,13 +970,13 @@ mod tests {
             }
         })
         .to_string();
-        let text = rustc_errors(std::slice::from_ref(&message), 4, None);
+        let text = rustc_errors(std::slice::from_ref(&message), 4, None, 0);
         assert_eq!(
             text,
             "error[E0308] at body line 3, column 5: mismatched types (expected `i64`, found `&str`)"
         );
         // The body starts at line 2, column 40 of the statement.
-        let text = rustc_errors(std::slice::from_ref(&message), 4, Some((2, 40)));
+        let text = rustc_errors(std::slice::from_ref(&message), 4, Some((2, 40)), 0);
         assert!(
             text.starts_with(
                 "error[E0308] at line 4, column 5 of the statement (body line 3, column 5)"
@@ -688,10 +984,37 @@ mod tests {
             "{text}"
         );
         let first = message.replace("\"line_start\":7", "\"line_start\":5");
-        let text = rustc_errors(&[first], 4, Some((2, 40)));
+        let text = rustc_errors(std::slice::from_ref(&first), 4, Some((2, 40)), 0);
         assert!(
             text.contains("line 2, column 44 of the statement (body line 1, column 5)"),
             "{text}"
         );
+        // Two option lines were taken off the body: its first compiled line is body line 3.
+        let text = rustc_errors(&[first], 4, Some((2, 40)), 2);
+        assert!(
+            text.contains("line 4, column 5 of the statement (body line 3, column 5)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn option_lines_are_split_off_the_top_of_the_body() {
+        let (options, rest, skipped) = split_options("\n  #isolation=process\n\n x * 2\n");
+        assert_eq!(options, ["#isolation=process"]);
+        assert_eq!(rest, "\n x * 2\n");
+        assert_eq!(skipped, 2);
+        // Attributes, inner attributes and bodies without options stay whole.
+        for body in [
+            "#[udf]\nfn f(x: i64) -> i64 { x }",
+            "#![allow(unused)]\nx",
+            "\n x",
+            "",
+        ] {
+            assert_eq!(split_options(body), (Vec::new(), body, 0), "{body:?}");
+        }
+        // Only the top: a `#` line after code is the code's.
+        let (options, rest, _) = split_options("#isolation=none\nx\n#isolation=process\n");
+        assert_eq!(options, ["#isolation=none"]);
+        assert_eq!(rest, "x\n#isolation=process\n");
     }
 }

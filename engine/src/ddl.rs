@@ -388,23 +388,31 @@ impl PluginFunctionFactory {
             }
             args.push((arg_name.value.clone(), arg.data_type.clone()));
         }
-        let target = LibraryTarget {
-            path: String::new(),
-            function: Some(name.clone()),
-            sha256: None,
-            isolate: None,
-            max_in_flight: None,
-            chunk_rows: None,
-            call_timeout: None,
-            retries: None,
-        };
+        // Option lines at the top of the body: `#isolation=process`, as after a library path.
+        let (options, code, skipped_lines) = crate::compile::split_options(&body);
+        let mut target = LibraryTarget::new(String::new());
+        for line in &options {
+            let parsed = LibraryTarget::parse(&format!("body{line}"))
+                .map_err(|reason| declaration(format!("the option line `{line}`: {reason}")))?;
+            if parsed.function.is_some() || parsed.sha256.is_some() {
+                return Err(declaration(format!(
+                    "the option line `{line}`: a function written in SQL takes only options \
+                     (isolation=process|none), not a function name or a digest"
+                )));
+            }
+            target
+                .merge_options(&parsed)
+                .map_err(|reason| declaration(format!("the option line `{line}`: {reason}")))?;
+        }
+        target.function = Some(name.clone());
         Ok(Prepared {
             source: Some(crate::compile::RustFunction {
                 name: name.clone(),
                 args,
                 return_type,
-                body,
+                body: code.to_string(),
                 body_at,
+                skipped_lines,
             }),
             name,
             target,
@@ -427,7 +435,11 @@ impl Prepared {
         library: &Arc<PluginLibrary>,
         pool: Option<Arc<WorkerPool>>,
     ) -> Result<PluginUdf, DdlError> {
-        let Prepared { name, target, .. } = self;
+        let Prepared {
+            name,
+            target,
+            source,
+        } = self;
         let function = pick_function(library, &name, target.function.as_deref())?;
         check_declared_types(&name, stmt, &function)?;
         let volatility = stmt
@@ -444,6 +456,9 @@ impl Prepared {
             "CREATE FUNCTION from plugin library"
         );
         let mut udf = PluginUdf::new(name.clone(), function, volatility);
+        if let Some(source) = source {
+            udf = udf.with_rust_source(source.body);
+        }
         if target.max_in_flight.is_some()
             || target.chunk_rows.is_some()
             || target.call_timeout.is_some()
@@ -480,7 +495,11 @@ impl Prepared {
         function: crate::ffi::aggregate::PluginAggregate,
         pool: Option<Arc<WorkerPool>>,
     ) -> Result<crate::udaf::PluginUdaf, DdlError> {
-        let Prepared { name, target, .. } = self;
+        let Prepared {
+            name,
+            target,
+            source,
+        } = self;
         let refuse = |reason: &str| DdlError::BadTarget {
             function: name.clone(),
             target: stmt_target(stmt),
@@ -522,7 +541,10 @@ impl Prepared {
             isolated = pool.is_some(),
             "CREATE FUNCTION (aggregate) from plugin library"
         );
-        let udaf = crate::udaf::PluginUdaf::new(name, function);
+        let mut udaf = crate::udaf::PluginUdaf::new(name, function);
+        if let Some(source) = source {
+            udaf = udaf.with_rust_source(source.body);
+        }
         Ok(match pool {
             Some(pool) => udaf.with_worker_pool(pool),
             None => udaf,
@@ -616,6 +638,48 @@ fn duration_option(key: &str, value: &str) -> Result<std::time::Duration, String
 }
 
 impl LibraryTarget {
+    /// The library at `path` with no option given.
+    pub fn new(path: String) -> LibraryTarget {
+        LibraryTarget {
+            path,
+            function: None,
+            sha256: None,
+            isolate: None,
+            max_in_flight: None,
+            chunk_rows: None,
+            call_timeout: None,
+            retries: None,
+        }
+    }
+
+    /// Takes the options given in `other` (isolation and the asynchronous limits); an option
+    /// given in both is an error.
+    fn merge_options(&mut self, other: &LibraryTarget) -> Result<(), String> {
+        fn take<T: Clone>(
+            mine: &mut Option<T>,
+            theirs: &Option<T>,
+            key: &str,
+        ) -> Result<(), String> {
+            match (mine.is_some(), theirs) {
+                (true, Some(_)) => Err(format!("{key} is given twice")),
+                (_, Some(v)) => {
+                    *mine = Some(v.clone());
+                    Ok(())
+                }
+                (_, None) => Ok(()),
+            }
+        }
+        take(&mut self.isolate, &other.isolate, "isolation")?;
+        take(
+            &mut self.max_in_flight,
+            &other.max_in_flight,
+            "max_in_flight",
+        )?;
+        take(&mut self.chunk_rows, &other.chunk_rows, "chunk_rows")?;
+        take(&mut self.call_timeout, &other.call_timeout, "call_timeout")?;
+        take(&mut self.retries, &other.retries, "retries")
+    }
+
     /// Parses `path[#function][#sha256=HEX][#isolation=process|none]`; the error says what is
     /// wrong.
     pub fn parse(text: &str) -> Result<LibraryTarget, String> {
@@ -624,16 +688,7 @@ impl LibraryTarget {
         if path.is_empty() {
             return Err("no library path before '#'".to_string());
         }
-        let mut target = LibraryTarget {
-            path: path.to_string(),
-            function: None,
-            sha256: None,
-            isolate: None,
-            max_in_flight: None,
-            chunk_rows: None,
-            call_timeout: None,
-            retries: None,
-        };
+        let mut target = LibraryTarget::new(path.to_string());
         for part in parts {
             if let Some((key, value)) = part.split_once('=') {
                 if key.eq_ignore_ascii_case("isolation") {

@@ -81,6 +81,8 @@ pub struct PluginUdaf {
     signature: Signature,
     /// The workers that run its accumulators (process isolation), or none: in this process.
     pool: Option<Arc<WorkerPool>>,
+    /// The Rust body it was compiled from (`CREATE FUNCTION ... LANGUAGE rust`), if it was.
+    rust_source: Option<Arc<str>>,
 }
 
 impl PluginUdaf {
@@ -92,7 +94,19 @@ impl PluginUdaf {
             function,
             signature: Signature::user_defined(volatility),
             pool: None,
+            rust_source: None,
         }
+    }
+
+    /// The same aggregate, recorded as compiled from the Rust body `source`.
+    pub fn with_rust_source(mut self, source: impl Into<Arc<str>>) -> PluginUdaf {
+        self.rust_source = Some(source.into());
+        self
+    }
+
+    /// The Rust body the aggregate was compiled from, if it was written in SQL.
+    pub fn rust_source(&self) -> Option<&str> {
+        self.rust_source.as_deref()
     }
 
     /// The aggregate with its accumulators in `pool`'s worker processes (of its library).

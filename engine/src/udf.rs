@@ -37,6 +37,8 @@ pub struct PluginUdf {
     pool: Option<Arc<WorkerPool>>,
     /// How the calls of an asynchronous function run; `None` for a synchronous one.
     async_limits: Option<AsyncLimits>,
+    /// The Rust body it was compiled from (`CREATE FUNCTION ... LANGUAGE rust`), if it was.
+    rust_source: Option<Arc<str>>,
 }
 
 impl PluginUdf {
@@ -84,7 +86,19 @@ impl PluginUdf {
             call_path,
             pool: None,
             async_limits,
+            rust_source: None,
         }
+    }
+
+    /// The same function, recorded as compiled from the Rust body `source`.
+    pub fn with_rust_source(mut self, source: impl Into<Arc<str>>) -> Self {
+        self.rust_source = Some(source.into());
+        self
+    }
+
+    /// The Rust body the function was compiled from, if it was written in SQL.
+    pub fn rust_source(&self) -> Option<&str> {
+        self.rust_source.as_deref()
     }
 
     /// How an asynchronous function's calls run; `None` for a synchronous function.

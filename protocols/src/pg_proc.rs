@@ -289,7 +289,8 @@ fn pg_proc_value(
         "pronargs" => int(i32::try_from(info.arguments.len()).unwrap_or(i32::MAX)),
         // Argument types have no PostgreSQL oids; pg_get_function_arguments names them.
         "proargtypes" => text(""),
-        "prosrc" => text(&info.library_name),
+        // PostgreSQL's rule: a C function's link symbol, another language's body.
+        "prosrc" => text(info.source.as_deref().unwrap_or(&info.library_name)),
         "probin" => text(&info.library),
         _ => None,
     }

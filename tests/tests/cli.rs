@@ -259,7 +259,14 @@ fn terminal(
     let mut cmd = Command::new(udfsql());
     cmd.args(args)
         .env("UDFSQL_HISTORY", history)
-        .env("TERM", term);
+        .env("TERM", term)
+        // No function compiled in the background by --demo (no SDK there), unless a test says
+        // otherwise; never in the user's cache.
+        .env("UDFSQL_SDK", "/nonexistent/udf-abi")
+        .env(
+            "UDFSQL_CACHE_DIR",
+            udf_tests::fixture_dir().join("compiled"),
+        );
     for (name, value) in env {
         match value {
             Some(value) => cmd.env(name, value),
@@ -778,4 +785,142 @@ fn allow_compile_compiles_functions_written_in_sql() {
             && e.contains("of the statement (body line 2, column"),
         "{e}"
     );
+
+    // After a restart (a new process), the same statement finds its library in the cache.
+    let mut args = compile.to_vec();
+    args.extend(["-c", create]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("note: cli_twice from the compile cache in "),
+        "{}",
+        stderr(&o)
+    );
+
+    // export-function copies the library for a plugin directory (an executor's, a server's),
+    // with its digest and the statement that loads it there.
+    let deploy = tempfile::Builder::new()
+        .prefix("export-")
+        .tempdir_in(udf_tests::fixture_dir())
+        .unwrap();
+    let dir = deploy.path().to_str().unwrap();
+    let o = run(&[
+        "export-function",
+        "cli_twice",
+        dir,
+        "--compile-cache",
+        cache,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let copied = std::path::Path::new(lines[0]);
+    assert_eq!(copied.parent(), Some(deploy.path()));
+    let file_name = copied.file_name().unwrap().to_str().unwrap();
+    assert!(file_name.starts_with("libudfsql_compiled_"), "{out}");
+    let hashed = run(&["hash", lines[0]]);
+    let digest = stdout(&hashed)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(lines[1], format!("sha256 {digest}"));
+    assert!(
+        lines[2].contains(&format!("'{file_name}#cli_twice#sha256={digest}'")),
+        "{out}"
+    );
+    // Loaded from that directory by a session that cannot compile, with the printed statement.
+    let o = run(&[
+        "--plugin-dir",
+        dir,
+        "--format",
+        "csv",
+        "-c",
+        lines[2],
+        "-c",
+        "SELECT cli_twice(4) AS r, language FROM plugin_functions WHERE name = 'cli_twice'",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).ends_with("r,language\n8,plugin\n"),
+        "{}",
+        stdout(&o)
+    );
+    // A function never compiled, a missing directory: errors that name them.
+    let o = run(&[
+        "export-function",
+        "never_made",
+        dir,
+        "--compile-cache",
+        cache,
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no function never_made was compiled"),
+        "{}",
+        stderr(&o)
+    );
+    let missing = deploy.path().join("missing");
+    let o = run(&[
+        "export-function",
+        "cli_twice",
+        missing.to_str().unwrap(),
+        "--compile-cache",
+        cache,
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is not a directory"), "{}", stderr(&o));
+}
+
+/// `udfsql --demo` in a terminal compiles its function written in SQL (`exclaim`) in the
+/// background while the shell is already usable; `\df` lists it as language rust.
+#[test]
+fn demo_compiles_a_function_written_in_sql() {
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("history");
+    let sdk =
+        std::fs::canonicalize(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../udf-abi"))
+            .unwrap();
+    let mut p = terminal(
+        &["--demo"],
+        &history,
+        "dumb",
+        &[("UDFSQL_SDK", Some(sdk.to_str().unwrap()))],
+        30_000,
+    );
+    p.exp_string("demo: compiling exclaim(s VARCHAR)").unwrap();
+    p.exp_string("udfsql> ").unwrap();
+    // The shell answers while the function builds.
+    p.send_line("SELECT 40 + 2 AS answer;").unwrap();
+    p.exp_string("| 42 ").unwrap();
+    p.exp_string("udfsql> ").unwrap();
+    // Asked again every second until it exists (a cold build takes about a minute here).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(400);
+    loop {
+        p.send_line("SELECT exclaim('hi') AS e;").unwrap();
+        let (_, found) = p
+            .exp_regex(r"\| HI! |Invalid function|rror[^\n]*\n")
+            .unwrap();
+        if found.contains("HI!") {
+            break;
+        }
+        assert!(
+            found.contains("Invalid function") || found.contains("exclaim"),
+            "{found}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exclaim never appeared"
+        );
+        p.exp_string("udfsql> ").unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    p.exp_string("udfsql> ").unwrap();
+    p.send_line("SELECT name, language FROM plugin_functions WHERE language = 'rust';")
+        .unwrap();
+    p.exp_string("| exclaim | rust     |").unwrap();
+    p.exp_string("udfsql> ").unwrap();
+    p.send_line("\\q").unwrap();
+    p.exp_eof().unwrap();
 }

@@ -120,6 +120,93 @@ async fn functions_written_in_sql_compile_load_and_cache() {
         rows(&ctx, "SELECT fmt_int(-12345)").await,
         expect(&[&["-12345"]])
     );
+    // Arrow types: a vectorized function over arrow-rs arrays, DECIMAL(12,2) in, DECIMAL(13,2)
+    // out, written whole with its imports.
+    query(
+        &ctx,
+        "CREATE FUNCTION cents_sql(price DECIMAL(12,2), cents BIGINT) RETURNS DECIMAL(13,2) \
+         LANGUAGE rust AS $$\n\
+         use udf_abi::arrow_array::{Decimal128Array, Int64Array};\n\
+         #[udf(vectorized, returns = \"d:13,2\")]\n\
+         fn cents_sql(#[arrow(\"d:12,2\")] price: &Decimal128Array, cents: &Int64Array) \
+         -> Result<Decimal128Array, String> {\n\
+             price.iter().zip(cents.iter())\n\
+                 .map(|(p, c)| Some(p? + i128::from(c?)))\n\
+                 .collect::<Decimal128Array>()\n\
+                 .with_precision_and_scale(13, 2).map_err(|e| e.to_string())\n\
+         }\n$$",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        rows(
+            &ctx,
+            "SELECT cents_sql(CAST(12.34 AS DECIMAL(12,2)), 66), \
+             cents_sql(CAST(NULL AS DECIMAL(12,2)), 1), arrow_typeof(cents_sql(1.00, 1))"
+        )
+        .await,
+        expect(&[&["13.00", "NULL", "Decimal128(13, 2)"]])
+    );
+
+    // Option lines at the top of the body: `#isolation=process` evaluates the compiled
+    // function in worker processes. One that aborts kills its worker only: the query fails,
+    // the session answers on.
+    query(
+        &ctx,
+        "CREATE FUNCTION fragile(x BIGINT) RETURNS BIGINT LANGUAGE rust AS $$\n\
+         #isolation=process\n\
+         if x < 0 { std::process::abort() }\n\
+         x + 100\n$$",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        rows(
+            &ctx,
+            "SELECT fragile(1), isolation, language FROM plugin_functions WHERE name = 'fragile'"
+        )
+        .await,
+        expect(&[&["101", "process", "rust"]])
+    );
+    let e = query_error(&ctx, "SELECT fragile(-1)").await;
+    assert!(e.contains("fragile") && e.contains("worker"), "{e}");
+    assert_eq!(rows(&ctx, "SELECT fragile(2)").await, expect(&[&["102"]]));
+    assert_eq!(
+        rows(
+            &ctx,
+            "SELECT name, language FROM plugin_functions WHERE name IN ('fmt_int', 'or_zero') \
+             ORDER BY name"
+        )
+        .await,
+        expect(&[&["fmt_int", "rust"], &["or_zero", "rust"]])
+    );
+    // An option that is not one, or a library's (a digest), is refused with the line; errors
+    // below option lines are at the body's real lines.
+    let pin = format!("#sha256={}", "ab".repeat(32));
+    for (option, part) in [
+        ("#isolation=maybe", "isolation=maybe"),
+        (pin.as_str(), "only options"),
+        ("#isolation=none#isolation=process", "given twice"),
+    ] {
+        let e = query_error(
+            &ctx,
+            &format!(
+                "CREATE FUNCTION opt(x BIGINT) RETURNS BIGINT LANGUAGE rust AS $$\n{option}\nx $$"
+            ),
+        )
+        .await;
+        assert!(
+            e.contains("opt") && e.contains(option) && e.contains(part),
+            "{option}: {e}"
+        );
+    }
+    let e = query_error(
+        &ctx,
+        "CREATE FUNCTION opt(x BIGINT) RETURNS BIGINT LANGUAGE rust AS $$\n#isolation=none\n\n  x * \"a\" $$",
+    )
+    .await;
+    assert!(e.contains("body line 4, column 5"), "{e}");
+
     // A declared type that differs from the function written whole: refused at load.
     let e = query_error(
         &ctx,
@@ -212,6 +299,7 @@ async fn functions_written_in_sql_compile_load_and_cache() {
         return_type: DataType::Int64,
         body: format!("x + 1 // {}", nonce()),
         body_at: None,
+        skipped_lines: 0,
     };
     let threads: Vec<_> = (0..2)
         .map(|_| {
@@ -237,6 +325,7 @@ async fn functions_written_in_sql_compile_load_and_cache() {
             nonce()
         ),
         body_at: None,
+        skipped_lines: 0,
     };
     let started = Instant::now();
     match compile(&short, &endless) {

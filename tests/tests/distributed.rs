@@ -465,6 +465,56 @@ async fn plugin_queries_run_on_ballista_executors_as_locally() {
         assert_eq!(run(true, &args), local_out, "{args:?}");
     }
 
+    // A function written in SQL on the cluster: compiled by the client (or found in its
+    // cache); the executors load its library from their plugin directories, pinned, once
+    // `udfsql export-function` has copied it there.
+    let cache = fixture_dir().join("compiled");
+    let create =
+        "CREATE FUNCTION dist_affine(x BIGINT) RETURNS BIGINT LANGUAGE rust AS $$ x * 3 + 1 $$";
+    let compiled: Vec<String> = [
+        "--allow-compile",
+        "--offline",
+        "--compile-cache",
+        cache.to_str().unwrap(),
+        "-c",
+        &ddl[0],
+        "-c",
+        create,
+        "-c",
+        "SELECT x, dist_affine(x) AS y FROM p ORDER BY x NULLS FIRST",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let local_out = run(false, &compiled);
+    assert!(local_out.lines().count() > 10, "{local_out}");
+    let before = Command::new(udfsql())
+        .args(["--ballista", &cluster.url])
+        .args(&compiled)
+        .output()
+        .expect("run udfsql");
+    assert!(!before.status.success());
+    let e = String::from_utf8_lossy(&before.stderr);
+    assert!(
+        e.contains("libudfsql_compiled_") && e.contains("not in its plugin directories"),
+        "{e}"
+    );
+    for dir in &executor_dirs {
+        let out = Command::new(udfsql())
+            .args(["export-function", "dist_affine"])
+            .arg(dir)
+            .arg("--compile-cache")
+            .arg(&cache)
+            .output()
+            .expect("run udfsql export-function");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(run(true, &compiled), local_out);
+
     // The embedding example (Ballista's `remote_with_state` + udfsql's codecs and install).
     let example = udf_tests::build_workspace().join("examples/ballista_client");
     let out = Command::new(&example)
