@@ -276,25 +276,13 @@ fn example_plugins(dir: &Path, found: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
 
 /// How `--allow-compile` compiles functions written in SQL.
 fn compile_options(args: &Args) -> Result<udf_engine::compile::CompileOptions> {
-    let sdk = match (&args.sdk, std::env::var_os("UDFSQL_SDK")) {
-        (Some(dir), _) => dir.clone(),
-        (None, Some(dir)) => PathBuf::from(dir),
-        (None, None) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../udf-abi"),
-    };
-    let sdk = std::fs::canonicalize(&sdk).with_context(|| {
-        format!(
-            "--allow-compile: the udf-abi SDK {} (give --sdk DIR)",
-            sdk.display()
-        )
-    })?;
-    let cache = match &args.compile_cache {
-        Some(dir) => dir.clone(),
-        None => udf_engine::compile::CompileOptions::default_cache_dir()
-            .context("--allow-compile: no cache directory (give --compile-cache DIR)")?,
-    };
-    let mut options = udf_engine::compile::CompileOptions::new(sdk, cache);
-    options.offline = args.offline;
-    options.time_limit = std::time::Duration::from_secs(args.compile_timeout);
+    let mut options = udf_engine::compile::CompileOptions::from_flags(
+        args.sdk.as_deref(),
+        args.compile_cache.as_deref(),
+        args.offline,
+        args.compile_timeout,
+    )
+    .map_err(anyhow::Error::msg)?;
     options.status = Some(udf_engine::compile::CompileStatus::new());
     Ok(options)
 }

@@ -129,6 +129,39 @@ impl CompileOptions {
         }
     }
 
+    /// The options of the `--allow-compile` flags of udfsql's programs: the SDK `sdk`, else
+    /// `$UDFSQL_SDK`, else the `udf-abi` of the source tree this was built from (canonical, and
+    /// it must exist); the cache `cache`, else [`default_cache_dir`](Self::default_cache_dir);
+    /// `--offline`; the time limit in seconds. The error names the flag to give.
+    pub fn from_flags(
+        sdk: Option<&Path>,
+        cache: Option<&Path>,
+        offline: bool,
+        time_limit_secs: u64,
+    ) -> Result<CompileOptions, String> {
+        let sdk = match (sdk, std::env::var_os("UDFSQL_SDK")) {
+            (Some(dir), _) => dir.to_path_buf(),
+            (None, Some(dir)) => PathBuf::from(dir),
+            (None, None) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../udf-abi"),
+        };
+        let sdk = std::fs::canonicalize(&sdk).map_err(|e| {
+            format!(
+                "--allow-compile: the udf-abi SDK {}: {e} (give --sdk DIR)",
+                sdk.display()
+            )
+        })?;
+        let cache = match cache {
+            Some(dir) => dir.to_path_buf(),
+            None => Self::default_cache_dir().ok_or_else(|| {
+                "--allow-compile: no cache directory (give --compile-cache DIR)".to_string()
+            })?,
+        };
+        let mut options = CompileOptions::new(sdk, cache);
+        options.offline = offline;
+        options.time_limit = Duration::from_secs(time_limit_secs);
+        Ok(options)
+    }
+
     /// The cache directory of the current user: `$UDFSQL_CACHE_DIR`, else
     /// `$XDG_CACHE_HOME/udfsql/compiled`, else `~/.cache/udfsql/compiled`.
     pub fn default_cache_dir() -> Option<PathBuf> {

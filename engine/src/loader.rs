@@ -117,11 +117,10 @@ impl PluginLoader {
         self
     }
 
-    /// How functions written in SQL are compiled, if they may be.
+    /// How functions written in SQL are compiled, if they may be. (Independent of
+    /// [`disable_sql_loading`](Self::disable_sql_loading): a server that loads no library from
+    /// SQL may still compile functions written in SQL when its administrator says so.)
     pub fn compile_options(&self) -> Option<&crate::compile::CompileOptions> {
-        if self.sql_loading_disabled {
-            return None;
-        }
         self.compile.as_ref()
     }
 

@@ -113,6 +113,7 @@ impl Drop for QueryGuard {
 /// query runs. Errors found before anything was sent are status answers (400, 408, 413, 500).
 pub(crate) async fn answer(
     ctx: SessionContext,
+    compile: Option<crate::run::CompileStatement>,
     sql: String,
     format: OutputFormat,
     limits: Limits,
@@ -125,6 +126,7 @@ pub(crate) async fn answer(
     let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let task = tokio::spawn(produce(
         ctx,
+        compile,
         sql,
         Ending {
             format,
@@ -220,6 +222,7 @@ struct Ending {
 /// The query's task: runs the query, hands the chunks on, and ends the answer.
 async fn produce(
     ctx: SessionContext,
+    compile: Option<crate::run::CompileStatement>,
     sql: String,
     ending: Ending,
     chunks: mpsc::Sender<Result<Bytes, ApiError>>,
@@ -246,13 +249,14 @@ async fn produce(
         bytes: 0,
         rows_per_chunk: FIRST_CHUNK_ROWS,
     };
-    let outcome = match tokio::time::timeout_at(limits.deadline, answer.run(&ctx, &sql)).await {
-        Ok(outcome) => outcome,
-        Err(_) => {
-            cancel.cancel();
-            Err(ApiError::Timeout(limits.time_limit))
-        }
-    };
+    let outcome =
+        match tokio::time::timeout_at(limits.deadline, answer.run(&ctx, compile, &sql)).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                cancel.cancel();
+                Err(ApiError::Timeout(limits.time_limit))
+            }
+        };
     // The query's stream is dropped by now: whatever happens below, the query no longer runs.
     ended.store(true, std::sync::atomic::Ordering::SeqCst);
     let ending = match outcome {
@@ -300,7 +304,18 @@ struct Answer<'a> {
 }
 
 impl Answer<'_> {
-    async fn run(&mut self, ctx: &SessionContext, sql: &str) -> Result<(), ApiError> {
+    async fn run(
+        &mut self,
+        ctx: &SessionContext,
+        compile: Option<crate::run::CompileStatement>,
+        sql: &str,
+    ) -> Result<(), ApiError> {
+        if let Some((shared, statement)) = compile {
+            // Into the shared session, which every later request starts from; no columns.
+            udf_engine::execute_statement(&shared, statement).await?;
+            self.begin(&Arc::new(datafusion::arrow::datatypes::Schema::empty()))?;
+            return Ok(());
+        }
         let df = ctx.sql_with_options(sql, request_options()).await?;
         let mut stream = df.execute_stream().await?;
         self.begin(&stream.schema())?;

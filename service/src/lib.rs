@@ -10,7 +10,9 @@
 //!
 //! Plugins are loaded at start-up only. Requests cannot load a library: DDL, DML and other
 //! statements are refused for requests (DataFusion `SQLOptions`), and SQL loading is switched off
-//! in the engine as well. Every request runs with a time limit and its own memory pool, over one
+//! in the engine as well. The one exception is the administrator's [`Config::compile`]: then
+//! `CREATE [OR REPLACE] FUNCTION ... LANGUAGE rust` and `DROP FUNCTION` of such functions run
+//! (compiled into the shared session). Every request runs with a time limit and its own memory pool, over one
 //! shared session (its catalog and functions).
 //!
 //! Limits of the answers ([`Config`]):
@@ -124,6 +126,12 @@ pub struct Config {
     /// The most queries running at once; more are answered 503 with `Retry-After`
     /// ([`default_max_concurrent_queries`]).
     pub max_concurrent_queries: usize,
+    /// The administrator's option that lets requests create functions written in SQL (`CREATE
+    /// [OR REPLACE] FUNCTION ... LANGUAGE rust`, compiled with these options, shared by every
+    /// client) and drop them; `None` (the default): refused like all DDL. Any client that can
+    /// send a query can then run native code as the service's user: enable it only where every
+    /// client is trusted (the PostgreSQL and Flight SQL servers' users file, a private network).
+    pub compile: Option<udf_engine::compile::CompileOptions>,
 }
 
 impl Default for Config {
@@ -139,6 +147,7 @@ impl Default for Config {
             max_result_rows: DEFAULT_MAX_RESULT_ROWS,
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
             max_concurrent_queries: default_max_concurrent_queries(),
+            compile: None,
         }
     }
 }
@@ -186,6 +195,9 @@ impl AppState {
         let mut loader = PluginLoader::new()
             .disable_sql_loading()
             .with_isolation(config.isolation.clone());
+        if let Some(options) = &config.compile {
+            loader = loader.with_compile(options.clone());
+        }
         let mut libraries = Vec::new();
         for dir in &config.plugin_dirs {
             libraries.extend(udf_engine::trusted_libraries_in(dir)?);
@@ -402,7 +414,8 @@ async fn query(
     // The query runs as a task of its own, so that the time limit fires even while the query
     // waits inside a plugin call; when the limit passes or the client goes away, the task ends
     // and its isolated calls are cancelled (their workers are killed at once).
-    answer::answer(ctx, sql, format, limits, cancel, permit).await
+    let compile = state.compile_request(&sql)?;
+    answer::answer(ctx, compile, sql, format, limits, cancel, permit).await
 }
 
 async fn functions(State(state): State<AppState>) -> Response {

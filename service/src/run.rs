@@ -32,6 +32,7 @@ use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::error::DataFusionError;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -198,6 +199,13 @@ impl AppState {
     /// Plans `sql` as requests may (queries only: DDL, DML and other statements are refused) and
     /// tells its result schema and parameter types.
     pub async fn prepare(&self, sql: &str) -> Result<Prepared, ApiError> {
+        if self.compile_statement(sql)?.is_some() {
+            // Run by `run`; it answers no columns.
+            return Ok(Prepared {
+                schema: Arc::new(datafusion::arrow::datatypes::Schema::empty()),
+                parameters: Vec::new(),
+            });
+        }
         let plan = self.ctx.state().create_logical_plan(sql).await?;
         request_options().verify_plan(&plan)?;
         let mut named: Vec<(usize, Option<DataType>)> = Vec::new();
@@ -232,6 +240,67 @@ impl AppState {
         })
     }
 
+    /// The statement of `sql` when it is one the administrator's compile option lets requests
+    /// run: one `CREATE [OR REPLACE] FUNCTION ... LANGUAGE rust`, or one `DROP FUNCTION` of
+    /// functions written in SQL. `None` for anything else (planned as requests may: refused if
+    /// it is DDL) and whenever the option is off.
+    fn compile_statement(&self, sql: &str) -> Result<Option<DfStatement>, ApiError> {
+        use datafusion::sql::sqlparser::ast::Statement;
+        if self.config.compile.is_none() {
+            return Ok(None);
+        }
+        let dialect = datafusion::sql::sqlparser::dialect::GenericDialect {};
+        let Ok(mut statements) = DFParser::parse_sql_with_dialect(sql, &dialect) else {
+            // Planning reports the parse error.
+            return Ok(None);
+        };
+        if statements.len() != 1 {
+            return Ok(None);
+        }
+        let statement = statements.pop_front().expect("one statement");
+        let DfStatement::Statement(inner) = &statement else {
+            return Ok(None);
+        };
+        let allowed = match inner.as_ref() {
+            Statement::CreateFunction(create) => create
+                .language
+                .as_ref()
+                .is_some_and(|l| l.value.eq_ignore_ascii_case("rust")),
+            Statement::DropFunction(drop) => {
+                let compiled: Vec<String> = udf_engine::plugin_functions(&self.ctx)
+                    .into_iter()
+                    .filter(|f| f.language == "rust")
+                    .map(|f| f.sql_name)
+                    .collect();
+                let refused = drop.func_desc.iter().find(|desc| {
+                    let name = desc.name.to_string();
+                    let unquoted = name.trim_matches('"');
+                    !compiled
+                        .iter()
+                        .any(|c| c == unquoted || *c == name.to_lowercase())
+                });
+                if let Some(desc) = refused {
+                    return Err(ApiError::Query(format!(
+                        "DROP FUNCTION {}: requests may drop only functions written in SQL \
+                         (LANGUAGE rust)",
+                        desc.name
+                    )));
+                }
+                true
+            }
+            _ => false,
+        };
+        Ok(allowed.then_some(statement))
+    }
+
+    /// The shared session and the statement of `sql` if it is one the compile option allows
+    /// (see `compile_statement`).
+    pub(crate) fn compile_request(&self, sql: &str) -> Result<Option<CompileStatement>, ApiError> {
+        Ok(self
+            .compile_statement(sql)?
+            .map(|statement| (self.ctx.clone(), statement)))
+    }
+
     /// Runs `sql` (with `params` for `$1`, `$2`, …) under the service's limits. Errors found
     /// before the first batch (planning, the first batch's own errors, the time limit) are
     /// answered here; later ones end the stream.
@@ -247,8 +316,10 @@ impl AppState {
         let ended = Arc::new(AtomicBool::new(false));
         let (batches_tx, batches) = mpsc::channel(1);
         let (schema_tx, schema_rx) = oneshot::channel();
+        let compile = self.compile_request(sql)?;
         let task = tokio::spawn(feed(
             ctx,
+            compile,
             sql.to_string(),
             params,
             Feed {
@@ -289,6 +360,10 @@ impl AppState {
     }
 }
 
+/// A statement the administrator's compile option lets requests run, with the shared session it
+/// runs in.
+pub(crate) type CompileStatement = (SessionContext, DfStatement);
+
 /// The limits and hand-offs of one query's task.
 struct Feed {
     max_rows: u64,
@@ -316,6 +391,7 @@ fn batch_bytes(batch: &RecordBatch) -> u64 {
 /// The query's task: plans and runs it, hands its batches on within the limits.
 async fn feed(
     ctx: SessionContext,
+    compile: Option<CompileStatement>,
     sql: String,
     params: Option<ParamValues>,
     feed: Feed,
@@ -324,6 +400,15 @@ async fn feed(
 ) {
     let mut schema_tx = Some(schema_tx);
     let work = async {
+        if let Some((shared, statement)) = compile {
+            // Into the shared session, which every later request starts from; no columns.
+            udf_engine::execute_statement(&shared, statement).await?;
+            if let Some(tx) = schema_tx.take() {
+                tx.send(Ok(Arc::new(datafusion::arrow::datatypes::Schema::empty())))
+                    .ok();
+            }
+            return Ok(());
+        }
         let mut df = ctx.sql_with_options(&sql, request_options()).await?;
         if let Some(params) = params {
             df = df.with_param_values(params)?;

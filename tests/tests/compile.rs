@@ -153,7 +153,7 @@ async fn functions_written_in_sql_compile_load_and_cache() {
     // the session answers on.
     query(
         &ctx,
-        "CREATE FUNCTION fragile(x BIGINT) RETURNS BIGINT LANGUAGE rust AS $$\n\
+        "CREATE FUNCTION fragile(x BIGINT) RETURNS BIGINT VOLATILE LANGUAGE rust AS $$\n\
          #isolation=process\n\
          if x < 0 { std::process::abort() }\n\
          x + 100\n$$",
@@ -163,10 +163,11 @@ async fn functions_written_in_sql_compile_load_and_cache() {
     assert_eq!(
         rows(
             &ctx,
-            "SELECT fragile(1), isolation, language FROM plugin_functions WHERE name = 'fragile'"
+            "SELECT fragile(1), isolation, language, volatility FROM plugin_functions \
+             WHERE name = 'fragile'"
         )
         .await,
-        expect(&[&["101", "process", "rust"]])
+        expect(&[&["101", "process", "rust", "volatile"]])
     );
     let e = query_error(&ctx, "SELECT fragile(-1)").await;
     assert!(e.contains("fragile") && e.contains("worker"), "{e}");

@@ -513,7 +513,28 @@ async fn plugin_queries_run_on_ballista_executors_as_locally() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert_eq!(run(true, &compiled), local_out);
+    // The executors remember the failure for their --load-failure-ttl (10 s), then find it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(udfsql())
+            .args(["--ballista", &cluster.url, "--format", "csv"])
+            .arg("--plugin-dir")
+            .arg(&client_plugins)
+            .args(&compiled)
+            .output()
+            .expect("run udfsql");
+        if out.status.success() {
+            assert_eq!(String::from_utf8_lossy(&out.stdout), local_out);
+            break;
+        }
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains("not in its plugin directories"), "{e}");
+        assert!(
+            Instant::now() < deadline,
+            "the executors never found it: {e}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
 
     // The embedding example (Ballista's `remote_with_state` + udfsql's codecs and install).
     let example = udf_tests::build_workspace().join("examples/ballista_client");

@@ -121,6 +121,80 @@ async fn health_functions_and_queries() {
     server.stop().await;
 }
 
+/// Functions written in SQL over the service: refused like all DDL, unless the administrator's
+/// compile option is set; then created in the shared session (every later request sees them),
+/// evaluated isolated like the service's plugins, and dropped; no other DDL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_written_in_sql_only_with_the_admin_option() {
+    let create = "CREATE FUNCTION http_twice(x BIGINT) RETURNS BIGINT LANGUAGE rust AS $$ x * 2 $$";
+    let client = reqwest::Client::new();
+    let server = Server::start(|_| {}).await;
+    let (status, error) = post_sql(&client, &server, create).await;
+    assert_eq!(status, 400, "{error}");
+    assert!(error.to_string().contains("DDL"), "{error}");
+    server.stop().await;
+
+    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../udf-abi");
+    let mut options = udf_engine::compile::CompileOptions::new(
+        std::fs::canonicalize(sdk).unwrap(),
+        udf_tests::fixture_dir().join("compiled"),
+    );
+    options.offline = true;
+    let server = Server::start(|config| {
+        config.compile = Some(options);
+        // A cold cache builds the SDK's dependencies first.
+        config.time_limit = Duration::from_secs(300);
+    })
+    .await;
+    let (status, answer) = post_sql(&client, &server, create).await;
+    assert_eq!((status, answer), (200, json!([])));
+    let (status, rows) = post_sql(
+        &client,
+        &server,
+        "SELECT http_twice(age) AS t, isolation, language FROM people, plugin_functions \
+         WHERE plugin_functions.name = 'http_twice' ORDER BY t",
+    )
+    .await;
+    assert_eq!(status, 200, "{rows}");
+    assert_eq!(
+        rows,
+        json!([
+            {"t": 54, "isolation": "process", "language": "rust"},
+            {"t": 68, "isolation": "process", "language": "rust"}
+        ])
+    );
+    // Only that DDL: no library loaded from SQL, no drop of a plugin's function, no table.
+    for (sql, part) in [
+        (
+            "CREATE FUNCTION r2(s VARCHAR, n BIGINT UNSIGNED) RETURNS VARCHAR LANGUAGE plugin \
+             AS 'libudf_plugin_repeat.so'",
+            "DDL",
+        ),
+        ("DROP FUNCTION repeat", "only functions written in SQL"),
+        ("CREATE TABLE x AS VALUES (1)", "DDL"),
+    ] {
+        let (status, error) = post_sql(&client, &server, sql).await;
+        assert_eq!(status, 400, "{sql}: {error}");
+        assert!(error.to_string().contains(part), "{sql}: {error}");
+    }
+    let (status, rows) = post_sql(&client, &server, "SELECT repeat('a', 2) AS r").await;
+    assert_eq!((status, rows), (200, json!([{"r": "aa"}])));
+    // A compile error is the request's error, with the body's position.
+    let (status, error) = post_sql(
+        &client,
+        &server,
+        "CREATE FUNCTION http_bad(x BIGINT) RETURNS BIGINT LANGUAGE rust AS $$\nx + \"a\"\n$$",
+    )
+    .await;
+    assert_eq!(status, 400, "{error}");
+    assert!(error.to_string().contains("line 2, column"), "{error}");
+    let (status, answer) = post_sql(&client, &server, "DROP FUNCTION http_twice").await;
+    assert_eq!((status, answer), (200, json!([])));
+    let (status, error) = post_sql(&client, &server, "SELECT http_twice(1)").await;
+    assert_eq!(status, 400, "{error}");
+    server.stop().await;
+}
+
 /// The plugin directory's aggregates (ABI 2.4) are served too, with the service's default
 /// process isolation: listed with their kind, their accumulators in worker processes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

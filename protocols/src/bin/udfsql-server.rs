@@ -92,6 +92,28 @@ struct Args {
     /// Most PostgreSQL connections at once; more are closed at once.
     #[arg(long, value_name = "N", default_value_t = udf_protocols::pg::DEFAULT_MAX_CONNECTIONS)]
     pg_max_connections: usize,
+    /// Administrator's option: let requests run `CREATE [OR REPLACE] FUNCTION ... LANGUAGE rust
+    /// AS $$ body $$` (compiled with this machine's cargo, shared by every client) and `DROP
+    /// FUNCTION` of such functions. Any client can then run native code as this server's user:
+    /// only with trusted clients (a users file, a private network). Other DDL stays refused.
+    #[arg(long)]
+    allow_compile: bool,
+    /// Where compiled functions are kept (default: $UDFSQL_CACHE_DIR, else
+    /// $XDG_CACHE_HOME/udfsql/compiled, else ~/.cache/udfsql/compiled).
+    #[arg(long, value_name = "DIR", requires = "allow_compile")]
+    compile_cache: Option<PathBuf>,
+    /// The udf-abi SDK compiled functions build against (default: $UDFSQL_SDK, else the
+    /// udf-abi of the source tree this program was built from).
+    #[arg(long, value_name = "DIR", requires = "allow_compile")]
+    sdk: Option<PathBuf>,
+    /// Compile with `cargo build --offline`.
+    #[arg(long, requires = "allow_compile")]
+    offline: bool,
+    /// The longest one compilation may take, in seconds (the query's --time-limit-secs applies
+    /// too: a CREATE over it fails, and the library built meanwhile is found in the cache next
+    /// time).
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    compile_timeout: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -139,6 +161,19 @@ async fn main() -> anyhow::Result<()> {
         max_concurrent_queries: args
             .max_concurrent_queries
             .unwrap_or_else(udf_service::default_max_concurrent_queries),
+        compile: if args.allow_compile {
+            Some(
+                udf_engine::compile::CompileOptions::from_flags(
+                    args.sdk.as_deref(),
+                    args.compile_cache.as_deref(),
+                    args.offline,
+                    args.compile_timeout,
+                )
+                .map_err(anyhow::Error::msg)?,
+            )
+        } else {
+            None
+        },
     };
     let users = match &args.users_file {
         Some(file) => Users::from_file(file)?,
