@@ -82,31 +82,24 @@ impl Progress {
         let mut scans = Vec::new();
         leaves(plan, &mut scans);
         let total = total_rows(&scans);
-        let drawn = Arc::new(AtomicUsize::new(0));
-        let drawn_by_task = Arc::clone(&drawn);
-        let started = Instant::now();
-        let task = tokio::spawn(async move {
-            tokio::time::sleep(DELAY).await;
-            let mut tick = tokio::time::interval(EVERY);
-            loop {
-                tick.tick().await;
-                let done = total.map(|total| (scanned_rows(&scans), total));
-                let text = line(started.elapsed(), rows.load(Ordering::Relaxed), done);
-                let mut err = std::io::stderr().lock();
-                // Carriage return and "erase line": the line is redrawn in place.
-                let _ = write!(err, "\r\x1b[2K{text}");
-                let _ = err.flush();
-                drawn_by_task.store(1, Ordering::Relaxed);
-            }
-        });
-        Progress { task, drawn }
+        Progress::drawing(move |elapsed| {
+            let done = total.map(|total| (scanned_rows(&scans), total));
+            Some(line(elapsed, rows.load(Ordering::Relaxed), done))
+        })
     }
-}
 
-impl Progress {
     /// The line of a `CREATE FUNCTION ... LANGUAGE rust` being compiled: the elapsed time and
     /// what the build is doing (crates built so far), drawn while the build reports something.
     pub fn compiling(status: udf_engine::compile::CompileStatus) -> Progress {
+        Progress::drawing(move |elapsed| {
+            let now = status.now();
+            (!now.is_empty()).then(|| format!("{:.1} s, {now}", elapsed.as_secs_f64()))
+        })
+    }
+
+    /// A line drawn by a task of its own: after [`DELAY`], every [`EVERY`], the text `text`
+    /// gives for the elapsed time (nothing drawn when it gives none).
+    fn drawing(mut text: impl FnMut(Duration) -> Option<String> + Send + 'static) -> Progress {
         let drawn = Arc::new(AtomicUsize::new(0));
         let drawn_by_task = Arc::clone(&drawn);
         let started = Instant::now();
@@ -115,16 +108,12 @@ impl Progress {
             let mut tick = tokio::time::interval(EVERY);
             loop {
                 tick.tick().await;
-                let now = status.now();
-                if now.is_empty() {
+                let Some(text) = text(started.elapsed()) else {
                     continue;
-                }
+                };
                 let mut err = std::io::stderr().lock();
-                let _ = write!(
-                    err,
-                    "\r\x1b[2K{:.1} s, {now}",
-                    started.elapsed().as_secs_f64()
-                );
+                // Carriage return and "erase line": the line is redrawn in place.
+                let _ = write!(err, "\r\x1b[2K{text}");
                 let _ = err.flush();
                 drawn_by_task.store(1, Ordering::Relaxed);
             }

@@ -798,9 +798,18 @@ fn artifact_name(line: &str) -> Option<String> {
         return None;
     }
     let message: serde_json::Value = serde_json::from_str(line).ok()?;
-    (message["reason"] == "compiler-artifact")
-        .then(|| message["target"]["name"].as_str().map(str::to_string))
-        .flatten()
+    if message["reason"] != "compiler-artifact" {
+        return None;
+    }
+    let target = message["target"]["name"].as_str()?;
+    if target != "build-script-build" {
+        return Some(target.to_string());
+    }
+    // A build script: its package's name, from `path+file:///…#name@1.0` (or `name 1.0 (…)`).
+    let package = message["package_id"].as_str()?;
+    let package = package.rsplit('#').next().unwrap_or(package);
+    let name = package.split(['@', ' ']).next().unwrap_or(package);
+    Some(format!("{name} (build script)"))
 }
 
 /// The process groups of the builds running now, for [`stop_running_builds`].
@@ -1028,6 +1037,37 @@ mod tests {
             text.contains("line 4, column 5 of the statement (body line 3, column 5)"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn built_crates_are_named_for_the_progress_line() {
+        let artifact = |target: &str, package: &str| {
+            serde_json::json!({"reason": "compiler-artifact", "package_id": package,
+                               "target": {"name": target}})
+            .to_string()
+        };
+        assert_eq!(
+            artifact_name(&artifact("itoa", "registry+https://x#itoa@1.0.15")).as_deref(),
+            Some("itoa")
+        );
+        assert_eq!(
+            artifact_name(&artifact(
+                "build-script-build",
+                "registry+https://github.com/rust-lang/crates.io-index#proc-macro2@1.0.95"
+            ))
+            .as_deref(),
+            Some("proc-macro2 (build script)")
+        );
+        assert_eq!(
+            artifact_name(&artifact(
+                "build-script-build",
+                "libc 0.2.1 (registry+https://x)"
+            ))
+            .as_deref(),
+            Some("libc (build script)")
+        );
+        assert_eq!(artifact_name("{\"reason\": \"compiler-message\"}"), None);
+        assert_eq!(artifact_name("not json \"compiler-artifact\""), None);
     }
 
     #[test]
