@@ -80,6 +80,8 @@ Ctrl-C cancels a running statement. Plugins from SQL:
   CREATE [OR REPLACE] FUNCTION name(VARCHAR, BIGINT UNSIGNED) RETURNS VARCHAR
       LANGUAGE plugin AS 'libfile.so';      -- relative to a --plugin-dir
       ... AS 'libfile.so#isolation=process'  -- evaluated in worker processes
+  CREATE FUNCTION name(a BIGINT) RETURNS BIGINT LANGUAGE rust AS $$ a * 2 $$;
+                                            -- compiled (udfsql --allow-compile)
   DROP FUNCTION [IF EXISTS] name;
   SELECT * FROM plugin_functions;  SHOW FUNCTIONS;";
 
