@@ -669,8 +669,7 @@ fn build(options: &CompileOptions, f: &RustFunction) -> Result<Compiled, Compile
             let mut lines = Vec::new();
             let mut kept = 0usize;
             let mut built = 0usize;
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
+            for line in bounded_lines(BufReader::new(out), MAX_OUTPUT_BYTES) {
                 if let Some(status) = &status
                     && let Some(name) = artifact_name(&line)
                 {
@@ -788,6 +787,30 @@ fn finish(
         sha256,
         cached,
         hash,
+    })
+}
+
+/// The lines of `reader` (until it ends or fails), each cut at `max_line` bytes: the rest of a
+/// longer line is read and dropped, never held, so one line without an end cannot grow memory.
+/// Bytes that are not UTF-8 are replaced.
+fn bounded_lines(mut reader: impl BufRead, max_line: usize) -> impl Iterator<Item = String> {
+    let mut buffer = Vec::new();
+    std::iter::from_fn(move || {
+        buffer.clear();
+        let read = (&mut reader)
+            .take(max_line as u64)
+            .read_until(b'\n', &mut buffer)
+            .ok()?;
+        if read == 0 {
+            return None;
+        }
+        if buffer.last() == Some(&b'\n') {
+            buffer.pop();
+        } else if read == max_line {
+            // Cut: skip to the end of this line.
+            reader.skip_until(b'\n').ok()?;
+        }
+        Some(String::from_utf8_lossy(&buffer).into_owned())
     })
 }
 
@@ -1037,6 +1060,18 @@ mod tests {
             text.contains("line 4, column 5 of the statement (body line 3, column 5)"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn output_lines_are_cut_at_their_bound() {
+        let long = "x".repeat(100);
+        let input = format!("short\n{long}\nafter\n{long}");
+        let lines: Vec<String> = bounded_lines(std::io::Cursor::new(input), 10).collect();
+        assert_eq!(lines, ["short", "xxxxxxxxxx", "after", "xxxxxxxxxx"]);
+        // A line of exactly the bound, and invalid UTF-8.
+        let lines: Vec<String> =
+            bounded_lines(std::io::Cursor::new(b"0123456789\n\xffz\n".to_vec()), 10).collect();
+        assert_eq!(lines, ["0123456789", "\u{fffd}z"]);
     }
 
     #[test]
