@@ -9,7 +9,7 @@
 //!   load, as for `LANGUAGE plugin`). Types map as `#[udf]` maps them: `BOOLEAN` `bool`, `INT`
 //!   `i32`, `BIGINT` `i64`, `BIGINT UNSIGNED` `u64`, `REAL` `f32`, `DOUBLE` `f64`, `VARCHAR`
 //!   `&str` (returns `String`), `BYTEA` `&[u8]` (returns `Vec<u8>`), `DATE` `udf_abi::Date`.
-//! * **Dependencies**: a comment block in the body starting with `[dependencies]`
+//! * **Dependencies**: one comment block in the body starting with `[dependencies]`
 //!   (`/* [dependencies] regex = "1" */`), lines of Cargo's dependency table; no other table.
 //! * **The crate** is generated in `<cache>/crates/<hash>/` and built with `cargo build
 //!   --release` (with `--offline` when asked) into one target directory shared by every compiled
@@ -314,15 +314,23 @@ struct Generated {
     body_offset: usize,
 }
 
-/// The `[dependencies]` lines of the body's dependency comment, if any.
+/// The `[dependencies]` lines of the body's dependency comment (any `/*` comment whose text starts
+/// with `[dependencies]`; at most one), if any.
 fn dependencies(function: &str, body: &str) -> Result<String, CompileError> {
-    let Some(start) = body.find("/*") else {
+    let mut tables = body.match_indices("/*").filter_map(|(start, _)| {
+        body[start + 2..]
+            .trim_start()
+            .strip_prefix("[dependencies]")
+    });
+    let Some(table) = tables.next() else {
         return Ok(String::new());
     };
-    let rest = &body[start + 2..];
-    let Some(table) = rest.trim_start().strip_prefix("[dependencies]") else {
-        return Ok(String::new());
-    };
+    if tables.next().is_some() {
+        return Err(CompileError::Declaration {
+            function: function.to_string(),
+            reason: "two [dependencies] comments: write one".to_string(),
+        });
+    }
     let Some(end) = table.find("*/") else {
         return Err(CompileError::Declaration {
             function: function.to_string(),
@@ -1005,6 +1013,13 @@ mod tests {
         let sneaky = "/* [dependencies]\nitoa = \"1\"\n[build-dependencies]\nx = \"1\" */ x";
         assert!(dependencies("f", sneaky).is_err());
         assert!(dependencies("f", "/* [dependencies] x = \"1\"").is_err());
+        // Not only the first comment; two tables refused.
+        let later = "/* a note */\n/* [dependencies]\nitoa = \"1\"\n*/\nx * 2";
+        assert_eq!(dependencies("f", later).unwrap(), "itoa = \"1\"");
+        let twice = "/* [dependencies] a = \"1\" */ /* [dependencies] b = \"1\" */ x";
+        let e = dependencies("f", twice).unwrap_err().to_string();
+        assert!(e.contains("two [dependencies]"), "{e}");
+        assert_eq!(dependencies("f", "/* just a comment */ x").unwrap(), "");
     }
 
     #[test]
