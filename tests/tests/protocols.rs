@@ -818,3 +818,69 @@ fn no_authentication_off_loopback_is_refused() {
         );
     }
 }
+
+/// `udfsql-server --allow-compile`: functions written in SQL created and dropped over the
+/// PostgreSQL protocol and over Flight SQL, into the shared session (a function created by one
+/// protocol is called through the other); other DDL stays refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_compile_option_over_postgres_and_flight() {
+    let secrets = tempfile::tempdir().unwrap();
+    let users = users_file(secrets.path());
+    let cache = udf_tests::fixture_dir().join("compiled");
+    let server = Server::start(&[
+        "--users-file",
+        users.to_str().unwrap(),
+        "--allow-compile",
+        "--offline",
+        "--compile-cache",
+        cache.to_str().unwrap(),
+        // A cold cache builds the SDK's dependencies first.
+        "--time-limit-secs",
+        "300",
+    ]);
+    let client = server.pg("alice", "wonderland").await;
+    assert!(
+        simple(
+            &client,
+            "CREATE FUNCTION pg_twice(x BIGINT) RETURNS BIGINT LANGUAGE rust AS $$ x * 2 $$"
+        )
+        .await
+        .is_empty()
+    );
+    assert_eq!(
+        simple(&client, "SELECT pg_twice(21)").await,
+        vec![vec![Some("42".to_string())]]
+    );
+    let e = client
+        .simple_query("CREATE TABLE t AS VALUES (1)")
+        .await
+        .unwrap_err();
+    assert!(pg_error(&e).1.contains("DDL"), "{e:?}");
+
+    let mut flight = server.flight().await;
+    flight.handshake("alice", "wonderland").await.unwrap();
+    let batches = statement(
+        &mut flight,
+        "CREATE FUNCTION flight_inc(x BIGINT) RETURNS BIGINT LANGUAGE rust AS $$ x + 1 $$",
+    )
+    .await;
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
+    let batches = statement(&mut flight, "SELECT CAST(pg_twice(5) AS VARCHAR) AS r").await;
+    assert_eq!(strings(&batches, 0), vec![Some("10".to_string())]);
+    assert_eq!(
+        simple(&client, "SELECT flight_inc(1)").await,
+        vec![vec![Some("2".to_string())]]
+    );
+
+    simple(&client, "DROP FUNCTION pg_twice").await;
+    let e = client.simple_query("SELECT pg_twice(1)").await.unwrap_err();
+    assert!(pg_error(&e).1.contains("pg_twice"), "{e:?}");
+    let e = client
+        .simple_query("DROP FUNCTION repeat")
+        .await
+        .unwrap_err();
+    assert!(
+        pg_error(&e).1.contains("only functions written in SQL"),
+        "{e:?}"
+    );
+}
