@@ -872,6 +872,21 @@ async fn the_admin_compile_option_over_postgres_and_flight() {
         vec![vec![Some("2".to_string())]]
     );
 
+    // pg_proc keeps a compiled function's body as its source (PostgreSQL's rule for non-C
+    // functions), a plugin's library function otherwise.
+    assert_eq!(
+        simple(
+            &client,
+            "SELECT proname, prosrc FROM pg_catalog.pg_proc \
+             WHERE proname IN ('flight_inc', 'square') ORDER BY proname"
+        )
+        .await,
+        vec![
+            vec![Some("flight_inc".to_string()), Some(" x + 1 ".to_string())],
+            vec![Some("square".to_string()), Some("square".to_string())],
+        ]
+    );
+
     simple(&client, "DROP FUNCTION pg_twice").await;
     let e = client.simple_query("SELECT pg_twice(1)").await.unwrap_err();
     assert!(pg_error(&e).1.contains("pg_twice"), "{e:?}");
