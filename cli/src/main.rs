@@ -164,10 +164,11 @@ fn export_function(name: &str, dir: &Path, cache: Option<&Path>) -> Result<()> {
         std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o644))
             .with_context(|| format!("cannot set the mode of {}", partial.display()))?;
     }
+    // The digest of the copy itself, before it takes its name (what the executors will pin).
+    let digest = udf_engine::Sha256Digest::of_file(&partial)
+        .with_context(|| format!("cannot read {}", partial.display()))?;
     std::fs::rename(&partial, &target)
         .with_context(|| format!("cannot rename {} into place", partial.display()))?;
-    let digest = udf_engine::Sha256Digest::of_file(&target)
-        .with_context(|| format!("cannot read {}", target.display()))?;
     println!("{}", target.display());
     println!("sha256 {digest}");
     // OR REPLACE: a --plugin-dir session has registered the directory's functions already.
@@ -325,22 +326,27 @@ fn run(args: Args) -> Result<bool> {
     }
     // The demo compiles its function written in SQL in the interactive shell only, on this
     // machine (not on a Ballista cluster), when a toolchain is present.
+    let demo_here = args.demo && interactive && args.ballista.is_none();
     let mut demo_compile = None;
-    if args.allow_compile {
-        loader = loader.with_compile(compile_options(&args)?);
-    } else if args.demo && interactive && args.ballista.is_none() {
+    let options = if args.allow_compile {
+        Some(compile_options(&args)?)
+    } else if demo_here {
         match demo_compile_options(&args) {
-            Ok(options) => {
-                loader = loader.with_compile(options);
-                demo_compile = Some(Ok(()));
+            Ok(options) => Some(options),
+            Err(reason) => {
+                demo_compile = Some(Err(reason));
+                None
             }
-            Err(reason) => demo_compile = Some(Err(reason)),
+        }
+    } else {
+        None
+    };
+    if let Some(options) = options {
+        loader = loader.with_compile(options);
+        if demo_here {
+            demo_compile = Some(Ok(()));
         }
     }
-    let demo_compile = demo_compile.or_else(|| {
-        (args.demo && interactive && args.allow_compile && args.ballista.is_none())
-            .then_some(Ok(()))
-    });
     let mut libraries = args.plugins.clone();
     let mut dirs = args.plugin_dirs.clone();
     if args.demo {

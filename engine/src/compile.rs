@@ -537,6 +537,9 @@ fn declaration(f: &RustFunction) -> String {
     )
 }
 
+/// The most of a function's record read (a file name and a declaration are far shorter).
+const MAX_RECORD_BYTES: u64 = 8192;
+
 /// A compiled function as [`exported_library`] finds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exported {
@@ -555,13 +558,16 @@ pub fn exported_library(cache_dir: &Path, name: &str) -> Result<Exported, String
         return Err(format!("{name:?} is not the name of a compiled function"));
     }
     let path = record_path(cache_dir, name);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        format!(
-            "no function {name} was compiled with the cache {} ({}: {e})",
-            cache_dir.display(),
-            path.display()
-        )
-    })?;
+    let mut text = String::new();
+    std::fs::File::open(&path)
+        .and_then(|file| file.take(MAX_RECORD_BYTES).read_to_string(&mut text))
+        .map_err(|e| {
+            format!(
+                "no function {name} was compiled with the cache {} ({}: {e})",
+                cache_dir.display(),
+                path.display()
+            )
+        })?;
     let mut lines = text.lines();
     let file = lines.next().unwrap_or_default().trim();
     let declaration = lines.next().unwrap_or_default().trim().to_string();
@@ -1075,6 +1081,38 @@ mod tests {
             text.contains("line 4, column 5 of the statement (body line 3, column 5)"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn function_records_are_read_as_untrusted_text() {
+        let cache = std::env::temp_dir().join(format!("udfsql-records-{}", std::process::id()));
+        std::fs::create_dir_all(cache.join("functions")).unwrap();
+        std::fs::create_dir_all(cache.join("lib")).unwrap();
+        let library = "libudfsql_compiled_ab.so";
+        std::fs::write(cache.join("lib").join(library), b"x").unwrap();
+        let write = |text: &str| std::fs::write(cache.join("functions/f"), text).unwrap();
+        write(&format!("{library}\n(x BIGINT) RETURNS BIGINT\n"));
+        let found = exported_library(&cache, "f").unwrap();
+        assert_eq!(found.library, cache.join("lib").join(library));
+        assert_eq!(found.declaration, "(x BIGINT) RETURNS BIGINT");
+        // Another directory, another file, a statement smuggled in, a huge record.
+        for bad in [
+            "../../etc/passwd\n(x BIGINT) RETURNS BIGINT".to_string(),
+            "libc.so\n(x BIGINT) RETURNS BIGINT".to_string(),
+            format!("{library}\n(x BIGINT) RETURNS BIGINT; DROP TABLE t"),
+            format!("{library}\n({})", "x".repeat(1 << 20)),
+        ] {
+            write(&bad);
+            let e = exported_library(&cache, "f").unwrap_err();
+            assert!(e.contains("not a record"), "{e}");
+        }
+        assert!(exported_library(&cache, "../f").is_err());
+        assert!(
+            exported_library(&cache, "g")
+                .unwrap_err()
+                .contains("no function g")
+        );
+        std::fs::remove_dir_all(&cache).unwrap();
     }
 
     #[test]

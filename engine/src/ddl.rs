@@ -980,7 +980,6 @@ pub async fn execute_statement(ctx: &SessionContext, statement: DfStatement) -> 
     ctx.execute_logical_plan(plan).await
 }
 
-/// Lower-cases the unquoted parts of a name, as DataFusion does for identifiers in calls.
 /// Where the body of `AS $$ body $$` (or `$tag$ body $tag$`) starts in the statement: line and
 /// column, 1-based, of its first character; `None` for another body or without a position.
 fn dollar_body_start(
@@ -1007,6 +1006,7 @@ fn dollar_body_start(
     Some((start.line, start.column + opening))
 }
 
+/// Lower-cases the unquoted parts of a name, as DataFusion does for identifiers in calls.
 fn normalize_name(name: &mut datafusion::sql::sqlparser::ast::ObjectName, normalize: bool) {
     use datafusion::sql::sqlparser::ast::ObjectNamePart;
     if !normalize {
