@@ -3,7 +3,8 @@
 //!
 //! A call takes an idle worker (or starts one, or waits for one), writes one request into the
 //! worker's shared input region and waits for the reply in its output region (see `shared`):
-//! first spinning on the reply's sequence word for up to [`HOST_SPIN`], then in `poll` on the
+//! first spinning on the reply's sequence word for as long as the worker's replies took lately
+//! (at most [`HOST_SPIN`], see [`AdaptiveSpin`]), then in `poll` on the
 //! channel (the worker's doorbell), the worker's pidfd (readable when the process ends, even if
 //! a child it forked keeps the channel open), its stderr and the query's [`CallCancel`] event.
 //! Only the `poll` wait hands the tokio thread's other work away (`block_in_place`); a fast
@@ -33,7 +34,7 @@ use rustix::process::{Pid, PidfdFlags, Signal, kill_process_group, pidfd_open};
 use super::WorkerLimits;
 use super::cancel::CallCancel;
 use super::protocol::{self, HEADER, Reply};
-use super::shared::{BELL, HOST_SPIN, HostRegions, spin_until};
+use super::shared::{AdaptiveSpin, BELL, HOST_SPIN, HostRegions, spin_until};
 use crate::async_udf::AsyncLimits;
 use crate::call_path::CallPath;
 use crate::ffi::PluginFunction;
@@ -564,6 +565,9 @@ struct Worker {
     channel: UnixStream,
     /// The shared regions calls and replies cross in.
     regions: HostRegions,
+    /// How long a call spins for the reply before it sleeps: as long as this worker's replies
+    /// took lately.
+    spin: AdaptiveSpin,
     pidfd: OwnedFd,
     /// The read end of the worker's stderr (non-blocking), drained while calls wait.
     stderr: Option<OwnedFd>,
@@ -642,6 +646,7 @@ impl Worker {
             pid,
             channel: host,
             regions,
+            spin: AdaptiveSpin::new(HOST_SPIN),
             pidfd,
             stderr,
             stderr_tail: Vec::new(),
@@ -757,6 +762,7 @@ impl Worker {
         cancel: Option<&CallCancel>,
         expect: Option<(&DataType, usize)>,
     ) -> Result<Reply, Fault> {
+        let published = Instant::now();
         let seq = match self.regions.publish(&self.channel) {
             Ok(seq) => seq,
             Err(_) => return Err(self.gone(deadline, spec)),
@@ -765,7 +771,7 @@ impl Worker {
             .await_reply(seq, deadline, cancel, spec)
             .and_then(|()| self.drain_doorbell())
         {
-            Ok(()) => {}
+            Ok(()) => self.spin.record(published.elapsed()),
             Err(Stop::Fault(f)) => return Err(f),
             Err(Stop::Closed) => return Err(self.gone(deadline, spec)),
         }
@@ -787,7 +793,7 @@ impl Worker {
     ) -> Result<(), Stop> {
         let regions = &self.regions;
         let stop = || regions.replied(seq) || cancel.is_some_and(CallCancel::is_cancelled);
-        if spin_until(HOST_SPIN, stop) && self.regions.replied(seq) {
+        if spin_until(self.spin.next(), stop) && self.regions.replied(seq) {
             return Ok(());
         }
         super::blocking(|| {

@@ -12,7 +12,8 @@
 //! One call is one request and one reply. The host publishes a request by storing its sequence
 //! number in `REQ_SEQ`; the worker publishes the reply by storing the same number in `REP_SEQ`.
 //! Each side first waits for the other by spinning on the word (briefly busy, then yielding the
-//! CPU), and only then goes to sleep: it sets its `*_SLEEPING` word, looks once more, and waits
+//! CPU) for as long as the other side took lately ([`AdaptiveSpin`]: not at all when it took
+//! longer than the spin's limit), and only then goes to sleep: it sets its `*_SLEEPING` word, looks once more, and waits
 //! on the channel; the other side, after publishing, writes one byte to the channel when it sees
 //! the sleeping word set (the store-then-load pairs on both sides are sequentially consistent,
 //! so one of the two always sees the other). A sleeping host waits with `poll` on the channel,
@@ -68,13 +69,14 @@ pub(crate) struct Spin {
     pub total: Duration,
 }
 
-/// The host waiting for a reply.
+/// The host waiting for a reply: at most this long.
 pub(crate) const HOST_SPIN: Spin = Spin {
     busy: Duration::from_micros(20),
     total: Duration::from_micros(200),
 };
 
-/// The worker waiting for the next request (calls of one query follow each other closely).
+/// The worker waiting for the next request (calls of one query follow each other closely): at
+/// most this long.
 const WORKER_SPIN: Spin = Spin {
     busy: Duration::from_micros(20),
     total: Duration::from_millis(1),
@@ -101,6 +103,61 @@ pub(crate) fn spin_until(spin: Spin, mut done: impl FnMut() -> bool) -> bool {
             std::thread::yield_now();
         }
     }
+}
+
+/// A spin that lasts as long as the other side's recent waits: twice their running mean plus
+/// [`AdaptiveSpin::SLACK`], within `limit`, and none at all while the mean is over the limit's
+/// total (then the other side takes long anyway, and a spinning side would only take a CPU from
+/// it, or from the other partitions' hosts and workers: this machine has two). Each wait counts
+/// at most twice the limit, so that a long pause (the gap between two queries, a slow first
+/// call) is forgotten after a few quick waits.
+#[derive(Debug, Clone)]
+pub(crate) struct AdaptiveSpin {
+    limit: Spin,
+    /// The running mean of recent waits (weight 1/4 for the newest), in nanoseconds.
+    mean_ns: u64,
+}
+
+impl AdaptiveSpin {
+    /// Added to twice the mean: a wait a little longer than the recent ones still ends in the
+    /// spin.
+    const SLACK: Duration = Duration::from_micros(10);
+
+    pub(crate) const fn new(limit: Spin) -> AdaptiveSpin {
+        AdaptiveSpin { limit, mean_ns: 0 }
+    }
+
+    /// The spin for the next wait.
+    pub(crate) fn next(&self) -> Spin {
+        let limit = duration_ns(self.limit.total);
+        if self.mean_ns > limit {
+            return Spin {
+                busy: Duration::ZERO,
+                total: Duration::ZERO,
+            };
+        }
+        let total = Duration::from_nanos(
+            self.mean_ns
+                .saturating_mul(2)
+                .saturating_add(duration_ns(Self::SLACK))
+                .min(limit),
+        );
+        Spin {
+            busy: self.limit.busy.min(total),
+            total,
+        }
+    }
+
+    /// Counts a wait that took `waited` from its start to the other side's answer, spin and
+    /// sleep together.
+    pub(crate) fn record(&mut self, waited: Duration) {
+        let sample = duration_ns(waited).min(duration_ns(self.limit.total).saturating_mul(2));
+        self.mean_ns = (self.mean_ns.saturating_mul(3).saturating_add(sample)) / 4;
+    }
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The host's side of one worker's regions.
@@ -216,6 +273,11 @@ pub(crate) struct WorkerRegions {
     output: Region,
     /// The request being answered.
     seq: u64,
+    /// How long the worker spins for the next request: as long as the host took lately
+    /// between a reply and its next request.
+    spin: AdaptiveSpin,
+    /// When the last reply was published.
+    replied_at: Option<Instant>,
 }
 
 impl WorkerRegions {
@@ -230,6 +292,8 @@ impl WorkerRegions {
             input: Region::open(input)?,
             output: Region::open(output)?,
             seq: 0,
+            spin: AdaptiveSpin::new(WORKER_SPIN),
+            replied_at: None,
         })
     }
 
@@ -240,8 +304,9 @@ impl WorkerRegions {
         mut channel: &UnixStream,
     ) -> std::io::Result<Option<Buffer>> {
         let seq = self.seq;
+        let spin = self.spin.next();
         loop {
-            if spin_until(WORKER_SPIN, || self.input.word(REQ_SEQ).load(SeqCst) != seq) {
+            if spin_until(spin, || self.input.word(REQ_SEQ).load(SeqCst) != seq) {
                 break;
             }
             self.input.word(WORKER_SLEEPING).store(1, SeqCst);
@@ -260,6 +325,9 @@ impl WorkerRegions {
             if read? == 0 {
                 return Ok(None);
             }
+        }
+        if let Some(replied_at) = self.replied_at.take() {
+            self.spin.record(replied_at.elapsed());
         }
         self.seq = self.input.word(REQ_SEQ).load(SeqCst);
         let mut header = [0u8; HEADER];
@@ -292,6 +360,74 @@ impl WorkerRegions {
         if self.input.word(HOST_SLEEPING).load(SeqCst) != 0 {
             shm::ring(channel, BELL)?;
         }
+        self.replied_at = Some(Instant::now());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Spin = Spin {
+        busy: Duration::from_micros(20),
+        total: Duration::from_micros(200),
+    };
+
+    fn waits(spin: &mut AdaptiveSpin, micros: u64, times: usize) {
+        for _ in 0..times {
+            spin.record(Duration::from_micros(micros));
+        }
+    }
+
+    #[test]
+    fn a_spin_follows_the_recent_waits_within_its_limit() {
+        let mut spin = AdaptiveSpin::new(LIMIT);
+        // Nothing seen yet: a short spin, busy all along.
+        let first = spin.next();
+        assert_eq!(first.total, AdaptiveSpin::SLACK);
+        assert_eq!(first.busy, AdaptiveSpin::SLACK);
+
+        // Quick replies (40 µs): spin about twice as long, busy for the limit's busy part.
+        waits(&mut spin, 40, 40);
+        let quick = spin.next();
+        assert!(
+            quick.total >= Duration::from_micros(80) && quick.total <= Duration::from_micros(95),
+            "{quick:?}"
+        );
+        assert_eq!(quick.busy, LIMIT.busy);
+
+        // Replies a little slower than the limit: spin up to the limit, not past it.
+        waits(&mut spin, 150, 40);
+        assert_eq!(spin.next().total, LIMIT.total);
+
+        // Replies slower than the limit: no spin at all.
+        waits(&mut spin, 5_000, 8);
+        let slow = spin.next();
+        assert_eq!(slow.total, Duration::ZERO);
+        assert_eq!(slow.busy, Duration::ZERO);
+    }
+
+    #[test]
+    fn one_long_pause_does_not_stop_the_spin_and_slow_waits_are_forgotten_quickly() {
+        let mut spin = AdaptiveSpin::new(LIMIT);
+        waits(&mut spin, 30, 20);
+        // The gap between two queries: an hour, counted as twice the limit. The next query's
+        // first wait still spins.
+        spin.record(Duration::from_secs(3600));
+        assert!(spin.next().total > Duration::ZERO);
+        // A run of slow waits stops it...
+        waits(&mut spin, 3_600_000_000, 3);
+        assert_eq!(spin.next().total, Duration::ZERO);
+        // ...and a few quick ones bring it back.
+        let mut quick = 0;
+        while spin.next().total == Duration::ZERO {
+            spin.record(Duration::from_micros(30));
+            quick += 1;
+            assert!(quick <= 4, "still not spinning after {quick} quick waits");
+        }
+        assert!(quick >= 1);
+        waits(&mut spin, 30, 20);
+        assert!(spin.next().total <= Duration::from_micros(80));
     }
 }
