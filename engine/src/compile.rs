@@ -19,7 +19,10 @@
 //!   library file (no stale image), and the library is loaded pinned to its digest.
 //! * **Limits**: the build is killed after the time limit (its whole process group), its output
 //!   is read up to a bound, and a library larger than the size limit is refused. Concurrent
-//!   compilations of the same function wait on one lock file and build once.
+//!   compilations of the same function wait on one lock file and build once; one process runs
+//!   at most [`MAX_BUILDS`] builds at a time (they queue on cargo's lock of the shared target
+//!   directory anyway) and refuses another at once, so that clients whose requests end before
+//!   their builds do (the server's time limit) cannot pile up cargo processes.
 //! * **Errors**: rustc's errors in the body, at the body's line and column.
 #![forbid(unsafe_code)]
 
@@ -27,6 +30,7 @@ use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -111,6 +115,9 @@ pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(600);
 pub const DEFAULT_MAX_LIBRARY_BYTES: u64 = 256 << 20;
 /// The most bytes of compiler output kept (the rest is read and dropped).
 const MAX_OUTPUT_BYTES: usize = 4 << 20;
+/// The most builds one process runs at a time; a function that is not in the cache while this
+/// many build is refused, naming the limit.
+pub const MAX_BUILDS: usize = 4;
 
 impl CompileOptions {
     /// Options with the defaults: the SDK at `sdk`, the cache at `cache_dir`, online, 10 minutes,
@@ -643,6 +650,12 @@ fn build(options: &CompileOptions, f: &RustFunction) -> Result<Compiled, Compile
     if library.exists() {
         return finish(f, library, hash, true);
     }
+    let Some(_slot) = BuildSlot::take() else {
+        return Err(build_err(format!(
+            "{MAX_BUILDS} functions are being compiled by this process already (the most it \
+             builds at a time); try again when one of them is done"
+        )));
+    };
     let dir = crates.join(&hash);
     std::fs::create_dir_all(dir.join("src")).map_err(|e| build_err(e.to_string()))?;
     std::fs::write(dir.join("Cargo.toml"), cargo_toml).map_err(|e| build_err(e.to_string()))?;
@@ -849,6 +862,29 @@ fn artifact_name(line: &str) -> Option<String> {
     Some(format!("{name} (build script)"))
 }
 
+/// The builds this process runs now (at most [`MAX_BUILDS`]).
+static BUILDS: AtomicUsize = AtomicUsize::new(0);
+
+/// One of the [`MAX_BUILDS`] builds, given back when dropped.
+struct BuildSlot;
+
+impl BuildSlot {
+    fn take() -> Option<BuildSlot> {
+        BUILDS
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_BUILDS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| BuildSlot)
+    }
+}
+
+impl Drop for BuildSlot {
+    fn drop(&mut self) {
+        BUILDS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The process groups of the builds running now, for [`stop_running_builds`].
 static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
@@ -965,6 +1001,49 @@ mod tests {
             body_at: None,
             skipped_lines: 0,
         }
+    }
+
+    /// With every build slot taken, a function that is not in the cache is refused before cargo
+    /// runs, naming the limit, and a cached one is still found; slots are given back.
+    #[test]
+    fn builds_past_the_limit_are_refused_at_once() {
+        let cache = std::env::temp_dir().join(format!("udfsql-build-slots-{}", std::process::id()));
+        let mut options = CompileOptions::new("/nonexistent-sdk", &cache);
+        options.cargo = PathBuf::from("/bin/false");
+        // A free slot: the build runs (and fails here, in cargo).
+        let failed = compile(&options, &function("x * 2"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            failed.contains("twice") && failed.contains("cargo build failed"),
+            "{failed}"
+        );
+        let hash = std::fs::read_dir(cache.join("crates"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .find(|n| !n.ends_with(".lock"))
+            .expect("the generated crate");
+
+        let slots: Vec<BuildSlot> = std::iter::from_fn(BuildSlot::take).collect();
+        assert_eq!(slots.len(), MAX_BUILDS);
+        assert!(BuildSlot::take().is_none());
+        let refused = compile(&options, &function("x * 2"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("twice")
+                && refused.contains(&format!("{MAX_BUILDS} functions are being compiled")),
+            "{refused}"
+        );
+        // The same function, now in the cache: found without a build.
+        let library = cache.join(format!("lib/libudfsql_compiled_{hash}.so"));
+        std::fs::write(&library, b"a library").unwrap();
+        let cached = compile(&options, &function("x * 2")).unwrap();
+        assert!(cached.cached);
+        assert_eq!(cached.library, library);
+        drop(slots);
+        assert_eq!(BUILDS.load(Ordering::SeqCst), 0, "every slot given back");
+        std::fs::remove_dir_all(&cache).unwrap();
     }
 
     #[test]
