@@ -418,15 +418,11 @@ async fn a_worker_that_overwrites_its_replies_never_gives_a_wrong_answer() {
     for _ in 0..20 {
         match query(&ctx, "SELECT scribble(x) AS v FROM u").await {
             Ok(batches) => {
-                let values: Vec<i64> = batches
-                    .iter()
-                    .flat_map(|b| {
-                        let column = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
-                        assert_eq!(column.null_count(), 0);
-                        column.values().to_vec()
-                    })
-                    .collect();
-                assert_eq!(values, [2, 3, 4], "an answer is the right one");
+                assert_eq!(
+                    int64_values(&batches),
+                    [2, 3, 4],
+                    "an answer is the right one"
+                );
                 right += 1;
             }
             Err(e) => {
@@ -451,15 +447,11 @@ async fn a_worker_that_overwrites_its_replies_never_gives_a_wrong_answer() {
     for _ in 0..10 {
         match query(&ctx, ok_sql).await {
             Ok(batches) => {
-                let values: Vec<i64> = batches
-                    .iter()
-                    .flat_map(|b| {
-                        let column = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
-                        assert_eq!(column.null_count(), 0);
-                        column.values().to_vec()
-                    })
-                    .collect();
-                assert_eq!(values, [2, 3, 4], "an answer is the right one");
+                assert_eq!(
+                    int64_values(&batches),
+                    [2, 3, 4],
+                    "an answer is the right one"
+                );
                 answered = true;
                 break;
             }
@@ -467,6 +459,18 @@ async fn a_worker_that_overwrites_its_replies_never_gives_a_wrong_answer() {
         }
     }
     assert!(answered, "ok(x) was refused ten times in a row");
+}
+
+/// The values of the first column of `batches`, an Int64 column without NULLs.
+fn int64_values(batches: &[RecordBatch]) -> Vec<i64> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let column = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            assert_eq!(column.null_count(), 0);
+            column.values().to_vec()
+        })
+        .collect()
 }
 
 /// A worker that floods the channel with doorbell bytes (4096 where one per reply is rung): the
