@@ -20,9 +20,10 @@
 //! * **Limits**: the build is killed after the time limit (its whole process group), its output
 //!   is read up to a bound, and a library larger than the size limit is refused. Concurrent
 //!   compilations of the same function wait on one lock file and build once; one process runs
-//!   at most [`MAX_BUILDS`] builds at a time (they queue on cargo's lock of the shared target
-//!   directory anyway) and refuses another at once, so that clients whose requests end before
-//!   their builds do (the server's time limit) cannot pile up cargo processes.
+//!   or waits for at most [`MAX_BUILDS`] builds at a time (they queue on cargo's lock of the
+//!   shared target directory anyway) and refuses another at once, so that clients whose
+//!   requests end before their builds do (the server's time limit) cannot pile up cargo
+//!   processes or waiting threads.
 //! * **Errors**: rustc's errors in the body, at the body's line and column.
 #![forbid(unsafe_code)]
 
@@ -115,8 +116,8 @@ pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(600);
 pub const DEFAULT_MAX_LIBRARY_BYTES: u64 = 256 << 20;
 /// The most bytes of compiler output kept (the rest is read and dropped).
 const MAX_OUTPUT_BYTES: usize = 4 << 20;
-/// The most builds one process runs at a time; a function that is not in the cache while this
-/// many build is refused, naming the limit.
+/// The most builds one process runs or waits for at a time; a function that is not in the cache
+/// while this many are is refused, naming the limit.
 pub const MAX_BUILDS: usize = 4;
 
 impl CompileOptions {
@@ -636,6 +637,18 @@ fn build(options: &CompileOptions, f: &RustFunction) -> Result<Compiled, Compile
         std::fs::create_dir_all(dir).map_err(|e| build_err(format!("{}: {e}", dir.display())))?;
     }
     let library = libs.join(format!("lib{crate_name}.so"));
+    // In the cache (libraries appear there whole, by rename): no build, no slot, no wait.
+    if library.exists() {
+        return finish(f, library, hash, true);
+    }
+    // A slot also for waiting on another build of the same function, so that requests for one
+    // body cannot pile up waiting threads either.
+    let Some(_slot) = BuildSlot::take() else {
+        return Err(build_err(format!(
+            "{MAX_BUILDS} compilations are running or waiting in this process already (the \
+             most at a time); try again when one of them is done"
+        )));
+    };
     let lock_path = crates.join(format!("{hash}.lock"));
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
@@ -650,12 +663,6 @@ fn build(options: &CompileOptions, f: &RustFunction) -> Result<Compiled, Compile
     if library.exists() {
         return finish(f, library, hash, true);
     }
-    let Some(_slot) = BuildSlot::take() else {
-        return Err(build_err(format!(
-            "{MAX_BUILDS} functions are being compiled by this process already (the most it \
-             builds at a time); try again when one of them is done"
-        )));
-    };
     let dir = crates.join(&hash);
     std::fs::create_dir_all(dir.join("src")).map_err(|e| build_err(e.to_string()))?;
     std::fs::write(dir.join("Cargo.toml"), cargo_toml).map_err(|e| build_err(e.to_string()))?;
@@ -1032,7 +1039,7 @@ mod tests {
             .to_string();
         assert!(
             refused.contains("twice")
-                && refused.contains(&format!("{MAX_BUILDS} functions are being compiled")),
+                && refused.contains(&format!("{MAX_BUILDS} compilations are running or waiting")),
             "{refused}"
         );
         // The same function, now in the cache: found without a build.
