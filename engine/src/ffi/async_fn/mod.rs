@@ -60,19 +60,22 @@ fn reap(library: Arc<PluginLibrary>) {
                 .ok()
                 .map(|_| Mutex::new(sender))
         });
-    let handed = REAPER.as_ref().is_some_and(|sender| {
-        sender
+    // The reference itself is moved to the reaper, never a clone: the reaper may drop what it
+    // receives at once, and a clone kept here would then be the last reference, dropped on this
+    // thread.
+    let unsent = match REAPER.as_ref() {
+        Some(sender) => sender
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send(Arc::clone(&library))
-            .is_ok()
-    });
-    if !handed {
+            .send(library)
+            .err()
+            .map(|unsent| unsent.0),
+        None => Some(library),
+    };
+    if let Some(library) = unsent {
         // No host thread to drop it on: keeping the library mapped is the safe failure.
-        std::mem::forget(Arc::clone(&library));
+        std::mem::forget(library);
     }
-    // Not the last reference any more: the reaper (or the leak) holds one.
-    drop(library);
 }
 
 /// An outstanding call: where its outcome goes, and its library, held until it completes.
