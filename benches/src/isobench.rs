@@ -10,6 +10,9 @@
 //!    the round, printed next to issue 25's target and the figures the issue started from; the
 //!    transport cost per batch is (isolated − in-process) / number of batches, also paired.
 //!    Before timing, every isolated function's result is checked against the in-process one.
+//!    After the table: the floor of any transport that computes on another CPU
+//!    (`transport_floor`), and what a thread spinning on one CPU costs work on the other
+//!    (`neighbour_cost`).
 //! 2. **New pool**: registering an isolated function in a new session (the pool starts its first
 //!    worker and waits for it: spawn, digest of the library, `dlopen`), then the session's first
 //!    query over a 4-row table, against the same query once warm.
@@ -284,6 +287,70 @@ async fn operator_level(rounds: usize, only: Option<&str>) {
         in_place / one
     );
     println!();
+    let (alone, busy, yielding) = neighbour_cost(rounds);
+    println!(
+        "What a spinning side costs the other CPU (row-by-row string work, `format!` of 8192 \
+         rows, µs per batch, median of {rounds} rounds, min–max): alone {}; while a second \
+         thread busy-spins {}; while it spins by `sched_yield` {}.",
+        range_and_median(&alone),
+        range_and_median(&busy),
+        range_and_median(&yielding)
+    );
+    println!();
+}
+
+fn range_and_median(values: &[f64]) -> String {
+    format!(
+        "{:.1} ({})",
+        median(values).expect("samples"),
+        range(values, |v| format!("{v:.1}"))
+    )
+}
+
+/// Whether a thread that spins on one CPU slows down the work on the other (on a VM whose two
+/// vCPUs may share a physical core, it can): the same row-by-row work (`format!` per row, as the
+/// `bang` plugin does) timed alone, while a second thread busy-spins (`spin_loop`, as a waiting
+/// side does in its busy phase) and while it spins by `sched_yield`, the three interleaved in
+/// every round. µs per 8192-row batch, one sample per round each.
+fn neighbour_cost(rounds: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let batches = 32;
+    let work = || {
+        let start = Instant::now();
+        let mut total = 0usize;
+        for _ in 0..batches {
+            for i in 0..BATCH {
+                total += std::hint::black_box(format!("row {i}!")).len();
+            }
+        }
+        std::hint::black_box(total);
+        start.elapsed().as_secs_f64() * 1e6 / batches as f64
+    };
+    let with_neighbour = |yielding: bool| {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let neighbour = std::thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if yielding {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        });
+        let micros = work();
+        stop.store(true, Ordering::Relaxed);
+        neighbour.join().expect("the spinning thread");
+        micros
+    };
+    let (mut alone, mut busy, mut yielding) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        alone.push(work());
+        busy.push(with_neighbour(false));
+        yielding.push(with_neighbour(true));
+    }
+    (alone, busy, yielding)
 }
 
 async fn cold_pool(rounds: usize) {

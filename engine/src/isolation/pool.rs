@@ -793,9 +793,12 @@ impl Worker {
     ) -> Result<(), Stop> {
         let regions = &self.regions;
         let stop = || regions.replied(seq) || cancel.is_some_and(CallCancel::is_cancelled);
-        if spin_until(self.spin.next(), stop) && self.regions.replied(seq) {
+        let whereabouts = regions.whereabouts();
+        if spin_until(self.spin.next(), || whereabouts.beside(), stop) && self.regions.replied(seq)
+        {
             return Ok(());
         }
+        whereabouts.asleep();
         super::blocking(|| {
             loop {
                 self.regions.set_sleeping(true);

@@ -14,10 +14,12 @@
 //! Each side first waits for the other by spinning on the word (briefly busy, then yielding the
 //! CPU) for as long as the other side took lately ([`AdaptiveSpin`]: not at all when it took
 //! longer than the spin's limit), and only then goes to sleep: it sets its `*_SLEEPING` word,
-//! looks once more, and waits on the channel; the other side, after publishing, writes one byte to the channel when it sees
-//! the sleeping word set (the store-then-load pairs on both sides are sequentially consistent,
-//! so one of the two always sees the other). A sleeping host waits with `poll` on the channel,
-//! the worker's pidfd, its stderr and the query's cancellation, as before.
+//! looks once more, and waits on the channel; the other side, after publishing, writes one byte
+//! to the channel when it sees the sleeping word set (the store-then-load pairs on both sides are
+//! sequentially consistent, so one of the two always sees the other). While it spins, each side
+//! also says on which CPU it runs, and never busy-waits on the CPU the other side was last seen
+//! on: it yields at once there ([`Whereabouts`]). A sleeping host waits with `poll` on the
+//! channel, the worker's pidfd, its stderr and the query's cancellation, as before.
 //!
 //! What the host trusts of this: nothing. The worker may write the control words and the output
 //! region at any time, grow the output region to any size, and keep writing after it replied.
@@ -29,7 +31,8 @@
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::ArrayRef;
@@ -46,6 +49,9 @@ const REQ_SEQ: usize = 0;
 const REP_SEQ: usize = 64;
 const WORKER_SLEEPING: usize = 128;
 const HOST_SLEEPING: usize = 192;
+/// Where each side last ran while awake: its CPU's number + 1, 0 while asleep ([`Whereabouts`]).
+const HOST_CPU: usize = 256;
+const WORKER_CPU: usize = 320;
 
 /// Where the call request starts in the input region.
 const CALL_AT: usize = 4096;
@@ -82,8 +88,14 @@ const WORKER_SPIN: Spin = Spin {
     total: Duration::from_millis(1),
 };
 
-/// Spins until `done` or the spin is over; whether `done` answered true.
-pub(crate) fn spin_until(spin: Spin, mut done: impl FnMut() -> bool) -> bool {
+/// Spins until `done` or the spin is over; whether `done` answered true. Busy at first, unless
+/// `beside` says that the side waited for runs on this CPU too: spinning there would only keep it
+/// from running, so the spin yields at once.
+pub(crate) fn spin_until(
+    spin: Spin,
+    mut beside: impl FnMut() -> bool,
+    mut done: impl FnMut() -> bool,
+) -> bool {
     let start = Instant::now();
     let mut looks = 0u32;
     loop {
@@ -99,9 +111,35 @@ pub(crate) fn spin_until(spin: Spin, mut done: impl FnMut() -> bool) -> bool {
         if spent >= spin.total {
             return false;
         }
-        if spent >= spin.busy {
+        if spent >= spin.busy || beside() {
             std::thread::yield_now();
         }
+    }
+}
+
+/// Where the two sides of a worker run, as each says in the control page: the CPU's number + 1
+/// while awake, 0 asleep. A side about to spin says where it is and learns whether the other
+/// side was last seen on the same CPU; the scheduler puts the two together often (a doorbell
+/// wakes the sleeper on the ringer's CPU), and then a busy wait only delays the reply it waits
+/// for. Only a hint: a worker writing anything here changes how long its own host spins, within
+/// the spin's limits.
+#[derive(Clone, Copy)]
+pub(crate) struct Whereabouts<'a> {
+    mine: &'a AtomicU64,
+    theirs: &'a AtomicU64,
+}
+
+impl Whereabouts<'_> {
+    /// Says where this side runs now; whether the other side was last seen there.
+    pub(crate) fn beside(&self) -> bool {
+        let here = rustix::thread::sched_getcpu() as u64 + 1;
+        self.mine.store(here, Relaxed);
+        self.theirs.load(Relaxed) == here
+    }
+
+    /// Says that this side goes to sleep.
+    pub(crate) fn asleep(&self) {
+        self.mine.store(0, Relaxed);
     }
 }
 
@@ -218,6 +256,14 @@ impl HostRegions {
         self.input.word(REP_SEQ).load(SeqCst) == seq
     }
 
+    /// Where the host and the worker run.
+    pub(crate) fn whereabouts(&self) -> Whereabouts<'_> {
+        Whereabouts {
+            mine: self.input.word(HOST_CPU),
+            theirs: self.input.word(WORKER_CPU),
+        }
+    }
+
     /// Tells the worker to ring (or not) when it replies.
     pub(crate) fn set_sleeping(&self, sleeping: bool) {
         self.input
@@ -305,10 +351,19 @@ impl WorkerRegions {
     ) -> std::io::Result<Option<Buffer>> {
         let seq = self.seq;
         let spin = self.spin.next();
+        let whereabouts = Whereabouts {
+            mine: self.input.word(WORKER_CPU),
+            theirs: self.input.word(HOST_CPU),
+        };
         loop {
-            if spin_until(spin, || self.input.word(REQ_SEQ).load(SeqCst) != seq) {
+            if spin_until(
+                spin,
+                || whereabouts.beside(),
+                || self.input.word(REQ_SEQ).load(SeqCst) != seq,
+            ) {
                 break;
             }
+            whereabouts.asleep();
             self.input.word(WORKER_SLEEPING).store(1, SeqCst);
             if self.input.word(REQ_SEQ).load(SeqCst) != seq {
                 self.input.word(WORKER_SLEEPING).store(0, SeqCst);
@@ -367,6 +422,9 @@ impl WorkerRegions {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
     use super::*;
 
     const LIMIT: Spin = Spin {
@@ -429,5 +487,85 @@ mod tests {
         assert!(quick >= 1);
         waits(&mut spin, 30, 20);
         assert!(spin.next().total <= Duration::from_micros(80));
+    }
+
+    fn pin_here() -> usize {
+        let cpu = rustix::thread::sched_getcpu();
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(cpu);
+        rustix::thread::sched_setaffinity(None, &set).expect("pin the thread");
+        cpu
+    }
+
+    #[test]
+    fn whereabouts_say_where_a_side_runs_and_whether_the_other_was_seen_there() {
+        let cpu = pin_here() as u64;
+        let (mine, theirs) = (AtomicU64::new(0), AtomicU64::new(0));
+        let here = Whereabouts {
+            mine: &mine,
+            theirs: &theirs,
+        };
+        // The other side asleep (0): not beside; this side says where it runs.
+        assert!(!here.beside());
+        assert_eq!(mine.load(SeqCst), cpu + 1);
+        // The other side on another CPU, then on this one.
+        theirs.store(cpu + 2, SeqCst);
+        assert!(!here.beside());
+        theirs.store(cpu + 1, SeqCst);
+        assert!(here.beside());
+        here.asleep();
+        assert_eq!(mine.load(SeqCst), 0);
+    }
+
+    /// The thread's switches away from the CPU while it could have run on.
+    fn involuntary_switches() -> u64 {
+        let status = std::fs::read_to_string("/proc/thread-self/status").expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("nonvoluntary_ctxt_switches")
+    }
+
+    /// Spins for 20 ms (never done, all of it busy unless `beside`) on this thread's CPU, with
+    /// a second thread pinned to the same CPU that yields in a loop; how often the spinning
+    /// thread let the other one run.
+    fn switches_while_spinning(beside: bool) -> u64 {
+        let cpu = pin_here();
+        let stop = Arc::new(AtomicBool::new(false));
+        let other = std::thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || {
+                let mut set = rustix::thread::CpuSet::new();
+                set.set(cpu);
+                rustix::thread::sched_setaffinity(None, &set).expect("pin the thread");
+                while !stop.load(SeqCst) {
+                    std::thread::yield_now();
+                }
+            }
+        });
+        let before = involuntary_switches();
+        let spin = Spin {
+            busy: Duration::from_millis(20),
+            total: Duration::from_millis(20),
+        };
+        assert!(!spin_until(spin, || beside, || false));
+        let switches = involuntary_switches() - before;
+        stop.store(true, SeqCst);
+        other.join().expect("the other thread");
+        switches
+    }
+
+    #[test]
+    fn a_side_waiting_on_the_cpu_of_the_side_it_waits_for_lets_it_run_at_once() {
+        // Beside the other side, the spin yields at every look: the other thread gets the CPU
+        // again and again. Elsewhere, it is busy the whole time and only the scheduler's
+        // preemption (every few milliseconds) lets the other thread run.
+        let yielding = switches_while_spinning(true);
+        let busy = switches_while_spinning(false);
+        assert!(
+            yielding >= 20 && yielding >= 3 * busy,
+            "{yielding} switches while yielding, {busy} while busy"
+        );
     }
 }
