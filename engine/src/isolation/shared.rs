@@ -111,7 +111,8 @@ pub(crate) fn spin_until(
         if spent >= spin.total {
             return false;
         }
-        if spent >= spin.busy || beside() {
+        // `beside` first: it also keeps this side's whereabouts current (a yield can move it).
+        if beside() || spent >= spin.busy {
             std::thread::yield_now();
         }
     }
