@@ -231,6 +231,48 @@ async fn the_unload_hook_runs_when_the_library_is_dropped_after_its_calls() {
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "unloaded\n");
 }
 
+/// A plugin may keep an argument array past the call and release it later on a thread of its own
+/// (`keep_args` releases it 50 ms after completing). When the argument is a result of a function
+/// of the same library (`batch_double`: the array is the library's memory, so it holds the
+/// library) and nothing else holds the library any more, the last reference goes inside that
+/// release, on the plugin's thread: the library must still be unloaded on a host thread (its
+/// unload hook waits for the library's threads, that one included) and then unmapped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_library_let_go_inside_a_plugins_release_of_its_argument_unloads_on_a_host_thread() {
+    let _serial = SERIAL.lock().await;
+    let marker = udf_tests::fixture_dir().join(format!("keep_args_{}.marker", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let path = c_library(
+        "async_ops_kept",
+        "async_ops.c",
+        &[&format!("UNLOAD_MARKER=\"{}\"", marker.display())],
+    );
+    {
+        let library = PluginLibrary::load(&path).unwrap();
+        let ctx = session(&library, 20, None);
+        let got = column(&ctx, "SELECT keep_args(batch_double(x)) FROM t")
+            .await
+            .unwrap();
+        assert_eq!(got, (0..20).map(|x| 4 * x).collect::<Vec<_>>());
+        assert!(!marker.exists(), "not unloaded while in use");
+    }
+    // The plugin's threads hold the arguments, and so the library, for 50 ms more.
+    let shown = path.to_string_lossy().into_owned();
+    let mapped = || {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(&shown))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (!marker.exists() || mapped()) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(marker.exists(), "the unload hook ran (on a host thread)");
+    assert!(!mapped(), "{shown} is unmapped after its unload hook");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "unloaded\n");
+}
+
 /// Through the `udfsql` binary, as a user runs it: the library's functions loaded with
 /// `--plugin`, and one created with `CREATE FUNCTION` from a plugin directory; both answer in
 /// row order, in a filter too, and an error leaves the session running.

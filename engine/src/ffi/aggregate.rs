@@ -16,7 +16,7 @@ use udf_abi::v2::{
 
 use super::library::{Entrypoints, PluginLibrary};
 use super::manifest::DeclaredVolatility;
-use super::scalar::{ArgSchemas, check_status};
+use super::scalar::{ArgSchemas, check_status, export_for_a_plugin};
 use crate::error::{CallError, MetadataError};
 
 /// The most aggregates a manifest may list.
@@ -626,7 +626,7 @@ impl PluginAccumulator {
         }
         let mut arrays: Vec<FFI_ArrowArray> = columns
             .iter()
-            .map(|c| FFI_ArrowArray::new(&c.to_data()))
+            .map(|c| export_for_a_plugin(&c.to_data()))
             .collect();
         let total_groups = if group_indices.is_none() {
             1

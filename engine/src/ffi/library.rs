@@ -2,8 +2,9 @@
 //! `dlopen` of that copy, the ABI handshake (v1 seed contract or v2), and the manifest read into
 //! [`FunctionSignature`]s (see [`super::manifest`]). [`PluginLibrary`] holds what was loaded.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use udf_abi::v2::{
     self, AsyncCancel, AsyncStart, BatchEntrypoint, ReleaseBytes, RowEntrypoint, UdfAbiVersion,
@@ -84,24 +85,87 @@ pub struct PluginLibrary {
     /// Per function: the bytes per row its last row-path batch wrote to a string or binary
     /// result, so that the next batch sizes its values buffer once.
     pub(super) row_bytes_per_row: Box<[std::sync::atomic::AtomicUsize]>,
-    /// The `dlopen` handle: dropping it unloads the library, after the fields above.
-    _handle: dlopen2::raw::Library,
+    /// The `dlopen` handle: dropping it unloads the library, after the fields above (taken by
+    /// `drop` only).
+    handle: Option<dlopen2::raw::Library>,
 }
 
 impl Drop for PluginLibrary {
-    /// Runs the library's unload hook (ABI 2.3) before the handle drops and unmaps it. Every
+    /// Runs the library's unload hook (ABI 2.3), then drops the handle, which unmaps it. Every
     /// call of the library holds the library (an outstanding asynchronous call too, until the
-    /// plugin completes it), so when this runs no call is outstanding.
+    /// plugin completes it), so when this runs no call is outstanding. When the last reference
+    /// goes inside a host release callback a plugin called ([`releasing_for_a_plugin`]), perhaps
+    /// on a thread of this very library, both happen on a host thread instead: the unload hook
+    /// may wait for the library's threads, and the code that thread runs must stay mapped.
     fn drop(&mut self) {
-        if let Entrypoints::V2 {
-            unload: Some(unload),
-            ..
-        } = &self.entrypoints
-        {
-            // SAFETY: ABI 2.3 declares `unload` as `void (void)`, called once before the
-            // library is unmapped; the library is still mapped (the handle drops after this).
-            unsafe { unload() };
+        let unload = match &self.entrypoints {
+            Entrypoints::V2 {
+                unload: Some(unload),
+                ..
+            } => Some(*unload),
+            _ => None,
+        };
+        let handle = self.handle.take();
+        let finish = move || {
+            if let Some(unload) = unload {
+                // SAFETY: ABI 2.3 declares `unload` as `void (void)`, called once before the
+                // library is unmapped; the library is still mapped (`handle` drops after this).
+                unsafe { unload() };
+            }
+            drop(handle);
+        };
+        if RELEASING_FOR_A_PLUGIN.with(Cell::get) {
+            on_a_host_thread(Box::new(finish));
+        } else {
+            finish();
         }
+    }
+}
+
+thread_local! {
+    /// Whether this thread runs a host release callback that plugin code called.
+    static RELEASING_FOR_A_PLUGIN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `release`, the work of a host release callback that a plugin calls (on any thread, its
+/// own ones too: it may keep an argument array past the call): a library whose last reference
+/// goes inside is unloaded and unmapped on a host thread ([`on_a_host_thread`]).
+pub(crate) fn releasing_for_a_plugin<T>(release: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            RELEASING_FOR_A_PLUGIN.with(|flag| flag.set(self.0));
+        }
+    }
+    let _restore = Restore(RELEASING_FOR_A_PLUGIN.with(|flag| flag.replace(true)));
+    release()
+}
+
+/// Runs `job` on the host's reaper thread, one for the process, started on first use: what
+/// must not run on a plugin's thread (a library's unload hook and unmapping). Without that
+/// thread (it could not be started), `job` is leaked: a library left mapped is the safe failure.
+pub(crate) fn on_a_host_thread(job: Box<dyn FnOnce() + Send>) {
+    type Job = Box<dyn FnOnce() + Send>;
+    static REAPER: LazyLock<Option<Mutex<std::sync::mpsc::Sender<Job>>>> = LazyLock::new(|| {
+        let (sender, receiver) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("udfsql-library-reaper".into())
+            .spawn(move || receiver.into_iter().for_each(|job| job()))
+            .ok()
+            .map(|_| Mutex::new(sender))
+    });
+    // The job itself is moved to the reaper, never shared: what it drops is dropped there.
+    let unsent = match REAPER.as_ref() {
+        Some(sender) => sender
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+            .err()
+            .map(|unsent| unsent.0),
+        None => Some(job),
+    };
+    if let Some(job) = unsent {
+        std::mem::forget(job);
     }
 }
 
@@ -283,7 +347,7 @@ impl PluginLibrary {
             entrypoints,
             arg_schemas,
             row_bytes_per_row,
-            _handle: library,
+            handle: Some(library),
         });
         images::record(&path, library, identity)
     }

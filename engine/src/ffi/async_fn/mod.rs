@@ -51,31 +51,9 @@ struct Outcome {
 /// where the last reference would run the library's unload hook (which waits for the library's
 /// threads, that one included) and unmap the code that thread is running.
 fn reap(library: Arc<PluginLibrary>) {
-    static REAPER: LazyLock<Option<Mutex<std::sync::mpsc::Sender<Arc<PluginLibrary>>>>> =
-        LazyLock::new(|| {
-            let (sender, receiver) = std::sync::mpsc::channel::<Arc<PluginLibrary>>();
-            std::thread::Builder::new()
-                .name("udfsql-library-reaper".into())
-                .spawn(move || receiver.into_iter().for_each(drop))
-                .ok()
-                .map(|_| Mutex::new(sender))
-        });
     // The reference itself is moved to the reaper, never a clone: the reaper may drop what it
-    // receives at once, and a clone kept here would then be the last reference, dropped on this
-    // thread.
-    let unsent = match REAPER.as_ref() {
-        Some(sender) => sender
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(library)
-            .err()
-            .map(|unsent| unsent.0),
-        None => Some(library),
-    };
-    if let Some(library) = unsent {
-        // No host thread to drop it on: keeping the library mapped is the safe failure.
-        std::mem::forget(library);
-    }
+    // receives at once, and a clone kept here would then be the last reference.
+    super::library::on_a_host_thread(Box::new(move || drop(library)));
 }
 
 /// An outstanding call: where its outcome goes, and its library, held until it completes.

@@ -39,6 +39,7 @@ use udf_abi::v2::{UdfOwnedBytes, UdfType};
 
 use super::{Entrypoints, FunctionSignature, PluginFunction, PluginLibrary, check_status};
 use crate::error::CallError;
+use crate::ffi::library::releasing_for_a_plugin;
 use crate::types::{ValueType, arrow_type, c_format};
 
 /// The longest result format string read, in bytes (the longest valid one is `tsu:UTC`).
@@ -420,12 +421,12 @@ fn data_buffers(array: &ArrayRef) -> Option<(usize, [*const c_void; 2], i64)> {
 /// exporter.
 fn export_argument(array: &ArrayRef) -> FFI_ArrowArray {
     let Some((offset, [first, second], data_buffers)) = data_buffers(array) else {
-        return FFI_ArrowArray::new(&array.to_data());
+        return export_for_a_plugin(&array.to_data());
     };
     let validity = match array.nulls() {
         None => std::ptr::null(),
         Some(nulls) if nulls.offset() == offset => nulls.buffer().as_ptr().cast(),
-        Some(_) => return FFI_ArrowArray::new(&array.to_data()),
+        Some(_) => return export_for_a_plugin(&array.to_data()),
     };
     let (length, null_count) = (array.len() as i64, array.null_count() as i64);
     let private = Box::into_raw(Box::new(ExportedArgument {
@@ -465,7 +466,51 @@ unsafe extern "C" fn release_argument(array: *mut FFI_ArrowArray) {
     if !array.private_data.is_null() {
         // SAFETY: `private_data` was set by `export_argument` from `Box::into_raw` of an
         // `ExportedArgument`, and is taken back once: it is cleared below.
-        drop(unsafe { Box::from_raw(array.private_data.cast::<ExportedArgument>()) });
+        let exported = unsafe { Box::from_raw(array.private_data.cast::<ExportedArgument>()) };
+        releasing_for_a_plugin(|| drop(exported));
+    }
+    array.private_data = std::ptr::null_mut();
+    array.release = None;
+}
+
+/// `data` exported by arrow's exporter, behind a release callback of the host
+/// ([`release_for_a_plugin`]) that runs arrow's inside [`releasing_for_a_plugin`]: what a plugin
+/// releases on its own thread never unloads a library there. (A child array the plugin moves
+/// out and releases apart goes through arrow's callback alone.)
+pub(in crate::ffi) fn export_for_a_plugin(data: &ArrayData) -> FFI_ArrowArray {
+    let inner = Box::new(FFI_ArrowArray::new(data));
+    FFI_ArrowArray {
+        length: inner.length,
+        null_count: inner.null_count,
+        offset: inner.offset,
+        n_buffers: inner.n_buffers,
+        n_children: inner.n_children,
+        // Owned by `inner`'s private data, which lives as long as this array (in `private_data`).
+        buffers: inner.buffers,
+        children: inner.children,
+        dictionary: inner.dictionary,
+        release: Some(release_for_a_plugin),
+        private_data: Box::into_raw(inner).cast(),
+    }
+}
+
+/// The release callback of [`export_for_a_plugin`]: releases arrow's array inside
+/// [`releasing_for_a_plugin`].
+///
+/// # Safety
+///
+/// `array` must be null or point at an array made by [`export_for_a_plugin`], released once.
+unsafe extern "C" fn release_for_a_plugin(array: *mut FFI_ArrowArray) {
+    if array.is_null() {
+        return;
+    }
+    // SAFETY: non-null, and the plugin passes the array it releases, valid for reads and writes.
+    let array = unsafe { &mut *array };
+    if !array.private_data.is_null() {
+        // SAFETY: set by `export_for_a_plugin` from `Box::into_raw` of arrow's array, taken back
+        // once (cleared below); dropping it runs arrow's release callback.
+        let inner = unsafe { Box::from_raw(array.private_data.cast::<FFI_ArrowArray>()) };
+        releasing_for_a_plugin(|| drop(inner));
     }
     array.private_data = std::ptr::null_mut();
     array.release = None;

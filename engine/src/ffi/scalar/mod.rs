@@ -17,7 +17,7 @@ pub(super) mod arrow_result;
 pub(super) mod batch;
 mod rows;
 
-pub(super) use batch::ArgSchemas;
+pub(super) use batch::{ArgSchemas, export_for_a_plugin};
 
 /// How returned bytes go back to the plugin.
 enum Release {
