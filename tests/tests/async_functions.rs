@@ -14,6 +14,14 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use udf_engine::{AsyncLimits, PluginLibrary, PluginUdf};
 use udf_tests::c_library;
 
+/// Whether a mapping of `path` is in this process.
+fn mapped(path: &str) -> bool {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(path))
+}
+
 /// The calls of these tests share the library's counters: one test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -258,18 +266,12 @@ async fn a_library_let_go_inside_a_plugins_release_of_its_argument_unloads_on_a_
     }
     // The plugin's threads hold the arguments, and so the library, for 50 ms more.
     let shown = path.to_string_lossy().into_owned();
-    let mapped = || {
-        std::fs::read_to_string("/proc/self/maps")
-            .unwrap()
-            .lines()
-            .any(|l| l.contains(&shown))
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while (!marker.exists() || mapped()) && std::time::Instant::now() < deadline {
+    while (!marker.exists() || mapped(&shown)) && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(marker.exists(), "the unload hook ran (on a host thread)");
-    assert!(!mapped(), "{shown} is unmapped after its unload hook");
+    assert!(!mapped(&shown), "{shown} is unmapped after its unload hook");
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "unloaded\n");
 }
 
@@ -615,17 +617,11 @@ async fn the_c_thread_pool_example_answers_and_retries() {
     let path = library.path().to_string_lossy().into_owned();
     drop(ctx);
     drop(library);
-    let mapped = || {
-        std::fs::read_to_string("/proc/self/maps")
-            .unwrap()
-            .lines()
-            .any(|l| l.contains(&path))
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while mapped() && std::time::Instant::now() < deadline {
+    while mapped(&path) && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(!mapped(), "{path} is unmapped after its unload hook");
+    assert!(!mapped(&path), "{path} is unmapped after its unload hook");
 }
 
 /// An immutable asynchronous function (`sq_async` of the plain example, `#[udf(async)]`) with

@@ -458,16 +458,28 @@ fn export_argument(array: &ArrayRef) -> FFI_ArrowArray {
 ///
 /// `array` must be null or point at an array made by [`export_argument`], released once.
 unsafe extern "C" fn release_argument(array: *mut FFI_ArrowArray) {
+    // SAFETY: per this function's contract, `export_argument` boxed an `ExportedArgument`.
+    unsafe { release_boxed::<ExportedArgument>(array) }
+}
+
+/// What the host's release callbacks for arguments do: take back the `Box<T>` in
+/// `private_data` and drop it inside [`releasing_for_a_plugin`], then mark the array released.
+///
+/// # Safety
+///
+/// `array` must be null or point at an array whose `private_data` is null or comes from
+/// `Box::into_raw` of a `T`, released once.
+unsafe fn release_boxed<T>(array: *mut FFI_ArrowArray) {
     if array.is_null() {
         return;
     }
     // SAFETY: non-null, and the plugin passes the array it releases, valid for reads and writes.
     let array = unsafe { &mut *array };
     if !array.private_data.is_null() {
-        // SAFETY: `private_data` was set by `export_argument` from `Box::into_raw` of an
-        // `ExportedArgument`, and is taken back once: it is cleared below.
-        let exported = unsafe { Box::from_raw(array.private_data.cast::<ExportedArgument>()) };
-        releasing_for_a_plugin(|| drop(exported));
+        // SAFETY: per the contract, from `Box::into_raw` of a `T`, taken back once: it is
+        // cleared below.
+        let boxed = unsafe { Box::from_raw(array.private_data.cast::<T>()) };
+        releasing_for_a_plugin(|| drop(boxed));
     }
     array.private_data = std::ptr::null_mut();
     array.release = None;
@@ -494,26 +506,15 @@ pub(in crate::ffi) fn export_for_a_plugin(data: &ArrayData) -> FFI_ArrowArray {
     }
 }
 
-/// The release callback of [`export_for_a_plugin`]: releases arrow's array inside
-/// [`releasing_for_a_plugin`].
+/// The release callback of [`export_for_a_plugin`]: releases arrow's array (dropping it runs
+/// arrow's callback) inside [`releasing_for_a_plugin`].
 ///
 /// # Safety
 ///
 /// `array` must be null or point at an array made by [`export_for_a_plugin`], released once.
 unsafe extern "C" fn release_for_a_plugin(array: *mut FFI_ArrowArray) {
-    if array.is_null() {
-        return;
-    }
-    // SAFETY: non-null, and the plugin passes the array it releases, valid for reads and writes.
-    let array = unsafe { &mut *array };
-    if !array.private_data.is_null() {
-        // SAFETY: set by `export_for_a_plugin` from `Box::into_raw` of arrow's array, taken back
-        // once (cleared below); dropping it runs arrow's release callback.
-        let inner = unsafe { Box::from_raw(array.private_data.cast::<FFI_ArrowArray>()) };
-        releasing_for_a_plugin(|| drop(inner));
-    }
-    array.private_data = std::ptr::null_mut();
-    array.release = None;
+    // SAFETY: per this function's contract, `export_for_a_plugin` boxed arrow's array.
+    unsafe { release_boxed::<FFI_ArrowArray>(array) }
 }
 
 /// A result array the plugin exported, owning the buffers imported from it: dropping it calls
