@@ -141,6 +141,12 @@ pub(crate) fn releasing_for_a_plugin<T>(release: impl FnOnce() -> T) -> T {
     release()
 }
 
+/// Whether this thread runs inside [`releasing_for_a_plugin`] now.
+#[cfg(test)]
+pub(crate) fn releasing_now() -> bool {
+    RELEASING_FOR_A_PLUGIN.with(Cell::get)
+}
+
 /// Runs `job` on the host's reaper thread, one for the process, started on first use: what
 /// must not run on a plugin's thread (a library's unload hook and unmapping). Without that
 /// thread (it could not be started), `job` is leaked: a library left mapped is the safe failure.

@@ -1056,6 +1056,16 @@ mod tests {
                 Some("a string longer than twelve bytes"),
             ])),
             Arc::new(BinaryArray::from(vec![Some(&b"ab"[..]), None, Some(b"")])),
+            // A child array: arrow's exporter, behind the host's callback.
+            Arc::new(datafusion::arrow::array::ListArray::from_iter_primitive::<
+                datafusion::arrow::datatypes::Float64Type,
+                _,
+                _,
+            >(vec![
+                Some(vec![Some(1.5), None]),
+                None,
+                Some(vec![]),
+            ])),
             Arc::new(LargeBinaryArray::from(vec![&b"ab"[..], b"c"]).slice(1, 1)),
             Arc::new(Int32Array::from(vec![Some(-1), None])),
             Arc::new(UInt64Array::from(vec![u64::MAX, 0])),
@@ -1085,6 +1095,58 @@ mod tests {
             let expected = array.to_data();
             drop(array);
             assert_eq!(imported.to_data(), expected);
+        }
+    }
+
+    /// Memory whose owner notes, when dropped, whether that happened inside
+    /// `releasing_for_a_plugin`.
+    struct Probed {
+        values: Vec<i64>,
+        released_inside: Arc<std::sync::atomic::AtomicU8>,
+    }
+
+    impl Drop for Probed {
+        fn drop(&mut self) {
+            let inside = crate::ffi::library::releasing_now();
+            self.released_inside
+                .store(1 + u8::from(inside), std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn arguments_are_released_inside_releasing_for_a_plugin_on_both_exports() {
+        use datafusion::arrow::array::Int64Array;
+        use datafusion::arrow::buffer::ScalarBuffer;
+        // 0: not dropped yet, 1: dropped outside, 2: dropped inside.
+        for through_arrow in [false, true] {
+            let released_inside = Arc::new(std::sync::atomic::AtomicU8::new(0));
+            let owner = Arc::new(Probed {
+                values: vec![1, 2, 3],
+                released_inside: Arc::clone(&released_inside),
+            });
+            let ptr = NonNull::new(owner.values.as_ptr().cast_mut().cast::<u8>()).unwrap();
+            // SAFETY: `ptr` points at the 3 values `owner` keeps alive as long as the buffer.
+            let buffer = unsafe { Buffer::from_custom_allocation(ptr, 3 * 8, owner) };
+            let array: ArrayRef = Arc::new(Int64Array::new(ScalarBuffer::new(buffer, 0, 3), None));
+            let exported = if through_arrow {
+                export_for_a_plugin(&array.to_data())
+            } else {
+                export_argument(&array)
+            };
+            drop(array);
+            let state = || released_inside.load(std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(state(), 0, "the export holds the memory");
+            // The plugin's release: the host's callback.
+            drop(exported);
+            assert_eq!(
+                state(),
+                2,
+                "released inside (through arrow: {through_arrow})"
+            );
+            assert!(
+                !crate::ffi::library::releasing_now(),
+                "the flag is restored"
+            );
         }
     }
 
