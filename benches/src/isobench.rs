@@ -11,7 +11,8 @@
 //!    transport cost per batch is (isolated − in-process) / number of batches, also paired.
 //!    Before timing, every isolated function's result is checked against the in-process one.
 //!    After the table: the floor of any transport that computes on another CPU
-//!    (`transport_floor`), and what a thread spinning on one CPU costs work on the other
+//!    (`transport_floor`), what one column costs in each encoding of the worker protocol
+//!    (`codec_costs`), and what a thread spinning on one CPU costs work on the other
 //!    (`neighbour_cost`).
 //! 2. **New pool**: registering an isolated function in a new session (the pool starts its first
 //!    worker and waits for it: spawn, digest of the library, `dlopen`), then the session's first
@@ -287,6 +288,8 @@ async fn operator_level(rounds: usize, only: Option<&str>) {
         in_place / one
     );
     println!();
+    codec_costs(rounds);
+    println!();
     let (alone, busy, yielding) = neighbour_cost(rounds);
     println!(
         "What a spinning side costs the other CPU (row-by-row string work, `format!` of 8192 \
@@ -297,6 +300,43 @@ async fn operator_level(rounds: usize, only: Option<&str>) {
         range_and_median(&yielding)
     );
     println!();
+}
+
+/// What one 8192-row column costs to encode and decode (with every check a reply gets) in the
+/// two encodings of the worker protocol: raw buffers and an Arrow IPC stream. A call encodes
+/// and decodes its arguments and its result once each.
+fn codec_costs(rounds: usize) {
+    use datafusion::arrow::array::{ArrayRef, Int64Array, StringArray};
+    let rows = 8192;
+    let columns: [(&str, ArrayRef); 2] = [
+        (
+            "BIGINT",
+            Arc::new(Int64Array::from_iter_values(0..rows as i64)),
+        ),
+        (
+            "VARCHAR (names)",
+            Arc::new(StringArray::from_iter_values(
+                (0..rows).map(|i| format!("name {}", i % 1000)),
+            )),
+        ),
+    ];
+    println!(
+        "One 8192-row column through the worker protocol's two encodings (µs, median of {} \
+         rounds; decoding with every check a reply gets):",
+        rounds * 50
+    );
+    println!();
+    println!("| column | raw encode | raw decode | IPC encode | IPC decode |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, column) in columns {
+        match udf_engine::isolation::column_codec_cost(&column, rounds * 50) {
+            Ok([raw, ipc]) => println!(
+                "| {name} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                raw.encode_us, raw.decode_us, ipc.encode_us, ipc.decode_us
+            ),
+            Err(e) => println!("| {name} | failed: {e} | | | |"),
+        }
+    }
 }
 
 fn range_and_median(values: &[f64]) -> String {

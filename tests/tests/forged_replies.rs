@@ -369,6 +369,164 @@ async fn forged_values_the_in_process_rules_refuse_are_refused() {
     }
 }
 
+/// A result frame of a raw column, written by hand as a forger would (the encoding the worker
+/// uses for simple types): `R`, the encoding byte 1, 6 zero bytes; the column's header (type
+/// tag, validity flag, 6 zero bytes, `u64` rows), the `u64` length of each buffer, the buffers
+/// padded to 8.
+fn raw_frame(tag: u8, validity_flag: u8, rows: u64, buffers: &[&[u8]]) -> Vec<u8> {
+    let mut body = vec![
+        b'R',
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        tag,
+        validity_flag,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ];
+    body.extend_from_slice(&rows.to_le_bytes());
+    for b in buffers {
+        body.extend_from_slice(&(b.len() as u64).to_le_bytes());
+    }
+    for b in buffers {
+        body.extend_from_slice(b);
+        body.resize(body.len().next_multiple_of(8), 0);
+    }
+    let mut frame = b"udfw".to_vec();
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// The raw column's type tags of BIGINT and VARCHAR (rows of the table in `raw`).
+const RAW_INT64: u8 = 3;
+const RAW_UTF8: u8 = 19;
+
+fn le_bytes<const W: usize, T>(values: &[T], to: impl Fn(&T) -> [u8; W]) -> Vec<u8> {
+    values.iter().flat_map(to).collect()
+}
+
+/// Raw columns, the lean encoding of simple types (issue 25): each field a forger controls is
+/// checked before anything is built on it, and the result rules run on what is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_raw_columns_are_refused() {
+    let _serial = WORKERS.lock().await;
+    let library = forge_library();
+    let ctx = session();
+    let _registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
+    let ok_sql = "SELECT ok(x) AS v FROM t";
+    let ok_rows: &[&[&str]] = &[&["2"], &["NULL"], &["4"]];
+    let ints = |v: &[i64]| le_bytes(v, |x| x.to_le_bytes());
+    let offsets = |v: &[i32]| le_bytes(v, |x| x.to_le_bytes());
+    // Row 1 NULL (bit 1 clear), as an honest worker answers for `t`.
+    let validity: &[u8] = &[0b101];
+    let cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
+        (
+            "raw-strict",
+            "forge",
+            raw_frame(RAW_INT64, 0, 3, &[&ints(&[2, 20, 4])]),
+            "row 1 is not NULL, but an argument that does not take NULLs is NULL there",
+        ),
+        (
+            "raw-type",
+            "forge",
+            raw_frame(RAW_UTF8, 0, 3, &[&offsets(&[0, 1, 2, 3]), b"234"]),
+            "a result of type Utf8 where Int64 was declared",
+        ),
+        (
+            "raw-rows",
+            "forge",
+            raw_frame(RAW_INT64, 1, 4, &[validity, &ints(&[2, 0, 4, 5])]),
+            "4 rows for a call over 3",
+        ),
+        (
+            "raw-tag",
+            "forge",
+            raw_frame(99, 1, 3, &[validity, &ints(&[2, 0, 4])]),
+            "unknown raw column type tag 99",
+        ),
+        (
+            "raw-short-values",
+            "forge",
+            raw_frame(RAW_INT64, 1, 3, &[validity, &ints(&[2, 0])]),
+            "buffer 1 of 16 bytes where 3 rows of Int64 take 24",
+        ),
+        (
+            "raw-validity-flag",
+            "forge",
+            raw_frame(RAW_INT64, 2, 3, &[validity, &ints(&[2, 0, 4])]),
+            "a validity flag of 2",
+        ),
+        (
+            "raw-offsets-past-data",
+            "forge_text",
+            raw_frame(RAW_UTF8, 1, 3, &[validity, &offsets(&[0, 1, 1, 90]), b"ac"]),
+            "offset",
+        ),
+        (
+            "raw-offsets-backwards",
+            "forge_text",
+            raw_frame(RAW_UTF8, 1, 3, &[validity, &offsets(&[0, 2, 1, 2]), b"ac"]),
+            "offset",
+        ),
+        (
+            "raw-not-utf8",
+            "forge_text",
+            raw_frame(
+                RAW_UTF8,
+                1,
+                3,
+                &[validity, &offsets(&[0, 1, 1, 2]), &[0xc3, 0x28]],
+            ),
+            "UTF8",
+        ),
+    ];
+    // A data length past the column (its bytes are zeros the region holds beyond the frame).
+    let mut past = raw_frame(RAW_UTF8, 1, 3, &[validity, &offsets(&[0, 1, 1, 2]), b"ac"]);
+    let data_len_at = 8 + 8 + 16 + 16;
+    past[data_len_at..data_len_at + 8].copy_from_slice(&(1u64 << 20).to_le_bytes());
+    // An encoding that is neither IPC nor raw; bytes after the last buffer.
+    let mut encoding = raw_frame(RAW_INT64, 1, 3, &[validity, &ints(&[2, 0, 4])]);
+    encoding[9] = 7;
+    let mut trailing = raw_frame(RAW_INT64, 1, 3, &[validity, &ints(&[2, 0, 4])]);
+    trailing.extend_from_slice(&[0; 8]);
+    let body = u32::from_le_bytes(trailing[4..8].try_into().unwrap()) + 8;
+    trailing[4..8].copy_from_slice(&body.to_le_bytes());
+    let cases = cases.into_iter().chain([
+        ("raw-data-past-column", "forge_text", past, "past the end"),
+        (
+            "raw-encoding",
+            "forge",
+            encoding,
+            "unknown column encoding 7",
+        ),
+        (
+            "raw-trailing",
+            "forge",
+            trailing,
+            "8 bytes after the last buffer",
+        ),
+    ]);
+    for (name, function, bytes, says) in cases {
+        let file = frame_file(&format!("{name}.frame"), &bytes);
+        let sql = format!("SELECT {function}('{}', x) AS v FROM t", file.display());
+        refused(&ctx, &library, function, &sql, says, ok_sql, ok_rows).await;
+    }
+    // The same encoding, honest, is answered: the forger's own raw reply passes every check.
+    let honest = raw_frame(RAW_INT64, 1, 3, &[validity, &ints(&[7, 0, 9])]);
+    let file = frame_file("raw-honest.frame", &honest);
+    let sql = format!("SELECT forge('{}', x) AS v FROM t", file.display());
+    assert_eq!(rows(&ctx, &sql).await, expect(&[&["7"], &["NULL"], &["9"]]));
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. The shared regions (issue 25).
 // ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ pub(crate) mod aggregate;
 mod cancel;
 mod pool;
 mod protocol;
+mod raw;
 mod shared;
 mod worker;
 
@@ -29,7 +30,7 @@ use std::time::Duration;
 pub use cancel::CallCancel;
 pub use pool::{Fault, WorkerPool, live_worker_pids};
 #[doc(hidden)]
-pub use protocol::{FuzzReport, fuzz_worker_replies};
+pub use protocol::{CodecCost, FuzzReport, column_codec_cost, fuzz_worker_replies};
 pub use worker::worker_main;
 
 use crate::ffi::PluginLibrary;

@@ -1,8 +1,10 @@
 //! The messages between the host and a worker process.
 //!
 //! Every message is a frame: the magic bytes `udfw`, a little-endian `u32` body length, then the
-//! body, whose first byte is its kind. Arrays cross as Arrow IPC streams of one column (one per
-//! argument, one for the result); one call is one request and one reply, whatever the number of
+//! body, whose first byte is its kind. Arrays cross as columns (one per argument, one for the
+//! result): raw buffers when the type is one of the simple ones `raw` lists (numbers, dates,
+//! booleans, strings, binaries: no schema, no flatbuffer), else Arrow IPC streams of one column;
+//! an encoding byte says which. One call is one request and one reply, whatever the number of
 //! rows. The ready message (and an error before it) crosses the channel; the setup message
 //! carries the two shared regions; calls and replies are written into those regions (see
 //! `shared`), encoded in place through a [`Sink`].
@@ -11,14 +13,14 @@
 //! |------|----------------|---------|-------------------------------------------------------------|
 //! | `H`  | worker → host  | channel | `u32` number of functions: the library loaded, the worker is ready |
 //! | `M`  | host → worker  | channel | nothing; the input and output regions attached (`SCM_RIGHTS`) |
-//! | `C`  | host → worker  | input region | `u32` function, `u8` path (0 row, 1 batch), `u64` rows, `u16` n, n × (`u8` constant flag, 3 zero bytes, `u32` length, IPC stream, zeros to a multiple of 8) |
-//! | `R`  | worker → host  | output region | 7 zero bytes, IPC stream of the result column           |
+//! | `C`  | host → worker  | input region | `u32` function, `u8` path (0 row, 1 batch), `u64` rows, `u16` n, n × (`u8` constant flag, `u8` encoding (0 IPC, 1 raw), 2 zero bytes, `u32` length, the column, zeros to a multiple of 8) |
+//! | `R`  | worker → host  | output region | `u8` encoding (0 IPC, 1 raw), 6 zero bytes, the result column |
 //! | `E`  | worker → host  | either  | UTF-8 message: the call (or the load) failed the way it fails in-process |
 //! | `A`  | host → worker  | input region | an aggregate request (ABI 2.4, [`AggregateOp`]): `u8` op, 3 zero bytes, `u32` function or accumulator, then per op: feed: `u8` feed kind, `u8` has groups, `u8` has filter, 5 zero bytes, `u64` rows, `u64` total groups, `u16` n, 6 zero bytes, rows × `u64` group numbers, rows filter bytes and zeros to a multiple of 8, n columns as a call's arguments; emit: `u8` state, `u8` mode, 6 zero bytes, `u64` first |
 //! | `K`  | worker → host  | output region | 7 zero bytes, `u64`: an accumulator's number (create), its size in bytes (feed), 0 (destroy) |
 //!
-//! The header of a call is 16 bytes, so every IPC stream starts at a multiple of 8 in the body
-//! and its buffers are used where they lie, without a copy.
+//! The header of a call is 16 bytes, so every column starts at a multiple of 8 in the body and
+//! its buffers are used where they lie, without a copy.
 //!
 //! Everything a worker sends is untrusted (the plugin shares its process and can write to the
 //! channel). Before arrow's decoder sees an IPC stream, [`decode_array`] walks its messages
@@ -28,8 +30,9 @@
 //! the message's), no dictionary, and the converted type equal to the declared one *before* the
 //! batch is decoded; no body compression (an LZ4 or ZSTD buffer says its own uncompressed size,
 //! which nothing bounds), the declared number of rows, and every field node, buffer and variadic
-//! buffer count within the body. Allocations are then bounded by the frame, and a frame by what
-//! the call can return ([`max_reply_len`]). The host then checks the decoded result with the
+//! buffer count within the body. A raw column is checked as `raw` says (its type tag, rows,
+//! every buffer's length and place, then arrow's full validation). Allocations are then bounded
+//! by the frame, and a frame by what the call can return ([`max_reply_len`]). The host then checks the decoded result with the
 //! in-process rules (`PluginFunction::check_received_result`). [`fuzz_worker_replies`] throws
 //! mutated replies at the decoder.
 
@@ -51,6 +54,8 @@ use crate::call_path::CallPath;
 use crate::ffi::shm::RegionWriter;
 use crate::types::arrow::MAX_DEPTH;
 use crate::types::fuzz::Rng;
+
+use super::raw;
 
 /// The kind byte of a ready message.
 pub(crate) const READY: u8 = b'H';
@@ -180,15 +185,39 @@ fn put_array<S: Sink>(out: &mut S, array: &ArrayRef) -> Result<(), ArrowError> {
     writer.finish()
 }
 
-/// One column of a request: a flag byte, 3 zero bytes, the `u32` length of the IPC stream, the
-/// stream, zeros to a multiple of 8.
+/// How a column is encoded: the byte after a call column's flag, and after a result's kind.
+const IPC: u8 = 0;
+const RAW: u8 = 1;
+
+/// Appends `array` raw when its type allows ([`raw`]), else as an IPC stream; the encoding used.
+fn put_any_array<S: Sink>(out: &mut S, array: &ArrayRef) -> Result<u8, String> {
+    if raw::put_array(out, array)? {
+        return Ok(RAW);
+    }
+    put_array(out, array).map_err(|e| e.to_string())?;
+    Ok(IPC)
+}
+
+/// Decodes a column encoded as `encoding` says.
+fn decode_any_array(encoding: u8, column: &Buffer, expect: Expect<'_>) -> Result<ArrayRef, String> {
+    match encoding {
+        IPC => decode_array(column, expect),
+        RAW => raw::decode_array(column, expect.data_type, expect.rows),
+        other => Err(format!("unknown column encoding {other}")),
+    }
+}
+
+/// One column of a request: a flag byte, the encoding byte, 2 zero bytes, the `u32` length of
+/// the column (raw or an IPC stream), the column, zeros to a multiple of 8.
 fn put_column<S: Sink>(out: &mut S, flag: u8, array: &ArrayRef) -> Result<(), String> {
+    let encoding_at = out.written() + 1;
     put(out, &[flag, 0, 0, 0])?;
     let at = out.written();
     put(out, &[0; 4])?;
-    put_array(out, array).map_err(|e| e.to_string())?;
+    let encoding = put_any_array(out, array)?;
     let len = out.written() - at - 4;
     out.patch(at, &(len as u32).to_le_bytes())?;
+    out.patch(encoding_at, &[encoding])?;
     pad_to_8(out)
 }
 
@@ -200,7 +229,10 @@ fn take_column(
 ) -> Result<(u8, ArrayRef), String> {
     let bytes = body.as_slice();
     let flag = cursor.u8()?;
-    cursor.take(3)?;
+    let encoding = cursor.u8()?;
+    if cursor.take(2)? != [0, 0] {
+        return Err("a column header with nonzero padding".to_string());
+    }
     let len = cursor.u32()? as usize;
     let start = bytes.len() - cursor.0.len();
     cursor.take(len)?;
@@ -210,7 +242,7 @@ fn take_column(
         data_type: None,
         rows: rows_of(flag),
     };
-    let array = decode_array(&body.slice_with_length(start, len), expect)?;
+    let array = decode_any_array(encoding, &body.slice_with_length(start, len), expect)?;
     Ok((flag, array))
 }
 
@@ -979,8 +1011,11 @@ pub(crate) fn max_reply_len(expect: Option<(&DataType, usize)>) -> usize {
 /// A result frame.
 pub(crate) fn encode_result<S: Sink>(out: &mut S, array: &ArrayRef) -> Result<(), String> {
     start_frame(out, RESULT)?;
+    let encoding_at = out.written();
     pad_to_8(out)?;
-    put_array(out, array).map_err(|e| format!("cannot encode the result: {e}"))?;
+    let encoding =
+        put_any_array(out, array).map_err(|e| format!("cannot encode the result: {e}"))?;
+    out.patch(encoding_at, &[encoding])?;
     finish_frame(out)
 }
 
@@ -1261,11 +1296,12 @@ fn decode_reply_inner(body: &Buffer, expect: Option<(&DataType, usize)>) -> Resu
             )))
         }
         Some(&RESULT) => {
-            if bytes.len() < 8 || bytes[1..8] != [0; 7] {
+            if bytes.len() < 8 || bytes[2..8] != [0; 6] {
                 return Err("a result message without its padding".to_string());
             }
             let (data_type, rows) = expect.ok_or("a result where none was asked for")?;
-            let array = decode_array(
+            let array = decode_any_array(
+                bytes[1],
                 &body.slice(8),
                 Expect {
                     data_type: Some(data_type),
@@ -1295,6 +1331,8 @@ pub struct FuzzReport {
     pub refused: usize,
     /// Results accepted: each was of the declared type and rows, valid, and passed the rules.
     pub accepted: usize,
+    /// Of those, the results that crossed raw.
+    pub accepted_raw: usize,
     /// Inputs that decoded as another kind of message (an error or ready message).
     pub other_replies: usize,
     /// Call requests decoded (the worker's side).
@@ -1344,9 +1382,10 @@ fn result_body(
     Ok(out)
 }
 
-/// The fuzzer's valid inputs: results of many types (NULLs, nesting, views, decimals), the same
-/// with LZ4 and ZSTD body compression and dictionary encoding (which must be refused), and call
-/// requests.
+/// The fuzzer's valid inputs: results of many types (NULLs, nesting, views, decimals) as IPC
+/// streams, the same with LZ4 and ZSTD body compression and dictionary encoding (which must be
+/// refused), the simple ones also raw (whole and sliced), and call requests (raw and IPC
+/// columns).
 fn fuzz_seeds() -> Vec<Seed> {
     use datafusion::arrow::array::{
         Array, BooleanArray, Decimal128Array, DictionaryArray, Float64Array, Int32Array,
@@ -1432,6 +1471,16 @@ fn fuzz_seeds() -> Vec<Seed> {
                 seeds.push(Seed {
                     body,
                     result: Some(shape.clone()),
+                });
+            }
+        }
+        // The same result as a worker writes it: raw where the type allows (sliced too).
+        for array in [Arc::clone(array), array.slice(1, array.len() - 2)] {
+            let mut out = Vec::new();
+            if encode_result(&mut out, &array).is_ok() && out[HEADER + 1] == RAW {
+                seeds.push(Seed {
+                    body: out[HEADER..].to_vec(),
+                    result: Some((array.data_type().clone(), array.len(), i % 2 == 0)),
                 });
             }
         }
@@ -1605,6 +1654,7 @@ pub fn fuzz_worker_replies(seed: u64, cases: usize) -> FuzzReport {
                         let valid = array.to_data().validate_full().is_ok();
                         if array.data_type() == data_type && array.len() == *rows && valid {
                             report.accepted += 1;
+                            report.accepted_raw += usize::from(body.as_slice()[1] == RAW);
                         } else {
                             report.wrong_shape += 1;
                             fail(
@@ -1846,7 +1896,66 @@ mod tests {
                 report.accepted > 500 && report.refused > 5000,
                 "{report:#?}"
             );
+            assert!(report.accepted_raw > 100, "{report:#?}");
             assert!(report.calls_accepted > 50, "{report:#?}");
         }
     }
+}
+
+/// What encoding and decoding one column costs, each encoding, for [`column_codec_cost`].
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CodecCost {
+    /// Encoding into a buffer with room, µs (median).
+    pub encode_us: f64,
+    /// Decoding with every check of a reply, µs (median).
+    pub decode_us: f64,
+}
+
+/// What a column of `column` costs to encode (into a buffer with room, as into a region) and to
+/// decode with every check a reply gets (declared type and rows known), raw and as an IPC
+/// stream: `[raw, ipc]`, medians of `rounds` (isobench reports it).
+#[doc(hidden)]
+pub fn column_codec_cost(column: &ArrayRef, rounds: usize) -> Result<[CodecCost; 2], String> {
+    use std::time::Instant;
+    let expect = Expect {
+        data_type: Some(column.data_type()),
+        rows: column.len(),
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let mut costs = [CodecCost {
+        encode_us: f64::NAN,
+        decode_us: f64::NAN,
+    }; 2];
+    for (i, encoding) in [RAW, IPC].into_iter().enumerate() {
+        let mut out = Vec::with_capacity(column.get_array_memory_size() + 64 * 1024);
+        let (mut encode, mut decode) = (Vec::new(), Vec::new());
+        for _ in 0..rounds.max(1) {
+            out.clear();
+            let start = Instant::now();
+            if encoding == RAW {
+                if !raw::put_array(&mut out, column)? {
+                    return Err(format!("{} does not cross raw", column.data_type()));
+                }
+            } else {
+                put_array(&mut out, column).map_err(|e| e.to_string())?;
+            }
+            encode.push(start.elapsed().as_secs_f64() * 1e6);
+            let bytes = Buffer::from(out.clone());
+            let start = Instant::now();
+            let decoded = decode_any_array(encoding, &bytes, expect)?;
+            decode.push(start.elapsed().as_secs_f64() * 1e6);
+            if decoded.to_data() != column.to_data() {
+                return Err("the column did not round-trip".to_string());
+            }
+        }
+        costs[i] = CodecCost {
+            encode_us: median(encode),
+            decode_us: median(decode),
+        };
+    }
+    Ok(costs)
 }
