@@ -11,6 +11,9 @@
 //! * well-formed replies the in-process path refuses: a NULL from a v1 function, a value in a
 //!   STRICT row, a decimal over its precision (also as a list item), a result of another type,
 //!   a dictionary-encoded result;
+//! * raw columns (the lean encoding of simple types) forged field by field: another type, other
+//!   rows, an unknown tag or encoding, buffer lengths short or past the column, bytes after the
+//!   last buffer, offsets backwards or past the data, data that is not UTF-8;
 //! * replies that do not fit the region: a length past the region's end, a frame whose buffers
 //!   lie past its own end (in bytes the region holds from elsewhere);
 //! * a worker that overwrites its replies after publishing them, tries to shrink its regions, or
@@ -469,13 +472,13 @@ async fn forged_raw_columns_are_refused() {
             "raw-offsets-past-data",
             "forge_text",
             raw_frame(RAW_UTF8, 1, 3, &[validity, &offsets(&[0, 1, 1, 90]), b"ac"]),
-            "offset",
+            "Last offset 90 of Utf8 is larger than values length 2",
         ),
         (
             "raw-offsets-backwards",
             "forge_text",
             raw_frame(RAW_UTF8, 1, 3, &[validity, &offsets(&[0, 2, 1, 2]), b"ac"]),
-            "offset",
+            "offsets are not monotonically increasing",
         ),
         (
             "raw-not-utf8",
@@ -486,7 +489,7 @@ async fn forged_raw_columns_are_refused() {
                 3,
                 &[validity, &offsets(&[0, 1, 1, 2]), &[0xc3, 0x28]],
             ),
-            "UTF8",
+            "invalid UTF-8",
         ),
     ];
     // A data length past the column (its bytes are zeros the region holds beyond the frame).

@@ -43,6 +43,7 @@ pub use library::{Abi, PluginLibrary, open_regular_file};
 pub(crate) use manifest::fuzz_manifests;
 pub use manifest::{DeclaredVolatility, FunctionSignature, MAX_FUNCTIONS};
 pub use scalar::PluginFunction;
+pub(crate) use scalar::build_validated;
 
 /// The value rules every result meets (arrow's full validation, decimal precision at every
 /// level), for an array that came from a worker process.

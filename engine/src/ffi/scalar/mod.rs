@@ -17,6 +17,7 @@ pub(super) mod arrow_result;
 pub(super) mod batch;
 mod rows;
 
+pub(crate) use batch::build_validated;
 pub(super) use batch::{ArgSchemas, export_for_a_plugin};
 
 /// How returned bytes go back to the plugin.
