@@ -308,7 +308,7 @@ async fn operator_level(rounds: usize, only: Option<&str>) {
 fn codec_costs(rounds: usize) {
     use datafusion::arrow::array::{ArrayRef, Int64Array, StringArray};
     let rows = 8192;
-    let columns: [(&str, ArrayRef); 2] = [
+    let columns: [(&str, ArrayRef); 3] = [
         (
             "BIGINT",
             Arc::new(Int64Array::from_iter_values(0..rows as i64)),
@@ -317,6 +317,12 @@ fn codec_costs(rounds: usize) {
             "VARCHAR (names)",
             Arc::new(StringArray::from_iter_values(
                 (0..rows).map(|i| format!("name {}", i % 1000)),
+            )),
+        ),
+        (
+            "VARCHAR (names × 3, as `repeat` returns)",
+            Arc::new(StringArray::from_iter_values(
+                (0..rows).map(|i| format!("name {}", i % 1000).repeat(3)),
             )),
         ),
     ];
