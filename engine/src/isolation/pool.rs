@@ -800,6 +800,28 @@ impl Worker {
         }
         whereabouts.asleep();
         super::blocking(|| {
+            // A call too long to spin through: asleep until a little before it usually ends
+            // (rung awake if it ends sooner), then spinning for the rest.
+            if let Some(nap) = self.spin.nap() {
+                self.regions.set_sleeping(true);
+                let woken = if self.regions.replied(seq) {
+                    Ok(())
+                } else {
+                    let wake_at = (Instant::now() + nap).min(deadline);
+                    self.wait_until(PollFlags::IN, wake_at, deadline, cancel, spec)
+                };
+                self.regions.set_sleeping(false);
+                woken?;
+                self.drain_doorbell()?;
+                let regions = &self.regions;
+                let stop = || regions.replied(seq) || cancel.is_some_and(CallCancel::is_cancelled);
+                let here = regions.whereabouts();
+                if spin_until(self.spin.after_nap(), || here.beside(), stop) && regions.replied(seq)
+                {
+                    return Ok(());
+                }
+                here.asleep();
+            }
             loop {
                 self.regions.set_sleeping(true);
                 if self.regions.replied(seq) {
@@ -988,13 +1010,28 @@ impl Worker {
         cancel: Option<&CallCancel>,
         spec: &WorkerSpec,
     ) -> Result<(), Stop> {
+        self.wait_until(interest, deadline, deadline, cancel, spec)
+    }
+
+    /// [`Worker::wait`], returning `Ok` also at `wake_at` (at or before the deadline).
+    fn wait_until(
+        &mut self,
+        interest: PollFlags,
+        wake_at: Instant,
+        deadline: Instant,
+        cancel: Option<&CallCancel>,
+        spec: &WorkerSpec,
+    ) -> Result<(), Stop> {
         loop {
             let now = Instant::now();
             if now >= deadline {
                 self.kill();
                 return Err(Fault::TimedOut(spec.call_timeout).into());
             }
-            let timeout = Timespec::try_from(deadline - now).unwrap_or_default();
+            if now >= wake_at {
+                return Ok(());
+            }
+            let timeout = Timespec::try_from(wake_at - now).unwrap_or_default();
             let cancel_fd = cancel.and_then(CallCancel::event);
             let (ready_channel, ready_exit, ready_cancel, ready_stderr) = {
                 let pidfd = self.pidfd.as_fd();

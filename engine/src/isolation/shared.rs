@@ -155,6 +155,9 @@ pub(crate) struct AdaptiveSpin {
     limit: Spin,
     /// The running mean of recent waits (weight 1/4 for the newest), in nanoseconds.
     mean_ns: u64,
+    /// The same over waits counted up to [`AdaptiveSpin::MAX_NAP`]: how long calls take that
+    /// are too long to spin for ([`AdaptiveSpin::nap`]).
+    long_mean_ns: u64,
 }
 
 impl AdaptiveSpin {
@@ -162,8 +165,38 @@ impl AdaptiveSpin {
     /// spin.
     const SLACK: Duration = Duration::from_micros(10);
 
+    /// How long before a long call usually ends its waiting side wakes up to spin for it.
+    const LEAD: Duration = Duration::from_micros(100);
+
+    /// Calls longer than this are not napped for: a wake-up costs little beside them.
+    const MAX_NAP: Duration = Duration::from_millis(20);
+
     pub(crate) const fn new(limit: Spin) -> AdaptiveSpin {
-        AdaptiveSpin { limit, mean_ns: 0 }
+        AdaptiveSpin {
+            limit,
+            mean_ns: 0,
+            long_mean_ns: 0,
+        }
+    }
+
+    /// For a side whose waits are too long to spin through (the spin is off), how long to
+    /// sleep before spinning for the rest: the recent waits' mean less [`AdaptiveSpin::LEAD`]. A
+    /// sleeping side's wake-up costs tens of µs on a VM (an idle vCPU halts); waking a little
+    /// before the other side answers hides it. `None` while the spin is on or the waits are
+    /// longer than [`AdaptiveSpin::MAX_NAP`].
+    pub(crate) fn nap(&self) -> Option<Duration> {
+        let mean = Duration::from_nanos(self.long_mean_ns);
+        (self.mean_ns > duration_ns(self.limit.total) && mean < Self::MAX_NAP)
+            .then(|| mean.saturating_sub(Self::LEAD))
+    }
+
+    /// The spin after a [`AdaptiveSpin::nap`]: through the lead, with the slack a timer's
+    /// wake-up may be late by, yielding after the busy limit.
+    pub(crate) fn after_nap(&self) -> Spin {
+        Spin {
+            busy: self.limit.busy,
+            total: Self::LEAD * 2,
+        }
     }
 
     /// The spin for the next wait.
@@ -192,6 +225,8 @@ impl AdaptiveSpin {
     pub(crate) fn record(&mut self, waited: Duration) {
         let sample = duration_ns(waited).min(duration_ns(self.limit.total).saturating_mul(2));
         self.mean_ns = (self.mean_ns.saturating_mul(3).saturating_add(sample)) / 4;
+        let long = duration_ns(waited).min(duration_ns(Self::MAX_NAP).saturating_mul(2));
+        self.long_mean_ns = (self.long_mean_ns.saturating_mul(3).saturating_add(long)) / 4;
     }
 }
 
@@ -465,6 +500,30 @@ mod tests {
         let slow = spin.next();
         assert_eq!(slow.total, Duration::ZERO);
         assert_eq!(slow.busy, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_side_naps_through_long_calls_and_wakes_before_they_usually_end() {
+        let mut spin = AdaptiveSpin::new(HOST_SPIN);
+        // Quick calls: spun for, never napped.
+        waits(&mut spin, 30, 20);
+        assert_eq!(spin.nap(), None);
+        // Calls of 800 µs: too long to spin for; a nap to 100 µs before their usual end.
+        waits(&mut spin, 800, 40);
+        assert_eq!(spin.next().total, Duration::ZERO);
+        let nap = spin.nap().expect("a nap");
+        assert!(
+            nap > Duration::from_micros(690) && nap <= Duration::from_micros(700),
+            "{nap:?}"
+        );
+        assert_eq!(spin.after_nap().total, Duration::from_micros(200));
+        // Calls of 50 ms: a wake-up costs little beside them; no nap.
+        waits(&mut spin, 50_000, 40);
+        assert_eq!(spin.nap(), None);
+        // Quick again: spun for, and the nap forgotten.
+        waits(&mut spin, 30, 40);
+        assert_eq!(spin.nap(), None);
+        assert!(spin.next().total > Duration::ZERO);
     }
 
     #[test]
