@@ -4,7 +4,8 @@
 //! A call takes an idle worker (or starts one, or waits for one), writes one request into the
 //! worker's shared input region and waits for the reply in its output region (see `shared`):
 //! first spinning on the reply's sequence word for as long as the worker's replies took lately
-//! (at most [`HOST_SPIN`], see [`AdaptiveSpin`]), then in `poll` on the
+//! (at most [`HOST_SPIN`], see [`AdaptiveSpin`]; after calls too long for that, asleep until
+//! shortly before the reply usually comes, then spinning), then in `poll` on the
 //! channel (the worker's doorbell), the worker's pidfd (readable when the process ends, even if
 //! a child it forked keeps the channel open), its stderr and the query's [`CallCancel`] event.
 //! Only the `poll` wait hands the tokio thread's other work away (`block_in_place`); a fast

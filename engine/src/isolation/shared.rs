@@ -19,7 +19,10 @@
 //! sequentially consistent, so one of the two always sees the other). While it spins, each side
 //! also says on which CPU it runs, and never busy-waits on the CPU the other side was last seen
 //! on: it yields at once there ([`Whereabouts`]). A sleeping host waits with `poll` on the
-//! channel, the worker's pidfd, its stderr and the query's cancellation, as before.
+//! channel, the worker's pidfd, its stderr and the query's cancellation, as before. A host whose
+//! calls are too long to spin through naps instead ([`AdaptiveSpin::nap`]): asleep as above, its
+//! sleeping word set, until shortly before the reply usually comes, then spinning for it, so
+//! that the wake-up of its CPU (tens of µs on a VM) is not paid per call.
 //!
 //! What the host trusts of this: nothing. The worker may write the control words and the output
 //! region at any time, grow the output region to any size, and keep writing after it replied.
