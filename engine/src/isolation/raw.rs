@@ -304,23 +304,27 @@ pub(crate) fn decode_array(
     let n = usize::from(has_validity) + layout.buffers();
     let mut at = 16 + 8 * n;
     // What each buffer must hold; `None`: at most what is left (the data of strings).
-    let exact = |i: usize| -> Option<usize> {
+    let exact = |i: usize| -> Result<Option<usize>, String> {
+        let rows_take = |width: usize| {
+            rows.checked_mul(width)
+                .ok_or_else(|| format!("{rows} rows of {data_type} take more than memory"))
+        };
         if has_validity && i == 0 {
-            return Some(bitmap_len(rows));
+            return Ok(Some(bitmap_len(rows)));
         }
-        match (layout, i - usize::from(has_validity)) {
-            (Layout::Fixed(width), _) => rows.checked_mul(*width),
+        Ok(match (layout, i - usize::from(has_validity)) {
+            (Layout::Fixed(width), _) => Some(rows_take(*width)?),
             (Layout::Bits, _) => Some(bitmap_len(rows)),
-            (Layout::Offsets32, 0) => rows.checked_add(1)?.checked_mul(4),
-            (Layout::Offsets64, 0) => rows.checked_add(1)?.checked_mul(8),
+            (Layout::Offsets32, 0) => Some(rows_take(4)?.saturating_add(4)),
+            (Layout::Offsets64, 0) => Some(rows_take(8)?.saturating_add(8)),
             _ => None,
-        }
+        })
     };
     let mut ranges: [Range<usize>; MAX_BUFFERS] = Default::default();
     for (i, range) in ranges.iter_mut().enumerate().take(n) {
         let len = usize::try_from(u64_at(bytes, 16 + 8 * i)?)
             .map_err(|_| "a buffer longer than memory".to_string())?;
-        if let Some(exact) = exact(i)
+        if let Some(exact) = exact(i)?
             && len != exact
         {
             return Err(format!(
@@ -338,11 +342,20 @@ pub(crate) fn decode_array(
             })?;
         *range = at..end;
         at = end.next_multiple_of(8);
+        match bytes.get(end..at) {
+            Some(padding) if padding.iter().all(|&b| b == 0) => {}
+            Some(_) => return Err(format!("nonzero padding after buffer {i}")),
+            None => {
+                return Err(format!(
+                    "the column ends inside the padding after buffer {i}"
+                ));
+            }
+        }
     }
     if at != bytes.len() {
         return Err(format!(
             "{} bytes after the last buffer of a raw column",
-            bytes.len().saturating_sub(at)
+            bytes.len() - at
         ));
     }
     let buffer = |i: usize| column.slice_with_length(ranges[i].start, ranges[i].len());
@@ -519,6 +532,14 @@ mod tests {
         let mut b = good.clone();
         b[5] = 1;
         assert!(refused(b, 3, utf8).contains("nonzero padding"));
+        // The data "abcde" (5 bytes) is padded with 3 zeros: a byte there, or a column cut
+        // inside them.
+        let mut b = good.clone();
+        let last = b.len() - 1;
+        b[last] = 7;
+        assert!(refused(b, 3, utf8).contains("nonzero padding after buffer 2"));
+        let e = refused(good[..good.len() - 2].to_vec(), 3, utf8);
+        assert!(e.contains("ends inside the padding after buffer 2"), "{e}");
         let mut b = good;
         b[1] = 2;
         assert!(refused(b, 3, utf8).contains("validity flag of 2"));
