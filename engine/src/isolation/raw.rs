@@ -23,6 +23,7 @@ use std::ops::Range;
 
 use datafusion::arrow::array::{Array, ArrayData, ArrayRef, AsArray, make_array};
 use datafusion::arrow::buffer::Buffer;
+use datafusion::arrow::datatypes::ArrowNativeType;
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 
 use super::protocol::Sink;
@@ -159,16 +160,21 @@ fn bytes_of(buffer: &Buffer, at: usize, len: usize) -> Result<&[u8], String> {
         .ok_or_else(|| "an array whose buffers are shorter than its rows".to_string())
 }
 
-/// The offsets and data of a string or binary column: its offsets (rows + 1) as they lie or
-/// to rebase, and the range of its data they point into.
-fn offset_parts<'a, O: Copy + Into<i64>>(
-    offsets: &'a [O],
-    raw: &'a Buffer,
-    data: &'a Buffer,
-    start: usize,
+/// The offsets and data of a string or binary column of `rows` rows: its offsets (rows + 1) as
+/// they lie or to rebase (`rebase`), and the range of its data they point into. `empty` stands
+/// for an empty array's offsets when its buffer has none (arrow allows that).
+fn offset_parts<'a, O: ArrowNativeType + Into<i64>>(
+    data: &'a ArrayData,
+    rows: usize,
+    empty: &'static [O],
     rebase: fn(&'a [O]) -> Part<'a>,
 ) -> Result<[Part<'a>; 2], String> {
     let width = std::mem::size_of::<O>();
+    let offsets = match data.buffer::<O>(0).get(..=rows) {
+        Some(offsets) => offsets,
+        None if rows == 0 => empty,
+        None => return Err("a string column with fewer offsets than rows".to_string()),
+    };
     let (Some(&first), Some(&last)) = (offsets.first(), offsets.last()) else {
         return Err("a string column without offsets".to_string());
     };
@@ -176,12 +182,17 @@ fn offset_parts<'a, O: Copy + Into<i64>>(
     let (Ok(from), Ok(to)) = (usize::try_from(first), usize::try_from(last)) else {
         return Err("a string column with negative offsets".to_string());
     };
-    let offsets_part = match bytes_of(raw, start * width, std::mem::size_of_val(offsets)) {
+    let buffers = data.buffers();
+    let offsets_part = match bytes_of(
+        &buffers[0],
+        data.offset() * width,
+        std::mem::size_of_val(offsets),
+    ) {
         Ok(bytes) if first == 0 => Part::Bytes(bytes),
         _ => rebase(offsets),
     };
     let len = to.checked_sub(from).ok_or("string offsets out of order")?;
-    Ok([offsets_part, Part::Bytes(bytes_of(data, from, len)?)])
+    Ok([offsets_part, Part::Bytes(bytes_of(&buffers[1], from, len)?)])
 }
 
 /// Appends `array` raw; `Ok(false)` (nothing written) when its type does not cross raw.
@@ -221,32 +232,8 @@ pub(crate) fn put_array<S: Sink>(out: &mut S, array: &ArrayRef) -> Result<bool, 
             bits = array.as_boolean().values().sliced();
             parts.push(Part::Bytes(bytes_of(&bits, 0, bitmap_len(rows))?));
         }
-        Layout::Offsets32 => {
-            let offsets =
-                data.buffer::<i32>(0)
-                    .get(..=rows)
-                    .unwrap_or(if rows == 0 { &[0] } else { &[] });
-            parts.extend(offset_parts(
-                offsets,
-                &buffers[0],
-                &buffers[1],
-                data.offset(),
-                Part::Rebased32,
-            )?);
-        }
-        Layout::Offsets64 => {
-            let offsets =
-                data.buffer::<i64>(0)
-                    .get(..=rows)
-                    .unwrap_or(if rows == 0 { &[0] } else { &[] });
-            parts.extend(offset_parts(
-                offsets,
-                &buffers[0],
-                &buffers[1],
-                data.offset(),
-                Part::Rebased64,
-            )?);
-        }
+        Layout::Offsets32 => parts.extend(offset_parts(&data, rows, &[0i32], Part::Rebased32)?),
+        Layout::Offsets64 => parts.extend(offset_parts(&data, rows, &[0i64], Part::Rebased64)?),
     }
     put(out, &[tag, u8::from(validity.is_some()), 0, 0, 0, 0, 0, 0])?;
     put(out, &(rows as u64).to_le_bytes())?;
