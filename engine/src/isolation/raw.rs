@@ -436,6 +436,59 @@ mod tests {
         }
     }
 
+    /// Every type of the table, through both directions of the protocol (a call's argument
+    /// column, constant too, and a result), with NULLs, whole and sliced at an odd offset.
+    #[test]
+    fn every_type_of_the_table_crosses_raw_both_ways() {
+        use datafusion::arrow::compute::cast;
+
+        use crate::call_path::CallPath;
+        use crate::isolation::protocol::{
+            HEADER, Reply, decode_call, decode_reply, encode_call, encode_result,
+        };
+        let ints: ArrayRef = Arc::new(Int64Array::from_iter(
+            (0..45).map(|i| (i % 4 != 2).then_some(i * 37 - 300)),
+        ));
+        let texts: ArrayRef = Arc::new(StringArray::from_iter(
+            (0..45).map(|i| (i % 4 != 2).then(|| format!("v{i}"))),
+        ));
+        for (data_type, _) in &RAW_TYPES {
+            let source = if matches!(
+                data_type,
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Binary | DataType::LargeBinary
+            ) {
+                &texts
+            } else {
+                &ints
+            };
+            let whole = cast(source, data_type).unwrap_or_else(|e| panic!("{data_type}: {e}"));
+            assert_eq!(whole.data_type(), data_type);
+            assert!(whole.null_count() > 0, "{data_type}");
+            for array in [Arc::clone(&whole), whole.slice(5, 33)] {
+                let rows = array.len();
+                let args = [(Arc::clone(&array), false), (array.slice(3, 1), true)];
+                let mut out = Vec::new();
+                encode_call(&mut out, 0, CallPath::Batch, None, &args, rows).unwrap();
+                let call = decode_call(&Buffer::from(out[HEADER..].to_vec())).unwrap();
+                for ((sent, _), (got, constant)) in args.iter().zip(&call.args) {
+                    assert_eq!(
+                        got.to_data(),
+                        sent.to_data(),
+                        "{data_type}, constant {constant}"
+                    );
+                }
+                out.clear();
+                encode_result(&mut out, &array).unwrap();
+                assert_eq!(out[HEADER + 1], 1, "{data_type} crosses raw (encoding 1)");
+                let body = Buffer::from(out[HEADER..].to_vec());
+                match decode_reply(&body, Some((data_type, rows))).unwrap() {
+                    Reply::Result(got) => assert_eq!(got.to_data(), array.to_data(), "{data_type}"),
+                    other => panic!("{data_type}: {other:?}"),
+                }
+            }
+        }
+    }
+
     #[test]
     fn other_types_are_left_to_ipc() {
         let views: ArrayRef = Arc::new(datafusion::arrow::array::StringViewArray::from(vec!["a"]));
