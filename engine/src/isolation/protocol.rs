@@ -31,9 +31,10 @@
 //! batch is decoded; no body compression (an LZ4 or ZSTD buffer says its own uncompressed size,
 //! which nothing bounds), the declared number of rows, and every field node, buffer and variadic
 //! buffer count within the body. A raw column is checked as `raw` says (its type tag, rows,
-//! every buffer's length and place, then arrow's full validation). Allocations are then bounded
-//! by the frame, and a frame by what the call can return ([`max_reply_len`]). The host then checks the decoded result with the
-//! in-process rules (`PluginFunction::check_received_result`). [`fuzz_worker_replies`] throws
+//! every buffer's length and place, then the full validation of a plugin's result). Allocations
+//! are then bounded by the frame, and a frame by what the call can return ([`max_reply_len`]).
+//! The host then checks the decoded result with the in-process rules
+//! (`PluginFunction::check_received_result`). [`fuzz_worker_replies`] throws
 //! mutated replies at the decoder.
 
 use std::io::Write;
@@ -132,7 +133,7 @@ impl Sink for RegionWriter<'_> {
 }
 
 /// Appends `bytes` to a frame.
-fn put<S: Sink>(out: &mut S, bytes: &[u8]) -> Result<(), String> {
+pub(super) fn put<S: Sink>(out: &mut S, bytes: &[u8]) -> Result<(), String> {
     out.write_all(bytes)
         .map_err(|e| format!("cannot write a message: {e}"))
 }

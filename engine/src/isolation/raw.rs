@@ -26,7 +26,7 @@ use datafusion::arrow::buffer::Buffer;
 use datafusion::arrow::datatypes::ArrowNativeType;
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 
-use super::protocol::Sink;
+use super::protocol::{Sink, put};
 
 /// How a type's values lie in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,11 +100,8 @@ fn bitmap_len(bits: usize) -> usize {
     bits.div_ceil(8)
 }
 
-fn put<S: Sink>(out: &mut S, bytes: &[u8]) -> Result<(), String> {
-    out.write_all(bytes)
-        .map_err(|e| format!("cannot write a message: {e}"))
-}
-
+/// Zeros after a buffer of `len` bytes, to a multiple of 8 (within the column: a column starts
+/// aligned).
 fn pad_to_8<S: Sink>(out: &mut S, len: usize) -> Result<(), String> {
     put(out, &[0u8; 8][..(8 - len % 8) % 8])
 }
