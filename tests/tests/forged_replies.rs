@@ -219,6 +219,34 @@ fn isolated() -> Isolation {
     })
 }
 
+/// A test's forge library registered isolated in a [`session`], with the lock every test that
+/// starts workers holds (kept as long as the value).
+struct Forging {
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+    library: PathBuf,
+    ctx: SessionContext,
+    _registered: Vec<udf_engine::Registration>,
+}
+
+impl Forging {
+    async fn start() -> Forging {
+        let serial = WORKERS.lock().await;
+        let library = forge_library();
+        let ctx = session();
+        let registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
+        Forging {
+            _serial: serial,
+            library,
+            ctx,
+            _registered: registered,
+        }
+    }
+}
+
+/// A query of the forge library that answers honestly over `t`, and its rows.
+const OK_SQL: &str = "SELECT ok(x) AS v FROM t";
+const OK_ROWS: &[&[&str]] = &[&["2"], &["NULL"], &["4"]];
+
 /// The live worker of the pool (there is one: `workers: Some(1)`), waiting for a replacement to
 /// start if needed.
 async fn the_worker(ctx: &SessionContext, ok_sql: &str) -> u32 {
@@ -292,14 +320,11 @@ async fn a_null_from_a_v1_function_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_values_the_in_process_rules_refuse_are_refused() {
-    let _serial = WORKERS.lock().await;
-    let library = forge_library();
-    let ctx = session();
-    let _registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
-    let ok_sql = "SELECT ok(x) AS v FROM t";
-    let ok_rows: &[&[&str]] = &[&["2"], &["NULL"], &["4"]];
+    let forging = Forging::start().await;
+    let (ctx, library) = (&forging.ctx, &forging.library);
+    let (ok_sql, ok_rows) = (OK_SQL, OK_ROWS);
     // An honest isolated result with a STRICT row passes the host's rules.
-    assert_eq!(rows(&ctx, ok_sql).await, expect(ok_rows));
+    assert_eq!(rows(ctx, ok_sql).await, expect(ok_rows));
 
     let frame = |array: ArrayRef| result_frame(&ipc_stream(&array, IpcWriteOptions::default()));
     let decimals = |values: Vec<Option<i128>>| -> ArrayRef {
@@ -368,7 +393,7 @@ async fn forged_values_the_in_process_rules_refuse_are_refused() {
     for (name, function, bytes, says) in cases {
         let file = frame_file(&format!("{name}.frame"), &bytes);
         let sql = format!("SELECT {function}('{}', x) AS v FROM t", file.display());
-        refused(&ctx, &library, function, &sql, says, ok_sql, ok_rows).await;
+        refused(ctx, library, function, &sql, says, ok_sql, ok_rows).await;
     }
 }
 
@@ -421,12 +446,9 @@ fn le_bytes<const W: usize, T>(values: &[T], to: impl Fn(&T) -> [u8; W]) -> Vec<
 /// checked before anything is built on it, and the result rules run on what is accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_raw_columns_are_refused() {
-    let _serial = WORKERS.lock().await;
-    let library = forge_library();
-    let ctx = session();
-    let _registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
-    let ok_sql = "SELECT ok(x) AS v FROM t";
-    let ok_rows: &[&[&str]] = &[&["2"], &["NULL"], &["4"]];
+    let forging = Forging::start().await;
+    let (ctx, library) = (&forging.ctx, &forging.library);
+    let (ok_sql, ok_rows) = (OK_SQL, OK_ROWS);
     let ints = |v: &[i64]| le_bytes(v, |x| x.to_le_bytes());
     let offsets = |v: &[i32]| le_bytes(v, |x| x.to_le_bytes());
     // Row 1 NULL (bit 1 clear), as an honest worker answers for `t`.
@@ -521,13 +543,13 @@ async fn forged_raw_columns_are_refused() {
     for (name, function, bytes, says) in cases {
         let file = frame_file(&format!("{name}.frame"), &bytes);
         let sql = format!("SELECT {function}('{}', x) AS v FROM t", file.display());
-        refused(&ctx, &library, function, &sql, says, ok_sql, ok_rows).await;
+        refused(ctx, library, function, &sql, says, ok_sql, ok_rows).await;
     }
     // The same encoding, honest, is answered: the forger's own raw reply passes every check.
     let honest = raw_frame(RAW_INT64, 1, 3, &[validity, &ints(&[7, 0, 9])]);
     let file = frame_file("raw-honest.frame", &honest);
     let sql = format!("SELECT forge('{}', x) AS v FROM t", file.display());
-    assert_eq!(rows(&ctx, &sql).await, expect(&[&["7"], &["NULL"], &["9"]]));
+    assert_eq!(rows(ctx, &sql).await, expect(&[&["7"], &["NULL"], &["9"]]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -536,12 +558,9 @@ async fn forged_raw_columns_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_that_do_not_fit_the_shared_region_are_refused() {
-    let _serial = WORKERS.lock().await;
-    let library = forge_library();
-    let ctx = session();
-    let _registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
-    let ok_sql = "SELECT ok(x) AS v FROM t";
-    let ok_rows: &[&[&str]] = &[&["2"], &["NULL"], &["4"]];
+    let forging = Forging::start().await;
+    let (ctx, library) = (&forging.ctx, &forging.library);
+    let (ok_sql, ok_rows) = (OK_SQL, OK_ROWS);
     let text: ArrayRef = Arc::new(StringArray::from(vec![Some("a"), None, Some("c")]));
     let honest = result_frame(&ipc_stream(&text, IpcWriteOptions::default()));
     // A header claiming 64 MiB (a VARCHAR result may be that long) in a region of 1 MiB.
@@ -562,7 +581,7 @@ async fn replies_that_do_not_fit_the_shared_region_are_refused() {
     ] {
         let file = frame_file(&format!("{name}.frame"), &bytes);
         let sql = format!("SELECT forge_text('{}', x) AS v FROM t", file.display());
-        refused(&ctx, &library, "forge_text", &sql, says, ok_sql, ok_rows).await;
+        refused(ctx, library, "forge_text", &sql, says, ok_sql, ok_rows).await;
     }
 }
 
@@ -571,13 +590,11 @@ async fn replies_that_do_not_fit_the_shared_region_are_refused() {
 /// (it copied the overwrite), never answered wrong, and the host serves the next query.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_overwrites_its_replies_never_gives_a_wrong_answer() {
-    let _serial = WORKERS.lock().await;
-    let library = forge_library();
-    let ctx = session();
-    let _registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
+    let forging = Forging::start().await;
+    let ctx = &forging.ctx;
     let (mut right, mut refused) = (0, 0);
     for _ in 0..20 {
-        match query(&ctx, "SELECT scribble(x) AS v FROM u").await {
+        match query(ctx, "SELECT scribble(x) AS v FROM u").await {
             Ok(batches) => {
                 assert_eq!(
                     int64_values(&batches),
@@ -606,7 +623,7 @@ async fn a_worker_that_overwrites_its_replies_never_gives_a_wrong_answer() {
     let ok_sql = "SELECT ok(x) AS v FROM u";
     let mut answered = false;
     for _ in 0..10 {
-        match query(&ctx, ok_sql).await {
+        match query(ctx, ok_sql).await {
             Ok(batches) => {
                 assert_eq!(
                     int64_values(&batches),
@@ -639,13 +656,11 @@ fn int64_values(batches: &[RecordBatch]) -> Vec<i64> {
 /// answered by a new worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_flooding_its_doorbell_is_refused() {
-    let _serial = WORKERS.lock().await;
-    let library = forge_library();
-    let ctx = session();
-    let _registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
+    let forging = Forging::start().await;
+    let (ctx, library) = (&forging.ctx, &forging.library);
     refused(
-        &ctx,
-        &library,
+        ctx,
+        library,
         "flood_bells",
         "SELECT flood_bells(x) AS v FROM u",
         "doorbells on the channel",
@@ -670,22 +685,20 @@ fn vm_size_kib() -> u64 {
 /// host maps no more of them than replies take.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_cannot_shrink_its_regions_and_growing_them_costs_the_host_nothing() {
-    let _serial = WORKERS.lock().await;
-    let library = forge_library();
-    let ctx = session();
-    let _registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
+    let forging = Forging::start().await;
+    let ctx = &forging.ctx;
     let eperm = libc::EPERM.to_string();
     assert_eq!(
-        rows(&ctx, "SELECT truncate_regions(x) AS v FROM u").await,
+        rows(ctx, "SELECT truncate_regions(x) AS v FROM u").await,
         expect(&[&[&eperm], &[&eperm], &[&eperm]])
     );
     let before = vm_size_kib();
     assert_eq!(
-        rows(&ctx, "SELECT grow_regions(x) AS v FROM u").await,
+        rows(ctx, "SELECT grow_regions(x) AS v FROM u").await,
         expect(&[&["2"], &["3"], &["4"]])
     );
     assert_eq!(
-        rows(&ctx, "SELECT ok(x) AS v FROM u").await,
+        rows(ctx, "SELECT ok(x) AS v FROM u").await,
         expect(&[&["2"], &["3"], &["4"]])
     );
     let grown = vm_size_kib().saturating_sub(before);
