@@ -1230,6 +1230,135 @@ async fn the_partitions_of_a_query_use_distinct_workers_at_once() {
     .await;
 }
 
+/// The CPU time the calling thread has run so far (`/proc/thread-self/schedstat`, in ns).
+fn thread_cpu() -> Duration {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").expect("read schedstat");
+    let ns = text
+        .split_whitespace()
+        .next()
+        .and_then(|field| field.parse().ok())
+        .unwrap_or_else(|| panic!("no run time in schedstat: {text:?}"));
+    Duration::from_nanos(ns)
+}
+
+/// A one-partition table `name` of one-row batches, `x` taking `values` in order.
+fn one_row_batches(ctx: &SessionContext, name: &str, values: &[i64]) {
+    let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+    let batches = values
+        .iter()
+        .map(|&v| {
+            RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![Arc::new(Int64Array::from(vec![v]))],
+            )
+            .unwrap()
+        })
+        .collect();
+    let table = MemTable::try_new(schema, vec![batches]).unwrap();
+    ctx.register_table(name, Arc::new(table)).unwrap();
+}
+
+/// How the host waits for calls of every length, one call per one-row batch (`fault` of the SLEEPS
+/// fixture sleeps `x` µs): calls too long to spin through (5 ms) are slept through, not spun
+/// through — observed on the calling thread's CPU time (a current-thread runtime runs the whole
+/// query on this thread): 40 of them cost it less than a quarter of their 200 ms more than 40
+/// instant calls, where a host spinning while it waits would add about all of it. Every answer
+/// is right whatever the wait took: instant calls (spun for), 5 ms ones (napped through), 0.3 ms
+/// ones right after them (the napping host is rung awake), 25 ms ones (too long to nap for).
+/// And a call that hangs after a run of napped ones is killed at the time limit, with its
+/// worker, and the next statement answers.
+#[test]
+fn a_host_sleeps_through_long_isolated_calls_answers_each_and_still_meets_the_time_limit() {
+    let _serial = IN_PROCESS_WORKERS.blocking_lock();
+    wait_for(PATIENCE, "no workers left by other tests", || {
+        none_of(udf_engine::live_worker_pids())
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = datafusion::prelude::SessionConfig::new().with_target_partitions(1);
+    let ctx = SessionContext::new_with_config(config);
+    let limits = Isolation::Process(WorkerLimits {
+        workers: Some(1),
+        call_timeout: Duration::from_secs(1),
+        worker_program: Some(udfsql_worker()),
+        ..Default::default()
+    });
+    udf_engine::register_plugin_with(&ctx, faulty("SLEEPS"), &limits).unwrap();
+    let answers = |sql: &str| -> Vec<i64> {
+        runtime
+            .block_on(rows(&ctx, sql))
+            .iter()
+            .map(|row| row[0].parse().unwrap())
+            .collect()
+    };
+
+    const CALLS: usize = 40;
+    const SLEEP: i64 = 5_000;
+    one_row_batches(&ctx, "long", &[SLEEP; CALLS]);
+    // Warm: the worker started, the plan's code paths run once.
+    assert_eq!(answers("SELECT ok(x) FROM long"), vec![SLEEP + 1; CALLS]);
+    let before = thread_cpu();
+    assert_eq!(answers("SELECT ok(x) FROM long"), vec![SLEEP + 1; CALLS]);
+    let instant = thread_cpu() - before;
+    let before = thread_cpu();
+    assert_eq!(answers("SELECT fault(x) FROM long"), vec![SLEEP + 1; CALLS]);
+    let slept = thread_cpu() - before;
+    let asleep = Duration::from_micros(SLEEP as u64) * CALLS as u32;
+    assert!(
+        slept.saturating_sub(instant) < asleep / 4,
+        "{CALLS} calls of {SLEEP} µs cost the waiting thread {slept:?} of CPU, {CALLS} instant \
+         ones {instant:?}: it spun through much of the {asleep:?} the calls slept"
+    );
+
+    let mut mixed = vec![SLEEP; 10];
+    mixed.extend([300; 10]);
+    mixed.extend([SLEEP; 5]);
+    mixed.extend([25_000; 3]);
+    mixed.extend([0; 5]);
+    mixed.extend([SLEEP; 5]);
+    one_row_batches(&ctx, "mixed", &mixed);
+    let expected: Vec<i64> = mixed.iter().map(|x| x + 1).collect();
+    assert_eq!(answers("SELECT fault(x) FROM mixed"), expected);
+
+    let mut hangs = vec![SLEEP; 10];
+    hangs.push(-1);
+    one_row_batches(&ctx, "hangs", &hangs);
+    let [worker] = udf_engine::live_worker_pids()[..] else {
+        panic!("one worker: {:?}", udf_engine::live_worker_pids());
+    };
+    let started = Instant::now();
+    let error = runtime
+        .block_on(query(&ctx, "SELECT fault(x) FROM hangs"))
+        .expect_err("the last call hangs")
+        .to_string();
+    let library = display(&canonical(&faulty("SLEEPS")));
+    assert!(
+        error.contains(&format!("plugin function fault ({library})"))
+            && error.contains("call time limit of 1 s")
+            && error.contains("was killed"),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < PATIENCE,
+        "given up after {:?}",
+        started.elapsed()
+    );
+    wait_for(PATIENCE, "the hung worker to be killed and reaped", || {
+        if still_our_worker(worker) {
+            Err(format!("{:?}", stat(worker)))
+        } else {
+            Ok(())
+        }
+    });
+    assert_eq!(answers("SELECT ok(x) FROM hangs LIMIT 1"), vec![SLEEP + 1]);
+    drop(ctx);
+    wait_for(PATIENCE, "the pool's workers to be reaped", || {
+        none_of(udf_engine::live_worker_pids())
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // 10. A library whose workers cannot run is refused when it is registered, naming why.
 // ---------------------------------------------------------------------------------------------

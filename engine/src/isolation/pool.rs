@@ -804,6 +804,9 @@ impl Worker {
             // A call too long to spin through: asleep until a little before it usually ends
             // (rung awake if it ends sooner), then spinning for the rest.
             if let Some(nap) = self.spin.nap() {
+                // A doorbell rung for an earlier call after its last drain would end the nap at
+                // once: drained first, before the flag that lets the worker ring for this one.
+                self.drain_doorbell()?;
                 self.regions.set_sleeping(true);
                 let woken = if self.regions.replied(seq) {
                     Ok(())
