@@ -347,6 +347,24 @@ async fn call_on_column(
     concat(&columns).unwrap()
 }
 
+/// For each type of the ABI, a random input of `len` rows (`nulls` percent NULL) and the
+/// identity functions that must give it back: `id_<type>` (Rust, vectorised), `c_id_<type>` (C)
+/// and, where the Rust row-by-row plugin has the type, `rid_<type>`.
+fn identity_cases(len: usize, nulls: u64, rng: &mut Rng) -> Vec<(ArrayRef, Vec<String>)> {
+    TYPES
+        .iter()
+        .map(|&(suffix, format)| {
+            let t = udf_abi::type_string::parse(format).unwrap();
+            let input = random_array(&t, len, nulls, rng);
+            let mut functions = vec![format!("id_{suffix}"), format!("c_id_{suffix}")];
+            if ROW_TYPES.contains(&suffix) {
+                functions.push(format!("rid_{suffix}"));
+            }
+            (input, functions)
+        })
+        .collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
@@ -363,13 +381,7 @@ proptest! {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let ctx = session();
         let mut rng = Rng(seed);
-        for (suffix, format) in TYPES {
-            let t = udf_abi::type_string::parse(format).unwrap();
-            let input = random_array(&t, len, nulls, &mut rng);
-            let mut functions = vec![format!("id_{suffix}"), format!("c_id_{suffix}")];
-            if ROW_TYPES.contains(&suffix) {
-                functions.push(format!("rid_{suffix}"));
-            }
+        for (input, functions) in identity_cases(len, nulls, &mut rng) {
             for function in functions {
                 let output = runtime.block_on(call_on_column(&ctx, &function, &input, batch));
                 prop_assert_eq!(output.data_type(), input.data_type(), "{}", function);
@@ -726,6 +738,33 @@ async fn arrow_typed_functions_run_on_the_batch_path_only() {
 }
 
 /// The answer of `sql`, or its error text.
+/// Every type through a worker process: each identity function, isolated, gives back exactly its
+/// input — type, values, NULLs at every level — over columns whole and cut into batches (slices
+/// of one array, so that most cross with an offset), empty, without NULLs and all NULL. The
+/// simple types cross as raw columns, the others as Arrow IPC, each way, every reply checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_round_trips_through_a_worker_process() {
+    let isolation = udf_engine::Isolation::Process(udf_engine::WorkerLimits {
+        worker_program: Some(udf_tests::udfsql_worker()),
+        ..Default::default()
+    });
+    let ctx = SessionContext::new();
+    udf_engine::register_plugin_with(&ctx, plugin("arrow-types"), &isolation).unwrap();
+    udf_engine::register_plugin_with(&ctx, c_types(), &isolation).unwrap();
+    let mut rng = Rng(0x150_1a7e);
+    // (rows, percent NULL, rows per batch)
+    for (len, nulls, batch) in [(37, 30, 16), (11, 0, 3), (6, 100, 6), (0, 0, 1)] {
+        for (input, functions) in identity_cases(len, nulls, &mut rng) {
+            for function in functions {
+                let output = call_on_column(&ctx, &function, &input, batch).await;
+                let case = format!("{function} over {len} rows, {nulls}% NULL, {batch} per batch");
+                assert_eq!(output.data_type(), input.data_type(), "{case}");
+                assert_eq!(output.to_data(), input.to_data(), "{case}");
+            }
+        }
+    }
+}
+
 async fn outcome(ctx: &SessionContext, sql: &str) -> Result<Vec<Vec<String>>, String> {
     match query(ctx, sql).await {
         Ok(_) => Ok(rows(ctx, sql).await),
