@@ -27,8 +27,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::NonNull;
 use std::sync::{Arc, OnceLock};
 
-use datafusion::arrow::array::{Array, ArrayData, ArrayRef, AsArray, BooleanArray, make_array};
-use datafusion::arrow::buffer::{Buffer, MutableBuffer, NullBuffer};
+use datafusion::arrow::array::{
+    Array, ArrayData, ArrayRef, AsArray, BooleanArray, PrimitiveArray, make_array,
+};
+use datafusion::arrow::buffer::{BooleanBuffer, Buffer, MutableBuffer, NullBuffer, ScalarBuffer};
 use datafusion::arrow::datatypes::{
     ArrowPrimitiveType, BinaryType, ByteArrayType, DataType, Date32Type, Float32Type, Float64Type,
     Int32Type, Int64Type, LargeBinaryType, LargeUtf8Type, TimeUnit, TimestampMicrosecondType,
@@ -175,18 +177,26 @@ impl PluginFunction {
         drop(out_schema);
         let buffers = check_result_array(&out, return_type, num_rows)?;
         let library = Arc::clone(&self.library);
+        // In both arms: `out` is an unreleased array whose every field was checked above
+        // against the layout of the declared type (buffer count, non-null and aligned buffers,
+        // no children or dictionary, offsets in order), and `buffers` are its buffer pointers;
+        // what cannot be checked is that each buffer is as long as the layout says (the C Data
+        // Interface carries no buffer sizes).
         let imported = catch_unwind(AssertUnwindSafe(move || {
-            // SAFETY: `out` is an unreleased array whose every field was checked above against
-            // the layout of the declared type (buffer count, non-null and aligned buffers, no
-            // children or dictionary, offsets in order), and `buffers` are its buffer pointers;
-            // what cannot be checked is that each buffer is as long as the layout says (the C
-            // Data Interface carries no buffer sizes).
-            let data = unsafe { import_result(out, buffers, return_type, num_rows, library) };
-            check_result_data(&data)?;
-            Ok::<_, CallError>(data)
+            match fixed_importer(return_type) {
+                // SAFETY: the checked array above, of the importer's type (`return_type`).
+                Some(import) => unsafe { import(out, buffers, num_rows, library) },
+                None => {
+                    // SAFETY: the checked array above, of `return_type`.
+                    let data =
+                        unsafe { import_result(out, buffers, return_type, num_rows, library) };
+                    check_result_data(&data)?;
+                    Ok(make_array(data))
+                }
+            }
         }));
-        let data = match imported {
-            Ok(data) => data?,
+        let array = match imported {
+            Ok(array) => array?,
             Err(panic) => {
                 return Err(CallError::HostBug(format!(
                     "importing the batch result panicked: {}",
@@ -194,7 +204,7 @@ impl PluginFunction {
                 )));
             }
         };
-        apply_null_rules(make_array(data), args, signature)
+        apply_null_rules(array, args, signature)
     }
 }
 
@@ -549,18 +559,9 @@ unsafe fn import_result(
         _array: out,
         _library: library,
     });
-    let buffer = |pointer: *const c_void, len: usize| -> Buffer {
-        match NonNull::new(pointer.cast_mut().cast::<u8>()) {
-            // SAFETY: the plugin's buffer, valid for `len` bytes (the layout's length) for as long
-            // as its array is not released, which `owner` keeps from happening until every
-            // buffer made from it has dropped.
-            Some(pointer) if len > 0 => unsafe {
-                Buffer::from_custom_allocation(pointer, len, owner.clone())
-            },
-            // An empty buffer may have any pointer: nothing is read through it.
-            _ => MutableBuffer::new(0).into(),
-        }
-    };
+    // SAFETY: each buffer is the plugin's, of the layout's length (this function's contract).
+    let buffer =
+        |pointer: *const c_void, len: usize| unsafe { plugin_buffer(pointer, len, &owner) };
     let validity = (!buffers[0].is_null()).then(|| buffer(buffers[0], end.div_ceil(8)));
     let data = match t {
         UdfType::Bool => vec![buffer(buffers[1], end.div_ceil(8))],
@@ -599,6 +600,96 @@ unsafe fn import_result(
             Vec::new(),
         )
     }
+}
+
+/// A buffer of a plugin's result array, owned by `owner` (an empty one for no bytes: its
+/// pointer may be anything then).
+///
+/// # Safety
+///
+/// `pointer` must be valid for `len` bytes for as long as `owner`'s array is not released.
+unsafe fn plugin_buffer(pointer: *const c_void, len: usize, owner: &Arc<PluginArray>) -> Buffer {
+    match NonNull::new(pointer.cast_mut().cast::<u8>()) {
+        // SAFETY: the plugin's buffer, valid for `len` bytes for as long as its array is not
+        // released, which `owner` keeps from happening until every buffer made from it drops.
+        Some(pointer) if len > 0 => unsafe {
+            Buffer::from_custom_allocation(pointer, len, owner.clone())
+        },
+        // An empty buffer may have any pointer: nothing is read through it.
+        _ => MutableBuffer::new(0).into(),
+    }
+}
+
+/// Imports a checked result of a fixed-width type.
+type FixedImporter = unsafe fn(
+    FFI_ArrowArray,
+    [*const c_void; 3],
+    usize,
+    Arc<PluginLibrary>,
+) -> Result<ArrayRef, CallError>;
+
+/// The importer of results of type `t` that go straight into their array ([`import_fixed`]);
+/// `None` for the types that go through `ArrayData` and arrow's full validation.
+fn fixed_importer(t: UdfType) -> Option<FixedImporter> {
+    Some(match t {
+        UdfType::Int64 => import_fixed::<Int64Type>,
+        UdfType::UInt64 => import_fixed::<UInt64Type>,
+        UdfType::Float64 => import_fixed::<Float64Type>,
+        UdfType::Int32 => import_fixed::<Int32Type>,
+        UdfType::Float32 => import_fixed::<Float32Type>,
+        UdfType::Date32 => import_fixed::<Date32Type>,
+        UdfType::Bool | UdfType::Utf8 | UdfType::Binary | UdfType::TimestampMicros => return None,
+    })
+}
+
+/// Imports a checked result of the fixed-width type `T` straight into its array, without
+/// `ArrayData`, `make_array` and arrow's generic validation, whose code and data a batch call in
+/// a query must bring back into the caches each time (a good share of the path's fixed cost:
+/// see BENCHMARKS.md). It makes the checks arrow's full validation makes of such an array: the
+/// buffers are the layout's lengths from the checked offset and length (and aligned, checked
+/// before), and a null count the plugin gives must be its bitmap's (counted here); a bitmap
+/// without a NULL is dropped, as arrow does.
+///
+/// # Safety
+///
+/// As [`import_result`]'s, for `T`'s type.
+unsafe fn import_fixed<T: ArrowPrimitiveType>(
+    out: FFI_ArrowArray,
+    buffers: [*const c_void; 3],
+    num_rows: usize,
+    library: Arc<PluginLibrary>,
+) -> Result<ArrayRef, CallError> {
+    let offset = out.offset as usize;
+    let declared_nulls = usize::try_from(out.null_count).ok();
+    // Checked: `offset + num_rows` does not overflow (it is at most i32::MAX).
+    let end = offset + num_rows;
+    let owner = Arc::new(PluginArray {
+        _array: out,
+        _library: library,
+    });
+    let width = std::mem::size_of::<T::Native>();
+    // SAFETY: the values buffer of the checked array, of the layout's length.
+    let values = unsafe { plugin_buffer(buffers[1], end * width, &owner) };
+    let nulls = if buffers[0].is_null() {
+        None
+    } else {
+        // SAFETY: the validity bitmap of the checked array, a bit per slot.
+        let bits = unsafe { plugin_buffer(buffers[0], end.div_ceil(8), &owner) };
+        let nulls = NullBuffer::new(BooleanBuffer::new(bits, offset, num_rows));
+        if let Some(declared) = declared_nulls
+            && declared != nulls.null_count()
+        {
+            return Err(invalid(format!(
+                "null_count value ({declared}) doesn't match actual number of nulls in array ({})",
+                nulls.null_count()
+            )));
+        }
+        Some(nulls).filter(|n| n.null_count() > 0)
+    };
+    Ok(Arc::new(PrimitiveArray::<T>::new(
+        ScalarBuffer::new(values, offset, num_rows),
+        nulls,
+    )))
 }
 
 /// An invalid batch result, described.

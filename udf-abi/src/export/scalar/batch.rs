@@ -14,10 +14,11 @@ use arrow_array::types::{
     TimestampMicrosecondType, UInt64Type,
 };
 use std::ffi::{CStr, c_void};
+use std::ptr::NonNull;
 
 use arrow_array::ffi::{from_ffi, from_ffi_and_data_type};
 use arrow_array::{Array, BooleanArray, PrimitiveArray, make_array};
-use arrow_buffer::{BooleanBuffer, BooleanBufferBuilder, NullBuffer};
+use arrow_buffer::{BooleanBuffer, BooleanBufferBuilder, Buffer, NullBuffer, ScalarBuffer};
 use arrow_schema::{DataType, TimeUnit};
 
 use super::*;
@@ -542,8 +543,9 @@ pub(crate) fn arrow_type(t: UdfType) -> DataType {
 
 /// Imports one argument array. When the host's schema says the declared type (the format
 /// string compared byte for byte, and no dictionary), the array is imported with that type
-/// without parsing the schema; any other layout the host may pass (`LargeUtf8`, `Utf8View`,
-/// ...) is imported as its schema describes it.
+/// without parsing the schema (a fixed-width one straight into its array, [`import_fixed`]);
+/// any other layout the host may pass (`LargeUtf8`, `Utf8View`, ...) is imported as its schema
+/// describes it.
 ///
 /// # Safety
 ///
@@ -552,20 +554,106 @@ unsafe fn import_argument(
     array: FFI_ArrowArray,
     schema: &FFI_ArrowSchema,
     declared: UdfType,
-) -> Result<arrow_data::ArrayData, arrow_schema::ArrowError> {
+) -> Result<ArrayRef, arrow_schema::ArrowError> {
     let canonical = !schema.format.is_null()
         && schema.dictionary.is_null()
         // SAFETY: non-null, and a schema's format is a NUL-terminated string that lives as
         // long as the schema, which the host lends for the call.
         && unsafe { CStr::from_ptr(schema.format) } == c_format(declared);
-    if canonical {
-        // SAFETY: the host's array is valid and of the type its schema describes, which is
-        // exactly `declared`'s (same format, no dictionary).
-        unsafe { from_ffi_and_data_type(array, arrow_type(declared)) }
-    } else {
+    if !canonical {
         // SAFETY: the host exports valid arrays described by their schemas.
-        unsafe { from_ffi(array, schema) }
+        return Ok(make_array(unsafe { from_ffi(array, schema) }?));
     }
+    // In each arm, the host's array is valid and of the type its schema describes, which is
+    // exactly `declared`'s (same format, no dictionary): the arm's type.
+    let fixed = match declared {
+        // SAFETY: a valid array of Int64 (above).
+        UdfType::Int64 => unsafe { import_fixed::<Int64Type>(array) },
+        // SAFETY: a valid array of UInt64 (above).
+        UdfType::UInt64 => unsafe { import_fixed::<UInt64Type>(array) },
+        // SAFETY: a valid array of Float64 (above).
+        UdfType::Float64 => unsafe { import_fixed::<Float64Type>(array) },
+        // SAFETY: a valid array of Int32 (above).
+        UdfType::Int32 => unsafe { import_fixed::<Int32Type>(array) },
+        // SAFETY: a valid array of Float32 (above).
+        UdfType::Float32 => unsafe { import_fixed::<Float32Type>(array) },
+        // SAFETY: a valid array of Date32 (above).
+        UdfType::Date32 => unsafe { import_fixed::<Date32Type>(array) },
+        _ => Err(array),
+    };
+    match fixed {
+        Ok(imported) => Ok(imported),
+        // SAFETY: as above.
+        Err(array) => Ok(make_array(unsafe {
+            from_ffi_and_data_type(array, arrow_type(declared))
+        }?)),
+    }
+}
+
+/// Imports an argument of a fixed-width type `T` straight into its array: the host's two
+/// buffers wrapped as they are, owned by the moved C array (whose release, the host's callback,
+/// runs when the last of them drops). arrow's importer does the same through `ArrayData`,
+/// `make_array` and two dozen functions whose code and data a call must bring back into the
+/// caches: in a query, between two batches, they have left them, and that was a good share of a
+/// batch call's fixed cost (BENCHMARKS.md). The array is given back, untouched, when its fields are
+/// not the plain layout expected (then arrow's importer takes it: a buffer that is null or not
+/// aligned for `T`, a negative length or offset, another buffer count, children).
+///
+/// # Safety
+///
+/// `array` must be a valid, unreleased array of `T`'s Arrow type.
+unsafe fn import_fixed<T: ArrowPrimitiveType>(
+    array: FFI_ArrowArray,
+) -> Result<ArrayRef, FFI_ArrowArray> {
+    let (Ok(len), Ok(offset)) = (usize::try_from(array.length), usize::try_from(array.offset))
+    else {
+        return Err(array);
+    };
+    if array.n_buffers != 2 || array.buffers.is_null() || array.n_children != 0 {
+        return Err(array);
+    }
+    let pointers = array.buffers.cast::<*const u8>();
+    // SAFETY: `buffers` points at `n_buffers` (two) buffer pointers of the valid array.
+    let (validity, values) = unsafe { (*pointers, *pointers.add(1)) };
+    let Some(values) = NonNull::new(values.cast_mut()) else {
+        return Err(array);
+    };
+    if !(values.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T::Native>()) {
+        return Err(array);
+    }
+    let null_count = array.null_count;
+    let end = offset + len;
+    let owner = Arc::new(array);
+    // SAFETY: the values buffer of a valid array holds its `offset + length` values and lives
+    // until the array is released, which `owner` delays until every buffer made from it drops.
+    let values = unsafe {
+        Buffer::from_custom_allocation(
+            values,
+            end * std::mem::size_of::<T::Native>(),
+            owner.clone(),
+        )
+    };
+    let nulls = match NonNull::new(validity.cast_mut()) {
+        Some(validity) if null_count != 0 => {
+            // SAFETY: a non-null validity bitmap holds a bit for each of the `offset + length`
+            // slots and lives as long as the values (above).
+            let bits = unsafe { Buffer::from_custom_allocation(validity, end.div_ceil(8), owner) };
+            let bits = BooleanBuffer::new(bits, offset, len);
+            Some(match usize::try_from(null_count) {
+                // SAFETY: the host's null count is that of its bitmap (the C Data Interface's
+                // promise, as arrow's importer takes it too).
+                Ok(count) => unsafe { NullBuffer::new_unchecked(bits, count) },
+                // -1: not computed; counted here.
+                Err(_) => NullBuffer::new(bits),
+            })
+        }
+        // No bitmap, or one without a NULL: all valid.
+        _ => None,
+    };
+    Ok(Arc::new(PrimitiveArray::<T>::new(
+        ScalarBuffer::new(values, offset, len),
+        nulls,
+    )))
 }
 
 /// The result schema: the declared type's format, from static memory, so exporting it
@@ -735,9 +823,8 @@ pub(crate) unsafe fn import_columns(
             )
         };
         // SAFETY: the host exports valid arrays described by these schemas.
-        let data = unsafe { import_argument(array, schema, declared) }
+        let array = unsafe { import_argument(array, schema, declared) }
             .map_err(|e| format!("argument {}: {e}", i + 1))?;
-        let array = make_array(data);
         let enough = if scalar {
             !array.is_empty()
         } else {
@@ -920,7 +1007,7 @@ mod tests {
             let imported =
                 unsafe { import_argument(FFI_ArrowArray::new(&data), &schema, UdfType::Utf8) }
                     .unwrap();
-            assert_eq!(imported, data);
+            assert_eq!(imported.to_data(), data);
         }
         // A schema that says another type than the declared one is imported as it says
         // (the reader then refuses it).
