@@ -320,6 +320,49 @@ proptest! {
         check("square", vec![Arc::new(Int64Array::from(xs))], DataType::Int64, Ok(Arc::new(expected)));
     }
 
+    /// Columns without NULLs, whole or sliced: what the generated batch entry's direct path
+    /// takes (`udf_abi::export::direct`; the other tests here mostly have NULLs, which go
+    /// through the generic one), for a unary, a boolean-valued and a binary kernel.
+    #[test]
+    fn primitive_columns_without_nulls(
+        xs in prop::collection::vec(any::<i64>(), 0..700),
+        fs in prop::collection::vec((any::<f64>(), any::<f64>()), 0..700),
+        halves in prop::collection::vec(any::<f32>(), 0..300),
+        skip in 0usize..40,
+    ) {
+        let ints = Int64Array::from(xs.clone());
+        let from = skip.min(xs.len());
+        for (array, values) in [(ints.clone(), &xs[..]), (ints.slice(from, xs.len() - from), &xs[from..])] {
+            let squares: Int64Array = values.iter().map(|v| Some(v.wrapping_mul(*v))).collect();
+            check("square", vec![Arc::new(array.clone())], DataType::Int64, Ok(Arc::new(squares)));
+            let even: BooleanArray = values.iter().map(|v| Some(v % 2 == 0)).collect();
+            check("is_even", vec![Arc::new(array)], DataType::Boolean, Ok(Arc::new(even)));
+        }
+        let (a, b): (Vec<f64>, Vec<f64>) = fs.into_iter().unzip();
+        let from = skip.min(a.len());
+        let args: Vec<ArrayRef> = vec![
+            Arc::new(Float64Array::from(a.clone()).slice(from, a.len() - from)),
+            Arc::new(Float64Array::from(b.clone()).slice(from, a.len() - from)),
+        ];
+        let expected: Vec<u64> = a[from..].iter().zip(&b[from..]).map(|(x, y)| x.hypot(*y).to_bits()).collect();
+        let bits = |a: &ArrayRef| -> Vec<u64> {
+            let a = a.as_any().downcast_ref::<Float64Array>().unwrap();
+            assert_eq!(a.null_count(), 0);
+            a.values().iter().map(|v| v.to_bits()).collect()
+        };
+        prop_assert_eq!(bits(&call(CallPath::Row, "hypot", args.clone(), DataType::Float64).unwrap()), expected.clone());
+        prop_assert_eq!(bits(&call(CallPath::Batch, "hypot", args, DataType::Float64).unwrap()), expected);
+        let expected: Vec<u32> = halves.iter().map(|x| (x / 2.0).to_bits()).collect();
+        let args: Vec<ArrayRef> = vec![Arc::new(Float32Array::from(halves))];
+        for path in [CallPath::Row, CallPath::Batch] {
+            let out = call(path, "half_f32", args.clone(), DataType::Float32).unwrap();
+            let out = out.as_any().downcast_ref::<Float32Array>().unwrap();
+            prop_assert_eq!(out.null_count(), 0);
+            let got: Vec<u32> = out.values().iter().map(|v| v.to_bits()).collect();
+            prop_assert_eq!(&got, &expected);
+        }
+    }
+
     #[test]
     fn safe_div_int64_with_errors(pairs in prop::collection::vec((prop::option::weighted(0.9, any::<i64>()), prop::option::weighted(0.9, -3i64..3)), 0..700)) {
         let (a, b): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();

@@ -2,7 +2,8 @@
 //! plugin's `sq` (no DataFusion) against the same kernel compiled into the host, each call
 //! preceded by writing 32 MiB (which evicts the caches and the TLB, as the rest of a query does
 //! between two batches), on 1 row and on one 8192-row batch; medians of 3000 calls each.
-//! `cargo run --release -p udf-benches --bin coldcall`.
+//! `cargo run --release -p udf-benches --bin coldcall [LIBRARY FUNCTION]` (another library's
+//! `BIGINT -> BIGINT` function in place of `sq`, e.g. one written in C, to compare).
 #![forbid(unsafe_code)]
 
 use std::hint::black_box;
@@ -22,8 +23,13 @@ fn median(mut samples: Vec<Duration>) -> f64 {
 }
 
 fn main() {
-    let library = PluginLibrary::load(plugin("plain")).expect("load the plain plugin");
-    let sq = library.function_named("sq").expect("sq");
+    let mut given = std::env::args().skip(1);
+    let (path, name) = match (given.next(), given.next()) {
+        (Some(path), Some(name)) => (path.into(), name),
+        _ => (plugin("plain"), "sq".to_string()),
+    };
+    let library = PluginLibrary::load(&path).expect("load the library");
+    let sq = library.function_named(&name).expect("the function");
     let one: ArrayRef = Arc::new(Int64Array::from(vec![7]));
     let full = batches()[0].column(1).clone();
     let mut junk = vec![1u64; 4 << 20];

@@ -1324,57 +1324,65 @@ fn native(ty: &Type) -> Option<&syn::Ident> {
 /// function on valid rows only). Otherwise `None`: the row loop. `immutable` (the declared
 /// volatility) lets a kernel compute constant arguments once for all rows; a stable or volatile
 /// function is called once per row.
-fn fast_kernel(ident: &syn::Ident, args: &[Type], ret: &Type, immutable: bool) -> TokenStream2 {
+///
+/// The second part, for the same functions, goes first in the entrypoint: the direct entry
+/// (`udf_abi::export::direct`), which takes the call when every argument is a column of its
+/// declared type without NULLs and returns its status; empty for other functions.
+fn fast_kernel(
+    ident: &syn::Ident,
+    args: &[Type],
+    ret: &Type,
+    immutable: bool,
+) -> (TokenStream2, TokenStream2) {
     let none = quote! {
         let __udf_fast: ::std::option::Option<&::udf_abi::export::batch::Kernel<'_>> =
             ::std::option::Option::None;
     };
     let returns_bool = matches!(ret, Type::Path(p) if p.qself.is_none() && p.path.is_ident("bool"));
-    if returns_bool {
-        let kernel = match args {
-            [a] => match native(a) {
-                Some(a) => quote! {
-                    |c: &[::udf_abi::export::batch::Column], n: usize| {
-                        ::udf_abi::export::batch::unary_bool::<#a>(c, n, #immutable, #ident)
-                    }
-                },
-                None => return none,
-            },
-            _ => return none,
-        };
-        return quote! {
-            let __udf_kernel = #kernel;
-            let __udf_fast: ::std::option::Option<&::udf_abi::export::batch::Kernel<'_>> =
-                ::std::option::Option::Some(&__udf_kernel);
-        };
-    }
-    let Some(r) = native(ret) else {
-        return none;
-    };
-    let kernel = match args {
-        [a] => match native(a) {
-            Some(a) => quote! {
-                |c: &[::udf_abi::export::batch::Column], n: usize| {
-                    ::udf_abi::export::batch::unary::<#a, #r>(c, n, #immutable, #ident)
-                }
-            },
-            None => return none,
+    let r = native(ret);
+    // (kernel, direct entry) by shape.
+    let (kernel, direct) = match (args, returns_bool, r) {
+        ([a], true, _) => match native(a) {
+            Some(a) => (
+                quote! { ::udf_abi::export::batch::unary_bool::<#a>(c, n, #immutable, #ident) },
+                quote! { ::udf_abi::export::direct::unary_bool::<#a> },
+            ),
+            None => return (none, quote! {}),
         },
-        [a, b] => match (native(a), native(b)) {
-            (Some(a), Some(b)) => quote! {
-                |c: &[::udf_abi::export::batch::Column], n: usize| {
+        ([a], false, Some(r)) => match native(a) {
+            Some(a) => (
+                quote! { ::udf_abi::export::batch::unary::<#a, #r>(c, n, #immutable, #ident) },
+                quote! { ::udf_abi::export::direct::unary::<#a, #r> },
+            ),
+            None => return (none, quote! {}),
+        },
+        ([a, b], false, Some(r)) => match (native(a), native(b)) {
+            (Some(a), Some(b)) => (
+                quote! {
                     ::udf_abi::export::batch::binary::<#a, #b, #r>(c, n, #immutable, #ident)
-                }
-            },
-            _ => return none,
+                },
+                quote! { ::udf_abi::export::direct::binary::<#a, #b, #r> },
+            ),
+            _ => return (none, quote! {}),
         },
-        _ => return none,
+        _ => return (none, quote! {}),
     };
-    quote! {
-        let __udf_kernel = #kernel;
+    let fast = quote! {
+        let __udf_kernel = |c: &[::udf_abi::export::batch::Column], n: usize| { #kernel };
         let __udf_fast: ::std::option::Option<&::udf_abi::export::batch::Kernel<'_>> =
             ::std::option::Option::Some(&__udf_kernel);
-    }
+    };
+    let direct = quote! {
+        // SAFETY: the host calls this entrypoint with the guarantees the direct entry requires
+        // (`udf_abi::export::direct`); it returns `None` without reading or writing anything
+        // when the call is not for it.
+        if let ::std::option::Option::Some(__udf_status) = unsafe {
+            #direct(args, schemas, is_scalar, args_len, num_rows, out, out_schema, error, #ident)
+        } {
+            return __udf_status;
+        }
+    };
+    (fast, direct)
 }
 
 fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error> {
@@ -1481,7 +1489,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
             }
         });
     // (An output-parameter function returns a String: never a vectorised kernel.)
-    let fast = fast_kernel(ident, &arg_types, &return_type, volatility == 0);
+    let (fast, direct) = fast_kernel(ident, &arg_types, &return_type, volatility == 0);
     let row_call = if out_param {
         quote! {
             let mut __udf_buf = ::std::string::String::new();
@@ -1540,6 +1548,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                 out_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
                 error: *mut ::udf_abi::v2::UdfOwnedBytes,
             ) -> i32 {
+                #direct
                 let __udf_slow = |__udf_cols: &[::udf_abi::export::batch::Column], __udf_rows: usize| {
                     #slow_setup
                     ::udf_abi::export::batch::rows(

@@ -31,7 +31,7 @@ pub mod scalar;
 pub use manifest::{udfsql_abi_version, udfsql_manifest};
 pub use scalar::{
     FromUdfValue, IntoUdfResult, IntoUnitResult, UdfArgType, UdfReturnType, argument_error, arrow,
-    batch, call_row, finish, values, written,
+    batch, call_row, direct, finish, values, written,
 };
 
 /// A function descriptor in the library's distributed slice.

@@ -47,8 +47,11 @@ use crate::types::{ValueType, arrow_type, c_format};
 /// The longest result format string read, in bytes (the longest valid one is `tsu:UTC`).
 const MAX_FORMAT_LEN: usize = 64;
 
-/// Arguments whose C structs a batch call keeps on the stack; more go to the heap.
-const INLINE_ARGS: usize = 8;
+/// Arguments whose C structs a batch call keeps on the stack; more go to the heap. Three: the
+/// structs of eight made the stack a call writes and copies (the arrays and schemas move with
+/// the call's state) about 1.3 KB, some 50 more cache lines to bring back at every call of a
+/// query (callgrind's cache simulation, `coldcall`), for functions that rarely take more.
+const INLINE_ARGS: usize = 3;
 
 impl PluginFunction {
     /// Calls the batch entrypoint over whole columns: `args` are the argument arrays (of types

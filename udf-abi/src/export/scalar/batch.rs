@@ -282,21 +282,28 @@ pub fn append_written<R: IntoUnitResult>(
 pub trait Native: arrow_buffer::ArrowNativeType + Send + Sync + 'static {
     /// The Arrow type.
     type Arrow: ArrowPrimitiveType<Native = Self>;
+    /// The ABI type.
+    const TYPE: UdfType;
 }
 impl Native for i32 {
     type Arrow = Int32Type;
+    const TYPE: UdfType = UdfType::Int32;
 }
 impl Native for i64 {
     type Arrow = Int64Type;
+    const TYPE: UdfType = UdfType::Int64;
 }
 impl Native for u64 {
     type Arrow = UInt64Type;
+    const TYPE: UdfType = UdfType::UInt64;
 }
 impl Native for f32 {
     type Arrow = Float32Type;
+    const TYPE: UdfType = UdfType::Float32;
 }
 impl Native for f64 {
     type Arrow = Float64Type;
+    const TYPE: UdfType = UdfType::Float64;
 }
 
 /// The column as a primitive array of `rows` rows (a scalar keeps its one row).

@@ -1,12 +1,14 @@
 //! Scalar functions: the Rust types a `#[udf]` function takes and returns and how they map to
 //! ABI values ([`UdfArgType`], [`FromUdfValue`], [`UdfReturnType`]), the row entrypoint's wrapper
-//! ([`call_row`]), the batch entrypoint's runtime ([`batch`]), Arrow-typed functions ([`arrow`],
+//! ([`call_row`]), the batch entrypoint's runtime ([`batch`], and [`direct`] for primitive
+//! columns without NULLs), Arrow-typed functions ([`arrow`],
 //! [`values`]).
 
 use super::*;
 
 pub mod arrow;
 pub mod batch;
+pub mod direct;
 pub mod values;
 
 /// What a Rust argument type is in the ABI.

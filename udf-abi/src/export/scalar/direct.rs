@@ -1,0 +1,806 @@
+//! The direct batch entry of `#[udf]` functions over primitives (`fn(i64) -> i64`,
+//! `fn(f64, f64) -> f64`, `fn(i32) -> bool`, ...): when every argument is a column of the
+//! declared type without NULLs, as the host passes most batches, the function runs over the
+//! host's buffers where they are and its results go out in one buffer, with nothing of the
+//! generic path between ([`batch::call_batch`](super::batch::call_batch): arrow arrays for the
+//! arguments, `Column`s, the kernel's dispatch, an `ArrayRef` for the result, the check of its
+//! type).
+//!
+//! Why: in a query, between two batches of one operator, the rest of the query evicts the caches,
+//! so a call's fixed cost is the code and data it brings back, not its instructions. Measured with
+//! cold caches (`coldcall`, BENCHMARKS.md), the generic path cost about 7 µs more than the same
+//! batch computed by C code written straight to the ABI. Every other case (a constant argument,
+//! NULLs, a layout of another type, a null pointer) returns `None` before anything is read or
+//! written, and the generic path takes the call, with all its rules.
+//!
+//! The arguments are left in place (the ABI lets the plugin do so: the host releases what is left
+//! after the call), so nothing here calls back into the host.
+
+use std::ffi::{CStr, c_char, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use super::batch::{Native, c_format, result_schema};
+use super::{install_quiet_panic_hook, write_batch_outcome};
+use crate::v2::{FFI_ArrowArray, FFI_ArrowSchema, UdfOwnedBytes, UdfType};
+
+/// One call of a batch entrypoint: its pointers, as the host passed them.
+struct RawCall {
+    args: *const FFI_ArrowArray,
+    schemas: *const FFI_ArrowSchema,
+    is_scalar: *const u8,
+    num_rows: usize,
+    out: *mut FFI_ArrowArray,
+    out_schema: *mut FFI_ArrowSchema,
+    error: *mut UdfOwnedBytes,
+}
+
+impl RawCall {
+    /// The call, if the direct entry of a function of `expected` arguments can read it: that
+    /// many arguments, and no pointer it reads or writes null.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn new(
+        args: *const FFI_ArrowArray,
+        schemas: *const FFI_ArrowSchema,
+        is_scalar: *const u8,
+        args_len: usize,
+        expected: usize,
+        num_rows: usize,
+        out: *mut FFI_ArrowArray,
+        out_schema: *mut FFI_ArrowSchema,
+        error: *mut UdfOwnedBytes,
+    ) -> Option<RawCall> {
+        let usable = args_len == expected
+            && !args.is_null()
+            && !schemas.is_null()
+            && !is_scalar.is_null()
+            && !out.is_null()
+            && !out_schema.is_null()
+            && !error.is_null();
+        usable.then_some(RawCall {
+            args,
+            schemas,
+            is_scalar,
+            num_rows,
+            out,
+            out_schema,
+            error,
+        })
+    }
+
+    /// The first `num_rows` values of argument `i` when it is a column (not a constant) of type
+    /// `A` without NULLs, with at least that many rows, in the plain layout (two buffers, the
+    /// values' one non-null and aligned, no children). `None` for anything else.
+    ///
+    /// # Safety
+    ///
+    /// The call's pointers must hold more than `i` valid arrays, schemas and flags, as the host
+    /// passes them to a batch entrypoint, alive and unchanged while the slice lives.
+    unsafe fn column<A: Native>(&self, i: usize) -> Option<&[A]> {
+        // SAFETY: the caller's promise: `i` is in range of the three arrays. The array is only
+        // read (it stays in place; the host releases it after the call).
+        let (array, schema, scalar) = unsafe {
+            (
+                &*self.args.add(i),
+                &*self.schemas.add(i),
+                *self.is_scalar.add(i),
+            )
+        };
+        if scalar != 0 || array.release.is_none() || schema.format.is_null() {
+            return None;
+        }
+        // SAFETY: non-null, and a schema's format is a NUL-terminated string that lives as long
+        // as the schema, which the host lends for the call.
+        if !unsafe { format_is(schema.format, c_format(A::TYPE)) } || !schema.dictionary.is_null() {
+            return None;
+        }
+        let (Ok(length), Ok(offset)) =
+            (usize::try_from(array.length), usize::try_from(array.offset))
+        else {
+            return None;
+        };
+        if length < self.num_rows
+            || array.n_buffers != 2
+            || array.buffers.is_null()
+            || array.n_children != 0
+        {
+            return None;
+        }
+        let buffers = array.buffers.cast::<*const A>();
+        // SAFETY: `buffers` points at the array's `n_buffers` (two) buffer pointers.
+        let (validity, values) = unsafe { (*buffers, *buffers.add(1)) };
+        // NULLs (or a count not computed, -1, with a bitmap): the generic path.
+        if !validity.is_null() && array.null_count != 0 {
+            return None;
+        }
+        if values.is_null() || !values.is_aligned() {
+            return None;
+        }
+        // SAFETY: the values buffer of a valid array holds `offset + length` values, of which
+        // these are `num_rows` (at most `length`) from `offset`, alive for the call.
+        Some(unsafe { std::slice::from_raw_parts(values.add(offset), self.num_rows) })
+    }
+
+    /// Runs `compute` (the function over the rows, inside `catch_unwind`: a panic is the call's
+    /// error) and writes its result, of type `t`, or the error.
+    ///
+    /// # Safety
+    ///
+    /// `out`, `out_schema` and `error` must be valid for writes (non-null: checked by `new`).
+    unsafe fn finish<T>(&self, t: UdfType, compute: impl FnOnce() -> Vec<T>) -> i32 {
+        install_quiet_panic_hook();
+        let rows = self.num_rows;
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            Ok((export(compute(), rows), result_schema(t)))
+        }));
+        // SAFETY: the caller's promise.
+        unsafe { write_batch_outcome(result, self.out, self.out_schema, self.error) }
+    }
+}
+
+/// Whether the NUL-terminated string at `format` is `expected`, compared byte by byte up to the
+/// first difference (no `strlen` over a string of unknown length first).
+///
+/// # Safety
+///
+/// `format` must point at a NUL-terminated string.
+unsafe fn format_is(format: *const c_char, expected: &CStr) -> bool {
+    for (i, &byte) in expected.to_bytes_with_nul().iter().enumerate() {
+        // SAFETY: the bytes before `i` matched `expected`'s, none of which is NUL, so the
+        // string's terminator is at `i` or after: `i` is within it.
+        if unsafe { format.add(i).cast::<u8>().read() } != byte {
+            return false;
+        }
+    }
+    true
+}
+
+/// What a result exported by [`export`] owns: its values, and the C array of buffer pointers
+/// that `FFI_ArrowArray::buffers` points at.
+struct DirectResult<T> {
+    _values: Vec<T>,
+    buffers: [*const c_void; 2],
+}
+
+/// Exports `values` (the layout of the declared result type, `rows` rows, no NULLs, offset 0)
+/// as the result array.
+fn export<T>(values: Vec<T>, rows: usize) -> FFI_ArrowArray {
+    let pointer = values.as_ptr().cast();
+    let private = Box::into_raw(Box::new(DirectResult {
+        _values: values,
+        buffers: [std::ptr::null(), pointer],
+    }));
+    // SAFETY: `private` comes from `Box::into_raw` just above: valid, and owned by the exported
+    // array until its release callback takes it back.
+    let buffers = unsafe { (&raw mut (*private).buffers).cast::<*const c_void>() };
+    FFI_ArrowArray {
+        length: rows as i64,
+        null_count: 0,
+        offset: 0,
+        n_buffers: 2,
+        n_children: 0,
+        buffers,
+        children: std::ptr::null_mut(),
+        dictionary: std::ptr::null_mut(),
+        release: Some(release::<T>),
+        private_data: private.cast(),
+    }
+}
+
+/// The release callback of [`export`].
+///
+/// # Safety
+///
+/// `array` must be null or point at an array made by [`export`] of `T`s, released once.
+unsafe extern "C" fn release<T>(array: *mut FFI_ArrowArray) {
+    if array.is_null() {
+        return;
+    }
+    // SAFETY: non-null, and the consumer passes the array it releases, valid for reads and
+    // writes.
+    let array = unsafe { &mut *array };
+    if !array.private_data.is_null() {
+        // SAFETY: `private_data` was set by `export` from `Box::into_raw` of a
+        // `DirectResult<T>`, and is taken back once: it is cleared below.
+        drop(unsafe { Box::from_raw(array.private_data.cast::<DirectResult<T>>()) });
+    }
+    array.private_data = std::ptr::null_mut();
+    array.release = None;
+}
+
+/// The direct entry of a function of one primitive argument returning a primitive: the call's
+/// status if it took the call, `None` (nothing read or written) for the generic path.
+///
+/// # Safety
+///
+/// The pointers must satisfy [`BatchEntrypoint`](crate::v2::BatchEntrypoint)'s contract.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub unsafe fn unary<A: Native, R: Native>(
+    args: *mut FFI_ArrowArray,
+    schemas: *const FFI_ArrowSchema,
+    is_scalar: *const u8,
+    args_len: usize,
+    num_rows: usize,
+    out: *mut FFI_ArrowArray,
+    out_schema: *mut FFI_ArrowSchema,
+    error: *mut UdfOwnedBytes,
+    f: impl Fn(A) -> R,
+) -> Option<i32> {
+    let call = RawCall::new(
+        args, schemas, is_scalar, args_len, 1, num_rows, out, out_schema, error,
+    )?;
+    // SAFETY: the contract: one argument's structs, alive and unchanged for the call.
+    let a = unsafe { call.column::<A>(0) }?;
+    let compute = || a.iter().map(|&x| f(x)).collect::<Vec<R>>();
+    // SAFETY: the contract: the outputs are valid for writes.
+    Some(unsafe { call.finish(R::TYPE, compute) })
+}
+
+/// The direct entry of a boolean-valued function of one primitive argument; see [`unary`].
+///
+/// # Safety
+///
+/// As for [`unary`].
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub unsafe fn unary_bool<A: Native>(
+    args: *mut FFI_ArrowArray,
+    schemas: *const FFI_ArrowSchema,
+    is_scalar: *const u8,
+    args_len: usize,
+    num_rows: usize,
+    out: *mut FFI_ArrowArray,
+    out_schema: *mut FFI_ArrowSchema,
+    error: *mut UdfOwnedBytes,
+    f: impl Fn(A) -> bool,
+) -> Option<i32> {
+    let call = RawCall::new(
+        args, schemas, is_scalar, args_len, 1, num_rows, out, out_schema, error,
+    )?;
+    // SAFETY: as in `unary`.
+    let a = unsafe { call.column::<A>(0) }?;
+    // The bits, least significant first, 64 rows to a word written little-endian: Arrow's
+    // bitmap layout.
+    let compute = || {
+        let mut words = Vec::with_capacity(num_rows.div_ceil(64));
+        for chunk in a.chunks(64) {
+            let mut word = 0u64;
+            for (bit, &x) in chunk.iter().enumerate() {
+                word |= u64::from(f(x)) << bit;
+            }
+            words.push(word.to_le());
+        }
+        words
+    };
+    // SAFETY: as in `unary`.
+    Some(unsafe { call.finish(UdfType::Bool, compute) })
+}
+
+/// The direct entry of a function of two primitive arguments returning a primitive; see
+/// [`unary`].
+///
+/// # Safety
+///
+/// As for [`unary`].
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub unsafe fn binary<A: Native, B: Native, R: Native>(
+    args: *mut FFI_ArrowArray,
+    schemas: *const FFI_ArrowSchema,
+    is_scalar: *const u8,
+    args_len: usize,
+    num_rows: usize,
+    out: *mut FFI_ArrowArray,
+    out_schema: *mut FFI_ArrowSchema,
+    error: *mut UdfOwnedBytes,
+    f: impl Fn(A, B) -> R,
+) -> Option<i32> {
+    let call = RawCall::new(
+        args, schemas, is_scalar, args_len, 2, num_rows, out, out_schema, error,
+    )?;
+    // SAFETY: the contract: two arguments' structs, alive and unchanged for the call.
+    let (a, b) = unsafe { (call.column::<A>(0)?, call.column::<B>(1)?) };
+    let compute = || a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect::<Vec<R>>();
+    // SAFETY: as in `unary`.
+    Some(unsafe { call.finish(R::TYPE, compute) })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::ffi::from_ffi;
+    use arrow_array::{
+        Array, ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, UInt64Array,
+        make_array,
+    };
+    use arrow_data::ArrayData;
+    use arrow_schema::DataType;
+
+    use super::super::batch::{Column, Kernel, call_batch};
+    use super::*;
+    use crate::v2::status;
+
+    /// One batch call's C structs, as a host passes them.
+    struct Call {
+        args: Vec<FFI_ArrowArray>,
+        schemas: Vec<FFI_ArrowSchema>,
+        flags: Vec<u8>,
+        out: FFI_ArrowArray,
+        out_schema: FFI_ArrowSchema,
+        error: UdfOwnedBytes,
+    }
+
+    impl Call {
+        fn new(inputs: &[(ArrayRef, bool)]) -> Call {
+            let data: Vec<_> = inputs.iter().map(|(a, s)| (a.to_data(), *s)).collect();
+            Call::of_data(&data)
+        }
+
+        /// From array data, which may start at an offset into its buffers (an `ArrayRef` made
+        /// from it would not: arrow slices the buffers instead).
+        fn of_data(inputs: &[(ArrayData, bool)]) -> Call {
+            Call {
+                args: inputs.iter().map(|(a, _)| FFI_ArrowArray::new(a)).collect(),
+                schemas: inputs
+                    .iter()
+                    .map(|(a, _)| FFI_ArrowSchema::try_from(a.data_type()).unwrap())
+                    .collect(),
+                flags: inputs.iter().map(|&(_, s)| u8::from(s)).collect(),
+                out: FFI_ArrowArray::empty(),
+                out_schema: FFI_ArrowSchema::empty(),
+                error: UdfOwnedBytes::EMPTY,
+            }
+        }
+
+        /// Whether the call left everything as it was: the arguments in place and unreleased,
+        /// nothing written.
+        fn untouched(&self) -> bool {
+            self.args.iter().all(|a| a.release.is_some())
+                && self.out.release.is_none()
+                && self.out_schema.release.is_none()
+                && self.error.ptr.is_null()
+        }
+
+        /// The result or the error message of a call that returned `status`.
+        fn outcome(self, status: i32) -> Result<ArrayRef, String> {
+            if status == status::OK {
+                // SAFETY: the entry exported a valid array and its schema into them.
+                let data = unsafe { from_ffi(self.out, &self.out_schema) }.unwrap();
+                data.validate_full().unwrap();
+                return Ok(make_array(data));
+            }
+            assert_eq!(status, status::ERROR);
+            // SAFETY: the entry wrote bytes made by `owned_bytes` (a `Vec<u8>`'s parts), which
+            // this takes back once.
+            let bytes =
+                unsafe { Vec::from_raw_parts(self.error.ptr, self.error.len, self.error.capacity) };
+            Err(String::from_utf8(bytes).unwrap())
+        }
+    }
+
+    /// An entry (direct or generic) over a call's structs.
+    type Entry<'a> = dyn Fn(&mut Call, usize) -> Option<i32> + 'a;
+
+    /// Calls `direct` and the generic path (`call_batch` with `kernel`) on the same inputs:
+    /// both answer alike when the direct entry takes the call, and when it does not it has
+    /// touched nothing. Returns whether it took the call.
+    fn compare(
+        inputs: &[(ArrayData, bool)],
+        rows: usize,
+        arg_types: &[UdfType],
+        return_type: UdfType,
+        direct: &Entry<'_>,
+        kernel: &Kernel<'_>,
+    ) -> bool {
+        let mut call = Call::of_data(inputs);
+        let taken = direct(&mut call, rows);
+        let generic = || {
+            let mut call = Call::of_data(inputs);
+            let slow = |_: &[Column], _: usize| -> Result<ArrayRef, String> {
+                Err("no row loop here".to_string())
+            };
+            // SAFETY: valid arrays, schemas and flags, one per argument; the outputs are valid
+            // for writes.
+            let status = unsafe {
+                call_batch(
+                    call.args.as_mut_ptr(),
+                    call.schemas.as_ptr(),
+                    call.flags.as_ptr(),
+                    inputs.len(),
+                    arg_types,
+                    return_type,
+                    rows,
+                    &mut call.out,
+                    &mut call.out_schema,
+                    &mut call.error,
+                    Some(kernel),
+                    &slow,
+                )
+            };
+            call.outcome(status)
+        };
+        match taken {
+            Some(status) => {
+                // The arguments stay in place: the host releases them.
+                assert!(call.args.iter().all(|a| a.release.is_some()));
+                let direct = call.outcome(status);
+                let generic = generic();
+                match (&direct, &generic) {
+                    (Ok(d), Ok(g)) => assert_eq!(d.to_data(), g.to_data(), "{inputs:?}"),
+                    (Err(d), Err(g)) => {
+                        // The same panic, reported from another line.
+                        let cut = |e: &str| e.split(" (at ").next().unwrap().to_string();
+                        assert_eq!(cut(d), cut(g));
+                    }
+                    _ => panic!("direct {direct:?} but generic {generic:?} for {inputs:?}"),
+                }
+                true
+            }
+            None => {
+                assert!(call.untouched(), "{inputs:?}");
+                generic().unwrap();
+                false
+            }
+        }
+    }
+
+    fn sq(x: i64) -> i64 {
+        x.wrapping_mul(x)
+    }
+
+    fn direct_sq(call: &mut Call, rows: usize) -> Option<i32> {
+        // SAFETY: the structs of `call`, one per argument, valid; outputs valid for writes.
+        unsafe {
+            unary::<i64, i64>(
+                call.args.as_mut_ptr(),
+                call.schemas.as_ptr(),
+                call.flags.as_ptr(),
+                call.args.len(),
+                rows,
+                &mut call.out,
+                &mut call.out_schema,
+                &mut call.error,
+                sq,
+            )
+        }
+    }
+
+    fn kernel_sq(c: &[Column], n: usize) -> Result<ArrayRef, String> {
+        super::super::batch::unary::<i64, i64>(c, n, true, sq)
+    }
+
+    fn ints(values: &[Option<i64>]) -> ArrayRef {
+        Arc::new(Int64Array::from(values.to_vec()))
+    }
+
+    fn data(inputs: &[(ArrayRef, bool)]) -> Vec<(ArrayData, bool)> {
+        inputs.iter().map(|(a, s)| (a.to_data(), *s)).collect()
+    }
+
+    /// `len` values of type `t` starting `offset` values into `values`' buffer (and into
+    /// `validity`'s bits, if given), as a host may export them.
+    fn at_offset<T: arrow_buffer::ArrowNativeType>(
+        t: DataType,
+        values: &[T],
+        validity: Option<&[bool]>,
+        offset: usize,
+        len: usize,
+    ) -> ArrayData {
+        let bits = validity.map(|v| arrow_buffer::BooleanBuffer::from(v.to_vec()).into_inner());
+        ArrayData::builder(t)
+            .len(len)
+            .offset(offset)
+            .add_buffer(arrow_buffer::Buffer::from_slice_ref(values))
+            .null_bit_buffer(bits)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn plain_columns_are_taken_and_answer_as_the_generic_path() {
+        let many: Vec<Option<i64>> = (0..100).map(|i| Some(i * 7 - 300)).collect();
+        let long = ints(&many);
+        let extreme = ints(&[Some(i64::MAX), Some(i64::MIN), Some(0), Some(-1)]);
+        // A bitmap without a NULL (a count of 0): no NULLs, taken.
+        let unmasked = Int64Array::new(
+            vec![1, 2, 3].into(),
+            Some(arrow_buffer::NullBuffer::new_valid(3)),
+        );
+        let raw: Vec<i64> = (0..100).map(|i| i * 7 - 300).collect();
+        let taken: Vec<(ArrayData, usize)> = vec![
+            (long.to_data(), 100),
+            // Offsets: the values start into the buffer, by the array's offset or by a slice.
+            (at_offset(DataType::Int64, &raw, None, 37, 41), 41),
+            (at_offset(DataType::Int64, &raw, None, 99, 1), 1),
+            (long.slice(37, 41).to_data(), 41),
+            // More rows than the batch: the first `rows` are its.
+            (long.to_data(), 5),
+            (at_offset(DataType::Int64, &raw, None, 10, 50), 7),
+            (extreme.to_data(), 4),
+            (ints(&[]).to_data(), 0),
+            (long.to_data(), 0),
+            (unmasked.into_data(), 3),
+        ];
+        for (array, rows) in taken {
+            let inputs = [(array, false)];
+            let took = compare(
+                &inputs,
+                rows,
+                &[UdfType::Int64],
+                UdfType::Int64,
+                &direct_sq,
+                &kernel_sq,
+            );
+            assert!(took, "{inputs:?}, {rows} rows");
+        }
+    }
+
+    #[test]
+    fn every_other_call_is_left_to_the_generic_path_untouched() {
+        let nulls = ints(&[Some(1), None, Some(3)]);
+        let valid = [true, true, false, true, true, true];
+        let left: Vec<(Vec<(ArrayData, bool)>, usize)> = vec![
+            // NULLs, also in a slice and at an offset.
+            (data(&[(Arc::clone(&nulls), false)]), 3),
+            (data(&[(nulls.slice(1, 2), false)]), 2),
+            (
+                vec![(
+                    at_offset(DataType::Int64, &[1i64, 2, 3, 4, 5, 6], Some(&valid), 1, 4),
+                    false,
+                )],
+                4,
+            ),
+            // A constant.
+            (data(&[(ints(&[Some(4)]), true)]), 5),
+            (data(&[(ints(&[None]), true)]), 5),
+        ];
+        for (inputs, rows) in left {
+            let took = compare(
+                &inputs,
+                rows,
+                &[UdfType::Int64],
+                UdfType::Int64,
+                &direct_sq,
+                &kernel_sq,
+            );
+            assert!(!took, "{inputs:?}");
+        }
+    }
+
+    #[test]
+    fn layouts_it_does_not_know_are_refused_before_anything_is_read() {
+        let values = ints(&[Some(1), Some(2)]);
+        // Another type's schema (an Int32 column where Int64 is declared).
+        let mut call = Call::new(&[(Arc::new(Int32Array::from(vec![1, 2])), false)]);
+        assert_eq!(direct_sq(&mut call, 2), None);
+        assert!(call.untouched());
+        // A dictionary, a null format, too few rows, a wrong argument count, a released array,
+        // three buffers, a null values buffer, children: each refused, nothing touched.
+        type Forge = Box<dyn Fn(&mut Call)>;
+        let forged: Vec<(&str, Forge)> = vec![
+            (
+                "null format",
+                Box::new(|c: &mut Call| c.schemas[0] = FFI_ArrowSchema::empty()),
+            ),
+            ("short", Box::new(|c: &mut Call| c.args[0].length = 1)),
+            (
+                "negative length",
+                Box::new(|c: &mut Call| c.args[0].length = -1),
+            ),
+            (
+                "negative offset",
+                Box::new(|c: &mut Call| c.args[0].offset = -1),
+            ),
+            (
+                "three buffers",
+                Box::new(|c: &mut Call| c.args[0].n_buffers = 3),
+            ),
+            (
+                "children",
+                Box::new(|c: &mut Call| c.args[0].n_children = 1),
+            ),
+        ];
+        for (what, forge) in forged {
+            let mut call = Call::new(&[(Arc::clone(&values), false)]);
+            let saved = (
+                call.args[0].length,
+                call.args[0].offset,
+                call.args[0].n_buffers,
+            );
+            forge(&mut call);
+            assert_eq!(direct_sq(&mut call, 2), None, "{what}");
+            assert!(call.untouched(), "{what}");
+            // Put the fields back so the array releases what it owns.
+            (
+                call.args[0].length,
+                call.args[0].offset,
+                call.args[0].n_buffers,
+            ) = saved;
+            call.args[0].n_children = 0;
+        }
+        // Two arguments for a function of one.
+        let mut call = Call::new(&[(Arc::clone(&values), false), (Arc::clone(&values), false)]);
+        assert_eq!(direct_sq(&mut call, 2), None);
+        assert!(call.untouched());
+        // A released argument.
+        let mut call = Call::new(&[(Arc::clone(&values), false)]);
+        // SAFETY: the array made by `Call::new`, released once (dropping it now does nothing).
+        unsafe { call.args[0].release.unwrap()(&mut call.args[0]) };
+        assert_eq!(direct_sq(&mut call, 2), None);
+        // Null outputs.
+        let mut call = Call::new(&[(Arc::clone(&values), false)]);
+        // SAFETY: valid inputs; the null output is what is tested.
+        let status = unsafe {
+            unary::<i64, i64>(
+                call.args.as_mut_ptr(),
+                call.schemas.as_ptr(),
+                call.flags.as_ptr(),
+                1,
+                2,
+                std::ptr::null_mut(),
+                &mut call.out_schema,
+                &mut call.error,
+                sq,
+            )
+        };
+        assert_eq!(status, None);
+        assert!(call.untouched());
+    }
+
+    #[test]
+    fn a_panic_is_the_calls_error_and_the_arguments_stay_with_the_host() {
+        let panics = |x: i64| -> i64 {
+            assert_ne!(x, 2, "two is not allowed");
+            x
+        };
+        let mut call = Call::new(&[(ints(&[Some(1), Some(2), Some(3)]), false)]);
+        // SAFETY: as in `direct_sq`.
+        let status = unsafe {
+            unary::<i64, i64>(
+                call.args.as_mut_ptr(),
+                call.schemas.as_ptr(),
+                call.flags.as_ptr(),
+                1,
+                3,
+                &mut call.out,
+                &mut call.out_schema,
+                &mut call.error,
+                panics,
+            )
+        };
+        assert_eq!(status, Some(status::ERROR));
+        assert!(call.args[0].release.is_some() && call.out.release.is_none());
+        let error = call.outcome(status.unwrap()).unwrap_err();
+        assert!(
+            error.starts_with("panicked: assertion `left != right` failed: two is not allowed"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn boolean_results_are_bits_in_arrows_order_for_every_length() {
+        let direct = |call: &mut Call, rows: usize| {
+            // SAFETY: as in `direct_sq`.
+            unsafe {
+                unary_bool::<i64>(
+                    call.args.as_mut_ptr(),
+                    call.schemas.as_ptr(),
+                    call.flags.as_ptr(),
+                    call.args.len(),
+                    rows,
+                    &mut call.out,
+                    &mut call.out_schema,
+                    &mut call.error,
+                    |x| x % 3 == 0,
+                )
+            }
+        };
+        let kernel = |c: &[Column], n: usize| {
+            super::super::batch::unary_bool::<i64>(c, n, true, |x| x % 3 == 0)
+        };
+        let values: Vec<Option<i64>> = (0..200).map(|i| Some(i * 5 + 1)).collect();
+        let raw: Vec<i64> = values.iter().map(|v| v.unwrap()).collect();
+        let column = ints(&values);
+        for rows in [0, 1, 7, 8, 9, 63, 64, 65, 128, 130, 197] {
+            for offset in [0, 1, 3] {
+                let inputs = [(at_offset(DataType::Int64, &raw, None, offset, rows), false)];
+                let took = compare(
+                    &inputs,
+                    rows,
+                    &[UdfType::Int64],
+                    UdfType::Bool,
+                    &direct,
+                    &kernel,
+                );
+                assert!(took, "{rows} rows at {offset}");
+            }
+        }
+        // And the bits are the function's, read back row by row.
+        let mut call = Call::new(&[(Arc::clone(&column), false)]);
+        let status = direct(&mut call, 200).unwrap();
+        let out = call.outcome(status).unwrap();
+        let out = out.as_any().downcast_ref::<BooleanArray>().unwrap();
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(out.value(i), v.unwrap() % 3 == 0, "row {i}");
+        }
+    }
+
+    #[test]
+    fn two_columns_are_taken_together_or_not_at_all() {
+        let direct = |call: &mut Call, rows: usize| {
+            // SAFETY: as in `direct_sq`.
+            unsafe {
+                binary::<f64, u64, f64>(
+                    call.args.as_mut_ptr(),
+                    call.schemas.as_ptr(),
+                    call.flags.as_ptr(),
+                    call.args.len(),
+                    rows,
+                    &mut call.out,
+                    &mut call.out_schema,
+                    &mut call.error,
+                    |x, y| x * y as f64,
+                )
+            }
+        };
+        let kernel = |c: &[Column], n: usize| {
+            super::super::batch::binary::<f64, u64, f64>(c, n, true, |x, y| x * y as f64)
+        };
+        let x: ArrayRef = Arc::new(Float64Array::from(
+            (0..50).map(|i| i as f64 / 4.0).collect::<Vec<_>>(),
+        ));
+        let y: ArrayRef = Arc::new(UInt64Array::from((0..50).collect::<Vec<u64>>()));
+        let y_nulls: ArrayRef = Arc::new(UInt64Array::from(
+            (0..50)
+                .map(|i| (i % 7 != 0).then_some(i))
+                .collect::<Vec<_>>(),
+        ));
+        let types = [UdfType::Float64, UdfType::UInt64];
+        // (arguments, rows, taken)
+        type Case = (Vec<(ArrayRef, bool)>, usize, bool);
+        let cases: Vec<Case> = vec![
+            (
+                vec![(Arc::clone(&x), false), (Arc::clone(&y), false)],
+                50,
+                true,
+            ),
+            (
+                vec![(x.slice(3, 20), false), (y.slice(10, 20), false)],
+                20,
+                true,
+            ),
+            (
+                vec![(Arc::clone(&x), false), (Arc::clone(&y_nulls), false)],
+                50,
+                false,
+            ),
+            (
+                vec![(Arc::clone(&x), false), (y.slice(5, 1), true)],
+                50,
+                false,
+            ),
+            (
+                vec![(x.slice(2, 1), true), (Arc::clone(&y), false)],
+                50,
+                false,
+            ),
+        ];
+        for (inputs, rows, expected) in cases {
+            let took = compare(
+                &data(&inputs),
+                rows,
+                &types,
+                UdfType::Float64,
+                &direct,
+                &kernel,
+            );
+            assert_eq!(took, expected, "{inputs:?}");
+        }
+        // The arguments the wrong way round: the first's schema is not the declared type's.
+        let mut call = Call::new(&[(Arc::clone(&y), false), (Arc::clone(&x), false)]);
+        assert_eq!(direct(&mut call, 50), None);
+        assert!(call.untouched());
+    }
+}
