@@ -19,7 +19,7 @@ UDFSQL_HISTORY=/dev/null valgrind --leak-check=full --errors-for-leak-kinds=defi
     target/debug/udfsql --plugin-dir "$work" --format csv \
     -c "CREATE FUNCTION my_sq(BIGINT) RETURNS BIGINT LANGUAGE plugin AS 'libudf_plugin_square.so'" \
     -c "SELECT repeat(s, 2), my_sq(x), safe_div(x, 2), hypot(x, 4), str_len(s), is_even(x), choose(x > 5, s, 'b'), shout(s), hex_bytes(reverse_bytes(X'0102')), add_days(DATE '2024-01-01', 1), add_seconds(TIMESTAMP '2024-01-01 00:00:00', x), coalesce_len(NULL), null_if_empty(''), repeat_text(s, 2), square(x), add_i32(1, 2), half_f32(3), negate(true), byte_len(X'00'), iso_weekday(DATE '2024-01-01'), year_of(DATE '2024-01-01'), epoch_micros(TIMESTAMP '1970-01-01 00:00:01'), utf8_len(s), next_id() FROM (VALUES ('q', 5), ('r', 6), (NULL, NULL)) t(s, x)" \
-    -c "SELECT my_sq(x), square(x), is_even(x), hypot(x, y), half_f32(f) FROM (VALUES (5, 1.5, CAST(1.5 AS REAL)), (6, 2.5, CAST(2.5 AS REAL))) t(x, y, f)" \
+    -c "SELECT my_sq(x), square(x), is_even(x), hypot(x, y), hypot(x, 4), hypot(4, y), half_f32(f) FROM (VALUES (5, 1.5, CAST(1.5 AS REAL)), (6, 2.5, CAST(2.5 AS REAL))) t(x, y, f)" \
     -c "SELECT safe_div(1, 0)" \
     -c "SELECT boom('z')" \
     -c "DROP FUNCTION my_sq" \

@@ -12,6 +12,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF, Volatility};
 use datafusion::prelude::SessionContext;
+use datafusion::scalar::ScalarValue;
 use proptest::prelude::*;
 use udf_abi::v2::UdfType;
 use udf_engine::{CallPath, PluginFunction, PluginLibrary, PluginUdf};
@@ -263,19 +264,32 @@ fn call(
     args: Vec<ArrayRef>,
     ret: DataType,
 ) -> Result<ArrayRef, String> {
+    let rows = args.first().map_or(1, |a| a.len());
+    let args = args.into_iter().map(ColumnarValue::Array).collect();
+    call_values(path, name, args, rows, ret)
+}
+
+/// Calls `name` on arrays and constants, for `rows` rows, through one path; an error becomes
+/// its message.
+fn call_values(
+    path: CallPath,
+    name: &str,
+    args: Vec<ColumnarValue>,
+    rows: usize,
+    ret: DataType,
+) -> Result<ArrayRef, String> {
     let list = match path {
         CallPath::Row => &udfs().row,
         CallPath::Batch => &udfs().batch,
     };
     let udf = &list.iter().find(|(n, _)| n == name).unwrap().1;
-    let rows = args.first().map_or(1, |a| a.len());
     let args = ScalarFunctionArgs {
         arg_fields: args
             .iter()
             .enumerate()
-            .map(|(i, a)| Arc::new(Field::new(format!("a{i}"), a.data_type().clone(), true)))
+            .map(|(i, a)| Arc::new(Field::new(format!("a{i}"), a.data_type(), true)))
             .collect(),
-        args: args.into_iter().map(ColumnarValue::Array).collect(),
+        args,
         number_rows: rows,
         return_field: Arc::new(Field::new(name, ret, true)),
         config_options: Arc::new(Default::default()),
@@ -320,9 +334,10 @@ proptest! {
         check("square", vec![Arc::new(Int64Array::from(xs))], DataType::Int64, Ok(Arc::new(expected)));
     }
 
-    /// Columns without NULLs, whole or sliced: what the generated batch entry's direct path
-    /// takes (`udf_abi::export::direct`; the other tests here mostly have NULLs, which go
-    /// through the generic one), for a unary, a boolean-valued and a binary kernel.
+    /// Columns without NULLs, whole or sliced, and a constant beside one: what the generated
+    /// batch entry's direct path takes (`udf_abi::export::direct`; the other tests here mostly
+    /// have NULLs, which go through the generic one), for a unary, a boolean-valued and a binary
+    /// kernel.
     #[test]
     fn primitive_columns_without_nulls(
         xs in prop::collection::vec(any::<i64>(), 0..700),
@@ -352,6 +367,21 @@ proptest! {
         };
         prop_assert_eq!(bits(&call(CallPath::Row, "hypot", args.clone(), DataType::Float64).unwrap()), expected.clone());
         prop_assert_eq!(bits(&call(CallPath::Batch, "hypot", args, DataType::Float64).unwrap()), expected);
+        // A constant beside a column, either way round (`hypot(x, 2.5)`, `hypot(2.5, x)`).
+        let column: ArrayRef = Arc::new(Float64Array::from(a.clone()));
+        let c = b.first().copied().unwrap_or(2.5);
+        for constant_first in [false, true] {
+            let (column, constant) = (
+                ColumnarValue::Array(Arc::clone(&column)),
+                ColumnarValue::Scalar(ScalarValue::Float64(Some(c))),
+            );
+            let args = if constant_first { vec![constant, column] } else { vec![column, constant] };
+            let expected: Vec<u64> = a.iter().map(|x| if constant_first { c.hypot(*x) } else { x.hypot(c) }.to_bits()).collect();
+            for path in [CallPath::Row, CallPath::Batch] {
+                let out = call_values(path, "hypot", args.clone(), a.len(), DataType::Float64).unwrap();
+                prop_assert_eq!(bits(&out), expected.clone());
+            }
+        }
         let expected: Vec<u32> = halves.iter().map(|x| (x / 2.0).to_bits()).collect();
         let args: Vec<ArrayRef> = vec![Arc::new(Float32Array::from(halves))];
         for path in [CallPath::Row, CallPath::Batch] {

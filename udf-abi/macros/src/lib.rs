@@ -473,29 +473,29 @@ fn expand_async(options: Options, function: ItemFn) -> Result<TokenStream2, Erro
 
             #[allow(clippy::too_many_arguments)]
             unsafe extern "C" fn #start_entry(
-                args: *mut ::udf_abi::v2::FFI_ArrowArray,
-                schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
-                is_scalar: *const u8,
-                args_len: usize,
-                num_rows: usize,
-                completion: ::udf_abi::v2::UdfCompletion,
-                call: u64,
-                error: *mut ::udf_abi::v2::UdfOwnedBytes,
+                __udf_arg_arrays: *mut ::udf_abi::v2::FFI_ArrowArray,
+                __udf_schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
+                __udf_is_scalar: *const u8,
+                __udf_args_len: usize,
+                __udf_num_rows: usize,
+                __udf_completion: ::udf_abi::v2::UdfCompletion,
+                __udf_call: u64,
+                __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
             ) -> i32 {
                 // SAFETY: the host calls this entrypoint with the guarantees of
                 // `udf_abi::export::async_fn::start`.
                 unsafe {
                     ::udf_abi::export::async_fn::start(
-                        args,
-                        schemas,
-                        is_scalar,
-                        args_len,
+                        __udf_arg_arrays,
+                        __udf_schemas,
+                        __udf_is_scalar,
+                        __udf_args_len,
                         &__UDF_ARG_KINDS,
                         #ret::TYPE,
-                        num_rows,
-                        completion,
-                        call,
-                        error,
+                        __udf_num_rows,
+                        __udf_completion,
+                        __udf_call,
+                        __udf_error,
                         &__UDF_BYTES_PER_ROW,
                         |__udf_cols: ::std::sync::Arc<
                             ::std::vec::Vec<::udf_abi::export::batch::Column>,
@@ -665,26 +665,26 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
 
                 #[allow(clippy::too_many_arguments)]
                 unsafe extern "C" fn #start_entry(
-                    args: *mut ::udf_abi::v2::FFI_ArrowArray,
-                    _schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
-                    is_scalar: *const u8,
-                    args_len: usize,
-                    num_rows: usize,
-                    completion: ::udf_abi::v2::UdfCompletion,
-                    call: u64,
-                    error: *mut ::udf_abi::v2::UdfOwnedBytes,
+                    __udf_arg_arrays: *mut ::udf_abi::v2::FFI_ArrowArray,
+                    __udf_schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
+                    __udf_is_scalar: *const u8,
+                    __udf_args_len: usize,
+                    __udf_num_rows: usize,
+                    __udf_completion: ::udf_abi::v2::UdfCompletion,
+                    __udf_call: u64,
+                    __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
                 ) -> i32 {
                     // SAFETY: the host calls this entrypoint with the guarantees of
                     // `udf_abi::export::async_fn::start_vectorized`.
                     unsafe {
                         ::udf_abi::export::async_fn::start_vectorized(
-                            args,
-                            is_scalar,
-                            args_len,
-                            num_rows,
-                            completion,
-                            call,
-                            error,
+                            __udf_arg_arrays,
+                            __udf_is_scalar,
+                            __udf_args_len,
+                            __udf_num_rows,
+                            __udf_completion,
+                            __udf_call,
+                            __udf_error,
                             __udf_types,
                             |__udf_cols: ::std::sync::Arc<
                                 ::std::vec::Vec<::udf_abi::export::arrow::ArrayRef>,
@@ -736,14 +736,14 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
             #statics
 
             unsafe extern "C" fn #batch_entry(
-                args: *mut ::udf_abi::v2::FFI_ArrowArray,
-                _schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
-                is_scalar: *const u8,
-                args_len: usize,
-                num_rows: usize,
-                out: *mut ::udf_abi::v2::FFI_ArrowArray,
-                out_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
-                error: *mut ::udf_abi::v2::UdfOwnedBytes,
+                __udf_arg_arrays: *mut ::udf_abi::v2::FFI_ArrowArray,
+                __udf_schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
+                __udf_is_scalar: *const u8,
+                __udf_args_len: usize,
+                __udf_num_rows: usize,
+                __udf_result: *mut ::udf_abi::v2::FFI_ArrowArray,
+                __udf_result_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
+                __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
             ) -> i32 {
                 let __udf_kernel = |__udf_cols: &[::udf_abi::export::arrow::ArrayRef], _: usize| {
                     #(
@@ -759,13 +759,13 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
                 // `udf_abi::export::arrow::call_vectorized`.
                 unsafe {
                     ::udf_abi::export::arrow::call_vectorized(
-                        args,
-                        is_scalar,
-                        args_len,
-                        num_rows,
-                        out,
-                        out_schema,
-                        error,
+                        __udf_arg_arrays,
+                        __udf_is_scalar,
+                        __udf_args_len,
+                        __udf_num_rows,
+                        __udf_result,
+                        __udf_result_schema,
+                        __udf_error,
                         &|| ::udf_abi::export::arrow::declared_types(
                             &__UDF_ARG_CSTRS,
                             __UDF_RETURN_CSTR,
@@ -894,14 +894,14 @@ fn expand_arrow_rows(options: Options, function: ItemFn) -> Result<TokenStream2,
             }
 
             unsafe extern "C" fn #batch_entry(
-                args: *mut ::udf_abi::v2::FFI_ArrowArray,
-                _schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
-                is_scalar: *const u8,
-                args_len: usize,
-                num_rows: usize,
-                out: *mut ::udf_abi::v2::FFI_ArrowArray,
-                out_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
-                error: *mut ::udf_abi::v2::UdfOwnedBytes,
+                __udf_arg_arrays: *mut ::udf_abi::v2::FFI_ArrowArray,
+                __udf_schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
+                __udf_is_scalar: *const u8,
+                __udf_args_len: usize,
+                __udf_num_rows: usize,
+                __udf_result: *mut ::udf_abi::v2::FFI_ArrowArray,
+                __udf_result_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
+                __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
             ) -> i32 {
                 let __udf_kernel = |__udf_cols: &[::udf_abi::export::arrow::ArrayRef],
                                     __udf_rows: usize| {
@@ -921,13 +921,13 @@ fn expand_arrow_rows(options: Options, function: ItemFn) -> Result<TokenStream2,
                 // `udf_abi::export::arrow::call_vectorized`.
                 unsafe {
                     ::udf_abi::export::arrow::call_vectorized(
-                        args,
-                        is_scalar,
-                        args_len,
-                        num_rows,
-                        out,
-                        out_schema,
-                        error,
+                        __udf_arg_arrays,
+                        __udf_is_scalar,
+                        __udf_args_len,
+                        __udf_num_rows,
+                        __udf_result,
+                        __udf_result_schema,
+                        __udf_error,
                         &__udf_types,
                         &__udf_kernel,
                     )
@@ -1344,14 +1344,14 @@ fn fast_kernel(
     let (kernel, direct) = match (args, returns_bool, r) {
         ([a], true, _) => match native(a) {
             Some(a) => (
-                quote! { ::udf_abi::export::batch::unary_bool::<#a>(c, n, #immutable, #ident) },
+                quote! { ::udf_abi::export::batch::unary_bool::<#a>(__udf_c, __udf_n, #immutable, #ident) },
                 quote! { ::udf_abi::export::direct::unary_bool::<#a> },
             ),
             None => return (none, quote! {}),
         },
         ([a], false, Some(r)) => match native(a) {
             Some(a) => (
-                quote! { ::udf_abi::export::batch::unary::<#a, #r>(c, n, #immutable, #ident) },
+                quote! { ::udf_abi::export::batch::unary::<#a, #r>(__udf_c, __udf_n, #immutable, #ident) },
                 quote! { ::udf_abi::export::direct::unary::<#a, #r> },
             ),
             None => return (none, quote! {}),
@@ -1359,7 +1359,7 @@ fn fast_kernel(
         ([a, b], false, Some(r)) => match (native(a), native(b)) {
             (Some(a), Some(b)) => (
                 quote! {
-                    ::udf_abi::export::batch::binary::<#a, #b, #r>(c, n, #immutable, #ident)
+                    ::udf_abi::export::batch::binary::<#a, #b, #r>(__udf_c, __udf_n, #immutable, #ident)
                 },
                 quote! { ::udf_abi::export::direct::binary::<#a, #b, #r> },
             ),
@@ -1368,7 +1368,8 @@ fn fast_kernel(
         _ => return (none, quote! {}),
     };
     let fast = quote! {
-        let __udf_kernel = |c: &[::udf_abi::export::batch::Column], n: usize| { #kernel };
+        let __udf_kernel =
+            |__udf_c: &[::udf_abi::export::batch::Column], __udf_n: usize| { #kernel };
         let __udf_fast: ::std::option::Option<&::udf_abi::export::batch::Kernel<'_>> =
             ::std::option::Option::Some(&__udf_kernel);
     };
@@ -1377,7 +1378,17 @@ fn fast_kernel(
         // (`udf_abi::export::direct`); it returns `None` without reading or writing anything
         // when the call is not for it.
         if let ::std::option::Option::Some(__udf_status) = unsafe {
-            #direct(args, schemas, is_scalar, args_len, num_rows, out, out_schema, error, #ident)
+            #direct(
+                __udf_arg_arrays,
+                __udf_schemas,
+                __udf_is_scalar,
+                __udf_args_len,
+                __udf_num_rows,
+                __udf_result,
+                __udf_result_schema,
+                __udf_error,
+                #ident,
+            )
         } {
             return __udf_status;
         }
@@ -1522,16 +1533,16 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
             #tagged_statics
 
             unsafe extern "C" fn #entry(
-                args: *const ::udf_abi::v2::UdfValue,
-                args_len: usize,
-                out: *mut ::udf_abi::v2::UdfValue,
-                error: *mut ::udf_abi::v2::UdfOwnedBytes,
+                __udf_arg_arrays: *const ::udf_abi::v2::UdfValue,
+                __udf_args_len: usize,
+                __udf_result: *mut ::udf_abi::v2::UdfValue,
+                __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
             ) -> i32 {
                 // SAFETY: the host calls this entrypoint with the guarantees of
                 // `udf_abi::export::call_row`: `args_len` valid arguments, writable `out` and
                 // `error`.
                 unsafe {
-                    ::udf_abi::export::call_row(args, args_len, #count, out, error, |__udf_args| {
+                    ::udf_abi::export::call_row(__udf_arg_arrays, __udf_args_len, #count, __udf_result, __udf_error, |__udf_args| {
                         #(#conversions)*
                         #row_call
                     })
@@ -1539,14 +1550,14 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
             }
 
             unsafe extern "C" fn #batch_entry(
-                args: *mut ::udf_abi::v2::FFI_ArrowArray,
-                schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
-                is_scalar: *const u8,
-                args_len: usize,
-                num_rows: usize,
-                out: *mut ::udf_abi::v2::FFI_ArrowArray,
-                out_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
-                error: *mut ::udf_abi::v2::UdfOwnedBytes,
+                __udf_arg_arrays: *mut ::udf_abi::v2::FFI_ArrowArray,
+                __udf_schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
+                __udf_is_scalar: *const u8,
+                __udf_args_len: usize,
+                __udf_num_rows: usize,
+                __udf_result: *mut ::udf_abi::v2::FFI_ArrowArray,
+                __udf_result_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
+                __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
             ) -> i32 {
                 #direct
                 let __udf_slow = |__udf_cols: &[::udf_abi::export::batch::Column], __udf_rows: usize| {
@@ -1568,17 +1579,17 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                 // `udf_abi::export::batch::call_batch`.
                 unsafe {
                     ::udf_abi::export::batch::call_batch(
-                        args,
-                        schemas,
-                        is_scalar,
-                        args_len,
+                        __udf_arg_arrays,
+                        __udf_schemas,
+                        __udf_is_scalar,
+                        __udf_args_len,
                         &__UDF_ARG_KINDS,
                         <<#static_return as ::udf_abi::export::IntoUdfResult>::Value
                             as ::udf_abi::export::UdfReturnType>::TYPE,
-                        num_rows,
-                        out,
-                        out_schema,
-                        error,
+                        __udf_num_rows,
+                        __udf_result,
+                        __udf_result_schema,
+                        __udf_error,
                         __udf_fast,
                         &__udf_slow,
                     )

@@ -1,16 +1,17 @@
 //! The direct batch entry of `#[udf]` functions over primitives (`fn(i64) -> i64`,
 //! `fn(f64, f64) -> f64`, `fn(i32) -> bool`, ...): when every argument is a column of the
-//! declared type without NULLs, as the host passes most batches, the function runs over the
-//! host's buffers where they are and its results go out in one buffer, with nothing of the
-//! generic path between ([`batch::call_batch`](super::batch::call_batch): arrow arrays for the
-//! arguments, `Column`s, the kernel's dispatch, an `ArrayRef` for the result, the check of its
-//! type).
+//! declared type without NULLs (or, for two arguments, one is a constant that is not NULL), as
+//! the host passes most batches, the function runs over the host's buffers where they are and its
+//! results go out in one buffer, with nothing of the generic path between
+//! ([`batch::call_batch`](super::batch::call_batch): arrow arrays for the arguments, `Column`s,
+//! the kernel's dispatch, an `ArrayRef` for the result, the check of its type).
 //!
 //! Why: in a query, between two batches of one operator, the rest of the query evicts the caches,
 //! so a call's fixed cost is the code and data it brings back, not its instructions. Measured with
 //! cold caches (`coldcall`, BENCHMARKS.md), the generic path cost about 7 µs more than the same
-//! batch computed by C code written straight to the ABI. Every other case (a constant argument,
-//! NULLs, a layout of another type, a null pointer) returns `None` before anything is read or
+//! batch computed by C code written straight to the ABI. Every other case (NULLs, a unary
+//! function's constant argument or two constants, which an immutable function computes once
+//! there, a layout of another type, a null pointer) returns `None` before anything is read or
 //! written, and the generic path takes the call, with all its rules.
 //!
 //! The arguments are left in place (the ABI lets the plugin do so: the host releases what is left
@@ -22,6 +23,23 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use super::batch::{Native, c_format, result_schema};
 use super::{install_quiet_panic_hook, write_batch_outcome};
 use crate::v2::{FFI_ArrowArray, FFI_ArrowSchema, UdfOwnedBytes, UdfType};
+
+/// An argument the direct entry reads: a column's values, or a constant's.
+enum Arg<'a, A> {
+    Column(&'a [A]),
+    Constant(A),
+}
+
+impl<'a, A> Arg<'a, A> {
+    /// The values of a column; `None` for a constant (which the unary entries leave to the
+    /// generic path: it computes an immutable function's constant once).
+    fn column(self) -> Option<&'a [A]> {
+        match self {
+            Arg::Column(values) => Some(values),
+            Arg::Constant(_) => None,
+        }
+    }
+}
 
 /// One call of a batch entrypoint: its pointers, as the host passed them.
 struct RawCall {
@@ -68,25 +86,25 @@ impl RawCall {
         })
     }
 
-    /// The first `num_rows` values of argument `i` when it is a column (not a constant) of type
-    /// `A` without NULLs, with at least that many rows, in the plain layout (two buffers, the
-    /// values' one non-null and aligned, no children). `None` for anything else.
+    /// Argument `i` when it is of type `A` without NULLs, in the plain layout (two buffers, the
+    /// values' one non-null and aligned, no children) with the rows it must have: a column's
+    /// first `num_rows` values, or a constant's value. `None` for anything else.
     ///
     /// # Safety
     ///
     /// The call's pointers must hold more than `i` valid arrays, schemas and flags, as the host
     /// passes them to a batch entrypoint, alive and unchanged while the slice lives.
-    unsafe fn column<A: Native>(&self, i: usize) -> Option<&[A]> {
+    unsafe fn argument<A: Native>(&self, i: usize) -> Option<Arg<'_, A>> {
         // SAFETY: the caller's promise: `i` is in range of the three arrays. The array is only
         // read (it stays in place; the host releases it after the call).
         let (array, schema, scalar) = unsafe {
             (
                 &*self.args.add(i),
                 &*self.schemas.add(i),
-                *self.is_scalar.add(i),
+                *self.is_scalar.add(i) != 0,
             )
         };
-        if scalar != 0 || array.release.is_none() || schema.format.is_null() {
+        if array.release.is_none() || schema.format.is_null() {
             return None;
         }
         // SAFETY: non-null, and a schema's format is a NUL-terminated string that lives as long
@@ -99,10 +117,9 @@ impl RawCall {
         else {
             return None;
         };
-        if length < self.num_rows
-            || array.n_buffers != 2
-            || array.buffers.is_null()
-            || array.n_children != 0
+        // A constant has one row standing for all.
+        let rows = if scalar { 1 } else { self.num_rows };
+        if length < rows || array.n_buffers != 2 || array.buffers.is_null() || array.n_children != 0
         {
             return None;
         }
@@ -117,8 +134,12 @@ impl RawCall {
             return None;
         }
         // SAFETY: the values buffer of a valid array holds `offset + length` values, of which
-        // these are `num_rows` (at most `length`) from `offset`, alive for the call.
-        Some(unsafe { std::slice::from_raw_parts(values.add(offset), self.num_rows) })
+        // these are `rows` (at most `length`) from `offset`, alive for the call.
+        let values = unsafe { std::slice::from_raw_parts(values.add(offset), rows) };
+        Some(match scalar {
+            true => Arg::Constant(values[0]),
+            false => Arg::Column(values),
+        })
     }
 
     /// Runs `compute` (the function over the rows, inside `catch_unwind`: a panic is the call's
@@ -231,7 +252,7 @@ pub unsafe fn unary<A: Native, R: Native>(
         args, schemas, is_scalar, args_len, 1, num_rows, out, out_schema, error,
     )?;
     // SAFETY: the contract: one argument's structs, alive and unchanged for the call.
-    let a = unsafe { call.column::<A>(0) }?;
+    let a = unsafe { call.argument::<A>(0) }?.column()?;
     let compute = || a.iter().map(|&x| f(x)).collect::<Vec<R>>();
     // SAFETY: the contract: the outputs are valid for writes.
     Some(unsafe { call.finish(R::TYPE, compute) })
@@ -259,7 +280,7 @@ pub unsafe fn unary_bool<A: Native>(
         args, schemas, is_scalar, args_len, 1, num_rows, out, out_schema, error,
     )?;
     // SAFETY: as in `unary`.
-    let a = unsafe { call.column::<A>(0) }?;
+    let a = unsafe { call.argument::<A>(0) }?.column()?;
     // The bits, least significant first, 64 rows to a word written little-endian: Arrow's
     // bitmap layout.
     let compute = || {
@@ -277,8 +298,8 @@ pub unsafe fn unary_bool<A: Native>(
     Some(unsafe { call.finish(UdfType::Bool, compute) })
 }
 
-/// The direct entry of a function of two primitive arguments returning a primitive; see
-/// [`unary`].
+/// The direct entry of a function of two primitive arguments returning a primitive: two columns,
+/// or a column and a constant; see [`unary`].
 ///
 /// # Safety
 ///
@@ -300,10 +321,28 @@ pub unsafe fn binary<A: Native, B: Native, R: Native>(
         args, schemas, is_scalar, args_len, 2, num_rows, out, out_schema, error,
     )?;
     // SAFETY: the contract: two arguments' structs, alive and unchanged for the call.
-    let (a, b) = unsafe { (call.column::<A>(0)?, call.column::<B>(1)?) };
-    let compute = || a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect::<Vec<R>>();
-    // SAFETY: as in `unary`.
-    Some(unsafe { call.finish(R::TYPE, compute) })
+    let (a, b) = unsafe { (call.argument::<A>(0)?, call.argument::<B>(1)?) };
+    // A column beside a constant is computed row by row as two columns are (as the generic
+    // path does); two constants are left to the generic path (an immutable function's
+    // constant result is computed once there).
+    match (a, b) {
+        (Arg::Column(a), Arg::Column(b)) => {
+            let compute = || a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect::<Vec<R>>();
+            // SAFETY: as in `unary`.
+            Some(unsafe { call.finish(R::TYPE, compute) })
+        }
+        (Arg::Column(a), Arg::Constant(y)) => {
+            let compute = || a.iter().map(|&x| f(x, y)).collect::<Vec<R>>();
+            // SAFETY: as in `unary`.
+            Some(unsafe { call.finish(R::TYPE, compute) })
+        }
+        (Arg::Constant(x), Arg::Column(b)) => {
+            let compute = || b.iter().map(|&y| f(x, y)).collect::<Vec<R>>();
+            // SAFETY: as in `unary`.
+            Some(unsafe { call.finish(R::TYPE, compute) })
+        }
+        (Arg::Constant(_), Arg::Constant(_)) => None,
+    }
 }
 
 #[cfg(test)]
@@ -576,8 +615,8 @@ mod tests {
         let mut call = Call::new(&[(Arc::new(Int32Array::from(vec![1, 2])), false)]);
         assert_eq!(direct_sq(&mut call, 2), None);
         assert!(call.untouched());
-        // A dictionary, a null format, too few rows, a wrong argument count, a released array,
-        // three buffers, a null values buffer, children: each refused, nothing touched.
+        // A null format, too few rows, a negative length or offset, three buffers, children:
+        // each refused, nothing touched.
         type Forge = Box<dyn Fn(&mut Call)>;
         let forged: Vec<(&str, Forge)> = vec![
             (
@@ -629,23 +668,92 @@ mod tests {
         // SAFETY: the array made by `Call::new`, released once (dropping it now does nothing).
         unsafe { call.args[0].release.unwrap()(&mut call.args[0]) };
         assert_eq!(direct_sq(&mut call, 2), None);
-        // Null outputs.
+        // The buffers: a null pointer array, a null or misaligned values buffer.
         let mut call = Call::new(&[(Arc::clone(&values), false)]);
-        // SAFETY: valid inputs; the null output is what is tested.
+        let buffers = call.args[0].buffers;
+        call.args[0].buffers = std::ptr::null_mut();
+        assert_eq!(direct_sq(&mut call, 2), None, "null buffers");
+        call.args[0].buffers = buffers;
+        // SAFETY: the array's two buffer pointers, owned by its private data; each forged
+        // pointer is put back before the array is released.
+        let slot = unsafe { buffers.add(1) };
+        // SAFETY: as above.
+        let original = unsafe { *slot };
+        for (what, forged) in [
+            ("null values", std::ptr::null()),
+            (
+                "misaligned values",
+                original.cast::<u8>().wrapping_add(1).cast(),
+            ),
+        ] {
+            // SAFETY: as above.
+            unsafe { *slot = forged };
+            assert_eq!(direct_sq(&mut call, 2), None, "{what}");
+            assert!(call.untouched(), "{what}");
+            // SAFETY: as above.
+            unsafe { *slot = original };
+        }
+        // A dictionary on the schema.
+        let mut dictionary = FFI_ArrowSchema::try_from(&DataType::Int64).unwrap();
+        call.schemas[0].dictionary = &mut dictionary;
+        assert_eq!(direct_sq(&mut call, 2), None, "dictionary");
+        call.schemas[0].dictionary = std::ptr::null_mut();
+        assert!(call.untouched());
+        // NULLs whose count is not computed (-1) with a bitmap: refused (the bitmap has NULLs).
+        let mut call = Call::new(&[(ints(&[Some(1), None]), false)]);
+        call.args[0].null_count = -1;
+        assert_eq!(direct_sq(&mut call, 2), None, "null count -1");
+        assert!(call.untouched());
+        // Each null pointer among the entry's own.
+        for null in 0..6 {
+            let mut call = Call::new(&[(Arc::clone(&values), false)]);
+            let pointer = |i: usize, p: *mut u8| if i == null { std::ptr::null_mut() } else { p };
+            // SAFETY: valid inputs, but for the one null pointer under test.
+            let status = unsafe {
+                unary::<i64, i64>(
+                    pointer(0, call.args.as_mut_ptr().cast()).cast(),
+                    pointer(1, call.schemas.as_mut_ptr().cast()).cast(),
+                    pointer(2, call.flags.as_mut_ptr()),
+                    1,
+                    2,
+                    pointer(3, (&raw mut call.out).cast()).cast(),
+                    pointer(4, (&raw mut call.out_schema).cast()).cast(),
+                    pointer(5, (&raw mut call.error).cast()).cast(),
+                    sq,
+                )
+            };
+            assert_eq!(status, None, "null pointer {null}");
+            assert!(call.untouched(), "null pointer {null}");
+        }
+    }
+
+    #[test]
+    fn only_the_batchs_rows_are_computed_and_a_constant_is_its_first_row() {
+        // A column longer than the batch: the rows past it are never passed to the function.
+        let picky = |x: i64| -> i64 {
+            assert!(x < 100, "a row past the batch was computed");
+            x
+        };
+        let mut call = Call::new(&[(ints(&[Some(1), Some(2), Some(3), Some(100)]), false)]);
+        // SAFETY: as in `direct_sq`.
         let status = unsafe {
             unary::<i64, i64>(
                 call.args.as_mut_ptr(),
                 call.schemas.as_ptr(),
                 call.flags.as_ptr(),
                 1,
-                2,
-                std::ptr::null_mut(),
+                3,
+                &mut call.out,
                 &mut call.out_schema,
                 &mut call.error,
-                sq,
+                picky,
             )
         };
-        assert_eq!(status, None);
+        let out = call.outcome(status.expect("taken")).unwrap();
+        assert_eq!(out.to_data(), ints(&[Some(1), Some(2), Some(3)]).to_data());
+        // A unary function's constant, even one with as many rows as the batch: not taken.
+        let mut call = Call::new(&[(ints(&[Some(5), Some(6), Some(7)]), true)]);
+        assert_eq!(direct_sq(&mut call, 3), None);
         assert!(call.untouched());
     }
 
@@ -728,7 +836,7 @@ mod tests {
     }
 
     #[test]
-    fn two_columns_are_taken_together_or_not_at_all() {
+    fn two_arguments_are_taken_as_columns_or_a_column_and_a_constant() {
         let direct = |call: &mut Call, rows: usize| {
             // SAFETY: as in `direct_sq`.
             unsafe {
@@ -776,13 +884,37 @@ mod tests {
                 50,
                 false,
             ),
+            // A column beside a constant, either way round: taken.
             (
                 vec![(Arc::clone(&x), false), (y.slice(5, 1), true)],
+                50,
+                true,
+            ),
+            (
+                vec![(x.slice(2, 1), true), (Arc::clone(&y), false)],
+                50,
+                true,
+            ),
+            (vec![(x.slice(2, 1), true), (y.slice(0, 0), false)], 0, true),
+            // A constant of several rows stands for its first.
+            (
+                vec![(Arc::clone(&x), false), (y.slice(5, 10), true)],
+                50,
+                true,
+            ),
+            // A NULL constant, two constants, a constant beside a column with NULLs: not.
+            (
+                vec![(Arc::clone(&x), false), (y_nulls.slice(7, 1), true)],
                 50,
                 false,
             ),
             (
-                vec![(x.slice(2, 1), true), (Arc::clone(&y), false)],
+                vec![(x.slice(2, 1), true), (y.slice(5, 1), true)],
+                50,
+                false,
+            ),
+            (
+                vec![(x.slice(2, 1), true), (Arc::clone(&y_nulls), false)],
                 50,
                 false,
             ),
@@ -798,6 +930,18 @@ mod tests {
             );
             assert_eq!(took, expected, "{inputs:?}");
         }
+        // A constant at an offset into its buffer: its value is the one at the offset.
+        let raw: Vec<u64> = (100..110).collect();
+        let constant = at_offset(DataType::UInt64, &raw, None, 7, 1);
+        let took = compare(
+            &[(x.to_data(), false), (constant, true)],
+            50,
+            &types,
+            UdfType::Float64,
+            &direct,
+            &kernel,
+        );
+        assert!(took);
         // The arguments the wrong way round: the first's schema is not the declared type's.
         let mut call = Call::new(&[(Arc::clone(&y), false), (Arc::clone(&x), false)]);
         assert_eq!(direct(&mut call, 50), None);
