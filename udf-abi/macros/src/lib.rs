@@ -1379,14 +1379,16 @@ fn fast_kernel(
         // when the call is not for it.
         if let ::std::option::Option::Some(__udf_status) = unsafe {
             #direct(
-                __udf_arg_arrays,
-                __udf_schemas,
-                __udf_is_scalar,
-                __udf_args_len,
-                __udf_num_rows,
-                __udf_result,
-                __udf_result_schema,
-                __udf_error,
+                &::udf_abi::export::direct::RawCall {
+                    args: __udf_arg_arrays,
+                    schemas: __udf_schemas,
+                    is_scalar: __udf_is_scalar,
+                    args_len: __udf_args_len,
+                    num_rows: __udf_num_rows,
+                    out: __udf_result,
+                    out_schema: __udf_result_schema,
+                    error: __udf_error,
+                },
                 #ident,
             )
         } {

@@ -41,49 +41,32 @@ impl<'a, A> Arg<'a, A> {
     }
 }
 
-/// One call of a batch entrypoint: its pointers, as the host passed them.
-struct RawCall {
-    args: *const FFI_ArrowArray,
-    schemas: *const FFI_ArrowSchema,
-    is_scalar: *const u8,
-    num_rows: usize,
-    out: *mut FFI_ArrowArray,
-    out_schema: *mut FFI_ArrowSchema,
-    error: *mut UdfOwnedBytes,
+/// One call of a batch entrypoint: its arguments, as the host passed them (the generated
+/// entrypoint fills it in from its parameters).
+#[derive(Debug)]
+pub struct RawCall {
+    pub args: *const FFI_ArrowArray,
+    pub schemas: *const FFI_ArrowSchema,
+    pub is_scalar: *const u8,
+    pub args_len: usize,
+    pub num_rows: usize,
+    pub out: *mut FFI_ArrowArray,
+    pub out_schema: *mut FFI_ArrowSchema,
+    pub error: *mut UdfOwnedBytes,
 }
 
 impl RawCall {
-    /// The call, if the direct entry of a function of `expected` arguments can read it: that
+    /// Whether the direct entry of a function of `expected` arguments can read this call: that
     /// many arguments, and no pointer it reads or writes null.
-    #[allow(clippy::too_many_arguments)]
     #[inline]
-    fn new(
-        args: *const FFI_ArrowArray,
-        schemas: *const FFI_ArrowSchema,
-        is_scalar: *const u8,
-        args_len: usize,
-        expected: usize,
-        num_rows: usize,
-        out: *mut FFI_ArrowArray,
-        out_schema: *mut FFI_ArrowSchema,
-        error: *mut UdfOwnedBytes,
-    ) -> Option<RawCall> {
-        let usable = args_len == expected
-            && !args.is_null()
-            && !schemas.is_null()
-            && !is_scalar.is_null()
-            && !out.is_null()
-            && !out_schema.is_null()
-            && !error.is_null();
-        usable.then_some(RawCall {
-            args,
-            schemas,
-            is_scalar,
-            num_rows,
-            out,
-            out_schema,
-            error,
-        })
+    fn usable(&self, expected: usize) -> bool {
+        self.args_len == expected
+            && !self.args.is_null()
+            && !self.schemas.is_null()
+            && !self.is_scalar.is_null()
+            && !self.out.is_null()
+            && !self.out_schema.is_null()
+            && !self.error.is_null()
     }
 
     /// Argument `i` when it is of type `A` without NULLs, in the plain layout (two buffers, the
@@ -234,23 +217,12 @@ unsafe extern "C" fn release<T>(array: *mut FFI_ArrowArray) {
 ///
 /// # Safety
 ///
-/// The pointers must satisfy [`BatchEntrypoint`](crate::v2::BatchEntrypoint)'s contract.
-#[allow(clippy::too_many_arguments)]
+/// `call`'s pointers must satisfy [`BatchEntrypoint`](crate::v2::BatchEntrypoint)'s contract.
 #[inline]
-pub unsafe fn unary<A: Native, R: Native>(
-    args: *mut FFI_ArrowArray,
-    schemas: *const FFI_ArrowSchema,
-    is_scalar: *const u8,
-    args_len: usize,
-    num_rows: usize,
-    out: *mut FFI_ArrowArray,
-    out_schema: *mut FFI_ArrowSchema,
-    error: *mut UdfOwnedBytes,
-    f: impl Fn(A) -> R,
-) -> Option<i32> {
-    let call = RawCall::new(
-        args, schemas, is_scalar, args_len, 1, num_rows, out, out_schema, error,
-    )?;
+pub unsafe fn unary<A: Native, R: Native>(call: &RawCall, f: impl Fn(A) -> R) -> Option<i32> {
+    if !call.usable(1) {
+        return None;
+    }
     // SAFETY: the contract: one argument's structs, alive and unchanged for the call.
     let a = unsafe { call.argument::<A>(0) }?.column()?;
     let compute = || a.iter().map(|&x| f(x)).collect::<Vec<R>>();
@@ -263,28 +235,17 @@ pub unsafe fn unary<A: Native, R: Native>(
 /// # Safety
 ///
 /// As for [`unary`].
-#[allow(clippy::too_many_arguments)]
 #[inline]
-pub unsafe fn unary_bool<A: Native>(
-    args: *mut FFI_ArrowArray,
-    schemas: *const FFI_ArrowSchema,
-    is_scalar: *const u8,
-    args_len: usize,
-    num_rows: usize,
-    out: *mut FFI_ArrowArray,
-    out_schema: *mut FFI_ArrowSchema,
-    error: *mut UdfOwnedBytes,
-    f: impl Fn(A) -> bool,
-) -> Option<i32> {
-    let call = RawCall::new(
-        args, schemas, is_scalar, args_len, 1, num_rows, out, out_schema, error,
-    )?;
+pub unsafe fn unary_bool<A: Native>(call: &RawCall, f: impl Fn(A) -> bool) -> Option<i32> {
+    if !call.usable(1) {
+        return None;
+    }
     // SAFETY: as in `unary`.
     let a = unsafe { call.argument::<A>(0) }?.column()?;
     // The bits, least significant first, 64 rows to a word written little-endian: Arrow's
     // bitmap layout.
     let compute = || {
-        let mut words = Vec::with_capacity(num_rows.div_ceil(64));
+        let mut words = Vec::with_capacity(call.num_rows.div_ceil(64));
         for chunk in a.chunks(64) {
             let mut word = 0u64;
             for (bit, &x) in chunk.iter().enumerate() {
@@ -304,22 +265,14 @@ pub unsafe fn unary_bool<A: Native>(
 /// # Safety
 ///
 /// As for [`unary`].
-#[allow(clippy::too_many_arguments)]
 #[inline]
 pub unsafe fn binary<A: Native, B: Native, R: Native>(
-    args: *mut FFI_ArrowArray,
-    schemas: *const FFI_ArrowSchema,
-    is_scalar: *const u8,
-    args_len: usize,
-    num_rows: usize,
-    out: *mut FFI_ArrowArray,
-    out_schema: *mut FFI_ArrowSchema,
-    error: *mut UdfOwnedBytes,
+    call: &RawCall,
     f: impl Fn(A, B) -> R,
 ) -> Option<i32> {
-    let call = RawCall::new(
-        args, schemas, is_scalar, args_len, 2, num_rows, out, out_schema, error,
-    )?;
+    if !call.usable(2) {
+        return None;
+    }
     // SAFETY: the contract: two arguments' structs, alive and unchanged for the call.
     let (a, b) = unsafe { (call.argument::<A>(0)?, call.argument::<B>(1)?) };
     // A column beside a constant is computed row by row as two columns are (as the generic
@@ -390,6 +343,20 @@ mod tests {
                 out: FFI_ArrowArray::empty(),
                 out_schema: FFI_ArrowSchema::empty(),
                 error: UdfOwnedBytes::EMPTY,
+            }
+        }
+
+        /// The call's pointers, as the generated entrypoint passes them on.
+        fn raw(&mut self, args_len: usize, num_rows: usize) -> RawCall {
+            RawCall {
+                args: self.args.as_ptr(),
+                schemas: self.schemas.as_ptr(),
+                is_scalar: self.flags.as_ptr(),
+                args_len,
+                num_rows,
+                out: &mut self.out,
+                out_schema: &mut self.out_schema,
+                error: &mut self.error,
             }
         }
 
@@ -485,25 +452,32 @@ mod tests {
         }
     }
 
+    /// [`compare`] for a function of one `BIGINT` column.
+    fn compare_one(
+        input: ArrayData,
+        rows: usize,
+        return_type: UdfType,
+        direct: &Entry<'_>,
+        kernel: &Kernel<'_>,
+    ) -> bool {
+        let inputs = [(input, false)];
+        compare(
+            &inputs,
+            rows,
+            &[UdfType::Int64],
+            return_type,
+            direct,
+            kernel,
+        )
+    }
+
     fn sq(x: i64) -> i64 {
         x.wrapping_mul(x)
     }
 
     fn direct_sq(call: &mut Call, rows: usize) -> Option<i32> {
         // SAFETY: the structs of `call`, one per argument, valid; outputs valid for writes.
-        unsafe {
-            unary::<i64, i64>(
-                call.args.as_mut_ptr(),
-                call.schemas.as_ptr(),
-                call.flags.as_ptr(),
-                call.args.len(),
-                rows,
-                &mut call.out,
-                &mut call.out_schema,
-                &mut call.error,
-                sq,
-            )
-        }
+        unsafe { unary::<i64, i64>(&call.raw(call.args.len(), rows), sq) }
     }
 
     fn kernel_sq(c: &[Column], n: usize) -> Result<ArrayRef, String> {
@@ -563,16 +537,9 @@ mod tests {
             (unmasked.into_data(), 3),
         ];
         for (array, rows) in taken {
-            let inputs = [(array, false)];
-            let took = compare(
-                &inputs,
-                rows,
-                &[UdfType::Int64],
-                UdfType::Int64,
-                &direct_sq,
-                &kernel_sq,
-            );
-            assert!(took, "{inputs:?}, {rows} rows");
+            let described = format!("{array:?}, {rows} rows");
+            let took = compare_one(array, rows, UdfType::Int64, &direct_sq, &kernel_sq);
+            assert!(took, "{described}");
         }
     }
 
@@ -705,23 +672,20 @@ mod tests {
         assert_eq!(direct_sq(&mut call, 2), None, "null count -1");
         assert!(call.untouched());
         // Each null pointer among the entry's own.
-        for null in 0..6 {
+        let nulls: [fn(&mut RawCall); 6] = [
+            |r| r.args = std::ptr::null(),
+            |r| r.schemas = std::ptr::null(),
+            |r| r.is_scalar = std::ptr::null(),
+            |r| r.out = std::ptr::null_mut(),
+            |r| r.out_schema = std::ptr::null_mut(),
+            |r| r.error = std::ptr::null_mut(),
+        ];
+        for (null, forge) in nulls.iter().enumerate() {
             let mut call = Call::new(&[(Arc::clone(&values), false)]);
-            let pointer = |i: usize, p: *mut u8| if i == null { std::ptr::null_mut() } else { p };
+            let mut raw = call.raw(1, 2);
+            forge(&mut raw);
             // SAFETY: valid inputs, but for the one null pointer under test.
-            let status = unsafe {
-                unary::<i64, i64>(
-                    pointer(0, call.args.as_mut_ptr().cast()).cast(),
-                    pointer(1, call.schemas.as_mut_ptr().cast()).cast(),
-                    pointer(2, call.flags.as_mut_ptr()),
-                    1,
-                    2,
-                    pointer(3, (&raw mut call.out).cast()).cast(),
-                    pointer(4, (&raw mut call.out_schema).cast()).cast(),
-                    pointer(5, (&raw mut call.error).cast()).cast(),
-                    sq,
-                )
-            };
+            let status = unsafe { unary::<i64, i64>(&raw, sq) };
             assert_eq!(status, None, "null pointer {null}");
             assert!(call.untouched(), "null pointer {null}");
         }
@@ -736,19 +700,7 @@ mod tests {
         };
         let mut call = Call::new(&[(ints(&[Some(1), Some(2), Some(3), Some(100)]), false)]);
         // SAFETY: as in `direct_sq`.
-        let status = unsafe {
-            unary::<i64, i64>(
-                call.args.as_mut_ptr(),
-                call.schemas.as_ptr(),
-                call.flags.as_ptr(),
-                1,
-                3,
-                &mut call.out,
-                &mut call.out_schema,
-                &mut call.error,
-                picky,
-            )
-        };
+        let status = unsafe { unary::<i64, i64>(&call.raw(1, 3), picky) };
         let out = call.outcome(status.expect("taken")).unwrap();
         assert_eq!(out.to_data(), ints(&[Some(1), Some(2), Some(3)]).to_data());
         // A unary function's constant, even one with as many rows as the batch: not taken.
@@ -765,19 +717,7 @@ mod tests {
         };
         let mut call = Call::new(&[(ints(&[Some(1), Some(2), Some(3)]), false)]);
         // SAFETY: as in `direct_sq`.
-        let status = unsafe {
-            unary::<i64, i64>(
-                call.args.as_mut_ptr(),
-                call.schemas.as_ptr(),
-                call.flags.as_ptr(),
-                1,
-                3,
-                &mut call.out,
-                &mut call.out_schema,
-                &mut call.error,
-                panics,
-            )
-        };
+        let status = unsafe { unary::<i64, i64>(&call.raw(1, 3), panics) };
         assert_eq!(status, Some(status::ERROR));
         assert!(call.args[0].release.is_some() && call.out.release.is_none());
         let error = call.outcome(status.unwrap()).unwrap_err();
@@ -791,19 +731,7 @@ mod tests {
     fn boolean_results_are_bits_in_arrows_order_for_every_length() {
         let direct = |call: &mut Call, rows: usize| {
             // SAFETY: as in `direct_sq`.
-            unsafe {
-                unary_bool::<i64>(
-                    call.args.as_mut_ptr(),
-                    call.schemas.as_ptr(),
-                    call.flags.as_ptr(),
-                    call.args.len(),
-                    rows,
-                    &mut call.out,
-                    &mut call.out_schema,
-                    &mut call.error,
-                    |x| x % 3 == 0,
-                )
-            }
+            unsafe { unary_bool::<i64>(&call.raw(call.args.len(), rows), |x| x % 3 == 0) }
         };
         let kernel = |c: &[Column], n: usize| {
             super::super::batch::unary_bool::<i64>(c, n, true, |x| x % 3 == 0)
@@ -813,15 +741,8 @@ mod tests {
         let column = ints(&values);
         for rows in [0, 1, 7, 8, 9, 63, 64, 65, 128, 130, 197] {
             for offset in [0, 1, 3] {
-                let inputs = [(at_offset(DataType::Int64, &raw, None, offset, rows), false)];
-                let took = compare(
-                    &inputs,
-                    rows,
-                    &[UdfType::Int64],
-                    UdfType::Bool,
-                    &direct,
-                    &kernel,
-                );
+                let input = at_offset(DataType::Int64, &raw, None, offset, rows);
+                let took = compare_one(input, rows, UdfType::Bool, &direct, &kernel);
                 assert!(took, "{rows} rows at {offset}");
             }
         }
@@ -840,17 +761,7 @@ mod tests {
         let direct = |call: &mut Call, rows: usize| {
             // SAFETY: as in `direct_sq`.
             unsafe {
-                binary::<f64, u64, f64>(
-                    call.args.as_mut_ptr(),
-                    call.schemas.as_ptr(),
-                    call.flags.as_ptr(),
-                    call.args.len(),
-                    rows,
-                    &mut call.out,
-                    &mut call.out_schema,
-                    &mut call.error,
-                    |x, y| x * y as f64,
-                )
+                binary::<f64, u64, f64>(&call.raw(call.args.len(), rows), |x, y| x * y as f64)
             }
         };
         let kernel = |c: &[Column], n: usize| {
