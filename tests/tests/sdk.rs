@@ -40,6 +40,7 @@ fn one_library_exports_every_udf_function() {
             "boom",
             "byte_len",
             "coalesce_len",
+            "describe5",
             "epoch_micros",
             "half_f32",
             "hex_bytes",
@@ -127,6 +128,39 @@ async fn every_type_in_and_out() {
         )
         .await,
         expect(&[&["4504500", "3000", "1978-03-21"]])
+    );
+}
+
+/// A function of five arguments, more than the host keeps inline for a batch call: its arrays,
+/// flags and schemas (the declared ones, and copies when a string column comes as `Utf8View`)
+/// go on the heap. Answers with NULLs in STRICT and NULL-taking arguments, with a constant, and
+/// with the string in either layout.
+#[tokio::test]
+async fn five_arguments_cross_as_any_other_call() {
+    let ctx = toolbox();
+    query(
+        &ctx,
+        "CREATE TABLE five (a BIGINT, b DOUBLE, s VARCHAR, d INT, e BIGINT) AS VALUES \
+         (1, 0.5, 'x', 7, 10), (2, 1.5, 'yé', 8, NULL), (NULL, 2.5, 'z', 9, 11), (4, 3.5, NULL, 10, 12)",
+    )
+    .await
+    .unwrap();
+    let expected = expect(&[&["1|0.5|x|7|10"], &["2|1.5|yé|8|-"], &["NULL"], &["NULL"]]);
+    for s in [
+        "s",
+        "arrow_cast(s, 'Utf8View')",
+        "arrow_cast(s, 'LargeUtf8')",
+    ] {
+        let sql = format!("SELECT describe5(a, b, {s}, d, e) FROM five ORDER BY b");
+        assert_eq!(rows(&ctx, &sql).await, expected, "{s}");
+    }
+    assert_eq!(
+        rows(
+            &ctx,
+            "SELECT describe5(a, 9.25, 'k', d, NULL) FROM five WHERE a = 4"
+        )
+        .await,
+        expect(&[&["4|9.25|k|10|-"]])
     );
 }
 

@@ -203,3 +203,11 @@ fn jitter_sum(a: i64, b: i64) -> i64 {
     a.wrapping_add(b)
         .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed) as i64)
 }
+
+/// Five arguments of four types, the last taking NULLs: more than a batch call keeps on the
+/// host's stack (its argument structs then live on the heap). `a|b|s|d|e`, a NULL `e` as `-`.
+#[udf]
+fn describe5(a: i64, b: f64, s: &str, d: i32, e: Option<i64>) -> String {
+    let e = e.map_or_else(|| "-".to_string(), |e| e.to_string());
+    format!("{a}|{b}|{s}|{d}|{e}")
+}
