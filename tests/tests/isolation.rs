@@ -1436,3 +1436,42 @@ async fn an_idle_worker_killed_from_outside_is_replaced_before_the_next_call() {
     assert_ne!(now[0], idle, "a new worker answered");
     assert!(!still_our_worker(idle), "the killed worker was reaped");
 }
+
+// ---------------------------------------------------------------------------------------------
+// 12. Primitive kernels answer in a worker as in-process, on the direct entry and the generic path.
+// ---------------------------------------------------------------------------------------------
+
+/// `#[udf]` functions over primitives run in the worker through the same batch entrypoint: over
+/// columns without NULLs and a column beside a constant (its direct entry, which reads the
+/// arguments where the worker decoded them, in its input region) and over columns with NULLs
+/// (the generic path): the same answers as in-process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primitive_kernels_answer_in_a_worker_as_in_process() {
+    let _serial = IN_PROCESS_WORKERS.lock().await;
+    let isolated = SessionContext::new();
+    let in_process = SessionContext::new();
+    let limits = Isolation::Process(WorkerLimits {
+        workers: Some(1),
+        worker_program: Some(udfsql_worker()),
+        ..Default::default()
+    });
+    for name in ["square", "hypot", "is-even"] {
+        udf_engine::register_plugin_with(&isolated, udf_tests::plugin(name), &limits).unwrap();
+        udf_engine::register_plugin_with(
+            &in_process,
+            udf_tests::plugin(name),
+            &Isolation::InProcess,
+        )
+        .unwrap();
+    }
+    let table = "(SELECT value AS x, CAST(value AS DOUBLE) / 3 AS y, \
+                 CASE WHEN value % 7 = 0 THEN NULL ELSE value END AS n FROM generate_series(-3000, 3000))";
+    let sql = format!(
+        "SELECT square(x), is_even(x), hypot(y, y), hypot(y, 2.5), hypot(2.5, y), \
+         square(n), is_even(n), hypot(y, n) FROM {table} ORDER BY x"
+    );
+    let expected = rows(&in_process, &sql).await;
+    assert_eq!(expected.len(), 6001);
+    assert_eq!(expected[0][0], "9000000");
+    assert_eq!(rows(&isolated, &sql).await, expected);
+}

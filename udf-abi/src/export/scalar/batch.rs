@@ -566,7 +566,7 @@ unsafe fn import_argument(
         && schema.dictionary.is_null()
         // SAFETY: non-null, and a schema's format is a NUL-terminated string that lives as
         // long as the schema, which the host lends for the call.
-        && unsafe { CStr::from_ptr(schema.format) } == c_format(declared);
+        && unsafe { format_is(schema.format, c_format(declared)) };
     if !canonical {
         // SAFETY: the host exports valid arrays described by their schemas.
         return Ok(make_array(unsafe { from_ffi(array, schema) }?));
@@ -597,6 +597,63 @@ unsafe fn import_argument(
     }
 }
 
+/// The fields of an array in the plain layout of a fixed-width type of `N`s.
+pub(super) struct PlainLayout<N> {
+    /// The validity bitmap, or null.
+    pub validity: *const u8,
+    /// The values buffer: non-null and aligned for `N`.
+    pub values: NonNull<N>,
+    pub length: usize,
+    pub offset: usize,
+}
+
+/// `array`'s fields when they are the plain layout of a fixed-width array of `N`s: length and
+/// offset not negative, two buffers (the validity bitmap, possibly null, and the values, non-null
+/// and aligned for `N`), no children; `None` for anything else. Nothing is read but the struct
+/// and its two buffer pointers. Shared by the importer of fixed-width arguments
+/// ([`import_fixed`]) and the direct entry, which reads such arguments in place.
+///
+/// # Safety
+///
+/// `array` must be a valid array as the host exports it (`buffers` points at `n_buffers`
+/// pointers).
+pub(super) unsafe fn plain_layout<N>(array: &FFI_ArrowArray) -> Option<PlainLayout<N>> {
+    let (Ok(length), Ok(offset)) = (usize::try_from(array.length), usize::try_from(array.offset))
+    else {
+        return None;
+    };
+    if array.n_buffers != 2 || array.buffers.is_null() || array.n_children != 0 {
+        return None;
+    }
+    let pointers = array.buffers.cast::<*const u8>();
+    // SAFETY: `buffers` points at `n_buffers` (two) buffer pointers of the valid array.
+    let (validity, values) = unsafe { (*pointers, *pointers.add(1)) };
+    let values = NonNull::new(values.cast_mut().cast::<N>())?;
+    values.is_aligned().then_some(PlainLayout {
+        validity,
+        values,
+        length,
+        offset,
+    })
+}
+
+/// Whether the NUL-terminated string at `format` is `expected`, compared byte by byte up to the
+/// first difference (no `strlen` over a string of unknown length first).
+///
+/// # Safety
+///
+/// `format` must point at a NUL-terminated string.
+pub(super) unsafe fn format_is(format: *const std::ffi::c_char, expected: &CStr) -> bool {
+    for (i, &byte) in expected.to_bytes_with_nul().iter().enumerate() {
+        // SAFETY: the bytes before `i` matched `expected`'s, none of which is NUL, so the
+        // string's terminator is at `i` or after: `i` is within it.
+        if unsafe { format.add(i).cast::<u8>().read() } != byte {
+            return false;
+        }
+    }
+    true
+}
+
 /// Imports an argument of a fixed-width type `T` straight into its array: the host's two
 /// buffers wrapped as they are, owned by the moved C array (whose release, the host's callback,
 /// runs when the last of them drops). arrow's importer does the same through `ArrayData`,
@@ -612,22 +669,12 @@ unsafe fn import_argument(
 unsafe fn import_fixed<T: ArrowPrimitiveType>(
     array: FFI_ArrowArray,
 ) -> Result<ArrayRef, FFI_ArrowArray> {
-    let (Ok(len), Ok(offset)) = (usize::try_from(array.length), usize::try_from(array.offset))
-    else {
+    // SAFETY: a valid array (this function's contract).
+    let Some(plain) = (unsafe { plain_layout::<T::Native>(&array) }) else {
         return Err(array);
     };
-    if array.n_buffers != 2 || array.buffers.is_null() || array.n_children != 0 {
-        return Err(array);
-    }
-    let pointers = array.buffers.cast::<*const u8>();
-    // SAFETY: `buffers` points at `n_buffers` (two) buffer pointers of the valid array.
-    let (validity, values) = unsafe { (*pointers, *pointers.add(1)) };
-    let Some(values) = NonNull::new(values.cast_mut()) else {
-        return Err(array);
-    };
-    if !(values.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T::Native>()) {
-        return Err(array);
-    }
+    let (validity, values, len, offset) =
+        (plain.validity, plain.values, plain.length, plain.offset);
     let null_count = array.null_count;
     let end = offset + len;
     let owner = Arc::new(array);
@@ -635,7 +682,7 @@ unsafe fn import_fixed<T: ArrowPrimitiveType>(
     // until the array is released, which `owner` delays until every buffer made from it drops.
     let values = unsafe {
         Buffer::from_custom_allocation(
-            values,
+            values.cast(),
             end * std::mem::size_of::<T::Native>(),
             owner.clone(),
         )

@@ -17,10 +17,10 @@
 //! The arguments are left in place (the ABI lets the plugin do so: the host releases what is left
 //! after the call), so nothing here calls back into the host.
 
-use std::ffi::{CStr, c_char, c_void};
+use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use super::batch::{Native, c_format, result_schema};
+use super::batch::{Native, c_format, format_is, plain_layout, result_schema};
 use super::{install_quiet_panic_hook, write_batch_outcome};
 use crate::v2::{FFI_ArrowArray, FFI_ArrowSchema, UdfOwnedBytes, UdfType};
 
@@ -95,30 +95,18 @@ impl RawCall {
         if !unsafe { format_is(schema.format, c_format(A::TYPE)) } || !schema.dictionary.is_null() {
             return None;
         }
-        let (Ok(length), Ok(offset)) =
-            (usize::try_from(array.length), usize::try_from(array.offset))
-        else {
-            return None;
-        };
+        // SAFETY: a valid array (the caller's promise).
+        let plain = unsafe { plain_layout::<A>(array) }?;
         // A constant has one row standing for all.
         let rows = if scalar { 1 } else { self.num_rows };
-        if length < rows || array.n_buffers != 2 || array.buffers.is_null() || array.n_children != 0
-        {
-            return None;
-        }
-        let buffers = array.buffers.cast::<*const A>();
-        // SAFETY: `buffers` points at the array's `n_buffers` (two) buffer pointers.
-        let (validity, values) = unsafe { (*buffers, *buffers.add(1)) };
-        // NULLs (or a count not computed, -1, with a bitmap): the generic path.
-        if !validity.is_null() && array.null_count != 0 {
-            return None;
-        }
-        if values.is_null() || !values.is_aligned() {
+        // Too few rows; or NULLs (or a count not computed, -1, with a bitmap): the generic path.
+        if plain.length < rows || (!plain.validity.is_null() && array.null_count != 0) {
             return None;
         }
         // SAFETY: the values buffer of a valid array holds `offset + length` values, of which
         // these are `rows` (at most `length`) from `offset`, alive for the call.
-        let values = unsafe { std::slice::from_raw_parts(values.add(offset), rows) };
+        let values =
+            unsafe { std::slice::from_raw_parts(plain.values.as_ptr().add(plain.offset), rows) };
         Some(match scalar {
             true => Arg::Constant(values[0]),
             false => Arg::Column(values),
@@ -130,7 +118,7 @@ impl RawCall {
     ///
     /// # Safety
     ///
-    /// `out`, `out_schema` and `error` must be valid for writes (non-null: checked by `new`).
+    /// `out`, `out_schema` and `error` must be valid for writes (non-null: checked by `usable`).
     unsafe fn finish<T>(&self, t: UdfType, compute: impl FnOnce() -> Vec<T>) -> i32 {
         install_quiet_panic_hook();
         let rows = self.num_rows;
@@ -140,23 +128,6 @@ impl RawCall {
         // SAFETY: the caller's promise.
         unsafe { write_batch_outcome(result, self.out, self.out_schema, self.error) }
     }
-}
-
-/// Whether the NUL-terminated string at `format` is `expected`, compared byte by byte up to the
-/// first difference (no `strlen` over a string of unknown length first).
-///
-/// # Safety
-///
-/// `format` must point at a NUL-terminated string.
-unsafe fn format_is(format: *const c_char, expected: &CStr) -> bool {
-    for (i, &byte) in expected.to_bytes_with_nul().iter().enumerate() {
-        // SAFETY: the bytes before `i` matched `expected`'s, none of which is NUL, so the
-        // string's terminator is at `i` or after: `i` is within it.
-        if unsafe { format.add(i).cast::<u8>().read() } != byte {
-            return false;
-        }
-    }
-    true
 }
 
 /// What a result exported by [`export`] owns: its values, and the C array of buffer pointers
