@@ -39,7 +39,8 @@ pub const ROWS: usize = 1_048_576;
 pub const BATCH: usize = 8192;
 
 /// The table's batches: `name` (5–20 random ASCII letters), `x` (Int64), `d` (Float64), built
-/// once with a fixed seed, and `b` (Binary): the bytes of `name` (the same buffers, no copy).
+/// once with a fixed seed, `b` (Binary): the bytes of `name` (the same buffers, no copy), and
+/// `xn`: `x` with NULL in about one row of ten (where `x` ends in 3 or -3).
 pub fn batches() -> &'static [RecordBatch] {
     static DATA: OnceLock<Vec<RecordBatch>> = OnceLock::new();
     DATA.get_or_init(|| {
@@ -68,11 +69,16 @@ pub fn batches() -> &'static [RecordBatch] {
                 }
                 let names = names.finish();
                 let bytes = BinaryArray::from(names.clone());
+                let xn: Int64Array = xs
+                    .iter()
+                    .map(|&x| (x % 10).abs().ne(&3).then_some(x))
+                    .collect();
                 let columns: Vec<ArrayRef> = vec![
                     Arc::new(names),
                     Arc::new(Int64Array::from(xs)),
                     Arc::new(Float64Array::from(ds)),
                     Arc::new(bytes),
+                    Arc::new(xn),
                 ];
                 RecordBatch::try_new(schema.clone(), columns).expect("batch")
             })
@@ -86,6 +92,7 @@ fn schema() -> Arc<Schema> {
         Field::new("x", DataType::Int64, false),
         Field::new("d", DataType::Float64, false),
         Field::new("b", DataType::Binary, false),
+        Field::new("xn", DataType::Int64, true),
     ]))
 }
 

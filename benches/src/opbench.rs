@@ -40,7 +40,7 @@ pub struct Case {
 
 /// The cases: the seed-contract plugins, the plain `#[udf]` functions, and the toolbox's tuned
 /// `repeat_text`, each against the nearest builtin doing the same job.
-pub const CASES: [Case; 10] = [
+pub const CASES: [Case; 11] = [
     Case {
         id: "seed_square",
         label: "seed-contract `square` (v1, row only)",
@@ -72,6 +72,17 @@ pub const CASES: [Case; 10] = [
             Some("sq_batch(x)"),
             Some("sq_row(x)"),
             Some("sq_dffi(x)"),
+        ],
+    },
+    Case {
+        id: "sqn",
+        label: "plain `sq(x: i64) -> i64` over a column with NULLs (1 row in 10)",
+        exprs: [
+            Some("xn * xn"),
+            Some("sq_static(xn)"),
+            Some("sq_batch(xn)"),
+            Some("sq_row(xn)"),
+            Some("sq_dffi(xn)"),
         ],
     },
     Case {

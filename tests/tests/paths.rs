@@ -335,9 +335,8 @@ proptest! {
     }
 
     /// Columns without NULLs, whole or sliced, and a constant beside one: what the generated
-    /// batch entry's direct path takes (`udf_abi::export::direct`; the other tests here mostly
-    /// have NULLs, which go through the generic one), for a unary, a boolean-valued and a binary
-    /// kernel.
+    /// batch entry's direct path takes (`udf_abi::export::direct`), for a unary, a
+    /// boolean-valued and a binary kernel.
     #[test]
     fn primitive_columns_without_nulls(
         xs in prop::collection::vec(any::<i64>(), 0..700),
@@ -390,6 +389,56 @@ proptest! {
             prop_assert_eq!(out.null_count(), 0);
             let got: Vec<u32> = out.values().iter().map(|v| v.to_bits()).collect();
             prop_assert_eq!(&got, &expected);
+        }
+    }
+
+    /// Columns with NULLs, whole or sliced (the bitmap then starts inside a byte), and a
+    /// constant beside one: the direct entry takes these too, never computing a NULL row and
+    /// leaving those rows to the host's mask; both paths against Rust references.
+    #[test]
+    fn primitive_columns_with_nulls(
+        xs in opt::<i64>(),
+        fs in prop::collection::vec((prop::option::weighted(0.8, any::<f64>()), prop::option::weighted(0.8, any::<f64>())), 0..700),
+        skip in 0usize..40,
+        c in any::<f64>(),
+    ) {
+        let ints = Int64Array::from(xs.clone());
+        let from = skip.min(xs.len());
+        for (array, values) in [(ints.clone(), &xs[..]), (ints.slice(from, xs.len() - from), &xs[from..])] {
+            let squares: Int64Array = values.iter().map(|v| v.map(|v| v.wrapping_mul(v))).collect();
+            check("square", vec![Arc::new(array.clone())], DataType::Int64, Ok(Arc::new(squares)));
+            let even: BooleanArray = values.iter().map(|v| v.map(|v| v % 2 == 0)).collect();
+            check("is_even", vec![Arc::new(array)], DataType::Boolean, Ok(Arc::new(even)));
+        }
+        // NaN != NaN: compare bit patterns.
+        let bits = |a: &ArrayRef| -> Vec<Option<u64>> {
+            a.as_any().downcast_ref::<Float64Array>().unwrap().iter().map(|v| v.map(f64::to_bits)).collect()
+        };
+        let (a, b): (Vec<Option<f64>>, Vec<Option<f64>>) = fs.into_iter().unzip();
+        let from = skip.min(a.len());
+        // Two columns sliced at different rows: their bitmaps start at different bits.
+        let to = a.len() - from;
+        let args: Vec<ArrayRef> = vec![
+            Arc::new(Float64Array::from(a.clone()).slice(from, to)),
+            Arc::new(Float64Array::from(b.clone()).slice(0, to)),
+        ];
+        let expected: Vec<Option<u64>> = a[from..].iter().zip(&b[..to]).map(|(x, y)| Some(x.as_ref()?.hypot(*y.as_ref()?).to_bits())).collect();
+        for path in [CallPath::Row, CallPath::Batch] {
+            prop_assert_eq!(bits(&call(path, "hypot", args.clone(), DataType::Float64).unwrap()), expected.clone());
+        }
+        // A constant beside a column with NULLs, either way round.
+        let column: ArrayRef = Arc::new(Float64Array::from(a.clone()).slice(from, to));
+        for constant_first in [false, true] {
+            let (column, constant) = (
+                ColumnarValue::Array(Arc::clone(&column)),
+                ColumnarValue::Scalar(ScalarValue::Float64(Some(c))),
+            );
+            let args = if constant_first { vec![constant, column] } else { vec![column, constant] };
+            let expected: Vec<Option<u64>> = a[from..].iter().map(|x| x.map(|x| if constant_first { c.hypot(x) } else { x.hypot(c) }.to_bits())).collect();
+            for path in [CallPath::Row, CallPath::Batch] {
+                let out = call_values(path, "hypot", args.clone(), to, DataType::Float64).unwrap();
+                prop_assert_eq!(bits(&out), expected.clone());
+            }
         }
     }
 

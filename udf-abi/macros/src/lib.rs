@@ -1327,8 +1327,8 @@ fn native(ty: &Type) -> Option<&syn::Ident> {
 ///
 /// The second part, for the same functions, goes first in the entrypoint: the direct entry
 /// (`udf_abi::export::direct`), which takes the call when every argument is a column of its
-/// declared type without NULLs (or, for two arguments, one is a constant that is not NULL) and
-/// returns its status; empty for other functions.
+/// declared type, with or without NULLs (or, for two arguments, one is a constant that is not
+/// NULL), and returns its status; empty for other functions.
 fn fast_kernel(
     ident: &syn::Ident,
     args: &[Type],
@@ -1389,6 +1389,7 @@ fn fast_kernel(
                     out: __udf_result,
                     out_schema: __udf_result_schema,
                     error: __udf_error,
+                    immutable: #immutable,
                 },
                 #ident,
             )

@@ -1,8 +1,9 @@
 //! The batch entrypoints `#[udf]` generates for functions over primitives, called as the host
-//! calls them (through this test binary's own `udfsql_manifest`): a batch of columns without
-//! NULLs (or a column beside a constant) is answered by the direct entry, which leaves the
-//! argument arrays in place for the host to release; a batch with NULLs by the generic path,
-//! which takes them. Both answer the same. The functions are named like the generated code's own
+//! calls them (through this test binary's own `udfsql_manifest`): a batch of columns, with or
+//! without NULLs (or a column beside a constant that is not NULL), is answered by the direct
+//! entry, which leaves the argument arrays in place for the host to release (and the rows with a
+//! NULL argument to the host to mask); a unary function's constant or a NULL constant by the
+//! generic path, which takes them. Both answer the same. The functions are named like the generated code's own
 //! variables (`n`, `error`, `args`, `out`), which must not shadow them.
 
 use std::sync::Arc;
@@ -100,7 +101,7 @@ fn call(
 }
 
 #[test]
-fn columns_without_nulls_are_answered_in_place_and_columns_with_nulls_are_taken() {
+fn columns_are_answered_in_place_and_constants_are_taken() {
     let xs: ArrayRef = Arc::new(Int64Array::from(vec![3, -4, 5, i64::MAX]));
     let (out, in_place) = call("n", &[(Arc::clone(&xs), false)], 4);
     let out = out.unwrap();
@@ -114,16 +115,15 @@ fn columns_without_nulls_are_answered_in_place_and_columns_with_nulls_are_taken(
         "the direct entry leaves the argument to the host"
     );
 
-    let with_nulls: ArrayRef = Arc::new(Int64Array::from(vec![Some(3), None, Some(5)]));
-    let (out, in_place) = call("n", &[(with_nulls, false)], 3);
-    assert_eq!(
-        out.unwrap()
-            .as_primitive::<Int64Type>()
-            .iter()
-            .collect::<Vec<_>>(),
-        [Some(9), None, Some(25)]
-    );
-    assert_eq!(in_place, [false], "the generic path takes the argument");
+    // With NULLs: the direct entry too. The result has no bitmap: the host masks the rows where
+    // an argument is NULL, whatever their slots hold.
+    let with_nulls = Int64Array::from(vec![Some(3), None, Some(5)]);
+    let (out, in_place) = call("n", &[(Arc::new(with_nulls.clone()), false)], 3);
+    let out = out.unwrap();
+    assert_eq!(out.null_count(), 0);
+    let values = out.as_primitive::<Int64Type>().values();
+    assert_eq!((values[0], values[2]), (9, 25));
+    assert_eq!(in_place, [true], "the direct entry leaves the argument");
 
     // A unary function's constant: the generic path (it computes it once).
     let (out, in_place) = call("n", &[(Arc::new(Int64Array::from(vec![7])), true)], 3);
@@ -148,6 +148,11 @@ fn two_arguments_a_constant_and_booleans_go_the_same_ways() {
     );
     assert_eq!(hypot(out), [5.0, 10.0, 0.5f64.hypot(1.2)]);
     assert_eq!(in_place, [true, true]);
+    // A NULL constant: the generic path (every row NULL, the function never called).
+    let null: ArrayRef = Arc::new(Float64Array::from(vec![None::<f64>]));
+    let (out, in_place) = call("error", &[(Arc::clone(&a), false), (null, true)], 3);
+    assert_eq!(out.unwrap().null_count(), 3);
+    assert_eq!(in_place, [false, false]);
     let four: ArrayRef = Arc::new(Float64Array::from(vec![4.0]));
     let (out, in_place) = call(
         "error",
@@ -178,6 +183,38 @@ fn two_arguments_a_constant_and_booleans_go_the_same_ways() {
         [Some("a!"), Some("bc!")]
     );
     assert_eq!(in_place, [false]);
+}
+
+/// How many times `counted` ran.
+static COUNTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[udf(volatility = "volatile")]
+fn counted(x: i64) -> i64 {
+    COUNTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    x + 1
+}
+
+#[test]
+fn a_volatile_function_runs_once_per_row_without_nulls() {
+    // 200 rows, NULL in every seventh: `counted` runs at the 171 others exactly (an immutable
+    // function's chunks with NULLs may be computed without a branch, a volatile one's not).
+    let xs: ArrayRef = Arc::new(Int64Array::from(
+        (0..200)
+            .map(|i| (i % 7 != 0).then_some(i))
+            .collect::<Vec<_>>(),
+    ));
+    let before = COUNTED.load(std::sync::atomic::Ordering::SeqCst);
+    let (out, in_place) = call("counted", &[(Arc::clone(&xs), false)], 200);
+    assert_eq!(in_place, [true], "the direct entry");
+    assert_eq!(
+        COUNTED.load(std::sync::atomic::Ordering::SeqCst) - before,
+        171
+    );
+    let out = out.unwrap();
+    let out = out.as_primitive::<Int64Type>();
+    for i in (0..200).filter(|i| i % 7 != 0) {
+        assert_eq!(out.value(i), i as i64 + 1, "row {i}");
+    }
 }
 
 #[test]

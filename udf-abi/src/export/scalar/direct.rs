@@ -1,18 +1,28 @@
 //! The direct batch entry of `#[udf]` functions over primitives (`fn(i64) -> i64`,
 //! `fn(f64, f64) -> f64`, `fn(i32) -> bool`, ...): when every argument is a column of the
-//! declared type without NULLs (or, for two arguments, one is a constant that is not NULL), as
-//! the host passes most batches, the function runs over the host's buffers where they are and its
-//! results go out in one buffer, with nothing of the generic path between
+//! declared type (with or without NULLs) or, for two arguments, one is a constant that is not
+//! NULL, as the host passes most batches, the function runs over the host's buffers where they
+//! are and its results go out in one buffer, with nothing of the generic path between
 //! ([`batch::call_batch`](super::batch::call_batch): arrow arrays for the arguments, `Column`s,
 //! the kernel's dispatch, an `ArrayRef` for the result, the check of its type).
 //!
 //! Why: in a query, between two batches of one operator, the rest of the query evicts the caches,
 //! so a call's fixed cost is the code and data it brings back, not its instructions. Measured with
 //! cold caches (`coldcall`, BENCHMARKS.md), the generic path cost about 7 µs more than the same
-//! batch computed by C code written straight to the ABI. Every other case (NULLs, a unary
-//! function's constant argument or two constants, which an immutable function computes once
-//! there, a layout of another type, a null pointer) returns `None` before anything is read or
+//! batch computed by C code written straight to the ABI. Every other case (a unary function's
+//! constant argument or two constants, which an immutable function computes once there, a NULL
+//! constant, a layout of another type, a null pointer) returns `None` before anything is read or
 //! written, and the generic path takes the call, with all its rules.
+//!
+//! NULLs: the function is never called on what a NULL slot holds (any bytes, e.g. after a
+//! filter, on which the function could panic). The result carries no validity bitmap: the ABI has
+//! the host mask the rows where an argument is NULL whatever the plugin writes (`udf_abi.h`,
+//! `UdfBatchEntrypoint`), which it does in any case when an argument has NULLs, so the plugin
+//! does not build a bitmap the host builds again. Those rows' result slots hold the type's zero,
+//! or, for an immutable function, its value at another row of the same 64 rows: a chunk with
+//! NULLs is then computed without a branch per row, each NULL row's arguments replaced by those
+//! of the chunk's first row without NULLs (a call the function gets anyway, so it cannot panic
+//! where the function would not; an immutable function's extra calls are not observable).
 //!
 //! The arguments are left in place (the ABI lets the plugin do so: the host releases what is left
 //! after the call), so nothing here calls back into the host.
@@ -24,21 +34,103 @@ use super::batch::{Native, c_format, format_is, plain_layout, result_schema};
 use super::{install_quiet_panic_hook, write_batch_outcome};
 use crate::v2::{FFI_ArrowArray, FFI_ArrowSchema, UdfOwnedBytes, UdfType};
 
-/// An argument the direct entry reads: a column's values, or a constant's.
+/// An argument the direct entry reads: a column, or a constant's value.
 enum Arg<'a, A> {
-    Column(&'a [A]),
+    Column(Column<'a, A>),
     Constant(A),
 }
 
 impl<'a, A> Arg<'a, A> {
-    /// The values of a column; `None` for a constant (which the unary entries leave to the
-    /// generic path: it computes an immutable function's constant once).
-    fn column(self) -> Option<&'a [A]> {
+    /// A column; `None` for a constant (which the unary entries leave to the generic path: it
+    /// computes an immutable function's constant once).
+    fn column(self) -> Option<Column<'a, A>> {
         match self {
-            Arg::Column(values) => Some(values),
+            Arg::Column(column) => Some(column),
             Arg::Constant(_) => None,
         }
     }
+}
+
+/// A column's values for the batch's rows, and its validity bits when it may have NULLs.
+struct Column<'a, A> {
+    values: &'a [A],
+    valid: Option<Bits<'a>>,
+}
+
+/// A validity bitmap: row `i`'s bit is bit `offset + i` of `bytes`, least significant first
+/// (Arrow's order); `bytes` holds the bits of every row of the batch.
+struct Bits<'a> {
+    bytes: &'a [u8],
+    offset: usize,
+}
+
+impl Bits<'_> {
+    /// The bits of rows `start..start + n` (`n` in 1..=64) as a word, row `start` in bit 0.
+    fn word(&self, start: usize, n: usize) -> u64 {
+        let first = self.offset + start;
+        let (byte, shift) = (first / 8, first % 8);
+        // The bytes that hold the `n` bits: at most nine.
+        let held = &self.bytes[byte..(first + n).div_ceil(8)];
+        let mut le = [0u8; 16];
+        le[..held.len()].copy_from_slice(held);
+        let low = u64::from_le_bytes(le[..8].try_into().expect("eight bytes"));
+        let word = match shift {
+            0 => low,
+            _ => (low >> shift) | (u64::from(le[8]) << (64 - shift)),
+        };
+        word & full(n)
+    }
+}
+
+/// The word of `n` (1..=64) valid rows.
+fn full(n: usize) -> u64 {
+    u64::MAX >> (64 - n)
+}
+
+/// The validity of rows `start..start + n` of a column: its bits, or all set without a bitmap.
+fn valid_word(bits: Option<&Bits<'_>>, start: usize, n: usize) -> u64 {
+    bits.map_or(full(n), |bits| bits.word(start, n))
+}
+
+/// Row `bit` of a chunk's `values` where its bit in `valid` is set, else `stand_in` (another
+/// row's value): a select, not a branch, which lets the compiler vectorise the loop around it.
+#[inline(always)]
+fn pick<A: Copy>(valid: u64, bit: usize, value: A, stand_in: A) -> A {
+    if valid >> bit & 1 == 1 {
+        value
+    } else {
+        stand_in
+    }
+}
+
+/// The rows of a batch whose bit in `valid` is set, 64 at a time; the others hold the type's
+/// zero or a value computed from another row (rows the host masks). `chunk(start, valid, out)`
+/// computes rows `start..start + out.len()` whose validity is `valid` (at least one bit set),
+/// each NULL row's arguments replaced by those of the chunk's first valid row (see the module
+/// documentation): called for every chunk without NULLs and, when `substitute` (an immutable
+/// function), for every chunk with a valid row. Otherwise a chunk with NULLs is visited bit by
+/// bit with `row(i)`.
+fn masked<R: Native>(
+    rows: usize,
+    substitute: bool,
+    valid: impl Fn(usize, usize) -> u64,
+    chunk: impl Fn(usize, u64, &mut [R]),
+    row: impl Fn(usize) -> R,
+) -> Vec<R> {
+    let mut out = vec![R::default(); rows];
+    for (start, out) in (0..).step_by(64).zip(out.chunks_mut(64)) {
+        let mut word = valid(start, out.len());
+        if word == full(out.len()) || (substitute && word != 0) {
+            chunk(start, word, out);
+        } else {
+            while word != 0 {
+                let bit = word.trailing_zeros() as usize;
+                out[bit] = row(start + bit);
+                word &= word - 1;
+            }
+        }
+    }
+    out
 }
 
 /// One call of a batch entrypoint: its arguments, as the host passed them (the generated
@@ -53,6 +145,9 @@ pub struct RawCall {
     pub out: *mut FFI_ArrowArray,
     pub out_schema: *mut FFI_ArrowSchema,
     pub error: *mut UdfOwnedBytes,
+    /// The function's declared volatility is immutable: calling it more often than once per row
+    /// is not observable (see the module documentation on NULLs).
+    pub immutable: bool,
 }
 
 impl RawCall {
@@ -69,14 +164,16 @@ impl RawCall {
             && !self.error.is_null()
     }
 
-    /// Argument `i` when it is of type `A` without NULLs, in the plain layout (two buffers, the
-    /// values' one non-null and aligned, no children) with the rows it must have: a column's
-    /// first `num_rows` values, or a constant's value. `None` for anything else.
+    /// Argument `i` when it is of type `A` in the plain layout (two buffers, the values' one
+    /// non-null and aligned, no children) with the rows it must have: a column's first
+    /// `num_rows` values and their validity bits (when it has a bitmap and a null count other
+    /// than 0: -1, not computed, included), or a constant's value when it is not NULL. `None`
+    /// for anything else.
     ///
     /// # Safety
     ///
     /// The call's pointers must hold more than `i` valid arrays, schemas and flags, as the host
-    /// passes them to a batch entrypoint, alive and unchanged while the slice lives.
+    /// passes them to a batch entrypoint, alive and unchanged while the slices live.
     unsafe fn argument<A: Native>(&self, i: usize) -> Option<Arg<'_, A>> {
         // SAFETY: the caller's promise: `i` is in range of the three arrays. The array is only
         // read (it stays in place; the host releases it after the call).
@@ -99,18 +196,29 @@ impl RawCall {
         let plain = unsafe { plain_layout::<A>(array) }?;
         // A constant has one row standing for all.
         let rows = if scalar { 1 } else { self.num_rows };
-        // Too few rows; or NULLs (or a count not computed, -1, with a bitmap): the generic path.
-        if plain.length < rows || (!plain.validity.is_null() && array.null_count != 0) {
+        let may_have_nulls = !plain.validity.is_null() && array.null_count != 0;
+        // Too few rows; or a constant that may be NULL (the generic path answers NULL for
+        // every row without calling the function).
+        if plain.length < rows || (scalar && may_have_nulls) {
             return None;
         }
         // SAFETY: the values buffer of a valid array holds `offset + length` values, of which
         // these are `rows` (at most `length`) from `offset`, alive for the call.
         let values =
             unsafe { std::slice::from_raw_parts(plain.values.as_ptr().add(plain.offset), rows) };
-        Some(match scalar {
-            true => Arg::Constant(values[0]),
-            false => Arg::Column(values),
-        })
+        if scalar {
+            return Some(Arg::Constant(values[0]));
+        }
+        let valid = may_have_nulls.then(|| Bits {
+            // SAFETY: the validity buffer of a valid array holds a bit for each of its
+            // `offset + length` slots, in whole bytes: these are the bytes of the first
+            // `offset + rows` (`rows` at most `length`), alive for the call.
+            bytes: unsafe {
+                std::slice::from_raw_parts(plain.validity, (plain.offset + rows).div_ceil(8))
+            },
+            offset: plain.offset,
+        });
+        Some(Arg::Column(Column { values, valid }))
     }
 
     /// Runs `compute` (the function over the rows, inside `catch_unwind`: a panic is the call's
@@ -137,8 +245,8 @@ struct DirectResult<T> {
     buffers: [*const c_void; 2],
 }
 
-/// Exports `values` (the layout of the declared result type, `rows` rows, no NULLs, offset 0)
-/// as the result array.
+/// Exports `values` (the layout of the declared result type, `rows` rows, offset 0) as the
+/// result array, without a validity bitmap (see the module documentation on NULLs).
 fn export<T>(values: Vec<T>, rows: usize) -> FFI_ArrowArray {
     let pointer = values.as_ptr().cast();
     let private = Box::into_raw(Box::new(DirectResult {
@@ -196,7 +304,22 @@ pub unsafe fn unary<A: Native, R: Native>(call: &RawCall, f: impl Fn(A) -> R) ->
     }
     // SAFETY: the contract: one argument's structs, alive and unchanged for the call.
     let a = unsafe { call.argument::<A>(0) }?.column()?;
-    let compute = || a.iter().map(|&x| f(x)).collect::<Vec<R>>();
+    let compute = || match &a.valid {
+        None => a.values.iter().map(|&x| f(x)).collect::<Vec<R>>(),
+        Some(bits) => masked(
+            a.values.len(),
+            call.immutable,
+            |s, n| bits.word(s, n),
+            |s, valid, out| {
+                let xs = &a.values[s..s + out.len()];
+                let stand_in = xs[valid.trailing_zeros() as usize];
+                for (bit, (o, &x)) in out.iter_mut().zip(xs).enumerate() {
+                    *o = f(pick(valid, bit, x, stand_in));
+                }
+            },
+            |i| f(a.values[i]),
+        ),
+    };
     // SAFETY: the contract: the outputs are valid for writes.
     Some(unsafe { call.finish(R::TYPE, compute) })
 }
@@ -214,13 +337,29 @@ pub unsafe fn unary_bool<A: Native>(call: &RawCall, f: impl Fn(A) -> bool) -> Op
     // SAFETY: as in `unary`.
     let a = unsafe { call.argument::<A>(0) }?.column()?;
     // The bits, least significant first, 64 rows to a word written little-endian: Arrow's
-    // bitmap layout.
+    // bitmap layout. A NULL row's bit is 0, or (immutable) another row's.
     let compute = || {
-        let mut words = Vec::with_capacity(call.num_rows.div_ceil(64));
-        for chunk in a.chunks(64) {
+        let mut words = Vec::with_capacity(a.values.len().div_ceil(64));
+        for (start, chunk) in (0..).step_by(64).zip(a.values.chunks(64)) {
+            let valid = valid_word(a.valid.as_ref(), start, chunk.len());
             let mut word = 0u64;
-            for (bit, &x) in chunk.iter().enumerate() {
-                word |= u64::from(f(x)) << bit;
+            if valid == full(chunk.len()) {
+                for (bit, &x) in chunk.iter().enumerate() {
+                    word |= u64::from(f(x)) << bit;
+                }
+            } else if call.immutable && valid != 0 {
+                // As `masked`: a NULL row computed as the chunk's first row without NULLs.
+                let first = valid.trailing_zeros() as usize;
+                for (bit, &x) in chunk.iter().enumerate() {
+                    word |= u64::from(f(pick(valid, bit, x, chunk[first]))) << bit;
+                }
+            } else {
+                let mut rest = valid;
+                while rest != 0 {
+                    let bit = rest.trailing_zeros() as usize;
+                    word |= u64::from(f(chunk[bit])) << bit;
+                    rest &= rest - 1;
+                }
             }
             words.push(word.to_le());
         }
@@ -231,7 +370,7 @@ pub unsafe fn unary_bool<A: Native>(call: &RawCall, f: impl Fn(A) -> bool) -> Op
 }
 
 /// The direct entry of a function of two primitive arguments returning a primitive: two columns,
-/// or a column and a constant; see [`unary`].
+/// or a column and a constant that is not NULL; see [`unary`].
 ///
 /// # Safety
 ///
@@ -246,22 +385,77 @@ pub unsafe fn binary<A: Native, B: Native, R: Native>(
     }
     // SAFETY: the contract: two arguments' structs, alive and unchanged for the call.
     let (a, b) = unsafe { (call.argument::<A>(0)?, call.argument::<B>(1)?) };
+    let rows = call.num_rows;
     // A column beside a constant is computed row by row as two columns are (as the generic
     // path does); two constants are left to the generic path (an immutable function's
     // constant result is computed once there).
     match (a, b) {
         (Arg::Column(a), Arg::Column(b)) => {
-            let compute = || a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect::<Vec<R>>();
+            let compute = || match (&a.valid, &b.valid) {
+                (None, None) => a
+                    .values
+                    .iter()
+                    .zip(b.values)
+                    .map(|(&x, &y)| f(x, y))
+                    .collect::<Vec<R>>(),
+                (va, vb) => masked(
+                    rows,
+                    call.immutable,
+                    |s, n| valid_word(va.as_ref(), s, n) & valid_word(vb.as_ref(), s, n),
+                    |s, valid, out| {
+                        let n = out.len();
+                        let (xs, ys) = (&a.values[s..s + n], &b.values[s..s + n]);
+                        let first = valid.trailing_zeros() as usize;
+                        let (x0, y0) = (xs[first], ys[first]);
+                        for (bit, (o, (&x, &y))) in
+                            out.iter_mut().zip(xs.iter().zip(ys)).enumerate()
+                        {
+                            *o = f(pick(valid, bit, x, x0), pick(valid, bit, y, y0));
+                        }
+                    },
+                    |i| f(a.values[i], b.values[i]),
+                ),
+            };
             // SAFETY: as in `unary`.
             Some(unsafe { call.finish(R::TYPE, compute) })
         }
         (Arg::Column(a), Arg::Constant(y)) => {
-            let compute = || a.iter().map(|&x| f(x, y)).collect::<Vec<R>>();
+            let compute = || match &a.valid {
+                None => a.values.iter().map(|&x| f(x, y)).collect::<Vec<R>>(),
+                Some(bits) => masked(
+                    rows,
+                    call.immutable,
+                    |s, n| bits.word(s, n),
+                    |s, valid, out| {
+                        let xs = &a.values[s..s + out.len()];
+                        let stand_in = xs[valid.trailing_zeros() as usize];
+                        for (bit, (o, &x)) in out.iter_mut().zip(xs).enumerate() {
+                            *o = f(pick(valid, bit, x, stand_in), y);
+                        }
+                    },
+                    |i| f(a.values[i], y),
+                ),
+            };
             // SAFETY: as in `unary`.
             Some(unsafe { call.finish(R::TYPE, compute) })
         }
         (Arg::Constant(x), Arg::Column(b)) => {
-            let compute = || b.iter().map(|&y| f(x, y)).collect::<Vec<R>>();
+            let compute = || match &b.valid {
+                None => b.values.iter().map(|&y| f(x, y)).collect::<Vec<R>>(),
+                Some(bits) => masked(
+                    rows,
+                    call.immutable,
+                    |s, n| bits.word(s, n),
+                    |s, valid, out| {
+                        let ys = &b.values[s..s + out.len()];
+                        let stand_in = ys[valid.trailing_zeros() as usize];
+                        for (bit, (o, &y)) in out.iter_mut().zip(ys).enumerate() {
+                            *o = f(x, pick(valid, bit, y, stand_in));
+                        }
+                    },
+                    |i| f(x, b.values[i]),
+                ),
+            };
             // SAFETY: as in `unary`.
             Some(unsafe { call.finish(R::TYPE, compute) })
         }
@@ -328,6 +522,7 @@ mod tests {
                 out: &mut self.out,
                 out_schema: &mut self.out_schema,
                 error: &mut self.error,
+                immutable: true,
             }
         }
 
@@ -405,7 +600,15 @@ mod tests {
                 let direct = call.outcome(status);
                 let generic = generic();
                 match (&direct, &generic) {
-                    (Ok(d), Ok(g)) => assert_eq!(d.to_data(), g.to_data(), "{inputs:?}"),
+                    (Ok(d), Ok(g)) => {
+                        // No bitmap: the rows with a NULL argument are the host's to mask.
+                        assert_eq!(d.null_count(), 0, "{inputs:?}");
+                        assert_eq!(
+                            strict(d, inputs, rows),
+                            strict(g, inputs, rows),
+                            "{inputs:?}"
+                        );
+                    }
                     (Err(d), Err(g)) => {
                         // The same panic, reported from another line.
                         let cut = |e: &str| e.split(" (at ").next().unwrap().to_string();
@@ -421,6 +624,27 @@ mod tests {
                 false
             }
         }
+    }
+
+    /// `result` with the rows NULL where an argument is, as the host masks them (the ABI's
+    /// STRICT rule; these functions take no NULLs).
+    fn strict(result: &ArrayRef, inputs: &[(ArrayData, bool)], rows: usize) -> ArrayData {
+        let mut nulls = result.logical_nulls();
+        for (input, scalar) in inputs {
+            let input = make_array(input.clone());
+            let column = match scalar {
+                true if input.is_null(0) => Some(arrow_buffer::NullBuffer::new_null(rows)),
+                true => None,
+                false => input.slice(0, rows).logical_nulls(),
+            };
+            nulls = arrow_buffer::NullBuffer::union(nulls.as_ref(), column.as_ref());
+        }
+        result
+            .to_data()
+            .into_builder()
+            .nulls(nulls)
+            .build()
+            .unwrap()
     }
 
     /// [`compare`] for a function of one `BIGINT` column.
@@ -514,22 +738,157 @@ mod tests {
         }
     }
 
+    /// The value the probes below panic on; the tests put it only into NULL slots.
+    const SENTINEL: i64 = -7_777_777;
+
+    fn probe(x: i64) -> i64 {
+        assert_ne!(x, SENTINEL, "a row with a NULL argument was computed");
+        x.wrapping_mul(3)
+    }
+
+    /// Validity patterns of `len` slots: about one NULL in ten, half, all NULL, one NULL in
+    /// each 64-row word, runs of 70.
+    fn patterns(len: usize, seed: u64) -> Vec<Vec<bool>> {
+        let mut state = seed | 1;
+        let mut random = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        vec![
+            (0..len).map(|_| random() % 10 != 0).collect(),
+            (0..len).map(|_| random() % 2 == 0).collect(),
+            vec![false; len],
+            (0..len).map(|i| i % 64 != 5).collect(),
+            (0..len).map(|i| (i / 70) % 2 == 0).collect(),
+        ]
+    }
+
+    /// Values for `valid`'s slots: the sentinel in the NULL ones.
+    fn probed(valid: &[bool], scale: i64) -> Vec<i64> {
+        (0..valid.len())
+            .map(|i| match valid[i] {
+                true => i as i64 * scale - 50,
+                false => SENTINEL,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn columns_with_nulls_are_taken_and_no_null_row_is_computed() {
+        for immutable in [true, false] {
+            nulls_of_a_function(immutable);
+        }
+    }
+
+    /// The NULL cases of the direct entries of a function of the volatility given.
+    fn nulls_of_a_function(immutable: bool) {
+        let raw = |call: &mut Call, rows: usize| RawCall {
+            immutable,
+            ..call.raw(call.args.len(), rows)
+        };
+        let direct = |call: &mut Call, rows: usize| {
+            // SAFETY: as in `direct_sq`.
+            unsafe { unary::<i64, i64>(&raw(call, rows), probe) }
+        };
+        let kernel =
+            |c: &[Column], n: usize| super::super::batch::unary::<i64, i64>(c, n, true, probe);
+        let odd = |x: i64| probe(x) % 2 != 0;
+        let direct_odd = |call: &mut Call, rows: usize| {
+            // SAFETY: as in `direct_sq`.
+            unsafe { unary_bool::<i64>(&raw(call, rows), odd) }
+        };
+        let kernel_odd =
+            |c: &[Column], n: usize| super::super::batch::unary_bool::<i64>(c, n, true, odd);
+        let sum = |x: i64, y: i64| probe(x).wrapping_add(probe(y));
+        let direct_sum = |call: &mut Call, rows: usize| {
+            // SAFETY: as in `direct_sq`.
+            unsafe { binary::<i64, i64, i64>(&raw(call, rows), sum) }
+        };
+        let kernel_sum =
+            |c: &[Column], n: usize| super::super::batch::binary::<i64, i64, i64>(c, n, true, sum);
+        let five = ints(&[Some(5)]).to_data();
+        let both = [UdfType::Int64, UdfType::Int64];
+        let mut cases = 0;
+        for rows in [0, 1, 7, 8, 9, 63, 64, 65, 127, 128, 129, 197] {
+            for offset in [0, 1, 3, 7, 8, 9, 63, 64] {
+                // Two slots more than the batch: the column may be longer than the batch.
+                let len = offset + rows + 2;
+                let all = patterns(len, (rows * 131 + offset) as u64);
+                for (p, valid) in all.iter().enumerate() {
+                    let column = at_offset(
+                        DataType::Int64,
+                        &probed(valid, 7),
+                        Some(valid),
+                        offset,
+                        rows + 2,
+                    );
+                    let what = format!("{rows} rows at {offset}, pattern {p}");
+                    assert!(
+                        compare_one(column.clone(), rows, UdfType::Int64, &direct, &kernel),
+                        "{what}"
+                    );
+                    assert!(
+                        compare_one(
+                            column.clone(),
+                            rows,
+                            UdfType::Bool,
+                            &direct_odd,
+                            &kernel_odd
+                        ),
+                        "{what}"
+                    );
+                    // Beside another column (another pattern, at another offset), and beside a
+                    // constant either way round.
+                    let other_offset = (offset + 5) % 11;
+                    let others = patterns(other_offset + rows + 1, (rows + offset) as u64);
+                    let other_valid = &others[(p + 1) % others.len()];
+                    let other = at_offset(
+                        DataType::Int64,
+                        &probed(other_valid, -3),
+                        Some(other_valid),
+                        other_offset,
+                        rows + 1,
+                    );
+                    for inputs in [
+                        vec![(column.clone(), false), (other.clone(), false)],
+                        vec![(other, false), (column.clone(), false)],
+                        vec![(column.clone(), false), (five.clone(), true)],
+                        vec![(five.clone(), true), (column, false)],
+                    ] {
+                        let took = compare(
+                            &inputs,
+                            rows,
+                            &both,
+                            UdfType::Int64,
+                            &direct_sum,
+                            &kernel_sum,
+                        );
+                        assert!(took, "{what}: {inputs:?}");
+                    }
+                    cases += 1;
+                }
+            }
+        }
+        assert_eq!(cases, 12 * 8 * 5);
+        // A null count not computed (-1) beside a bitmap: the bitmap says which rows are NULL.
+        let valid = [true, false, true, true, false, true];
+        let column = at_offset(DataType::Int64, &probed(&valid, 2), Some(&valid), 1, 5);
+        let mut call = Call::of_data(&[(column.clone(), false)]);
+        call.args[0].null_count = -1;
+        let status = direct(&mut call, 5).expect("taken");
+        let out = call.outcome(status).unwrap();
+        assert_eq!(out.null_count(), 0);
+        // Slots 1 to 5: `(2 * slot - 50) * 3` where valid.
+        let expected = ints(&[None, Some(-138), Some(-132), None, Some(-120)]);
+        assert_eq!(strict(&out, &[(column, false)], 5), expected.to_data());
+    }
+
     #[test]
     fn every_other_call_is_left_to_the_generic_path_untouched() {
-        let nulls = ints(&[Some(1), None, Some(3)]);
-        let valid = [true, true, false, true, true, true];
         let left: Vec<(Vec<(ArrayData, bool)>, usize)> = vec![
-            // NULLs, also in a slice and at an offset.
-            (data(&[(Arc::clone(&nulls), false)]), 3),
-            (data(&[(nulls.slice(1, 2), false)]), 2),
-            (
-                vec![(
-                    at_offset(DataType::Int64, &[1i64, 2, 3, 4, 5, 6], Some(&valid), 1, 4),
-                    false,
-                )],
-                4,
-            ),
-            // A constant.
+            // A constant, NULL or not.
             (data(&[(ints(&[Some(4)]), true)]), 5),
             (data(&[(ints(&[None]), true)]), 5),
         ];
@@ -637,11 +996,6 @@ mod tests {
         assert_eq!(direct_sq(&mut call, 2), None, "dictionary");
         call.schemas[0].dictionary = std::ptr::null_mut();
         assert!(call.untouched());
-        // NULLs whose count is not computed (-1) with a bitmap: refused (the bitmap has NULLs).
-        let mut call = Call::new(&[(ints(&[Some(1), None]), false)]);
-        call.args[0].null_count = -1;
-        assert_eq!(direct_sq(&mut call, 2), None, "null count -1");
-        assert!(call.untouched());
         // Each null pointer among the entry's own.
         let nulls: [fn(&mut RawCall); 6] = [
             |r| r.args = std::ptr::null(),
@@ -747,6 +1101,11 @@ mod tests {
                 .map(|i| (i % 7 != 0).then_some(i))
                 .collect::<Vec<_>>(),
         ));
+        let x_nulls: ArrayRef = Arc::new(Float64Array::from(
+            (0..20)
+                .map(|i| (i % 3 != 0).then_some(i as f64))
+                .collect::<Vec<_>>(),
+        ));
         let types = [UdfType::Float64, UdfType::UInt64];
         // (arguments, rows, taken)
         type Case = (Vec<(ArrayRef, bool)>, usize, bool);
@@ -764,7 +1123,12 @@ mod tests {
             (
                 vec![(Arc::clone(&x), false), (Arc::clone(&y_nulls), false)],
                 50,
-                false,
+                true,
+            ),
+            (
+                vec![(x.slice(3, 20), false), (y_nulls.slice(9, 20), false)],
+                20,
+                true,
             ),
             // A column beside a constant, either way round: taken.
             (
@@ -784,19 +1148,30 @@ mod tests {
                 50,
                 true,
             ),
-            // A NULL constant, two constants, a constant beside a column with NULLs: not.
+            // A constant beside a column with NULLs: taken.
+            (
+                vec![(x.slice(2, 1), true), (Arc::clone(&y_nulls), false)],
+                50,
+                true,
+            ),
+            (
+                vec![(x.slice(2, 1), true), (y_nulls.slice(1, 40), false)],
+                40,
+                true,
+            ),
+            // A NULL constant (beside a column with or without NULLs), two constants: not.
             (
                 vec![(Arc::clone(&x), false), (y_nulls.slice(7, 1), true)],
                 50,
                 false,
             ),
             (
-                vec![(x.slice(2, 1), true), (y.slice(5, 1), true)],
-                50,
+                vec![(Arc::clone(&x_nulls), false), (y_nulls.slice(7, 1), true)],
+                20,
                 false,
             ),
             (
-                vec![(x.slice(2, 1), true), (Arc::clone(&y_nulls), false)],
+                vec![(x.slice(2, 1), true), (y.slice(5, 1), true)],
                 50,
                 false,
             ),

@@ -1,7 +1,7 @@
 //! Scalar functions: the Rust types a `#[udf]` function takes and returns and how they map to
 //! ABI values ([`UdfArgType`], [`FromUdfValue`], [`UdfReturnType`]), the row entrypoint's wrapper
 //! ([`call_row`]), the batch entrypoint's runtime ([`batch`], and [`direct`] for primitive
-//! columns without NULLs), Arrow-typed functions ([`arrow`],
+//! columns), Arrow-typed functions ([`arrow`],
 //! [`values`]).
 
 use super::*;
