@@ -1389,7 +1389,6 @@ fn fast_kernel(
                     out: __udf_result,
                     out_schema: __udf_result_schema,
                     error: __udf_error,
-                    immutable: #immutable,
                 },
                 #ident,
             )

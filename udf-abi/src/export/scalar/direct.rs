@@ -18,11 +18,11 @@
 //! filter, on which the function could panic). The result carries no validity bitmap: the ABI has
 //! the host mask the rows where an argument is NULL whatever the plugin writes (`udf_abi.h`,
 //! `UdfBatchEntrypoint`), which it does in any case when an argument has NULLs, so the plugin
-//! does not build a bitmap the host builds again. Those rows' result slots hold the type's zero,
-//! or, for an immutable function, its value at another row of the same 64 rows: a chunk with
-//! NULLs is then computed without a branch per row, each NULL row's arguments replaced by those
-//! of the chunk's first row without NULLs (a call the function gets anyway, so it cannot panic
-//! where the function would not; an immutable function's extra calls are not observable).
+//! does not build a bitmap the host builds again. Those rows' result slots hold the type's zero.
+//! The rows are computed 64 at a time: straight through where none is NULL, else the valid ones
+//! one by one (found by their bits). Computing a chunk with NULLs without a branch (each NULL
+//! row's arguments replaced by a valid row's, for immutable functions) was tried and measured
+//! slower in queries (BENCHMARKS.md).
 //!
 //! The arguments are left in place (the ABI lets the plugin do so: the host releases what is left
 //! after the call), so nothing here calls back into the host.
@@ -92,36 +92,21 @@ fn valid_word(bits: Option<&Bits<'_>>, start: usize, n: usize) -> u64 {
     bits.map_or(full(n), |bits| bits.word(start, n))
 }
 
-/// Row `bit` of a chunk's `values` where its bit in `valid` is set, else `stand_in` (another
-/// row's value): a select, not a branch, which lets the compiler vectorise the loop around it.
-#[inline(always)]
-fn pick<A: Copy>(valid: u64, bit: usize, value: A, stand_in: A) -> A {
-    if valid >> bit & 1 == 1 {
-        value
-    } else {
-        stand_in
-    }
-}
-
-/// The rows of a batch whose bit in `valid` is set, 64 at a time; the others hold the type's
-/// zero or a value computed from another row (rows the host masks). `chunk(start, valid, out)`
-/// computes rows `start..start + out.len()` whose validity is `valid` (at least one bit set),
-/// each NULL row's arguments replaced by those of the chunk's first valid row (see the module
-/// documentation): called for every chunk without NULLs and, when `substitute` (an immutable
-/// function), for every chunk with a valid row. Otherwise a chunk with NULLs is visited bit by
-/// bit with `row(i)`.
+/// `row(i)` for every row `i` whose bit in `valid` is set, and the type's zero for the others
+/// (rows the host masks), 64 rows at a time: `chunk(start, out)` computes a chunk without NULLs
+/// straight through (a loop the compiler can vectorise); in the others, the valid rows are
+/// visited bit by bit.
 fn masked<R: Native>(
     rows: usize,
-    substitute: bool,
     valid: impl Fn(usize, usize) -> u64,
-    chunk: impl Fn(usize, u64, &mut [R]),
+    chunk: impl Fn(usize, &mut [R]),
     row: impl Fn(usize) -> R,
 ) -> Vec<R> {
     let mut out = vec![R::default(); rows];
     for (start, out) in (0..).step_by(64).zip(out.chunks_mut(64)) {
         let mut word = valid(start, out.len());
-        if word == full(out.len()) || (substitute && word != 0) {
-            chunk(start, word, out);
+        if word == full(out.len()) {
+            chunk(start, out);
         } else {
             while word != 0 {
                 let bit = word.trailing_zeros() as usize;
@@ -145,9 +130,6 @@ pub struct RawCall {
     pub out: *mut FFI_ArrowArray,
     pub out_schema: *mut FFI_ArrowSchema,
     pub error: *mut UdfOwnedBytes,
-    /// The function's declared volatility is immutable: calling it more often than once per row
-    /// is not observable (see the module documentation on NULLs).
-    pub immutable: bool,
 }
 
 impl RawCall {
@@ -308,13 +290,10 @@ pub unsafe fn unary<A: Native, R: Native>(call: &RawCall, f: impl Fn(A) -> R) ->
         None => a.values.iter().map(|&x| f(x)).collect::<Vec<R>>(),
         Some(bits) => masked(
             a.values.len(),
-            call.immutable,
             |s, n| bits.word(s, n),
-            |s, valid, out| {
-                let xs = &a.values[s..s + out.len()];
-                let stand_in = xs[valid.trailing_zeros() as usize];
-                for (bit, (o, &x)) in out.iter_mut().zip(xs).enumerate() {
-                    *o = f(pick(valid, bit, x, stand_in));
+            |s, out| {
+                for (o, &x) in out.iter_mut().zip(&a.values[s..]) {
+                    *o = f(x);
                 }
             },
             |i| f(a.values[i]),
@@ -337,7 +316,7 @@ pub unsafe fn unary_bool<A: Native>(call: &RawCall, f: impl Fn(A) -> bool) -> Op
     // SAFETY: as in `unary`.
     let a = unsafe { call.argument::<A>(0) }?.column()?;
     // The bits, least significant first, 64 rows to a word written little-endian: Arrow's
-    // bitmap layout. A NULL row's bit is 0, or (immutable) another row's.
+    // bitmap layout. A NULL row's bit is 0.
     let compute = || {
         let mut words = Vec::with_capacity(a.values.len().div_ceil(64));
         for (start, chunk) in (0..).step_by(64).zip(a.values.chunks(64)) {
@@ -346,12 +325,6 @@ pub unsafe fn unary_bool<A: Native>(call: &RawCall, f: impl Fn(A) -> bool) -> Op
             if valid == full(chunk.len()) {
                 for (bit, &x) in chunk.iter().enumerate() {
                     word |= u64::from(f(x)) << bit;
-                }
-            } else if call.immutable && valid != 0 {
-                // As `masked`: a NULL row computed as the chunk's first row without NULLs.
-                let first = valid.trailing_zeros() as usize;
-                for (bit, &x) in chunk.iter().enumerate() {
-                    word |= u64::from(f(pick(valid, bit, x, chunk[first]))) << bit;
                 }
             } else {
                 let mut rest = valid;
@@ -400,17 +373,12 @@ pub unsafe fn binary<A: Native, B: Native, R: Native>(
                     .collect::<Vec<R>>(),
                 (va, vb) => masked(
                     rows,
-                    call.immutable,
                     |s, n| valid_word(va.as_ref(), s, n) & valid_word(vb.as_ref(), s, n),
-                    |s, valid, out| {
-                        let n = out.len();
-                        let (xs, ys) = (&a.values[s..s + n], &b.values[s..s + n]);
-                        let first = valid.trailing_zeros() as usize;
-                        let (x0, y0) = (xs[first], ys[first]);
-                        for (bit, (o, (&x, &y))) in
-                            out.iter_mut().zip(xs.iter().zip(ys)).enumerate()
+                    |s, out| {
+                        for (o, (&x, &y)) in
+                            out.iter_mut().zip(a.values[s..].iter().zip(&b.values[s..]))
                         {
-                            *o = f(pick(valid, bit, x, x0), pick(valid, bit, y, y0));
+                            *o = f(x, y);
                         }
                     },
                     |i| f(a.values[i], b.values[i]),
@@ -424,13 +392,10 @@ pub unsafe fn binary<A: Native, B: Native, R: Native>(
                 None => a.values.iter().map(|&x| f(x, y)).collect::<Vec<R>>(),
                 Some(bits) => masked(
                     rows,
-                    call.immutable,
                     |s, n| bits.word(s, n),
-                    |s, valid, out| {
-                        let xs = &a.values[s..s + out.len()];
-                        let stand_in = xs[valid.trailing_zeros() as usize];
-                        for (bit, (o, &x)) in out.iter_mut().zip(xs).enumerate() {
-                            *o = f(pick(valid, bit, x, stand_in), y);
+                    |s, out| {
+                        for (o, &x) in out.iter_mut().zip(&a.values[s..]) {
+                            *o = f(x, y);
                         }
                     },
                     |i| f(a.values[i], y),
@@ -444,13 +409,10 @@ pub unsafe fn binary<A: Native, B: Native, R: Native>(
                 None => b.values.iter().map(|&y| f(x, y)).collect::<Vec<R>>(),
                 Some(bits) => masked(
                     rows,
-                    call.immutable,
                     |s, n| bits.word(s, n),
-                    |s, valid, out| {
-                        let ys = &b.values[s..s + out.len()];
-                        let stand_in = ys[valid.trailing_zeros() as usize];
-                        for (bit, (o, &y)) in out.iter_mut().zip(ys).enumerate() {
-                            *o = f(x, pick(valid, bit, y, stand_in));
+                    |s, out| {
+                        for (o, &y) in out.iter_mut().zip(&b.values[s..]) {
+                            *o = f(x, y);
                         }
                     },
                     |i| f(x, b.values[i]),
@@ -522,7 +484,6 @@ mod tests {
                 out: &mut self.out,
                 out_schema: &mut self.out_schema,
                 error: &mut self.error,
-                immutable: true,
             }
         }
 
@@ -777,17 +738,7 @@ mod tests {
 
     #[test]
     fn columns_with_nulls_are_taken_and_no_null_row_is_computed() {
-        for immutable in [true, false] {
-            nulls_of_a_function(immutable);
-        }
-    }
-
-    /// The NULL cases of the direct entries of a function of the volatility given.
-    fn nulls_of_a_function(immutable: bool) {
-        let raw = |call: &mut Call, rows: usize| RawCall {
-            immutable,
-            ..call.raw(call.args.len(), rows)
-        };
+        let raw = |call: &mut Call, rows: usize| call.raw(call.args.len(), rows);
         let direct = |call: &mut Call, rows: usize| {
             // SAFETY: as in `direct_sq`.
             unsafe { unary::<i64, i64>(&raw(call, rows), probe) }
