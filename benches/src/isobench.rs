@@ -11,7 +11,8 @@
 //!    transport cost per batch is (isolated − in-process) / number of batches, also paired.
 //!    Before timing, every isolated function's result is checked against the in-process one.
 //!    After the table: the floor of any transport that computes on another CPU
-//!    (`transport_floor`), what one column costs in each encoding of the worker protocol
+//!    (`transport_floor`, and `string_floor` for `repeat`'s large string results), what one
+//!    column costs in each encoding of the worker protocol
 //!    (`codec_costs`), and what a thread spinning on one CPU costs work on the other
 //!    (`neighbour_cost`).
 //! 2. **New pool**: registering an isolated function in a new session (the pool starts its first
@@ -287,6 +288,16 @@ async fn operator_level(rounds: usize, only: Option<&str>) {
         in_place - one,
         in_place / one
     );
+    let (one, copies) = string_floor(rounds);
+    println!(
+        "The same floor for `repeat(name, 3)` (the table's names, results of ~330 KB per batch; \
+         both sides build the result in fresh buffers and check its UTF-8, as udfsql's do; µs \
+         per batch, median of {rounds} rounds): one thread {one:.1}; a second thread computing, \
+         the names copied in, the result copied into the reply buffer and copied out again \
+         (the copies udfsql's untrusted worker requires) {copies:.1} (+{:.1}, {:.2}×).",
+        copies - one,
+        copies / one,
+    );
     println!();
     codec_costs(rounds);
     println!();
@@ -300,6 +311,123 @@ async fn operator_level(rounds: usize, only: Option<&str>) {
         range_and_median(&yielding)
     );
     println!();
+}
+
+/// A string column's hand-off slot in [`string_floor`]: offsets, bytes, and the call number.
+struct StringSlot {
+    seq: AtomicU64,
+    column: Mutex<(Vec<i32>, Vec<u8>)>,
+}
+
+impl StringSlot {
+    fn new() -> StringSlot {
+        StringSlot {
+            seq: AtomicU64::new(0),
+            column: Mutex::new((Vec::new(), Vec::new())),
+        }
+    }
+
+    fn await_seq(&self, seq: u64) {
+        while self.seq.load(Ordering::Acquire) != seq {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// `repeat(s, 3)` of every string of `offsets`/`bytes` into `out` (cleared first).
+fn repeat3(offsets: &[i32], bytes: &[u8], out: &mut (Vec<i32>, Vec<u8>)) {
+    out.0.clear();
+    out.1.clear();
+    out.0.push(0);
+    for w in offsets.windows(2) {
+        let s = &bytes[w[0] as usize..w[1] as usize];
+        for _ in 0..3 {
+            out.1.extend_from_slice(s);
+        }
+        out.0.push(out.1.len() as i32);
+    }
+}
+
+/// [`transport_floor`] for a function with large string results: `repeat(name, 3)` over the
+/// benchmark table's names. (a) One thread: the result built in fresh buffers (as a plugin
+/// builds it) and its UTF-8 checked (as the host checks every result). (b) A second thread
+/// computing: the calling thread copies the batch's names into a buffer the other thread reads,
+/// the other builds the result in fresh buffers and copies it into its reply buffer (a worker's
+/// copy into the shared region), the calling thread copies it out (the host's copy of untrusted
+/// memory) and checks the copy. Returns the medians over `rounds` of µs per batch.
+fn string_floor(rounds: usize) -> (f64, f64) {
+    use datafusion::arrow::array::AsArray;
+    let names: Vec<(Vec<i32>, Vec<u8>)> = crate::batches()
+        .iter()
+        .map(|b| {
+            let names = b.column(0).as_string::<i32>();
+            let first = names.value_offsets()[0];
+            let offsets = names.value_offsets().iter().map(|o| o - first).collect();
+            (offsets, names.value_data()[first as usize..].to_vec())
+        })
+        .collect();
+    let checked = |column: &(Vec<i32>, Vec<u8>)| {
+        let text = std::str::from_utf8(&column.1).expect("UTF-8");
+        text.len() as i64 + i64::from(column.0[column.0.len() / 2])
+    };
+    let (request, reply) = (Arc::new(StringSlot::new()), Arc::new(StringSlot::new()));
+    let calls = (rounds * names.len()) as u64;
+    let worker = {
+        let (request, reply) = (Arc::clone(&request), Arc::clone(&reply));
+        std::thread::spawn(move || {
+            for seq in 1..=calls {
+                request.await_seq(seq);
+                {
+                    let args = request.column.lock().expect("args");
+                    let mut fresh = (Vec::new(), Vec::new());
+                    repeat3(&args.0, &args.1, &mut fresh);
+                    let mut result = reply.column.lock().expect("result");
+                    result.0.clear();
+                    result.0.extend_from_slice(&fresh.0);
+                    result.1.clear();
+                    result.1.extend_from_slice(&fresh.1);
+                }
+                reply.seq.store(seq, Ordering::Release);
+            }
+        })
+    };
+    let mut seq = 0;
+    let mut across = || {
+        let start = Instant::now();
+        let mut checksum = 0i64;
+        for (offsets, bytes) in &names {
+            seq += 1;
+            {
+                let mut args = request.column.lock().expect("args");
+                args.0.clear();
+                args.0.extend_from_slice(offsets);
+                args.1.clear();
+                args.1.extend_from_slice(bytes);
+            }
+            request.seq.store(seq, Ordering::Release);
+            reply.await_seq(seq);
+            let copy = reply.column.lock().expect("result").clone();
+            checksum = checksum.wrapping_add(checked(&copy));
+        }
+        std::hint::black_box(checksum);
+        start.elapsed().as_secs_f64() * 1e6 / names.len() as f64
+    };
+    let (mut one, mut copied) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        copied.push(across());
+        let start = Instant::now();
+        let mut checksum = 0i64;
+        for (offsets, bytes) in &names {
+            let mut out = (Vec::new(), Vec::new());
+            repeat3(offsets, bytes, &mut out);
+            checksum = checksum.wrapping_add(checked(&out));
+        }
+        std::hint::black_box(checksum);
+        one.push(start.elapsed().as_secs_f64() * 1e6 / names.len() as f64);
+    }
+    worker.join().expect("the floor's worker thread");
+    let m = |v: &[f64]| median(v).expect("samples");
+    (m(&one), m(&copied))
 }
 
 /// What one 8192-row column costs to encode and decode (with every check a reply gets) in the
