@@ -233,6 +233,41 @@ impl AdaptiveSpin {
     }
 }
 
+/// While alive, the calling thread's timers expire when asked (a timer slack of 1 ns) rather
+/// than up to the default 50 µs later, when the kernel lets them be grouped with others: a side
+/// napping until a little before a reply usually comes ([`AdaptiveSpin::nap`]) must be awake
+/// when it comes. Measured (`isobench`, BENCHMARKS.md): with the default slack a napping host
+/// still slept when `repeat_text`'s replies came in most calls, and needed the doorbell, +57 µs
+/// per batch. The thread's own slack is put back on drop (the thread may belong to the
+/// embedding application's runtime).
+pub(crate) struct PreciseTimers {
+    previous: Option<std::num::NonZeroU64>,
+}
+
+impl PreciseTimers {
+    pub(crate) fn new() -> PreciseTimers {
+        use rustix::thread::{current_timer_slack, set_current_timer_slack};
+        // A kernel without the call leaves the default: the nap is then only less precise.
+        let previous = current_timer_slack()
+            .ok()
+            .and_then(std::num::NonZeroU64::new);
+        if previous.is_some() && set_current_timer_slack(std::num::NonZeroU64::new(1)).is_err() {
+            return PreciseTimers { previous: None };
+        }
+        PreciseTimers { previous }
+    }
+}
+
+impl Drop for PreciseTimers {
+    fn drop(&mut self) {
+        if let Some(previous) = self.previous {
+            // Cannot fail for a value the kernel gave (it was one it accepts); if it did, the
+            // thread keeps precise timers, which only wakes it on time.
+            rustix::thread::set_current_timer_slack(Some(previous)).ok();
+        }
+    }
+}
+
 fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -503,6 +538,21 @@ mod tests {
         let slow = spin.next();
         assert_eq!(slow.total, Duration::ZERO);
         assert_eq!(slow.busy, Duration::ZERO);
+    }
+
+    #[test]
+    fn precise_timers_set_the_threads_slack_for_their_lifetime_only() {
+        use rustix::thread::current_timer_slack;
+        let before = current_timer_slack().expect("PR_GET_TIMERSLACK");
+        assert!(
+            before > 1,
+            "a thread starts with the default slack: {before} ns"
+        );
+        {
+            let _precise = PreciseTimers::new();
+            assert_eq!(current_timer_slack().unwrap(), 1);
+        }
+        assert_eq!(current_timer_slack().unwrap(), before);
     }
 
     #[test]
