@@ -393,8 +393,9 @@ proptest! {
     }
 
     /// Columns with NULLs, whole or sliced (the bitmap then starts inside a byte), and a
-    /// constant beside one: the direct entry takes these too, never computing a NULL row and
-    /// leaving those rows to the host's mask; both paths against Rust references.
+    /// constant beside one, as the generated batch entry's direct path takes them (that it takes
+    /// them and never computes a NULL row is checked in `udf_abi::export::direct`'s tests and
+    /// `author_rules.rs`); both paths against Rust references.
     #[test]
     fn primitive_columns_with_nulls(
         xs in opt::<i64>(),

@@ -37,7 +37,7 @@ fn main() {
     let with_nulls = batches()[0].column(4).clone();
     let mut junk = vec![1u64; 4 << 20];
     // `COLDCALL_WARM=1`: no eviction, the caches warm from call to call.
-    let warm = std::env::var_os("COLDCALL_WARM").is_some();
+    let warm = std::env::var("COLDCALL_WARM").is_ok_and(|v| v == "1");
     let mut evict = || {
         if warm {
             return;

@@ -542,17 +542,17 @@ mod tests {
 
     #[test]
     fn precise_timers_set_the_threads_slack_for_their_lifetime_only() {
-        use rustix::thread::current_timer_slack;
-        let before = current_timer_slack().expect("PR_GET_TIMERSLACK");
-        assert!(
-            before > 1,
-            "a thread starts with the default slack: {before} ns"
-        );
+        use rustix::thread::{current_timer_slack, set_current_timer_slack};
+        let original = current_timer_slack().expect("PR_GET_TIMERSLACK");
+        // A slack of the thread's own, not the default: the guard must put back this one.
+        let own = 123_456;
+        set_current_timer_slack(std::num::NonZeroU64::new(own)).expect("PR_SET_TIMERSLACK");
         {
             let _precise = PreciseTimers::new();
             assert_eq!(current_timer_slack().unwrap(), 1);
         }
-        assert_eq!(current_timer_slack().unwrap(), before);
+        assert_eq!(current_timer_slack().unwrap(), own);
+        set_current_timer_slack(std::num::NonZeroU64::new(original)).expect("restored");
     }
 
     #[test]
