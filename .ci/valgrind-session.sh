@@ -2,8 +2,9 @@
 # A udfsql session under valgrind memcheck: load every example plugin, CREATE a function, call
 # every example function (and the aggregates, below) (v1 strings freed with free(), v2 results released to the plugin, batch
 # arrays released through their callbacks), hit a plugin error and a panic, DROP. Fails on any
-# invalid read/write or a definite leak. The second query's columns have no NULLs: the direct
-# batch entry of primitive kernels (`udf_abi::export::direct`) takes those calls. Needs
+# invalid read/write or a definite leak. The direct batch entry of primitive kernels
+# (`udf_abi::export::direct`) takes the primitive calls: over columns without NULLs (the second
+# query), with a NULL (the first), and two columns with NULLs in different rows (the third). Needs
 # target/debug/udfsql and the plugins (built by `cargo test --workspace`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ UDFSQL_HISTORY=/dev/null valgrind --leak-check=full --errors-for-leak-kinds=defi
     -c "CREATE FUNCTION my_sq(BIGINT) RETURNS BIGINT LANGUAGE plugin AS 'libudf_plugin_square.so'" \
     -c "SELECT repeat(s, 2), my_sq(x), safe_div(x, 2), hypot(x, 4), str_len(s), is_even(x), choose(x > 5, s, 'b'), shout(s), hex_bytes(reverse_bytes(X'0102')), add_days(DATE '2024-01-01', 1), add_seconds(TIMESTAMP '2024-01-01 00:00:00', x), coalesce_len(NULL), null_if_empty(''), repeat_text(s, 2), square(x), add_i32(1, 2), half_f32(3), negate(true), byte_len(X'00'), iso_weekday(DATE '2024-01-01'), year_of(DATE '2024-01-01'), epoch_micros(TIMESTAMP '1970-01-01 00:00:01'), utf8_len(s), next_id() FROM (VALUES ('q', 5), ('r', 6), (NULL, NULL)) t(s, x)" \
     -c "SELECT my_sq(x), square(x), is_even(x), hypot(x, y), hypot(x, 4), hypot(4, y), half_f32(f) FROM (VALUES (5, 1.5, CAST(1.5 AS REAL)), (6, 2.5, CAST(2.5 AS REAL))) t(x, y, f)" \
+    -c "SELECT hypot(x, y), is_even(x), square(x), hypot(4, y) FROM (VALUES (5, NULL), (NULL, 2.5), (7, 3.5)) t(x, y)" \
     -c "SELECT safe_div(1, 0)" \
     -c "SELECT boom('z')" \
     -c "DROP FUNCTION my_sq" \
@@ -33,8 +35,8 @@ if [ "$code" -eq 3 ] || ! grep -q "ERROR SUMMARY: 0 errors" "$work/valgrind.log"
     exit 1
 fi
 # Two statements fail on purpose; the rest must have produced the queries' rows (a header and
-# three rows, a header and two rows).
-if [ "$(wc -l < "$work/out.csv")" -ne 7 ]; then
+# three rows, a header and two rows, a header and three rows).
+if [ "$(wc -l < "$work/out.csv")" -ne 11 ]; then
     cat "$work/out.csv" "$work/valgrind.log"
     echo "the session's query did not answer" >&2
     exit 1
