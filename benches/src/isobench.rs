@@ -313,27 +313,6 @@ async fn operator_level(rounds: usize, only: Option<&str>) {
     println!();
 }
 
-/// A string column's hand-off slot in [`string_floor`]: offsets, bytes, and the call number.
-struct StringSlot {
-    seq: AtomicU64,
-    column: Mutex<(Vec<i32>, Vec<u8>)>,
-}
-
-impl StringSlot {
-    fn new() -> StringSlot {
-        StringSlot {
-            seq: AtomicU64::new(0),
-            column: Mutex::new((Vec::new(), Vec::new())),
-        }
-    }
-
-    fn await_seq(&self, seq: u64) {
-        while self.seq.load(Ordering::Acquire) != seq {
-            std::hint::spin_loop();
-        }
-    }
-}
-
 /// Buffers for `repeat(s, 3)` of the strings of `offsets`/`bytes`, reserved at their final size
 /// (as udfsql's batch runtime reserves its results from the batch's size).
 fn reserved(offsets: &[i32], bytes: &[u8]) -> (Vec<i32>, Vec<u8>) {
@@ -379,27 +358,23 @@ fn string_floor(rounds: usize) -> (f64, f64) {
         let text = std::str::from_utf8(&column.1).expect("UTF-8");
         text.len() as i64 + i64::from(column.0[column.0.len() / 2])
     };
-    let (request, reply) = (Arc::new(StringSlot::new()), Arc::new(StringSlot::new()));
+    let empty = || (Vec::<i32>::new(), Vec::<u8>::new());
+    let (request, reply) = (Slot::new(empty()), Slot::new(empty()));
     let calls = (rounds * names.len()) as u64;
-    let worker = {
-        let (request, reply) = (Arc::clone(&request), Arc::clone(&reply));
-        std::thread::spawn(move || {
-            for seq in 1..=calls {
-                request.await_seq(seq);
-                {
-                    let args = request.column.lock().expect("args");
-                    let mut fresh = reserved(&args.0, &args.1);
-                    repeat3(&args.0, &args.1, &mut fresh);
-                    let mut result = reply.column.lock().expect("result");
-                    result.0.clear();
-                    result.0.extend_from_slice(&fresh.0);
-                    result.1.clear();
-                    result.1.extend_from_slice(&fresh.1);
-                }
-                reply.seq.store(seq, Ordering::Release);
-            }
-        })
-    };
+    let worker = floor_worker(
+        &request,
+        &reply,
+        calls,
+        |args: &(Vec<i32>, Vec<u8>), result| {
+            // Built in fresh buffers (the plugin's), then copied into the reply (the region).
+            let mut fresh = reserved(&args.0, &args.1);
+            repeat3(&args.0, &args.1, &mut fresh);
+            result.0.clear();
+            result.0.extend_from_slice(&fresh.0);
+            result.1.clear();
+            result.1.extend_from_slice(&fresh.1);
+        },
+    );
     let mut seq = 0;
     let mut across = || {
         let start = Instant::now();
@@ -760,18 +735,19 @@ pub fn main() {
     );
 }
 
-/// One side's hand-off slot in [`transport_floor`]: a column and the number of the call it holds.
-struct Slot {
+/// One side's hand-off slot in the floors ([`transport_floor`], [`string_floor`]): a column and
+/// the number of the call it holds.
+struct Slot<T> {
     seq: AtomicU64,
-    column: Mutex<Vec<i64>>,
+    column: Mutex<T>,
 }
 
-impl Slot {
-    fn new() -> Slot {
-        Slot {
+impl<T> Slot<T> {
+    fn new(column: T) -> Arc<Slot<T>> {
+        Arc::new(Slot {
             seq: AtomicU64::new(0),
-            column: Mutex::new(vec![0; BATCH]),
-        }
+            column: Mutex::new(column),
+        })
     }
 
     fn await_seq(&self, seq: u64) {
@@ -779,6 +755,28 @@ impl Slot {
             std::hint::spin_loop();
         }
     }
+}
+
+/// The floors' second thread: answers `calls` requests, each as soon as it is published (by
+/// spinning), with `answer(arguments, result)`.
+fn floor_worker<A: Send + 'static, R: Send + 'static>(
+    request: &Arc<Slot<A>>,
+    reply: &Arc<Slot<R>>,
+    calls: u64,
+    answer: impl Fn(&A, &mut R) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let (request, reply) = (Arc::clone(request), Arc::clone(reply));
+    std::thread::spawn(move || {
+        for seq in 1..=calls {
+            request.await_seq(seq);
+            {
+                let args = request.column.lock().expect("args");
+                let mut result = reply.column.lock().expect("result");
+                answer(&args, &mut result);
+            }
+            reply.seq.store(seq, Ordering::Release);
+        }
+    })
 }
 
 /// The floor of any transport that runs the function on another CPU, measured on this machine
@@ -797,22 +795,11 @@ fn transport_floor(rounds: usize) -> (f64, f64, f64) {
             *o = v.wrapping_mul(*v);
         }
     };
-    let (request, reply) = (Arc::new(Slot::new()), Arc::new(Slot::new()));
+    let (request, reply) = (Slot::new(vec![0; BATCH]), Slot::new(vec![0; BATCH]));
     let calls = (rounds * 2 * batches) as u64;
-    let worker = {
-        let (request, reply) = (Arc::clone(&request), Arc::clone(&reply));
-        std::thread::spawn(move || {
-            for seq in 1..=calls {
-                request.await_seq(seq);
-                {
-                    let args = request.column.lock().expect("args");
-                    let mut result = reply.column.lock().expect("result");
-                    square(&args, &mut result);
-                }
-                reply.seq.store(seq, Ordering::Release);
-            }
-        })
-    };
+    let worker = floor_worker(&request, &reply, calls, move |args: &Vec<i64>, result| {
+        square(args, result)
+    });
     let mut seq = 0;
     let mut across = |copy_out: bool| {
         let start = Instant::now();
