@@ -464,6 +464,7 @@ fn expand_async(options: Options, function: ItemFn) -> Result<TokenStream2, Erro
         <<#static_return as ::udf_abi::export::IntoUdfResult>::Value
             as ::udf_abi::export::UdfReturnType>
     };
+    let start_params = start_entry_params();
     Ok(quote! {
         #function
 
@@ -472,16 +473,7 @@ fn expand_async(options: Options, function: ItemFn) -> Result<TokenStream2, Erro
             #tagged_statics
 
             #[allow(clippy::too_many_arguments)]
-            unsafe extern "C" fn #start_entry(
-                __udf_arg_arrays: *mut ::udf_abi::v2::FFI_ArrowArray,
-                __udf_schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
-                __udf_is_scalar: *const u8,
-                __udf_args_len: usize,
-                __udf_num_rows: usize,
-                __udf_completion: ::udf_abi::v2::UdfCompletion,
-                __udf_call: u64,
-                __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
-            ) -> i32 {
+            unsafe extern "C" fn #start_entry(#start_params) -> i32 {
                 // SAFETY: the host calls this entrypoint with the guarantees of
                 // `udf_abi::export::async_fn::start`.
                 unsafe {
@@ -652,6 +644,7 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
         let start_entry = format_ident!("__udf_async_start_{}", ident);
         let max_in_flight = options.max_in_flight;
         let chunk_rows = options.chunk_rows;
+        let start_params = start_entry_params();
         return Ok(quote! {
             #function
 
@@ -664,16 +657,7 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
                 }
 
                 #[allow(clippy::too_many_arguments)]
-                unsafe extern "C" fn #start_entry(
-                    __udf_arg_arrays: *mut ::udf_abi::v2::FFI_ArrowArray,
-                    __udf_schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
-                    __udf_is_scalar: *const u8,
-                    __udf_args_len: usize,
-                    __udf_num_rows: usize,
-                    __udf_completion: ::udf_abi::v2::UdfCompletion,
-                    __udf_call: u64,
-                    __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
-                ) -> i32 {
+                unsafe extern "C" fn #start_entry(#start_params) -> i32 {
                     // SAFETY: the host calls this entrypoint with the guarantees of
                     // `udf_abi::export::async_fn::start_vectorized`.
                     unsafe {
@@ -729,22 +713,14 @@ fn expand_vectorized(options: Options, mut function: ItemFn) -> Result<TokenStre
             };
         });
     }
+    let batch_params = batch_entry_params();
     Ok(quote! {
         #function
 
         const _: () = {
             #statics
 
-            unsafe extern "C" fn #batch_entry(
-                __udf_arg_arrays: *mut ::udf_abi::v2::FFI_ArrowArray,
-                __udf_schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
-                __udf_is_scalar: *const u8,
-                __udf_args_len: usize,
-                __udf_num_rows: usize,
-                __udf_result: *mut ::udf_abi::v2::FFI_ArrowArray,
-                __udf_result_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
-                __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
-            ) -> i32 {
+            unsafe extern "C" fn #batch_entry(#batch_params) -> i32 {
                 let __udf_kernel = |__udf_cols: &[::udf_abi::export::arrow::ArrayRef], _: usize| {
                     #(
                         let #names = ::udf_abi::export::arrow::argument::<#arrays>(
@@ -859,6 +835,7 @@ fn expand_arrow_rows(options: Options, function: ItemFn) -> Result<TokenStream2,
                 };
             }
         });
+    let batch_params = batch_entry_params();
     Ok(quote! {
         #function
 
@@ -893,16 +870,7 @@ fn expand_arrow_rows(options: Options, function: ItemFn) -> Result<TokenStream2,
                 ))
             }
 
-            unsafe extern "C" fn #batch_entry(
-                __udf_arg_arrays: *mut ::udf_abi::v2::FFI_ArrowArray,
-                __udf_schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
-                __udf_is_scalar: *const u8,
-                __udf_args_len: usize,
-                __udf_num_rows: usize,
-                __udf_result: *mut ::udf_abi::v2::FFI_ArrowArray,
-                __udf_result_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
-                __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
-            ) -> i32 {
+            unsafe extern "C" fn #batch_entry(#batch_params) -> i32 {
                 let __udf_kernel = |__udf_cols: &[::udf_abi::export::arrow::ArrayRef],
                                     __udf_rows: usize| {
                     let mut __udf_out: ::std::vec::Vec<::std::option::Option<#value>> =
@@ -1399,6 +1367,36 @@ fn fast_kernel(
     (fast, direct)
 }
 
+/// The parameters of a generated batch entrypoint (`udf_abi::v2::BatchEntrypoint`), named
+/// `__udf_*` so that no function or argument name of the author's can shadow them.
+fn batch_entry_params() -> TokenStream2 {
+    quote! {
+        __udf_arg_arrays: *mut ::udf_abi::v2::FFI_ArrowArray,
+        __udf_schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
+        __udf_is_scalar: *const u8,
+        __udf_args_len: usize,
+        __udf_num_rows: usize,
+        __udf_result: *mut ::udf_abi::v2::FFI_ArrowArray,
+        __udf_result_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
+        __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
+    }
+}
+
+/// The parameters of a generated asynchronous start entrypoint (`udf_abi::v2::AsyncStart`),
+/// named as in [`batch_entry_params`].
+fn start_entry_params() -> TokenStream2 {
+    quote! {
+        __udf_arg_arrays: *mut ::udf_abi::v2::FFI_ArrowArray,
+        __udf_schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
+        __udf_is_scalar: *const u8,
+        __udf_args_len: usize,
+        __udf_num_rows: usize,
+        __udf_completion: ::udf_abi::v2::UdfCompletion,
+        __udf_call: u64,
+        __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
+    }
+}
+
 fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error> {
     let options = parse_options(attr)?;
     let function: ItemFn = syn::parse2(item)?;
@@ -1529,6 +1527,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
         )
     };
 
+    let batch_params = batch_entry_params();
     Ok(quote! {
         #function
 
@@ -1552,16 +1551,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> Result<TokenStream2, Error>
                 }
             }
 
-            unsafe extern "C" fn #batch_entry(
-                __udf_arg_arrays: *mut ::udf_abi::v2::FFI_ArrowArray,
-                __udf_schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
-                __udf_is_scalar: *const u8,
-                __udf_args_len: usize,
-                __udf_num_rows: usize,
-                __udf_result: *mut ::udf_abi::v2::FFI_ArrowArray,
-                __udf_result_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
-                __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
-            ) -> i32 {
+            unsafe extern "C" fn #batch_entry(#batch_params) -> i32 {
                 #direct
                 let __udf_slow = |__udf_cols: &[::udf_abi::export::batch::Column], __udf_rows: usize| {
                     #slow_setup
