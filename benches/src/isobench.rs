@@ -25,7 +25,8 @@
 //!    (isolated speedup − 1) / (in-process speedup − 1) ≥ 0.9.
 //!
 //! `cargo run --release -p udf-benches --bin isobench [-- --rounds N] [--only ID]` (default 9
-//! rounds; `--only sq` measures one function at operator level and nothing else, for profiling).
+//! rounds; `--only sq` measures one function at operator level and nothing else, for profiling;
+//! `--only partitions` the partition criterion and nothing else).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -712,7 +713,7 @@ pub fn main() {
             }
             "--only" => only = args.next(),
             _ => {
-                eprintln!("usage: isobench [--rounds N] [--only ID]");
+                eprintln!("usage: isobench [--rounds N] [--only ID|partitions]");
                 std::process::exit(2)
             }
         }
@@ -723,6 +724,10 @@ pub fn main() {
         .expect("runtime");
     let started = Instant::now();
     runtime.block_on(async {
+        if only.as_deref() == Some("partitions") {
+            partitions(rounds).await;
+            return;
+        }
         operator_level(rounds, only.as_deref()).await;
         if only.is_none() {
             cold_pool(rounds * 3).await;

@@ -1241,6 +1241,97 @@ fn thread_cpu() -> Duration {
     Duration::from_nanos(ns)
 }
 
+/// How often the calling thread has blocked so far (`voluntary_ctxt_switches` in
+/// `/proc/thread-self/status`; a spin, even one that yields the CPU, does not count).
+fn thread_blocked() -> u64 {
+    let text = std::fs::read_to_string("/proc/thread-self/status").expect("read status");
+    text.lines()
+        .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no voluntary_ctxt_switches in {text}"))
+}
+
+/// A crowded pool's host does not spin: where the pool's busy calls keep more threads running
+/// than the process has CPUs (two per call: host and worker), the host waits for each reply
+/// asleep at once. Observed on the calling thread's blocking waits (a current-thread runtime runs
+/// the query on it), calls of ~20 µs (the SLEEPS fixture), one per one-row batch: through a pool
+/// made while the thread could use one CPU (one busy call is already crowded), the thread blocks
+/// for nearly every call; through a pool made while it could use all of the machine's (two or
+/// more), it spins for them and blocks for far fewer. The answers are the same.
+#[test]
+fn a_crowded_pools_host_waits_asleep_instead_of_spinning() {
+    use rustix::thread::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
+    let _serial = IN_PROCESS_WORKERS.blocking_lock();
+    wait_for(PATIENCE, "no workers left by other tests", || {
+        none_of(udf_engine::live_worker_pids())
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let session = |call_timeout_secs: u64| {
+        let config = datafusion::prelude::SessionConfig::new().with_target_partitions(1);
+        let ctx = SessionContext::new_with_config(config);
+        // Each its own pool (pools are shared by library and limits).
+        let limits = Isolation::Process(WorkerLimits {
+            workers: Some(1),
+            call_timeout: Duration::from_secs(call_timeout_secs),
+            worker_program: Some(udfsql_worker()),
+            ..Default::default()
+        });
+        udf_engine::register_plugin_with(&ctx, faulty("SLEEPS"), &limits).unwrap();
+        ctx
+    };
+    // Made first, unpinned: it also starts the thread that spawns every worker, which must not
+    // inherit the pin below.
+    let roomy = session(7);
+    let own = sched_getaffinity(None).expect("sched_getaffinity");
+    let mut one = CpuSet::new();
+    one.set(sched_getcpu());
+    sched_setaffinity(None, &one).expect("pin the thread to one CPU");
+    let crowded = session(8);
+    sched_setaffinity(None, &own).expect("unpin the thread");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    const CALLS: usize = 200;
+    const SLEEP: i64 = 20;
+    let blocked = |ctx: &SessionContext| -> u64 {
+        one_row_batches(ctx, "t", &[SLEEP; CALLS]);
+        let run = || {
+            let answers: Vec<i64> = runtime
+                .block_on(rows(ctx, "SELECT fault(x) FROM t"))
+                .iter()
+                .map(|row| row[0].parse().unwrap())
+                .collect();
+            assert_eq!(answers, vec![SLEEP + 1; CALLS]);
+        };
+        // Warm: the plan's code paths run, the host learns how long calls take.
+        run();
+        let before = thread_blocked();
+        run();
+        thread_blocked() - before
+    };
+    let crowded_blocks = blocked(&crowded);
+    let roomy_blocks = blocked(&roomy);
+    eprintln!("blocked: crowded {crowded_blocks}, roomy {roomy_blocks} ({cpus} CPUs)");
+    assert!(
+        crowded_blocks >= CALLS as u64 * 9 / 10,
+        "{CALLS} calls through a crowded pool blocked the waiting thread {crowded_blocks} times: \
+         the host spun for replies"
+    );
+    if cpus >= 2 {
+        assert!(
+            roomy_blocks < crowded_blocks / 2,
+            "{CALLS} calls through a pool with room blocked {roomy_blocks} times, through a \
+             crowded one {crowded_blocks}: the spin caught few replies"
+        );
+    }
+    drop((roomy, crowded));
+    wait_for(PATIENCE, "the pools' workers to be reaped", || {
+        none_of(udf_engine::live_worker_pids())
+    });
+}
+
 /// A one-partition table `name` of one-row batches, `x` taking `values` in order.
 fn one_row_batches(ctx: &SessionContext, name: &str, values: &[i64]) {
     let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));

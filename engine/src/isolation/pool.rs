@@ -5,7 +5,8 @@
 //! worker's shared input region and waits for the reply in its output region (see `shared`):
 //! first spinning on the reply's sequence word for as long as the worker's replies took lately
 //! (at most [`HOST_SPIN`], see [`AdaptiveSpin`]; after calls too long for that, asleep until
-//! shortly before the reply usually comes, then spinning), then in `poll` on the
+//! shortly before the reply usually comes, then spinning; not at all while the pool keeps more
+//! sides busy than the machine has CPUs, see [`crowded`]), then in `poll` on the
 //! channel (the worker's doorbell), the worker's pidfd (readable when the process ends, even if
 //! a child it forked keeps the channel open), its stderr and the query's [`CallCancel`] event.
 //! Only the `poll` wait hands the tokio thread's other work away (`block_in_place`); a fast
@@ -242,6 +243,8 @@ pub struct WorkerPool {
     spec: WorkerSpec,
     state: Mutex<PoolState>,
     available: Condvar,
+    /// The CPUs this process may use (affinity and quota), as seen when the pool was made.
+    cpus: usize,
 }
 
 #[derive(Debug, Default)]
@@ -263,6 +266,7 @@ impl WorkerPool {
             spec,
             state: Mutex::default(),
             available: Condvar::new(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 
@@ -409,6 +413,7 @@ impl WorkerPool {
             if let Some(i) = state.idle.iter().position(|w| w.id == id) {
                 let mut worker = state.idle.swap_remove(i);
                 if worker.is_alive() {
+                    worker.crowded = crowded(state.busy(), self.cpus);
                     return Ok(worker);
                 }
                 state.live -= 1;
@@ -492,6 +497,7 @@ impl WorkerPool {
             }
             while let Some(mut worker) = state.idle.pop() {
                 if worker.is_alive() {
+                    worker.crowded = crowded(state.busy(), self.cpus);
                     drop(state);
                     drop(dead);
                     return Ok(worker);
@@ -504,9 +510,14 @@ impl WorkerPool {
             }
             if state.live < self.spec.size {
                 state.live += 1;
+                let crowded = crowded(state.busy(), self.cpus);
                 drop(state);
                 drop(dead);
                 return super::blocking(|| Worker::start(&self.spec))
+                    .map(|mut worker| {
+                        worker.crowded = crowded;
+                        worker
+                    })
                     .inspect_err(|_| self.release_slot());
             }
             // Every worker is busy: wait for one, looking at the cancellation now and then.
@@ -539,6 +550,24 @@ impl WorkerPool {
         self.lock().live -= 1;
         self.available.notify_one();
     }
+}
+
+impl PoolState {
+    /// Workers checked out or starting.
+    fn busy(&self) -> usize {
+        self.live.saturating_sub(self.idle.len())
+    }
+}
+
+/// Whether `busy` calls of a pool keep more threads running than the machine has `cpus`: each
+/// call has two sides, its host thread and its worker. Then a host waits for its reply asleep, at
+/// once: spinning, even yielding, takes a CPU from a worker that has work (its own or another
+/// call's). Measured (`isobench --only partitions`, BENCHMARKS.md): with two partitions on two
+/// CPUs the isolated query took 22.8–27.2 ms with crowded hosts asleep, 24.2–31.6 ms spinning.
+/// A worker keeps spinning for its next request in either case (measured slower without).
+/// Calls of other pools, or other work of the process, are not counted.
+fn crowded(busy: usize, cpus: usize) -> bool {
+    busy.saturating_mul(2) > cpus
 }
 
 /// The pids of the worker processes alive in this process (all pools).
@@ -578,6 +607,9 @@ struct Worker {
     status: Option<ExitStatus>,
     /// This worker's number in the process (see [`NEXT_WORKER`]).
     id: u64,
+    /// Whether its pool was [`crowded`] when the current call took it: the call's host then waits
+    /// asleep, without spinning or napping.
+    crowded: bool,
 }
 
 /// Why waiting on a worker stopped.
@@ -653,6 +685,7 @@ impl Worker {
             stderr_tail: Vec::new(),
             status: None,
             id: NEXT_WORKER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            crowded: false,
         };
         worker
             .channel
@@ -783,8 +816,9 @@ impl Worker {
         reply.map_err(|e| self.malformed(e))
     }
 
-    /// Waits until the worker publishes the reply to request `seq`: spinning first, then asleep
-    /// in `poll` (woken by the worker's doorbell) where tokio allows a thread to block.
+    /// Waits until the worker publishes the reply to request `seq`: spinning first (unless the
+    /// pool is [`crowded`]), then asleep in `poll` (woken by the worker's doorbell) where tokio
+    /// allows a thread to block.
     fn await_reply(
         &mut self,
         seq: u64,
@@ -795,7 +829,10 @@ impl Worker {
         let regions = &self.regions;
         let stop = || regions.replied(seq) || cancel.is_some_and(CallCancel::is_cancelled);
         let whereabouts = regions.whereabouts();
-        if spin_until(self.spin.next(), || whereabouts.beside(), stop) && self.regions.replied(seq)
+        let crowded = self.crowded;
+        if !crowded
+            && spin_until(self.spin.next(), || whereabouts.beside(), stop)
+            && self.regions.replied(seq)
         {
             return Ok(());
         }
@@ -803,7 +840,7 @@ impl Worker {
         super::blocking(|| {
             // A call too long to spin through: asleep until a little before it usually ends
             // (rung awake if it ends sooner), then spinning for the rest.
-            if let Some(nap) = self.spin.nap() {
+            if let Some(nap) = self.spin.nap().filter(|_| !crowded) {
                 // A doorbell rung for an earlier call after its last drain would end the nap at
                 // once: drained first, before the flag that lets the worker ring for this one.
                 self.drain_doorbell()?;
@@ -1203,4 +1240,25 @@ pub(crate) fn find_worker_program(configured: Option<&Path>) -> Result<PathBuf, 
          or set $UDFSQL_WORKER)",
         exe.display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::crowded;
+
+    #[test]
+    fn a_pool_is_crowded_when_its_calls_need_more_threads_than_there_are_cpus() {
+        // (busy calls, CPUs, crowded): each call runs a host thread and a worker.
+        for (busy, cpus, expected) in [
+            (0, 1, false),
+            (1, 1, true),
+            (1, 2, false),
+            (2, 2, true),
+            (2, 4, false),
+            (3, 4, true),
+            (usize::MAX, 64, true),
+        ] {
+            assert_eq!(crowded(busy, cpus), expected, "{busy} busy on {cpus} CPUs");
+        }
+    }
 }

@@ -13,7 +13,8 @@
 //! number in `REQ_SEQ`; the worker publishes the reply by storing the same number in `REP_SEQ`.
 //! Each side first waits for the other by spinning on the word (briefly busy, then yielding the
 //! CPU) for as long as the other side took lately ([`AdaptiveSpin`]: not at all when it took
-//! longer than the spin's limit), and only then goes to sleep: it sets its `*_SLEEPING` word,
+//! longer than the spin's limit; a host whose pool is crowded, not at all: `pool::crowded`), and
+//! only then goes to sleep: it sets its `*_SLEEPING` word,
 //! looks once more, and waits on the channel; the other side, after publishing, writes one byte
 //! to the channel when it sees the sleeping word set (the store-then-load pairs on both sides are
 //! sequentially consistent, so one of the two always sees the other). While it spins, each side
