@@ -1257,7 +1257,8 @@ fn thread_blocked() -> u64 {
 /// the query on it), calls of ~20 µs (the SLEEPS fixture), one per one-row batch: through a pool
 /// made while the thread could use one CPU (one busy call is already crowded), the thread blocks
 /// for nearly every call; through a pool made while it could use all of the machine's (two or
-/// more), it spins for them and blocks for far fewer. The answers are the same.
+/// more), it spins for them and blocks for fewer than half as often (in one of up to three
+/// tries). The answers are the same.
 #[test]
 fn a_crowded_pools_host_waits_asleep_instead_of_spinning() {
     use rustix::thread::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
@@ -1295,35 +1296,43 @@ fn a_crowded_pools_host_waits_asleep_instead_of_spinning() {
 
     const CALLS: usize = 200;
     const SLEEP: i64 = 20;
-    let blocked = |ctx: &SessionContext| -> u64 {
+    for ctx in [&crowded, &roomy] {
         one_row_batches(ctx, "t", &[SLEEP; CALLS]);
-        let run = || {
-            let answers: Vec<i64> = runtime
-                .block_on(rows(ctx, "SELECT fault(x) FROM t"))
-                .iter()
-                .map(|row| row[0].parse().unwrap())
-                .collect();
-            assert_eq!(answers, vec![SLEEP + 1; CALLS]);
-        };
-        // Warm: the plan's code paths run, the host learns how long calls take.
-        run();
+    }
+    let run = |ctx: &SessionContext| {
+        let answers: Vec<i64> = runtime
+            .block_on(rows(ctx, "SELECT fault(x) FROM t"))
+            .iter()
+            .map(|row| row[0].parse().unwrap())
+            .collect();
+        assert_eq!(answers, vec![SLEEP + 1; CALLS]);
+    };
+    // Warm: the plans' code paths run, the hosts learn how long calls take.
+    run(&crowded);
+    run(&roomy);
+    let blocked = |ctx: &SessionContext| -> u64 {
         let before = thread_blocked();
-        run();
+        run(ctx);
         thread_blocked() - before
     };
     let crowded_blocks = blocked(&crowded);
-    let roomy_blocks = blocked(&roomy);
-    eprintln!("blocked: crowded {crowded_blocks}, roomy {roomy_blocks} ({cpus} CPUs)");
     assert!(
         crowded_blocks >= CALLS as u64 * 9 / 10,
         "{CALLS} calls through a crowded pool blocked the waiting thread {crowded_blocks} times: \
          the host spun for replies"
     );
     if cpus >= 2 {
+        // A spin catches replies only while the worker gets a CPU in time: a machine loaded by
+        // other tests may delay it, so up to three tries (a host that never spins fails all).
+        let caught = |blocks: &u64| *blocks < crowded_blocks / 2;
+        let mut tries = Vec::new();
+        while tries.len() < 3 && !tries.last().is_some_and(caught) {
+            tries.push(blocked(&roomy));
+        }
         assert!(
-            roomy_blocks < crowded_blocks / 2,
-            "{CALLS} calls through a pool with room blocked {roomy_blocks} times, through a \
-             crowded one {crowded_blocks}: the spin caught few replies"
+            tries.last().is_some_and(caught),
+            "{CALLS} calls through a pool with room blocked {tries:?} times (in each try), \
+             through a crowded one {crowded_blocks}: the spin caught few replies"
         );
     }
     drop((roomy, crowded));
