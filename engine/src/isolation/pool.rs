@@ -6,11 +6,12 @@
 //! first spinning on the reply's sequence word for as long as the worker's replies took lately
 //! (at most [`HOST_SPIN`], see [`AdaptiveSpin`]; after calls too long for that, asleep until
 //! shortly before the reply usually comes, then spinning; not at all while the pool keeps more
-//! sides busy than the machine has CPUs, see [`crowded`]), then in `poll` on the
+//! sides busy than the process may use CPUs, see [`crowded`]), then in `poll` on the
 //! channel (the worker's doorbell), the worker's pidfd (readable when the process ends, even if
 //! a child it forked keeps the channel open), its stderr and the query's [`CallCancel`] event.
 //! Only the `poll` wait hands the tokio thread's other work away (`block_in_place`); a fast
-//! reply costs no thread switch. Whatever goes wrong — the
+//! reply a host spins for costs no thread switch (a crowded host always sleeps, and is woken).
+//! Whatever goes wrong — the
 //! worker dies, answers garbage, runs past the call's time limit, or the query is cancelled —
 //! the worker's process group is killed and the worker reaped before the error is returned; the
 //! next call starts a new one. The pool's lock is held only to take or return a worker.
@@ -553,19 +554,24 @@ impl WorkerPool {
 }
 
 impl PoolState {
-    /// Workers checked out or starting.
+    /// Workers checked out or starting (also those the pool starts in the background after a
+    /// fault, which no call waits for yet: for a moment the pool may count as crowded early).
     fn busy(&self) -> usize {
         self.live.saturating_sub(self.idle.len())
     }
 }
 
-/// Whether `busy` calls of a pool keep more threads running than the machine has `cpus`: each
-/// call has two sides, its host thread and its worker. Then a host waits for its reply asleep, at
-/// once: spinning, even yielding, takes a CPU from a worker that has work (its own or another
-/// call's). Measured (`isobench --only partitions`, BENCHMARKS.md): with two partitions on two
-/// CPUs the isolated query took 22.8–27.2 ms with crowded hosts asleep, 24.2–31.6 ms spinning.
-/// A worker keeps spinning for its next request in either case (measured slower without).
-/// Calls of other pools, or other work of the process, are not counted.
+/// Whether `busy` calls of a pool keep more threads running than the process may use `cpus`:
+/// each call has two sides, its host thread and its worker. Then a host waits for its reply
+/// asleep, at once: spinning, even yielding, takes a CPU from a worker that has work (its own or
+/// another call's). Measured (`isobench --only partitions`, BENCHMARKS.md): with two partitions
+/// on two CPUs the isolated query took 22.8–27.2 ms with crowded hosts asleep, 24.2–31.6 ms
+/// spinning. A worker keeps spinning for its next request in either case (measured slower
+/// without). Calls of other pools, or other work of the process, are not counted. `cpus` is
+/// what the thread that made the pool could use (its affinity and the process's CPU quota):
+/// pools are shared, so the first registration decides for later sessions too. A crowded host's
+/// waits include its wake-up, and count in its spin's mean as any wait does: once the pool has
+/// room again, the first calls may nap rather than spin, until quick replies bring it down.
 fn crowded(busy: usize, cpus: usize) -> bool {
     busy.saturating_mul(2) > cpus
 }
@@ -805,7 +811,12 @@ impl Worker {
             .await_reply(seq, deadline, cancel, spec)
             .and_then(|()| self.drain_doorbell())
         {
-            Ok(()) => self.spin.record(published.elapsed()),
+            Ok(()) => {
+                self.spin.record(published.elapsed());
+                // Awake again: where, for the worker's spin for the next request (a host that
+                // slept last said it was asleep).
+                self.regions.whereabouts().awake();
+            }
             Err(Stop::Fault(f)) => return Err(f),
             Err(Stop::Closed) => return Err(self.gone(deadline, spec)),
         }

@@ -21,7 +21,8 @@
 //! also says on which CPU it runs, and never busy-waits on the CPU the other side was last seen
 //! on: it yields at once there ([`Whereabouts`]). A sleeping host waits with `poll` on the
 //! channel, the worker's pidfd, its stderr and the query's cancellation, as before. A host whose
-//! calls are too long to spin through naps instead ([`AdaptiveSpin::nap`]): asleep as above, its
+//! calls are too long to spin through naps instead, unless its pool is crowded
+//! ([`AdaptiveSpin::nap`]): asleep as above, its
 //! sleeping word set, until shortly before the reply usually comes, then spinning for it, so
 //! that the wake-up of its CPU (tens of µs on a VM) is not paid per call.
 //!
@@ -137,9 +138,15 @@ pub(crate) struct Whereabouts<'a> {
 impl Whereabouts<'_> {
     /// Says where this side runs now; whether the other side was last seen there.
     pub(crate) fn beside(&self) -> bool {
+        let here = self.awake();
+        self.theirs.load(Relaxed) == here
+    }
+
+    /// Says where this side runs now (awake); that CPU's number + 1.
+    pub(crate) fn awake(&self) -> u64 {
         let here = rustix::thread::sched_getcpu() as u64 + 1;
         self.mine.store(here, Relaxed);
-        self.theirs.load(Relaxed) == here
+        here
     }
 
     /// Says that this side goes to sleep.
@@ -629,6 +636,9 @@ mod tests {
         assert!(here.beside());
         here.asleep();
         assert_eq!(mine.load(SeqCst), 0);
+        // Awake again without spinning (a host woken from its sleep): it says where.
+        assert_eq!(here.awake(), cpu + 1);
+        assert_eq!(mine.load(SeqCst), cpu + 1);
     }
 
     /// The thread's switches away from the CPU while it could have run on.
