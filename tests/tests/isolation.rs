@@ -1241,6 +1241,24 @@ fn thread_cpu() -> Duration {
     Duration::from_nanos(ns)
 }
 
+/// For a test that starts workers and runs its queries on its own thread: the serial lock
+/// ([`IN_PROCESS_WORKERS`]), once no worker of another test is left, and a current-thread
+/// runtime (the whole query runs on the calling thread, whose counters the test reads).
+fn alone_on_this_thread() -> (
+    tokio::sync::MutexGuard<'static, ()>,
+    tokio::runtime::Runtime,
+) {
+    let serial = IN_PROCESS_WORKERS.blocking_lock();
+    wait_for(PATIENCE, "no workers left by other tests", || {
+        none_of(udf_engine::live_worker_pids())
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (serial, runtime)
+}
+
 /// How often the calling thread has blocked so far (`voluntary_ctxt_switches` in
 /// `/proc/thread-self/status`; a spin, even one that yields the CPU, does not count).
 fn thread_blocked() -> u64 {
@@ -1262,14 +1280,7 @@ fn thread_blocked() -> u64 {
 #[test]
 fn a_crowded_pools_host_waits_asleep_instead_of_spinning() {
     use rustix::thread::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
-    let _serial = IN_PROCESS_WORKERS.blocking_lock();
-    wait_for(PATIENCE, "no workers left by other tests", || {
-        none_of(udf_engine::live_worker_pids())
-    });
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (_serial, runtime) = alone_on_this_thread();
     let session = |call_timeout_secs: u64| {
         let config = datafusion::prelude::SessionConfig::new().with_target_partitions(1);
         let ctx = SessionContext::new_with_config(config);
@@ -1384,14 +1395,7 @@ fn one_row_batches(ctx: &SessionContext, name: &str, values: &[i64]) {
 /// worker, and the next statement answers.
 #[test]
 fn a_host_sleeps_through_long_isolated_calls_answers_each_and_still_meets_the_time_limit() {
-    let _serial = IN_PROCESS_WORKERS.blocking_lock();
-    wait_for(PATIENCE, "no workers left by other tests", || {
-        none_of(udf_engine::live_worker_pids())
-    });
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (_serial, runtime) = alone_on_this_thread();
     let config = datafusion::prelude::SessionConfig::new().with_target_partitions(1);
     let ctx = SessionContext::new_with_config(config);
     let limits = Isolation::Process(WorkerLimits {
