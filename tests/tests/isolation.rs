@@ -1282,7 +1282,7 @@ fn thread_blocked() -> u64 {
 }
 
 /// A crowded pool's host does not spin: where the pool's busy calls keep more threads running
-/// than the process has CPUs (two per call: host and worker), the host waits for each reply
+/// than the process may use CPUs (two per call: host and worker), the host waits for each reply
 /// asleep at once. Observed on the calling thread's blocking waits (a current-thread runtime runs
 /// the query on it), calls of ~20 µs (the SLEEPS fixture), one per one-row batch: through a pool
 /// made while the thread could use one CPU (one busy call is already crowded), the thread blocks
@@ -1384,12 +1384,15 @@ fn a_crowded_pools_host_waits_asleep_instead_of_spinning() {
              worker's wait for a CPU, in each try) {tries:?}, through a crowded one \
              {crowded_blocks}: the host did not spin"
         );
-        if !calm {
-            eprintln!(
-                "the machine stayed loaded for 5 s (tries: {tries:?}): the spin was not observed"
-            );
-        }
-        eprintln!("crowded {crowded_blocks}; roomy tries {tries:?}");
+        eprintln!(
+            "blocked: crowded {crowded_blocks}; with room (blocks, the worker's wait for a CPU) \
+             {tries:?}{}",
+            if calm {
+                ""
+            } else {
+                ": loaded throughout, the spin was not observed"
+            }
+        );
     }
     drop((roomy, crowded));
     wait_for(PATIENCE, "the pools' workers to be reaped", || {

@@ -414,7 +414,7 @@ impl WorkerPool {
             if let Some(i) = state.idle.iter().position(|w| w.id == id) {
                 let mut worker = state.idle.swap_remove(i);
                 if worker.is_alive() {
-                    worker.crowded = crowded(state.busy(), self.cpus);
+                    worker.crowded = state.crowded(self.cpus);
                     return Ok(worker);
                 }
                 state.live -= 1;
@@ -498,7 +498,7 @@ impl WorkerPool {
             }
             while let Some(mut worker) = state.idle.pop() {
                 if worker.is_alive() {
-                    worker.crowded = crowded(state.busy(), self.cpus);
+                    worker.crowded = state.crowded(self.cpus);
                     drop(state);
                     drop(dead);
                     return Ok(worker);
@@ -511,7 +511,7 @@ impl WorkerPool {
             }
             if state.live < self.spec.size {
                 state.live += 1;
-                let crowded = crowded(state.busy(), self.cpus);
+                let crowded = state.crowded(self.cpus);
                 drop(state);
                 drop(dead);
                 return super::blocking(|| Worker::start(&self.spec))
@@ -554,10 +554,11 @@ impl WorkerPool {
 }
 
 impl PoolState {
-    /// Workers checked out or starting (also those the pool starts in the background after a
-    /// fault, which no call waits for yet: for a moment the pool may count as crowded early).
-    fn busy(&self) -> usize {
-        self.live.saturating_sub(self.idle.len())
+    /// Whether the workers checked out or starting make the pool [`crowded`] on `cpus` (those
+    /// the pool starts in the background after a fault count too, though no call waits for them
+    /// yet: for a moment the pool may count as crowded early).
+    fn crowded(&self, cpus: usize) -> bool {
+        crowded(self.live.saturating_sub(self.idle.len()), cpus)
     }
 }
 

@@ -1367,15 +1367,24 @@ fn fast_kernel(
     (fast, direct)
 }
 
-/// The parameters of a generated batch entrypoint (`udf_abi::v2::BatchEntrypoint`), named
-/// `__udf_*` so that no function or argument name of the author's can shadow them.
-fn batch_entry_params() -> TokenStream2 {
+/// The parameters both kinds of generated entrypoint start with: the call's arguments (arrays,
+/// schemas, constant flags, their count) and its rows.
+fn argument_params() -> TokenStream2 {
     quote! {
         __udf_arg_arrays: *mut ::udf_abi::v2::FFI_ArrowArray,
         __udf_schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
         __udf_is_scalar: *const u8,
         __udf_args_len: usize,
         __udf_num_rows: usize,
+    }
+}
+
+/// The parameters of a generated batch entrypoint (`udf_abi::v2::BatchEntrypoint`), named
+/// `__udf_*` so that no function or argument name of the author's can shadow them.
+fn batch_entry_params() -> TokenStream2 {
+    let arguments = argument_params();
+    quote! {
+        #arguments
         __udf_result: *mut ::udf_abi::v2::FFI_ArrowArray,
         __udf_result_schema: *mut ::udf_abi::v2::FFI_ArrowSchema,
         __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
@@ -1385,12 +1394,9 @@ fn batch_entry_params() -> TokenStream2 {
 /// The parameters of a generated asynchronous start entrypoint (`udf_abi::v2::AsyncStart`),
 /// named as in [`batch_entry_params`].
 fn start_entry_params() -> TokenStream2 {
+    let arguments = argument_params();
     quote! {
-        __udf_arg_arrays: *mut ::udf_abi::v2::FFI_ArrowArray,
-        __udf_schemas: *const ::udf_abi::v2::FFI_ArrowSchema,
-        __udf_is_scalar: *const u8,
-        __udf_args_len: usize,
-        __udf_num_rows: usize,
+        #arguments
         __udf_completion: ::udf_abi::v2::UdfCompletion,
         __udf_call: u64,
         __udf_error: *mut ::udf_abi::v2::UdfOwnedBytes,
