@@ -44,6 +44,30 @@ use udf_tests::{c_library, expect, fixture_dir, query, rows, udfsql, udfsql_work
 /// Held by every test that starts workers in this process (their pids are compared).
 static WORKERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Takes [`WORKERS`] once the workers of the test before are gone. A pool is shared by every
+/// registration of the same library and limits while one is alive, and the test before can keep
+/// its pool a moment past its end (its runtime still dropping the last query's tasks, which hold
+/// the plan). A test that registered then would be served by the other test's workers: after
+/// the scribbling test, by a worker that overwrites every reply (seen in CI, when [`Forging`]
+/// still released the lock before its session: the raw-column test's first case refused for the
+/// scribbler's 0xAB bytes instead of its own forgery).
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    let serial = WORKERS.lock().await;
+    let limit = Duration::from_secs(20);
+    let start = std::time::Instant::now();
+    loop {
+        let live = udf_engine::live_worker_pids();
+        if live.is_empty() {
+            return serial;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "the workers of the test before are still alive after {limit:?}: {live:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn forge_library() -> PathBuf {
     c_library("forge", "forge.c", &[])
 }
@@ -220,17 +244,18 @@ fn isolated() -> Isolation {
 }
 
 /// A test's forge library registered isolated in a [`session`], with the lock every test that
-/// starts workers holds (kept as long as the value).
+/// starts workers holds (kept as long as the value). Fields drop in order: the lock goes last,
+/// after the session and the registrations that hold the pool.
 struct Forging {
-    _serial: tokio::sync::MutexGuard<'static, ()>,
     library: PathBuf,
     ctx: SessionContext,
     _registered: Vec<udf_engine::Registration>,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl Forging {
     async fn start() -> Forging {
-        let serial = WORKERS.lock().await;
+        let serial = serial().await;
         let library = forge_library();
         let ctx = session();
         let registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
@@ -293,7 +318,7 @@ async fn refused(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_null_from_a_v1_function_is_refused() {
-    let _serial = WORKERS.lock().await;
+    let _serial = serial().await;
     let library = forge_v1_library();
     let ctx = session();
     let _registered = udf_engine::register_plugin_with(&ctx, &library, &isolated()).unwrap();
