@@ -1289,28 +1289,31 @@ fn thread_blocked() -> u64 {
 /// for nearly every call; through a pool made while it could use all of the machine's (two or
 /// more), it spins for them and blocks for fewer than half as often — observed when the machine
 /// is calm enough for its worker to get a CPU in time (a try within 5 s, see below). The answers
-/// are the same.
+/// are the same. An aggregate's requests through a crowded pool are waited for asleep too. And
+/// the crowded host's sleep still ends at the call time limit: a call that hangs is killed with
+/// its worker, and the next statement answers.
 #[test]
 fn a_crowded_pools_host_waits_asleep_instead_of_spinning() {
     use rustix::thread::{CpuSet, sched_getaffinity, sched_getcpu, sched_setaffinity};
     let (_serial, runtime) = alone_on_this_thread();
-    let session = |call_timeout_secs: u64| {
+    let session_of = |library: PathBuf, call_timeout: Duration| {
         let config = datafusion::prelude::SessionConfig::new().with_target_partitions(1);
         let ctx = SessionContext::new_with_config(config);
         // Each its own pool (pools are shared by library and limits: no other test of this
         // binary may use these limits, or it could find the pool made while pinned).
         let limits = Isolation::Process(WorkerLimits {
             workers: Some(1),
-            call_timeout: Duration::from_secs(call_timeout_secs),
+            call_timeout,
             worker_program: Some(udfsql_worker()),
             ..Default::default()
         });
-        udf_engine::register_plugin_with(&ctx, faulty("SLEEPS"), &limits).unwrap();
+        udf_engine::register_plugin_with(&ctx, library, &limits).unwrap();
         ctx
     };
+    let session = |call_timeout| session_of(faulty("SLEEPS"), call_timeout);
     // Made first, unpinned: it also starts the thread that spawns every worker, which must not
     // inherit the pin below.
-    let roomy = session(7);
+    let roomy = session(Duration::from_secs(7));
     let [roomy_worker] = udf_engine::live_worker_pids()[..] else {
         panic!("one worker: {:?}", udf_engine::live_worker_pids());
     };
@@ -1325,7 +1328,16 @@ fn a_crowded_pools_host_waits_asleep_instead_of_spinning() {
     let mut one = CpuSet::new();
     one.set(sched_getcpu());
     sched_setaffinity(None, &one).expect("pin the thread to one CPU");
-    let crowded = session(8);
+    let crowded = session(Duration::from_secs(2));
+    let [crowded_worker] = udf_engine::live_worker_pids()
+        .into_iter()
+        .filter(|&pid| pid != roomy_worker)
+        .collect::<Vec<_>>()[..]
+    else {
+        panic!("two workers: {:?}", udf_engine::live_worker_pids());
+    };
+    // An aggregate's pool too (its accumulator's worker is taken once per request).
+    let crowded_sums = session_of(udf_tests::plugin("stats"), Duration::from_secs(2));
     drop(unpin);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
 
@@ -1333,7 +1345,7 @@ fn a_crowded_pools_host_waits_asleep_instead_of_spinning() {
     const SLEEP: i64 = 20;
     /// A worker that waited less than this for a CPU over the calls had one when it needed it.
     const CALM: Duration = Duration::from_millis(40);
-    for ctx in [&crowded, &roomy] {
+    for ctx in [&crowded, &roomy, &crowded_sums] {
         one_row_batches(ctx, "t", &[SLEEP; CALLS]);
     }
     let run = |ctx: &SessionContext| {
@@ -1357,6 +1369,22 @@ fn a_crowded_pools_host_waits_asleep_instead_of_spinning() {
         crowded_blocks >= CALLS as u64 * 9 / 10,
         "{CALLS} calls through a crowded pool blocked the waiting thread {crowded_blocks} times: \
          the host spun for replies"
+    );
+    // `my_sum` over the same batches: one update request per batch, each waited for asleep
+    // (bar the few a quick worker answers before its host lies down: half is far from a spin,
+    // 3 blocks measured with the aggregate path's crowding off).
+    let sum = |ctx: &SessionContext| {
+        let got = runtime.block_on(rows(ctx, "SELECT my_sum(x) FROM t"));
+        assert_eq!(got, vec![vec![(SLEEP * CALLS as i64).to_string()]]);
+    };
+    sum(&crowded_sums);
+    let before = thread_blocked();
+    sum(&crowded_sums);
+    let aggregate_blocks = thread_blocked() - before;
+    assert!(
+        aggregate_blocks >= CALLS as u64 / 2,
+        "an aggregate over {CALLS} batches through a crowded pool blocked the waiting thread \
+         {aggregate_blocks} times: the host spun for replies"
     );
     if cpus >= 2 {
         // A spin catches replies only while the worker gets a CPU in time. How long it waited
@@ -1385,7 +1413,7 @@ fn a_crowded_pools_host_waits_asleep_instead_of_spinning() {
              {crowded_blocks}: the host did not spin"
         );
         eprintln!(
-            "blocked: crowded {crowded_blocks}; with room (blocks, the worker's wait for a CPU) \
+            "blocked: crowded {crowded_blocks}, crowded aggregate {aggregate_blocks}; with room (blocks, the worker's wait for a CPU) \
              {tries:?}{}",
             if calm {
                 ""
@@ -1394,7 +1422,39 @@ fn a_crowded_pools_host_waits_asleep_instead_of_spinning() {
             }
         );
     }
-    drop((roomy, crowded));
+
+    // A call that hangs (`x` = -1) through the crowded pool: the host, asleep on the doorbell,
+    // wakes at the time limit and kills the worker.
+    one_row_batches(&crowded, "hangs", &[SLEEP, SLEEP, -1]);
+    let started = Instant::now();
+    let error = runtime
+        .block_on(query(&crowded, "SELECT fault(x) FROM hangs"))
+        .expect_err("the last call hangs")
+        .to_string();
+    let library = display(&canonical(&faulty("SLEEPS")));
+    assert!(
+        error.contains(&format!("plugin function fault ({library})"))
+            && error.contains("call time limit of 2 s")
+            && error.contains("was killed"),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < PATIENCE,
+        "given up after {:?}",
+        started.elapsed()
+    );
+    wait_for(PATIENCE, "the hung worker to be killed and reaped", || {
+        if still_our_worker(crowded_worker) {
+            Err(format!("{:?}", stat(crowded_worker)))
+        } else {
+            Ok(())
+        }
+    });
+    assert_eq!(
+        runtime.block_on(rows(&crowded, "SELECT fault(x) FROM hangs LIMIT 1")),
+        vec![vec![(SLEEP + 1).to_string()]]
+    );
+    drop((roomy, crowded, crowded_sums));
     wait_for(PATIENCE, "the pools' workers to be reaped", || {
         none_of(udf_engine::live_worker_pids())
     });
