@@ -1577,6 +1577,9 @@ fn a_host_sleeps_through_long_isolated_calls_answers_each_and_still_meets_the_ti
 
 #[test]
 fn registering_fails_at_once_when_the_worker_cannot_run() {
+    // `/bin/false` is started as a worker and listed live until it is reaped: another test's
+    // count of its own workers must not see it.
+    let _serial = IN_PROCESS_WORKERS.blocking_lock();
     let library = udf_tests::plugin("square");
     for (program, expected) in [
         (
