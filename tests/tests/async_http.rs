@@ -86,7 +86,7 @@ async fn answers_come_in_row_order_with_nulls_and_the_server_sees_the_in_flight_
             .is_some(),
         "http_get is asynchronous"
     );
-    let url = |id: i64| (id % 7 != 3).then(|| server.url(&format!("/echo/r{id}?delay_ms=250")));
+    let url = |id: i64| (id % 7 != 3).then(|| server.url(&format!("/echo/r{id}?delay_ms=600")));
     let limits = AsyncLimits::new(8, 1, Duration::from_secs(30));
     let ctx = session(&library, 64, url, Some(limits));
     let got = strings(&ctx, "SELECT http_get(url) FROM t").await.unwrap();
@@ -109,7 +109,7 @@ async fn answers_come_in_row_order_with_nulls_and_the_server_sees_the_in_flight_
     // The host's default (64) with the library's defaults; chunks of 5 rows per call (the rows
     // of a call run concurrently in the plugin).
     let server = Server::start().await;
-    let url = |id: i64| Some(server.url(&format!("/echo/d{id}?delay_ms=300")));
+    let url = |id: i64| Some(server.url(&format!("/echo/d{id}?delay_ms=600")));
     let ctx = session(&library, 200, url, None);
     let got = strings(&ctx, "SELECT http_get(url) FROM t").await.unwrap();
     assert_eq!(
@@ -120,7 +120,7 @@ async fn answers_come_in_row_order_with_nulls_and_the_server_sees_the_in_flight_
     );
     assert_eq!(server.seen.max_in_flight.load(SeqCst), 64);
     let server = Server::start().await;
-    let url = |id: i64| Some(server.url(&format!("/echo/c{id}?delay_ms=250")));
+    let url = |id: i64| Some(server.url(&format!("/echo/c{id}?delay_ms=600")));
     let ctx = session(
         &library,
         40,
@@ -256,14 +256,15 @@ async fn a_call_past_its_time_limit_fails_and_its_request_is_closed_at_the_serve
         &library,
         4,
         |id| Some(server.url(&format!("/echo/{id}?delay_ms=20000"))),
-        Some(AsyncLimits::new(8, 1, Duration::from_millis(300))),
+        // Long enough for all four requests to reach the server first on a loaded machine.
+        Some(AsyncLimits::new(8, 1, Duration::from_secs(2))),
     );
     let started = Instant::now();
     let error = strings(&ctx, "SELECT http_get(url) FROM t")
         .await
         .unwrap_err();
     assert!(
-        error.contains("plugin function http_get") && error.contains("time limit of 300 ms"),
+        error.contains("plugin function http_get") && error.contains("time limit of 2000 ms"),
         "{error}"
     );
     assert!(
@@ -431,9 +432,21 @@ async fn a_dropped_query_closes_its_requests_at_the_server() {
         Some(AsyncLimits::new(4, 1, Duration::from_secs(60))),
     );
     let started = Instant::now();
-    let query = strings(&ctx, "SELECT http_get(url) FROM t");
-    let outcome = tokio::time::timeout(Duration::from_millis(500), query).await;
-    assert!(outcome.is_err(), "the query is still waiting after 500 ms");
+    // Dropped once the server has seen the 4 requests the in-flight limit lets start.
+    let mut query = Box::pin(strings(&ctx, "SELECT http_get(url) FROM t"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.seen.requests.load(SeqCst) < 4 {
+        tokio::select! {
+            outcome = &mut query => panic!("the query ended before it was dropped: {outcome:?}"),
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server saw {} requests in 10 s",
+            server.seen.requests.load(SeqCst)
+        );
+    }
+    drop(query);
     let deadline = Instant::now() + Duration::from_secs(10);
     while server.seen.abandoned.load(SeqCst) < 4 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -464,9 +477,9 @@ async fn the_vectorised_form_takes_whole_columns() {
     let defaults = function.async_defaults().unwrap();
     assert_eq!((defaults.max_in_flight, defaults.chunk_rows), (0, 64));
     let path = |id: i64| match id % 4 {
-        0 => Some(format!("/echo/v{id}?delay_ms=300")),
-        1 => Some("/status/404?delay_ms=300".to_string()),
-        2 => Some("/status/503?delay_ms=300".to_string()),
+        0 => Some(format!("/echo/v{id}?delay_ms=600")),
+        1 => Some("/status/404?delay_ms=600".to_string()),
+        2 => Some("/status/503?delay_ms=600".to_string()),
         _ => None,
     };
     let ctx = session(&library, 100, |id| path(id).map(|p| server.url(&p)), None);

@@ -451,15 +451,14 @@ fn session_with_plugin_dir(name: &str) -> (SessionContext, PathBuf) {
     std::fs::create_dir_all(&dir).unwrap();
     set_mode(&dir, 0o755);
     let path = dir.join("libversion.so");
-    if !path.exists() {
-        let tmp = dir.join("libversion.tmp");
-        std::fs::copy(
-            c_library("version_probe_1", "version_probe.c", &["VERSION=1"]),
-            &tmp,
-        )
-        .unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-    }
+    // Always version 1, also where an earlier run with the same pid left a replaced one.
+    let tmp = dir.join("libversion.tmp");
+    std::fs::copy(
+        c_library("version_probe_1", "version_probe.c", &["VERSION=1"]),
+        &tmp,
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
     let ctx = SessionContext::new();
     udf_engine::install(
         &ctx,

@@ -110,6 +110,12 @@ async fn queries_stay_correct_while_functions_churn() {
     assert_eq!(done, 16 * 8);
     query(&ctx, "DROP FUNCTION churn").await.unwrap();
     query(&ctx, "DROP FUNCTION sq").await.unwrap();
+    // A query's partitions are torn down by DataFusion's tasks, which may drop their plan (and
+    // so the function and its library) a moment after the answer reached the caller.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while loader.loaded_libraries() != 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(
         loader.loaded_libraries(),
         0,

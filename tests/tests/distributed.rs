@@ -991,10 +991,12 @@ fn an_executor_keeps_few_functions_and_forgets_failures() {
     assert_eq!(resolver.cached(), (1, 0));
 
     // The third library is missing: a function that fails when called, remembered.
+    // Taken before the failure is remembered: while this says less than the time limit has
+    // passed, so does the resolver's clock.
+    let failed_at = Instant::now();
     let missing = resolver.resolve(&specs[2]).unwrap();
     assert!(missing.inner().downcast_ref::<RemotePluginUdf>().is_some());
     assert_eq!(resolver.cached(), (1, 1));
-    let failed_at = Instant::now();
     std::fs::copy(client.join(&names[2]), executor.join(&names[2])).unwrap();
     set_mode(&executor.join(&names[2]), 0o644);
     // Within the time limit the failure stands (the file is not looked at again) ...
