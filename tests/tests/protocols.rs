@@ -436,6 +436,17 @@ async fn postgres_clients_call_plugin_functions() {
     assert!(server.alive());
 }
 
+/// The CPU time process `pid` has used so far, in clock ticks of 10 ms (`utime` + `stime` of
+/// `/proc/PID/stat`).
+fn cpu_ticks(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // After the command name (in parentheses): state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = text[text.rfind(')').expect("comm") + 2..]
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
 /// A query that runs for a long time (no plugin: DataFusion counts a billion rows).
 const LONG_QUERY: &str =
     "SELECT count(*) FROM generate_series(1, 2000000000) AS a(v) WHERE v % 7 = 3";
@@ -449,8 +460,18 @@ async fn postgres_cancel_request_and_time_limit() {
     let client = server.pg("anyone", "").await;
     let cancel = client.cancel_token();
     let started = Instant::now();
+    // Cancelled once the query runs: the server has spent 0.2 s of CPU beyond what it had (the
+    // query is the only work it has), not after a guess at how long the query takes to start.
+    let (pid, idle) = (server.child.id(), cpu_ticks(server.child.id()));
     let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cpu_ticks(pid) < idle + 20 {
+            assert!(
+                Instant::now() < deadline,
+                "the query did not run within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
     });
     let e = client.query(LONG_QUERY, &[]).await.unwrap_err();
