@@ -1,6 +1,7 @@
 //! [`LocalCluster`]: a `udfsql-scheduler` and `udfsql-executor`s started as processes on
 //! 127.0.0.1 with free ports, for tests, benchmarks and trying udfsql on Ballista on one machine.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -243,7 +244,17 @@ impl Drop for Process {
     }
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago, and not handed out by this function before
+/// in this process (the program it is for may not have bound it yet: clusters started at once
+/// must not be given the same one).
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..100 {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if given.insert(port) {
+            return Ok(port);
+        }
+    }
+    bail!("no port on 127.0.0.1 that was not handed out before, in 100 tries")
 }
