@@ -682,9 +682,19 @@ async fn api_isolated_faults_are_errors_workers_are_replaced_contained_and_reape
             "{case}"
         );
 
-        // Containment of every live worker.
+        // Containment of every live worker, once each has its shared regions (a replacement
+        // started in the background is listed from its start, before its host sends them).
         let live = udf_engine::live_worker_pids();
         assert!(!live.is_empty(), "{case}: the pool has live workers");
+        wait_for_async(PATIENCE, "every live worker to hold its regions", || {
+            let starting: Vec<u32> = live
+                .iter()
+                .copied()
+                .filter(|pid| std::fs::metadata(format!("/proc/{pid}/fd/5")).is_err())
+                .collect();
+            none_of(starting)
+        })
+        .await;
         for &pid in &live {
             assert_contained(pid);
         }
