@@ -1073,21 +1073,47 @@ fn live_workers_of(parent: u32) -> Vec<u32> {
 
 #[test]
 fn ctrl_c_in_the_repl_cancels_a_running_isolated_call_and_kills_its_worker() {
+    ctrl_c_cancels_a_running_isolated_call(false);
+}
+
+/// The same with udfsql (and so its workers) allowed one CPU (`taskset`): its pool is crowded
+/// from the first call, so the host waits for the looping call asleep on the doorbell from the
+/// start, and Ctrl-C must still reach it there.
+#[test]
+fn ctrl_c_reaches_a_crowded_pools_sleeping_host() {
+    ctrl_c_cancels_a_running_isolated_call(true);
+}
+
+/// Ctrl-C in a udfsql session (in a pseudo-terminal) while an isolated call loops: the statement
+/// is cancelled, its worker killed and reaped by udfsql, and the next statement answers. With
+/// `one_cpu`, udfsql runs under `taskset` on one CPU. Each run is told apart from the other's
+/// among this process's children by its call time limit.
+fn ctrl_c_cancels_a_running_isolated_call(one_cpu: bool) {
     let library = display(&faulty("INFINITE_LOOP"));
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(udfsql());
-    cmd.args(["--isolate", "--call-timeout", "600", "--plugin", &library])
+    let timeout = if one_cpu { "601" } else { "600" };
+    // The CPU this thread runs on: one the test process may use.
+    let cpu = rustix::thread::sched_getcpu().to_string();
+    let mut cmd = if one_cpu {
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", &cpu]).arg(udfsql());
+        cmd
+    } else {
+        Command::new(udfsql())
+    };
+    cmd.args(["--isolate", "--call-timeout", timeout, "--plugin", &library])
         .env("UDFSQL_HISTORY", dir.path().join("history"))
         .env("TERM", "dumb");
     let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).expect("spawn in a pty");
     p.exp_string("udfsql> ").unwrap();
-    // This test's udfsql among this process's children: the only one with that call time limit.
+    // This test's udfsql among this process's children: the only one with that call time limit
+    // (`taskset` execs udfsql: same process).
     let host = wait_for(PATIENCE, "the udfsql process", || {
         let found: Vec<u32> = children_of(std::process::id())
             .into_iter()
             .filter(|pid| {
                 std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == b"600"))
+                    .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == timeout.as_bytes()))
             })
             .collect();
         match found.as_slice() {
@@ -1095,6 +1121,15 @@ fn ctrl_c_in_the_repl_cancels_a_running_isolated_call_and_kills_its_worker() {
             other => Err(format!("{other:?}")),
         }
     });
+    if one_cpu {
+        let status = std::fs::read_to_string(format!("/proc/{host}/status")).unwrap();
+        assert!(
+            status.lines().any(|l| l
+                .split_whitespace()
+                .eq(["Cpus_allowed_list:", cpu.as_str()])),
+            "udfsql runs on CPU {cpu} only: {status}"
+        );
+    }
     p.send_line("SELECT fault(1);").unwrap();
     // Running: the looping worker is on the CPU ('R'); an idle one sleeps reading its channel.
     let busy = wait_for(PATIENCE, "a worker running the call", || {
