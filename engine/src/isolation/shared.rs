@@ -684,12 +684,19 @@ mod tests {
     fn a_side_waiting_on_the_cpu_of_the_side_it_waits_for_lets_it_run_at_once() {
         // Beside the other side, the spin yields at every look: the other thread gets the CPU
         // again and again. Elsewhere, it is busy the whole time and only the scheduler's
-        // preemption (every few milliseconds) lets the other thread run.
-        let yielding = switches_while_spinning(true);
-        let busy = switches_while_spinning(false);
-        assert!(
-            yielding >= 20 && yielding >= 3 * busy,
-            "{yielding} switches while yielding, {busy} while busy"
-        );
+        // preemption (every few milliseconds) lets the other thread run. Up to five tries: a
+        // third thread on the same CPU (another test, another program) takes turns too (seen
+        // beside a busy process: 15-17 switches while yielding, 3-4 while busy; a spin that never
+        // yields: 4-5 and 4).
+        let mut tries = Vec::new();
+        for _ in 0..5 {
+            let yielding = switches_while_spinning(true);
+            let busy = switches_while_spinning(false);
+            tries.push((yielding, busy));
+            if yielding >= 10 && yielding >= 3 * busy {
+                return;
+            }
+        }
+        panic!("switches while yielding and while busy, in each try: {tries:?}");
     }
 }
