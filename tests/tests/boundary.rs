@@ -272,10 +272,16 @@ fn private_copy(src: &Path, name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     set_mode(&dir, 0o755);
     let dst = dir.join(name);
-    let tmp = dir.join(format!("{name}.tmp"));
-    std::fs::copy(src, &tmp).unwrap();
-    std::fs::rename(&tmp, &dst).unwrap();
+    copy_by_rename(src, &dst);
     dst
+}
+
+/// Copies `src` beside `dst`, then renames the copy over `dst`: a new file at `dst` in one step,
+/// as an upgrade is installed.
+fn copy_by_rename(src: &Path, dst: &Path) {
+    let tmp = dst.with_extension("tmp");
+    std::fs::copy(src, &tmp).unwrap();
+    std::fs::rename(&tmp, dst).unwrap();
 }
 
 #[test]
@@ -395,13 +401,7 @@ async fn drop_function_unmaps_and_create_maps_the_new_file() {
     assert!(mapped(&canonical));
     query(&ctx, "DROP FUNCTION v").await.unwrap();
     assert!(!mapped(&canonical), "DROP FUNCTION unloads the library");
-    let tmp = dir.join("libversion.tmp");
-    std::fs::copy(
-        c_library("version_probe_2", "version_probe.c", &["VERSION=2"]),
-        &tmp,
-    )
-    .unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
+    put_version(&path, 2);
     query(&ctx, create).await.unwrap();
     assert_eq!(rows(&ctx, "SELECT v()").await, vec![vec!["2".to_string()]]);
 }
@@ -444,6 +444,13 @@ async fn a_fifo_is_refused_without_blocking_later_loads() {
     assert!(matches!(e, LoadError::NotARegularFile { .. }), "{e}");
 }
 
+/// Puts version `version` of the probe library at `path` ([`copy_by_rename`]).
+fn put_version(path: &Path, version: u32) {
+    let define = format!("VERSION={version}");
+    let name = format!("version_probe_{version}");
+    copy_by_rename(&c_library(&name, "version_probe.c", &[&define]), path);
+}
+
 /// A session whose plugin directory `target/udf-fixtures/boundary-<name>-<pid>` holds version 1
 /// of the probe library as `libversion.so`, with plugin DDL installed.
 fn session_with_plugin_dir(name: &str) -> (SessionContext, PathBuf) {
@@ -452,13 +459,7 @@ fn session_with_plugin_dir(name: &str) -> (SessionContext, PathBuf) {
     set_mode(&dir, 0o755);
     let path = dir.join("libversion.so");
     // Always version 1, also where an earlier run with the same pid left a replaced one.
-    let tmp = dir.join("libversion.tmp");
-    std::fs::copy(
-        c_library("version_probe_1", "version_probe.c", &["VERSION=1"]),
-        &tmp,
-    )
-    .unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
+    put_version(&path, 1);
     let ctx = SessionContext::new();
     udf_engine::install(
         &ctx,

@@ -1483,15 +1483,35 @@ fn a_crowded_pools_host_waits_asleep_instead_of_spinning() {
     // A call that hangs (`x` = -1) through the crowded pool: the host, asleep on the doorbell,
     // wakes at the time limit and kills the worker.
     one_row_batches(&crowded, "hangs", &[SLEEP, SLEEP, -1]);
+    a_hang_is_killed_at_the_time_limit(&runtime, &crowded, crowded_worker, "2 s");
+    assert_eq!(
+        runtime.block_on(rows(&crowded, "SELECT fault(x) FROM hangs LIMIT 1")),
+        vec![vec![(SLEEP + 1).to_string()]]
+    );
+    drop((roomy, crowded, crowded_sums));
+    wait_for(PATIENCE, "the pools' workers to be reaped", || {
+        none_of(udf_engine::live_worker_pids())
+    });
+}
+
+/// Runs `fault(x)` of the SLEEPS fixture over the table `hangs` of `ctx`, whose last call hangs:
+/// the statement fails at the call time limit (`limit`, as the error says it) naming the function
+/// and its library, well within [`PATIENCE`], and `worker` is killed and reaped.
+fn a_hang_is_killed_at_the_time_limit(
+    runtime: &tokio::runtime::Runtime,
+    ctx: &SessionContext,
+    worker: u32,
+    limit: &str,
+) {
     let started = Instant::now();
     let error = runtime
-        .block_on(query(&crowded, "SELECT fault(x) FROM hangs"))
+        .block_on(query(ctx, "SELECT fault(x) FROM hangs"))
         .expect_err("the last call hangs")
         .to_string();
     let library = display(&canonical(&faulty("SLEEPS")));
     assert!(
         error.contains(&format!("plugin function fault ({library})"))
-            && error.contains("call time limit of 2 s")
+            && error.contains(&format!("call time limit of {limit}"))
             && error.contains("was killed"),
         "{error}"
     );
@@ -1501,19 +1521,11 @@ fn a_crowded_pools_host_waits_asleep_instead_of_spinning() {
         started.elapsed()
     );
     wait_for(PATIENCE, "the hung worker to be killed and reaped", || {
-        if still_our_worker(crowded_worker) {
-            Err(format!("{:?}", stat(crowded_worker)))
+        if still_our_worker(worker) {
+            Err(format!("{:?}", stat(worker)))
         } else {
             Ok(())
         }
-    });
-    assert_eq!(
-        runtime.block_on(rows(&crowded, "SELECT fault(x) FROM hangs LIMIT 1")),
-        vec![vec![(SLEEP + 1).to_string()]]
-    );
-    drop((roomy, crowded, crowded_sums));
-    wait_for(PATIENCE, "the pools' workers to be reaped", || {
-        none_of(udf_engine::live_worker_pids())
     });
 }
 
@@ -1597,30 +1609,7 @@ fn a_host_sleeps_through_long_isolated_calls_answers_each_and_still_meets_the_ti
     let [worker] = udf_engine::live_worker_pids()[..] else {
         panic!("one worker: {:?}", udf_engine::live_worker_pids());
     };
-    let started = Instant::now();
-    let error = runtime
-        .block_on(query(&ctx, "SELECT fault(x) FROM hangs"))
-        .expect_err("the last call hangs")
-        .to_string();
-    let library = display(&canonical(&faulty("SLEEPS")));
-    assert!(
-        error.contains(&format!("plugin function fault ({library})"))
-            && error.contains("call time limit of 1 s")
-            && error.contains("was killed"),
-        "{error}"
-    );
-    assert!(
-        started.elapsed() < PATIENCE,
-        "given up after {:?}",
-        started.elapsed()
-    );
-    wait_for(PATIENCE, "the hung worker to be killed and reaped", || {
-        if still_our_worker(worker) {
-            Err(format!("{:?}", stat(worker)))
-        } else {
-            Ok(())
-        }
-    });
+    a_hang_is_killed_at_the_time_limit(&runtime, &ctx, worker, "1 s");
     assert_eq!(answers("SELECT ok(x) FROM hangs LIMIT 1"), vec![SLEEP + 1]);
     drop(ctx);
     wait_for(PATIENCE, "the pool's workers to be reaped", || {
